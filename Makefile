@@ -1,0 +1,27 @@
+# Both targets create .venv on first use and install netcleanse into it (editable),
+# so `.venv/bin/netcleanse` exists afterwards.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow setup clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/netcleanse demo --out demo-out --force
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+test-slow: $(STAMP)
+	$(VENV)/bin/pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) demo-out

@@ -1,0 +1,13 @@
+"""netcleanse: audit a neural-network classifier for backdoors and repair it.
+
+The Python API is the product; the ``netcleanse`` command is a thin shell over it.
+"""
+
+from .errors import NetcleanseError
+from .model import Classifier, load_model
+from .architectures import build_architecture, register_architecture
+
+__version__ = "0.1.0"
+
+__all__ = ["NetcleanseError", "Classifier", "load_model", "build_architecture", "register_architecture",
+           "__version__"]

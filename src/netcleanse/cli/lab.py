@@ -1,0 +1,3 @@
+"""CLI commands: lab (see netcleanse.cli)."""
+
+from . import app  # noqa: F401

@@ -1,0 +1,3 @@
+"""CLI commands: models (see netcleanse.cli)."""
+
+from . import app  # noqa: F401

@@ -1,0 +1,3 @@
+"""CLI commands: report (see netcleanse.cli)."""
+
+from . import app  # noqa: F401

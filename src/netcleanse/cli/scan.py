@@ -1,0 +1,3 @@
+"""CLI commands: scan (see netcleanse.cli)."""
+
+from . import app  # noqa: F401
