@@ -33,7 +33,13 @@ class Classifier(nn.Module):
     name: a short name for reports and file names.
     arch: registered architecture name, when the net is one (lets weights be re-exported).
     source: where the model came from (a path), for reports.
+
+    ``poison_label`` is None for an ordinary classifier. A guarded classifier (see
+    :mod:`netcleanse.guard`) has ``num_classes = N + 1`` and ``poison_label = N``: the answer it
+    gives for inputs it judges poisoned (1283 for the CSAW nets).
     """
+
+    poison_label: int | None = None
 
     def __init__(self, net: nn.Module, input_shape, num_classes: int, input_scale: float = 1.0,
                  name: str = "model", arch: str | None = None, source: str | None = None):
