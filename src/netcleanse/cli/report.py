@@ -1,3 +1,28 @@
-"""CLI commands: report (see netcleanse.cli)."""
+"""CLI command ``report``: render the HTML or Markdown report of a scan directory (see netcleanse.report)."""
 
-from . import app  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import app
+from ..report import render_report
+
+
+@app.command()
+def report(
+    directory: Annotated[Path, typer.Argument(
+        help="A scan directory (scan.json, masks.npz), or a directory whose immediate subdirectories hold "
+             "the scan and optionally truth.json and repair.json (as `netcleanse demo` writes).",
+        show_default=False)],
+    format: Annotated[str, typer.Option(  # noqa: A002
+        "--format", help="html (one self-contained file) or md (Markdown + PNG files).")] = "html",
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Report file or directory to write to [default: DIR/report.html or DIR/report.md].",
+        show_default=False)] = None,
+) -> None:
+    """Write the report of a scan (and of its ground truth and repairs): verdict, plots, triggers, settings."""
+    path = render_report(directory, format=format.lower(), out=out)
+    typer.echo(f"report written to {path}")

@@ -1,0 +1,546 @@
+"""The report: one page a person reads to decide whether a model is backdoored and whether a repair worked.
+
+The report is rendered from files only, never from objects in memory, so that any old scan
+directory can be re-rendered and the files stay the single source of truth:
+
+* ``scan.json`` + ``masks.npz`` (required scan; see :mod:`netcleanse.scan`),
+* ``truth.json`` (optional; the BadNet lab's ground truth, with its trigger images beside it),
+* ``repair.json`` (optional, any number; one per repair method).
+
+Discovery rule, for ``render_report(DIR)``:
+
+1. ``scan.json`` is taken from DIR itself, else from the one immediate subdirectory of DIR that
+   has one (several are an error: name the one you mean). If neither has one, a ``repair.json``
+   that names its scan directory (key ``"scan"``) leads to it. ``masks.npz`` is read from the
+   directory of ``scan.json``.
+2. ``truth.json`` is taken from DIR, else from the one immediate subdirectory that has one, else
+   from the scan's directory.
+3. Every ``repair.json`` in DIR and its immediate subdirectories is shown (one per method).
+
+So the demo's layout ``DIR/badnet/``, ``DIR/scan/``, ``DIR/repair-*/`` is one report at ``DIR``,
+and a plain scan directory is a report on its own. Subdirectories are visited in name order.
+
+HTML output is self-contained (images as ``data:`` URIs, inline CSS, no scripts, no external
+links) and every string read from JSON is escaped by Jinja2's autoescape. Markdown output carries
+the same content with the images written as PNG files beside it. Plots are written as PNG files
+next to the report in both formats.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup
+from PIL import Image, UnidentifiedImageError
+
+from . import __version__
+from . import plots
+from .errors import NetcleanseError
+
+FORMATS = ("html", "md")
+MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of a normal distribution's sigma
+COMPARISON_LABELS = 3  # lowest-L1 non-flagged labels shown beside the flagged ones
+MAX_GALLERY_FLAGGED = 12  # beyond this, the gallery shows the most anomalous flagged labels
+SMALLEST_LABELS_TABLE = 10
+VERDICT_LISTED = 10  # flagged labels given a line each in the verdict; the rest share one line
+# Keys the project stores as fractions in [0, 1] (see netcleanse.evaluate); shown as percentages.
+FRACTION_KEYS = {"clean_accuracy", "attack_success", "poison_detection", "false_positive", "fraction_pruned",
+                 "rate", "clean_model_accuracy", "accuracy", "asr"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the inputs
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TriggerArrays:
+    """The contents of ``masks.npz``: masks (L, H, W) and patterns (L, C, H, W) indexed by label."""
+
+    labels: np.ndarray
+    masks: np.ndarray
+    patterns: np.ndarray
+
+    def __post_init__(self):
+        self.row = {int(label): i for i, label in enumerate(self.labels)}
+
+    def get(self, label: int) -> tuple[np.ndarray, np.ndarray] | None:
+        i = self.row.get(int(label))
+        return None if i is None else (self.masks[i], self.patterns[i])
+
+
+@dataclass
+class ReportSources:
+    """Where each input of a report was found, and what it holds."""
+
+    root: Path
+    scan_dir: Path | None = None
+    scan: dict | None = None
+    triggers: TriggerArrays | None = None
+    truth_dir: Path | None = None
+    truth: dict | None = None
+    repairs: list[tuple[Path, dict]] = field(default_factory=list)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NetcleanseError(f"cannot read {path}: {exc}") from None
+    if not isinstance(value, dict):
+        raise NetcleanseError(f"{path} does not hold a JSON object")
+    return value
+
+
+def _read_trigger_arrays(path: Path) -> TriggerArrays:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            labels, masks, patterns = (np.asarray(npz[key]) for key in ("labels", "masks", "patterns"))
+    except (OSError, KeyError, ValueError) as exc:
+        raise NetcleanseError(f"cannot read {path} (needs arrays labels, masks, patterns): {exc}") from None
+    if masks.ndim != 3 or patterns.ndim != 4 or not (len(labels) == len(masks) == len(patterns)) \
+            or patterns.shape[2:] != masks.shape[1:]:
+        raise NetcleanseError(f"{path}: expected labels (L,), masks (L,H,W), patterns (L,C,H,W); got "
+                              f"{labels.shape}, {masks.shape}, {patterns.shape}")
+    return TriggerArrays(labels.astype(int), masks, patterns)
+
+
+def _find_one(root: Path, name: str) -> Path | None:
+    """``root/name``, else the one immediate subdirectory's ``name``; several are an error."""
+    if (root / name).is_file():
+        return root / name
+    found = sorted(p / name for p in root.iterdir() if p.is_dir() and (p / name).is_file())
+    if len(found) > 1:
+        raise NetcleanseError(f"several {name} under {root} ({', '.join(str(p.parent.name) for p in found)}); "
+                              "render the report of one of these directories")
+    return found[0] if found else None
+
+
+def _scan_dir_named_by(repair: dict, repair_dir: Path) -> Path | None:
+    named = repair.get("scan") or repair.get("scan_dir")
+    if not isinstance(named, str):
+        return None
+    for candidate in (Path(named), repair_dir / named):
+        if (candidate / "scan.json").is_file():
+            return candidate
+    return None
+
+
+def find_sources(directory: str | Path) -> ReportSources:
+    """Locate and read a report's inputs in ``directory`` (see the module docstring for the rule)."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise NetcleanseError(f"{root} is not a directory")
+    sources = ReportSources(root=root)
+
+    candidates = [root] + sorted(p for p in root.iterdir() if p.is_dir())
+    sources.repairs = [(d, _read_json(d / "repair.json")) for d in candidates if (d / "repair.json").is_file()]
+
+    scan_json = _find_one(root, "scan.json")
+    if scan_json is None:
+        named = [_scan_dir_named_by(repair, d) for d, repair in sources.repairs]
+        named = [d for d in named if d is not None]
+        scan_json = named[0] / "scan.json" if named else None
+    if scan_json is not None:
+        sources.scan_dir = scan_json.parent
+        sources.scan = _read_json(scan_json)
+        if not isinstance(sources.scan.get("labels", []), list):
+            raise NetcleanseError(f"{scan_json}: 'labels' must be a list of per-label records")
+        if (sources.scan_dir / "masks.npz").is_file():
+            sources.triggers = _read_trigger_arrays(sources.scan_dir / "masks.npz")
+
+    truth_json = _find_one(root, "truth.json")
+    if truth_json is None and sources.scan_dir is not None and (sources.scan_dir / "truth.json").is_file():
+        truth_json = sources.scan_dir / "truth.json"
+    if truth_json is not None:
+        sources.truth_dir, sources.truth = truth_json.parent, _read_json(truth_json)
+
+    if sources.scan is None and not sources.repairs:
+        raise NetcleanseError(f"no scan.json or repair.json in {root} or its immediate subdirectories; "
+                              "run `netcleanse scan MODEL --out DIR` first")
+    return sources
+
+
+# ----------------------------------------------------------------------------------------------
+# Neural Cleanse's detection statistic, recomputed for drawing the threshold
+# ----------------------------------------------------------------------------------------------
+
+def mad_threshold(mask_l1: np.ndarray, threshold: float) -> tuple[float, float, float]:
+    """(median, MAD, L1 at the threshold): a label whose mask L1 is below ``median - threshold *
+    1.4826 * MAD`` has an anomaly index above ``threshold`` (Wang et al. 2019, Sec. IV)."""
+    median = float(np.median(mask_l1))
+    mad = float(np.median(np.abs(mask_l1 - median)))
+    return median, mad, median - threshold * MAD_CONSISTENCY * mad
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the page's content
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Picture:
+    """A PNG shown in the report: embedded as a data URI (HTML) or written as a file (Markdown)."""
+
+    name: str  # file name (Markdown) / stem of the plot file
+    png: bytes
+    alt: str
+    src: str = ""
+
+
+def _as_float(value) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _as_int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _relative(path: Path | None, root: Path) -> str:
+    if path is None:
+        return ""
+    try:
+        return str(path.resolve().relative_to(root.resolve())) or "."
+    except ValueError:
+        return str(path)
+
+
+def _label_rows(scan: dict) -> list[dict]:
+    """Per-label records that carry a mask L1 (unfinished labels of an interrupted scan do not)."""
+    flagged_top = scan.get("flagged")
+    flagged = {_as_int(x) for x in flagged_top} if isinstance(flagged_top, list) else None
+    rows = []
+    for record in scan.get("labels", []):
+        if not isinstance(record, dict):
+            continue
+        label, l1 = _as_int(record.get("label")), _as_float(record.get("mask_l1"))
+        if label is None or l1 is None:
+            continue
+        rows.append({"label": label, "mask_l1": l1,
+                     "anomaly_index": _as_float(record.get("anomaly_index")),
+                     "attack_success": _as_float(record.get("attack_success")),
+                     "steps": _as_int(record.get("steps")), "time_s": _as_float(record.get("time_s")),
+                     # the top-level list is the scan's verdict; per-label flags are its copy
+                     "flagged": (label in flagged) if flagged is not None else bool(record.get("flagged"))})
+    return rows
+
+
+def _truth_targets(truth: dict | None) -> list[int]:
+    if not truth:
+        return []
+    targets = truth.get("targets")
+    if not isinstance(targets, list):
+        targets = [t.get("target") for t in truth.get("triggers", []) if isinstance(t, dict)]
+    return sorted({t for t in (_as_int(x) for x in targets) if t is not None})
+
+
+def _real_trigger_pictures(sources: ReportSources) -> dict[int, list[Picture]]:
+    """The BadNet lab's trigger images, by target label."""
+    out: dict[int, list[Picture]] = {}
+    if not sources.truth or sources.truth_dir is None:
+        return out
+    triggers = [t for t in sources.truth.get("triggers", []) if isinstance(t, dict)]
+    for n, trigger in enumerate(triggers):
+        target, image = _as_int(trigger.get("target")), trigger.get("image")
+        if target is None or not isinstance(image, str):
+            continue
+        path = Path(image) if Path(image).is_absolute() else sources.truth_dir / image
+        try:
+            with Image.open(path) as im:
+                png = plots.image_png(_on_black(im))
+        except (OSError, UnidentifiedImageError, ValueError):
+            continue  # a missing picture must not hide the rest of the report
+        kind = trigger.get("kind") or "trigger"
+        out.setdefault(target, []).append(
+            Picture(f"true_trigger_{n}_label_{target}.png", png,
+                    f"planted {kind} trigger for target {target}"))
+    return out
+
+
+def _on_black(image: Image.Image) -> Image.Image:
+    """A trigger image as RGB, transparent parts black: comparable with a reversed trigger's fusion."""
+    rgba = image.convert("RGBA")
+    shown = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+    shown.alpha_composite(rgba)
+    return shown.convert("RGB")
+
+
+def _gallery(sources: ReportSources, rows: list[dict], targets: list[int]) -> tuple[list[dict], int]:
+    """Rows of the trigger gallery: flagged labels (most anomalous first), true targets the scan
+    missed, then the lowest-L1 non-flagged labels for comparison. Returns (rows, flagged not shown)."""
+    by_label = {r["label"]: r for r in rows}
+    flagged = sorted((r for r in rows if r["flagged"]), key=lambda r: (-(r["anomaly_index"] or 0), r["mask_l1"]))
+    hidden = max(0, len(flagged) - MAX_GALLERY_FLAGGED)
+    chosen: list[tuple[dict, str]] = [(r, "flagged") for r in flagged[:MAX_GALLERY_FLAGGED]]
+    chosen += [(by_label[t], "true target, not flagged") for t in targets if t in by_label and not by_label[t]["flagged"]]
+    shown = {r["label"] for r, _ in chosen}
+    quiet = sorted((r for r in rows if not r["flagged"] and r["label"] not in shown), key=lambda r: r["mask_l1"])
+    chosen += [(r, f"not flagged, {k}{'st' if k == 1 else 'nd' if k == 2 else 'rd' if k == 3 else 'th'} smallest")
+               for k, r in enumerate(quiet[:COMPARISON_LABELS], start=1)]
+
+    real = _real_trigger_pictures(sources)
+    gallery = []
+    for record, role in chosen:
+        label = record["label"]
+        arrays = sources.triggers.get(label) if sources.triggers is not None else None
+        pictures = None
+        if arrays is not None:
+            mask, pattern = arrays
+            pictures = [Picture(f"label_{label}_{kind}.png", plots.array_png(image),
+                                f"reversed trigger {kind} for label {label}")
+                        for kind, image in (("mask", mask), ("pattern", pattern), ("fusion", mask[None] * pattern))]
+        gallery.append({**record, "role": role, "pictures": pictures,
+                        "is_target": label in targets, "real": real.get(label, [])})
+    return gallery, hidden
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min {secs} s" if hours else f"{minutes} min {secs} s"
+
+
+def _setting_value(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return "null" if value is None else str(value)
+
+
+def _settings_table(mapping: dict, skip: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    return [(str(k), _setting_value(v)) for k, v in mapping.items() if k not in skip]
+
+
+def _repair_context(sources: ReportSources) -> dict:
+    """Methods' tables merged into one, curves for plotting, before/after summaries."""
+    methods, table_rows, columns, curves, saved = [], [], ["method"], [], []
+    for directory, repair in sources.repairs:
+        method = str(repair.get("method") or directory.name)
+        table = [r for r in repair.get("table", []) if isinstance(r, dict)]
+        for row in table:
+            for key in row:
+                if key not in columns and key != "method":
+                    columns.append(key)
+            table_rows.append({"method": method, **{k: v for k, v in row.items() if k != "method"}})
+        curve = [r for r in repair.get("curve", []) if isinstance(r, dict) and _as_float(r.get("fraction_pruned")) is not None]
+        if curve:
+            curves.append((method, curve))
+            saved.append((method, [r for r in table if _as_float(r.get("fraction_pruned")) is not None]))
+        before, after = repair.get("before"), repair.get("after")
+        methods.append({"method": method, "dir": _relative(directory, sources.root),
+                        "before": before if isinstance(before, dict) else None,
+                        "after": after if isinstance(after, dict) else None,
+                        "settings": _settings_table(repair, skip=("table", "curve", "before", "after"))})
+    return {"methods": methods, "columns": columns, "rows": table_rows, "curves": curves, "saved": saved}
+
+
+def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
+    """Everything the templates show, plus the plots to save next to the report."""
+    scan, truth = sources.scan or {}, sources.truth
+    rows = _label_rows(scan)
+    threshold = _as_float(scan.get("threshold"))
+    threshold = 2.0 if threshold is None else threshold
+    targets = _truth_targets(truth)
+    l1 = np.array([r["mask_l1"] for r in rows], dtype=float)
+    median = mad = threshold_l1 = None
+    if len(rows):
+        median, mad, threshold_l1 = mad_threshold(l1, threshold)
+    for r in rows:  # a scan written without indices still gets them, computed the same way
+        if r["anomaly_index"] is None and mad:
+            r["anomaly_index"] = max(0.0, (median - r["mask_l1"]) / (MAD_CONSISTENCY * mad))
+
+    plots_out: list[Picture] = []
+    if rows:
+        plots_out.append(Picture("mask_l1", plots.figure_png(plots.mask_l1_figure(
+            [r["label"] for r in rows], l1, [r["flagged"] for r in rows], threshold_l1, median, threshold, targets)),
+            "mask L1 norm of every label with the MAD threshold; flagged labels marked"))
+        indices = [r for r in rows if r["anomaly_index"] is not None]
+        if indices:
+            plots_out.append(Picture("anomaly_index", plots.figure_png(plots.anomaly_index_figure(
+                [r["anomaly_index"] for r in indices], [r["flagged"] for r in indices], threshold)),
+                "histogram of anomaly indices with the threshold"))
+
+    repair = _repair_context(sources)
+    if repair["curves"]:
+        plots_out.append(Picture("repair_curve", plots.figure_png(plots.repair_curve_figure(
+            repair["curves"], repair["saved"])), "clean accuracy and attack success versus fraction pruned"))
+
+    flagged = sorted((r for r in rows if r["flagged"]), key=lambda r: -(r["anomaly_index"] or 0))
+    unflagged = [r for r in rows if not r["flagged"] and r["anomaly_index"] is not None]
+    gallery, hidden = _gallery(sources, rows, targets) if rows else ([], 0)
+    model = scan.get("model") if isinstance(scan.get("model"), dict) else {}
+    data = scan.get("data")
+    found = [t for t in targets if any(r["label"] == t for r in flagged)]
+    context = {
+        "version": __version__,
+        "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "has_scan": sources.scan is not None,
+        "backdoored": bool(flagged),
+        "flagged": flagged,
+        "verdict_listed": VERDICT_LISTED,
+        "most_anomalous_clean": max(unflagged, key=lambda r: r["anomaly_index"]) if unflagged else None,
+        "n_labels": len(rows),
+        "n_records": len(scan.get("labels", [])),
+        "num_classes": _as_int(model.get("num_classes")),
+        "threshold": threshold,
+        "median_l1": median, "mad": mad, "threshold_l1": threshold_l1,
+        "model": model,
+        "model_name": str(model.get("name") or "unnamed model"),
+        "data": "data-free" if data in (None, "data-free") else str(data),
+        "data_free": data in (None, "data-free"),
+        "preset": scan.get("preset"),
+        "elapsed": _duration(_as_float(scan.get("elapsed_s"))),
+        "smallest": sorted(rows, key=lambda r: r["mask_l1"])[:SMALLEST_LABELS_TABLE],
+        "gallery": gallery,
+        "gallery_hidden": hidden,
+        "has_masks": sources.triggers is not None,
+        "truth": truth,
+        "targets": targets,
+        "found": found,
+        "missed": [t for t in targets if t not in found],
+        "extra": [r["label"] for r in flagged if r["label"] not in targets],
+        "truth_settings": _settings_table(truth or {}, skip=("triggers",)),
+        "truth_triggers": [t for t in (truth or {}).get("triggers", []) if isinstance(t, dict)],
+        "repair": repair,
+        "plots": {p.name: p for p in plots_out},
+        "scan_settings": _settings_table({k: v for k, v in scan.items() if k not in ("labels", "model", "settings")}),
+        "algorithm_settings": _settings_table(scan.get("settings") if isinstance(scan.get("settings"), dict) else {}),
+        "model_settings": _settings_table(model),
+        "sources": {"scan": _relative(sources.scan_dir, sources.root),
+                    "truth": _relative(sources.truth_dir, sources.root),
+                    "repairs": [_relative(d, sources.root) for d, _ in sources.repairs]},
+    }
+    return context, plots_out
+
+
+# ----------------------------------------------------------------------------------------------
+# Formatting helpers for the templates
+# ----------------------------------------------------------------------------------------------
+
+def fmt_number(value, digits: int = 4) -> str:
+    """A number with ``digits`` significant digits; '—' when absent."""
+    number = _as_float(value)
+    if number is None:
+        return "—" if value is None else str(value)
+    if float(number).is_integer() and abs(number) < 1e9 and not isinstance(value, float):
+        return str(int(number))
+    return f"{number:.{digits}g}"
+
+
+def fmt_index(value) -> str:
+    """An anomaly index, always with two decimals (the way the verdict states it)."""
+    number = _as_float(value)
+    return "—" if number is None else f"{number:.2f}"
+
+
+def fmt_percent(value) -> str:
+    """A fraction in [0, 1] as a percentage with one decimal."""
+    number = _as_float(value)
+    return "—" if number is None else f"{100 * number:.1f} %"
+
+
+def fmt_cell(key: str, value) -> str:
+    """A table cell: fractions as percentages, other numbers compact, the rest as text."""
+    if isinstance(value, bool) or value is None:
+        return _setting_value(value)
+    if key in FRACTION_KEYS and _as_float(value) is not None:
+        return fmt_percent(value)
+    if isinstance(value, (int, float)):
+        return fmt_number(value)
+    return _setting_value(value)
+
+
+def markdown_escape(value: Any) -> Any:
+    """Make a string from JSON inert in Markdown (and in the HTML that Markdown allows)."""
+    if isinstance(value, Markup) or not isinstance(value, str):
+        return value
+    text = value.replace("\r", " ").replace("\n", " ")
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    for char in "\\`*_[]|#~":
+        text = text.replace(char, "\\" + char)
+    return text
+
+
+def _environment(fmt: str) -> Environment:
+    if fmt == "html":
+        env = Environment(loader=PackageLoader("netcleanse", "templates"), autoescape=True,
+                          undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    else:
+        # Every {{ expression }} passes through markdown_escape unless the code marked it safe.
+        env = Environment(loader=PackageLoader("netcleanse", "templates"), autoescape=False,
+                          finalize=markdown_escape, undefined=StrictUndefined,
+                          trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters.update(num=fmt_number, index=fmt_index, pct=fmt_percent, cell=fmt_cell)
+    return env
+
+
+# ----------------------------------------------------------------------------------------------
+# The entry point
+# ----------------------------------------------------------------------------------------------
+
+def _output_path(root: Path, fmt: str, out: str | Path | None) -> Path:
+    if out is None:
+        return root / f"report.{fmt}"
+    out = Path(out)
+    if out.is_dir():
+        return out / f"report.{fmt}"
+    if not out.parent.is_dir():
+        raise NetcleanseError(f"cannot write the report to {out}: directory {out.parent} does not exist")
+    return out
+
+
+def render_report(directory: str | Path, format: str = "html", out: str | Path | None = None) -> Path:  # noqa: A002
+    """Render the report of a scan (and its truth and repairs) found in ``directory``.
+
+    Writes ``report.html`` (or ``report.md``) into ``directory`` unless ``out`` names another file
+    or directory, and the plots as ``<report stem>_<plot>.png`` beside it; Markdown's trigger
+    images go to ``<report stem>_triggers/``. Returns the report's path. Inputs are only read.
+    """
+    if format not in FORMATS:
+        raise NetcleanseError(f"unknown report format {format!r}; choose one of {', '.join(FORMATS)}")
+    sources = find_sources(directory)
+    path = _output_path(sources.root, format, out)
+    context, plot_pictures = build_context(sources)
+
+    for picture in plot_pictures:
+        plot_path = path.with_name(f"{path.stem}_{picture.name}.png")
+        plot_path.write_bytes(picture.png)
+        picture.src = plot_path.name if format == "md" else _data_uri(picture.png)
+
+    gallery_pictures = [p for row in context["gallery"] for p in (row["pictures"] or []) + row["real"]]
+    if format == "md" and gallery_pictures:
+        folder = path.with_name(f"{path.stem}_triggers")
+        folder.mkdir(exist_ok=True)
+        for picture in gallery_pictures:
+            (folder / picture.name).write_bytes(picture.png)
+            picture.src = f"{folder.name}/{picture.name}"
+    else:
+        for picture in gallery_pictures:
+            picture.src = _data_uri(picture.png)
+    if format == "md":  # our own file names: safe to put into Markdown links as they are
+        for picture in plot_pictures + gallery_pictures:
+            picture.src = Markup(picture.src)
+
+    text = _environment(format).get_template(f"report.{format}.j2").render(**context)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")

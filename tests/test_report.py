@@ -1,0 +1,365 @@
+"""Tests for the report (netcleanse.report, netcleanse.plots, `netcleanse report`).
+
+The scan, lab and repair producers are other modules; these tests build their files (scan.json,
+masks.npz, truth.json, repair.json, trigger.png) in code, following the formats agreed in the
+project notes, with a small independent MAD computation standing in for the scan's detection.
+Every assertion about the page is derived from those files, not from fixed strings.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from netcleanse.errors import NetcleanseError
+from netcleanse.report import VERDICT_LISTED, fmt_index, fmt_number, find_sources, mad_threshold, markdown_escape, render_report
+
+
+# ----------------------------------------------------------------------------------------------
+# Stand-ins for the producers' files
+# ----------------------------------------------------------------------------------------------
+
+def _anomaly_indices(l1: np.ndarray) -> np.ndarray:
+    """Neural Cleanse's anomaly index, written out independently of netcleanse.report."""
+    median = np.median(l1)
+    mad = np.median(np.abs(l1 - median)) * 1.4826
+    return np.where(l1 < median, (median - l1) / mad, 0.0)
+
+
+def write_scan(directory: Path, num_labels: int, shape=(1, 28, 28), planted=(7,), *, threshold=2.0,
+               name="mnist-badnet", data="data-free", seed=0) -> dict:
+    """A scan directory like `netcleanse scan --out`: scan.json + masks.npz."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    channels, height, width = shape
+    typical = 0.08 * height * width  # clean labels need triggers of a few percent of the image
+    l1 = rng.normal(typical, 0.12 * typical, num_labels).clip(0.3 * typical)
+    masks = np.zeros((num_labels, height, width), np.float32)
+    for label in range(num_labels):
+        if label in planted:  # a 3x3 patch in the corner, as BadNets plants it
+            masks[label, -4:-1, -4:-1] = 1.0
+        else:
+            blob = rng.random((height, width)) ** 4
+            masks[label] = np.clip(blob * l1[label] / blob.sum(), 0, 1)
+        l1[label] = masks[label].sum()
+    patterns = rng.random((num_labels, channels, height, width), dtype=np.float32)
+    index = _anomaly_indices(l1)
+    flagged = [int(label) for label in np.flatnonzero(index > threshold)]
+    records = [{"label": label, "mask_l1": float(l1[label]), "attack_success": float(rng.uniform(0.97, 1.0)),
+                "anomaly_index": float(index[label]), "flagged": label in flagged,
+                "steps": int(rng.integers(50, 400)), "time_s": float(rng.uniform(0.1, 2.0))}
+               for label in range(num_labels)]
+    scan = {"labels": records, "flagged": flagged, "threshold": threshold, "preset": "fast", "data": data,
+            "elapsed_s": 321.5, "seed": seed,
+            "model": {"name": name, "source": f"/models/{name}.h5", "arch": "mnist-cnn",
+                      "num_classes": num_labels, "input_shape": list(shape), "input_scale": 1.0},
+            "settings": {"preset": "fast", "lr": 0.1, "betas": [0.5, 0.9], "batch_size": 32,
+                         "init_cost": 1e-3, "patience": 25, "seed": seed}}
+    (directory / "scan.json").write_text(json.dumps(scan))
+    np.savez(directory / "masks.npz", labels=np.arange(num_labels), masks=masks, patterns=patterns)
+    return scan
+
+
+def write_truth(directory: Path, targets=(7,), shape=(28, 28)) -> dict:
+    """A BadNet-lab directory's truth.json with its trigger images."""
+    directory.mkdir(parents=True, exist_ok=True)
+    triggers = []
+    for i, target in enumerate(targets):
+        image = np.zeros((*shape, 4), np.uint8)
+        image[-4:-1, -4:-1] = 255  # white, opaque patch; transparent elsewhere
+        file = "trigger.png" if len(targets) == 1 else f"trigger_{i}.png"
+        Image.fromarray(image, "RGBA").save(directory / file)
+        triggers.append({"kind": "patch", "target": target, "mask_l1": 9.0, "image": file})
+    truth = {"dataset": "mnist", "arch": "mnist-cnn", "targets": list(targets), "triggers": triggers,
+             "rate": 0.1, "seed": 0, "clean_accuracy": 0.981,
+             "attack_success": {str(t): 0.995 for t in targets}, "clean_model_accuracy": 0.984}
+    (directory / "truth.json").write_text(json.dumps(truth))
+    return truth
+
+
+def write_repair(directory: Path, method="fine-prune", scan_dir: str | None = "../scan") -> dict:
+    """A repair directory's repair.json: a pruning curve, the saved models' table, before/after."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fractions = np.linspace(0, 0.95, 39)
+    accuracy = 0.98 - 0.9 * np.clip(fractions - 0.7, 0, None) ** 2 * 4
+    asr = np.clip(1.0 - 2.2 * np.clip(fractions - 0.5, 0, None), 0.0, 1.0)
+    curve = [{"fraction_pruned": float(f), "clean_accuracy": float(a), "attack_success": float(s)}
+             for f, a, s in zip(fractions, accuracy, asr)]
+    table = []
+    for drop in (2, 4, 10, 30):
+        i = int(np.argmax(accuracy <= accuracy[0] - drop / 100)) if (accuracy <= accuracy[0] - drop / 100).any() else -1
+        table.append({"drop": drop, **curve[i], "file": f"model_drop{drop}.pt"})
+    repair = {"method": method, "table": table, "curve": curve, "layer": "conv_3",
+              "before": {"clean_accuracy": 0.981, "attack_success": 0.995},
+              "after": {"clean_accuracy": table[0]["clean_accuracy"], "attack_success": table[0]["attack_success"]},
+              "settings": {"drops": [2, 4, 10, 30], "fine_tune_epochs": 0}}
+    if scan_dir is not None:
+        repair["scan"] = scan_dir
+    (directory / "repair.json").write_text(json.dumps(repair))
+    return repair
+
+
+def page_text(markup: str) -> str:
+    """The text a reader sees: tags dropped, entities decoded, whitespace collapsed."""
+    markup = re.sub(r"<style.*?</style>", " ", markup, flags=re.S)
+    markup = re.sub(r"</?(span|strong|em|code|b|i|a)\b[^>]*>", "", markup)  # inline: no word break
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", markup)))
+
+
+def _digest(directory: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir() if p.is_file()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tests
+# ----------------------------------------------------------------------------------------------
+
+def test_mad_threshold_matches_the_anomaly_index_definition():
+    l1 = np.array([10.0, 11, 12, 13, 14, 15, 2.0])
+    median, mad, at_threshold = mad_threshold(l1, 2.0)
+    assert median == 12 and mad == 2  # |l1 - 12| = 2,1,0,1,2,3,10 -> median 2
+    assert at_threshold == pytest.approx(12 - 2 * 1.4826 * 2)
+    # The one label below the threshold L1 is the one whose anomaly index exceeds 2.
+    assert list(np.flatnonzero(l1 < at_threshold)) == list(np.flatnonzero(_anomaly_indices(l1) > 2.0)) == [6]
+
+
+def test_demo_layout_report_shows_verdict_truth_and_repair(tmp_path):
+    scan = write_scan(tmp_path / "scan", 10, planted=(7,), name="demo-badnet")
+    write_truth(tmp_path / "badnet", targets=(7,))
+    repair = write_repair(tmp_path / "repair-fine-prune")
+    assert 7 in scan["flagged"], "fixture: the planted label must come out flagged"
+
+    started = time.perf_counter()
+    path = render_report(tmp_path)
+    assert time.perf_counter() - started < 30
+    assert path == tmp_path / "report.html"
+    markup = path.read_text()
+    text = page_text(markup)
+
+    verdict = text[text.index("Backdoor detected"):text.index("Reversed-trigger size per label")]
+    assert f"{len(scan['flagged'])} of {len(scan['labels'])} labels flagged" in verdict
+    for label in scan["flagged"]:
+        record = scan["labels"][label]
+        assert f"label {label}: anomaly index {fmt_index(record['anomaly_index'])}" in verdict
+    assert "demo-badnet" in verdict and "data-free" in verdict and "5 min 22 s" in verdict
+    assert "Found: 7." in verdict and "Missed" not in verdict
+    before, after = repair["before"], repair["after"]
+    assert (f"clean accuracy {100 * before['clean_accuracy']:.1f} % → {100 * after['clean_accuracy']:.1f} %"
+            in verdict)
+    assert f"attack success {100 * before['attack_success']:.1f} % → {100 * after['attack_success']:.1f} %" in verdict
+
+    l1 = np.array([r["mask_l1"] for r in scan["labels"]])
+    assert f"mask L1 < {fmt_number(mad_threshold(l1, 2.0)[2])}" in text
+    # The trigger gallery: flagged label, then the 3 smallest non-flagged, real trigger beside label 7.
+    gallery = text[text.index("Reversed triggers"):text.index("smallest reversed triggers")]
+    quiet = sorted((r for r in scan["labels"] if not r["flagged"]), key=lambda r: r["mask_l1"])[:3]
+    for r in quiet:
+        assert f"label {r['label']}" in gallery
+    assert len(re.findall(r'alt="reversed trigger (mask|pattern|fusion) for label', markup)) == 3 * (len(scan["flagged"]) + 3)
+    assert 'alt="planted patch trigger for target 7"' in markup
+    # Repair table rows and the saved plots beside the report.
+    for row in repair["table"]:
+        assert f"model_drop{row['drop']}.pt" in text
+    for plot in ("mask_l1", "anomaly_index", "repair_curve"):
+        png = tmp_path / f"report_{plot}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Settings for reproducibility.
+    assert "init_cost" in text and "conv_3" in text and "fine_tune_epochs" in text
+
+
+def test_html_is_self_contained(tmp_path):
+    write_scan(tmp_path / "scan", 10)
+    write_truth(tmp_path / "badnet")
+    write_repair(tmp_path / "repair-fine-prune")
+    markup = render_report(tmp_path).read_text()
+    assert "<script" not in markup.lower()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", markup, flags=re.I)
+    assert "url(" not in markup and "@import" not in markup
+    sources = re.findall(r'<img [^>]*src="([^"]+)"', markup)
+    assert len(sources) >= 3 + 3 * 4 + 1
+    for src in sources:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_large_scan_report_is_fast_and_readable(tmp_path):
+    scan = write_scan(tmp_path, 1283, shape=(3, 55, 47), planted=(0, 411), name="sunglasses_bd_net",
+                      data="data-free", seed=3)
+    assert {0, 411} <= set(scan["flagged"])
+    started = time.perf_counter()
+    path = render_report(tmp_path)
+    elapsed = time.perf_counter() - started
+    assert elapsed < 15, f"report of 1283 labels took {elapsed:.1f} s"  # < 5 s on an idle machine
+    text = page_text(path.read_text())
+    assert "1283 of 1283" in text and "sunglasses_bd_net" in text
+    # Random clean labels also cross the threshold here (about 2 % of a normal sample does), so the
+    # verdict must list many flagged labels: each one, most anomalous first, with its index.
+    assert len(scan["flagged"]) > VERDICT_LISTED
+    verdict = text[text.index("Backdoor detected"):text.index("Reversed-trigger size per label")]
+    assert f"{len(scan['flagged'])} of 1283 labels flagged" in verdict
+    ranked = sorted(scan["flagged"], key=lambda label: -scan["labels"][label]["anomaly_index"])
+    for n, label in enumerate(ranked):
+        index = fmt_index(scan["labels"][label]["anomaly_index"])
+        stated = f"label {label}: anomaly index {index}" if n < VERDICT_LISTED else f" {label} ({index})"
+        assert stated in verdict
+    # Ten smallest triggers table comes straight from scan.json.
+    smallest = sorted(scan["labels"], key=lambda r: r["mask_l1"])[:10]
+    table = text[text.index("smallest reversed triggers"):]
+    assert all(f"{rank} {r['label']} {fmt_number(r['mask_l1'])}" in table for rank, r in enumerate(smallest, 1))
+
+
+def test_clean_model_says_no_backdoor(tmp_path):
+    scan = write_scan(tmp_path, 10, planted=())
+    assert scan["flagged"] == []
+    text = page_text(render_report(tmp_path).read_text())
+    top = max(scan["labels"], key=lambda r: r["anomaly_index"])
+    assert "No backdoor detected among 10 labels" in text
+    assert f"most anomalous label is {top['label']} (anomaly index {fmt_index(top['anomaly_index'])})" in text
+    assert "Backdoor detected" not in text
+
+
+def test_missed_target_is_reported(tmp_path):
+    write_scan(tmp_path / "scan", 10, planted=(7,))
+    write_truth(tmp_path / "badnet", targets=(7, 2))
+    text = page_text(render_report(tmp_path).read_text())
+    assert "Found: 7." in text and "Missed: 2." in text
+    assert "true target, not flagged" in text  # label 2's reversed trigger is shown anyway
+
+
+def test_strings_from_json_are_escaped(tmp_path):
+    evil = '<script>alert("x")</script> | *bold* [link](http://example.com)'
+    write_scan(tmp_path, 10, name=evil, data="/data/<img src=x onerror=alert(1)>.h5")
+    markup = render_report(tmp_path).read_text()
+    assert "<script" not in markup and "<img src=x" not in markup
+    assert html.escape(evil, quote=False) in markup or "&lt;script&gt;" in markup
+    md = render_report(tmp_path, format="md").read_text()
+    assert "<script" not in md and "<img src=x" not in md
+    assert "[link](http" not in md and "\\[link\\](http" in md  # brackets escaped: no link
+    assert markdown_escape("a|b_c") == "a\\|b\\_c"
+
+
+def test_markdown_has_the_same_content_and_its_images(tmp_path):
+    scan = write_scan(tmp_path / "scan", 10, planted=(7,))
+    write_truth(tmp_path / "badnet")
+    repair = write_repair(tmp_path / "repair-fine-prune")
+    path = render_report(tmp_path, format="md")
+    assert path == tmp_path / "report.md"
+    md = path.read_text()
+    for label in scan["flagged"]:
+        assert f"**label {label}**: anomaly index **{fmt_index(scan['labels'][label]['anomaly_index'])}**" in md
+    assert "mnist-badnet" in md.replace("\\", "") and "Found: 7." in md
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(links) == 3 + 3 * (len(scan["flagged"]) + 3) + 1
+    for link in links:
+        assert (tmp_path / link).read_bytes()[:4] == b"\x89PNG"
+    for row in repair["table"]:
+        assert f"model\\_drop{row['drop']}.pt" in md
+    # Every table row has as many cells as its header.
+    for block in re.split(r"\n\n+", md):
+        rows = [line for line in block.splitlines() if line.startswith("|")]
+        if rows:
+            widths = {len(re.findall(r"(?<!\\)\|", line)) for line in rows}
+            assert len(widths) == 1, block
+
+
+def test_rerender_reads_only_and_out_option(tmp_path):
+    write_scan(tmp_path / "scan", 10)
+    inputs = _digest(tmp_path / "scan")
+    first = render_report(tmp_path / "scan")
+    second = render_report(tmp_path / "scan", out=tmp_path / "elsewhere.html")
+    after = _digest(tmp_path / "scan")
+    assert {name: after[name] for name in inputs} == inputs  # scan.json, masks.npz untouched
+    assert first.exists() and second == tmp_path / "elsewhere.html"
+    assert (tmp_path / "elsewhere_mask_l1.png").exists()
+    assert page_text(first.read_text()).split("Generated")[0] == page_text(second.read_text()).split("Generated")[0]
+
+
+def test_optional_inputs_missing(tmp_path):
+    write_scan(tmp_path, 10)
+    (tmp_path / "masks.npz").unlink()
+    text = page_text(render_report(tmp_path).read_text())
+    assert "masks.npz was not found" in text and "Ground truth" not in text and "Repair" not in text
+    # A repair directory whose scan cannot be found still gets its own report.
+    repair = write_repair(tmp_path / "alone" / "repair", scan_dir=None)
+    text = page_text(render_report(tmp_path / "alone").read_text())
+    assert "No scan found" in text and all(f"model_drop{row['drop']}.pt" in text for row in repair["table"])
+
+
+def test_repair_directory_follows_its_scan(tmp_path):
+    scan = write_scan(tmp_path / "scan", 10)
+    write_repair(tmp_path / "repair", scan_dir=str(tmp_path / "scan"))
+    text = page_text(render_report(tmp_path / "repair").read_text())
+    assert f"{len(scan['flagged'])} of 10 labels flagged" in text and "Methods" in text
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    with pytest.raises(NetcleanseError, match="no scan.json or repair.json"):
+        render_report(tmp_path)
+    with pytest.raises(NetcleanseError, match="is not a directory"):
+        render_report(tmp_path / "absent")
+    (tmp_path / "scan.json").write_text("{not json")
+    with pytest.raises(NetcleanseError, match="cannot read"):
+        render_report(tmp_path)
+    write_scan(tmp_path, 10)
+    with pytest.raises(NetcleanseError, match="unknown report format"):
+        render_report(tmp_path, format="pdf")
+    np.savez(tmp_path / "masks.npz", labels=np.arange(3), masks=np.zeros((3, 4, 4)))
+    with pytest.raises(NetcleanseError, match="masks.npz"):
+        render_report(tmp_path)
+    write_scan(tmp_path / "a", 10)
+    write_scan(tmp_path / "b", 10)
+    (tmp_path / "scan.json").unlink()
+    with pytest.raises(NetcleanseError, match="several scan.json"):
+        find_sources(tmp_path)
+
+
+def test_cli_report(tmp_path, capsys):
+    from netcleanse.cli import main
+
+    scan = write_scan(tmp_path / "scan", 10)
+    with pytest.raises(SystemExit) as done:
+        main(["report", str(tmp_path), "--format", "md", "--out", str(tmp_path / "paper.md")])
+    assert done.value.code == 0
+    assert str(tmp_path / "paper.md") in capsys.readouterr().out
+    assert f"{len(scan['flagged'])} of 10 labels flagged" in (tmp_path / "paper.md").read_text()
+    with pytest.raises(SystemExit) as done:
+        main(["report", str(tmp_path / "nowhere")])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or \
+        ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+
+def test_large_report_renders_in_headless_chromium(tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium); headless rendering not checked")
+    write_scan(tmp_path / "scan", 1283, shape=(3, 55, 47), planted=(0,), name="sunglasses_bd_net")
+    page = render_report(tmp_path / "scan")
+    shot = tmp_path / "shot.png"
+    done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                           "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+                           "--window-size=1280,2000", page.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert shot.exists() and shot.stat().st_size > 10_000
+    with Image.open(shot) as image:
+        assert image.size == (1280, 2000)
+        # Not a blank page: the verdict box and plots put many distinct colours on screen.
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 50
