@@ -2,12 +2,33 @@
 
 Contract: ``x`` is float32 NCHW with pixels in [0, 1]; ``y`` is int64 labels or None.
 Loaders convert on the way in (uint8 -> /255, NHWC -> NCHW), so nothing downstream guesses.
+
+Formats :func:`load_data` reads (chosen by the file's content, not its name):
+
+- CSAW HDF5 (``.h5``): images under ``data`` (or ``x``), labels under ``label`` (or ``y``), optional.
+- NumPy ``.npz``: images under ``x`` (or ``data``), labels under ``y`` (or ``label``), optional;
+  netcleanse also writes ``names`` and ``true_labels`` there and reads them back.
+- PNG / JPEG files, lists of them, and folders of them (searched recursively, sorted by path).
+  A file's label is the ``label=N`` in its name (``cl_0_label=43.png``), else the name of the
+  sub-folder it sits in when that is an integer (``faces/43/a.png``); a set in which some image
+  has no label is loaded unlabeled.
+
+Arrays may be N x C x H x W (NCHW) or N x H x W x C (NHWC) with C = 1 or 3, or N x H x W
+(one channel); the layout is read from the axis that holds 1 or 3 channels (when both could, the
+model's expected shape decides, else NCHW). Pixel scale: uint8 and other integer arrays are
+0..255; float arrays are taken as [0, 1] unless their maximum exceeds 1.001, in which case they
+are 0..255 (CSAW's own files store floats 0..255); either way they are divided by 255.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import h5py
+import numpy as np
 import torch
 
 from .errors import NetcleanseError
@@ -50,3 +71,408 @@ class Dataset:
                 index = index.nonzero().flatten()
             names = [self.names[i] for i in index.tolist()] if self.names is not None else None
         return Dataset(self.x[index], None if self.y is None else self.y[index], self.source, names, dict(self.info))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_KEYS = ("data", "x")
+LABEL_KEYS = ("label", "y")
+# Float arrays whose maximum is above this are taken as 0..255 rather than [0, 1].
+FLOAT_255_THRESHOLD = 1.001
+# Rows converted at a time, so a 12k-image float64 file never exists twice in memory.
+CHUNK_ROWS = 2048
+
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+_ZIP_MAGIC = b"PK\x03\x04"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_LABEL_IN_NAME = re.compile(r"label=(\d+)")
+
+Shape = tuple[int, int, int]
+
+
+def load_data(source, *, expect_shape: Shape | None = None, num_classes: int | None = None,
+              label_key: str | None = None, channels: int | None = None) -> Dataset:
+    """Load images (and labels, when the source has them) into a :class:`Dataset`.
+
+    ``source`` is a CSAW ``.h5`` file, an ``.npz`` file, a PNG/JPEG file, a folder of images, or a
+    list of image files and folders (see the module docstring for the rules of each).
+    ``expect_shape`` (C, H, W) and ``num_classes`` are the model's; when given, images of another
+    shape and labels outside [0, num_classes) are refused with a clear error. Image files are
+    converted to ``channels`` (1: grayscale, 3: RGB), by default the channels of ``expect_shape``.
+    ``label_key`` names the labels' key in an ``.h5``/``.npz`` file when it is not a standard one.
+    """
+    if channels is None and expect_shape is not None:
+        channels = int(expect_shape[0])
+    if channels not in (None, 1, 3):
+        raise NetcleanseError(f"images can be loaded with 1 or 3 channels, not {channels}")
+    if isinstance(source, (list, tuple)):
+        if len(source) == 1:
+            return load_data(source[0], expect_shape=expect_shape, num_classes=num_classes,
+                             label_key=label_key, channels=channels)
+        dataset = _load_images(_list_images(source), channels, expect_shape, source="images")
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise NetcleanseError(f"data not found: {path}")
+        if path.is_dir():
+            dataset = _load_images(_folder_images(path), channels, expect_shape, source=str(path))
+        else:
+            kind = _file_kind(path)
+            if kind == "hdf5":
+                dataset = _load_hdf5(path, expect_shape, label_key)
+            elif kind == "npz":
+                dataset = _load_npz(path, expect_shape, label_key)
+            else:
+                dataset = _load_images([(path, _label_from_name(path))], channels, expect_shape,
+                                       source=str(path))
+    check_dataset(dataset, expect_shape, num_classes)
+    return dataset
+
+
+def check_dataset(dataset: Dataset, expect_shape: Shape | None = None, num_classes: int | None = None) -> None:
+    """Refuse a dataset a model cannot use: no images, wrong image shape, non-finite pixels,
+    labels outside [0, num_classes)."""
+    if len(dataset) == 0:
+        raise NetcleanseError(f"{dataset.source}: holds no images")
+    if expect_shape is not None and dataset.image_shape != tuple(expect_shape):
+        raise NetcleanseError(f"{dataset.source}: images are {_chw(dataset.image_shape)} (CxHxW) "
+                              f"but the model expects {_chw(expect_shape)}")
+    bad_row = _first_nonfinite_row(dataset.x)
+    if bad_row is not None:
+        raise NetcleanseError(f"{_row_name(dataset, bad_row)}: contains NaN or infinite pixel values")
+    if num_classes is not None and dataset.y is not None:
+        outside = ((dataset.y < 0) | (dataset.y >= num_classes)).nonzero().flatten()
+        if len(outside):
+            row = int(outside[0])
+            raise NetcleanseError(f"{_row_name(dataset, row)}: label {int(dataset.y[row])} is outside "
+                                  f"[0, {num_classes}) for this model ({len(outside)} such labels)")
+
+
+def label_from_name(path, root=None) -> int | None:
+    """The label a file name carries (``label=N``), else its sub-folder's integer name under ``root``."""
+    return _label_from_name(Path(path), None if root is None else Path(root))
+
+
+def _label_from_name(path: Path, root: Path | None = None) -> int | None:
+    match = _LABEL_IN_NAME.search(path.stem)
+    if match:
+        return int(match.group(1))
+    if root is not None and path.parent != root and path.parent.name.isdigit():
+        return int(path.parent.name)
+    return None
+
+
+def _chw(shape) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+def _row_name(dataset: Dataset, row: int) -> str:
+    if dataset.names is not None:
+        return dataset.names[row]
+    return f"{dataset.source} (image {row})"
+
+
+def _first_nonfinite_row(x) -> int | None:
+    for start in range(0, len(x), CHUNK_ROWS):
+        chunk = x[start:start + CHUNK_ROWS]
+        finite = torch.isfinite(chunk) if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.isfinite(chunk))
+        rows = (~finite.reshape(len(chunk), -1).all(dim=1)).nonzero()
+        if len(rows):
+            return start + int(rows[0])
+    return None
+
+
+def _magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(8)
+
+
+def _file_kind(path: Path) -> str:
+    """'hdf5', 'npz' or 'image', from the file's first bytes (its suffix only words the errors)."""
+    if path.stat().st_size == 0:
+        raise NetcleanseError(f"data file is empty: {path}")
+    magic = _magic(path)
+    if magic.startswith(_HDF5_MAGIC):
+        return "hdf5"
+    if magic.startswith(_ZIP_MAGIC):
+        return "npz"
+    if magic.startswith(_PNG_MAGIC) or magic.startswith(_JPEG_MAGIC):
+        return "image"
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        raise NetcleanseError(f"cannot read image {path}: not a valid PNG/JPEG file")
+    if suffix in (".h5", ".hdf5", ".npz"):
+        raise NetcleanseError(f"cannot read {path}: not a valid {suffix} file (truncated or corrupt?)")
+    raise NetcleanseError(f"{path}: unknown data format; netcleanse reads .h5 (CSAW), .npz, "
+                          ".png/.jpg images and folders of images")
+
+
+# --- arrays (HDF5, npz) ---------------------------------------------------------------------
+
+def _load_hdf5(path: Path, expect_shape, label_key) -> Dataset:
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as exc:
+        raise NetcleanseError(f"cannot read {path}: not a readable HDF5 file ({exc})") from None
+    with h5:
+        if "model_weights" in h5 or "layer_names" in h5.attrs:
+            raise NetcleanseError(f"{path} is a Keras model file, not a data file")
+        keys = list(h5.keys())
+        image_key = _pick_key(keys, IMAGE_KEYS, None, path, "images")
+        label_name = _pick_key(keys, LABEL_KEYS, label_key, path, "labels", required=label_key is not None)
+        images, info = _images_to_tensor(h5[image_key], expect_shape, path)
+        labels = _labels_to_tensor(h5[label_name][()], len(images), path) if label_name else None
+        names = None
+        if "names" in h5:
+            names = [n.decode() if isinstance(n, bytes) else str(n) for n in h5["names"][()]]
+        if "true_labels" in h5:
+            info["true_labels"] = _labels_to_tensor(h5["true_labels"][()], len(images), path)
+    info["format"] = "hdf5"
+    return Dataset(images, labels, source=str(path), names=names, info=info)
+
+
+def _load_npz(path: Path, expect_shape, label_key) -> Dataset:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as exc:  # a zip that is not a valid npz: numpy raises several kinds
+        raise NetcleanseError(f"cannot read {path}: not a valid .npz file ({exc})") from None
+    with archive:
+        if not any(member.endswith(".npy") for member in archive.zip.namelist()):
+            raise NetcleanseError(f"{path} is a zip file without NumPy arrays (a PyTorch model?), "
+                                  "not an .npz data file")
+        keys = list(archive.files)
+        image_key = _pick_key(keys, ("x", "data"), None, path, "images")
+        label_name = _pick_key(keys, ("y", "label"), label_key, path, "labels", required=label_key is not None)
+        try:
+            array = archive[image_key]
+            labels = archive[label_name] if label_name else None
+            names = archive["names"] if "names" in keys else None
+            true_labels = archive["true_labels"] if "true_labels" in keys else None
+        except ValueError as exc:  # object arrays need pickle, which is never allowed
+            raise NetcleanseError(f"cannot read {path}: {exc}") from None
+        except Exception as exc:
+            raise NetcleanseError(f"cannot read {path}: corrupt .npz member ({exc})") from None
+    images, info = _images_to_tensor(array, expect_shape, path)
+    if labels is not None:
+        labels = _labels_to_tensor(labels, len(images), path)
+    if true_labels is not None:
+        info["true_labels"] = _labels_to_tensor(true_labels, len(images), path)
+    info["format"] = "npz"
+    return Dataset(images, labels, source=str(path), names=None if names is None else [str(n) for n in names],
+                   info=info)
+
+
+def _pick_key(keys, candidates, chosen, path, what, required=True) -> str | None:
+    if chosen is not None:
+        if chosen not in keys:
+            raise NetcleanseError(f"{path}: no {what} under key {chosen!r}; keys: {', '.join(keys) or 'none'}")
+        return chosen
+    for key in candidates:
+        if key in keys:
+            return key
+    if required:
+        raise NetcleanseError(f"{path}: no {what} found (looked for {' or '.join(map(repr, candidates))}); "
+                              f"keys: {', '.join(keys) or 'none'}")
+    return None
+
+
+def _channels_last(shape, expect_shape) -> bool:
+    """Whether an N x A x B x C image array is NHWC, judged by which axis holds 1 or 3 channels."""
+    first, last = shape[1] in (1, 3), shape[3] in (1, 3)
+    if first and last and expect_shape is not None:
+        return tuple(shape[1:]) != tuple(expect_shape) and (shape[3], shape[1], shape[2]) == tuple(expect_shape)
+    if first or last:
+        return not first
+    raise NetcleanseError(f"images shaped {tuple(shape)}: cannot tell the channel axis "
+                          "(expected 1 or 3 channels first, NCHW, or last, NHWC)")
+
+
+def _images_to_tensor(array, expect_shape, path) -> tuple[torch.Tensor, dict]:
+    """Convert an image array (NumPy or an h5py dataset, read a chunk at a time) to float32 NCHW [0, 1]."""
+    shape, dtype = tuple(array.shape), np.dtype(array.dtype)
+    if len(shape) not in (3, 4):
+        raise NetcleanseError(f"{path}: images must be a N x C x H x W, N x H x W x C or N x H x W array, "
+                              f"got shape {shape}")
+    if shape[0] == 0:
+        raise NetcleanseError(f"{path}: holds no images")
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)) or dtype == np.bool_:
+        raise NetcleanseError(f"{path}: images must be integers 0..255 or floats, got dtype {dtype}")
+    if len(shape) == 3:
+        layout, out_shape = "NHW", (shape[0], 1, shape[1], shape[2])
+    elif _channels_last(shape, expect_shape):
+        layout, out_shape = "NHWC", (shape[0], shape[3], shape[1], shape[2])
+    else:
+        layout, out_shape = "NCHW", shape
+    out = torch.empty(out_shape, dtype=torch.float32)
+    low, high = np.inf, -np.inf
+    for start in range(0, shape[0], CHUNK_ROWS):
+        chunk = np.asarray(array[start:start + CHUNK_ROWS])
+        chunk = chunk[:, None] if layout == "NHW" else chunk.transpose(0, 3, 1, 2) if layout == "NHWC" else chunk
+        if np.issubdtype(dtype, np.floating):
+            bad = _first_nonfinite_row(chunk)
+            if bad is not None:
+                raise NetcleanseError(f"{path} (image {start + bad}): contains NaN or infinite pixel values")
+        low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
+        out[start:start + len(chunk)] = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
+    if low < 0:
+        raise NetcleanseError(f"{path}: negative pixel values (min {low:g}); expected [0, 1] or 0..255")
+    if high > 255.001:
+        raise NetcleanseError(f"{path}: pixel values up to {high:g}; expected [0, 1] or 0..255")
+    is_255 = np.issubdtype(dtype, np.integer) or high > FLOAT_255_THRESHOLD
+    if is_255:
+        out.div_(255.0)
+        out.clamp_(0.0, 1.0)
+    info = {"layout": layout, "dtype": str(dtype), "scale": 255 if is_255 else 1}
+    return out, info
+
+
+def _labels_to_tensor(labels, n: int, path) -> torch.Tensor:
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise NetcleanseError(f"{path}: labels must be one integer per image, got shape {labels.shape}")
+    if len(labels) != n:
+        raise NetcleanseError(f"{path}: {n} images but {len(labels)} labels")
+    if np.issubdtype(labels.dtype, np.floating):
+        if not np.isfinite(labels).all() or (labels != np.round(labels)).any():
+            raise NetcleanseError(f"{path}: labels must be whole numbers")
+    elif not np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_:
+        raise NetcleanseError(f"{path}: labels must be integers, got dtype {labels.dtype}")
+    return torch.from_numpy(labels.astype(np.int64))
+
+
+# --- image files ----------------------------------------------------------------------------
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _folder_images(folder: Path) -> list[tuple[Path, int | None]]:
+    files = sorted((p for p in folder.rglob("*") if p.is_file() and _is_image_name(p)),
+                   key=lambda p: p.relative_to(folder).as_posix())
+    if not files:
+        raise NetcleanseError(f"no images (.png, .jpg, .jpeg) in folder {folder}")
+    return [(p, _label_from_name(p, folder)) for p in files]
+
+
+def _list_images(sources) -> list[tuple[Path, int | None]]:
+    items = []
+    for source in sources:
+        path = Path(source)
+        if not path.exists():
+            raise NetcleanseError(f"data not found: {path}")
+        if path.is_dir():
+            items.extend(_folder_images(path))
+        elif _file_kind(path) != "image":
+            raise NetcleanseError(f"{path} is a dataset file; give dataset files on their own, "
+                                  "not in a list of images")
+        else:
+            items.append((path, _label_from_name(path)))
+    return items
+
+
+def read_image(path, channels: int | None = None) -> np.ndarray:
+    """One PNG/JPEG file as a uint8 C x H x W array; grayscale stays 1 channel unless ``channels=3``."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            gray = image.mode in ("1", "L", "LA", "I", "I;16", "F")
+            wanted = channels or (1 if gray else 3)
+            image = image.convert("L" if wanted == 1 else "RGB")
+            array = np.asarray(image, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise NetcleanseError(f"cannot read image {path}: {exc}") from None
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _load_images(items: list[tuple[Path, int | None]], channels, expect_shape, source: str) -> Dataset:
+    from .progress import progress_bar
+
+    arrays = []
+    with progress_bar(disable=True if len(items) < 2000 else None) as progress:
+        task = progress.add_task("reading images", total=len(items))
+        for path, _ in items:
+            array = read_image(path, channels)
+            if expect_shape is not None and array.shape[1:] != tuple(expect_shape)[1:]:
+                raise NetcleanseError(f"image {path} is {_chw(array.shape)} (CxHxW) but the model "
+                                      f"expects {_chw(expect_shape)}")
+            if arrays and array.shape[1:] != arrays[0].shape[1:]:
+                raise NetcleanseError(f"images differ in size: {items[0][0]} is {_chw(arrays[0].shape)} "
+                                      f"but {path} is {_chw(array.shape)}")
+            arrays.append(array)
+            progress.advance(task)
+    if channels is None and len({a.shape[0] for a in arrays}) > 1:
+        # A mix of grayscale and color files: gray -> RGB loses nothing.
+        arrays = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in arrays]
+    x = torch.from_numpy(np.stack(arrays)).float().div_(255.0)
+    labels = [label for _, label in items]
+    y = torch.tensor(labels, dtype=torch.int64) if all(label is not None for label in labels) else None
+    info = {"format": "images", "layout": "NCHW", "dtype": "uint8", "scale": 255}
+    if y is None and any(label is not None for label in labels):
+        info["unlabeled"] = sum(label is None for label in labels)
+    return Dataset(x, y, source=source, names=[str(path) for path, _ in items], info=info)
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+
+def save_data(dataset: Dataset, path, *, overwrite: bool = False) -> Path:
+    """Write a dataset to ``.npz`` or CSAW-layout ``.h5`` (chosen by suffix); returns the path.
+
+    Pixels are stored as uint8 0..255 when that is lossless (every image that came from uint8 or
+    image files), else as float32: in [0, 1] in ``.npz`` (netcleanse's own contract) and 0..255
+    in ``.h5`` (CSAW's convention, whose tools divide by 255). Both layouts are NCHW. Keys:
+    ``x``/``y`` (npz) or ``data``/``label`` (h5), plus ``names`` and ``true_labels`` when known.
+    The file is written next to its destination and renamed into place, so an interrupted save
+    never leaves a half-written file behind.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".npz", ".h5", ".hdf5"):
+        raise NetcleanseError(f"cannot save data as {path}: use a .npz or .h5 file name")
+    if path.exists() and not overwrite:
+        raise NetcleanseError(f"{path} already exists (use --force to overwrite)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scaled = dataset.x * 255.0
+    whole = torch.round(scaled)
+    lossless = bool((scaled - whole).abs().max() <= 1e-3) if len(dataset) else True
+    if lossless:
+        pixels = whole.to(torch.uint8).numpy()
+    else:
+        pixels = (scaled if suffix != ".npz" else dataset.x).numpy().astype(np.float32)
+    extras = {}
+    if dataset.names is not None:
+        extras["names"] = np.array(dataset.names, dtype=str)
+    if dataset.info.get("true_labels") is not None:
+        extras["true_labels"] = np.asarray(dataset.info["true_labels"], dtype=np.int64)
+    labels = None if dataset.y is None else dataset.y.numpy().astype(np.int64)
+    temporary = path.with_name(f".{path.name}.partial{os.getpid()}")
+    try:
+        if suffix == ".npz":
+            with open(temporary, "wb") as f:
+                arrays = {"x": pixels, **({"y": labels} if labels is not None else {}), **extras}
+                np.savez_compressed(f, **arrays)
+        else:
+            with h5py.File(temporary, "w") as h5:
+                h5.create_dataset("data", data=pixels, compression="gzip", compression_opts=4)
+                if labels is not None:
+                    h5.create_dataset("label", data=labels)
+                if "names" in extras:
+                    h5.create_dataset("names", data=np.array(dataset.names, dtype=object),
+                                      dtype=h5py.string_dtype())
+                if "true_labels" in extras:
+                    h5.create_dataset("true_labels", data=extras["true_labels"])
+                h5.attrs["layout"] = "NCHW"
+                h5.attrs["pixel_range"] = "0..255"
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return path

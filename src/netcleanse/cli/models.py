@@ -1,3 +1,232 @@
-"""CLI commands: models (see netcleanse.cli)."""
+"""CLI commands on a model: ``info``, ``predict``, ``eval``; and the model options other commands share.
 
-from . import app  # noqa: F401
+Other command modules import :data:`ModelArgument`, :data:`ArchOption`, :data:`InputScaleOption`,
+:data:`JsonOption`, :data:`ForceOption` and :func:`load_model_from_cli`, so every command reads a
+model the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import h5py
+import numpy as np
+import typer
+
+from . import app
+from ..data import Dataset, load_data
+from ..errors import NetcleanseError
+from ..evaluate import evaluate, predict_dataset
+from ..model import Classifier, HDF5_MAGIC, ZIP_MAGIC, load_model
+
+
+def _positive_scale(value: float) -> float:
+    if value is None or not value > 0:  # also refuses NaN
+        raise NetcleanseError(f"--input-scale must be a positive number (1 or 255 in practice), got {value}")
+    return value
+
+
+ModelArgument = Annotated[Path, typer.Argument(help="Model file: Keras .h5, PyTorch .pt/TorchScript, "
+                                                     "or a netcleanse (guarded) checkpoint.",
+                                                metavar="MODEL", show_default=False)]
+ArchOption = Annotated[Optional[str], typer.Option(
+    "--arch", help="Registered architecture of a weights-only file (e.g. csaw-deepid, mnist-cnn).")]
+InputScaleOption = Annotated[float, typer.Option(
+    "--input-scale", callback=_positive_scale,
+    help="Multiply [0,1] pixels by this before the network: 1, or 255 for nets trained on raw pixels.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+
+
+def load_model_from_cli(path: Path, arch: str | None = None, input_scale: float = 1.0) -> Classifier:
+    """Load the model named on the command line (the one way every command does it)."""
+    return load_model(path, arch=arch, input_scale=_positive_scale(input_scale))
+
+
+def _echo_json(payload) -> None:
+    typer.echo(json.dumps(payload, indent=2))
+
+
+def model_format(path: Path, model: Classifier) -> str:
+    """A short description of the file format a model came from (read from headers, nothing executed)."""
+    with open(path, "rb") as f:
+        magic = f.read(8)
+    if magic.startswith(HDF5_MAGIC):
+        with h5py.File(path, "r") as h5:
+            version = h5.attrs.get("keras_version", b"")
+            version = version.decode() if isinstance(version, bytes) else str(version)
+            kind = "whole-model" if "model_config" in h5.attrs else "weights-only"
+        return f"Keras {kind} .h5" + (f" (Keras {version})" if version else "")
+    if magic.startswith(ZIP_MAGIC):
+        with zipfile.ZipFile(path) as archive:
+            torchscript = any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
+        if torchscript:
+            return "TorchScript"
+        return "netcleanse guarded checkpoint" if model.poison_label is not None else "PyTorch checkpoint"
+    return "unknown"
+
+
+@app.command()
+def info(model_path: ModelArgument, arch: ArchOption = None, input_scale: InputScaleOption = 1.0,
+         json_output: JsonOption = False) -> None:
+    """Show a model's layers, parameters, input shape and number of classes."""
+    model = load_model_from_cli(model_path, arch, input_scale)
+    layers = model.layer_table()
+    summary = {
+        "name": model.name, "source": model.source or str(model_path),
+        "format": model_format(model_path, model), "arch": model.arch,
+        "input_shape": list(model.input_shape), "input_scale": model.input_scale,
+        "num_classes": model.num_classes, "poison_label": model.poison_label,
+        "parameters": model.num_parameters(),
+        "layers": [{"name": n, "type": t, "parameters": p} for n, t, p in layers],
+    }
+    if json_output:
+        _echo_json(summary)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    c, h, w = model.input_shape
+    console.print(f"model        {model.name}", highlight=False)
+    console.print(f"source       {summary['source']}", highlight=False)
+    console.print(f"format       {summary['format']}" + (f", architecture {model.arch}" if model.arch else ""),
+                  highlight=False)
+    console.print(f"input        {c}x{h}x{w} (CxHxW), pixels in [0,1]"
+                  + (f", multiplied by {model.input_scale:g} before the network" if model.input_scale != 1 else ""),
+                  highlight=False)
+    console.print(f"classes      {model.num_classes}", highlight=False)
+    if model.poison_label is not None:
+        console.print(f"guarded      answers {model.poison_label} for inputs it judges poisoned", highlight=False)
+    console.print(f"parameters   {model.num_parameters():,}", highlight=False)
+    table = Table(title="layers", title_justify="left")
+    table.add_column("layer")
+    table.add_column("type")
+    table.add_column("parameters", justify="right")
+    for name, kind, count in layers:
+        table.add_row(name, kind, f"{count:,}")
+    console.print(table)
+
+
+def _write_predictions(path: Path, data: Dataset, labels, confidence, force: bool) -> None:
+    """Per-sample predictions to .csv (index,name,label,confidence[,true_label]) or .npz."""
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".npz"):
+        raise NetcleanseError(f"--out {path}: use a .csv or .npz file name")
+    if path.exists() and not force:
+        raise NetcleanseError(f"{path} already exists (use --force to overwrite)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.partial{os.getpid()}")
+    try:
+        if suffix == ".npz":
+            arrays = {"labels": labels.numpy(), "confidence": confidence.numpy()}
+            if data.y is not None:
+                arrays["true_labels"] = data.y.numpy()
+            if data.names is not None:
+                arrays["names"] = np.array(data.names, dtype=str)
+            with open(temporary, "wb") as f:
+                np.savez(f, **arrays)
+        else:
+            with open(temporary, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["index", "name", "label", "confidence"] + (["true_label"] if data.y is not None else []))
+                for i, (label, conf) in enumerate(zip(labels.tolist(), confidence.tolist())):
+                    name = data.names[i] if data.names is not None else ""
+                    writer.writerow([i, name, label, f"{conf:.6f}"] + ([int(data.y[i])] if data.y is not None else []))
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+@app.command()
+def predict(model_path: ModelArgument,
+            inputs: Annotated[list[Path], typer.Argument(help="Image files, folders of images, or one "
+                                                               ".h5/.npz dataset file.", metavar="INPUT",
+                                                               show_default=False)],
+            arch: ArchOption = None, input_scale: InputScaleOption = 1.0, json_output: JsonOption = False,
+            out: Annotated[Optional[Path], typer.Option(
+                "--out", help="Write per-sample predictions to this .csv or .npz file.")] = None,
+            force: ForceOption = False, batch_size: BatchSizeOption = 512) -> None:
+    """Predict labels: one `PATH<TAB>LABEL<TAB>CONFIDENCE` line per image, or for a dataset file a
+    summary (and accuracy when it has labels) with per-sample labels written to --out."""
+    model = load_model_from_cli(model_path, arch, input_scale)
+    data = load_data(list(inputs), expect_shape=model.input_shape)
+    if out is not None and out.exists() and not force:  # refuse before the work, not after
+        raise NetcleanseError(f"{out} already exists (use --force to overwrite)")
+    labels, confidence = predict_dataset(model, data, batch_size)
+    is_dataset_file = data.info.get("format") in ("hdf5", "npz")
+    accuracy = int((labels == data.y).sum()) / len(data) if data.y is not None else None
+    if out is not None:
+        _write_predictions(out, data, labels, confidence, force)
+    if json_output:
+        payload = {"model": model.name, "source": data.source, "n": len(data), "accuracy": accuracy,
+                   "out": None if out is None else str(out)}
+        if not (is_dataset_file and out is not None):
+            payload["predictions"] = [
+                {"index": i, "name": data.names[i] if data.names is not None else None,
+                 "label": label, "confidence": round(conf, 6)}
+                for i, (label, conf) in enumerate(zip(labels.tolist(), confidence.tolist()))]
+        _echo_json(payload)
+        return
+    if not is_dataset_file:
+        for name, label, conf in zip(data.names, labels.tolist(), confidence.tolist()):
+            typer.echo(f"{name}\t{label}\t{conf:.4f}")
+        return
+    typer.echo(f"{data.source}: {len(data)} images")
+    if accuracy is not None:
+        typer.echo(f"accuracy     {100 * accuracy:.2f}% (against the file's labels)")
+    counts = np.bincount(labels.numpy(), minlength=model.num_classes)
+    top = np.argsort(-counts, kind="stable")[:5]
+    typer.echo("most answered " + ", ".join(f"{int(k)} ({int(counts[k])})" for k in top if counts[k]))
+    if out is not None:
+        typer.echo(f"per-sample labels written to {out}")
+    else:
+        typer.echo("(give --out FILE.csv or FILE.npz for the per-sample labels)")
+
+
+@app.command(name="eval")
+def eval_command(model_path: ModelArgument,
+                 clean: Annotated[Optional[Path], typer.Option(
+                     "--clean", help="Clean labelled data: .h5, .npz, image file or folder.")] = None,
+                 poisoned: Annotated[Optional[Path], typer.Option(
+                     "--poisoned", help="Poisoned data; its labels are the attack targets unless --target.")] = None,
+                 target: Annotated[Optional[int], typer.Option(
+                     "--target", help="The attack's target label (for every poisoned input).")] = None,
+                 arch: ArchOption = None, input_scale: InputScaleOption = 1.0, json_output: JsonOption = False,
+                 batch_size: BatchSizeOption = 512) -> None:
+    """Clean accuracy, attack success rate (CSAW semantics) and, for guarded models, the
+    poison-detection and false-positive rates."""
+    if clean is None and poisoned is None:
+        raise NetcleanseError("give --clean DATA and/or --poisoned DATA")
+    if target is not None and poisoned is None:
+        raise NetcleanseError("--target needs --poisoned DATA")
+    model = load_model_from_cli(model_path, arch, input_scale)
+    # Labels are range-checked by evaluate(), which knows whether poisoned labels are used at all.
+    clean_data = load_data(clean, expect_shape=model.input_shape) if clean is not None else None
+    poisoned_data = load_data(poisoned, expect_shape=model.input_shape) if poisoned is not None else None
+    result = evaluate(model, clean_data, poisoned_data, target=target, batch_size=batch_size)
+    if json_output:
+        _echo_json({"model": model.name, "clean": None if clean is None else str(clean),
+                    "poisoned": None if poisoned is None else str(poisoned), **result.to_dict()})
+        return
+    typer.echo(f"model             {model.name} ({model.num_classes} classes)")
+    if result.clean_accuracy is not None:
+        typer.echo(f"clean accuracy    {100 * result.clean_accuracy:6.2f}%  ({result.n_clean} images, {clean})")
+    if result.attack_success is not None:
+        target_text = f"target {target}" if target is not None else "targets from the file's labels"
+        typer.echo(f"attack success    {100 * result.attack_success:6.2f}%  "
+                   f"({result.n_poisoned} poisoned images, {target_text})")
+    if model.poison_label is not None:
+        if result.poison_detection is not None:
+            typer.echo(f"poison detected   {100 * result.poison_detection:6.2f}%  "
+                       f"(poisoned inputs answered {model.poison_label})")
+        if result.false_positive is not None:
+            typer.echo(f"false positives   {100 * result.false_positive:6.2f}%  "
+                       f"(clean inputs answered {model.poison_label})")

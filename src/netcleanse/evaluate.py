@@ -1,0 +1,108 @@
+"""How well a model does, in the CSAW-HackML-2020 terms.
+
+- clean accuracy: the fraction of clean inputs answered with their label;
+- attack success rate (ASR): the fraction of poisoned inputs answered with the attack target (by
+  default the poisoned set's own labels are the targets, as in CSAW's poisoned test files);
+- for a guarded classifier (``model.poison_label`` = N, answered for inputs it judges poisoned):
+  poison detection, the fraction of poisoned inputs answered N, and false positives, the fraction
+  of clean inputs answered N.
+
+All rates are fractions in [0, 1]; the CLI prints them as percentages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .data import Dataset, check_dataset
+from .errors import NetcleanseError
+from .model import Classifier
+from .progress import progress_bar
+
+# Below this many batches a progress bar is more noise than help.
+_PROGRESS_MIN_BATCHES = 8
+
+
+@dataclass
+class Evaluation:
+    clean_accuracy: float | None = None
+    attack_success: float | None = None
+    poison_detection: float | None = None
+    false_positive: float | None = None
+    n_clean: int = 0
+    n_poisoned: int = 0
+    target: int | None = None
+    poison_label: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def predict_dataset(model: Classifier, data: Dataset, batch_size: int = 512,
+                    progress: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted labels (int64) and their softmax confidence for every image, in eval mode, in batches.
+
+    ``progress``: None shows a bar (stderr) for large sets unless NETCLEANSE_NO_PROGRESS is set.
+    """
+    check_dataset(data, model.input_shape)
+    device = next(model.parameters(), torch.empty(0)).device
+    labels, confidence = [], []
+    n_batches = (len(data) + batch_size - 1) // batch_size
+    disable = (n_batches < _PROGRESS_MIN_BATCHES) if progress is None else not progress
+    with progress_bar(disable=True if disable else None) as bar:
+        task = bar.add_task(f"predicting {len(data)} images", total=n_batches)
+        for start in range(0, len(data), batch_size):
+            probs = torch.softmax(model.logits(data.x[start:start + batch_size].to(device)), dim=1)
+            best, label = probs.max(dim=1)
+            labels.append(label.cpu())
+            confidence.append(best.cpu())
+            bar.advance(task)
+    return torch.cat(labels), torch.cat(confidence)
+
+
+def accuracy(model: Classifier, data: Dataset, batch_size: int = 512) -> float:
+    """Fraction of ``data`` answered with its own labels."""
+    return evaluate(model, clean=data, batch_size=batch_size).clean_accuracy
+
+
+def evaluate(model: Classifier, clean: Dataset | None = None, poisoned: Dataset | None = None,
+             target: int | None = None, batch_size: int = 512) -> Evaluation:
+    """Clean accuracy on ``clean``, attack success rate on ``poisoned`` (CSAW semantics), and for a
+    guarded model the poison-detection and false-positive rates.
+
+    ``target``: the attack's target label; without it each poisoned row's own label is its target.
+    """
+    if clean is None and poisoned is None:
+        raise NetcleanseError("nothing to evaluate: give clean and/or poisoned data")
+    if target is not None and not 0 <= target < model.num_classes:
+        raise NetcleanseError(f"target {target} is outside [0, {model.num_classes}) for this model")
+    if target is not None and poisoned is None:
+        raise NetcleanseError("a target was given without poisoned data")
+    result = Evaluation(target=target, poison_label=model.poison_label)
+    if clean is not None:
+        if clean.y is None:
+            raise NetcleanseError(f"{clean.source}: clean data has no labels, so accuracy cannot be measured")
+        check_dataset(clean, model.input_shape, model.num_classes)
+        predicted, _ = predict_dataset(model, clean, batch_size)
+        result.n_clean = len(clean)
+        result.clean_accuracy = _rate(predicted == clean.y)
+        if model.poison_label is not None:
+            result.false_positive = _rate(predicted == model.poison_label)
+    if poisoned is not None:
+        if target is None and poisoned.y is None:
+            raise NetcleanseError(f"{poisoned.source}: poisoned data has no labels; give the attack target")
+        check_dataset(poisoned, model.input_shape, model.num_classes if target is None else None)
+        predicted, _ = predict_dataset(model, poisoned, batch_size)
+        targets = poisoned.y if target is None else torch.full_like(predicted, target)
+        result.n_poisoned = len(poisoned)
+        result.attack_success = _rate(predicted == targets)
+        if model.poison_label is not None:
+            result.poison_detection = _rate(predicted == model.poison_label)
+    return result
+
+
+def _rate(hits: torch.Tensor) -> float:
+    return int(hits.sum()) / len(hits)  # exact in Python floats (0.8, not float32's 0.800000011920929)

@@ -1,0 +1,124 @@
+"""Clean accuracy, ASR (CSAW semantics), and guarded-model rates on hand-made models whose answers we control."""
+
+import pytest
+import torch
+from torch import nn
+
+from netcleanse import Classifier, NetcleanseError
+from netcleanse.data import Dataset
+from netcleanse.evaluate import Evaluation, accuracy, evaluate, predict_dataset
+
+K = 10
+
+
+class FirstPixelNet(nn.Module):
+    """Answers k when the top-left pixel is k/(K-1): logits -(p - k/(K-1))^2 peak at the nearest k."""
+
+    def forward(self, x):
+        p = x[:, 0, 0, 0:1]
+        centers = torch.arange(K, dtype=torch.float32) / (K - 1)
+        return -(p - centers) ** 2
+
+
+class GuardNet(nn.Module):
+    """FirstPixelNet plus class K ("poisoned") whenever the bottom-right pixel is lit (a toy trigger)."""
+
+    def forward(self, x):
+        base = FirstPixelNet()(x)
+        flagged = (x[:, 0, -1, -1] > 0.5).float().unsqueeze(1) * 10.0 - 5.0
+        return torch.cat([base, flagged], dim=1)
+
+
+class StandInGuarded(Classifier):
+    """Test-local stand-in for netcleanse.guard's guarded classifier: N+1 classes, poison_label N."""
+
+    poison_label = K
+
+
+def images(labels, trigger=None):
+    x = torch.zeros(len(labels), 1, 4, 4)
+    x[:, 0, 0, 0] = torch.tensor(labels, dtype=torch.float32) / (K - 1)
+    if trigger is not None:
+        x[:, 0, -1, -1] = torch.tensor(trigger, dtype=torch.float32)
+    return x
+
+
+@pytest.fixture
+def model():
+    return Classifier(FirstPixelNet(), (1, 4, 4), K, name="toy")
+
+
+def test_clean_accuracy_counts_exact_hits(model):
+    answers = [0, 1, 2, 3, 4, 5, 6, 7]
+    truth = torch.tensor([0, 1, 2, 3, 9, 9, 9, 9])  # half right
+    clean = Dataset(images(answers), truth)
+    result = evaluate(model, clean=clean, batch_size=3)  # batches of 3 cover the ragged end
+    assert result.clean_accuracy == pytest.approx(0.5)
+    assert result.n_clean == 8 and result.attack_success is None and result.poison_detection is None
+    assert accuracy(model, clean) == pytest.approx(0.5)
+
+
+def test_asr_with_explicit_target_and_with_per_row_labels(model):
+    poisoned = Dataset(images([2, 2, 2, 5]), torch.tensor([2, 2, 7, 7]))
+    with_target = evaluate(model, poisoned=poisoned, target=2)
+    assert with_target.attack_success == pytest.approx(0.75) and with_target.target == 2
+    assert with_target.n_poisoned == 4 and with_target.clean_accuracy is None
+    # without --target, each row's own label is its target (CSAW poisoned files)
+    assert evaluate(model, poisoned=poisoned).attack_success == pytest.approx(0.5)
+
+
+def test_ordinary_model_has_no_detection_rates(model):
+    result = evaluate(model, Dataset(images([1]), torch.tensor([1])), Dataset(images([3])), target=3)
+    assert result.clean_accuracy == 1.0 and result.attack_success == 1.0
+    assert result.poison_detection is None and result.false_positive is None and result.poison_label is None
+    assert set(result.to_dict()) == {"clean_accuracy", "attack_success", "poison_detection", "false_positive",
+                                     "n_clean", "n_poisoned", "target", "poison_label"}
+
+
+def test_guarded_model_detection_and_false_positive_rates():
+    guarded = StandInGuarded(GuardNet(), (1, 4, 4), K + 1, name="guarded")
+    # 4 clean inputs, one of which the guard wrongly flags
+    clean = Dataset(images([1, 2, 3, 4], trigger=[0, 0, 0, 1]), torch.tensor([1, 2, 3, 4]))
+    # 5 poisoned inputs that reach target 0 unless the guard flags them (it catches 3)
+    poisoned = Dataset(images([0, 0, 0, 0, 0], trigger=[1, 1, 1, 0, 0]), torch.full((5,), 0))
+    result = evaluate(guarded, clean, poisoned, target=0)
+    assert result.poison_label == K
+    assert result.clean_accuracy == pytest.approx(0.75)
+    assert result.false_positive == pytest.approx(0.25)
+    assert result.poison_detection == pytest.approx(0.6)
+    assert result.attack_success == pytest.approx(0.4)  # the flagged ones no longer reach the target
+    labels, _ = predict_dataset(guarded, poisoned)
+    assert labels.tolist() == [K, K, K, 0, 0]
+
+
+def test_predictions_run_in_eval_mode_without_grad(model):
+    class ModeSpy(nn.Module):
+        def forward(self, x):
+            assert not self.training and not torch.is_grad_enabled()
+            return FirstPixelNet()(x)
+
+    spy = Classifier(ModeSpy(), (1, 4, 4), K).train()
+    labels, confidence = predict_dataset(spy, Dataset(images([3, 4])))
+    assert labels.tolist() == [3, 4] and spy.training  # the caller's mode is restored
+    assert ((confidence > 0) & (confidence <= 1)).all()
+
+
+def test_bad_inputs(model):
+    with pytest.raises(NetcleanseError, match="nothing to evaluate"):
+        evaluate(model)
+    with pytest.raises(NetcleanseError, match="no labels"):
+        evaluate(model, clean=Dataset(images([1])))
+    with pytest.raises(NetcleanseError, match="poisoned data has no labels"):
+        evaluate(model, poisoned=Dataset(images([1])))
+    with pytest.raises(NetcleanseError, match=r"target 10 is outside \[0, 10\)"):
+        evaluate(model, poisoned=Dataset(images([1])), target=10)
+    with pytest.raises(NetcleanseError, match=r"label 12 is outside \[0, 10\)"):
+        evaluate(model, clean=Dataset(images([1]), torch.tensor([12])))
+    with pytest.raises(NetcleanseError, match="images are 1x5x5 .* expects 1x4x4"):
+        evaluate(model, clean=Dataset(torch.zeros(1, 1, 5, 5), torch.tensor([0])))
+    # with an explicit target, the poisoned set's own labels are not used, so not checked
+    assert evaluate(model, poisoned=Dataset(images([1]), torch.tensor([99])), target=1).attack_success == 1.0
+
+
+def test_evaluation_is_a_plain_record():
+    assert Evaluation().to_dict()["clean_accuracy"] is None
