@@ -6,8 +6,9 @@ The Python API is the product; the ``netcleanse`` command is a thin shell over i
 from .errors import NetcleanseError
 from .model import Classifier, load_model
 from .architectures import build_architecture, register_architecture
+from .torch_io import save_model
 
 __version__ = "0.1.0"
 
-__all__ = ["NetcleanseError", "Classifier", "load_model", "build_architecture", "register_architecture",
-           "__version__"]
+__all__ = ["NetcleanseError", "Classifier", "load_model", "save_model", "build_architecture",
+           "register_architecture", "__version__"]

@@ -1,0 +1,283 @@
+"""PyTorch model files: loading TorchScript and state_dicts, and saving netcleanse checkpoints.
+
+Formats read by :func:`load_torch`:
+
+- **netcleanse checkpoints** (``.pt`` written by :func:`save_model`): a plain dict, loaded with
+  ``torch.load(weights_only=True)`` so no pickled code runs::
+
+      {"format": "netcleanse", "version": 1, "kind": "classifier" | "guarded",
+       "arch": str | None, "num_classes": int, "input_shape": [C, H, W], "input_scale": float,
+       "name": str, "source": str | None, "state_dict": {...},
+       "keras_config": str, "keras_version": str}   # the last two only for nets rebuilt from Keras
+
+  A net with a registered architecture is rebuilt from ``arch``; one rebuilt from a whole
+  Keras file (no registered architecture) from its Keras ``model_config`` JSON, which is data,
+  not code. Kind "guarded" is handed to :func:`netcleanse.guard.guarded_from_checkpoint`.
+- **plain state_dicts** (also the ``state_dict`` / ``model_state_dict`` entry of a training
+  checkpoint dict) for a registered architecture named with ``arch``; ``net.`` (a netcleanse
+  Classifier's own keys) and ``module.`` (DataParallel) prefixes are removed; the number of
+  classes is read from the weights.
+- **TorchScript** files (``torch.jit.save``). A TorchScript file is a program by nature: its
+  TorchScript graph is what runs when the model is called (no Python pickles are executed).
+  Its input shape comes from ``arch`` or from a ``netcleanse.json`` extra file
+  (``{"input_shape": [C, H, W], "input_scale": 1}``), which :func:`save_model` writes; the number
+  of classes is found by running one zero image through it.
+
+:func:`save_model` picks the format from the suffix: ``.pt``/``.pth`` -> netcleanse checkpoint (a
+TorchScript net is saved as TorchScript with the extra file), ``.h5`` -> Keras weights export
+(:func:`netcleanse.keras.save_keras_weights`). Saving overwrites an existing file (the CLI guards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .architectures import get_architecture
+from .errors import NetcleanseError
+from .model import Classifier
+
+FORMAT = "netcleanse"
+VERSION = 1
+EXTRA_FILE = "netcleanse.json"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives carry code/ and constants.pkl; torch.save archives only data.pkl."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise NetcleanseError(f"{path} is not a readable PyTorch file ({_first_line(exc)})") from None
+    if "config.json" in names and "model.weights.h5" in names:
+        raise NetcleanseError(f"{path} is a Keras 3 .keras archive, which netcleanse does not read; in Keras, "
+                              "save the model as .h5 (model.save('model.h5')) and load that")
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+
+
+def load_torch(path, arch: str | None = None, input_scale: float = 1.0, name: str | None = None) -> Classifier:
+    """Load a PyTorch file (see the module doc) into a :class:`Classifier` returning logits.
+
+    ``input_scale``: a netcleanse checkpoint or TorchScript extra file records its own; it is
+    used unless a value other than 1 is passed here.
+    """
+    path = Path(path)
+    name = name or path.stem
+    if _is_torchscript(path):
+        return _load_torchscript(path, arch, input_scale, name)
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise NetcleanseError(f"{path} holds pickled Python objects, not just weights; netcleanse loads only "
+                              "state_dicts, netcleanse checkpoints and TorchScript files "
+                              f"({_first_line(exc)})") from None
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        raise NetcleanseError(f"{path} is not a readable PyTorch file, it may be truncated or corrupt "
+                              f"({_first_line(exc)})") from None
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return _from_checkpoint(obj, path, arch, input_scale, name)
+    return _from_state_dict(obj, path, arch, input_scale, name)
+
+
+def _scale(recorded, given: float) -> float:
+    return float(given) if given != 1.0 or recorded is None else float(recorded)
+
+
+def _from_checkpoint(ckpt: dict, path: Path, arch: str | None, input_scale: float, name: str) -> Classifier:
+    version = ckpt.get("version")
+    if not isinstance(version, int) or version > VERSION:
+        raise NetcleanseError(f"{path} is a netcleanse checkpoint of version {version}; this netcleanse reads "
+                              f"version {VERSION} and older")
+    kind = ckpt.get("kind")
+    if kind == "guarded":
+        from .guard import guarded_from_checkpoint
+        model = guarded_from_checkpoint(ckpt)
+    elif kind == "classifier":
+        model = _classifier_from_checkpoint(ckpt, path, arch)
+    else:
+        raise NetcleanseError(f"{path}: unknown netcleanse checkpoint kind {kind!r}")
+    model.input_scale = _scale(ckpt.get("input_scale"), input_scale)
+    if model.input_scale <= 0:
+        raise NetcleanseError(f"input scale must be positive, got {model.input_scale}")
+    model.name = name
+    model.source = str(path)
+    return model.eval()
+
+
+def _classifier_from_checkpoint(ckpt: dict, path: Path, arch: str | None) -> Classifier:
+    state_dict = ckpt.get("state_dict")
+    if not isinstance(state_dict, dict):
+        raise NetcleanseError(f"{path}: the checkpoint has no state_dict")
+    recorded_arch = ckpt.get("arch")
+    if arch is not None and recorded_arch is not None and arch != recorded_arch:
+        raise NetcleanseError(f"{path} records architecture {recorded_arch!r}, not {arch!r}")
+    arch = recorded_arch or arch
+    if ckpt.get("keras_config") is not None and recorded_arch is None:
+        from .keras import graph_from_config
+        net = graph_from_config(ckpt["keras_config"], str(ckpt.get("keras_version", "2")))
+        _load_state(net, state_dict, path, "the Keras model stored in the checkpoint")
+        return Classifier(net, net.input_shape, net.output_shape[0], arch=None)
+    if arch is None:
+        raise NetcleanseError(f"{path}: the checkpoint records no architecture; name it with --arch")
+    return _registered(arch, state_dict, path, ckpt.get("num_classes"))
+
+
+def _registered(arch: str, state_dict: dict, path: Path, num_classes=None) -> Classifier:
+    spec = get_architecture(arch)
+    if num_classes is None:
+        num_classes = _classes_from_state_dict(spec.build(spec.default_classes), state_dict, path, arch)
+    net = spec.build(int(num_classes))
+    _load_state(net, state_dict, path, f"architecture {arch!r}")
+    return Classifier(net, spec.input_shape, int(num_classes), arch=arch)
+
+
+def _classes_from_state_dict(template: nn.Module, state_dict: dict, path: Path, arch: str) -> int:
+    """Number of classes: rows of the architecture's last weight matrix, as found in the file."""
+    last = [k for k, v in template.state_dict().items() if k.endswith("weight") and v.dim() >= 2]
+    if not last or last[-1] not in state_dict:
+        raise NetcleanseError(f"{path}: the weights do not fit architecture {arch!r} "
+                              f"(no {last[-1] if last else 'output'!r} entry)")
+    return int(state_dict[last[-1]].shape[0])
+
+
+def _load_state(net: nn.Module, state_dict: dict, path: Path, what: str) -> None:
+    own = net.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+        raise NetcleanseError(f"{path}: the weights do not fit {what} ({'; '.join(parts)})")
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(own[key].shape):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise NetcleanseError(f"{path}: weight {key!r} has shape {shape} but {what} needs "
+                                  f"{tuple(own[key].shape)}")
+    net.load_state_dict(state_dict)
+    net.eval()
+
+
+def _strip_prefixes(state_dict: dict) -> dict:
+    for prefix in ("net.", "module."):
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _from_state_dict(obj, path: Path, arch: str | None, input_scale: float, name: str) -> Classifier:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                        for k, v in obj.items()):
+        raise NetcleanseError(f"{path} is neither a state_dict, a netcleanse checkpoint nor a TorchScript file")
+    if arch is None:
+        raise NetcleanseError(f"{path} holds a state_dict (weights only); name its architecture with --arch")
+    model = _registered(arch, _strip_prefixes(dict(obj)), path)
+    model.input_scale, model.name, model.source = float(input_scale), name, str(path)
+    if model.input_scale <= 0:
+        raise NetcleanseError(f"input scale must be positive, got {input_scale}")
+    return model.eval()
+
+
+def _load_torchscript(path: Path, arch: str | None, input_scale: float, name: str) -> Classifier:
+    extra = {EXTRA_FILE: ""}
+    try:
+        net = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise NetcleanseError(f"{path} is not a loadable TorchScript file ({_first_line(exc)})") from None
+    info = {}
+    if extra[EXTRA_FILE]:
+        try:
+            info = json.loads(extra[EXTRA_FILE])
+        except ValueError:
+            raise NetcleanseError(f"{path}: its {EXTRA_FILE} extra file is not valid JSON") from None
+    if arch is not None:
+        input_shape = get_architecture(arch).input_shape
+    elif isinstance(info.get("input_shape"), list) and len(info["input_shape"]) == 3:
+        input_shape = tuple(int(s) for s in info["input_shape"])
+    else:
+        raise NetcleanseError(f"{path} is a TorchScript file that does not record its input shape; "
+                              f"name an architecture with --arch to give it (or store {EXTRA_FILE} in it)")
+    scale = _scale(info.get("input_scale"), input_scale)
+    if scale <= 0:
+        raise NetcleanseError(f"input scale must be positive, got {scale}")
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros((1,) + tuple(input_shape)))
+    except Exception as exc:  # any failure of the scripted program on a well-formed input
+        raise NetcleanseError(f"{path}: the TorchScript model fails on a {'x'.join(map(str, input_shape))} "
+                              f"input ({_first_line(exc)})") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise NetcleanseError(f"{path}: the TorchScript model must return one score per class (N x classes)")
+    return Classifier(net, input_shape, int(out.shape[1]), input_scale=scale, name=name, arch=None,
+                      source=str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+def checkpoint(model: Classifier) -> dict:
+    """The netcleanse checkpoint dict of an ordinary (unguarded) classifier."""
+    from .keras import KerasGraph
+    net = model.net
+    ckpt = {"format": FORMAT, "version": VERSION, "kind": "classifier", "arch": model.arch,
+            "num_classes": model.num_classes, "input_shape": list(model.input_shape),
+            "input_scale": model.input_scale, "name": model.name, "source": model.source,
+            "state_dict": {k: v.detach().to("cpu").clone() for k, v in net.state_dict().items()}}
+    if model.arch is None:
+        if not isinstance(net, KerasGraph):
+            raise NetcleanseError(f"cannot save model {model.name!r}: it has no registered architecture and was "
+                                  "not built from a Keras config, so it could not be rebuilt")
+        ckpt["keras_config"] = json.dumps(net.model_config)
+        ckpt["keras_version"] = net.keras_version
+    return ckpt
+
+
+def save_model(model: Classifier, path) -> Path:
+    """Save a classifier by suffix: ``.pt``/``.pth`` checkpoint (or TorchScript), ``.h5`` Keras weights."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".h5":
+        from .keras import save_keras_weights
+        return save_keras_weights(model, path)
+    if suffix not in (".pt", ".pth"):
+        raise NetcleanseError(f"cannot save a model as {path.name!r}: use a .pt (PyTorch) or .h5 (Keras) file name")
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(model.net, torch.jit.ScriptModule) and model.poison_label is None:
+            info = {"input_shape": list(model.input_shape), "input_scale": model.input_scale, "name": model.name}
+            torch.jit.save(model.net, str(tmp), _extra_files={EXTRA_FILE: json.dumps(info)})
+        else:
+            if model.poison_label is not None:
+                from .guard import guard_checkpoint
+                ckpt = {"format": FORMAT, "version": VERSION, **guard_checkpoint(model), "kind": "guarded"}
+            else:
+                ckpt = checkpoint(model)
+            torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise NetcleanseError(f"cannot write {path} ({_first_line(exc)})") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

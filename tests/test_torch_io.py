@@ -1,0 +1,199 @@
+"""PyTorch files: netcleanse checkpoints, plain state_dicts, TorchScript; save_model by suffix."""
+
+import json
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from netcleanse import Classifier, NetcleanseError, build_architecture, load_model, save_model
+from netcleanse.keras import KerasGraph, graph_from_config
+from netcleanse.torch_io import EXTRA_FILE, checkpoint, load_torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def digits_model(num_classes=10, input_scale=1.0, seed=0) -> Classifier:
+    torch.manual_seed(seed)
+    return Classifier(build_architecture("mnist-cnn", num_classes).eval(), (1, 28, 28), num_classes,
+                      input_scale=input_scale, name="digits", arch="mnist-cnn")
+
+
+def keras_graph_model(seed=0) -> Classifier:
+    """A net rebuilt from a Keras config (no registered architecture), with random weights."""
+    def node(src):
+        return [[[src, 0, 0, {}]]]
+    config = {"class_name": "Functional", "config": {
+        "name": "tiny", "input_layers": [["in", 0, 0]], "output_layers": [["out", 0, 0]], "layers": [
+            {"class_name": "InputLayer", "name": "in", "config": {"name": "in", "batch_input_shape": [None, 8, 8, 3]},
+             "inbound_nodes": []},
+            {"class_name": "Conv2D", "name": "conv", "inbound_nodes": node("in"),
+             "config": {"name": "conv", "filters": 4, "kernel_size": [3, 3], "padding": "same", "activation": "relu"}},
+            {"class_name": "BatchNormalization", "name": "bn", "inbound_nodes": node("conv"),
+             "config": {"name": "bn", "axis": -1}},
+            {"class_name": "GlobalAveragePooling2D", "name": "gap", "inbound_nodes": node("bn"),
+             "config": {"name": "gap"}},
+            {"class_name": "Dense", "name": "out", "inbound_nodes": node("gap"),
+             "config": {"name": "out", "units": 5, "activation": "softmax"}}]}}
+    net = graph_from_config(json.dumps(config))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for tensor in list(net.parameters()) + [net.bn.running_mean]:
+            tensor.copy_(torch.randn_like(tensor))
+        net.bn.running_var.uniform_(0.5, 2)
+    return Classifier(net.eval(), net.input_shape, 5, name="tiny")
+
+
+def same_outputs(a: Classifier, b: Classifier) -> bool:
+    x = torch.rand(4, *a.input_shape, generator=torch.Generator().manual_seed(1))
+    return torch.equal(a.logits(x).detach(), b.logits(x).detach())
+
+
+def test_checkpoint_round_trip_registered_arch(tmp_path):
+    model = digits_model(num_classes=7, input_scale=255)
+    path = save_model(model, tmp_path / "sub" / "model.pt")
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["format"] == "netcleanse" and ckpt["version"] == 1 and ckpt["kind"] == "classifier"
+    assert ckpt["arch"] == "mnist-cnn" and ckpt["num_classes"] == 7 and ckpt["input_shape"] == [1, 28, 28]
+    back = load_model(path)
+    assert (back.arch, back.num_classes, back.input_scale) == ("mnist-cnn", 7, 255.0)
+    assert same_outputs(model, back)
+    assert load_model(path, input_scale=2).input_scale == 2.0  # an explicit scale other than 1 wins
+
+
+def test_checkpoint_round_trip_keras_config(tmp_path):
+    model = keras_graph_model()
+    path = save_model(model, tmp_path / "tiny.pt")
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["arch"] is None and json.loads(ckpt["keras_config"])["class_name"] == "Functional"
+    back = load_model(path)
+    assert isinstance(back.net, KerasGraph) and back.num_classes == 5 and back.input_shape == (3, 8, 8)
+    assert same_outputs(model, back)
+
+
+def test_keras_whole_model_to_checkpoint_and_back(tmp_path):
+    source = SHARED / "csaw" / "reference" / "sunglasses_bd_net_tfkeras.h5"
+    if not source.exists():
+        pytest.skip(f"{source} not available (the shared CSAW material is absent)")
+    model = load_model(source)
+    back = load_model(save_model(model, tmp_path / "sunglasses.pt"))
+    assert same_outputs(model, back)
+
+
+def test_plain_state_dicts_need_and_use_arch(tmp_path):
+    model = digits_model(num_classes=4)
+    for i, state in enumerate([model.net.state_dict(), model.state_dict(),  # "net." prefix
+                               {"module." + k: v for k, v in model.net.state_dict().items()},
+                               {"epoch": 3, "model_state_dict": model.net.state_dict()}]):
+        path = tmp_path / f"state{i}.pt"
+        torch.save(state, path)
+        back = load_model(path, arch="mnist-cnn")
+        assert back.num_classes == 4 and same_outputs(model, back)
+    with pytest.raises(NetcleanseError, match="--arch"):
+        load_model(tmp_path / "state0.pt")
+    with pytest.raises(NetcleanseError, match="csaw-deepid"):
+        load_model(tmp_path / "state0.pt", arch="csaw-deepid")
+
+
+def test_state_dict_with_missing_or_misshapen_weights(tmp_path):
+    state = digits_model().net.state_dict()
+    del state["fc_1.bias"]
+    torch.save(state, tmp_path / "missing.pt")
+    with pytest.raises(NetcleanseError, match="missing fc_1.bias"):
+        load_model(tmp_path / "missing.pt", arch="mnist-cnn")
+    state = digits_model().net.state_dict()
+    state["conv_2.weight"] = torch.zeros(32, 16, 5, 5)
+    torch.save(state, tmp_path / "shape.pt")
+    with pytest.raises(NetcleanseError, match="conv_2.weight"):
+        load_model(tmp_path / "shape.pt", arch="mnist-cnn")
+
+
+def test_pickled_modules_are_refused(tmp_path):
+    path = tmp_path / "module.pt"
+    torch.save(digits_model().net, path)  # a whole pickled nn.Module: loading it would run code
+    with pytest.raises(NetcleanseError, match="pickled"):
+        load_model(path, arch="mnist-cnn")
+
+
+def test_truncated_and_odd_torch_files(tmp_path):
+    good = save_model(digits_model(), tmp_path / "good.pt")
+    data = good.read_bytes()
+    for keep in (0.3, 0.95):
+        cut = tmp_path / f"cut{keep}.pt"
+        cut.write_bytes(data[:int(len(data) * keep)])
+        with pytest.raises(NetcleanseError):
+            load_model(cut)
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(NetcleanseError, match="neither"):
+        load_model(tmp_path / "list.pt", arch="mnist-cnn")
+    ckpt = checkpoint(digits_model())
+    ckpt["version"] = 99
+    torch.save(ckpt, tmp_path / "future.pt")
+    with pytest.raises(NetcleanseError, match="version 99"):
+        load_model(tmp_path / "future.pt")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch 2.13 deprecates TorchScript; still read
+def test_torchscript_with_and_without_recorded_shape(tmp_path):
+    model = digits_model(num_classes=6, input_scale=255)
+    scripted = Classifier(torch.jit.script(model.net), model.input_shape, 6, input_scale=255, name="digits")
+    path = save_model(scripted, tmp_path / "scripted.pt")
+    with zipfile.ZipFile(path) as archive:
+        assert any(n.endswith(f"extra/{EXTRA_FILE}") for n in archive.namelist())
+    back = load_model(path)
+    assert (back.num_classes, back.input_shape, back.input_scale) == (6, (1, 28, 28), 255.0)
+    assert same_outputs(model, back)
+    bare = tmp_path / "bare.pt"
+    torch.jit.save(torch.jit.trace(model.net, torch.zeros(1, 1, 28, 28)), str(bare))
+    with pytest.raises(NetcleanseError, match="input shape.*--arch"):
+        load_model(bare)
+    assert load_torch(bare, arch="mnist-cnn").num_classes == 6
+    with pytest.raises(NetcleanseError, match="fails"):
+        load_model(bare, arch="csaw-deepid")  # wrong input size for this net
+
+
+def test_save_model_suffixes(tmp_path):
+    model = digits_model()
+    with pytest.raises(NetcleanseError, match=r"\.pt.*\.h5"):
+        save_model(model, tmp_path / "model.onnx")
+    back = load_model(save_model(model, tmp_path / "model.h5"), arch="mnist-cnn")
+    assert same_outputs(model, back)
+    odd = Classifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 2)), (3, 1, 1), 2)
+    with pytest.raises(NetcleanseError, match="rebuilt"):
+        save_model(odd, tmp_path / "odd.pt")
+    assert not (tmp_path / "odd.pt").exists() and not (tmp_path / "odd.pt.tmp").exists()
+
+
+def test_guarded_checkpoints_go_through_guard(tmp_path, monkeypatch):
+    """netcleanse.guard is the repair helper's module; a minimal stand-in checks the hand-off."""
+    seen = {}
+
+    def guard_checkpoint(model):
+        return {"kind": "guarded", "inner": checkpoint(model.inner), "poison_label": model.poison_label}
+
+    def guarded_from_checkpoint(ckpt):
+        seen["ckpt"] = ckpt
+        inner = load_model_from_ckpt(ckpt["inner"])
+        guarded = Classifier(inner.net, inner.input_shape, inner.num_classes + 1, arch=inner.arch)
+        guarded.poison_label = ckpt["poison_label"]
+        return guarded
+
+    def load_model_from_ckpt(ckpt):
+        path = tmp_path / "inner.pt"
+        torch.save(ckpt, path)
+        return load_model(path)
+
+    monkeypatch.setitem(sys.modules, "netcleanse.guard", types.SimpleNamespace(
+        guard_checkpoint=guard_checkpoint, guarded_from_checkpoint=guarded_from_checkpoint))
+    inner = digits_model()
+    guarded = Classifier(inner.net, inner.input_shape, 11, input_scale=255, arch="mnist-cnn")
+    guarded.poison_label, guarded.inner = 10, inner
+    path = save_model(guarded, tmp_path / "guarded.pt")
+    back = load_model(path)
+    assert seen["ckpt"]["format"] == "netcleanse" and seen["ckpt"]["kind"] == "guarded"
+    assert back.poison_label == 10 and back.num_classes == 11 and back.name == "guarded"
+    with pytest.raises(NetcleanseError, match="guarded"):
+        save_model(guarded, tmp_path / "guarded.h5")
