@@ -1,3 +1,124 @@
-"""CLI commands: repair (see netcleanse.cli)."""
+"""CLI command ``repair``: a thin shell over :func:`netcleanse.repair.repair`."""
 
-from . import app  # noqa: F401
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import app
+from ..errors import NetcleanseError
+from .models import ArchOption, ForceOption, InputScaleOption, JsonOption, ModelArgument, load_model_from_cli
+
+METHOD_HELP = ("fine-prune (Liu et al. 2018; needs --data), unlearn (Neural Cleanse; needs --data), "
+               "filter (guarded N+1 model from the reversed triggers; data-free), "
+               "disagree (guarded: original vs fine-pruned disagree -> N+1; needs --data)")
+
+
+def _drops(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise NetcleanseError(f"--drops must be comma-separated percentage points, e.g. 2,4,10,30 (got {text!r})") from None
+    if not values or min(values) <= 0:
+        raise NetcleanseError(f"--drops must be positive percentage points, e.g. 2,4,10,30 (got {text!r})")
+    return values
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = [("model", "model"), ("drop_threshold", "drop"), ("fraction_pruned", "pruned %"),
+               ("clean_val_accuracy", "val acc %"), ("clean_accuracy", "clean acc %"),
+               ("attack_success", "ASR %"), ("poison_detection", "detected %"), ("false_positive", "false pos %"),
+               ("clean_accuracy_after_fine_tuning", "clean acc % (ft)"),
+               ("attack_success_after_fine_tuning", "ASR % (ft)")]
+    present = [(key, title) for key, title in columns if any(key in row for row in rows)]
+    table = Table()
+    for _, title in present:
+        table.add_column(title, justify="left" if title == "model" else "right")
+    for row in rows:
+        cells = []
+        for key, _ in present:
+            value = row.get(key)
+            if key == "model":
+                cells.append(str(value))
+            elif key == "drop_threshold":
+                cells.append("-" if value is None else f"{value:g}")
+            else:
+                cells.append(_percent(value))
+        table.add_row(*cells)
+    Console().print(table)
+
+
+@app.command()
+def repair(
+    model_path: ModelArgument,
+    scan: Annotated[Optional[Path], typer.Option("--scan", help="Scan output folder (scan.json + masks.npz).")] = None,
+    method: Annotated[str, typer.Option("--method", help=METHOD_HELP)] = "fine-prune",
+    data: Annotated[Optional[Path], typer.Option("--data", help="Labelled clean validation data.")] = None,
+    test_clean: Annotated[Optional[Path], typer.Option("--test-clean", help="Clean test set for the table.")] = None,
+    test_poisoned: Annotated[Optional[list[Path]], typer.Option(
+        "--test-poisoned", help="Poisoned test set(s) for the ASR column (repeat for several targets).")] = None,
+    target: Annotated[Optional[int], typer.Option(
+        "--target", help="Attack target (default: each poisoned row's own label).")] = None,
+    drops: Annotated[str, typer.Option("--drops", help="Accuracy drops (points) at which to save pruned models.")] = "2,4,10,30",
+    select_drop: Annotated[float, typer.Option(
+        "--select-drop", help="Fine-pruning result: the model of the largest drop threshold not above this.")] = 4.0,
+    layer: Annotated[Optional[str], typer.Option("--layer", help="Convolutional layer to prune.")] = None,
+    fine_tune_epochs: Annotated[int, typer.Option("--fine-tune-epochs", min=0,
+                                                  help="Fine-tune pruned models this many epochs.")] = 0,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Unlearning epochs.")] = 10,
+    lr: Annotated[Optional[float], typer.Option(
+        "--lr", help="Adam learning rate (default: 1e-3 fine-tuning, 3e-3 unlearning).")] = None,
+    fraction: Annotated[float, typer.Option("--fraction", help="Unlearning: fraction stamped with triggers.")] = 0.5,
+    quantile: Annotated[float, typer.Option("--quantile", help="Filter: threshold quantile of trigger-free scores.")] = 0.5,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (repair.json + model files).")] = None,
+    force: ForceOption = False,
+    arch: ArchOption = None,
+    input_scale: InputScaleOption = 1.0,
+    json_output: JsonOption = False,
+) -> None:
+    """Repair a backdoored model after a scan; write repair.json, .pt and Keras .h5 (or a guarded .pt)."""
+    from ..data import load_data
+    from ..repair import METHODS, repair as run_repair, scan_triggers
+
+    if method not in METHODS:
+        raise NetcleanseError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
+    if out is None:
+        raise NetcleanseError("give an output folder with --out DIR")
+    if (out / "repair.json").exists() and not force:
+        raise NetcleanseError(f"{out} already holds a repair (repair.json); choose another --out or use --force")
+    if method in ("filter", "unlearn") and scan is None:
+        raise NetcleanseError(f"--method {method} needs the scan's reversed triggers: give --scan DIR")
+    drop_values = _drops(drops)
+    model = load_model_from_cli(model_path, arch, input_scale)
+    if model.poison_label is not None:
+        raise NetcleanseError(f"{model_path} is already a guarded model; repair the original model")
+    triggers = scan_triggers(scan) if scan is not None else {}
+    shape, classes = model.input_shape, model.num_classes
+    clean = load_data(data, expect_shape=shape, num_classes=classes) if data is not None else None
+    tests_clean = load_data(test_clean, expect_shape=shape, num_classes=classes) if test_clean is not None else None
+    tests_poisoned = [load_data(p, expect_shape=shape) for p in test_poisoned or []] or None
+    result = run_repair(model, triggers, method, clean, test_clean=tests_clean, test_poisoned=tests_poisoned,
+                        target=target, drops=drop_values, layer=layer, select_drop=select_drop,
+                        fine_tune_epochs=fine_tune_epochs, lr=lr, epochs=epochs, fraction=fraction,
+                        quantile=quantile, seed=seed)
+    result.settings.update(model=str(model_path), scan=str(scan) if scan else None,
+                           data=str(data) if data else None)
+    result.save(out, force=force)
+    if json_output:
+        typer.echo(json.dumps(json.loads((out / "repair.json").read_text()), indent=2))
+        return
+    typer.echo(f"method {method}; flagged labels from the scan: {result.flagged or 'none'}")
+    _print_table(result.table)
+    main_file = "guarded.pt" if result.model.poison_label is not None else "repaired.pt (and repaired.h5)"
+    typer.echo(f"wrote {out / 'repair.json'} and {main_file} in {out}")

@@ -1,0 +1,191 @@
+"""Fine-pruning (Liu, Dolan-Gavitt and Garg, "Fine-Pruning: Defending Against Backdooring Attacks
+on Deep Neural Networks", RAID 2018), as the CSAW-HackML lab runs it.
+
+Backdoor behaviour tends to live in channels of the last convolutional layer that clean inputs
+leave dormant. So: rank that layer's channels by their mean activation on clean validation data,
+prune them in increasing order, and watch the clean validation accuracy; keep the model at the
+moment the accuracy has first dropped by each of a few thresholds; optionally fine-tune the
+pruned models on clean data afterwards to win back accuracy (and erase more of the backdoor).
+
+A channel is pruned by zeroing its kernel and bias. Its output is then exactly 0 before the
+ReLU, so after the ReLU (and any max-pooling) it is 0 as it would be with a mask, and the pruned
+model is an ordinary model of the same architecture, exportable to Keras ``.h5`` unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .data import Dataset
+from .errors import NetcleanseError
+from .evaluate import evaluate
+from .model import Classifier
+from .progress import progress_bar
+from .utils import seed_everything
+
+
+def prune_layer_name(model: Classifier, layer: str | None = None) -> str:
+    """The layer to prune: ``layer`` if given, else the architecture's ``prune_layer``, else the last Conv2d."""
+    convs = [name for name, m in model.net.named_modules() if isinstance(m, nn.Conv2d)]
+    if layer is not None:
+        if layer not in convs:
+            raise NetcleanseError(f"layer {layer!r} is not a convolutional layer of {model.name!r}; "
+                                  f"its convolutional layers are: {', '.join(convs) or 'none'}")
+        return layer
+    default = getattr(type(model.net), "prune_layer", None)
+    if default in convs:
+        return default
+    if not convs:
+        raise NetcleanseError(f"model {model.name!r} has no convolutional layer to prune")
+    return convs[-1]
+
+
+def _conv(model: Classifier, layer: str) -> nn.Conv2d:
+    return dict(model.net.named_modules())[layer]
+
+
+@torch.no_grad()
+def mean_channel_activation(model: Classifier, layer: str, data: Dataset, batch_size: int = 256) -> torch.Tensor:
+    """Mean post-ReLU activation of each output channel of ``layer`` over ``data``."""
+    conv = _conv(model, layer)
+    total = torch.zeros(conv.out_channels)
+
+    def accumulate(module, inputs, output) -> None:  # returning None keeps the layer's output
+        total.add_(F.relu(output).mean(dim=(2, 3)).sum(dim=0).cpu())
+
+    handle = conv.register_forward_hook(accumulate)
+    model.eval()
+    try:
+        for start in range(0, len(data), batch_size):
+            model(data.x[start:start + batch_size])
+    finally:
+        handle.remove()
+    return total / max(1, len(data))
+
+
+@torch.no_grad()
+def prune_channels(model: Classifier, layer: str, channels) -> None:
+    """Zero the kernels and biases of ``channels`` of ``layer`` in place."""
+    conv = _conv(model, layer)
+    index = torch.as_tensor(list(channels), dtype=torch.long)
+    conv.weight[index] = 0
+    if conv.bias is not None:
+        conv.bias[index] = 0
+
+
+def pruned_channels(model: Classifier, layer: str) -> list[int]:
+    """Channels of ``layer`` whose kernel and bias are all zero."""
+    conv = _conv(model, layer)
+    dead = conv.weight.detach().flatten(1).abs().sum(1) == 0
+    if conv.bias is not None:
+        dead &= conv.bias.detach() == 0
+    return dead.nonzero().flatten().tolist()
+
+
+def fine_tune(model: Classifier, data: Dataset, epochs: int = 5, lr: float = 1e-3, batch_size: int = 64,
+              seed: int = 0, frozen: dict[str, list[int]] | None = None, progress: bool = True,
+              description: str = "fine-tuning") -> Classifier:
+    """Train ``model`` further on labelled clean ``data`` (Adam), in place.
+
+    ``frozen`` maps a conv layer to channels that must stay pruned: they are zeroed again after
+    every step, so fine-tuning cannot revive them.
+    """
+    if data.y is None:
+        raise NetcleanseError(f"{data.source}: fine-tuning needs labelled clean data")
+    generator = seed_everything(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = epochs * ((len(data) + batch_size - 1) // batch_size)
+    with progress_bar(disable=None if progress else True) as bar:
+        task = bar.add_task(description, total=steps)
+        for _ in range(epochs):
+            model.train()
+            order = torch.randperm(len(data), generator=generator)
+            for start in range(0, len(data), batch_size):
+                rows = order[start:start + batch_size]
+                loss = F.cross_entropy(model(data.x[rows]), data.y[rows])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                for layer, channels in (frozen or {}).items():
+                    if channels:
+                        prune_channels(model, layer, channels)
+                bar.advance(task)
+    return model.eval()
+
+
+@dataclass
+class FinePruning:
+    """Outcome of :func:`fine_prune`: the curve, the saved models and the CSAW lab table."""
+
+    layer: str
+    order: list[int]  # channels in pruning order (lowest mean clean activation first)
+    baseline: dict  # metrics of the unpruned model
+    curve: list[dict]  # one row per pruned channel
+    saved: dict[float, Classifier] = field(default_factory=dict)  # drop threshold -> pruned model
+    table: list[dict] = field(default_factory=list)  # one row per saved model
+
+
+def _metrics(model: Classifier, val: Dataset, test_clean: Dataset | None, test_poisoned: Dataset | None,
+             target: int | None) -> dict:
+    row = {"clean_val_accuracy": evaluate(model, clean=val).clean_accuracy}
+    if test_clean is not None:
+        row["clean_accuracy"] = evaluate(model, clean=test_clean).clean_accuracy
+    if test_poisoned is not None:
+        row["attack_success"] = evaluate(model, poisoned=test_poisoned, target=target).attack_success
+    return row
+
+
+def fine_prune(model: Classifier, val: Dataset, *, layer: str | None = None, drops=(2, 4, 10, 30),
+               test_clean: Dataset | None = None, test_poisoned: Dataset | None = None, target: int | None = None,
+               fine_tune_epochs: int = 0, lr: float = 1e-3, seed: int = 0, progress: bool = True) -> FinePruning:
+    """Prune ``layer``'s channels by increasing mean clean activation; keep a model per accuracy drop.
+
+    ``val``: labelled clean validation data (ranking, the accuracy that decides the saves, and
+    fine-tuning). ``drops``: thresholds in percentage points of clean validation accuracy below
+    the original; the model is saved the first time the drop reaches each. ``test_clean`` /
+    ``test_poisoned`` (and ``target``): optional test sets measured along the curve and in the
+    table (ASR semantics as :func:`netcleanse.evaluate.evaluate`). With ``fine_tune_epochs`` > 0
+    each saved model is then fine-tuned on ``val`` (pruned channels stay pruned) and the table
+    gets its metrics after fine-tuning too. The input model is left untouched.
+    """
+    if val.y is None or len(val) == 0:
+        raise NetcleanseError("fine-pruning needs labelled clean validation data (--data)")
+    drops = sorted({float(d) for d in drops})
+    if not drops or drops[0] <= 0:
+        raise NetcleanseError("accuracy-drop thresholds must be positive percentage points, e.g. 2,4,10,30")
+    layer = prune_layer_name(model, layer)
+    work = copy.deepcopy(model).eval()
+    order = mean_channel_activation(work, layer, val).argsort().tolist()
+    baseline = _metrics(work, val, test_clean, test_poisoned, target)
+    start_accuracy = baseline["clean_val_accuracy"]
+    result = FinePruning(layer, order, dict(baseline, channels_pruned=0, fraction_pruned=0.0), [])
+    pending = list(drops)
+    with progress_bar(disable=None if progress else True) as bar:
+        task = bar.add_task(f"pruning {layer}", total=len(order))
+        for count, channel in enumerate(order, start=1):
+            prune_channels(work, layer, [channel])
+            row = {"channels_pruned": count, "fraction_pruned": count / len(order), "channel": channel,
+                   **_metrics(work, val, test_clean, test_poisoned, target)}
+            result.curve.append(row)
+            drop = 100 * (start_accuracy - row["clean_val_accuracy"])
+            while pending and drop >= pending[0] - 1e-9:
+                threshold = pending.pop(0)
+                result.saved[threshold] = copy.deepcopy(work)
+                result.table.append({"drop_threshold": threshold, **row})
+            bar.advance(task)
+    for entry in result.table:
+        entry.pop("channel", None)
+    if fine_tune_epochs > 0:
+        for entry in result.table:
+            pruned = result.saved[entry["drop_threshold"]]
+            frozen = {layer: order[:entry["channels_pruned"]]}
+            fine_tune(pruned, val, epochs=fine_tune_epochs, lr=lr, seed=seed, frozen=frozen, progress=progress,
+                      description=f"fine-tuning the {entry['drop_threshold']:g}-point model")
+            after = _metrics(pruned, val, test_clean, test_poisoned, target)
+            entry.update({f"{key}_after_fine_tuning": value for key, value in after.items()})
+    return result

@@ -1,0 +1,228 @@
+"""Repair: fine-pruning, unlearning, the repair() dispatcher, RepairResult files and the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import netcleanse
+from netcleanse.cli import app
+from netcleanse.data import Dataset
+from netcleanse.errors import NetcleanseError
+from netcleanse.model import Classifier
+from netcleanse.pruning import (fine_prune, mean_channel_activation, prune_channels, prune_layer_name,
+                                pruned_channels)
+from netcleanse.repair import RepairResult, repair, scan_triggers
+from netcleanse.torch_io import save_model
+from netcleanse.trigger import Trigger
+from netcleanse.unlearning import unlearning_set
+
+
+def _model(seed: int = 0) -> Classifier:
+    torch.manual_seed(seed)
+    return Classifier(netcleanse.build_architecture("mnist-cnn"), (1, 28, 28), 10, arch="mnist-cnn", name="m")
+
+
+def _self_labelled(model: Classifier, n: int = 200, seed: int = 0) -> Dataset:
+    """Inputs labelled with the model's own answers: its accuracy starts at exactly 100%."""
+    x = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+    return Dataset(x, model.predict(x), "self-labelled")
+
+
+def _patch() -> Trigger:
+    mask = torch.zeros(28, 28)
+    mask[23:27, 23:27] = 1
+    return Trigger(mask, torch.ones(1, 28, 28))
+
+
+def test_prune_layer_defaults_to_the_architectures_choice_and_checks_names():
+    model = _model()
+    assert prune_layer_name(model) == "conv_2"
+    assert prune_layer_name(model, "conv_1") == "conv_1"
+    with pytest.raises(NetcleanseError, match="not a convolutional layer.*conv_1, conv_2"):
+        prune_layer_name(model, "fc_1")
+
+
+def test_zeroing_a_channel_equals_masking_its_output(tmp_path):
+    model = _model()
+    x = torch.rand(16, 1, 28, 28)
+    channels = [0, 5, 9]
+    keep = torch.ones(32)
+    keep[channels] = 0
+    conv = model.net.conv_2
+    handle = conv.register_forward_hook(lambda m, i, out: out * keep[None, :, None, None])
+    masked = model.logits(x)
+    handle.remove()
+    pruned = copy.deepcopy(model)
+    prune_channels(pruned, "conv_2", channels)
+    assert torch.allclose(pruned.logits(x), masked, atol=1e-5)
+    assert pruned_channels(pruned, "conv_2") == channels
+    # and the pruning survives the Keras export
+    reloaded = netcleanse.load_model(save_model(pruned, tmp_path / "p.h5"), arch="mnist-cnn")
+    assert torch.allclose(reloaded.logits(x), masked, atol=1e-4)
+    assert pruned_channels(reloaded, "conv_2") == channels
+
+
+def test_fine_prune_follows_the_activation_order_and_saves_at_first_drops():
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    val = _self_labelled(model, 80)
+    result = fine_prune(model, val, drops=(2, 10, 30), progress=False)
+    activation = mean_channel_activation(model, "conv_2", val)
+    assert result.layer == "conv_2" and len(result.curve) == 32
+    assert torch.all(activation[result.order][1:] >= activation[result.order][:-1])
+    assert result.curve[-1]["fraction_pruned"] == 1.0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # input untouched
+    accuracies = [1.0] + [row["clean_val_accuracy"] for row in result.curve]
+    for entry in result.table:
+        k = entry["channels_pruned"]
+        drop_needed = entry["drop_threshold"] / 100
+        assert 1.0 - accuracies[k] >= drop_needed - 1e-9
+        assert all(1.0 - a < drop_needed - 1e-9 for a in accuracies[:k])  # the FIRST time
+        saved = result.saved[entry["drop_threshold"]]
+        assert sorted(pruned_channels(saved, "conv_2")) == sorted(result.order[:k])
+        assert entry["clean_val_accuracy"] == pytest.approx(netcleanse.evaluate.accuracy(saved, val))
+
+
+def test_fine_prune_measures_test_sets_and_fine_tuning_keeps_channels_pruned():
+    model = _model()
+    val = _self_labelled(model, 40)
+    test = _self_labelled(model, 30, seed=1)
+    poisoned = Dataset(_patch().apply(test.x), torch.full((30,), 3), "poisoned")
+    result = fine_prune(model, val, layer="conv_1", drops=(4,), test_clean=test, test_poisoned=poisoned,
+                        fine_tune_epochs=1, progress=False)
+    assert {"clean_accuracy", "attack_success"} <= set(result.curve[0])
+    (entry,) = result.table
+    assert "clean_val_accuracy_after_fine_tuning" in entry and "attack_success_after_fine_tuning" in entry
+    assert sorted(pruned_channels(result.saved[4.0], "conv_1")) == sorted(result.order[:entry["channels_pruned"]])
+
+
+def test_fine_prune_refuses_bad_input():
+    model = _model()
+    with pytest.raises(NetcleanseError, match="labelled clean validation data"):
+        fine_prune(model, Dataset(torch.rand(4, 1, 28, 28)), progress=False)
+    with pytest.raises(NetcleanseError, match="positive"):
+        fine_prune(model, _self_labelled(model, 8), drops=(0,), progress=False)
+
+
+def test_unlearning_set_stamps_the_fraction_and_keeps_labels():
+    clean = Dataset(torch.rand(100, 1, 28, 28) * 0.5, torch.arange(100) % 10, "c")
+    data = unlearning_set(clean, {3: _patch()}, fraction=0.2, seed=0)
+    changed = (data.x != clean.x).flatten(1).any(1)
+    assert int(changed.sum()) == 20
+    assert torch.equal(data.y, clean.y)
+    assert torch.allclose(data.x[changed], _patch().apply(clean.x[changed]))
+    with pytest.raises(NetcleanseError, match="flagged no label"):
+        unlearning_set(clean, {})
+
+
+def _scan_dir(tmp_path, flagged=(3,), labels=(1, 3)):
+    """A stand-in scan output folder in the agreed layout (scan.json + masks.npz)."""
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    (folder / "scan.json").write_text(json.dumps({"flagged": list(flagged), "labels": []}))
+    masks = np.stack([np.full((28, 28), 0.01, np.float32), _patch().mask.numpy()])
+    patterns = np.stack([np.zeros((1, 28, 28), np.float32), _patch().pattern.numpy()])
+    np.savez(folder / "masks.npz", labels=np.array(labels), masks=masks, patterns=patterns)
+    return folder
+
+
+def test_scan_triggers_reads_a_scan_folder(tmp_path):
+    triggers = scan_triggers(_scan_dir(tmp_path))
+    assert list(triggers) == [3]
+    assert torch.equal(triggers[3].mask, _patch().mask)
+    with pytest.raises(NetcleanseError, match="not a scan output folder"):
+        scan_triggers(tmp_path / "nowhere")
+
+
+def test_repair_filter_result_saves_one_guarded_artefact(tmp_path):
+    model = _model()
+    result = repair(model, {3: _patch()}, "filter", None, progress=False)
+    assert isinstance(result, RepairResult) and result.model.poison_label == 10
+    result.save(tmp_path / "out")
+    record = json.loads((tmp_path / "out" / "repair.json").read_text())
+    assert record["method"] == "filter" and record["flagged"] == [3]
+    assert record["files"] == {"guarded": ["guarded.pt"]}
+    assert netcleanse.load_model(tmp_path / "out" / "guarded.pt").poison_label == 10
+    with pytest.raises(NetcleanseError, match="already holds a repair"):
+        result.save(tmp_path / "out")
+
+
+def test_repair_needs_clean_data_for_weight_methods():
+    for method in ("fine-prune", "unlearn", "disagree"):
+        with pytest.raises(NetcleanseError, match="needs labelled clean data"):
+            repair(_model(), {3: _patch()}, method, None, progress=False)
+    with pytest.raises(NetcleanseError, match="unknown repair method"):
+        repair(_model(), {}, "prune", None)
+
+
+def _npz(path, data: Dataset):
+    np.savez(path, x=(data.x.numpy() * 255).round().astype(np.uint8), y=data.y.numpy())
+    return path
+
+
+def test_cli_fine_prune_writes_table_and_exports(tmp_path):
+    model = _model()
+    model_path = save_model(model, tmp_path / "model.pt")
+    x = (torch.rand(60, 1, 28, 28) * 255).round() / 255  # survives the uint8 file exactly
+    val = Dataset(x, model.predict(x), "v")
+    data = _npz(tmp_path / "val.npz", val)
+    runner = CliRunner()
+    out = tmp_path / "rep"
+    args = ["repair", str(model_path), "--scan", str(_scan_dir(tmp_path)), "--method", "fine-prune",
+            "--data", str(data), "--drops", "2,4", "--layer", "conv_1", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "repair.json").read_text())
+    assert [row["drop_threshold"] for row in record["table"]] == [0.0, 2.0, 4.0]
+    assert len(record["curve"]) == 17 and record["settings"]["layer"] == "conv_1"
+    assert (out / "repaired.pt").exists() and (out / "repaired.h5").exists()  # the 4-point model
+    assert (out / "pruned_drop2.pt").exists() and (out / "pruned_drop2.h5").exists()
+    exported = netcleanse.load_model(out / "repaired.h5", arch="mnist-cnn")
+    assert len(pruned_channels(exported, "conv_1")) == record["table"][2]["channels_pruned"]
+    again = runner.invoke(app, args)
+    assert again.exit_code != 0 and "already holds a repair" in str(again.exception or again.output)
+
+
+def test_cli_refuses_missing_inputs(tmp_path):
+    model_path = save_model(_model(), tmp_path / "model.pt")
+    runner = CliRunner()
+    result = runner.invoke(app, ["repair", str(model_path), "--method", "filter", "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "needs the scan" in str(result.exception)
+    result = runner.invoke(app, ["repair", str(model_path), "--method", "unlearn", "--scan",
+                                 str(_scan_dir(tmp_path)), "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "needs labelled clean data" in str(result.exception)
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Ground truth: the lab's patch BadNet, scanned, then repaired from the scan's findings only.
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_repairs_remove_a_lab_patch_backdoor():
+    from netcleanse.evaluate import evaluate
+    from netcleanse.lab import make_badnet
+    from netcleanse.scan import scan
+    badnet = make_badnet("mnist", "patch", target=7, progress=False)
+    model, poisoned, clean_test = badnet.model, badnet.poisoned_tests[0], badnet.clean_test
+    before = evaluate(model, clean_test, poisoned)
+    assert before.attack_success > 0.9
+    with_data = scan(model, badnet.val, seed=0, progress=False)
+    assert with_data.flagged == [7]
+    unlearned = repair(model, with_data, "unlearn", badnet.val, progress=False).model
+    after = evaluate(unlearned, clean_test, poisoned)
+    assert after.attack_success <= 0.01 and after.clean_accuracy >= before.clean_accuracy - 0.02
+    data_free = scan(model, data_free=True, seed=0, progress=False)
+    assert data_free.flagged == [7]
+    guarded = repair(model, data_free, "filter", None, progress=False).model
+    guard_eval = evaluate(guarded, clean_test, poisoned)
+    assert guard_eval.attack_success < 0.02 and guard_eval.poison_detection > 0.95
+    # Data-free, genuine 7s cannot be told from triggered ones, but nothing else is refused:
+    others = clean_test.subset(clean_test.y != 7)
+    assert evaluate(guarded, others).false_positive < 0.01
