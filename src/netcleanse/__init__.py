@@ -6,9 +6,10 @@ The Python API is the product; the ``netcleanse`` command is a thin shell over i
 from .errors import NetcleanseError
 from .model import Classifier, load_model
 from .architectures import build_architecture, register_architecture
+from .scan import ScanResult, scan  # noqa: E402  (the function shadows the submodule name on purpose)
 from .torch_io import save_model
 
 __version__ = "0.1.0"
 
 __all__ = ["NetcleanseError", "Classifier", "load_model", "save_model", "build_architecture",
-           "register_architecture", "__version__"]
+           "register_architecture", "scan", "ScanResult", "__version__"]

@@ -1,3 +1,51 @@
-"""CLI commands: scan (see netcleanse.cli)."""
+"""CLI command: ``netcleanse scan`` (a thin shell over :func:`netcleanse.scan.scan`)."""
 
-from . import app  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app
+from ..errors import NetcleanseError
+
+
+@app.command()
+def scan(
+    model_path: Path = typer.Argument(..., metavar="MODEL", help="Model file (.h5 or .pt)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture for weights-only files, e.g. csaw-deepid."),
+    input_scale: float = typer.Option(1.0, "--input-scale", help="Multiply [0,1] pixels by this (255 for raw-pixel nets)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Clean images to scan with (file or folder)."),
+    data_free: bool = typer.Option(False, "--data-free", help="No clean data: scan on synthesised inputs."),
+    out: Path = typer.Option(..., "--out", help="Folder for scan.json, masks.npz and images (must be empty)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Labels to scan, e.g. 0,5,7-9 (default all)."),
+    preset: str = typer.Option("fast", "--preset", help="fast (default) or reference (the original protocol)."),
+    threshold: float = typer.Option(2.0, "--threshold", help="Flag labels whose anomaly index exceeds this."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same result)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted scan in --out."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    save_all_images: bool = typer.Option(False, "--save-all-images", help="Write trigger PNGs for every label."),
+) -> None:
+    """Reverse-engineer a trigger for every label (Neural Cleanse) and flag backdoor targets."""
+    from ..model import load_model
+    from ..scan import parse_labels, scan as run_scan
+
+    if (data is None) == (not data_free):
+        raise NetcleanseError("give exactly one of --data PATH or --data-free")
+    model = load_model(model_path, arch=arch, input_scale=input_scale)
+    dataset = None
+    if data is not None:
+        from ..data import load_data
+        dataset = load_data(data, expect_shape=model.input_shape, num_classes=model.num_classes)
+    result = run_scan(model, dataset, data_free=data_free, labels=parse_labels(labels, model.num_classes),
+                      preset=preset, threshold=threshold, seed=seed, out=out, resume=resume, device=device,
+                      save_all_images=save_all_images, data_name=None if data is None else str(data))
+    n = len(result.labels)
+    if result.flagged:
+        flagged = ", ".join(f"{t} (index {result.record(t)['anomaly_index']:.2f}, mask L1 {result.record(t)['mask_l1']:.1f})"
+                            for t in result.flagged)
+        typer.echo(f"BACKDOOR SUSPECTED: {len(result.flagged)} of {n} labels flagged: {flagged}")
+    else:
+        typer.echo(f"no label flagged among {n} scanned (threshold {result.threshold:g})")
+    typer.echo(f"scan took {result.elapsed_s:.1f} s; results in {out}")

@@ -1,0 +1,134 @@
+"""Scan speed: the `reference` preset (original Neural Cleanse protocol) vs `fast`, on a real CSAW BadNet.
+
+One run, same machine, same process, data-free inputs, torch threads = --threads (default 2):
+
+* reference: the original protocol searches one label at a time, epochs of 31 mini-batches of 32
+  images, until its early stop (at least ~40 epochs, often hundreds; at most 1000). Running that for
+  even one label takes many minutes on 2 cores, so we MEASURE the time of --reference-epochs epochs
+  for --reference-labels labels and EXTRAPOLATE per epoch (stated as such in the output).
+* fast: MEASURED on one coarse chunk (96 labels) and one refinement chunk (48 labels), exactly the
+  work the fast preset does; a full scan is ceil(1283 / 96) coarse chunks + 1 refinement chunk,
+  so the full-scan time is EXTRAPOLATED from those two measurements. `--full` also runs and times
+  the whole data-free fast scan (several minutes).
+
+Prints labels/second for each preset, their ratio, the extrapolated 1283-label times and the peak
+RSS of this process (resource.getrusage). Timings on a shared machine are noisy: compare the ratio.
+
+    python benchmarks/scan_speed.py [--model PATH] [--threads 2] [--reference-epochs 2] [--full]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import netcleanse
+from netcleanse.neural_cleanse import reverse_engineer
+from netcleanse.scan import PRESETS, synthesize_inputs
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "csaw" / "models" / "sunglasses_bd_weights.h5"
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--arch", default="csaw-deepid")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reference-labels", type=int, default=2)
+    ap.add_argument("--reference-epochs", type=int, default=2)
+    ap.add_argument("--assumed-reference-epochs", type=int, default=100,
+                    help="epochs per label assumed for the reference extrapolation (its early stop needs >= ~40)")
+    ap.add_argument("--full", action="store_true", help="also run and time a full data-free fast scan")
+    ap.add_argument("--json", type=Path, help="write the numbers here too")
+    args = ap.parse_args(argv)
+    if not args.model.exists():
+        print(f"model not found: {args.model}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    model = netcleanse.load_model(args.model, arch=args.arch)
+    n_labels = model.num_classes
+    work = copy.deepcopy(model).eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(0)
+    fast = PRESETS["fast"]
+    x = synthesize_inputs(work, fast.n_opt + fast.n_val, fast.data_free_inputs, gen)
+    x_opt = x[:fast.n_opt]
+    sample = torch.randperm(n_labels, generator=gen).tolist()
+    out = {"model": str(args.model), "threads": args.threads, "num_labels": n_labels}
+
+    # --- reference: measured for a few epochs, extrapolated per epoch
+    ref = PRESETS["reference"].coarse
+    ref_schedule = ref.schedule.__class__(**{**ref.schedule.to_dict(), "max_epochs": args.reference_epochs,
+                                             "betas": tuple(ref.schedule.betas)})
+    ref_x = synthesize_inputs(work, 256, "inversion", gen)  # the reference draws batches from many inputs
+    t = time.perf_counter()
+    for label in sample[:args.reference_labels]:
+        reverse_engineer(work, ref_x, [label], ref_schedule, generator=gen, channels_last=True)
+    ref_epoch_s = (time.perf_counter() - t) / (args.reference_labels * args.reference_epochs)
+    ref_label_s = ref_epoch_s * args.assumed_reference_epochs
+    out["reference"] = {"measured_epoch_s": ref_epoch_s, "measured_labels": args.reference_labels,
+                        "measured_epochs_per_label": args.reference_epochs,
+                        "assumed_epochs_per_label": args.assumed_reference_epochs,
+                        "extrapolated_label_s": ref_label_s, "labels_per_s": 1 / ref_label_s,
+                        "extrapolated_full_s": ref_label_s * n_labels,
+                        "full_at_1000_epochs_s": ref_epoch_s * 1000 * n_labels}
+
+    # --- fast: one coarse chunk and one refinement chunk, measured
+    coarse, refine = fast.coarse, fast.refine
+    chunk = sample[:coarse.label_chunk]
+    t = time.perf_counter()
+    found = reverse_engineer(work, x_opt, chunk, coarse.schedule, generator=gen, channels_last=True)
+    coarse_s = time.perf_counter() - t
+    rchunk = chunk[:refine.label_chunk]
+    init = (torch.stack([f.last_mask for f in found[:len(rchunk)]]),
+            torch.stack([f.last_pattern for f in found[:len(rchunk)]]))
+    cost = torch.tensor([max(f.cost, refine.schedule.init_cost) for f in found[:len(rchunk)]])
+    t = time.perf_counter()
+    reverse_engineer(work, x_opt, rchunk, refine.schedule, generator=gen, init=init, init_cost=cost,
+                     channels_last=True)
+    refine_s = time.perf_counter() - t
+    n_chunks = math.ceil(n_labels / coarse.label_chunk)
+    n_refine_chunks = math.ceil((fast.candidates + fast.controls) / refine.label_chunk)
+    fast_full = n_chunks * coarse_s * 1.0 + n_refine_chunks * refine_s
+    out["fast"] = {"measured_coarse_chunk_s": coarse_s, "coarse_chunk_labels": len(chunk),
+                   "measured_refine_chunk_s": refine_s, "refine_chunk_labels": len(rchunk),
+                   "extrapolated_full_s": fast_full, "labels_per_s": n_labels / fast_full}
+    out["speedup"] = out["reference"]["extrapolated_full_s"] / fast_full
+
+    if args.full:
+        t = time.perf_counter()
+        result = netcleanse.scan(model, data_free=True, progress=True)
+        out["fast"]["measured_full_s"] = time.perf_counter() - t
+        out["fast"]["full_flagged"] = result.flagged
+    out["peak_rss_mib"] = peak_rss_mib()
+
+    r, f = out["reference"], out["fast"]
+    print(f"model {args.model.name}, {n_labels} labels, {args.threads} torch threads (shared machine: noisy)")
+    print(f"reference: MEASURED {r['measured_epoch_s']:.1f} s/epoch/label over {args.reference_labels} labels x "
+          f"{args.reference_epochs} epochs; EXTRAPOLATED at {args.assumed_reference_epochs} epochs/label: "
+          f"{r['labels_per_s']:.5f} labels/s, full scan {r['extrapolated_full_s'] / 3600:.1f} h "
+          f"({r['full_at_1000_epochs_s'] / 3600:.0f} h if every label ran 1000 epochs)")
+    print(f"fast: MEASURED coarse chunk of {len(chunk)} labels {coarse_s:.1f} s, refinement chunk of {len(rchunk)} "
+          f"labels {refine_s:.1f} s; EXTRAPOLATED full scan {fast_full / 60:.1f} min ({f['labels_per_s']:.2f} labels/s)")
+    if "measured_full_s" in f:
+        print(f"fast: MEASURED full data-free scan {f['measured_full_s'] / 60:.1f} min, flagged {f['full_flagged']}")
+    print(f"speed-up fast vs reference (extrapolated full scans): {out['speedup']:.0f}x")
+    print(f"peak RSS {out['peak_rss_mib']:.0f} MiB")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,558 @@
+"""Scan a classifier for backdoors: reverse-engineer a trigger per label, flag the outliers.
+
+:func:`scan` runs Neural Cleanse (:mod:`netcleanse.neural_cleanse`) over the labels and the MAD
+outlier test (:mod:`netcleanse.detection`), on the user's clean data or, data-free, on inputs it
+synthesises. Two presets:
+
+``reference``
+    The original protocol: one label at a time, Adam(lr 0.1, betas 0.5/0.9), mini-batches of 32,
+    31 mini-batches per epoch, up to 1000 epochs, cost schedule and early stop as in the original
+    code. Every label is searched to convergence; median and MAD over all labels.
+
+``fast`` (default)
+    1. Coarse pass: every label, 96 labels per forward pass, 4 inputs per step, at most 24 steps,
+       the same cost schedule with a patience of 2 steps, masks starting small (0.05).
+    2. Refinement: the candidates (the 16 labels with the smallest coarse masks, plus any other
+       label whose coarse anomaly index is above the threshold, 64 at most) and a random control
+       sample of 32 labels drawn from all labels continue from where the coarse pass left them
+       for up to 120 more steps of 8 inputs (patience 3, early stop after 15 steps without
+       improvement).
+    3. Calibrated detection: labels optimised longer get smaller masks, so refined candidates
+       are compared only with labels refined the same way: the median and MAD come from the
+       random controls (an unbiased sample of all labels at the same budget). Labels that were
+       not refined get their index from the coarse pass's median/MAD over all labels.
+    When there are no more labels than candidates + controls, every label is refined and the
+    index is the paper's (median/MAD over all labels).
+
+Long scans persist every finished chunk of labels to ``out`` (``progress.jsonl`` + ``partial/``,
+written atomically), so an interrupted scan resumes with ``resume=True`` and gives the same
+result as an uninterrupted one with the same ``seed``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import Dataset
+from .detection import anomaly_indices, flag_labels, median_and_mad
+from .errors import NetcleanseError
+from .neural_cleanse import LabelSearch, Schedule, attack_success, reverse_engineer
+from .progress import progress_bar
+from .trigger import Trigger
+from .utils import resolve_device
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pass of trigger searches: its schedule and how many labels share a forward pass."""
+
+    name: str
+    schedule: Schedule
+    label_chunk: int
+
+
+@dataclass(frozen=True)
+class Preset:
+    coarse: Stage
+    refine: Stage | None = None  # None: single stage, every label to convergence
+    candidates: int = 16
+    max_candidates: int = 64
+    controls: int = 32
+    n_opt: int = 32  # inputs the triggers are optimised on
+    n_val: int = 32  # held-back inputs for the attack success rate
+    data_free_inputs: str = "inversion"
+    # models with few labels (all of them refined) can afford a longer refinement on more inputs
+    few_labels_refine: Stage | None = None
+    few_labels_n_opt: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"coarse": {"name": self.coarse.name, "label_chunk": self.coarse.label_chunk,
+                           "schedule": self.coarse.schedule.to_dict()},
+                "refine": None if self.refine is None else {
+                    "name": self.refine.name, "label_chunk": self.refine.label_chunk,
+                    "schedule": self.refine.schedule.to_dict()},
+                "candidates": self.candidates, "max_candidates": self.max_candidates, "controls": self.controls, "n_opt": self.n_opt,
+                "n_val": self.n_val, "data_free_inputs": self.data_free_inputs,
+                "few_labels_refine": None if self.few_labels_refine is None else {
+                    "name": self.few_labels_refine.name, "label_chunk": self.few_labels_refine.label_chunk,
+                    "schedule": self.few_labels_refine.schedule.to_dict()},
+                "few_labels_n_opt": self.few_labels_n_opt}
+
+
+PRESETS: dict[str, Preset] = {
+    "reference": Preset(coarse=Stage("reference", Schedule(), label_chunk=1), n_opt=1000, n_val=200),
+    "fast": Preset(
+        coarse=Stage("coarse", Schedule(batch_size=4, steps_per_epoch=1, max_epochs=24, patience=2,
+                                        early_stop_patience=8, mask_init=0.05), label_chunk=96),
+        refine=Stage("refine", Schedule(batch_size=8, steps_per_epoch=1, max_epochs=120, patience=3,
+                                        early_stop_patience=15), label_chunk=48),
+        few_labels_refine=Stage("refine", Schedule(batch_size=32, steps_per_epoch=2, max_epochs=200, patience=5,
+                                                   early_stop_patience=20), label_chunk=48),
+        few_labels_n_opt=200,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# result
+
+
+@dataclass
+class ScanResult:
+    """What a scan found. ``labels``: one dict per scanned label (see :meth:`to_dict`)."""
+
+    labels: list[dict]
+    flagged: list[int]
+    threshold: float
+    preset: str
+    data: str
+    elapsed_s: float
+    model: dict
+    settings: dict
+    masks: np.ndarray = field(repr=False)  # (L, H, W) float32 in [0, 1], aligned with ``labels``
+    patterns: np.ndarray = field(repr=False)  # (L, C, H, W)
+
+    def trigger(self, label: int) -> Trigger:
+        for i, rec in enumerate(self.labels):
+            if rec["label"] == int(label):
+                return Trigger(torch.from_numpy(self.masks[i]), torch.from_numpy(self.patterns[i]))
+        raise NetcleanseError(f"label {label} was not scanned")
+
+    def record(self, label: int) -> dict:
+        for rec in self.labels:
+            if rec["label"] == int(label):
+                return rec
+        raise NetcleanseError(f"label {label} was not scanned")
+
+    def to_dict(self) -> dict:
+        return {"format": "netcleanse-scan", "version": FORMAT_VERSION, "flagged": self.flagged,
+                "threshold": self.threshold, "preset": self.preset, "data": self.data,
+                "elapsed_s": self.elapsed_s, "model": self.model, "settings": self.settings,
+                "labels": self.labels}
+
+    def save(self, directory, all_images: bool = False) -> Path:
+        """Write scan.json, masks.npz, the PNGs of the flagged labels (all with ``all_images``)
+        and ``triggers/`` (flagged labels)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(d / "scan.json", json.dumps(self.to_dict(), indent=1))
+        _atomic_savez(d / "masks.npz", labels=np.array([r["label"] for r in self.labels], dtype=np.int64),
+                      masks=self.masks.astype(np.float32), patterns=self.patterns.astype(np.float32))
+        name = _file_stem(self.model.get("name") or "model")
+        for i, rec in enumerate(self.labels):
+            if rec["flagged"] or all_images:
+                _save_trigger_images(d, f"{name}_visualize_{{}}_label_{rec['label']}.png", self.masks[i], self.patterns[i])
+            if rec["flagged"]:
+                (d / "triggers").mkdir(exist_ok=True)
+                _save_trigger_images(d / "triggers", f"label_{rec['label']}_{{}}.png", self.masks[i], self.patterns[i])
+        return d
+
+    @classmethod
+    def load(cls, directory) -> "ScanResult":
+        d = Path(directory)
+        if not (d / "scan.json").is_file() or not (d / "masks.npz").is_file():
+            raise NetcleanseError(f"{d} holds no finished scan (scan.json and masks.npz expected)")
+        try:
+            info = json.loads((d / "scan.json").read_text())
+            with np.load(d / "masks.npz", allow_pickle=False) as z:
+                labels, masks, patterns = z["labels"], z["masks"], z["patterns"]
+        except (ValueError, KeyError, OSError) as exc:
+            raise NetcleanseError(f"{d}: unreadable scan files ({exc})") from None
+        order = {int(t): i for i, t in enumerate(labels)}
+        try:
+            rows = [order[int(r["label"])] for r in info["labels"]]
+        except KeyError:
+            raise NetcleanseError(f"{d}: scan.json and masks.npz do not list the same labels") from None
+        return cls(labels=info["labels"], flagged=info["flagged"], threshold=info["threshold"],
+                   preset=info["preset"], data=info["data"], elapsed_s=info["elapsed_s"], model=info["model"],
+                   settings=info["settings"], masks=masks[rows], patterns=patterns[rows])
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+
+
+def parse_labels(text: str | None, num_classes: int) -> list[int] | None:
+    """``"0,5,7-9"`` -> [0, 5, 7, 8, 9] (sorted, unique, checked against ``num_classes``)."""
+    if text is None or str(text).strip() == "":
+        return None
+    out: set[int] = set()
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ValueError
+                out.update(range(lo, hi + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise NetcleanseError(f"bad label list {text!r}: use numbers and ranges like 0,5,7-9") from None
+    bad = [t for t in out if t < 0 or t >= num_classes]
+    if bad:
+        raise NetcleanseError(f"label {bad[0]} is out of range: the model has labels 0..{num_classes - 1}")
+    return sorted(out)
+
+
+def synthesize_inputs(model, n: int, kind: str, generator: torch.Generator, device=None) -> torch.Tensor:
+    """Inputs for a data-free scan, (n, C, H, W) in [0, 1].
+
+    ``uniform``: i.i.d. uniform pixels. ``smooth``: uniform noise on a 5x coarser grid,
+    bilinearly upsampled (image-like low-frequency blobs). ``inversion``: smooth noise optimised
+    to be classified confidently as n different random classes, with a total-variation prior.
+    """
+    C, H, W = model.input_shape
+    if kind == "uniform":
+        x = torch.rand(n, C, H, W, generator=generator)
+    elif kind in ("smooth", "inversion"):
+        coarse = torch.rand(n, C, max(2, H // 5), max(2, W // 5), generator=generator)
+        x = F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False).clamp(0, 1)
+        if kind == "inversion":
+            x = _invert(model, x, generator, device)
+    else:
+        raise NetcleanseError(f"unknown data-free input kind {kind!r}; use uniform, smooth or inversion")
+    return x.float()
+
+
+def _invert(model, x0: torch.Tensor, generator: torch.Generator, device, steps: int = 30,
+            tv_weight: float = 0.05) -> torch.Tensor:
+    targets = torch.randperm(model.num_classes, generator=generator)[:len(x0)]
+    if len(targets) < len(x0):
+        targets = targets.repeat(math.ceil(len(x0) / len(targets)))[:len(x0)]
+    device = device or torch.device("cpu")
+    w = torch.atanh((x0 * 2 - 1).clamp(-0.999, 0.999)).to(device).requires_grad_(True)
+    targets = targets.to(device)
+    opt = torch.optim.Adam([w], lr=0.05)
+    for _ in range(steps):
+        x = torch.tanh(w) / 2 + 0.5
+        tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+        loss = F.cross_entropy(model(x), targets) + tv_weight * tv * x.shape[1] * x.shape[2]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (torch.tanh(w) / 2 + 0.5).detach().cpu()
+
+
+# ----------------------------------------------------------------------------------------------
+# persistence helpers
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_savez(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _file_stem(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "model"
+
+
+def _to_image(array: np.ndarray, min_side: int = 160):
+    from PIL import Image
+    a = np.clip(array * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    img = Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a)
+    scale = max(1, math.ceil(min_side / min(img.size)))
+    return img.resize((img.size[0] * scale, img.size[1] * scale), Image.NEAREST) if scale > 1 else img
+
+
+def _save_trigger_images(d: Path, template: str, mask: np.ndarray, pattern: np.ndarray) -> None:
+    pattern_hwc = np.transpose(pattern, (1, 2, 0))
+    _to_image(mask).save(d / template.format("mask"))
+    _to_image(pattern_hwc).save(d / template.format("pattern"))
+    _to_image(pattern_hwc * mask[..., None]).save(d / template.format("fusion"))
+
+
+class _Journal:
+    """Append-only record of finished chunks in the out dir (``progress.jsonl`` + ``partial/``)."""
+
+    def __init__(self, out: Path | None):
+        self.out = out
+        self.done: dict[str, dict] = {}
+        if out is not None and (out / "progress.jsonl").exists():
+            for line in (out / "progress.jsonl").read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by an interruption: that chunk is simply redone
+                if (out / "partial" / f"{entry['key']}.npz").exists():
+                    self.done[entry["key"]] = entry
+        self.memory: dict[str, tuple[dict, dict]] = {}
+        # time spent by earlier, interrupted runs into the same folder (counted in elapsed_s)
+        self.started = time.perf_counter()
+        self.previous_elapsed = 0.0
+        if out is not None and (out / "elapsed.json").exists():
+            try:
+                self.previous_elapsed = float(json.loads((out / "elapsed.json").read_text())["elapsed_s"])
+            except (ValueError, KeyError):
+                pass
+
+    def get(self, key: str):
+        if key in self.memory:
+            return self.memory[key]
+        if key in self.done:
+            with np.load(self.out / "partial" / f"{key}.npz", allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            return self.done[key], arrays
+        return None
+
+    def put(self, key: str, entry: dict, arrays: dict) -> None:
+        entry = dict(entry, key=key)
+        if self.out is None:
+            self.memory[key] = (entry, arrays)
+            return
+        (self.out / "partial").mkdir(exist_ok=True)
+        _atomic_savez(self.out / "partial" / f"{key}.npz", **arrays)
+        with open(self.out / "progress.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[key] = entry
+        _atomic_write_text(self.out / "elapsed.json", json.dumps(
+            {"elapsed_s": self.previous_elapsed + time.perf_counter() - self.started}))
+        # reload through disk so interrupted and uninterrupted scans continue from the same bits
+        self.memory.pop(key, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# the scan
+
+
+def _chunk_seed(seed: int, stage: str, index: int) -> int:
+    return zlib.crc32(f"{seed}/{stage}/{index}".encode())
+
+
+def _model_info(model) -> dict:
+    return {"name": model.name, "source": model.source, "arch": model.arch, "num_classes": model.num_classes,
+            "input_shape": list(model.input_shape), "input_scale": model.input_scale}
+
+
+def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=None, preset: str = "fast",
+         threshold: float = 2.0, seed: int = 0, out=None, resume: bool = False, device: str = "cpu",
+         progress: bool = True, save_all_images: bool = False, data_name: str | None = None) -> ScanResult:
+    """Reverse-engineer a trigger for each label of ``model`` and flag backdoor targets.
+
+    Exactly one of ``data`` (clean inputs; labels not needed) and ``data_free=True``.
+    ``labels``: the labels to scan (default all). ``out``: a folder for the results and for the
+    progress of an unfinished scan; a non-empty folder is refused unless ``resume``.
+    """
+    start = time.perf_counter()
+    if preset not in PRESETS:
+        raise NetcleanseError(f"unknown preset {preset!r}; use one of: {', '.join(PRESETS)}")
+    if (data is None) == (not data_free):
+        raise NetcleanseError("give exactly one of clean data or data_free=True")
+    if threshold <= 0:
+        raise NetcleanseError(f"threshold must be positive, got {threshold}")
+    plan = PRESETS[preset]
+    dev = resolve_device(device)
+    labels = list(range(model.num_classes)) if labels is None else sorted({int(t) for t in labels})
+    if not labels:
+        raise NetcleanseError("no labels to scan")
+    if plan.refine is not None and len(labels) <= plan.candidates + plan.controls and plan.few_labels_refine:
+        plan = replace(plan, refine=plan.few_labels_refine, n_opt=plan.few_labels_n_opt or plan.n_opt)
+    bad = [t for t in labels if not 0 <= t < model.num_classes]
+    if bad:
+        raise NetcleanseError(f"label {bad[0]} is out of range: the model has labels 0..{model.num_classes - 1}")
+    if data is not None:
+        model.check_input(data.x[:1])
+        if len(data) < 2:
+            raise NetcleanseError(f"{data.source}: a scan needs at least 2 clean images, got {len(data)}")
+    data_desc = "data-free" if data is None else (data_name or data.source)
+
+    settings = {"preset": preset, "plan": plan.to_dict(), "seed": int(seed), "threshold": float(threshold),
+                "labels_requested": labels if len(labels) < model.num_classes else "all",
+                "data": data_desc, "device": dev.type, "torch_threads": torch.get_num_threads()}
+
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        _prepare_out(out_dir, resume, settings, _model_info(model))
+        if resume and (out_dir / "scan.json").exists():
+            return ScanResult.load(out_dir)  # already finished
+    journal = _Journal(out_dir)
+
+    # a private, frozen, channels-last copy: the caller's model is left untouched
+    work = copy.deepcopy(model).to(dev).eval().requires_grad_(False)
+    channels_last = dev.type == "cpu"
+    if channels_last:
+        work = work.to(memory_format=torch.channels_last)
+
+    gen = torch.Generator().manual_seed(int(seed))
+    if data is None:
+        x_all = synthesize_inputs(work, plan.n_opt + plan.n_val, plan.data_free_inputs, gen, dev)
+        n_opt = plan.n_opt
+    else:
+        order = torch.randperm(len(data), generator=gen)
+        n_val = min(plan.n_val, len(data) // 2)
+        n_opt = min(plan.n_opt, len(data) - n_val)
+        x_all = data.x[order[:n_opt + n_val]]
+    x_opt, x_val = x_all[:n_opt].to(dev), x_all[n_opt:].to(dev)
+
+    settings["n_opt"], settings["n_val"] = int(len(x_opt)), int(len(x_val))
+    results: dict[int, dict] = {}  # label -> record (latest stage)
+    masks: dict[int, np.ndarray] = {}
+    patterns: dict[int, np.ndarray] = {}
+
+    bar = progress_bar(disable=None if progress else True)
+    with bar:
+        coarse = _run_stage(work, plan.coarse, labels, x_opt, x_val, journal, seed, bar, channels_last, dev)
+        for t, (rec, m, p, _, _) in coarse.items():
+            results[t], masks[t], patterns[t] = rec, m, p
+
+        refined: list[int] = []
+        controls: list[int] = []
+        candidates: list[int] = []
+        if plan.refine is not None:
+            if len(labels) <= plan.candidates + plan.controls:
+                refined = candidates = controls = list(labels)
+            else:
+                def size(t):  # failed searches rank last
+                    rec = coarse[t][0]
+                    return (0 if rec["succeeded"] else 1, rec["mask_l1"], t)
+                # the smallest coarse masks, and every label the coarse pass alone would flag, so that
+                # no label is flagged on the coarse budget alone (up to max_candidates)
+                coarse_index = dict(zip(labels, anomaly_indices([coarse[t][0]["mask_l1"] for t in labels])))
+                ranked = sorted(labels, key=size)
+                candidates = ranked[:plan.candidates] + [t for t in ranked[plan.candidates:]
+                                                         if coarse_index[t] > threshold]
+                candidates = sorted(candidates[:plan.max_candidates])
+                rng = np.random.RandomState(_chunk_seed(seed, "controls", 0))
+                controls = sorted(int(t) for t in rng.choice(labels, plan.controls, replace=False))
+                refined = sorted(set(candidates) | set(controls))
+            init = {t: (coarse[t][3], coarse[t][4], coarse[t][0]["cost"], coarse[t][0]["steps"],
+                        coarse[t][0]["time_s"]) for t in refined}
+            fine = _run_stage(work, plan.refine, refined, x_opt, x_val, journal, seed, bar, channels_last, dev,
+                              init=init)
+            for t, (rec, m, p, _, _) in fine.items():
+                results[t], masks[t], patterns[t] = rec, m, p
+
+    # detection
+    l1_all = np.array([results[t]["mask_l1"] for t in labels])
+    if refined and len(refined) < len(labels):
+        ref_l1 = np.array([results[t]["mask_l1"] for t in controls])
+        coarse_l1 = np.array([coarse[t][0]["mask_l1"] for t in labels])
+        index = anomaly_indices(coarse_l1)  # non-refined labels: coarse budget vs coarse budget
+        refined_set = set(refined)
+        idx_ref = anomaly_indices(np.array([results[t]["mask_l1"] for t in refined]), reference=ref_l1)
+        for t, a in zip(refined, idx_ref):
+            index[labels.index(t)] = a
+        med, mad = median_and_mad(ref_l1)
+        settings["detection"] = {"scheme": "random controls", "candidates": candidates, "controls": controls,
+                                 "median": med, "mad": mad}
+        coarse_med, coarse_mad = median_and_mad(coarse_l1)
+        settings["detection"].update(coarse_median=coarse_med, coarse_mad=coarse_mad)
+    else:
+        index = anomaly_indices(l1_all)
+        med, mad = median_and_mad(l1_all)
+        settings["detection"] = {"scheme": "all labels", "median": med, "mad": mad}
+    flagged = flag_labels(labels, index, threshold)
+    records = []
+    for t, a in zip(labels, index):
+        rec = dict(results[t])
+        rec["anomaly_index"] = float(a)
+        rec["flagged"] = t in flagged
+        records.append(rec)
+
+    result = ScanResult(labels=records, flagged=flagged, threshold=float(threshold), preset=preset,
+                        data=data_desc, elapsed_s=0.0, model=_model_info(model), settings=settings,
+                        masks=np.stack([masks[t] for t in labels]).astype(np.float32),
+                        patterns=np.stack([patterns[t] for t in labels]).astype(np.float32))
+    result.elapsed_s = round(journal.previous_elapsed + time.perf_counter() - start, 3)
+    if out_dir is not None:
+        result.save(out_dir, all_images=save_all_images)
+        shutil.rmtree(out_dir / "partial", ignore_errors=True)
+    return result
+
+
+def _prepare_out(out_dir: Path, resume: bool, settings: dict, model_info: dict) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NetcleanseError(f"--out {out_dir} is a file, not a folder")
+    started = out_dir / "scan_settings.json"
+    key = json.loads(json.dumps({"settings": {k: v for k, v in settings.items() if k not in ("device", "torch_threads")},
+                                 "model": model_info}))
+    if resume:
+        if not started.exists():
+            if out_dir.exists() and any(out_dir.iterdir()):
+                raise NetcleanseError(f"{out_dir} does not hold a scan to resume (no scan_settings.json)")
+        else:
+            before = json.loads(started.read_text())
+            if before != key:
+                diff = [k for k in key["settings"] if before.get("settings", {}).get(k) != key["settings"][k]]
+                what = ", ".join(diff) if diff else "the model"
+                raise NetcleanseError(f"cannot resume {out_dir}: it was started with different settings ({what})")
+            return
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise NetcleanseError(f"{out_dir} is not empty; use --resume to continue a scan there, "
+                              "or choose an empty folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(started, json.dumps(key, indent=1))
+
+
+def _run_stage(work, stage: Stage, labels: list[int], x_opt, x_val, journal: _Journal, seed: int, bar,
+               channels_last: bool, dev, init: dict | None = None) -> dict:
+    """Search every label of ``labels`` in chunks; returns label -> (record, mask, pattern, last mask,
+    last pattern), reading finished chunks from the journal."""
+    out: dict[int, tuple] = {}
+    chunks = [labels[i:i + stage.label_chunk] for i in range(0, len(labels), stage.label_chunk)]
+    task = bar.add_task(f"{stage.name}: {len(labels)} labels", total=len(labels))
+    s = stage.schedule
+    for ci, chunk in enumerate(chunks):
+        key = f"{stage.name}_{ci:05d}_{chunk[0]}-{chunk[-1]}"
+        got = journal.get(key)
+        if got is None:
+            base = bar.tasks[task].completed if bar.tasks else 0
+            per_epoch = len(chunk) / s.max_epochs
+            done = [0.0]
+
+            def on_epoch(n_active):
+                done[0] += per_epoch  # label-equivalents of the worst case (no early stop)
+                bar.update(task, completed=base + min(done[0], len(chunk)))
+
+            gen = torch.Generator().manual_seed(_chunk_seed(seed, stage.name, ci))
+            init_pair = init_cost = None
+            if init is not None:
+                init_pair = (torch.from_numpy(np.stack([init[t][0] for t in chunk])),
+                             torch.from_numpy(np.stack([init[t][1] for t in chunk])))
+                init_cost = torch.tensor([max(init[t][2], s.init_cost) for t in chunk])
+            found = reverse_engineer(work, x_opt, chunk, s, generator=gen, init=init_pair, init_cost=init_cost,
+                                     on_epoch=on_epoch, channels_last=channels_last)
+            asr = attack_success(work, x_val, torch.stack([r.mask for r in found]),
+                                 torch.stack([r.pattern for r in found]), chunk, channels_last=channels_last)
+            # a refined label's steps and time include its coarse search
+            prior = {t: (init[t][3], init[t][4]) if init is not None else (0, 0.0) for t in chunk}
+            entry = {"stage": stage.name, "labels": chunk, "records": [
+                {"label": r.label, "mask_l1": r.mask_l1, "attack_success": a, "succeeded": r.succeeded,
+                 "steps": r.steps + prior[r.label][0], "time_s": round(r.time_s + prior[r.label][1], 4), "cost": r.cost,
+                 "stage": stage.name} for r, a in zip(found, asr)]}
+            arrays = {"masks": torch.stack([r.mask for r in found]).numpy(),
+                      "patterns": torch.stack([r.pattern for r in found]).numpy(),
+                      "last_masks": torch.stack([r.last_mask for r in found]).numpy(),
+                      "last_patterns": torch.stack([r.last_pattern for r in found]).numpy()}
+            journal.put(key, entry, arrays)
+            got = journal.get(key)
+        entry, arrays = got
+        for i, rec in enumerate(entry["records"]):
+            out[rec["label"]] = (rec, arrays["masks"][i], arrays["patterns"][i], arrays["last_masks"][i],
+                                 arrays["last_patterns"][i])
+        bar.update(task, completed=sum(len(c) for c in chunks[:ci + 1]))
+    return out

@@ -1,0 +1,53 @@
+"""The MAD anomaly index on vectors worked out by hand."""
+
+import numpy as np
+import pytest
+
+from netcleanse.detection import MAD_CONSISTENCY, anomaly_indices, flag_labels, median_and_mad
+from netcleanse.errors import NetcleanseError
+
+
+def test_median_and_mad_by_hand():
+    # values 1,2,3,4,100: median 3; |v-3| = 2,1,0,1,97 -> median 1; MAD = 1.4826
+    med, mad = median_and_mad([1, 2, 3, 4, 100])
+    assert med == 3 and mad == pytest.approx(1.4826)
+    # even count: 10,20,30,40: median 25; |dev| = 15,5,5,15 -> median 10
+    med, mad = median_and_mad([40, 10, 30, 20])
+    assert med == 25 and mad == pytest.approx(14.826)
+
+
+def test_anomaly_index_by_hand():
+    l1 = [100.0, 90.0, 110.0, 95.0, 105.0, 10.0]
+    # median 97.5; |dev| = 2.5, 7.5, 12.5, 2.5, 7.5, 87.5 -> median 7.5; MAD = 11.1195
+    idx = anomaly_indices(l1)
+    assert idx[5] == pytest.approx((97.5 - 10.0) / (1.4826 * 7.5))  # 7.869
+    assert idx[5] == pytest.approx(7.8692, abs=1e-3)
+    # labels above the median keep their (negative) index and are never flagged
+    assert idx[2] == pytest.approx(-12.5 / 11.1195)
+    assert flag_labels(range(6), idx) == [5]
+    assert flag_labels(range(6), idx, threshold=8.0) == []
+    assert MAD_CONSISTENCY == 1.4826
+
+
+def test_large_trigger_is_not_flagged():
+    # a label with a HUGE mask is an outlier too, but only small masks mean a backdoor
+    idx = anomaly_indices([50, 52, 48, 51, 49, 500])
+    assert flag_labels(range(6), idx) == []
+    assert idx[5] < -2
+
+
+def test_reference_sample_sets_median_and_mad():
+    controls = [10, 12, 14, 16, 18]  # median 14, |dev| 4,2,0,2,4 -> 2; MAD 2.9652
+    idx = anomaly_indices([4.0, 14.0, 20.0], reference=controls)
+    assert idx == pytest.approx([10 / 2.9652, 0.0, -6 / 2.9652])
+
+
+def test_zero_mad_flags_nothing():
+    assert np.all(anomaly_indices([5, 5, 5, 1]) == 0)
+
+
+def test_bad_inputs():
+    with pytest.raises(NetcleanseError):
+        median_and_mad([])
+    with pytest.raises(NetcleanseError):
+        flag_labels([0], [3.0], threshold=0)
