@@ -7,8 +7,9 @@ One run, same machine, same process, data-free inputs, torch threads = --threads
   even one label takes many minutes on 2 cores, so we MEASURE the time of --reference-epochs epochs
   for --reference-labels labels and EXTRAPOLATE per epoch (stated as such in the output).
 * fast: MEASURED on one coarse chunk (96 labels) and one refinement chunk (48 labels), exactly the
-  work the fast preset does; a full scan is ceil(1283 / 96) coarse chunks + 1 refinement chunk,
-  so the full-scan time is EXTRAPOLATED from those two measurements. `--full` also runs and times
+  work the fast preset does; a full scan is ceil(1283 / 96) coarse chunks + at most
+  ceil((64 + controls) / 48) refinement chunks, so the full-scan time is EXTRAPOLATED (worst case)
+  from those two measurements. `--full` also runs and times
   the whole data-free fast scan (several minutes).
 
 Prints labels/second for each preset, their ratio, the extrapolated 1283-label times and the peak
@@ -99,8 +100,9 @@ def main(argv=None) -> int:
                      channels_last=True)
     refine_s = time.perf_counter() - t
     n_chunks = math.ceil(n_labels / coarse.label_chunk)
-    n_refine_chunks = math.ceil((fast.candidates + fast.controls) / refine.label_chunk)
-    fast_full = n_chunks * coarse_s * 1.0 + n_refine_chunks * refine_s
+    # worst case: the most candidates the preset refines, plus its controls
+    n_refine_chunks = math.ceil((fast.max_candidates + fast.controls) / refine.label_chunk)
+    fast_full = n_chunks * coarse_s + n_refine_chunks * refine_s
     out["fast"] = {"measured_coarse_chunk_s": coarse_s, "coarse_chunk_labels": len(chunk),
                    "measured_refine_chunk_s": refine_s, "refine_chunk_labels": len(rchunk),
                    "extrapolated_full_s": fast_full, "labels_per_s": n_labels / fast_full}

@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .errors import NetcleanseError
 
 EPS = 1e-7  # the Keras epsilon of the original tanh parametrisation
 

@@ -14,14 +14,15 @@ synthesises. Two presets:
        the same cost schedule with a patience of 2 steps, masks starting small (0.05).
     2. Refinement: the candidates (the 16 labels with the smallest coarse masks, plus any other
        label whose coarse anomaly index is above the threshold, 64 at most) and a random control
-       sample of 32 labels drawn from all labels continue from where the coarse pass left them
-       for up to 120 more steps of 8 inputs (patience 3, early stop after 15 steps without
-       improvement).
+       sample of 48 labels drawn from all labels continue from where the coarse pass left them
+       for up to 300 more steps of 8 inputs (patience 3, early stop after 30 steps without
+       improvement). Shorter refinement left the controls unconverged and widely spread (MAD
+       up to 200 on the CSAW nets), which hid real targets.
     3. Calibrated detection: labels optimised longer get smaller masks, so refined candidates
        are compared only with labels refined the same way: the median and MAD come from the
        random controls (an unbiased sample of all labels at the same budget). Labels that were
        not refined get their index from the coarse pass's median/MAD over all labels.
-    When there are no more labels than candidates + controls, every label is refined and the
+    When there are no more labels than candidates + controls (48), every label is refined and the
     index is the paper's (median/MAD over all labels).
 
 Long scans persist every finished chunk of labels to ``out`` (``progress.jsonl`` + ``partial/``,
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 from .data import Dataset
 from .detection import anomaly_indices, flag_labels, median_and_mad
 from .errors import NetcleanseError
-from .neural_cleanse import LabelSearch, Schedule, attack_success, reverse_engineer
+from .neural_cleanse import Schedule, attack_success, reverse_engineer
 from .progress import progress_bar
 from .trigger import Trigger
 from .utils import resolve_device
@@ -71,7 +72,7 @@ class Preset:
     refine: Stage | None = None  # None: single stage, every label to convergence
     candidates: int = 16
     max_candidates: int = 64
-    controls: int = 32
+    controls: int = 48
     n_opt: int = 32  # inputs the triggers are optimised on
     n_val: int = 32  # held-back inputs for the attack success rate
     data_free_inputs: str = "inversion"
@@ -98,8 +99,8 @@ PRESETS: dict[str, Preset] = {
     "fast": Preset(
         coarse=Stage("coarse", Schedule(batch_size=4, steps_per_epoch=1, max_epochs=24, patience=2,
                                         early_stop_patience=8, mask_init=0.05), label_chunk=96),
-        refine=Stage("refine", Schedule(batch_size=8, steps_per_epoch=1, max_epochs=120, patience=3,
-                                        early_stop_patience=15), label_chunk=48),
+        refine=Stage("refine", Schedule(batch_size=8, steps_per_epoch=1, max_epochs=300, patience=3,
+                                        early_stop_patience=30), label_chunk=48),
         few_labels_refine=Stage("refine", Schedule(batch_size=32, steps_per_epoch=2, max_epochs=200, patience=5,
                                                    early_stop_patience=20), label_chunk=48),
         few_labels_n_opt=200,
@@ -452,7 +453,6 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         ref_l1 = np.array([results[t]["mask_l1"] for t in controls])
         coarse_l1 = np.array([coarse[t][0]["mask_l1"] for t in labels])
         index = anomaly_indices(coarse_l1)  # non-refined labels: coarse budget vs coarse budget
-        refined_set = set(refined)
         idx_ref = anomaly_indices(np.array([results[t]["mask_l1"] for t in refined]), reference=ref_l1)
         for t, a in zip(refined, idx_ref):
             index[labels.index(t)] = a
