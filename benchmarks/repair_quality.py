@@ -1,7 +1,7 @@
 """Measure every repair method on the BadNet lab's ground-truth models (patch, blend, multi-target).
 
 For each BadNet: train it (``netcleanse.lab.make_badnet``, MNIST, seed 0), scan it with the clean
-validation split and data-free (``netcleanse.scan.scan``), then repair with each method, giving
+validation split and data-free (``netcleanse.scan``), then repair with each method, giving
 it only the scan's flagged labels and reversed triggers and the clean validation split; the
 clean test split and the lab's poisoned test sets fill the tables and are never used to build a
 repair. Prints Markdown tables (percentages).
@@ -19,7 +19,7 @@ import torch
 from netcleanse.errors import NetcleanseError
 from netcleanse.lab import make_badnet
 from netcleanse.repair import repair
-from netcleanse.scan import scan
+from netcleanse.scanning import scan
 
 COLUMNS = [("model", "model"), ("drop_threshold", "drop"), ("fraction_pruned", "pruned %"),
            ("clean_accuracy", "clean acc %"), ("attack_success", "ASR %"),

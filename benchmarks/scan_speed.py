@@ -33,7 +33,7 @@ import torch
 
 import netcleanse
 from netcleanse.neural_cleanse import reverse_engineer
-from netcleanse.scan import PRESETS, synthesize_inputs
+from netcleanse.scanning import PRESETS, synthesize_inputs
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "csaw" / "models" / "sunglasses_bd_weights.h5"
 

@@ -171,7 +171,7 @@ SCAN_LABELS = sorted({0, *np.random.default_rng(2019).choice(np.arange(1, 1283),
 def test_filter_guard_on_real_csaw_badnet(net, prefix):
     if not CSAW.is_dir():
         pytest.skip(f"{CSAW} is absent: the real CSAW-HackML BadNets are not available here")
-    from netcleanse.scan import ScanResult, scan
+    from netcleanse.scanning import ScanResult, scan
     model = netcleanse.load_model(CSAW / "models" / f"{net}_bd_weights.h5", arch="csaw-deepid")
     saved = os.environ.get("NETCLEANSE_CSAW_SCANS")
     if saved:

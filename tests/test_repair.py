@@ -208,7 +208,7 @@ def test_cli_refuses_missing_inputs(tmp_path):
 def test_repairs_remove_a_lab_patch_backdoor():
     from netcleanse.evaluate import evaluate
     from netcleanse.lab import make_badnet
-    from netcleanse.scan import scan
+    from netcleanse.scanning import scan
     badnet = make_badnet("mnist", "patch", target=7, progress=False)
     model, poisoned, clean_test = badnet.model, badnet.poisoned_tests[0], badnet.clean_test
     before = evaluate(model, clean_test, poisoned)

@@ -14,9 +14,9 @@ from torch import nn
 from netcleanse.data import Dataset
 from netcleanse.errors import NetcleanseError
 from netcleanse.model import Classifier
-from netcleanse.scan import ScanResult, parse_labels, scan
+from netcleanse.scanning import ScanResult, parse_labels, scan
 
-scan_module = importlib.import_module("netcleanse.scan")  # the attribute netcleanse.scan is the function
+scan_module = importlib.import_module("netcleanse.scanning")
 
 TARGET = 4
 N_CLASSES = 8

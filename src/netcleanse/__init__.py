@@ -6,7 +6,7 @@ The Python API is the product; the ``netcleanse`` command is a thin shell over i
 from .errors import NetcleanseError
 from .model import Classifier, load_model
 from .architectures import build_architecture, register_architecture
-from .scan import ScanResult, scan  # noqa: E402  (the function shadows the submodule name on purpose)
+from .scanning import ScanResult, scan
 from .torch_io import save_model
 
 __version__ = "0.1.0"

@@ -98,7 +98,7 @@ def _run_demo(out, seed, force, epochs, data_free, repair_method, preset, progre
     scan_result = None
     started = time.perf_counter()
     try:
-        from .scan import scan
+        from .scanning import scan
     except ImportError as exc:
         notes.append(_missing("scan", exc))
     else:

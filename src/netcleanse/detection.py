@@ -36,7 +36,7 @@ def anomaly_indices(l1, reference=None) -> np.ndarray:
 
     ``reference``: the values that define "normal" (median and MAD); by default ``l1`` itself, as
     in the paper. The fast scan passes a random sample of labels searched with the same budget
-    (see :mod:`netcleanse.scan`). When the MAD is 0 (no spread at all) no value can be called an
+    (see :mod:`netcleanse.scanning`). When the MAD is 0 (no spread at all) no value can be called an
     outlier and every index is 0.
     """
     l1 = np.asarray(l1, dtype=np.float64)

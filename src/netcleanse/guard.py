@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from .data import Dataset
 from .errors import NetcleanseError
 from .model import Classifier
+from .scanning import smooth_noise
 from .trigger import Trigger
 
 # Gap between the poison column and the other logits: softmax gives the poison class ~1 for
@@ -147,13 +147,9 @@ class GuardedClassifier(Classifier):
 # --------------------------------------------------------------------------------------------
 
 def synthetic_inputs(input_shape, n: int = 256, seed: int = 0) -> torch.Tensor:
-    """Data-free calibration inputs: smooth random images (low-resolution noise, upsampled, plus a
-    little pixel noise), which exercise a network more like natural images than white noise does."""
-    channels, height, width = input_shape
-    generator = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(n, channels, max(2, height // 8), max(2, width // 8), generator=generator)
-    smooth = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
-    return (smooth + 0.1 * torch.randn(n, channels, height, width, generator=generator)).clamp(0, 1)
+    """Data-free calibration inputs: smooth random images plus a little pixel noise, which exercise
+    a network more like natural images than white noise does."""
+    return smooth_noise(input_shape, n, torch.Generator().manual_seed(seed), coarseness=8, pixel_noise=0.1)
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@
 The report is rendered from files only, never from objects in memory, so that any old scan
 directory can be re-rendered and the files stay the single source of truth:
 
-* ``scan.json`` + ``masks.npz`` (required scan; see :mod:`netcleanse.scan`),
+* ``scan.json`` + ``masks.npz`` (required scan; see :mod:`netcleanse.scanning`),
 * ``truth.json`` (optional; the BadNet lab's ground truth, with its trigger images beside it),
 * ``repair.json`` (optional, any number; one per repair method).
 

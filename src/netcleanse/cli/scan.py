@@ -1,4 +1,4 @@
-"""CLI command: ``netcleanse scan`` (a thin shell over :func:`netcleanse.scan.scan`)."""
+"""CLI command: ``netcleanse scan`` (a thin shell over :func:`netcleanse.scan`)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def scan(
 ) -> None:
     """Reverse-engineer a trigger for every label (Neural Cleanse) and flag backdoor targets."""
     from ..model import load_model
-    from ..scan import parse_labels, scan as run_scan
+    from ..scanning import parse_labels, scan as run_scan
 
     if (data is None) == (not data_free):
         raise NetcleanseError("give exactly one of --data PATH or --data-free")

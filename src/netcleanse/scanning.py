@@ -211,6 +211,18 @@ def parse_labels(text: str | None, num_classes: int) -> list[int] | None:
     return sorted(out)
 
 
+def smooth_noise(input_shape, n: int, generator: torch.Generator, coarseness: int = 5,
+                 pixel_noise: float = 0.0) -> torch.Tensor:
+    """Image-like random inputs: uniform noise on a ``coarseness``-times coarser grid, bilinearly
+    upsampled (low-frequency blobs), plus optional Gaussian pixel noise; (n, C, H, W) in [0, 1]."""
+    C, H, W = input_shape
+    coarse = torch.rand(n, C, max(2, H // coarseness), max(2, W // coarseness), generator=generator)
+    x = F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False)
+    if pixel_noise:
+        x = x + pixel_noise * torch.randn(n, C, H, W, generator=generator)
+    return x.clamp(0, 1)
+
+
 def synthesize_inputs(model, n: int, kind: str, generator: torch.Generator, device=None) -> torch.Tensor:
     """Inputs for a data-free scan, (n, C, H, W) in [0, 1].
 
@@ -222,8 +234,7 @@ def synthesize_inputs(model, n: int, kind: str, generator: torch.Generator, devi
     if kind == "uniform":
         x = torch.rand(n, C, H, W, generator=generator)
     elif kind in ("smooth", "inversion"):
-        coarse = torch.rand(n, C, max(2, H // 5), max(2, W // 5), generator=generator)
-        x = F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False).clamp(0, 1)
+        x = smooth_noise(model.input_shape, n, generator)
         if kind == "inversion":
             x = _invert(model, x, generator, device)
     else:
