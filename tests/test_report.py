@@ -128,10 +128,17 @@ def _digest(directory: Path) -> dict:
 def test_mad_threshold_matches_the_anomaly_index_definition():
     l1 = np.array([10.0, 11, 12, 13, 14, 15, 2.0])
     median, mad, at_threshold = mad_threshold(l1, 2.0)
-    assert median == 12 and mad == 2  # |l1 - 12| = 2,1,0,1,2,3,10 -> median 2
+    assert median == 12 and mad == pytest.approx(1.4826 * 2)  # |l1 - 12| = 2,1,0,1,2,3,10 -> median 2
     assert at_threshold == pytest.approx(12 - 2 * 1.4826 * 2)
     # The one label below the threshold L1 is the one whose anomaly index exceeds 2.
     assert list(np.flatnonzero(l1 < at_threshold)) == list(np.flatnonzero(_anomaly_indices(l1) > 2.0)) == [6]
+
+
+def test_mad_threshold_uses_the_scans_own_statistics_when_recorded():
+    # The fast preset scores labels against a control sample; the report must draw that threshold.
+    l1 = np.array([10.0, 11, 12, 13, 14, 15, 2.0])
+    median, mad, at_threshold = mad_threshold(l1, 2.0, {"median": 100.0, "mad": 10.0})
+    assert (median, mad, at_threshold) == (100.0, 10.0, 80.0)
 
 
 def test_demo_layout_report_shows_verdict_truth_and_repair(tmp_path):

@@ -43,10 +43,11 @@ from PIL import Image, UnidentifiedImageError
 
 from . import __version__
 from . import plots
+from .detection import median_and_mad
 from .errors import NetcleanseError
 
 FORMATS = ("html", "md")
-MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of a normal distribution's sigma
+
 COMPARISON_LABELS = 3  # lowest-L1 non-flagged labels shown beside the flagged ones
 MAX_GALLERY_FLAGGED = 12  # beyond this, the gallery shows the most anomalous flagged labels
 SMALLEST_LABELS_TABLE = 10
@@ -124,7 +125,8 @@ def _find_one(root: Path, name: str) -> Path | None:
 
 
 def _scan_dir_named_by(repair: dict, repair_dir: Path) -> Path | None:
-    named = repair.get("scan") or repair.get("scan_dir")
+    settings = repair.get("settings") if isinstance(repair.get("settings"), dict) else {}
+    named = repair.get("scan") or repair.get("scan_dir") or settings.get("scan")
     if not isinstance(named, str):
         return None
     for candidate in (Path(named), repair_dir / named):
@@ -172,12 +174,18 @@ def find_sources(directory: str | Path) -> ReportSources:
 # Neural Cleanse's detection statistic, recomputed for drawing the threshold
 # ----------------------------------------------------------------------------------------------
 
-def mad_threshold(mask_l1: np.ndarray, threshold: float) -> tuple[float, float, float]:
-    """(median, MAD, L1 at the threshold): a label whose mask L1 is below ``median - threshold *
-    1.4826 * MAD`` has an anomaly index above ``threshold`` (Wang et al. 2019, Sec. IV)."""
-    median = float(np.median(mask_l1))
-    mad = float(np.median(np.abs(mask_l1 - median)))
-    return median, mad, median - threshold * MAD_CONSISTENCY * mad
+def mad_threshold(mask_l1: np.ndarray, threshold: float, detection: dict | None = None) -> tuple[float, float, float]:
+    """(median, MAD, L1 at the threshold), MAD scaled by 1.4826 as in :mod:`netcleanse.detection`:
+    a label whose mask L1 is below ``median - threshold * MAD`` has an anomaly index above
+    ``threshold`` (Wang et al. 2019, Sec. IV). ``detection``: the statistics the scan itself used
+    (scan.json ``settings.detection``; the fast preset takes them from a control sample of labels),
+    which win over recomputing them from every label's L1."""
+    stored = detection or {}
+    if isinstance(stored.get("median"), (int, float)) and isinstance(stored.get("mad"), (int, float)):
+        median, mad = float(stored["median"]), float(stored["mad"])
+    else:
+        median, mad = median_and_mad(mask_l1)
+    return median, mad, median - threshold * mad
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,10 +368,12 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
     l1 = np.array([r["mask_l1"] for r in rows], dtype=float)
     median = mad = threshold_l1 = None
     if len(rows):
-        median, mad, threshold_l1 = mad_threshold(l1, threshold)
+        settings = scan.get("settings") if isinstance(scan.get("settings"), dict) else {}
+        detection = settings.get("detection") if isinstance(settings.get("detection"), dict) else None
+        median, mad, threshold_l1 = mad_threshold(l1, threshold, detection)
     for r in rows:  # a scan written without indices still gets them, computed the same way
         if r["anomaly_index"] is None and mad:
-            r["anomaly_index"] = max(0.0, (median - r["mask_l1"]) / (MAD_CONSISTENCY * mad))
+            r["anomaly_index"] = max(0.0, (median - r["mask_l1"]) / mad)
 
     plots_out: list[Picture] = []
     if rows:

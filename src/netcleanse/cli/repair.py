@@ -122,3 +122,6 @@ def repair(
     _print_table(result.table)
     main_file = "guarded.pt" if result.model.poison_label is not None else "repaired.pt (and repaired.h5)"
     typer.echo(f"wrote {out / 'repair.json'} and {main_file} in {out}")
+    if scan is not None:  # the report needs the scan; repair.json names it
+        from ..report import render_report
+        typer.echo(f"report {render_report(out)}")

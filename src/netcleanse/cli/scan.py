@@ -48,4 +48,5 @@ def scan(
         typer.echo(f"BACKDOOR SUSPECTED: {len(result.flagged)} of {n} labels flagged: {flagged}")
     else:
         typer.echo(f"no label flagged among {n} scanned (threshold {result.threshold:g})")
-    typer.echo(f"scan took {result.elapsed_s:.1f} s; results in {out}")
+    from ..report import render_report
+    typer.echo(f"scan took {result.elapsed_s:.1f} s; results in {out}; report {render_report(out)}")
