@@ -54,7 +54,7 @@ SMALLEST_LABELS_TABLE = 10
 VERDICT_LISTED = 10  # flagged labels given a line each in the verdict; the rest share one line
 # Keys the project stores as fractions in [0, 1] (see netcleanse.evaluate); shown as percentages.
 FRACTION_KEYS = {"clean_accuracy", "attack_success", "poison_detection", "false_positive", "fraction_pruned",
-                 "rate", "clean_model_accuracy", "accuracy", "asr"}
+                 "rate", "clean_model_accuracy", "clean_val_accuracy", "accuracy", "asr"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,9 +467,11 @@ def fmt_percent(value) -> str:
 
 def fmt_cell(key: str, value) -> str:
     """A table cell: fractions as percentages, other numbers compact, the rest as text."""
-    if isinstance(value, bool) or value is None:
+    if value is None:  # a column this row has no value for
+        return "—"
+    if isinstance(value, bool):
         return _setting_value(value)
-    if key in FRACTION_KEYS and _as_float(value) is not None:
+    if key.removesuffix("_after_fine_tuning") in FRACTION_KEYS and _as_float(value) is not None:
         return fmt_percent(value)
     if isinstance(value, (int, float)):
         return fmt_number(value)
