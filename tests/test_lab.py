@@ -2,7 +2,6 @@
 
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -133,16 +132,16 @@ def test_cli_badnet(tmp_path, capsys):
     assert err.startswith("error: unknown trigger kind") and err.count("\n") == 1
 
 
-def test_demo_says_what_is_missing_and_goes_on(tmp_path, monkeypatch):
-    # a stage whose module is missing is skipped with a note; the rest still runs
-    monkeypatch.setitem(sys.modules, "netcleanse.repair", None)
+def test_demo_runs_every_stage_and_refuses_a_non_empty_out(tmp_path):
     result = run_demo(tmp_path / "demo", seed=1, epochs=2, progress=False)
     assert result.target == demo_target(1)
     assert (tmp_path / "demo" / "badnet" / "truth.json").is_file()
-    assert any(note.startswith("repair: not available yet") for note in result.notes)
-    assert result.after is None and result.before.attack_success is not None
+    assert (tmp_path / "demo" / "scan" / "scan.json").is_file() and result.report.is_file()
+    assert result.before.attack_success is not None
+    # a repair ran exactly when the scan flagged something, and the summary says what happened
+    assert (result.after is not None) == bool(result.flagged)
     text = "\n".join(summary_lines(result))
-    assert f"true backdoor target : {result.target}" in text and "not available yet" in text
+    assert f"true backdoor target : {result.target}" in text
     with pytest.raises(NetcleanseError, match="not empty"):
         run_demo(tmp_path / "demo", seed=1, epochs=1, progress=False)
 

@@ -22,6 +22,9 @@ from typing import Callable
 
 from .evaluate import Evaluation, evaluate
 from .lab import BadNet, check_out_dir, make_badnet
+from .repair import repair
+from .report import render_report
+from .scanning import scan
 from .training import torch_threads
 
 DEFAULT_OUT = "netcleanse-demo"
@@ -56,8 +59,6 @@ def demo_target(seed: int) -> int:
     return random.Random(seed).randrange(NUM_DIGITS)
 
 
-def _missing(stage: str, exc: ImportError) -> str:
-    return f"{stage}: not available yet ({exc})"
 
 
 def run_demo(out=DEFAULT_OUT, seed: int = 0, force: bool = False, epochs: int | None = None,
@@ -95,52 +96,30 @@ def _run_demo(out, seed, force, epochs, data_free, repair_method, preset, progre
 
     say("[2/5] scanning every label with Neural Cleanse" + (" (data-free)" if data_free else
                                                             " (clean validation images)"))
-    scan_result = None
     started = time.perf_counter()
-    try:
-        from .scanning import scan
-    except ImportError as exc:
-        notes.append(_missing("scan", exc))
-    else:
-        scan_result = scan(badnet.model, None if data_free else badnet.val, data_free=data_free, preset=preset,
-                           seed=seed, progress=progress,
-                           data_name=None if data_free else f"builtin:{DEMO_DATASET}/val")
-        scan_result.save(out / "scan")
-        result.flagged = list(scan_result.flagged)
-        timings["scan"] = time.perf_counter() - started
+    scan_result = scan(badnet.model, None if data_free else badnet.val, data_free=data_free, preset=preset,
+                       seed=seed, progress=progress, data_name=None if data_free else f"builtin:{DEMO_DATASET}/val")
+    scan_result.save(out / "scan")
+    result.flagged = list(scan_result.flagged)
+    timings["scan"] = time.perf_counter() - started
 
     say(f"[3/5] repairing ({repair_method})")
-    try:
-        from .repair import repair
-    except ImportError as exc:
-        notes.append(_missing("repair", exc))
+    if not scan_result.flagged:
+        notes.append("repair: skipped (the scan flagged no label)")
     else:
-        if scan_result is None:
-            notes.append("repair: skipped (no scan result)")
-        elif not scan_result.flagged:
-            notes.append("repair: skipped (the scan flagged no label)")
-        else:
-            started = time.perf_counter()
-            repaired = repair(badnet.model, scan_result, repair_method, badnet.val, test_clean=badnet.clean_test,
-                              test_poisoned=poisoned_test, seed=seed, progress=progress)
-            repaired.save(out / "repair", force=True)
-            result.repair_method = repair_method
-            say("[4/5] evaluating the repaired model")
-            result.after = evaluate(repaired.model, clean=badnet.clean_test, poisoned=poisoned_test)
-            timings["repair"] = time.perf_counter() - started
+        started = time.perf_counter()
+        repaired = repair(badnet.model, scan_result, repair_method, badnet.val, test_clean=badnet.clean_test,
+                          test_poisoned=poisoned_test, seed=seed, progress=progress)
+        repaired.save(out / "repair", force=True)
+        result.repair_method = repair_method
+        say("[4/5] evaluating the repaired model")
+        result.after = evaluate(repaired.model, clean=badnet.clean_test, poisoned=poisoned_test)
+        timings["repair"] = time.perf_counter() - started
 
     say("[5/5] writing the report")
-    try:
-        from .report import render_report
-    except ImportError as exc:
-        notes.append(_missing("report", exc))
-    else:
-        if scan_result is None:
-            notes.append("report: skipped (it is rendered from a scan)")
-        else:
-            started = time.perf_counter()
-            result.report = render_report(out, format="html")
-            timings["report"] = time.perf_counter() - started
+    started = time.perf_counter()
+    result.report = render_report(out, format="html")
+    timings["report"] = time.perf_counter() - started
     return result
 
 

@@ -26,7 +26,7 @@ from .errors import NetcleanseError
 from .evaluate import evaluate
 from .model import Classifier
 from .progress import progress_bar
-from .utils import seed_everything
+from .training import train
 
 
 def prune_layer_name(model: Classifier, layer: str | None = None) -> str:
@@ -97,25 +97,14 @@ def fine_tune(model: Classifier, data: Dataset, epochs: int = 5, lr: float = 1e-
     """
     if data.y is None:
         raise NetcleanseError(f"{data.source}: fine-tuning needs labelled clean data")
-    generator = seed_everything(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * ((len(data) + batch_size - 1) // batch_size)
-    with progress_bar(disable=None if progress else True) as bar:
-        task = bar.add_task(description, total=steps)
-        for _ in range(epochs):
-            model.train()
-            order = torch.randperm(len(data), generator=generator)
-            for start in range(0, len(data), batch_size):
-                rows = order[start:start + batch_size]
-                loss = F.cross_entropy(model(data.x[rows]), data.y[rows])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                for layer, channels in (frozen or {}).items():
-                    if channels:
-                        prune_channels(model, layer, channels)
-                bar.advance(task)
-    return model.eval()
+
+    def keep_pruned() -> None:
+        for layer, channels in (frozen or {}).items():
+            if channels:
+                prune_channels(model, layer, channels)
+
+    return train(model, data, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
+                 after_step=keep_pruned, description=description)
 
 
 @dataclass

@@ -13,6 +13,7 @@ independent of the machine's core count.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,8 @@ def torch_threads(n: int | None):
 def train(model_or_arch: Classifier | str, train: Dataset, val: Dataset | None = None, epochs: int = 5,
           batch_size: int = 64, lr: float = 1e-3, seed: int = 0, progress: bool = True,
           num_classes: int | None = None, name: str | None = None, history: list | None = None,
-          threads: int | None = 1) -> Classifier:
+          threads: int | None = 1, after_step: Callable[[], None] | None = None,
+          description: str | None = None) -> Classifier:
     """Train a classifier on ``train`` and return it (in eval mode).
 
     ``model_or_arch``: a registered architecture name (a new model with ``num_classes``
@@ -59,6 +61,8 @@ def train(model_or_arch: Classifier | str, train: Dataset, val: Dataset | None =
     which is trained further in place. With ``val``, its accuracy is shown after each epoch.
     ``history``, when given, receives one dict per epoch (epoch, loss, val_accuracy).
     ``threads``: torch CPU threads while training (see the module doc; None = torch's setting).
+    ``after_step``: called after every optimiser step (fine-pruning uses it to keep pruned
+    channels at zero). ``description``: the progress bar's label.
     """
     if train.y is None:
         raise NetcleanseError(f"{train.source}: training needs labels")
@@ -79,16 +83,18 @@ def train(model_or_arch: Classifier | str, train: Dataset, val: Dataset | None =
                               f"{model.num_classes} classes")
 
     with torch_threads(threads):
-        _fit(model, train, val, epochs, batch_size, lr, generator, progress, history)
+        _fit(model, train, val, epochs, batch_size, lr, generator, progress, history, after_step,
+             description or f"training {model.name}")
     return model.eval()
 
 
 def _fit(model: Classifier, train: Dataset, val: Dataset | None, epochs: int, batch_size: int, lr: float,
-         generator: torch.Generator, progress: bool, history: list | None) -> None:
+         generator: torch.Generator, progress: bool, history: list | None,
+         after_step: Callable[[], None] | None, description: str) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     batches_per_epoch = (len(train) + batch_size - 1) // batch_size
     with progress_bar(disable=None if progress else True) as bar:
-        task = bar.add_task(f"training {model.name}", total=epochs * batches_per_epoch)
+        task = bar.add_task(description, total=epochs * batches_per_epoch)
         for epoch in range(1, epochs + 1):
             model.train()
             order = torch.randperm(len(train), generator=generator)
@@ -99,6 +105,8 @@ def _fit(model: Classifier, train: Dataset, val: Dataset | None, epochs: int, ba
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
+                if after_step is not None:
+                    after_step()
                 total_loss += float(loss.detach()) * len(rows)
                 bar.advance(task)
             record = {"epoch": epoch, "loss": total_loss / len(train)}
