@@ -22,7 +22,6 @@ are 0..255 (CSAW's own files store floats 0..255); either way they are divided b
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from .errors import NetcleanseError
+from .utils import atomic_write
 
 
 @dataclass
@@ -453,8 +453,7 @@ def save_data(dataset: Dataset, path, *, overwrite: bool = False) -> Path:
     if dataset.info.get("true_labels") is not None:
         extras["true_labels"] = np.asarray(dataset.info["true_labels"], dtype=np.int64)
     labels = None if dataset.y is None else dataset.y.numpy().astype(np.int64)
-    temporary = path.with_name(f".{path.name}.partial{os.getpid()}")
-    try:
+    with atomic_write(path) as temporary:
         if suffix == ".npz":
             with open(temporary, "wb") as f:
                 arrays = {"x": pixels, **({"y": labels} if labels is not None else {}), **extras}
@@ -471,8 +470,4 @@ def save_data(dataset: Dataset, path, *, overwrite: bool = False) -> Path:
                     h5.create_dataset("true_labels", data=extras["true_labels"])
                 h5.attrs["layout"] = "NCHW"
                 h5.attrs["pixel_range"] = "0..255"
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
     return path

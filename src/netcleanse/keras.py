@@ -34,7 +34,6 @@ dataset names (``<layer>/<layer>/kernel:0``, ``bias:0``, BatchNormalization ``ga
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +47,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .architectures import get_architecture
 from .errors import NetcleanseError
 from .model import Classifier
+from .utils import atomic_write, first_line
 
 # Errors h5py raises on truncated or corrupt files; turned into NetcleanseError at the boundary.
 _H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError)
@@ -62,11 +62,6 @@ EXPORT_KERAS_VERSION = "2.2.4"
 
 def _decode(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,7 +109,7 @@ def _model_config(h5: h5py.File) -> dict | None:
     try:
         config = json.loads(_decode(raw))
     except ValueError as exc:
-        raise NetcleanseError(f"the file's model_config is not valid JSON ({_first_line(exc)})") from None
+        raise NetcleanseError(f"the file's model_config is not valid JSON ({first_line(exc)})") from None
     if not isinstance(config, dict) or "class_name" not in config:
         raise NetcleanseError("the file's model_config is not a Keras model config")
     return config
@@ -938,7 +933,7 @@ class KerasGraph(nn.Module):
             except (RuntimeError, ValueError, ZeroDivisionError, TypeError, IndexError) as exc:
                 shapes = ", ".join("x".join(map(str, a.shape[1:])) for a in args)
                 raise NetcleanseError(f"layer {name!r} cannot be built on its input ({shapes}): "
-                                      f"{_first_line(exc)}") from None
+                                      f"{first_line(exc)}") from None
         return values[output_node]
 
     def _call(self, name: str, args: list[torch.Tensor], drop_softmax: bool, build: bool) -> torch.Tensor:
@@ -956,7 +951,7 @@ class KerasGraph(nn.Module):
                                                       self._keras_major)
             except (KeyError, TypeError, IndexError, ValueError) as exc:
                 raise NetcleanseError(f"layer {name!r} ({class_name}) has a config netcleanse cannot read "
-                                      f"({type(exc).__name__}: {_first_line(exc)})") from None
+                                      f"({type(exc).__name__}: {first_line(exc)})") from None
             if "." in name or hasattr(self, name) and name not in self._modules:
                 raise NetcleanseError(f"layer name {name!r} cannot be used as a torch module name")
             self.add_module(name, module)
@@ -1036,14 +1031,14 @@ def graph_from_config(config_json: str | dict, keras_version: str = "2") -> Kera
         try:
             config_json = json.loads(config_json)
         except ValueError as exc:
-            raise NetcleanseError(f"the Keras model config is not valid JSON ({_first_line(exc)})") from None
+            raise NetcleanseError(f"the Keras model config is not valid JSON ({first_line(exc)})") from None
     if not isinstance(config_json, dict) or str(config_json.get("class_name")) not in MODEL_CLASSES:
         raise NetcleanseError("the Keras config does not describe a Sequential or Functional model")
     try:
         return KerasGraph(config_json, keras_version)
     except (KeyError, TypeError, IndexError, ValueError, AttributeError) as exc:
         raise NetcleanseError(f"the Keras model config is malformed ({type(exc).__name__}: "
-                              f"{_first_line(exc)})") from None
+                              f"{first_line(exc)})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1062,7 +1057,7 @@ def load_keras(path, arch: str | None = None, input_scale: float = 1.0, name: st
     try:
         h5 = h5py.File(path, "r")
     except _H5_ERRORS as exc:
-        raise NetcleanseError(f"{path} is not a readable HDF5 file ({_first_line(exc)})") from None
+        raise NetcleanseError(f"{path} is not a readable HDF5 file ({first_line(exc)})") from None
     try:
         with h5:
             weights_root = h5["model_weights"] if "model_weights" in h5 else h5
@@ -1085,7 +1080,7 @@ def load_keras(path, arch: str | None = None, input_scale: float = 1.0, name: st
             keras_weights_to_module(weights_root, graph)
     except _H5_ERRORS as exc:
         raise NetcleanseError(f"{path}: cannot read the Keras file, it may be truncated or corrupt "
-                              f"({_first_line(exc)})") from None
+                              f"({first_line(exc)})") from None
     if len(graph.output_shape) != 1:
         raise NetcleanseError(f"{path}: the model's output has shape {graph.output_shape}; "
                               "netcleanse needs one score per class")
@@ -1164,9 +1159,7 @@ def save_keras_weights(model, path) -> Path:
         raise NetcleanseError("the model has no weights to export")
     # A rebuilt Keras model keeps its own version: its config is in that version's dialect.
     version = (net.keras_version if isinstance(net, KerasGraph) else EXPORT_KERAS_VERSION).encode()
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
         with h5py.File(tmp, "w") as f:
             root = f
             if isinstance(net, KerasGraph):
@@ -1182,10 +1175,4 @@ def save_keras_weights(model, path) -> Path:
                 _write_attr_list(group, "weight_names", [weight_name for weight_name, _ in weights])
                 for weight_name, value in weights:
                     group.create_dataset(weight_name, data=value)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise NetcleanseError(f"cannot write {path} ({_first_line(exc)})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

@@ -52,7 +52,7 @@ from .errors import NetcleanseError
 from .neural_cleanse import Schedule, attack_success, reverse_engineer
 from .progress import progress_bar
 from .trigger import Trigger
-from .utils import resolve_device
+from .utils import atomic_write, resolve_device
 
 FORMAT_VERSION = 1
 
@@ -266,15 +266,13 @@ def _invert(model, x0: torch.Tensor, generator: torch.Generator, device, steps: 
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        np.savez(tmp, **arrays)
 
 
 def _file_stem(name: str) -> str:

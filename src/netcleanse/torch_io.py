@@ -31,7 +31,6 @@ TorchScript net is saved as TorchScript with the extra file), ``.h5`` -> Keras w
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -42,15 +41,11 @@ from torch import nn
 from .architectures import get_architecture
 from .errors import NetcleanseError
 from .model import Classifier
+from .utils import atomic_write, first_line
 
 FORMAT = "netcleanse"
 VERSION = 1
 EXTRA_FILE = "netcleanse.json"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -59,7 +54,7 @@ def _is_torchscript(path: Path) -> bool:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError) as exc:
-        raise NetcleanseError(f"{path} is not a readable PyTorch file ({_first_line(exc)})") from None
+        raise NetcleanseError(f"{path} is not a readable PyTorch file ({first_line(exc)})") from None
     if "config.json" in names and "model.weights.h5" in names:
         raise NetcleanseError(f"{path} is a Keras 3 .keras archive, which netcleanse does not read; in Keras, "
                               "save the model as .h5 (model.save('model.h5')) and load that")
@@ -81,10 +76,10 @@ def load_torch(path, arch: str | None = None, input_scale: float = 1.0, name: st
     except pickle.UnpicklingError as exc:
         raise NetcleanseError(f"{path} holds pickled Python objects, not just weights; netcleanse loads only "
                               "state_dicts, netcleanse checkpoints and TorchScript files "
-                              f"({_first_line(exc)})") from None
+                              f"({first_line(exc)})") from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         raise NetcleanseError(f"{path} is not a readable PyTorch file, it may be truncated or corrupt "
-                              f"({_first_line(exc)})") from None
+                              f"({first_line(exc)})") from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         return _from_checkpoint(obj, path, arch, input_scale, name)
     return _from_state_dict(obj, path, arch, input_scale, name)
@@ -201,7 +196,7 @@ def _load_torchscript(path: Path, arch: str | None, input_scale: float, name: st
     try:
         net = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except (RuntimeError, OSError, ValueError) as exc:
-        raise NetcleanseError(f"{path} is not a loadable TorchScript file ({_first_line(exc)})") from None
+        raise NetcleanseError(f"{path} is not a loadable TorchScript file ({first_line(exc)})") from None
     info = {}
     if extra[EXTRA_FILE]:
         try:
@@ -224,7 +219,7 @@ def _load_torchscript(path: Path, arch: str | None, input_scale: float, name: st
             out = net(torch.zeros((1,) + tuple(input_shape)))
     except Exception as exc:  # any failure of the scripted program on a well-formed input
         raise NetcleanseError(f"{path}: the TorchScript model fails on a {'x'.join(map(str, input_shape))} "
-                              f"input ({_first_line(exc)})") from None
+                              f"input ({first_line(exc)})") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise NetcleanseError(f"{path}: the TorchScript model must return one score per class (N x classes)")
     return Classifier(net, input_shape, int(out.shape[1]), input_scale=scale, name=name, arch=None,
@@ -261,9 +256,7 @@ def save_model(model: Classifier, path) -> Path:
         return save_keras_weights(model, path)
     if suffix not in (".pt", ".pth"):
         raise NetcleanseError(f"cannot save a model as {path.name!r}: use a .pt (PyTorch) or .h5 (Keras) file name")
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
         if isinstance(model.net, torch.jit.ScriptModule) and model.poison_label is None:
             info = {"input_shape": list(model.input_shape), "input_scale": model.input_scale, "name": model.name}
             torch.jit.save(model.net, str(tmp), _extra_files={EXTRA_FILE: json.dumps(info)})
@@ -274,10 +267,4 @@ def save_model(model: Classifier, path) -> Path:
             else:
                 ckpt = checkpoint(model)
             torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise NetcleanseError(f"cannot write {path} ({_first_line(exc)})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
