@@ -352,12 +352,8 @@ def _chromium() -> str | None:
         ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
 
-def test_large_report_renders_in_headless_chromium(tmp_path):
-    browser = _chromium()
-    if browser is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install chromium); headless rendering not checked")
-    write_scan(tmp_path / "scan", 1283, shape=(3, 55, 47), planted=(0,), name="sunglasses_bd_net")
-    page = render_report(tmp_path / "scan")
+def _screenshot(browser: str, page: Path, tmp_path: Path) -> Path:
+    """Render ``page`` in headless Chromium; assert it rendered a non-blank 1280x2000 screenshot."""
     shot = tmp_path / "shot.png"
     done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                            "--no-first-run", "--disable-background-networking", "--disable-component-update",
@@ -370,3 +366,35 @@ def test_large_report_renders_in_headless_chromium(tmp_path):
         assert image.size == (1280, 2000)
         # Not a blank page: the verdict box and plots put many distinct colours on screen.
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 50
+    return shot
+
+
+def test_large_report_renders_in_headless_chromium(tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium); headless rendering not checked")
+    write_scan(tmp_path / "scan", 1283, shape=(3, 55, 47), planted=(0,), name="sunglasses_bd_net")
+    _screenshot(browser, render_report(tmp_path / "scan"), tmp_path)
+
+
+@pytest.mark.slow
+def test_report_of_a_real_csaw_scan_renders_in_headless_chromium(tmp_path):
+    csaw = Path(__file__).resolve().parents[1].parent / "shared" / "csaw"
+    if not csaw.is_dir():
+        pytest.skip(f"{csaw} is absent: the real CSAW-HackML BadNets are not available here")
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium); headless rendering not checked")
+    from netcleanse.cli import main
+    out = tmp_path / "scan"
+    with pytest.raises(SystemExit) as done:  # `scan` writes report.html itself at the end
+        main(["scan", str(csaw / "models" / "sunglasses_bd_weights.h5"), "--arch", "csaw-deepid",
+              "--data-free", "--out", str(out)])  # a full 1283-label scan: about 4 minutes
+    assert done.value.code == 0
+    page = out / "report.html"
+    scan = json.loads((out / "scan.json").read_text())
+    text = html.unescape(re.sub(r"<[^>]+>", " ", page.read_text()))
+    assert "sunglasses_bd_weights" in text and "1283 of 1283" in text
+    for label in scan["flagged"]:
+        assert f"label {label}" in text
+    _screenshot(browser, page, tmp_path)
