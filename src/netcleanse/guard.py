@@ -24,6 +24,8 @@ Two detectors:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -250,11 +252,10 @@ def guard_checkpoint(model: GuardedClassifier) -> dict:
 
 
 def _classifier(ckpt, what: str) -> Classifier:
-    from pathlib import Path
-    from .torch_io import _from_checkpoint
+    from .torch_io import from_checkpoint  # torch_io hands guarded checkpoints to this module
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "classifier":
         raise NetcleanseError(f"guarded checkpoint: its {what} model is missing or not a classifier")
-    return _from_checkpoint(ckpt, Path(str(ckpt.get("source") or what)), None, 1.0, str(ckpt.get("name", what)))
+    return from_checkpoint(ckpt, Path(str(ckpt.get("source") or what)), None, 1.0, str(ckpt.get("name", what)))
 
 
 def guarded_from_checkpoint(ckpt: dict) -> GuardedClassifier:

@@ -81,7 +81,7 @@ def load_torch(path, arch: str | None = None, input_scale: float = 1.0, name: st
         raise NetcleanseError(f"{path} is not a readable PyTorch file, it may be truncated or corrupt "
                               f"({first_line(exc)})") from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return _from_checkpoint(obj, path, arch, input_scale, name)
+        return from_checkpoint(obj, path, arch, input_scale, name)
     return _from_state_dict(obj, path, arch, input_scale, name)
 
 
@@ -89,7 +89,9 @@ def _scale(recorded, given: float) -> float:
     return float(given) if given != 1.0 or recorded is None else float(recorded)
 
 
-def _from_checkpoint(ckpt: dict, path: Path, arch: str | None, input_scale: float, name: str) -> Classifier:
+def from_checkpoint(ckpt: dict, path: Path, arch: str | None, input_scale: float, name: str) -> Classifier:
+    """A Classifier from a netcleanse checkpoint dict already read with ``weights_only=True``
+    (also used for the models nested inside a guarded checkpoint)."""
     version = ckpt.get("version")
     if not isinstance(version, int) or version > VERSION:
         raise NetcleanseError(f"{path} is a netcleanse checkpoint of version {version}; this netcleanse reads "
