@@ -177,10 +177,9 @@ def reverse_engineer(model, x: torch.Tensor, labels, schedule: Schedule, *, gene
 
     st = _State.new(L)
     if init_cost is not None:
+        # a continued search has already found its cost: skip the "start at 0" phase. As in the
+        # original code, the early stop waits until the cost has moved both ways, in this search
         st.cost = init_cost.clone().float()
-        # a continued search has already found its cost: skip the "start at 0" phase
-        st.up_flag[:] = True
-        st.down_flag[:] = True
     best_mask = from_tanh_space(mask_w).detach().clone()
     best_pattern = from_tanh_space(pattern_w).detach().clone()
     last_mask, last_pattern = best_mask.clone(), best_pattern.clone()

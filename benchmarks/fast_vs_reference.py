@@ -1,0 +1,85 @@
+"""Does the ``fast`` preset flag the same labels as ``reference`` (the original protocol)?
+
+    python benchmarks/zoo.py --n 3 --out zoo --seed 3              # build a zoo first
+    python benchmarks/detection_quality.py ...                     # (separately: TPR/FPR)
+    python benchmarks/fast_vs_reference.py zoo [--models badnet_00,clean_00] [--mode data|data-free]
+                                               [--threads 1] [--json out.json]
+
+For each chosen model of ``zoo/zoo.json`` it scans all labels twice in the same run, with
+``reference`` and with ``fast`` (same inputs source, same seed), and prints both flag lists,
+whether they agree, both wall times and their ratio, and the Spearman correlation of the two
+presets' per-label mask L1 norms (do they rank the labels alike?). The last line sums up: models
+where the flags agree, total time of each preset, and the overall speed-up.
+Reference scans take minutes per 10-label model; pick a few models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import netcleanse
+from netcleanse.data import load_data
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("zoo", type=Path)
+    ap.add_argument("--models", default=None, help="comma-separated zoo folders (default: all)")
+    ap.add_argument("--mode", choices=("data", "data-free"), default="data")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    index_path = args.zoo / "zoo.json"
+    if not index_path.is_file():
+        print(f"no zoo.json in {args.zoo}: build it with benchmarks/zoo.py", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    entries = json.loads(index_path.read_text())["models"]
+    if args.models:
+        wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+        entries = [e for e in entries if e["folder"] in wanted]
+        if len(entries) != len(wanted):
+            print(f"unknown model among {wanted}", file=sys.stderr)
+            return 2
+
+    from scipy.stats import spearmanr  # scikit-learn's dependency
+    rows = []
+    for entry in entries:
+        folder = args.zoo / entry["folder"]
+        model = netcleanse.load_model(folder / "model.pt")
+        data = None
+        if args.mode == "data":
+            data = load_data(folder / "clean_test.npz", expect_shape=model.input_shape, num_classes=model.num_classes)
+        row = {"model": entry["folder"], "targets": sorted(entry["targets"])}
+        for preset in ("reference", "fast"):
+            t = time.perf_counter()
+            result = netcleanse.scan(model, data, data_free=data is None, preset=preset, seed=args.seed,
+                                     progress=False)
+            row[preset] = {"flagged": result.flagged, "time_s": time.perf_counter() - t,
+                           "mask_l1": [r["mask_l1"] for r in result.labels]}
+        row["agree"] = row["reference"]["flagged"] == row["fast"]["flagged"]
+        row["speedup"] = row["reference"]["time_s"] / row["fast"]["time_s"]
+        row["l1_spearman"] = float(spearmanr(row["reference"]["mask_l1"], row["fast"]["mask_l1"])[0])
+        rows.append(row)
+        print(f"{row['model']:<10} truth {row['targets']!s:<7} reference {row['reference']['flagged']!s:<7} "
+              f"({row['reference']['time_s']:.0f} s)  fast {row['fast']['flagged']!s:<7} ({row['fast']['time_s']:.1f} s)  "
+              f"{'same flags' if row['agree'] else 'DIFFERENT flags'}  {row['speedup']:.0f}x faster  "
+              f"L1 rank correlation {row['l1_spearman']:.2f}", flush=True)
+    ref_s = sum(r["reference"]["time_s"] for r in rows)
+    fast_s = sum(r["fast"]["time_s"] for r in rows)
+    print(f"{args.mode}: same flags on {sum(r['agree'] for r in rows)}/{len(rows)} models; reference {ref_s:.0f} s, "
+          f"fast {fast_s:.0f} s in all: {ref_s / fast_s:.1f}x faster")
+    if args.json:
+        args.json.write_text(json.dumps({"mode": args.mode, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
