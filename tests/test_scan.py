@@ -240,3 +240,30 @@ def test_cli_scan(tmp_path):
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["scan", str(path), "--out", str(tmp_path / "o2")])
     assert res.exit_code != 0
+
+
+class _AlwaysLabel(nn.Module):
+    """Answers ``label`` for every input: any trigger "succeeds", so the cost only ever rises."""
+
+    def __init__(self, label: int, n_classes: int = 3):
+        super().__init__()
+        self.register_buffer("logits", F.one_hot(torch.tensor(label), n_classes).float() * 10)
+
+    def forward(self, x):
+        return self.logits + 0.0 * x.flatten(1).sum(1, keepdim=True)
+
+
+def test_continued_search_early_stops_only_after_the_cost_moved_both_ways():
+    from netcleanse.neural_cleanse import Schedule, reverse_engineer
+    model = _AlwaysLabel(1)
+    x = torch.rand(16, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    schedule = Schedule(batch_size=4, steps_per_epoch=1, max_epochs=200, patience=2, early_stop_patience=5)
+    fresh = reverse_engineer(model, x, [1], schedule, generator=torch.Generator().manual_seed(0))[0]
+    continued = reverse_engineer(model, x, [1], schedule, generator=torch.Generator().manual_seed(0),
+                                 init=(torch.full((1, 6, 6), 0.5), torch.rand(1, 1, 6, 6)),
+                                 init_cost=torch.tensor([1e-3]))[0]
+    # every epoch succeeds, so the cost never goes down and neither search may stop early, even
+    # once the mask has shrunk as far as float32 allows and stopped improving
+    assert fresh.succeeded and continued.succeeded
+    assert fresh.epochs == continued.epochs == schedule.max_epochs
+    assert continued.mask_l1 < 0.01
