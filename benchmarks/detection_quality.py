@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 import netcleanse
-from netcleanse.data import load_data
+from netcleanse.errors import NetcleanseError
+from zoo import load_member, read_zoo  # benchmarks/ is on sys.path when run as a script
 
 
 def main(argv=None) -> int:
@@ -35,23 +36,19 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="data,data-free")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    index_path = args.zoo / "zoo.json"
-    if not index_path.is_file():
-        print(f"no zoo.json in {args.zoo}: build it with benchmarks/zoo.py", file=sys.stderr)
+    try:
+        entries = read_zoo(args.zoo)
+    except NetcleanseError as exc:
+        print(exc, file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    zoo = json.loads(index_path.read_text())
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     rows = []
-    for entry in zoo["models"]:
-        folder = args.zoo / entry["folder"]
-        model = netcleanse.load_model(folder / "model.pt")
+    for entry in entries:
         truth = sorted(int(t) for t in entry["targets"])
+        model, clean = load_member(args.zoo, entry, with_data="data" in modes)
         for mode in modes:
-            data = None
-            if mode == "data":
-                data = load_data(folder / "clean_test.npz", expect_shape=model.input_shape,
-                                 num_classes=model.num_classes)
+            data = clean if mode == "data" else None
             t = time.perf_counter()
             result = netcleanse.scan(model, data, data_free=data is None, preset=args.preset, seed=args.seed,
                                      progress=False)

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 import netcleanse
-from netcleanse.data import load_data
+from netcleanse.errors import NetcleanseError
+from zoo import load_member, read_zoo  # benchmarks/ is on sys.path when run as a script
 
 
 def main(argv=None) -> int:
@@ -36,12 +37,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    index_path = args.zoo / "zoo.json"
-    if not index_path.is_file():
-        print(f"no zoo.json in {args.zoo}: build it with benchmarks/zoo.py", file=sys.stderr)
+    try:
+        entries = read_zoo(args.zoo)
+    except NetcleanseError as exc:
+        print(exc, file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    entries = json.loads(index_path.read_text())["models"]
     if args.models:
         wanted = [m.strip() for m in args.models.split(",") if m.strip()]
         entries = [e for e in entries if e["folder"] in wanted]
@@ -52,11 +53,7 @@ def main(argv=None) -> int:
     from scipy.stats import spearmanr  # scikit-learn's dependency
     rows = []
     for entry in entries:
-        folder = args.zoo / entry["folder"]
-        model = netcleanse.load_model(folder / "model.pt")
-        data = None
-        if args.mode == "data":
-            data = load_data(folder / "clean_test.npz", expect_shape=model.input_shape, num_classes=model.num_classes)
+        model, data = load_member(args.zoo, entry, with_data=args.mode == "data")
         row = {"model": entry["folder"], "targets": sorted(entry["targets"])}
         for preset in ("reference", "fast"):
             t = time.perf_counter()

@@ -99,6 +99,25 @@ def build_zoo(n: int, out: Path, seed: int = 0, dataset: str = "mnist", arch: st
     return entries
 
 
+def read_zoo(zoo: Path) -> list[dict]:
+    """The model entries of ``zoo/zoo.json`` (see :func:`build_zoo`)."""
+    index_path = zoo / "zoo.json"
+    if not index_path.is_file():
+        raise NetcleanseError(f"no zoo.json in {zoo}: build it with benchmarks/zoo.py")
+    return json.loads(index_path.read_text())["models"]
+
+
+def load_member(zoo: Path, entry: dict, with_data: bool):
+    """(model, its clean test images or None) of one zoo entry."""
+    import netcleanse
+    from netcleanse.data import load_data
+    folder = zoo / entry["folder"]
+    model = netcleanse.load_model(folder / "model.pt")
+    data = (load_data(folder / "clean_test.npz", expect_shape=model.input_shape, num_classes=model.num_classes)
+            if with_data else None)
+    return model, data
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=5, help="number of clean and of backdoored models (each)")
