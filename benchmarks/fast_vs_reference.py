@@ -15,34 +15,22 @@ Reference scans take minutes per 10-label model; pick a few models.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-from pathlib import Path
-
-import torch
 
 import netcleanse
-from netcleanse.errors import NetcleanseError
-from zoo import load_member, read_zoo  # benchmarks/ is on sys.path when run as a script
+from zoo import benchmark_parser, load_member, open_zoo  # benchmarks/ is on sys.path when run as a script
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("zoo", type=Path)
+    ap = benchmark_parser(__doc__.splitlines()[0], threads=1)
     ap.add_argument("--models", default=None, help="comma-separated zoo folders (default: all)")
     ap.add_argument("--mode", choices=("data", "data-free"), default="data")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    try:
-        entries = read_zoo(args.zoo)
-    except NetcleanseError as exc:
-        print(exc, file=sys.stderr)
+    entries = open_zoo(args)
+    if entries is None:
         return 2
-    torch.set_num_threads(args.threads)
     if args.models:
         wanted = [m.strip() for m in args.models.split(",") if m.strip()]
         entries = [e for e in entries if e["folder"] in wanted]

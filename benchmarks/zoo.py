@@ -99,6 +99,28 @@ def build_zoo(n: int, out: Path, seed: int = 0, dataset: str = "mnist", arch: st
     return entries
 
 
+def benchmark_parser(description: str, threads: int) -> argparse.ArgumentParser:
+    """The arguments every zoo benchmark takes: the zoo folder, torch threads, scan seed, JSON output."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("zoo", type=Path)
+    ap.add_argument("--threads", type=int, default=threads)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path)
+    return ap
+
+
+def open_zoo(args) -> list[dict] | None:
+    """The zoo's entries, with torch set to ``args.threads``; None (message printed) if there is no zoo."""
+    try:
+        entries = read_zoo(args.zoo)
+    except NetcleanseError as exc:
+        print(exc, file=sys.stderr)
+        return None
+    import torch
+    torch.set_num_threads(args.threads)
+    return entries
+
+
 def read_zoo(zoo: Path) -> list[dict]:
     """The model entries of ``zoo/zoo.json`` (see :func:`build_zoo`)."""
     index_path = zoo / "zoo.json"
