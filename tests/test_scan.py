@@ -242,6 +242,20 @@ def test_cli_scan(tmp_path):
     assert res.exit_code != 0
 
 
+def test_cli_verdict_lists_flags_most_anomalous_first():
+    from netcleanse.cli.scan import verdict
+    records = [{"label": t, "mask_l1": l1, "anomaly_index": a, "flagged": a > 2}
+               for t, l1, a in [(0, 90.0, 2.1), (1, 10.0, 3.4), (2, 300.0, -0.5), (3, 60.0, 2.6)]]
+    result = ScanResult(labels=records, flagged=[0, 1, 3], threshold=2.0, preset="fast", data="data-free",
+                        elapsed_s=1.0, model={}, settings={}, masks=np.zeros((4, 2, 2)), patterns=np.zeros((4, 1, 2, 2)))
+    line = verdict(result)
+    assert line.startswith("BACKDOOR SUSPECTED: 3 of 4 labels flagged")
+    assert line.index("1 (index 3.40") < line.index("3 (index 2.60") < line.index("0 (index 2.10")
+    assert "2 (index" not in line
+    result.flagged, result.labels = [], [dict(r, flagged=False) for r in records]
+    assert verdict(result) == "no label flagged among 4 scanned (threshold 2)"
+
+
 class _AlwaysLabel(nn.Module):
     """Answers ``label`` for every input: any trigger "succeeds", so the cost only ever rises."""
 

@@ -41,12 +41,18 @@ def scan(
     result = run_scan(model, dataset, data_free=data_free, labels=parse_labels(labels, model.num_classes),
                       preset=preset, threshold=threshold, seed=seed, out=out, resume=resume, device=device,
                       save_all_images=save_all_images, data_name=None if data is None else str(data))
-    n = len(result.labels)
-    if result.flagged:
-        flagged = ", ".join(f"{t} (index {result.record(t)['anomaly_index']:.2f}, mask L1 {result.record(t)['mask_l1']:.1f})"
-                            for t in result.flagged)
-        typer.echo(f"BACKDOOR SUSPECTED: {len(result.flagged)} of {n} labels flagged: {flagged}")
-    else:
-        typer.echo(f"no label flagged among {n} scanned (threshold {result.threshold:g})")
+    typer.echo(verdict(result))
     from ..report import render_report
     typer.echo(f"scan took {result.elapsed_s:.1f} s; results in {out}; report {render_report(out)}")
+
+
+def verdict(result) -> str:
+    """One line for the terminal. Flagged labels are listed most anomalous first: on 1000+-label
+    models a few tail labels cross the threshold too, and the top anomaly is the one to look at."""
+    n = len(result.labels)
+    if not result.flagged:
+        return f"no label flagged among {n} scanned (threshold {result.threshold:g})"
+    ranked = sorted(result.flagged, key=lambda t: -result.record(t)["anomaly_index"])
+    listed = ", ".join(f"{t} (index {result.record(t)['anomaly_index']:.2f}, mask L1 {result.record(t)['mask_l1']:.1f})"
+                       for t in ranked)
+    return f"BACKDOOR SUSPECTED: {len(ranked)} of {n} labels flagged, most anomalous first: {listed}"
