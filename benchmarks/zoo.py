@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from netcleanse.architectures import get_architecture
 from netcleanse.attacks import PATTERNS, POSITIONS, blend_trigger, patch_trigger
 from netcleanse.errors import NetcleanseError
@@ -116,7 +118,6 @@ def open_zoo(args) -> list[dict] | None:
     except NetcleanseError as exc:
         print(exc, file=sys.stderr)
         return None
-    import torch
     torch.set_num_threads(args.threads)
     return entries
 
