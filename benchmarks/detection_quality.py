@@ -7,8 +7,9 @@ For each model of ``zoo/zoo.json`` (clean and backdoored, mixed triggers), runs
 :func:`netcleanse.scan` twice: on the model's own clean test images (``clean_test.npz``, "data")
 and data-free. A model's verdict is "backdoored" when any label is flagged; a backdoored model is a
 true positive when the flags contain a planted target, and "exact" when the flags are exactly the
-planted targets. Prints per-model lines, then per mode the true/false positive rates and the AUROC
-(scikit-learn) of the maximum anomaly index as a backdoor score. Backdoors whose attack did not
+planted targets. Prints per-model lines, then per mode the true/false positive rates, the AUROC
+(scikit-learn) of the maximum anomaly index as a backdoor score, and on how many backdoored models
+the most anomalous label is a planted target. Backdoors whose attack did not
 take (``attack_learned`` false in zoo.json) are reported but left out of the rates.
 """
 
@@ -44,6 +45,7 @@ def main(argv=None) -> int:
                    "backdoored": bool(entry["backdoored"]),
                    "attack_learned": entry.get("attack_learned", bool(entry["backdoored"])),
                    "flagged": result.flagged, "max_index": max(r["anomaly_index"] for r in result.labels),
+                   "top_label": max(result.labels, key=lambda r: r["anomaly_index"])["label"],
                    "time_s": time.perf_counter() - t}
             row["detected"] = bool(result.flagged)
             row["exact"] = result.flagged == truth
@@ -51,7 +53,8 @@ def main(argv=None) -> int:
             rows.append(row)
             verdict = "BACKDOORED" if row["detected"] else "clean"
             print(f"{row['model']:<12} {mode:<9} {row['kind']:<6} truth {truth!s:<8} flagged {result.flagged!s:<10} "
-                  f"-> {verdict:<10} {'exact' if row['exact'] else ''} max index {row['max_index']:.2f} "
+                  f"-> {verdict:<10} {'exact' if row['exact'] else '':<5} max index {row['max_index']:.2f} "
+                  f"(label {row['top_label']}) "
                   f"({row['time_s']:.0f} s)", flush=True)
 
     from sklearn.metrics import roc_auc_score
@@ -65,10 +68,12 @@ def main(argv=None) -> int:
         fpr = sum(r["detected"] for r in neg) / len(neg) if neg else float("nan")
         auroc = (roc_auc_score([r["backdoored"] for r in scored], [r["max_index"] for r in scored])
                  if pos and neg else float("nan"))
+        top_is_target = sum(r["top_label"] in r["targets"] for r in pos)
         summary[mode] = {"n_backdoored": len(pos), "n_clean": len(neg), "tpr": tpr, "exact_targets": exact,
-                         "fpr": fpr, "auroc": auroc}
+                         "fpr": fpr, "auroc": auroc, "top_label_is_a_target": top_is_target}
         print(f"{mode}: {len(pos)} backdoored, {len(neg)} clean: TPR {tpr:.2f} (exact targets {exact:.2f}), "
-              f"FPR {fpr:.2f}, AUROC(max anomaly index) {auroc:.2f}")
+              f"FPR {fpr:.2f}, AUROC(max anomaly index) {auroc:.2f}, "
+              f"most anomalous label is a planted target on {top_is_target}/{len(pos)}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "summary": summary, "preset": args.preset}, indent=1))
     return 0
