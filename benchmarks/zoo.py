@@ -25,8 +25,10 @@ import torch
 
 from netcleanse.architectures import get_architecture
 from netcleanse.attacks import PATTERNS, POSITIONS, blend_trigger, patch_trigger
+from netcleanse.data import load_data
 from netcleanse.errors import NetcleanseError
 from netcleanse.lab import DEFAULT_ARCH, make_badnet, make_clean_model
+from netcleanse.model import load_model
 
 KINDS = ("patch", "blend", "multi")
 NUM_CLASSES = 10
@@ -132,10 +134,8 @@ def read_zoo(zoo: Path) -> list[dict]:
 
 def load_member(zoo: Path, entry: dict, with_data: bool):
     """(model, its clean test images or None) of one zoo entry."""
-    import netcleanse
-    from netcleanse.data import load_data
     folder = zoo / entry["folder"]
-    model = netcleanse.load_model(folder / "model.pt")
+    model = load_model(folder / "model.pt")
     data = (load_data(folder / "clean_test.npz", expect_shape=model.input_shape, num_classes=model.num_classes)
             if with_data else None)
     return model, data

@@ -23,8 +23,9 @@ synthesises. Two presets:
        are compared only with labels refined the same way: the median and MAD come from the
        random controls (an unbiased sample of all labels at the same budget). Labels that were
        not refined get their index from the coarse pass's median/MAD over all labels.
-    When there are no more labels than candidates + controls (48), every label is refined and the
-    index is the paper's (median/MAD over all labels).
+    When there are no more labels than candidates + controls (64), every label is refined, on
+    200 inputs with a longer schedule (``few_labels_refine``: up to 200 epochs of 2 x 32 inputs),
+    and the index is the paper's (median/MAD over all labels).
 
 Long scans persist every finished chunk of labels to ``out`` (``progress.jsonl`` + ``partial/``,
 written atomically), so an interrupted scan resumes with ``resume=True`` and gives the same
