@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from netcleanse.detection import MAD_CONSISTENCY, anomaly_indices, flag_labels, median_and_mad
+from netcleanse.detection import MAD_CONSISTENCY, anomaly_indices, flag_labels, index_ceiling, median_and_mad
 from netcleanse.errors import NetcleanseError
 
 
@@ -42,8 +42,27 @@ def test_reference_sample_sets_median_and_mad():
     assert idx == pytest.approx([10 / 2.9652, 0.0, -6 / 2.9652])
 
 
+def test_index_ceiling_bounds_every_index():
+    # the earlier hand-worked vector: median 97.5, MAD 11.1195 -> an empty mask would score 8.768
+    l1 = [100.0, 90.0, 110.0, 95.0, 105.0, 10.0]
+    assert index_ceiling(l1) == pytest.approx(97.5 / 11.1195)
+    assert anomaly_indices([0.0], reference=l1)[0] == pytest.approx(index_ceiling(l1))
+    assert anomaly_indices(l1).max() < index_ceiling(l1)
+
+
+def test_widely_spread_labels_cannot_flag_even_a_tiny_trigger():
+    # ten labels, two planted targets with masks 10x smaller than the rest: the two outliers and the
+    # clean labels' own spread make the MAD large, so no index, not even an empty mask's, passes 2
+    l1 = [64.0, 54.0, 38.0, 26.2, 73.1, 3.1, 48.3, 66.9, 8.0, 37.7]
+    # median 43.15; |dev| median (16.95 + 20.85) / 2 = 18.9 -> MAD 28.021; ceiling 1.540
+    assert index_ceiling(l1) == pytest.approx(43.15 / (1.4826 * 18.9))
+    assert index_ceiling(l1) < 2
+    assert flag_labels(range(10), anomaly_indices(l1)) == []
+
+
 def test_zero_mad_flags_nothing():
     assert np.all(anomaly_indices([5, 5, 5, 1]) == 0)
+    assert index_ceiling([5, 5, 5, 1]) == 0
 
 
 def test_bad_inputs():

@@ -236,6 +236,24 @@ def test_clean_model_says_no_backdoor(tmp_path):
     assert "Backdoor detected" not in text
 
 
+def test_scan_that_could_not_flag_anything_says_inconclusive(tmp_path):
+    scan = write_scan(tmp_path, 10, planted=())
+    scan["index_ceiling"] = 1.75  # as the scan records it: even an empty mask would score 1.75 <= 2
+    (tmp_path / "scan.json").write_text(json.dumps(scan))
+    top = max(scan["labels"], key=lambda r: r["anomaly_index"])
+    for fmt in ("html", "md"):
+        text = page_text(render_report(tmp_path, format=fmt).read_text())
+        assert "Inconclusive: no label flagged among 10, but none could have been" in text
+        assert f"anomaly index of only {fmt_index(1.75)}" in text
+        assert f"most anomalous label is {top['label']}" in text
+        assert "No backdoor detected" not in text
+    # a ceiling above the threshold is an ordinary "nothing found"
+    scan["index_ceiling"] = 3.0
+    (tmp_path / "scan.json").write_text(json.dumps(scan))
+    text = page_text(render_report(tmp_path).read_text())
+    assert "No backdoor detected among 10 labels" in text and "Inconclusive" not in text
+
+
 def test_missed_target_is_reported(tmp_path):
     write_scan(tmp_path / "scan", 10, planted=(7,))
     write_truth(tmp_path / "badnet", targets=(7, 2))

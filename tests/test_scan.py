@@ -109,8 +109,13 @@ def test_scan_flags_planted_target_with_data(badnet, clean_data, tmp_path):
     info = json.loads((tmp_path / "s" / "scan.json").read_text())
     assert info["flagged"] == [TARGET] and info["data"] == "tiny-clean" and len(info["labels"]) == N_CLASSES
     assert set(info["labels"][0]) >= {"label", "mask_l1", "attack_success", "anomaly_index", "flagged", "steps"}
+    assert info["verdict"] == "backdoor-detected"
+    # the ceiling is the index an empty mask would get: above every label's, and from the same median/MAD
+    det = info["settings"]["detection"]
+    assert info["index_ceiling"] == pytest.approx(det["median"] / det["mad"])
+    assert info["index_ceiling"] > max(r["anomaly_index"] for r in info["labels"])
     loaded = ScanResult.load(tmp_path / "s")
-    assert loaded.flagged == [TARGET]
+    assert loaded.flagged == [TARGET] and loaded.index_ceiling == info["index_ceiling"]
     assert torch.equal(loaded.trigger(TARGET).mask, result.trigger(TARGET).mask)
 
 
@@ -252,8 +257,19 @@ def test_cli_verdict_lists_flags_most_anomalous_first():
     assert line.startswith("BACKDOOR SUSPECTED: 3 of 4 labels flagged")
     assert line.index("1 (index 3.40") < line.index("3 (index 2.60") < line.index("0 (index 2.10")
     assert "2 (index" not in line
+    assert result.verdict == "backdoor-detected"
     result.flagged, result.labels = [], [dict(r, flagged=False) for r in records]
     assert verdict(result) == "no label flagged among 4 scanned (threshold 2)"
+    assert result.verdict == "none-detected"  # no ceiling known (older scan.json): not inconclusive
+    result.index_ceiling = 4.5
+    assert result.verdict == "none-detected" and verdict(result).startswith("no label flagged")
+    # nothing could have been flagged: say so, and name the most anomalous label
+    result.index_ceiling = 1.8
+    result.labels = [dict(r, anomaly_index=r["anomaly_index"] / 2) for r in result.labels]
+    assert result.verdict == "inconclusive"
+    line = verdict(result)
+    assert line.startswith("INCONCLUSIVE: no label flagged among 4 scanned")
+    assert "1.80" in line and "most anomalous label 1 (index 1.70" in line
 
 
 class _AlwaysLabel(nn.Module):

@@ -11,6 +11,12 @@ Only labels *below* the median can be backdoor targets, so the index is signed: 
 median get a negative index (its value is kept, for reports) and are never flagged. A label is
 flagged when its index exceeds the threshold (2 in the paper, i.e. > 95 % confidence of being an
 outlier under a normal model).
+
+The index has a ceiling: a label cannot need less than an empty mask (L1 0), so no index can exceed
+``med / (1.4826 * MAD)`` (:func:`index_ceiling`). With few labels whose trigger sizes vary widely (a
+10-class model where some digits are much easier targets than others) the ceiling can fall below
+the threshold; then the test cannot flag any label, however small its trigger, and "nothing
+flagged" means "inconclusive", not "clean".
 """
 
 from __future__ import annotations
@@ -44,6 +50,13 @@ def anomaly_indices(l1, reference=None) -> np.ndarray:
     if mad == 0:
         return np.zeros_like(l1)
     return (med - l1) / mad
+
+
+def index_ceiling(reference) -> float:
+    """The largest anomaly index any label can get against ``reference``: that of an empty mask
+    (L1 0), ``median / (1.4826 * MAD)``; 0 when the MAD is 0 (every index is then 0)."""
+    med, mad = median_and_mad(reference)
+    return med / mad if mad > 0 else 0.0
 
 
 def flag_labels(labels, indices, threshold: float = 2.0) -> list[int]:

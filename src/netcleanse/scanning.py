@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Dataset
-from .detection import anomaly_indices, flag_labels, median_and_mad
+from .detection import anomaly_indices, flag_labels, index_ceiling, median_and_mad
 from .errors import NetcleanseError
 from .neural_cleanse import Schedule, attack_success, reverse_engineer
 from .progress import progress_bar
@@ -137,6 +137,18 @@ class ScanResult:
     settings: dict
     masks: np.ndarray = field(repr=False)  # (L, H, W) float32 in [0, 1], aligned with ``labels``
     patterns: np.ndarray = field(repr=False)  # (L, C, H, W)
+    # the largest anomaly index any label could have got (an empty mask's); see detection.index_ceiling
+    index_ceiling: float | None = None
+
+    @property
+    def verdict(self) -> str:
+        """"backdoor-detected" (a label flagged), "inconclusive" (nothing flagged, but nothing could
+        have been: the index ceiling is not above the threshold) or "none-detected"."""
+        if self.flagged:
+            return "backdoor-detected"
+        if self.index_ceiling is not None and self.index_ceiling <= self.threshold:
+            return "inconclusive"
+        return "none-detected"
 
     def trigger(self, label: int) -> Trigger:
         for i, rec in enumerate(self.labels):
@@ -151,8 +163,8 @@ class ScanResult:
         raise NetcleanseError(f"label {label} was not scanned")
 
     def to_dict(self) -> dict:
-        return {"format": "netcleanse-scan", "version": FORMAT_VERSION, "flagged": self.flagged,
-                "threshold": self.threshold, "preset": self.preset, "data": self.data,
+        return {"format": "netcleanse-scan", "version": FORMAT_VERSION, "verdict": self.verdict,
+                "flagged": self.flagged, "threshold": self.threshold, "index_ceiling": self.index_ceiling, "preset": self.preset, "data": self.data,
                 "elapsed_s": self.elapsed_s, "model": self.model, "settings": self.settings,
                 "labels": self.labels}
 
@@ -191,7 +203,8 @@ class ScanResult:
             raise NetcleanseError(f"{d}: scan.json and masks.npz do not list the same labels") from None
         return cls(labels=info["labels"], flagged=info["flagged"], threshold=info["threshold"],
                    preset=info["preset"], data=info["data"], elapsed_s=info["elapsed_s"], model=info["model"],
-                   settings=info["settings"], masks=masks[rows], patterns=patterns[rows])
+                   settings=info["settings"], masks=masks[rows], patterns=patterns[rows],
+                   index_ceiling=info.get("index_ceiling"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,10 +494,13 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
                                  "median": med, "mad": mad}
         coarse_med, coarse_mad = median_and_mad(coarse_l1)
         settings["detection"].update(coarse_median=coarse_med, coarse_mad=coarse_mad)
+        # labels are scored against either reference; the higher ceiling bounds them all
+        ceiling = max(index_ceiling(ref_l1), index_ceiling(coarse_l1))
     else:
         index = anomaly_indices(l1_all)
         med, mad = median_and_mad(l1_all)
         settings["detection"] = {"scheme": "all labels", "median": med, "mad": mad}
+        ceiling = index_ceiling(l1_all)
     flagged = flag_labels(labels, index, threshold)
     records = []
     for t, a in zip(labels, index):
@@ -496,7 +512,8 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
     result = ScanResult(labels=records, flagged=flagged, threshold=float(threshold), preset=preset,
                         data=data_desc, elapsed_s=0.0, model=_model_info(model), settings=settings,
                         masks=np.stack([masks[t] for t in labels]).astype(np.float32),
-                        patterns=np.stack([patterns[t] for t in labels]).astype(np.float32))
+                        patterns=np.stack([patterns[t] for t in labels]).astype(np.float32),
+                        index_ceiling=float(ceiling))
     result.elapsed_s = round(journal.previous_elapsed + time.perf_counter() - start, 3)
     if out_dir is not None:
         result.save(out_dir, all_images=save_all_images)

@@ -50,6 +50,12 @@ def verdict(result) -> str:
     """One line for the terminal. Flagged labels are listed most anomalous first: on 1000+-label
     models a few tail labels cross the threshold too, and the top anomaly is the one to look at."""
     n = len(result.labels)
+    if result.verdict == "inconclusive":
+        top = max(result.labels, key=lambda r: r["anomaly_index"])
+        return (f"INCONCLUSIVE: no label flagged among {n} scanned, but none could have been: the labels' mask "
+                f"sizes vary so much that even an empty mask would score {result.index_ceiling:.2f}, not above "
+                f"the threshold {result.threshold:g}; most anomalous label {top['label']} "
+                f"(index {top['anomaly_index']:.2f}, mask L1 {top['mask_l1']:.1f})")
     if not result.flagged:
         return f"no label flagged among {n} scanned (threshold {result.threshold:g})"
     ranked = sorted(result.flagged, key=lambda t: -result.record(t)["anomaly_index"])
