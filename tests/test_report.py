@@ -57,7 +57,8 @@ def write_scan(directory: Path, num_labels: int, shape=(1, 28, 28), planted=(7,)
     index = _anomaly_indices(l1)
     flagged = [int(label) for label in np.flatnonzero(index > threshold)]
     records = [{"label": label, "mask_l1": float(l1[label]), "attack_success": float(rng.uniform(0.97, 1.0)),
-                "anomaly_index": float(index[label]), "flagged": label in flagged,
+                "anomaly_index": float(index[label]), "mask_l1_vs_median": float(l1[label] / np.median(l1)),
+                "flagged": label in flagged,
                 "steps": int(rng.integers(50, 400)), "time_s": float(rng.uniform(0.1, 2.0))}
                for label in range(num_labels)]
     scan = {"labels": records, "flagged": flagged, "threshold": threshold, "preset": "fast", "data": data,
@@ -159,6 +160,7 @@ def test_demo_layout_report_shows_verdict_truth_and_repair(tmp_path):
     for label in scan["flagged"]:
         record = scan["labels"][label]
         assert f"label {label}: anomaly index {fmt_index(record['anomaly_index'])}" in verdict
+        assert f"{100 * record['mask_l1_vs_median']:.1f} % of the median" in verdict
     assert "demo-badnet" in verdict and "data-free" in verdict and "5 min 22 s" in verdict
     assert "Found: 7." in verdict and "Missed" not in verdict
     before, after = repair["before"], repair["after"]

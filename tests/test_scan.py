@@ -24,10 +24,10 @@ SIZE = 16
 
 
 class TinyNet(nn.Module):
-    def __init__(self):
+    def __init__(self, n_classes: int = N_CLASSES):
         super().__init__()
         self.conv = nn.Conv2d(1, 8, 3, padding=1)
-        self.fc = nn.Linear(8 * (SIZE // 2) ** 2, N_CLASSES)
+        self.fc = nn.Linear(8 * (SIZE // 2) ** 2, n_classes)
 
     def forward(self, x):
         return self.fc(F.max_pool2d(F.relu(self.conv(x)), 2).flatten(1))
@@ -39,22 +39,22 @@ def _stamp(x):
     return x
 
 
-def _make_data(n, gen):
-    templates = torch.rand(N_CLASSES, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(123))
-    y = torch.randint(0, N_CLASSES, (n,), generator=gen)
+def _make_data(n, gen, n_classes: int = N_CLASSES):
+    templates = torch.rand(n_classes, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(123))
+    y = torch.randint(0, n_classes, (n,), generator=gen)
     x = (0.6 * templates[y] + 0.4 * torch.rand(n, 1, SIZE, SIZE, generator=gen)).clamp(0, 1)
     return x, y
 
 
-def _train(backdoor: bool, seed: int = 0) -> Classifier:
+def _train(backdoor: bool, seed: int = 0, n_classes: int = N_CLASSES, n: int = 600) -> Classifier:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    x, y = _make_data(600, gen)
+    x, y = _make_data(n, gen, n_classes)
     if backdoor:
-        n = 150
-        x = torch.cat([x, _stamp(x[:n])])
-        y = torch.cat([y, torch.full((n,), TARGET)])
-    net = TinyNet()
+        k = n // 4
+        x = torch.cat([x, _stamp(x[:k])])
+        y = torch.cat([y, torch.full((k,), TARGET)])
+    net = TinyNet(n_classes)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     for _ in range(10):
         perm = torch.randperm(len(x), generator=gen)
@@ -63,7 +63,7 @@ def _train(backdoor: bool, seed: int = 0) -> Classifier:
             opt.zero_grad()
             F.cross_entropy(net(x[b]), y[b]).backward()
             opt.step()
-    return Classifier(net.eval(), (1, SIZE, SIZE), N_CLASSES, name="tiny_badnet" if backdoor else "tiny_clean")
+    return Classifier(net.eval(), (1, SIZE, SIZE), n_classes, name="tiny_badnet" if backdoor else "tiny_clean")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -110,6 +110,9 @@ def test_scan_flags_planted_target_with_data(badnet, clean_data, tmp_path):
     assert info["flagged"] == [TARGET] and info["data"] == "tiny-clean" and len(info["labels"]) == N_CLASSES
     assert set(info["labels"][0]) >= {"label", "mask_l1", "attack_success", "anomaly_index", "flagged", "steps"}
     assert info["verdict"] == "backdoor-detected"
+    # mask_l1_vs_median: the same median the index is measured from
+    assert rec["mask_l1_vs_median"] == pytest.approx(rec["mask_l1"] / info["settings"]["detection"]["median"])
+    assert rec["mask_l1_vs_median"] < 1
     # the ceiling is the index an empty mask would get: above every label's, and from the same median/MAD
     det = info["settings"]["detection"]
     assert info["index_ceiling"] == pytest.approx(det["median"] / det["mad"])
@@ -144,6 +147,27 @@ def test_clean_mnist_model_not_flagged():
     assert (model.predict(val.x) == val.y).float().mean() > 0.9
     assert scan(model, val, progress=False).flagged == []
     assert scan(model, data_free=True, progress=False).flagged == []
+
+
+def test_many_labels_use_random_controls_and_find_the_target():
+    # > 64 labels: coarse pass over all, refinement of candidates + random controls, calibrated index
+    n_classes = 100
+    model = _train(True, n_classes=n_classes, n=3000)
+    x, y = _make_data(400, torch.Generator().manual_seed(99), n_classes)
+    result = scan(model, Dataset(x, y, source="tiny-100"), progress=False)
+    det = result.settings["detection"]
+    assert det["scheme"] == "random controls" and len(result.labels) == n_classes
+    refined = set(det["candidates"]) | set(det["controls"])
+    assert TARGET in det["candidates"] and len(refined) < n_classes
+    top = max(result.labels, key=lambda r: r["anomaly_index"])
+    assert top["label"] == TARGET and TARGET in result.flagged and result.verdict == "backdoor-detected"
+    # every label's index and size ratio are measured against the sample it was scored with
+    for rec in result.labels:
+        median = det["median"] if rec["label"] in refined else det["coarse_median"]
+        assert rec["mask_l1_vs_median"] == pytest.approx(rec["mask_l1"] / median)
+        assert rec["anomaly_index"] <= result.index_ceiling
+    assert result.index_ceiling == pytest.approx(max(det["median"] / det["mad"], det["coarse_median"] / det["coarse_mad"]))
+    assert top["mask_l1_vs_median"] < 0.5
 
 
 def test_same_seed_same_result(badnet, clean_data):
@@ -265,11 +289,12 @@ def test_cli_verdict_lists_flags_most_anomalous_first():
     assert result.verdict == "none-detected" and verdict(result).startswith("no label flagged")
     # nothing could have been flagged: say so, and name the most anomalous label
     result.index_ceiling = 1.8
-    result.labels = [dict(r, anomaly_index=r["anomaly_index"] / 2) for r in result.labels]
+    result.labels = [dict(r, anomaly_index=r["anomaly_index"] / 2, mask_l1_vs_median=r["mask_l1"] / 80)
+                     for r in result.labels]
     assert result.verdict == "inconclusive"
     line = verdict(result)
     assert line.startswith("INCONCLUSIVE: no label flagged among 4 scanned")
-    assert "1.80" in line and "most anomalous label 1 (index 1.70" in line
+    assert "1.80" in line and "most anomalous label 1 (index 1.70, mask L1 10.0, 12 % of the median)" in line
 
 
 class _AlwaysLabel(nn.Module):

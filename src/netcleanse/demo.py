@@ -105,7 +105,9 @@ def _run_demo(out, seed, force, epochs, data_free, repair_method, preset, progre
 
     say(f"[3/5] repairing ({repair_method})")
     if not scan_result.flagged:
-        notes.append("repair: skipped (the scan flagged no label)")
+        notes.append("repair: skipped (the scan flagged no label"
+                     + ("; inconclusive: no label could have been flagged)" if scan_result.verdict == "inconclusive"
+                        else ")"))
     else:
         started = time.perf_counter()
         repaired = repair(badnet.model, scan_result, repair_method, badnet.val, test_clean=badnet.clean_test,

@@ -239,6 +239,7 @@ def _label_rows(scan: dict) -> list[dict]:
             continue
         rows.append({"label": label, "mask_l1": l1,
                      "anomaly_index": _as_float(record.get("anomaly_index")),
+                     "mask_l1_vs_median": _as_float(record.get("mask_l1_vs_median")),
                      "attack_success": _as_float(record.get("attack_success")),
                      "steps": _as_int(record.get("steps")), "time_s": _as_float(record.get("time_s")),
                      # the top-level list is the scan's verdict; per-label flags are its copy

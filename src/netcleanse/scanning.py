@@ -496,16 +496,20 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         settings["detection"].update(coarse_median=coarse_med, coarse_mad=coarse_mad)
         # labels are scored against either reference; the higher ceiling bounds them all
         ceiling = max(index_ceiling(ref_l1), index_ceiling(coarse_l1))
+        median_for = {t: med if t in refined else coarse_med for t in labels}
     else:
         index = anomaly_indices(l1_all)
         med, mad = median_and_mad(l1_all)
         settings["detection"] = {"scheme": "all labels", "median": med, "mad": mad}
         ceiling = index_ceiling(l1_all)
+        median_for = {t: med for t in labels}
     flagged = flag_labels(labels, index, threshold)
     records = []
     for t, a in zip(labels, index):
         rec = dict(results[t])
         rec["anomaly_index"] = float(a)
+        # the effect size beside the index's significance: how small the trigger is next to a typical label's
+        rec["mask_l1_vs_median"] = rec["mask_l1"] / median_for[t] if median_for[t] > 0 else None
         rec["flagged"] = t in flagged
         records.append(rec)
 

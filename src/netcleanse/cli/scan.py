@@ -54,11 +54,17 @@ def verdict(result) -> str:
         top = max(result.labels, key=lambda r: r["anomaly_index"])
         return (f"INCONCLUSIVE: no label flagged among {n} scanned, but none could have been: the labels' mask "
                 f"sizes vary so much that even an empty mask would score {result.index_ceiling:.2f}, not above "
-                f"the threshold {result.threshold:g}; most anomalous label {top['label']} "
-                f"(index {top['anomaly_index']:.2f}, mask L1 {top['mask_l1']:.1f})")
+                f"the threshold {result.threshold:g}; most anomalous label {_describe(top)}")
     if not result.flagged:
         return f"no label flagged among {n} scanned (threshold {result.threshold:g})"
     ranked = sorted(result.flagged, key=lambda t: -result.record(t)["anomaly_index"])
-    listed = ", ".join(f"{t} (index {result.record(t)['anomaly_index']:.2f}, mask L1 {result.record(t)['mask_l1']:.1f})"
-                       for t in ranked)
+    listed = ", ".join(_describe(result.record(t)) for t in ranked)
     return f"BACKDOOR SUSPECTED: {len(ranked)} of {n} labels flagged, most anomalous first: {listed}"
+
+
+def _describe(record: dict) -> str:
+    """"7 (index 3.30, mask L1 18.2, 6 % of the median)": the index says how unusual the trigger is,
+    the ratio how small. Scans saved before the ratio was recorded show the index and L1 only."""
+    ratio = record.get("mask_l1_vs_median")
+    size = f", {100 * ratio:.0f} % of the median" if isinstance(ratio, (int, float)) else ""
+    return f"{record['label']} (index {record['anomaly_index']:.2f}, mask L1 {record['mask_l1']:.1f}{size})"
