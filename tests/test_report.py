@@ -240,7 +240,8 @@ def test_clean_model_says_no_backdoor(tmp_path):
 
 def test_scan_that_could_not_flag_anything_says_inconclusive(tmp_path):
     scan = write_scan(tmp_path, 10, planted=())
-    scan["index_ceiling"] = 1.75  # as the scan records it: even an empty mask would score 1.75 <= 2
+    # as the scan records it: even an empty mask would score 1.75 <= 2
+    scan.update(verdict="inconclusive", index_ceiling=1.75)
     (tmp_path / "scan.json").write_text(json.dumps(scan))
     top = max(scan["labels"], key=lambda r: r["anomaly_index"])
     for fmt in ("html", "md"):
@@ -250,7 +251,7 @@ def test_scan_that_could_not_flag_anything_says_inconclusive(tmp_path):
         assert f"most anomalous label is {top['label']}" in text
         assert "No backdoor detected" not in text
     # a ceiling above the threshold is an ordinary "nothing found"
-    scan["index_ceiling"] = 3.0
+    scan.update(verdict="none-detected", index_ceiling=3.0)
     (tmp_path / "scan.json").write_text(json.dumps(scan))
     text = page_text(render_report(tmp_path).read_text())
     assert "No backdoor detected among 10 labels" in text and "Inconclusive" not in text

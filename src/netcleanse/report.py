@@ -398,14 +398,14 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
     model = scan.get("model") if isinstance(scan.get("model"), dict) else {}
     data = scan.get("data")
     found = [t for t in targets if any(r["label"] == t for r in flagged)]
-    ceiling = _as_float(scan.get("index_ceiling"))  # absent from scans written before it was recorded
     context = {
         "version": __version__,
         "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "has_scan": sources.scan is not None,
         "backdoored": bool(flagged),
-        "inconclusive": not flagged and ceiling is not None and ceiling <= threshold,
-        "index_ceiling": ceiling,
+        # the scan's own verdict (ScanResult.verdict); scans written before it was recorded have none
+        "inconclusive": not flagged and scan.get("verdict") == "inconclusive",
+        "index_ceiling": _as_float(scan.get("index_ceiling")),
         "flagged": flagged,
         "verdict_listed": VERDICT_LISTED,
         "most_anomalous_clean": max(unflagged, key=lambda r: r["anomaly_index"]) if unflagged else None,
