@@ -247,7 +247,7 @@ def test_scan_that_could_not_flag_anything_says_inconclusive(tmp_path):
     for fmt in ("html", "md"):
         text = page_text(render_report(tmp_path, format=fmt).read_text())
         assert "Inconclusive: no label flagged among 10, but none could have been" in text
-        assert f"anomaly index of only {fmt_index(1.75)}" in text
+        assert f"anomaly index of only {fmt_index(1.75)}, not above the threshold 2" in text
         assert f"most anomalous label is {top['label']}" in text
         assert "No backdoor detected" not in text
     # a ceiling above the threshold is an ordinary "nothing found"

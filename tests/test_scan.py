@@ -180,6 +180,12 @@ def test_same_seed_same_result(badnet, clean_data):
     assert not np.array_equal(a.masks, c.masks)
 
 
+def test_one_label_alone_is_inconclusive(badnet, clean_data):
+    # one label has no spread to be an outlier of (MAD 0): the scan cannot say anything
+    result = scan(badnet, clean_data, labels=[TARGET], progress=False)
+    assert result.flagged == [] and result.index_ceiling == 0 and result.verdict == "inconclusive"
+
+
 def test_refuses_non_empty_out(badnet, clean_data, tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(NetcleanseError, match="not empty"):

@@ -52,9 +52,9 @@ def verdict(result) -> str:
     n = len(result.labels)
     if result.verdict == "inconclusive":
         top = max(result.labels, key=lambda r: r["anomaly_index"])
-        return (f"INCONCLUSIVE: no label flagged among {n} scanned, but none could have been: the labels' mask "
-                f"sizes vary so much that even an empty mask would score {result.index_ceiling:.2f}, not above "
-                f"the threshold {result.threshold:g}; most anomalous label {_describe(top)}")
+        return (f"INCONCLUSIVE: no label flagged among {n} scanned, but none could have been: even an empty mask "
+                f"would score {result.index_ceiling:.2f}, not above the threshold {result.threshold:g} (too few "
+                f"labels, or their mask sizes spread too widely); most anomalous label {_describe(top)}")
     if not result.flagged:
         return f"no label flagged among {n} scanned (threshold {result.threshold:g})"
     ranked = sorted(result.flagged, key=lambda t: -result.record(t)["anomaly_index"])
