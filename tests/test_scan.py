@@ -161,12 +161,14 @@ def test_many_labels_use_random_controls_and_find_the_target():
     assert TARGET in det["candidates"] and len(refined) < n_classes
     top = max(result.labels, key=lambda r: r["anomaly_index"])
     assert top["label"] == TARGET and TARGET in result.flagged and result.verdict == "backdoor-detected"
-    # every label's index and size ratio are measured against the sample it was scored with
+    # every label's index and size ratio are measured against the sample it was scored with; the
+    # ceiling is that of the refined labels, the only ones that can be flagged here
     for rec in result.labels:
         median = det["median"] if rec["label"] in refined else det["coarse_median"]
         assert rec["mask_l1_vs_median"] == pytest.approx(rec["mask_l1"] / median)
-        assert rec["anomaly_index"] <= result.index_ceiling
-    assert result.index_ceiling == pytest.approx(max(det["median"] / det["mad"], det["coarse_median"] / det["coarse_mad"]))
+        if rec["label"] in refined:
+            assert rec["anomaly_index"] <= result.index_ceiling
+    assert result.index_ceiling == pytest.approx(det["median"] / det["mad"])
     assert top["mask_l1_vs_median"] < 0.5
 
 

@@ -494,8 +494,9 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
                                  "median": med, "mad": mad}
         coarse_med, coarse_mad = median_and_mad(coarse_l1)
         settings["detection"].update(coarse_median=coarse_med, coarse_mad=coarse_mad)
-        # labels are scored against either reference; the higher ceiling bounds them all
-        ceiling = max(index_ceiling(ref_l1), index_ceiling(coarse_l1))
+        # flags come from the refined labels, scored against the controls (a label left unrefined has a
+        # coarse index at or below the threshold unless more than max_candidates labels exceeded it)
+        ceiling = index_ceiling(ref_l1)
         median_for = {t: med if t in refined else coarse_med for t in labels}
     else:
         index = anomaly_indices(l1_all)
