@@ -50,6 +50,9 @@ def main(argv=None) -> int:
                    "top_label": max(result.labels, key=lambda r: r["anomaly_index"])["label"],
                    "time_s": time.perf_counter() - t}
             row["verdict"], row["index_ceiling"] = result.verdict, result.index_ceiling
+            # per label, in label order, so later analyses need no rescan
+            row["labels"] = {key: [r[key] for r in result.labels]
+                             for key in ("mask_l1", "anomaly_index", "mask_l1_vs_median", "attack_success")}
             row["detected"] = bool(result.flagged)
             row["exact"] = result.flagged == truth
             row["hit"] = bool(set(result.flagged) & set(truth))
