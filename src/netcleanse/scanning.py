@@ -165,8 +165,8 @@ class ScanResult:
     def to_dict(self) -> dict:
         return {"format": "netcleanse-scan", "version": FORMAT_VERSION, "verdict": self.verdict,
                 "flagged": self.flagged, "threshold": self.threshold, "index_ceiling": self.index_ceiling,
-                "preset": self.preset, "data": self.data, "elapsed_s": self.elapsed_s, "model": self.model, "settings": self.settings,
-                "labels": self.labels}
+                "preset": self.preset, "data": self.data, "elapsed_s": self.elapsed_s, "model": self.model,
+                "settings": self.settings, "labels": self.labels}
 
     def save(self, directory, all_images: bool = False) -> Path:
         """Write scan.json, masks.npz, the PNGs of the flagged labels (all with ``all_images``)
