@@ -250,7 +250,18 @@ def test_scan_that_could_not_flag_anything_says_inconclusive(tmp_path):
         assert f"anomaly index of only {fmt_index(1.75)}, not above the threshold 2" in text
         assert f"most anomalous label is {top['label']}" in text
         assert "No backdoor detected" not in text
+    # the statistics the scan used put the threshold's L1 below zero (ceiling 40 / 25 = 1.6):
+    # the page says no mask can get there instead of showing a bare negative bar
+    scan["settings"] = {"detection": {"median": 40.0, "mad": 25.0}}
+    scan.update(index_ceiling=1.6)
+    (tmp_path / "scan.json").write_text(json.dumps(scan))
+    for fmt in ("html", "md"):
+        text = render_report(tmp_path, format=fmt).read_text()
+        text = page_text(text) if fmt == "html" else re.sub(r"\s+", " ", text)
+        assert "mask L1 < -10 (median 40, 1.4826·MAD 25): below zero, so no mask, not even an empty one, can pass" in text
+        assert "(below zero: drawn at 0, and no label can reach it)" in text
     # a ceiling above the threshold is an ordinary "nothing found"
+    scan.pop("settings")
     scan.update(verdict="none-detected", index_ceiling=3.0)
     (tmp_path / "scan.json").write_text(json.dumps(scan))
     text = page_text(render_report(tmp_path).read_text())

@@ -79,8 +79,10 @@ def mask_l1_figure(labels: Sequence[int], mask_l1: Sequence[float], flagged: Seq
             ax.axhline(median_l1, color=MEDIAN, linestyle=":", linewidth=1.2,
                        label=f"median L1 = {median_l1:.4g}")
         if threshold_l1 is not None:
-            ax.axhline(threshold_l1, color=THRESHOLD, linestyle="--", linewidth=1.4,
-                       label=f"threshold L1 = median − {threshold:g} × 1.4826 × MAD = {threshold_l1:.4g}")
+            # below zero the threshold is out of reach (an inconclusive scan); keep it on the axis
+            ax.axhline(max(threshold_l1, 0.0), color=THRESHOLD, linestyle="--", linewidth=1.4,
+                       label=f"threshold L1 = median − {threshold:g} × 1.4826 × MAD = {threshold_l1:.4g}"
+                       + (" (< 0: no label can pass)" if threshold_l1 <= 0 else ""))
         ax.grid(True, axis="y", alpha=0.3)
         ax.set_ylim(bottom=0)
         ax.set_ylabel("mask L1 norm (pixels)")
