@@ -90,6 +90,22 @@ def assert_one_line_error(code, err, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+def test_command_line_mistakes_are_one_line_errors(tiny, capsys):
+    # the argument parser's own errors (typer/click) follow the same one-line contract as ours
+    for args, fragment in ((("info", tiny, "--input-scale", "abc"), "Invalid value for '--input-scale'"),
+                           (("scan",), "Missing argument 'MODEL'"),
+                           (("scan", tiny, "--frobnicate"), "No such option: --frobnicate"),
+                           (("bogus",), "No such command 'bogus'")):
+        code, out, err = cli(capsys, *args)
+        assert_one_line_error(code, err, fragment)
+        assert out == ""
+    code, out, err = cli(capsys, "scan", tiny, "--frobnicate")
+    assert "(see 'netcleanse scan --help')" in err
+    # help still works and succeeds
+    code, out, err = cli(capsys, "scan", "--help")
+    assert code == 0 and "--data-free" in out and err == ""
+
+
 # --- info -----------------------------------------------------------------------------------
 
 def test_info_text_and_json(tiny, capsys):

@@ -1,5 +1,7 @@
 """The MAD anomaly index on vectors worked out by hand."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -70,3 +72,40 @@ def test_bad_inputs():
         median_and_mad([])
     with pytest.raises(NetcleanseError):
         flag_labels([0], [3.0], threshold=0)
+
+
+def _benchmark(name):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_null_benchmark_applies_the_scans_rule(tmp_path):
+    # benchmarks/mad_null.py counts false alarms with its own vectorised copy of the rule: it must
+    # flag exactly what netcleanse.detection flags, row by row
+    mad_null = _benchmark("mad_null")
+    rng = np.random.default_rng(1)
+    rows = rng.lognormal(0.0, 0.5, size=(300, 10))
+    rows[:5] = 7.0  # no spread: nothing flagged
+    expected = [flag_labels(range(10), anomaly_indices(r)) for r in rows]
+    rate, mean_flags = mad_null.false_alarms(rows, 2.0)
+    assert rate == pytest.approx(np.mean([bool(f) for f in expected]))
+    assert mean_flags == pytest.approx(np.mean([len(f) for f in expected]))
+    assert 0 < rate < 1
+    # the hand-worked vector above: one label (10) flagged
+    assert mad_null.false_alarms(np.array([[100.0, 90.0, 110.0, 95.0, 105.0, 10.0]]), 2.0) == (1.0, 1.0)
+    # the empirical null reads detection_quality's JSON and compares with what it observed
+    scans = {"rows": [{"backdoored": False, "flagged": [2] if i == 0 else [],
+                       "labels": {"mask_l1": list(rng.lognormal(3.0, 0.3, 10))}} for i in range(4)]}
+    (tmp_path / "dq.json").write_text(json.dumps(scans))
+    out = tmp_path / "null.json"
+    assert mad_null.main(["--labels", "10", "--draws", "500", "--zoo-json", str(tmp_path / "dq.json"),
+                          "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["observed"] == {"false_alarm_rate": 0.25, "clean_scans": 4}
+    assert 0 <= row["empirical"]["false_alarm_rate"] <= 1
+    assert mad_null.main(["--labels", "ten"]) == 2

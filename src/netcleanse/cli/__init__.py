@@ -33,16 +33,39 @@ from . import repair as _repair  # noqa: E402,F401
 from . import report as _report  # noqa: E402,F401
 
 
+# typer re-exports only BadParameter; its base is click's UsageError (vendored inside typer since
+# 0.2x, a separate package before), the class of every command-line mistake: missing argument,
+# unknown option, a value that does not parse
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, standalone_mode=True)
+        # not standalone: typer would print its usage errors as a multi-line box; we print one line
+        code = app(args=argv, prog_name="netcleanse", standalone_mode=False)
     except SystemExit:
         raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(1)
+    except _UsageError as exc:
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            print(ctx.get_help())  # bare `netcleanse` (or a bare group): the help is the answer
+            sys.exit(2)
+        where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        print(f"error: {_one_line(exc.format_message())}{where}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     except (NetcleanseError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         if _state["debug"] or "--debug" in (argv or sys.argv):
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
