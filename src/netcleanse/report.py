@@ -414,6 +414,8 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
         "num_classes": _as_int(model.get("num_classes")),
         "threshold": threshold,
         "median_l1": median, "mad": mad, "threshold_l1": threshold_l1,
+        # an inconclusive scan's threshold can lie below zero, where no mask can get
+        "threshold_unreachable": threshold_l1 is not None and threshold_l1 <= 0,
         "model": model,
         "model_name": str(model.get("name") or "unnamed model"),
         "data": "data-free" if data in (None, "data-free") else str(data),

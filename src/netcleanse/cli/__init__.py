@@ -39,10 +39,6 @@ from . import report as _report  # noqa: E402,F401
 _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def main(argv: list[str] | None = None) -> None:
     try:
         # not standalone: typer would print its usage errors as a multi-line box; we print one line
@@ -61,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
             print(ctx.get_help())  # bare `netcleanse` (or a bare group): the help is the answer
             sys.exit(2)
         where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        print(f"error: {_one_line(exc.format_message())}{where}", file=sys.stderr)
+        print(f"error: {' '.join(exc.format_message().split())}{where}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except (NetcleanseError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         if _state["debug"] or "--debug" in (argv or sys.argv):
