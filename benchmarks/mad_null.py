@@ -29,17 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from netcleanse.detection import MAD_CONSISTENCY
+from netcleanse.detection import anomaly_indices, flag_labels
 
 
 def false_alarms(samples: np.ndarray, threshold: float) -> tuple[float, float]:
-    """(fraction of rows with a flagged label, mean flagged labels per row) for rows of label L1s."""
-    med = np.median(samples, axis=1, keepdims=True)
-    mad = MAD_CONSISTENCY * np.median(np.abs(samples - med), axis=1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        index = np.where(mad > 0, (med - samples) / mad, 0.0)
-    flagged = index > threshold
-    return float(flagged.any(axis=1).mean()), float(flagged.sum(axis=1).mean())
+    """(fraction of rows with a flagged label, mean flagged labels per row) for rows of label L1s,
+    each row judged by the scan's own detection functions."""
+    counts = np.array([len(flag_labels(range(len(row)), anomaly_indices(row), threshold)) for row in samples])
+    return float((counts > 0).mean()), float(counts.mean())
 
 
 def clean_scans(paths: list[Path]) -> list[dict]:

@@ -84,20 +84,17 @@ def _benchmark(name):
     return module
 
 
-def test_null_benchmark_applies_the_scans_rule(tmp_path):
-    # benchmarks/mad_null.py counts false alarms with its own vectorised copy of the rule: it must
-    # flag exactly what netcleanse.detection flags, row by row
+def test_null_benchmark_counts_false_alarms(tmp_path):
     mad_null = _benchmark("mad_null")
     rng = np.random.default_rng(1)
-    rows = rng.lognormal(0.0, 0.5, size=(300, 10))
-    rows[:5] = 7.0  # no spread: nothing flagged
-    expected = [flag_labels(range(10), anomaly_indices(r)) for r in rows]
-    rate, mean_flags = mad_null.false_alarms(rows, 2.0)
-    assert rate == pytest.approx(np.mean([bool(f) for f in expected]))
-    assert mean_flags == pytest.approx(np.mean([len(f) for f in expected]))
-    assert 0 < rate < 1
-    # the hand-worked vector above: one label (10) flagged
-    assert mad_null.false_alarms(np.array([[100.0, 90.0, 110.0, 95.0, 105.0, 10.0]]), 2.0) == (1.0, 1.0)
+    # the hand-worked vector above has one flagged label (10); no spread flags nothing; a threshold
+    # above its index (7.87) flags nothing either
+    worked = [100.0, 90.0, 110.0, 95.0, 105.0, 10.0]
+    assert mad_null.false_alarms(np.array([worked, [7.0] * 6]), 2.0) == (0.5, 0.5)
+    assert mad_null.false_alarms(np.array([worked]), 8.0) == (0.0, 0.0)
+    # normal draws: the rule's per-model false-alarm rate with ten labels is far above 5 %
+    rate, mean_flags = mad_null.false_alarms(rng.normal(size=(2000, 10)), 2.0)
+    assert 0.2 < rate < 0.5 and mean_flags >= rate
     # the empirical null reads detection_quality's JSON and compares with what it observed
     scans = {"rows": [{"backdoored": False, "flagged": [2] if i == 0 else [],
                        "labels": {"mask_l1": list(rng.lognormal(3.0, 0.3, 10))}} for i in range(4)]}
