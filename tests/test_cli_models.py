@@ -106,6 +106,17 @@ def test_command_line_mistakes_are_one_line_errors(tiny, capsys):
     assert code == 0 and "--data-free" in out and err == ""
 
 
+def test_ctrl_c_exits_130_with_one_word(tiny, capsys, monkeypatch, tmp_path):
+    import netcleanse.scanning
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(netcleanse.scanning, "scan", interrupted)
+    code, out, err = cli(capsys, "scan", tiny, "--arch", "mnist-cnn", "--data-free", "--out", tmp_path / "s")
+    assert code == 130 and err.strip() == "interrupted" and "Traceback" not in err
+
+
 # --- info -----------------------------------------------------------------------------------
 
 def test_info_text_and_json(tiny, capsys):
