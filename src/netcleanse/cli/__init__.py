@@ -45,9 +45,8 @@ def main(argv: list[str] | None = None) -> None:
         code = app(args=argv, prog_name="netcleanse", standalone_mode=False)
     except SystemExit:
         raise
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt:  # outside a command; typer turns Ctrl-C inside one into exit code 130
+        code = 130
     except typer.Abort:
         print("aborted", file=sys.stderr)
         sys.exit(1)
@@ -64,6 +63,6 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    if code == 130:  # typer turns Ctrl-C inside a command into exit code 130
+    if code == 130:
         print("interrupted", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)
