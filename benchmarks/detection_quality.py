@@ -1,91 +1,180 @@
-"""Detection quality: scan every model of a BadNet-lab zoo with and without data, score the verdicts.
+"""Detection quality: scan every model of a BadNet-lab zoo with and without data, score both rules.
 
-    python benchmarks/zoo.py --n 5 --out zoo --seed 0          # build the zoo first (lab helper)
-    python benchmarks/detection_quality.py zoo [--preset fast] [--threads 2] [--json out.json]
+    python benchmarks/zoo.py --out zoo                                   # build the zoo first
+    python benchmarks/detection_quality.py zoo --out dq --split dev      # scan (resumable)
+    python benchmarks/detection_quality.py zoo --out dq --split eval --summary-only
 
-For each model of ``zoo/zoo.json`` (clean and backdoored, mixed triggers), runs
-:func:`netcleanse.scan` twice: on the model's own clean test images (``clean_test.npz``, "data")
-and data-free. A model's verdict is "backdoored" when any label is flagged; a backdoored model is a
-true positive when the flags contain a planted target, and "exact" when the flags are exactly the
-planted targets. "Inconclusive" counts the scans that flagged nothing because nothing could have
-been flagged (index ceiling not above the threshold, see :mod:`netcleanse.detection`). Prints
-per-model lines, then per mode the true/false positive rates, the AUROC (scikit-learn) of the
-maximum anomaly index as a backdoor score, on how many backdoored models the most anomalous label
-is a planted target, and how many scans were inconclusive. Backdoors whose attack did not take
-(``attack_learned`` false in zoo.json) are reported but left out of the rates.
+For each model of the zoo (``benchmarks/zoo.py``; clean and backdoored, 10 and 100 labels) it runs
+:func:`netcleanse.scan` on the model's own clean test images ("data") and data-free, and writes one
+JSON file per scan to ``OUT/rows/`` (the scan's whole scan.json plus the model's truth). A scan
+whose file exists is not redone, so an interrupted run continues; ``--shard K/N`` scans every
+N-th model so N processes can share the work.
+
+The summary is computed from the rows alone, for the chosen half of the zoo (``--split``), per mode
+and per number of labels, for the calibrated rule (:mod:`netcleanse.calibrated`, at ``--alpha``,
+null ``--family``/``--df``, re-decided from the stored mask sizes so settings can be compared
+without rescanning) and the paper's rule (anomaly index > 2) side by side:
+
+* clean models flagged, with a 95 % Wilson interval;
+* backdoored models detected (a planted target flagged) and with exactly the planted targets;
+* AUROC (scikit-learn) of the model-level statistic: the calibrated test's -log10 p-value, the
+  largest anomaly index for the paper's rule;
+* inconclusive scans and the median time per scan.
+
+Backdoors whose attack did not take (``attack_learned`` false) are listed but left out of the rates.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import sys
 import time
+from pathlib import Path
+
+import numpy as np
+import torch
 
 import netcleanse
-from zoo import benchmark_parser, load_member, open_zoo  # benchmarks/ is on sys.path when run as a script
+from netcleanse.errors import NetcleanseError
+from netcleanse.scanning import ScanResult, calibrated_inputs
+from netcleanse.calibrated import calibrated_test
+from netcleanse.utils import atomic_write
+from zoo import load_member, parse_shard, read_zoo  # benchmarks/ is on sys.path when run as a script
+
+MODES = ("data", "data-free")
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def row_path(out: Path, entry: dict, mode: str, seed: int) -> Path:
+    return out / "rows" / f"{entry['folder']}__{mode}__seed{seed}.json"
+
+
+def scan_zoo(zoo: Path, out: Path, entries: list[dict], modes, seed: int, preset: str, shard, log=print) -> None:
+    """Scan every (model, mode) of ``entries`` whose row file is missing."""
+    todo = [(e, m) for e in entries for m in modes if not row_path(out, e, m, seed).is_file()]
+    todo = todo[shard[0]::shard[1]]
+    started = time.perf_counter()
+    for n, (entry, mode) in enumerate(todo, 1):
+        model, clean = load_member(zoo, entry, with_data=mode == "data")
+        t = time.perf_counter()
+        result = netcleanse.scan(model, clean, data_free=mode == "data-free", preset=preset, seed=seed, progress=False)
+        row = {"model": entry["folder"], "mode": mode, "seed": seed, "entry": entry, "time_s": time.perf_counter() - t,
+               "scan": result.to_dict()}
+        with atomic_write(row_path(out, entry, mode, seed)) as tmp:
+            tmp.write_text(json.dumps(row))
+        eta = (time.perf_counter() - started) / n * (len(todo) - n)
+        log(f"[{n}/{len(todo)}, ETA {eta / 60:.0f} min] {entry['folder']:<24} {mode:<9} targets "
+            f"{entry['targets']!s:<12} calibrated {result.flagged!s:<12} (p {result.p_value:.2g}) "
+            f"mad {result.mad_flagged!s:<16} {row['time_s']:.0f} s", flush=True)
+
+
+def decide(row: dict, rule: str, alpha: float, family: str, df: float) -> dict:
+    """One scan's verdict under ``rule``, re-decided from its stored per-label results."""
+    scan = row["scan"]
+    if rule == "mad":
+        flagged = sorted(scan["mad_flagged"])
+        score = max(r["anomaly_index"] for r in scan["labels"])
+        ceiling = scan.get("index_ceiling")
+        inconclusive = not flagged and ceiling is not None and ceiling <= scan["threshold"]
+    else:
+        l1, reference, n_labels = calibrated_inputs(scan["labels"], scan["settings"]["detection"])
+        test = calibrated_test(l1, reference, n_labels, alpha=alpha, family=family, df=df)
+        flagged = sorted(test.flagged)
+        score = -math.log10(test.p_value) if test.p_value else 0.0
+        inconclusive = test.inconclusive and not flagged
+    targets = sorted(row["entry"]["targets"])
+    return {"flagged": flagged, "score": score, "inconclusive": inconclusive, "detected": bool(flagged),
+            "hit": bool(set(flagged) & set(targets)), "exact": flagged == targets}
+
+
+def summarise(rows: list[dict], alpha: float, family: str, df: float, log=print) -> dict:
+    from sklearn.metrics import roc_auc_score
+    summary = {}
+    groups = sorted({(r["mode"], r["entry"]["num_classes"]) for r in rows})
+    for mode, k in groups:
+        group = [r for r in rows if r["mode"] == mode and r["entry"]["num_classes"] == k]
+        scored = [r for r in group if not r["entry"]["backdoored"] or r["entry"]["attack_learned"]]
+        pos = [r for r in scored if r["entry"]["backdoored"]]
+        neg = [r for r in scored if not r["entry"]["backdoored"]]
+        times = [r["time_s"] for r in group]
+        for rule in ("calibrated", "mad"):
+            d_pos = [decide(r, rule, alpha, family, df) for r in pos]
+            d_neg = [decide(r, rule, alpha, family, df) for r in neg]
+            fp, tp = sum(d["detected"] for d in d_neg), sum(d["hit"] for d in d_pos)
+            exact = sum(d["exact"] for d in d_pos)
+            auroc = (roc_auc_score([1] * len(d_pos) + [0] * len(d_neg), [d["score"] for d in d_pos + d_neg])
+                     if d_pos and d_neg else float("nan"))
+            cell = {"clean": len(neg), "clean_flagged": fp, "clean_flagged_ci": wilson(fp, len(neg)),
+                    "backdoored": len(pos), "detected": tp, "detected_ci": wilson(tp, len(pos)), "exact": exact,
+                    "exact_ci": wilson(exact, len(pos)), "auroc": auroc,
+                    "inconclusive": sum(d["inconclusive"] for d in d_pos + d_neg),
+                    "not_learned": len(group) - len(scored), "median_time_s": float(np.median(times))}
+            summary[f"{mode}/{k}/{rule}"] = cell
+            lo, hi = cell["clean_flagged_ci"]
+            log(f"{mode:<9} {k:>4} labels {rule:<10}: clean flagged {fp}/{len(neg)} ({_pct(fp, len(neg))}, "
+                f"95 % CI {100 * lo:.1f}-{100 * hi:.1f} %); detected {tp}/{len(pos)} ({_pct(tp, len(pos))}); "
+                f"exact {exact}/{len(pos)} ({_pct(exact, len(pos))}); AUROC {auroc:.3f}; inconclusive "
+                f"{cell['inconclusive']}; {cell['not_learned']} backdoors not learned left out; "
+                f"median {cell['median_time_s']:.0f} s/scan")
+    return summary
+
+
+def _pct(k: int, n: int) -> str:
+    return f"{100 * k / n:.1f} %" if n else "n/a"
 
 
 def main(argv=None) -> int:
-    ap = benchmark_parser(__doc__.splitlines()[0], threads=2)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("zoo", type=Path)
+    ap.add_argument("--out", type=Path, required=True, help="folder for the per-scan rows (resumable)")
+    ap.add_argument("--split", choices=("dev", "eval", "all"), default="dev")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--datasets", default=None, help="only these zoo datasets (comma-separated)")
     ap.add_argument("--preset", default="fast")
-    ap.add_argument("--modes", default="data,data-free")
+    ap.add_argument("--seed", type=int, default=0, help="scan seed")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--shard", type=parse_shard, default=(0, 1))
+    ap.add_argument("--summary-only", action="store_true", help="do not scan; summarise the rows there are")
+    ap.add_argument("--alpha", type=float, default=0.05)
+    ap.add_argument("--family", default="normal", help="calibrated rule's null family: normal or t")
+    ap.add_argument("--df", type=float, default=5.0, help="degrees of freedom of the t null")
+    ap.add_argument("--json", type=Path, help="write the summary here")
     args = ap.parse_args(argv)
-    entries = open_zoo(args)
-    if entries is None:
-        return 2
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    rows = []
-    for entry in entries:
-        truth = sorted(int(t) for t in entry["targets"])
-        model, clean = load_member(args.zoo, entry, with_data="data" in modes)
-        for mode in modes:
-            data = clean if mode == "data" else None
-            t = time.perf_counter()
-            result = netcleanse.scan(model, data, data_free=data is None, preset=args.preset, seed=args.seed,
-                                     progress=False)
-            row = {"model": entry["folder"], "mode": mode, "kind": entry.get("kind"), "targets": truth,
-                   "backdoored": bool(entry["backdoored"]),
-                   "attack_learned": entry.get("attack_learned", bool(entry["backdoored"])),
-                   "flagged": result.flagged, "max_index": max(r["anomaly_index"] for r in result.labels),
-                   "top_label": max(result.labels, key=lambda r: r["anomaly_index"])["label"],
-                   "time_s": time.perf_counter() - t}
-            row["verdict"], row["index_ceiling"] = result.verdict, result.index_ceiling
-            # per label, in label order, so later analyses need no rescan
-            row["labels"] = {key: [r[key] for r in result.labels]
-                             for key in ("mask_l1", "anomaly_index", "mask_l1_vs_median", "attack_success")}
-            row["detected"] = bool(result.flagged)
-            row["exact"] = result.flagged == truth
-            row["hit"] = bool(set(result.flagged) & set(truth))
-            rows.append(row)
-            verdict = {"backdoor-detected": "BACKDOORED", "inconclusive": "inconcl."}.get(result.verdict, "clean")
-            print(f"{row['model']:<12} {mode:<9} {row['kind']:<6} truth {truth!s:<8} flagged {result.flagged!s:<10} "
-                  f"-> {verdict:<10} {'exact' if row['exact'] else '':<5} max index {row['max_index']:.2f} "
-                  f"(label {row['top_label']}, ceiling {row['index_ceiling']:.2f}) "
-                  f"({row['time_s']:.0f} s)", flush=True)
-
-    from sklearn.metrics import roc_auc_score
-    summary = {}
-    for mode in modes:
-        scored = [r for r in rows if r["mode"] == mode and (not r["backdoored"] or r["attack_learned"])]
-        pos = [r for r in scored if r["backdoored"]]
-        neg = [r for r in scored if not r["backdoored"]]
-        tpr = sum(r["hit"] for r in pos) / len(pos) if pos else float("nan")
-        exact = sum(r["exact"] for r in pos) / len(pos) if pos else float("nan")
-        fpr = sum(r["detected"] for r in neg) / len(neg) if neg else float("nan")
-        auroc = (roc_auc_score([r["backdoored"] for r in scored], [r["max_index"] for r in scored])
-                 if pos and neg else float("nan"))
-        top_is_target = sum(r["top_label"] in r["targets"] for r in pos)
-        inconclusive = {kind: sum(r["verdict"] == "inconclusive" for r in group)
-                        for kind, group in (("backdoored", pos), ("clean", neg))}
-        summary[mode] = {"n_backdoored": len(pos), "n_clean": len(neg), "tpr": tpr, "exact_targets": exact,
-                         "fpr": fpr, "auroc": auroc, "top_label_is_a_target": top_is_target,
-                         "inconclusive": inconclusive}
-        print(f"{mode}: {len(pos)} backdoored, {len(neg)} clean: TPR {tpr:.2f} (exact targets {exact:.2f}), "
-              f"FPR {fpr:.2f}, AUROC(max anomaly index) {auroc:.2f}, "
-              f"most anomalous label is a planted target on {top_is_target}/{len(pos)}; inconclusive "
-              f"(nothing could be flagged) on {inconclusive['backdoored']} backdoored, {inconclusive['clean']} clean")
+    if any(m not in MODES for m in modes):
+        print(f"error: --modes takes {', '.join(MODES)}", file=sys.stderr)
+        return 2
+    try:
+        entries = [e for e in read_zoo(args.zoo) if args.split == "all" or e["split"] == args.split]
+        if args.datasets:
+            entries = [e for e in entries if e["dataset"] in args.datasets.split(",")]
+        torch.set_num_threads(args.threads)
+        if not args.summary_only:
+            scan_zoo(args.zoo, args.out, entries, modes, args.seed, args.preset, args.shard)
+        wanted = {row_path(args.out, e, m, args.seed).name for e in entries for m in modes}
+        rows = [json.loads(p.read_text()) for p in sorted((args.out / "rows").glob("*.json")) if p.name in wanted]
+        if not rows:
+            raise NetcleanseError(f"no scans of the {args.split} half in {args.out}")
+        print(f"{len(rows)} scans of the {args.split} half (of {len(wanted)} planned); calibrated rule at alpha "
+              f"{args.alpha:g}, null {args.family}{'' if args.family == 'normal' else f'({args.df:g})'}")
+        summary = summarise(rows, args.alpha, args.family, args.df)
+    except NetcleanseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "summary": summary, "preset": args.preset}, indent=1))
+        args.json.write_text(json.dumps({"split": args.split, "alpha": args.alpha, "family": args.family,
+                                         "df": args.df, "scans": len(rows), "summary": summary}, indent=1))
     return 0
 
 

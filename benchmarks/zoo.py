@@ -1,15 +1,32 @@
 """Build a zoo of small models with known truth, for measuring backdoor detection.
 
-    python benchmarks/zoo.py --n 5 --out zoo --seed 0 [--dataset mnist] [--epochs 10]
+    python benchmarks/zoo.py --out zoo [--n 60] [--datasets mnist,mnist-pairs] [--seed 0]
+                             [--split dev|eval|all] [--shard K/N]
 
-writes ``N`` clean models (``clean_00`` ...) and ``N`` backdoored ones (``badnet_00`` ...), each a
-BadNet-lab folder (``model.pt``, ``model_weights.h5``, test sets, ``truth.json``; see
-:mod:`netcleanse.lab`). Clean models have ``"backdoored": false`` and ``"targets": []``. The
-backdoors mix trigger kinds (patch, blend, two-target multi-patch), patch sizes 3-6 px at
-random corners or positions, patterns (checkerboard, white, random noise), blend alphas
-0.1-0.2, and targets, all drawn from ``--seed``; every model also has its own training seed.
-``zoo.json`` lists the models with their truth (``attack_learned``: every target's ASR >= 90 %). A model folder that already holds
-``truth.json`` is kept, so an interrupted build continues where it stopped.
+For each built-in dataset (default: 10-class ``mnist`` and 100-class ``mnist-pairs``) it trains
+``--n`` clean models and ``--n`` backdoored ones, in pairs ``<dataset>-clean_<i>`` /
+``<dataset>-badnet_<i>``; each is a BadNet-lab folder (``model.pt``, test sets, ``truth.json``; see
+:mod:`netcleanse.lab`) plus ``entry.json``, its line in the zoo's index. The default 60 per
+dataset gives 240 models.
+
+What pair ``i`` of a dataset looks like is drawn from ``(seed, dataset, i)`` alone, so a model's
+plan never depends on ``--n`` or on which other models were built:
+
+* training length: 8, 12 or 16 epochs (the same for the pair's clean and backdoored model);
+* backdoor kind: patch (1/2), blend (1/4), or 2-3 patches with one target each (1/4);
+* patches 3-6 px with a checkerboard, white or random pattern, in a corner (3/4) or anywhere;
+  blend alpha 0.1-0.2 of a random pattern; several patches sit in different corners;
+* poisoning rate 1, 3, 5 or 10 % of the training set (split among the patches of a multi-target
+  model); targets uniform over the labels.
+
+**Development and evaluation halves** (fixed before any evaluation number was looked at): pair
+``i`` is in the *development* half when ``i`` is even and in the *evaluation* half when it is odd,
+for every dataset. Settings of a detection rule are chosen on the development half only; the
+evaluation half is only reported.
+
+A model folder that already holds ``entry.json`` is kept, so an interrupted build continues where
+it stopped; ``--shard K/N`` builds every N-th model (from the K-th), so N processes can share the
+work. ``zoo.json`` is rewritten after each model from every finished folder.
 """
 
 from __future__ import annotations
@@ -29,13 +46,20 @@ from netcleanse.data import load_data
 from netcleanse.errors import NetcleanseError
 from netcleanse.lab import DEFAULT_ARCH, make_badnet, make_clean_model
 from netcleanse.model import load_model
+from netcleanse.utils import atomic_write
 
-KINDS = ("patch", "blend", "multi")
-NUM_CLASSES = 10
 LEARNED_ASR = 0.9
-
-
+DATASETS = ("mnist", "mnist-pairs")
+NUM_CLASSES = {"mnist": 10, "digits": 10, "mnist-pairs": 100}
+EPOCHS = (8, 12, 16)
+RATES = (0.01, 0.03, 0.05, 0.1)
+SPLITS = ("dev", "eval")
 CORNERS = tuple(p for p in POSITIONS if p != "center")
+
+
+def split_of(i: int) -> str:
+    """The half a pair belongs to: even pair index -> development, odd -> evaluation."""
+    return SPLITS[i % 2]
 
 
 def random_patch(rng: random.Random, shape, seed: int, position=None):
@@ -48,59 +72,93 @@ def random_patch(rng: random.Random, shape, seed: int, position=None):
     return patch_trigger(shape, size, position, pattern, seed), {"size": size, "position": position, "pattern": pattern}
 
 
-def backdoor_plan(index: int, rng: random.Random, shape, seed: int):
-    """Triggers, targets, kind and a description for the index-th backdoored model."""
-    kind = KINDS[index % len(KINDS)]
+def pair_plan(seed: int, dataset: str, i: int, shape) -> dict:
+    """Everything drawn for pair ``i`` of ``dataset``: epochs, and the backdoored model's attack."""
+    rng = random.Random(f"{seed}/{dataset}/{i}")
+    num_classes = NUM_CLASSES[dataset]
+    epochs = rng.choice(EPOCHS)
+    kind = rng.choice(("patch", "patch", "blend", "multi"))
+    rate = rng.choice(RATES)
+    trigger_seed = seed * 100000 + 50000 + i
     if kind == "patch":
-        trigger, spec = random_patch(rng, shape, seed)
-        return [trigger], [rng.randrange(NUM_CLASSES)], kind, [spec]
-    if kind == "blend":
+        trigger, spec = random_patch(rng, shape, trigger_seed)
+        triggers, specs, targets = [trigger], [spec], [rng.randrange(num_classes)]
+    elif kind == "blend":
         alpha = round(rng.uniform(0.1, 0.2), 3)
-        return [blend_trigger(shape, alpha, "random", seed)], [rng.randrange(NUM_CLASSES)], kind, [{"alpha": alpha}]
-    corners = rng.sample(CORNERS, 2)  # two corners, so the two patches never overlap
-    made = [random_patch(rng, shape, seed + k, corner) for k, corner in enumerate(corners)]
-    return [t for t, _ in made], rng.sample(range(NUM_CLASSES), 2), kind, [spec for _, spec in made]
+        triggers, specs = [blend_trigger(shape, alpha, "random", trigger_seed)], [{"alpha": alpha}]
+        targets = [rng.randrange(num_classes)]
+    else:
+        corners = rng.sample(CORNERS, rng.choice((2, 3)))  # distinct corners: the patches never overlap
+        made = [random_patch(rng, shape, trigger_seed + k, corner) for k, corner in enumerate(corners)]
+        triggers, specs = [t for t, _ in made], [spec for _, spec in made]
+        targets = rng.sample(range(num_classes), len(made))
+    return {"epochs": epochs, "kind": kind, "rate": rate, "triggers": triggers, "specs": specs, "targets": targets}
 
 
-def build_zoo(n: int, out: Path, seed: int = 0, dataset: str = "mnist", arch: str | None = None,
-              epochs: int | None = None, rate: float = 0.1, log=print) -> list[dict]:
-    arch = arch or DEFAULT_ARCH
+def zoo_plan(n: int, datasets, seed: int) -> list[tuple[str, str, int, str]]:
+    """(folder, dataset, pair index, role) of every model, development pairs first."""
+    plan = []
+    for i in sorted(range(n), key=lambda i: (SPLITS.index(split_of(i)), i)):
+        for dataset in datasets:
+            for role in ("clean", "badnet"):
+                plan.append((f"{dataset}-{role}_{i:03d}", dataset, i, role))
+    return plan
+
+
+def build_model(out: Path, folder: str, dataset: str, i: int, role: str, seed: int, arch: str,
+                epochs: int | None) -> dict:
+    """Train one zoo model into ``out/folder`` and return its index entry."""
     shape = get_architecture(arch).input_shape
-    rng = random.Random(seed)
+    plan = pair_plan(seed, dataset, i, shape)
+    epochs = epochs or plan["epochs"]
+    model_seed = seed * 100000 + NUM_CLASSES[dataset] * 1000 + 2 * i + (role == "badnet")
+    target = out / folder
+    if role == "clean":
+        truth = make_clean_model(dataset, arch, epochs, model_seed, target, force=True, progress=False).truth
+    else:
+        truth = make_badnet(dataset, plan["triggers"], plan["targets"], rate=plan["rate"], arch=arch, epochs=epochs,
+                            seed=model_seed, out=target, force=True, progress=False).truth
+        truth["zoo"] = {"kind": plan["kind"], "triggers": plan["specs"]}
+        (target / "truth.json").write_text(json.dumps(truth, indent=2) + "\n", encoding="utf-8")
+    asr = truth.get("attack_success", {})
+    entry = {"model": f"{folder}/model.pt", "folder": folder, "dataset": dataset, "num_classes": NUM_CLASSES[dataset],
+             "pair": i, "split": split_of(i), "backdoored": truth["backdoored"], "targets": truth["targets"],
+             "kind": truth.get("zoo", {}).get("kind", "clean"), "rate": truth["rate"], "epochs": truth["epochs"],
+             "clean_accuracy": truth["clean_accuracy"], "attack_success": asr,
+             # a backdoor that did not take is no fair positive for a detector
+             "attack_learned": bool(asr) and min(asr.values()) >= LEARNED_ASR}
+    with atomic_write(target / "entry.json") as tmp:
+        tmp.write_text(json.dumps(entry, indent=1) + "\n", encoding="utf-8")
+    return entry
+
+
+def build_zoo(out: Path, n: int = 60, datasets=DATASETS, seed: int = 0, arch: str | None = None,
+              epochs: int | None = None, split: str = "all", shard: tuple[int, int] = (0, 1), log=print) -> list[dict]:
+    """Build (or finish building) the zoo in ``out``; returns the entries of every finished model."""
+    arch = arch or DEFAULT_ARCH
+    for dataset in datasets:
+        if dataset not in NUM_CLASSES:
+            raise NetcleanseError(f"the zoo knows the datasets {', '.join(NUM_CLASSES)}, not {dataset!r}")
     out.mkdir(parents=True, exist_ok=True)
-    plans = []
-    for i in range(n):
-        plans.append(("clean", i, None))
-        plans.append(("badnet", i, backdoor_plan(i, rng, shape, seed * 1000 + 500 + i)))
-    entries = []
-    for role, i, plan in plans:
-        folder = out / f"{role}_{i:02d}"
-        model_seed = seed * 1000 + i + (0 if role == "clean" else 500)
+    plan = [p for p in zoo_plan(n, datasets, seed) if split == "all" or split_of(p[2]) == split]
+    for k, (folder, dataset, i, role) in enumerate(plan):
+        if k % shard[1] != shard[0] or (out / folder / "entry.json").is_file():
+            continue
         started = time.perf_counter()
-        if (folder / "truth.json").is_file():
-            truth = json.loads((folder / "truth.json").read_text())
-            log(f"{folder.name}: kept (already built)")
-        elif role == "clean":
-            truth = make_clean_model(dataset, arch, epochs, model_seed, folder, force=True, progress=False).truth
-        else:
-            triggers, targets, kind, specs = plan
-            truth = make_badnet(dataset, triggers, targets, rate=rate, arch=arch, epochs=epochs, seed=model_seed,
-                                out=folder, force=True, progress=False).truth
-            truth["zoo"] = {"kind": kind, "triggers": specs}
-            (folder / "truth.json").write_text(json.dumps(truth, indent=2) + "\n", encoding="utf-8")
-        asr = truth.get("attack_success", {})
-        log(f"{folder.name}: {'backdoored ' + str(truth['targets']) if truth['backdoored'] else 'clean'}, "
-            f"clean accuracy {100 * truth['clean_accuracy']:.1f}%"
+        entry = build_model(out, folder, dataset, i, role, seed, arch, epochs)
+        asr = entry["attack_success"]
+        log(f"{folder} ({entry['split']}): {'backdoored ' + str(entry['targets']) if entry['backdoored'] else 'clean'}, "
+            f"clean accuracy {100 * entry['clean_accuracy']:.1f}%"
             + (", ASR " + ", ".join(f"{t}: {100 * a:.1f}%" for t, a in asr.items()) if asr else "")
             + f" ({time.perf_counter() - started:.0f} s)")
-        entries.append({"model": f"{folder.name}/model.pt", "folder": folder.name, "backdoored": truth["backdoored"],
-                        "targets": truth["targets"], "kind": truth.get("zoo", {}).get("kind", "clean"),
-                        "clean_accuracy": truth["clean_accuracy"], "attack_success": asr,
-                        # a backdoor that did not take is no fair positive for a detector
-                        "attack_learned": bool(asr) and min(asr.values()) >= LEARNED_ASR})
-    index = {"dataset": dataset, "arch": arch, "seed": seed, "n": n, "models": entries}
-    (out / "zoo.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return entries
+        write_index(out, {"seed": seed, "arch": arch, "n": n, "datasets": list(datasets)})
+    return read_zoo(out)
+
+
+def write_index(out: Path, settings: dict) -> None:
+    """``zoo.json``: the build settings and every finished model's entry (from the folders)."""
+    with atomic_write(out / "zoo.json") as tmp:
+        tmp.write_text(json.dumps(dict(settings, models=read_zoo(out)), indent=1) + "\n", encoding="utf-8")
 
 
 def benchmark_parser(description: str, threads: int) -> argparse.ArgumentParser:
@@ -125,11 +183,11 @@ def open_zoo(args) -> list[dict] | None:
 
 
 def read_zoo(zoo: Path) -> list[dict]:
-    """The model entries of ``zoo/zoo.json`` (see :func:`build_zoo`)."""
-    index_path = zoo / "zoo.json"
-    if not index_path.is_file():
-        raise NetcleanseError(f"no zoo.json in {zoo}: build it with benchmarks/zoo.py")
-    return json.loads(index_path.read_text())["models"]
+    """The entries of every finished model of the zoo (its folders' ``entry.json``), by folder name."""
+    entries = [json.loads(p.read_text()) for p in sorted(Path(zoo).glob("*/entry.json"))]
+    if not entries:
+        raise NetcleanseError(f"no zoo models in {zoo}: build them with benchmarks/zoo.py")
+    return entries
 
 
 def load_member(zoo: Path, entry: dict, with_data: bool):
@@ -141,20 +199,34 @@ def load_member(zoo: Path, entry: dict, with_data: bool):
     return model, data
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes K/N, e.g. 0/2, not {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"--shard K/N needs 0 <= K < N, got {text!r}")
+    return k, n
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=5, help="number of clean and of backdoored models (each)")
+    parser.add_argument("--n", type=int, default=60, help="clean and backdoored models (each) per dataset")
     parser.add_argument("--out", type=Path, default=Path("zoo"), help="zoo folder")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dataset", default="mnist", help="built-in dataset: mnist or digits")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help="built-in datasets, comma-separated")
     parser.add_argument("--arch", default=None, help="architecture (default mnist-cnn)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the lab's)")
-    parser.add_argument("--rate", type=float, default=0.1, help="poisoning rate of the backdoored models")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs for every model (default: drawn)")
+    parser.add_argument("--split", choices=("dev", "eval", "all"), default="all", help="build only one half")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="K/N: build every N-th model from the K-th")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error("--n must be at least 1")
+    torch.set_num_threads(args.threads)
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     try:
-        entries = build_zoo(args.n, args.out, args.seed, args.dataset, args.arch, args.epochs, args.rate)
+        entries = build_zoo(args.out, args.n, datasets, args.seed, args.arch, args.epochs, args.split, args.shard)
     except NetcleanseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -152,19 +152,25 @@ def test_zoo_builds_clean_and_backdoored_models_with_truth(tmp_path):
     spec = importlib.util.spec_from_file_location("zoo", Path(__file__).resolve().parents[1] / "benchmarks" / "zoo.py")
     zoo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(zoo)
-    assert zoo.main(["--n", "1", "--out", str(tmp_path), "--dataset", "digits", "--epochs", "1"]) == 0
+    args = ["--n", "2", "--out", str(tmp_path), "--datasets", "digits", "--epochs", "1", "--split", "dev"]
+    assert zoo.main(args) == 0
     index = json.loads((tmp_path / "zoo.json").read_text())
     by_folder = {m["folder"]: m for m in index["models"]}
-    assert set(by_folder) == {"clean_00", "badnet_00"}
-    clean = json.loads((tmp_path / "clean_00" / "truth.json").read_text())
+    # pair 0 is in the development half; pair 1 (evaluation) was not asked for
+    assert set(by_folder) == {"digits-clean_000", "digits-badnet_000"}
+    assert {m["split"] for m in index["models"]} == {"dev"} and zoo.split_of(1) == "eval"
+    clean = json.loads((tmp_path / "digits-clean_000" / "truth.json").read_text())
     assert clean["backdoored"] is False and clean["targets"] == []
-    bad = json.loads((tmp_path / "badnet_00" / "truth.json").read_text())
-    assert bad["backdoored"] is True and len(bad["targets"]) == 1 and bad["zoo"]["kind"] == "patch"
-    assert load_model(tmp_path / "badnet_00" / "model.pt").num_classes == 10
+    bad = json.loads((tmp_path / "digits-badnet_000" / "truth.json").read_text())
+    plan = zoo.pair_plan(0, "digits", 0, (1, 28, 28))
+    assert bad["backdoored"] is True and bad["targets"] == plan["targets"] and bad["zoo"]["kind"] == plan["kind"]
+    assert bad["rate"] == plan["rate"] and load_model(tmp_path / "digits-badnet_000" / "model.pt").num_classes == 10
+    # a pair's plan depends on (seed, dataset, index) only, not on how many models the zoo has
+    assert zoo.pair_plan(0, "digits", 0, (1, 28, 28))["targets"] == plan["targets"]
     # a second run keeps finished models instead of retraining them
-    before = (tmp_path / "badnet_00" / "model.pt").stat().st_mtime_ns
-    assert zoo.main(["--n", "1", "--out", str(tmp_path), "--dataset", "digits", "--epochs", "1"]) == 0
-    assert (tmp_path / "badnet_00" / "model.pt").stat().st_mtime_ns == before
+    before = (tmp_path / "digits-badnet_000" / "model.pt").stat().st_mtime_ns
+    assert zoo.main(args) == 0
+    assert (tmp_path / "digits-badnet_000" / "model.pt").stat().st_mtime_ns == before
 
 
 # ------------------------------------------------------------------ slow: the bar

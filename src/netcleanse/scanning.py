@@ -19,10 +19,10 @@ synthesises. Two presets:
        for up to 300 more steps of 8 inputs (patience 3, early stop after 100 steps without
        improvement). Shorter refinement left the controls unconverged and widely spread (MAD
        up to 200 on the CSAW nets), which hid real targets.
-    3. Calibrated detection: labels optimised longer get smaller masks, so refined candidates
-       are compared only with labels refined the same way: the median and MAD come from the
-       random controls (an unbiased sample of all labels at the same budget). Labels that were
-       not refined get their index from the coarse pass's median/MAD over all labels.
+    3. Detection: labels optimised longer get smaller masks, so refined candidates are compared
+       only with labels refined the same way: the median and MAD come from the random controls
+       (an unbiased sample of all labels at the same budget). Labels that were not refined get
+       their paper's index from the coarse pass's median/MAD over all labels, and cannot be flagged.
     When there are no more labels than candidates + controls (64), every label is refined, on
     200 inputs with a longer schedule (``few_labels_refine``: up to 200 epochs of 2 x 32 inputs),
     and the index is the paper's (median/MAD over all labels).
@@ -30,6 +30,16 @@ synthesises. Two presets:
 Long scans persist every finished chunk of labels to ``out`` (``progress.jsonl`` + ``partial/``,
 written atomically), so an interrupted scan resumes with ``resume=True`` and gives the same
 result as an uninterrupted one with the same ``seed``.
+
+The verdict comes from one of two rules, both always computed and recorded:
+
+``calibrated`` (default)
+    The model-level test of :mod:`netcleanse.calibrated`: log mask sizes, a null simulated for
+    the model's number of labels and its reference, per-label p-values corrected for the number
+    of labels, step-down for several targets. A model without a backdoor is flagged with
+    probability <= ``alpha`` (under the null model stated there).
+``mad``
+    The paper's rule (:mod:`netcleanse.detection`): anomaly index > ``threshold`` (2).
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Dataset
+from .calibrated import calibrated_test
 from .detection import anomaly_indices, flag_labels, index_ceiling, median_and_mad
 from .errors import NetcleanseError
 from .neural_cleanse import Schedule, attack_success, reverse_engineer
@@ -57,6 +68,7 @@ from .trigger import Trigger
 from .utils import atomic_write, resolve_device
 
 FORMAT_VERSION = 1
+RULES = ("calibrated", "mad")
 
 
 @dataclass(frozen=True)
@@ -139,13 +151,26 @@ class ScanResult:
     patterns: np.ndarray = field(repr=False)  # (L, C, H, W)
     # the largest anomaly index any label could have got (an empty mask's); see detection.index_ceiling
     index_ceiling: float | None = None
+    rule: str = "mad"  # which rule ``flagged`` and the verdict follow (scans before 0.2: always mad)
+    alpha: float | None = None
+    # the calibrated test (calibrated.TestResult.to_dict()) and the paper's rule's flags, whichever decided
+    test: dict | None = None
+    mad_flagged: list[int] | None = None
+
+    @property
+    def p_value(self) -> float | None:
+        """The model-level p-value of the calibrated test (None for scans without it)."""
+        return None if self.test is None else self.test.get("p_value")
 
     @property
     def verdict(self) -> str:
         """"backdoor-detected" (a label flagged), "inconclusive" (nothing flagged, but nothing could
-        have been: the index ceiling is not above the threshold) or "none-detected"."""
+        have been: the calibrated test had no power, or under the paper's rule the index ceiling is
+        not above the threshold) or "none-detected"."""
         if self.flagged:
             return "backdoor-detected"
+        if self.rule == "calibrated":
+            return "inconclusive" if self.test and self.test.get("inconclusive") else "none-detected"
         if self.index_ceiling is not None and self.index_ceiling <= self.threshold:
             return "inconclusive"
         return "none-detected"
@@ -164,8 +189,9 @@ class ScanResult:
 
     def to_dict(self) -> dict:
         return {"format": "netcleanse-scan", "version": FORMAT_VERSION, "verdict": self.verdict,
-                "flagged": self.flagged, "threshold": self.threshold, "index_ceiling": self.index_ceiling,
-                "preset": self.preset, "data": self.data, "elapsed_s": self.elapsed_s, "model": self.model,
+                "flagged": self.flagged, "rule": self.rule, "alpha": self.alpha, "p_value": self.p_value,
+                "threshold": self.threshold, "index_ceiling": self.index_ceiling, "test": self.test,
+                "mad_flagged": self.mad_flagged, "preset": self.preset, "data": self.data, "elapsed_s": self.elapsed_s, "model": self.model,
                 "settings": self.settings, "labels": self.labels}
 
     def save(self, directory, all_images: bool = False) -> Path:
@@ -204,7 +230,8 @@ class ScanResult:
         return cls(labels=info["labels"], flagged=info["flagged"], threshold=info["threshold"],
                    preset=info["preset"], data=info["data"], elapsed_s=info["elapsed_s"], model=info["model"],
                    settings=info["settings"], masks=masks[rows], patterns=patterns[rows],
-                   index_ceiling=info.get("index_ceiling"))
+                   index_ceiling=info.get("index_ceiling"), rule=info.get("rule", "mad"), alpha=info.get("alpha"),
+                   test=info.get("test"), mad_flagged=info.get("mad_flagged", info["flagged"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,21 +410,28 @@ def _model_info(model) -> dict:
 
 
 def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=None, preset: str = "fast",
-         threshold: float = 2.0, seed: int = 0, out=None, resume: bool = False, device: str = "cpu",
-         progress: bool = True, save_all_images: bool = False, data_name: str | None = None) -> ScanResult:
+         rule: str = "calibrated", alpha: float = 0.05, threshold: float = 2.0, seed: int = 0, out=None,
+         resume: bool = False, device: str = "cpu", progress: bool = True, save_all_images: bool = False,
+         data_name: str | None = None) -> ScanResult:
     """Reverse-engineer a trigger for each label of ``model`` and flag backdoor targets.
 
     Exactly one of ``data`` (clean inputs; labels not needed) and ``data_free=True``.
-    ``labels``: the labels to scan (default all). ``out``: a folder for the results and for the
-    progress of an unfinished scan; a non-empty folder is refused unless ``resume``.
+    ``labels``: the labels to scan (default all). ``rule``: "calibrated" (model-level test at
+    level ``alpha``) or "mad" (the paper's anomaly index > ``threshold``); see the module doc.
+    ``out``: a folder for the results and for the progress of an unfinished scan; a non-empty
+    folder is refused unless ``resume``.
     """
     start = time.perf_counter()
     if preset not in PRESETS:
         raise NetcleanseError(f"unknown preset {preset!r}; use one of: {', '.join(PRESETS)}")
     if (data is None) == (not data_free):
         raise NetcleanseError("give exactly one of clean data or data_free=True")
-    if threshold <= 0:
-        raise NetcleanseError(f"threshold must be positive, got {threshold}")
+    if rule not in RULES:
+        raise NetcleanseError(f"unknown rule {rule!r}; use one of: {', '.join(RULES)}")
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise NetcleanseError(f"threshold must be a positive number, got {threshold}")
+    if not (math.isfinite(alpha) and 0 < alpha < 1):
+        raise NetcleanseError(f"alpha must be a number between 0 and 1, got {alpha}")
     plan = PRESETS[preset]
     dev = resolve_device(device)
     labels = list(range(model.num_classes)) if labels is None else sorted({int(t) for t in labels})
@@ -415,6 +449,7 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
     data_desc = "data-free" if data is None else (data_name or data.source)
 
     settings = {"preset": preset, "plan": plan.to_dict(), "seed": int(seed), "threshold": float(threshold),
+                "rule": rule, "alpha": float(alpha),
                 "labels_requested": labels if len(labels) < model.num_classes else "all",
                 "data": data_desc, "device": dev.type, "torch_threads": torch.get_num_threads()}
 
@@ -504,13 +539,17 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         settings["detection"] = {"scheme": "all labels", "median": med, "mad": mad}
         ceiling = index_ceiling(l1_all)
         median_for = {t: med for t in labels}
-    flagged = flag_labels(labels, index, threshold)
+    mad_flagged = flag_labels(labels, index, threshold)
+    test = calibrated_test(*calibrated_inputs([results[t] for t in labels], settings["detection"]), alpha=alpha)
+    flagged = test.flagged if rule == "calibrated" else mad_flagged
     records = []
     for t, a in zip(labels, index):
         rec = dict(results[t])
         rec["anomaly_index"] = float(a)
         # the effect size beside the index's significance: how small the trigger is next to a typical label's
         rec["mask_l1_vs_median"] = rec["mask_l1"] / median_for[t] if median_for[t] > 0 else None
+        rec["log_index"] = test.indices.get(t)  # the calibrated test's index (log scale); None: not testable
+        rec["p_value"] = test.p_values.get(t)
         rec["flagged"] = t in flagged
         records.append(rec)
 
@@ -518,12 +557,24 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
                         data=data_desc, elapsed_s=0.0, model=_model_info(model), settings=settings,
                         masks=np.stack([masks[t] for t in labels]).astype(np.float32),
                         patterns=np.stack([patterns[t] for t in labels]).astype(np.float32),
-                        index_ceiling=float(ceiling))
+                        index_ceiling=float(ceiling), rule=rule, alpha=float(alpha), test=test.to_dict(),
+                        mad_flagged=mad_flagged)
     result.elapsed_s = round(journal.previous_elapsed + time.perf_counter() - start, 3)
     if out_dir is not None:
         result.save(out_dir, all_images=save_all_images)
         shutil.rmtree(out_dir / "partial", ignore_errors=True)
     return result
+
+
+def calibrated_inputs(records: list[dict], detection: dict) -> tuple[dict, list[int] | None, int]:
+    """What the calibrated test runs on, from a scan's per-label records (``label``, ``mask_l1``)
+    and its ``settings["detection"]``: (label -> mask L1 of the labels searched with the reference's
+    budget, the reference labels or None for all, the number of labels scanned)."""
+    if detection.get("scheme") == "random controls":
+        refined = set(detection["candidates"]) | set(detection["controls"])
+        return ({r["label"]: r["mask_l1"] for r in records if r["label"] in refined}, list(detection["controls"]),
+                len(records))
+    return {r["label"]: r["mask_l1"] for r in records}, None, len(records)
 
 
 def _prepare_out(out_dir: Path, resume: bool, settings: dict, model_info: dict) -> None:

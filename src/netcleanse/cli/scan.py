@@ -21,7 +21,11 @@ def scan(
     out: Path = typer.Option(..., "--out", help="Folder for scan.json, masks.npz and images (must be empty)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Labels to scan, e.g. 0,5,7-9 (default all)."),
     preset: str = typer.Option("fast", "--preset", help="fast (default) or reference (the original protocol)."),
-    threshold: float = typer.Option(2.0, "--threshold", help="Flag labels whose anomaly index exceeds this."),
+    rule: str = typer.Option("calibrated", "--rule", help="calibrated (model-level test at --alpha) or mad "
+                             "(the paper's anomaly index > --threshold)."),
+    alpha: float = typer.Option(0.05, "--alpha", help="Calibrated rule: bound on the chance of flagging a model "
+                                "without a backdoor."),
+    threshold: float = typer.Option(2.0, "--threshold", help="mad rule: flag labels whose anomaly index exceeds this."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same result)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted scan in --out."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
@@ -39,7 +43,7 @@ def scan(
         from ..data import load_data
         dataset = load_data(data, expect_shape=model.input_shape, num_classes=model.num_classes)
     result = run_scan(model, dataset, data_free=data_free, labels=parse_labels(labels, model.num_classes),
-                      preset=preset, threshold=threshold, seed=seed, out=out, resume=resume, device=device,
+                      preset=preset, rule=rule, alpha=alpha, threshold=threshold, seed=seed, out=out, resume=resume, device=device,
                       save_all_images=save_all_images, data_name=None if data is None else str(data))
     typer.echo(verdict(result))
     from ..report import render_report
@@ -47,14 +51,23 @@ def scan(
 
 
 def verdict(result) -> str:
-    """One line for the terminal. Flagged labels are listed most anomalous first: on 1000+-label
-    models a few tail labels cross the threshold too, and the top anomaly is the one to look at."""
+    """One line for the terminal. Flagged labels are listed most anomalous first."""
     n = len(result.labels)
+    top = _describe(max(result.labels, key=lambda r: r["anomaly_index"]))
+    if result.rule == "calibrated":
+        test = f"model-level p = {_p(result.p_value)}, alpha {result.alpha:g}"
+        if result.verdict == "inconclusive":
+            return (f"INCONCLUSIVE: no label of {n} could have been flagged at alpha {result.alpha:g}, not even "
+                    f"one needing an empty mask (too few labels, or no spread among the reference labels); "
+                    f"most anomalous label {top}")
+        if not result.flagged:
+            return f"no backdoor detected ({test}; {n} labels scanned); most anomalous label {top}"
+        listed = ", ".join(_describe(result.record(t)) for t in result.flagged)  # step-down order
+        return f"BACKDOOR DETECTED ({test}): {len(result.flagged)} of {n} labels flagged, most anomalous first: {listed}"
     if result.verdict == "inconclusive":
-        top = max(result.labels, key=lambda r: r["anomaly_index"])
         return (f"INCONCLUSIVE: no label flagged among {n} scanned, but none could have been: even an empty mask "
                 f"would score {result.index_ceiling:.2f}, not above the threshold {result.threshold:g} (too few "
-                f"labels, or their mask sizes spread too widely); most anomalous label {_describe(top)}")
+                f"labels, or their mask sizes spread too widely); most anomalous label {top}")
     if not result.flagged:
         return f"no label flagged among {n} scanned (threshold {result.threshold:g})"
     ranked = sorted(result.flagged, key=lambda t: -result.record(t)["anomaly_index"])
@@ -62,9 +75,15 @@ def verdict(result) -> str:
     return f"BACKDOOR SUSPECTED: {len(ranked)} of {n} labels flagged, most anomalous first: {listed}"
 
 
+def _p(p) -> str:
+    return "n/a" if p is None else f"{p:.2g}"
+
+
 def _describe(record: dict) -> str:
-    """"7 (index 3.30, mask L1 18.2, 6 % of the median)": the index says how unusual the trigger is,
-    the ratio how small. Scans saved before the ratio was recorded show the index and L1 only."""
+    """"7 (p 0.0001, index 3.30, mask L1 18.2, 6 % of the median)": the p-value says how unlikely
+    such a label is in a model without a backdoor, the index how unusual the trigger is, the ratio
+    how small. Scans saved before p-values or the ratio were recorded show what they have."""
     ratio = record.get("mask_l1_vs_median")
     size = f", {100 * ratio:.0f} % of the median" if isinstance(ratio, (int, float)) else ""
-    return f"{record['label']} (index {record['anomaly_index']:.2f}, mask L1 {record['mask_l1']:.1f}{size})"
+    p = f"p {_p(record['p_value'])}, " if record.get("p_value") is not None else ""
+    return f"{record['label']} ({p}index {record['anomaly_index']:.2f}, mask L1 {record['mask_l1']:.1f}{size})"

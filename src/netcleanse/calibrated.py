@@ -1,0 +1,201 @@
+"""A model-level backdoor test with a stated false-alarm rate (the default verdict of a scan).
+
+Neural Cleanse's rule (:mod:`netcleanse.detection`) flags a label whose anomaly index exceeds 2.
+That is a *per-label* 5 % level: a model without a backdoor but with K labels gets at least one
+flag far more often than 5 % (about 1 - 0.977^K under a normal model, and more with few labels,
+whose median and MAD are themselves noisy). This module tests the *model*.
+
+**Statistic.** Label t's reversed trigger has mask L1 ``l1_t``; its log size is
+``x_t = log(max(l1_t, FLOOR))`` (trigger sizes of a model's clean labels are skewed: a few easy
+labels need much smaller masks; on the log scale their spread is roughly symmetric). Against a
+set of reference labels with median ``m`` and consistency-scaled MAD ``s`` of their log sizes, the
+label's index is the paper's anomaly index on the log scale,
+
+    z_t = (m - x_t) / s .
+
+The model's statistic is the largest index, ``T = max_t z_t`` over its K labels.
+
+**Null.** A model without a backdoor is taken to have log sizes that are independent draws from
+one location-scale family (normal by default; Student-t with ``df`` degrees of freedom for a
+heavier tail of easy labels). ``T`` is invariant to location and scale, so its null distribution
+depends only on K, on how the reference is chosen (all K labels, as in the paper, or a random
+sample of ``n_ref`` labels, as the fast preset's controls) and on the family, not on the model.
+It is simulated (:func:`null_max_index`, fixed seed, cached), which also accounts for the noise
+of the median and MAD themselves, so the test holds its level with 10 labels as with 1283.
+
+**p-values.** Label t's p-value is ``P(T_K >= z_t)`` under the null: corrected for the K labels
+tested (a single-step max-T adjustment). The model's p-value is the p-value of its most anomalous
+label. A model is flagged when that is <= ``alpha``: under the null model the probability of
+flagging a model without a backdoor is then <= ``alpha``, whatever K.
+
+**Several targets (step-down).** After the most anomalous label is flagged, it is removed, the
+reference is refitted without it, and the next most anomalous label is tested against the null of
+the remaining K - 1 labels; this repeats until a label's p-value exceeds ``alpha`` (each step's
+p-value is made no smaller than the previous step's, as in Holm's procedure).
+
+**Inconclusive.** When even an empty mask (``x = log FLOOR``) would not reach ``alpha`` (very few
+labels, or no spread at all among the reference labels), the test has no power and says so.
+
+p-values come from ``draws`` simulated models: the smallest one reported is ``1 / (draws + 1)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+import zlib
+
+import numpy as np
+
+from .detection import median_and_mad
+from .errors import NetcleanseError
+
+# mask L1 (in pixels) below which trigger sizes are not told apart: half a pixel
+FLOOR = 0.5
+DRAWS = 20000
+FAMILIES = ("normal", "t")
+
+
+def log_size(l1) -> np.ndarray:
+    """``log(max(l1, FLOOR))``: the scale on which labels' trigger sizes are compared."""
+    return np.log(np.maximum(np.asarray(l1, dtype=np.float64), FLOOR))
+
+
+def _check_family(family: str, df: float) -> None:
+    if family not in FAMILIES:
+        raise NetcleanseError(f"unknown null family {family!r}; use one of {', '.join(FAMILIES)}")
+    if family == "t" and not df > 0:
+        raise NetcleanseError(f"the t null needs df > 0, got {df}")
+
+
+def _draw(rng: np.random.Generator, family: str, df: float, shape) -> np.ndarray:
+    return rng.standard_normal(shape) if family == "normal" else rng.standard_t(df, shape)
+
+
+def _min_of(rng: np.random.Generator, family: str, df: float, m: int, n: int) -> np.ndarray:
+    """``n`` draws of the minimum of ``m`` independent variables of the family (inverse CDF)."""
+    from scipy import stats
+    # P(min > x) = S(x)^m, so S(min) = V^(1/m) for V uniform; F(min) = 1 - V^(1/m)
+    u = -np.expm1(np.log(rng.random(n)) / m)
+    dist = stats.norm if family == "normal" else stats.t(df)
+    return dist.ppf(np.clip(u, 1e-300, 1.0))
+
+
+@lru_cache(maxsize=256)
+def null_max_index(n_labels: int, n_reference: int | None = None, family: str = "normal", df: float = 5.0,
+                   draws: int = DRAWS) -> np.ndarray:
+    """Simulated null distribution (sorted) of the largest index ``T`` of a model with ``n_labels``
+    labels, scored against all of them (``n_reference`` None) or against a random sample of
+    ``n_reference`` of them; ``draws`` models, fixed seed."""
+    _check_family(family, df)
+    if n_labels < 1 or (n_reference is not None and not 1 <= n_reference <= n_labels):
+        raise NetcleanseError(f"bad null: {n_labels} labels, reference {n_reference}")
+    rng = np.random.default_rng(zlib.crc32(f"{n_labels}/{n_reference}/{family}/{df}/{draws}".encode()))
+    out = np.empty(draws)
+    chunk = max(1, 2_000_000 // max(n_labels if n_reference is None else n_reference, 1))
+    for start in range(0, draws, chunk):
+        n = min(chunk, draws - start)
+        if n_reference is None:
+            x = _draw(rng, family, df, (n, n_labels))
+            low = x.min(axis=1)
+        else:
+            x = _draw(rng, family, df, (n, n_reference))
+            low = x.min(axis=1)
+            if n_labels > n_reference:
+                low = np.minimum(low, _min_of(rng, family, df, n_labels - n_reference, n))
+        med = np.median(x, axis=1)
+        mad = 1.4826 * np.median(np.abs(x - med[:, None]), axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[start:start + n] = np.where(mad > 0, (med - low) / mad, 0.0)
+    out.sort()
+    return out
+
+
+def max_index_pvalue(index: float, n_labels: int, n_reference: int | None = None, family: str = "normal",
+                     df: float = 5.0, draws: int = DRAWS) -> float:
+    """``P(T >= index)`` under the null: (1 + simulated models at least as extreme) / (draws + 1)."""
+    null = null_max_index(n_labels, n_reference, family, df, draws)
+    return float((1 + len(null) - np.searchsorted(null, index, side="left")) / (len(null) + 1))
+
+
+@dataclass
+class TestResult:
+    """The outcome of :func:`calibrated_test`. ``steps``: one dict per step-down test (label,
+    index, p_value, flagged); ``p_values``: every testable label's single-step p-value."""
+
+    flagged: list[int]
+    p_value: float | None  # the model's: its most anomalous label's
+    inconclusive: bool
+    alpha: float
+    steps: list[dict] = field(default_factory=list)
+    p_values: dict[int, float] = field(default_factory=dict)
+    indices: dict[int, float] = field(default_factory=dict)
+    reference: dict = field(default_factory=dict)  # median, mad (log scale), labels, n_labels
+
+    def to_dict(self) -> dict:
+        return {"flagged": self.flagged, "p_value": self.p_value, "inconclusive": self.inconclusive,
+                "alpha": self.alpha, "steps": self.steps, "reference": self.reference}
+
+
+def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int | None = None,
+                    alpha: float = 0.05, family: str = "normal", df: float = 5.0, draws: int = DRAWS) -> TestResult:
+    """The model-level test of the module doc.
+
+    ``l1``: label -> mask L1 of every label that can be flagged (searched with the same budget as
+    the reference). ``reference``: the labels whose median/MAD define "normal" (a random sample,
+    each also in ``l1``); None = all of ``l1``, as in the paper. ``n_labels``: the model's number of
+    labels the most anomalous one was picked from (default ``len(l1)``); with a reference sample,
+    labels not in ``l1`` are taken to be no more extreme than those in it.
+    """
+    if not 0 < alpha < 1:
+        raise NetcleanseError(f"alpha must be between 0 and 1, got {alpha}")
+    labels = sorted(int(t) for t in l1)
+    if not labels:
+        raise NetcleanseError("the test needs at least one label")
+    x = {t: float(log_size(l1[t])) for t in labels}
+    sample = reference is not None
+    ref = sorted(int(t) for t in reference) if sample else list(labels)
+    if any(t not in x for t in ref):
+        raise NetcleanseError("every reference label needs a mask L1")
+    k = n_labels or len(labels)
+    if k < len(labels):
+        raise NetcleanseError(f"n_labels {k} is smaller than the {len(labels)} labels given")
+
+    def pvalue(z: float, k_now: int, ref_now: list[int]) -> float:
+        return max_index_pvalue(z, k_now, len(ref_now) if sample else None, family, df, draws)
+
+    def fit(ref_now: list[int]) -> tuple[float, float]:
+        return median_and_mad([x[t] for t in ref_now])
+
+    med, mad = fit(ref)
+    indices = {t: (med - x[t]) / mad if mad > 0 else 0.0 for t in labels}
+    best_possible = (med - float(log_size(0.0))) / mad if mad > 0 else 0.0
+    inconclusive = len(ref) < 3 or mad == 0 or pvalue(best_possible, k, ref) > alpha
+    p_values = {t: pvalue(indices[t], k, ref) for t in labels}
+    result = TestResult([], None, inconclusive, alpha, p_values=p_values, indices=indices,
+                        reference={"median": med, "mad": mad, "labels": ref, "n_labels": k,
+                                   "scale": "log mask L1", "family": family if family == "normal" else f"t({df:g})"})
+    if mad == 0:
+        return result
+    remaining, ref_now, k_now, previous = list(labels), list(ref), k, 0.0
+    while remaining and len(ref_now) >= 3:
+        m, s = fit(ref_now)
+        if s == 0:
+            break
+        t = min(remaining, key=lambda u: (x[u], u))
+        z = (m - x[t]) / s
+        p = max(previous, pvalue(z, k_now, ref_now))
+        flag = p <= alpha and not inconclusive
+        result.steps.append({"step": len(result.steps) + 1, "label": t, "index": z, "p_value": p,
+                             "n_labels": k_now, "n_reference": len(ref_now), "flagged": flag})
+        if result.p_value is None:
+            result.p_value = p
+        if not flag:
+            break
+        result.flagged.append(t)
+        remaining.remove(t)
+        if t in ref_now:
+            ref_now.remove(t)
+        k_now -= 1
+        previous = p
+    return result
