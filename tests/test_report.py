@@ -238,6 +238,35 @@ def test_clean_model_says_no_backdoor(tmp_path):
     assert "Backdoor detected" not in text
 
 
+def _with_calibrated_test(directory: Path, scan: dict, alpha: float = 0.05) -> dict:
+    """The scan re-decided by the calibrated rule, as `netcleanse scan` records it."""
+    from netcleanse.calibrated import calibrated_test
+    test = calibrated_test({r["label"]: r["mask_l1"] for r in scan["labels"]}, alpha=alpha)
+    for r in scan["labels"]:
+        r.update(p_value=test.p_values[r["label"]], flagged=r["label"] in test.flagged)
+    scan.update(rule="calibrated", alpha=alpha, p_value=test.p_value, test=test.to_dict(), flagged=test.flagged,
+                mad_flagged=scan["flagged"], verdict="backdoor-detected" if test.flagged else "none-detected")
+    (directory / "scan.json").write_text(json.dumps(scan))
+    return scan
+
+
+def test_calibrated_verdict_shows_the_model_and_label_p_values(tmp_path):
+    scan = _with_calibrated_test(tmp_path, write_scan(tmp_path, 10, planted=(7,)))
+    assert scan["flagged"] == [7]
+    for fmt in ("html", "md"):
+        out = render_report(tmp_path, format=fmt, out=tmp_path / f"r.{fmt}")
+        text = page_text(out.read_text()) if fmt == "html" else out.read_text()
+        p = f"{scan['p_value']:.2g}"
+        assert f"Model-level p-value {p}" in text.replace("*", "") and "α = 0.05" in html.unescape(text)
+        assert re.search(rf"label 7\W+p-value\W+{re.escape(p)}", text)
+        assert f"step 1 label 7 p {p}" in text and "calibrated model-level test" in text
+    clean = tmp_path / "clean"
+    scan = _with_calibrated_test(clean, write_scan(clean, 10, planted=()))
+    text = page_text(render_report(clean).read_text())
+    assert scan["flagged"] == [] and "No backdoor detected among 10 labels" in text
+    assert f"Model-level p-value {scan['p_value']:.2g} > α = 0.05" in html.unescape(text)
+
+
 def test_scan_that_could_not_flag_anything_says_inconclusive(tmp_path):
     scan = write_scan(tmp_path, 10, planted=())
     # as the scan records it: even an empty mask would score 1.75 <= 2

@@ -239,6 +239,7 @@ def _label_rows(scan: dict) -> list[dict]:
             continue
         rows.append({"label": label, "mask_l1": l1,
                      "anomaly_index": _as_float(record.get("anomaly_index")),
+                     "p_value": _as_float(record.get("p_value")),
                      "mask_l1_vs_median": _as_float(record.get("mask_l1_vs_median")),
                      "attack_success": _as_float(record.get("attack_success")),
                      "steps": _as_int(record.get("steps")), "time_s": _as_float(record.get("time_s")),
@@ -392,7 +393,11 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
         plots_out.append(Picture("repair_curve", plots.figure_png(plots.repair_curve_figure(
             repair["curves"], repair["saved"])), "clean accuracy and attack success versus fraction pruned"))
 
-    flagged = sorted((r for r in rows if r["flagged"]), key=lambda r: -(r["anomaly_index"] or 0))
+    calibrated = scan.get("rule") == "calibrated"
+    flagged = sorted((r for r in rows if r["flagged"]),
+                     key=lambda r: (r["p_value"] if calibrated and r["p_value"] is not None else 0,
+                                    -(r["anomaly_index"] or 0)))
+    test = scan.get("test") if isinstance(scan.get("test"), dict) else {}
     unflagged = [r for r in rows if not r["flagged"] and r["anomaly_index"] is not None]
     gallery, hidden = _gallery(sources, rows, targets) if rows else ([], 0)
     model = scan.get("model") if isinstance(scan.get("model"), dict) else {}
@@ -413,6 +418,12 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
         "n_records": len(scan.get("labels", [])),
         "num_classes": _as_int(model.get("num_classes")),
         "threshold": threshold,
+        # the calibrated model-level test (netcleanse.calibrated), when it decided
+        "calibrated": calibrated,
+        "alpha": _as_float(scan.get("alpha")),
+        "p_value": _as_float(scan.get("p_value")),
+        "steps": [s for s in test.get("steps", []) if isinstance(s, dict)],
+        "mad_flagged": scan.get("mad_flagged") if isinstance(scan.get("mad_flagged"), list) else None,
         "median_l1": median, "mad": mad, "threshold_l1": threshold_l1,
         # an inconclusive scan's threshold can lie below zero, where no mask can get
         "threshold_unreachable": threshold_l1 is not None and threshold_l1 <= 0,
@@ -465,6 +476,12 @@ def fmt_index(value) -> str:
     return "—" if number is None else f"{number:.2f}"
 
 
+def fmt_pvalue(value) -> str:
+    """A p-value with two significant digits ('—' when absent)."""
+    number = _as_float(value)
+    return "—" if number is None else f"{number:.2g}"
+
+
 def fmt_percent(value) -> str:
     """A fraction in [0, 1] as a percentage with one decimal."""
     number = _as_float(value)
@@ -504,7 +521,7 @@ def _environment(fmt: str) -> Environment:
         env = Environment(loader=PackageLoader("netcleanse", "templates"), autoescape=False,
                           finalize=markdown_escape, undefined=StrictUndefined,
                           trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    env.filters.update(num=fmt_number, index=fmt_index, pct=fmt_percent, cell=fmt_cell)
+    env.filters.update(num=fmt_number, index=fmt_index, pct=fmt_percent, pval=fmt_pvalue, cell=fmt_cell)
     return env
 
 

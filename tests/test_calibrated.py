@@ -1,0 +1,134 @@
+"""The calibrated model-level test: worked vectors, its level on simulated models without a backdoor,
+uniform p-values (KS), step-down for several targets, and the scan/CLI wiring."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from netcleanse.calibrated import FLOOR, calibrated_test, log_size, max_index_pvalue, null_max_index
+from netcleanse.detection import median_and_mad
+from netcleanse.errors import NetcleanseError
+from netcleanse.scanning import ScanResult, calibrated_inputs
+
+
+def _clean_model(rng, k, spread=0.4, median=50.0):
+    """Mask L1s of a model without a backdoor: log-normal around ``median``."""
+    return dict(enumerate(np.exp(np.log(median) + spread * rng.standard_normal(k))))
+
+
+def test_log_index_by_hand():
+    l1 = {0: 100.0, 1: 90.0, 2: 110.0, 3: 95.0, 4: 105.0, 5: 10.0}
+    res = calibrated_test(l1, alpha=0.05)
+    x = np.log([100.0, 90.0, 110.0, 95.0, 105.0, 10.0])
+    med, mad = median_and_mad(x)
+    assert res.reference["median"] == pytest.approx(med) and res.reference["mad"] == pytest.approx(mad)
+    assert res.indices[5] == pytest.approx((med - np.log(10.0)) / mad)
+    # the p-value of the most anomalous label is the model's; it is the simulated tail of the largest index
+    assert res.p_value == pytest.approx(max_index_pvalue(res.indices[5], 6))
+    assert res.steps[0]["label"] == 5 and res.flagged == [5]
+    # masks below half a pixel are not told apart
+    assert log_size([0.0, 0.1, FLOOR, 2.0]) == pytest.approx(np.log([FLOOR, FLOOR, FLOOR, 2.0]))
+
+
+def test_scale_free():
+    rng = np.random.default_rng(0)
+    l1 = _clean_model(rng, 10)
+    l1[3] = 4.0
+    a = calibrated_test(l1)
+    b = calibrated_test({t: 3.0 * v for t, v in l1.items()})
+    assert a.p_value == pytest.approx(b.p_value) and a.flagged == b.flagged
+
+
+def test_null_is_sorted_reproducible_and_grows_with_labels():
+    a, b = null_max_index(10), null_max_index(10)
+    assert a is b and np.all(np.diff(a) >= 0)
+    # more labels, larger maxima: the 95 % point rises from 43 to 1283 labels (same reference size)
+    assert np.quantile(null_max_index(1283, 48), 0.95) > np.quantile(null_max_index(100, 48), 0.95)
+    assert max_index_pvalue(1e9, 10) == pytest.approx(1 / (len(a) + 1))
+    assert max_index_pvalue(-1e9, 10) == 1.0
+
+
+@pytest.mark.parametrize("k, controls", [(10, None), (43, None), (1283, 48)])
+def test_level_holds_and_p_values_are_uniform_on_models_without_a_backdoor(k, controls):
+    """The per-model false-alarm rate is alpha whatever the number of labels (simulated null)."""
+    rng = np.random.default_rng(k)
+    ps, flagged = [], 0
+    for _ in range(600):
+        l1 = _clean_model(rng, k)
+        if controls:
+            ref = sorted(rng.choice(k, controls, replace=False).tolist())
+            # the scan refines the 16 smallest (coarse) labels and the controls
+            candidates = sorted(l1, key=l1.get)[:16]
+            res = calibrated_test({t: l1[t] for t in set(ref) | set(candidates)}, ref, n_labels=k)
+        else:
+            res = calibrated_test(l1)
+        ps.append(res.p_value)
+        flagged += bool(res.flagged)
+    assert stats.kstest(ps, "uniform").pvalue > 0.01
+    assert flagged / 600 < 0.05 + 3 * np.sqrt(0.05 * 0.95 / 600)
+    # the paper's rule flags far more of the same models (13-29 % at ten labels and more above)
+    assert flagged / 600 > 0.01
+
+
+def test_several_targets_are_flagged_in_step_down_order():
+    # eight clean labels 40-62 (log spread ~0.15), two planted targets with masks of 3 and 6
+    l1 = dict(enumerate([48.0, 55.0, 3.0, 40.0, 62.0, 51.0, 44.0, 6.0, 58.0, 46.0]))
+    res = calibrated_test(l1)
+    assert res.flagged == [2, 7]
+    assert [s["label"] for s in res.steps][:2] == [2, 7] and res.steps[-1]["flagged"] is False
+    assert [s["n_labels"] for s in res.steps] == [10, 9, 8]
+    ps = [s["p_value"] for s in res.steps]
+    assert ps == sorted(ps)  # monotone, as in Holm's procedure
+    # the largest index is alone in the step-down's first step and gives the model's p-value
+    assert res.p_value == ps[0] <= 0.05
+
+
+def test_clean_labels_spread_widely_are_not_flagged():
+    # ten labels, a "1" much easier than a "0": a spread the paper's rule flags (index > 2)
+    l1 = dict(enumerate([64.0, 12.0, 38.0, 26.2, 73.1, 41.0, 48.3, 66.9, 55.0, 37.7]))
+    res = calibrated_test(l1)
+    assert res.flagged == [] and res.p_value > 0.05 and not res.inconclusive
+
+
+def test_inconclusive_when_nothing_could_be_flagged():
+    assert calibrated_test({0: 5.0, 1: 7.0}).inconclusive  # two labels
+    assert calibrated_test({t: 9.0 for t in range(10)}).inconclusive  # no spread at all
+    res = calibrated_test({t: 9.0 for t in range(10)} | {10: 1.0})
+    assert res.inconclusive and res.flagged == []
+
+
+def test_bad_arguments():
+    with pytest.raises(NetcleanseError, match="alpha"):
+        calibrated_test({0: 1.0, 1: 2.0, 2: 3.0}, alpha=1.5)
+    with pytest.raises(NetcleanseError, match="reference"):
+        calibrated_test({0: 1.0, 1: 2.0, 2: 3.0}, reference=[5])
+    with pytest.raises(NetcleanseError, match="family"):
+        calibrated_test({0: 1.0, 1: 2.0, 2: 3.0}, family="cauchy")
+    with pytest.raises(NetcleanseError, match="n_labels"):
+        calibrated_test({0: 1.0, 1: 2.0, 2: 3.0}, n_labels=2)
+
+
+def test_calibrated_inputs_follow_the_scan_scheme():
+    records = [{"label": t, "mask_l1": float(10 + t)} for t in range(6)]
+    l1, ref, k = calibrated_inputs(records, {"scheme": "all labels"})
+    assert ref is None and k == 6 and l1 == {t: 10.0 + t for t in range(6)}
+    l1, ref, k = calibrated_inputs(records, {"scheme": "random controls", "candidates": [0, 1], "controls": [3, 4, 5]})
+    assert ref == [3, 4, 5] and k == 6 and set(l1) == {0, 1, 3, 4, 5}
+
+
+def test_cli_verdict_of_the_calibrated_rule():
+    from netcleanse.cli.scan import verdict
+    records = [{"label": t, "mask_l1": l1, "anomaly_index": a, "flagged": t == 1, "p_value": p}
+               for t, l1, a, p in [(0, 90.0, 0.1, 0.9), (1, 10.0, 3.4, 0.003), (2, 300.0, -0.5, 1.0)]]
+    test = {"flagged": [1], "p_value": 0.003, "inconclusive": False}
+    result = ScanResult(labels=records, flagged=[1], threshold=2.0, preset="fast", data="data-free", elapsed_s=1.0,
+                        model={}, settings={}, masks=np.zeros((3, 2, 2)), patterns=np.zeros((3, 1, 2, 2)),
+                        rule="calibrated", alpha=0.05, test=test, mad_flagged=[1])
+    line = verdict(result)
+    assert line.startswith("BACKDOOR DETECTED (model-level p = 0.003, alpha 0.05): 1 of 3 labels flagged")
+    assert "1 (p 0.003, index 3.40, mask L1 10.0" in line and result.verdict == "backdoor-detected"
+    result.flagged, result.test = [], dict(test, flagged=[], p_value=0.4)
+    assert result.verdict == "none-detected" and verdict(result).startswith("no backdoor detected (model-level p = 0.4")
+    result.test["inconclusive"] = True
+    assert result.verdict == "inconclusive" and verdict(result).startswith("INCONCLUSIVE")
+    assert result.to_dict()["p_value"] == 0.4 and result.to_dict()["rule"] == "calibrated"
