@@ -1,23 +1,28 @@
-"""How often does Neural Cleanse's MAD rule flag a model that has no backdoor at all?
+"""How often does each detection rule flag a model that has no backdoor at all?
 
-    python benchmarks/mad_null.py [--labels 8,10,43,100,1283] [--threshold 2] [--draws 20000]
-                                  [--zoo-json dq.json ...] [--seed 0] [--json out.json]
+    python benchmarks/mad_null.py [--labels 8,10,43,100,1283] [--threshold 2] [--alpha 0.05]
+                                  [--draws 2000] [--rows dq/ --split dev] [--seed 0] [--json out.json]
 
-A label is flagged when (median - L1) / (1.4826 MAD) exceeds the threshold (2 in the paper). On a
-clean model the labels' mask L1 norms are only a sample from some distribution, so the rule has a
-false-alarm rate of its own that depends on the number of labels K and on the shape (not the
-scale: the index is scale-free) of that distribution. This benchmark draws K labels from a null
-distribution many times and prints, per K, how often at least one label is flagged (the
-per-model false-alarm rate) and how many labels are flagged on average. Null distributions:
+Two rules, judged by netcleanse's own functions on simulated models without a backdoor:
 
-* ``normal`` (the model behind the paper's "index > 2 = 95 % confidence");
-* ``lognormal`` (sigma 0.35: positive and right-skewed, like mask sizes);
-* ``empirical`` (with ``--zoo-json``, the output of ``detection_quality.py --json``): the mask L1s
-  that the scans actually measured on the zoo's clean models, each scan divided by its own median
-  and pooled, resampled with replacement, for the numbers of labels those scans had. Labels of one
-  model are not independent (a "1" is always easier than a "0"), so this null is an approximation,
-  and it is checked against the baseline measured in the same run: the false-alarm rate observed
-  on those same clean scans.
+* the paper's: a label is flagged when (median - L1) / (1.4826 MAD) exceeds the threshold (2);
+* the calibrated model-level test (:mod:`netcleanse.calibrated`) at ``--alpha``, run the way a
+  scan runs it: on all labels up to 64 labels, above that on the 16 smallest plus 48 random
+  control labels as the reference. The KS statistic and p-value test whether its model-level
+  p-values are uniform, as they must be where its null model holds.
+
+For each number of labels K, K mask L1 norms are drawn from a null distribution many times.
+Null distributions:
+
+* ``normal`` (mean 50 px, sd 10: the model behind the paper's "index > 2 = 95 % confidence");
+* ``lognormal`` (median 50 px, sigma 0.35: positive and right-skewed, like mask sizes; the
+  calibrated rule's own null model);
+* ``empirical`` (with ``--rows``, the folder of ``detection_quality.py``): the mask L1s that the
+  scans actually measured on the zoo's clean models (of ``--split``), each scan divided by its own
+  median and pooled (times the scans' typical median), resampled with replacement, for the numbers of labels those scans had.
+  Labels of one model are not independent (a "1" is always easier than a "0"), so this null is an
+  approximation, and it is checked against the baseline measured in the same run: the
+  false-alarm rates observed on those same clean scans.
 """
 
 from __future__ import annotations
@@ -29,7 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
+from scipy import stats
+
+from netcleanse.calibrated import calibrated_test
 from netcleanse.detection import anomaly_indices, flag_labels
+from netcleanse.scanning import PRESETS
+
+FAST = PRESETS["fast"]
 
 
 def false_alarms(samples: np.ndarray, threshold: float) -> tuple[float, float]:
@@ -39,20 +50,41 @@ def false_alarms(samples: np.ndarray, threshold: float) -> tuple[float, float]:
     return float((counts > 0).mean()), float(counts.mean())
 
 
-def clean_scans(paths: list[Path]) -> list[dict]:
-    """The clean models' rows (per mode) of detection_quality.py JSON files."""
-    rows = []
-    for path in paths:
-        rows += [r for r in json.loads(path.read_text())["rows"] if not r["backdoored"]]
-    return rows
+def calibrated_p_values(samples: np.ndarray, alpha: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Model-level p-values and flag decisions of the calibrated test for rows of label L1s, with the
+    fast preset's scheme: every label up to candidates + controls, else candidates + random controls."""
+    ps, flagged = [], []
+    for row in samples:
+        k = len(row)
+        if k <= FAST.candidates + FAST.controls:
+            test = calibrated_test(dict(enumerate(row)), alpha=alpha)
+        else:
+            controls = rng.choice(k, FAST.controls, replace=False)
+            testable = set(controls.tolist()) | set(np.argsort(row)[:FAST.candidates].tolist())
+            test = calibrated_test({t: row[t] for t in testable}, sorted(controls.tolist()), k, alpha=alpha)
+        ps.append(test.p_value if test.p_value is not None else 1.0)
+        flagged.append(bool(test.flagged))
+    return np.array(ps), np.array(flagged)
+
+
+def clean_scans(rows_dir: Path, split: str) -> list[dict]:
+    """The clean models' scans (scan.json dicts) among detection_quality.py's rows."""
+    scans = []
+    for path in sorted((rows_dir / "rows").glob("*.json")):
+        row = json.loads(path.read_text())
+        if not row["entry"]["backdoored"] and split in ("all", row["entry"]["split"]):
+            scans.append(row["scan"])
+    return scans
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--labels", default="8,10,43,100,1283", help="numbers of labels K to simulate")
     ap.add_argument("--threshold", type=float, default=2.0)
-    ap.add_argument("--draws", type=int, default=20000, help="simulated clean models per K (fewer for K > 200)")
-    ap.add_argument("--zoo-json", type=Path, nargs="*", default=[], help="detection_quality.py --json files")
+    ap.add_argument("--alpha", type=float, default=0.05)
+    ap.add_argument("--draws", type=int, default=2000, help="simulated clean models per K and null")
+    ap.add_argument("--rows", type=Path, default=None, help="detection_quality.py --out folder")
+    ap.add_argument("--split", choices=("dev", "eval", "all"), default="dev", help="zoo half of --rows")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -61,52 +93,63 @@ def main(argv=None) -> int:
     except ValueError:
         print(f"error: --labels must be numbers like 10,1283, got {args.labels!r}", file=sys.stderr)
         return 2
-    missing = [p for p in args.zoo_json if not p.is_file()]
-    if missing or any(k < 3 for k in ks) or args.draws < 100:
-        print("error: " + (f"no such file {missing[0]}" if missing else "need K >= 3 labels and >= 100 draws"),
+    if (args.rows is not None and not (args.rows / "rows").is_dir()) or any(k < 3 for k in ks) or args.draws < 100:
+        print("error: " + (f"no detection_quality rows in {args.rows}" if args.rows is not None
+                           and not (args.rows / "rows").is_dir() else "need K >= 3 labels and >= 100 draws"),
               file=sys.stderr)
         return 2
 
     rng = np.random.default_rng(args.seed)
-    nulls = {"normal": lambda shape: rng.normal(size=shape),
-             "lognormal": lambda shape: rng.lognormal(0.0, 0.35, size=shape)}
-    observed = None
-    if args.zoo_json:
-        scans = clean_scans(args.zoo_json)
+    # mask sizes of a few dozen pixels, as on small images (the tests are scale-free above FLOOR)
+    nulls = {"normal": lambda shape: np.maximum(rng.normal(50.0, 10.0, size=shape), 1e-3),
+             "lognormal": lambda shape: rng.lognormal(np.log(50.0), 0.35, size=shape)}
+    observed = {}
+    if args.rows is not None:
+        scans = clean_scans(args.rows, args.split)
         if not scans:
-            print("error: the --zoo-json files hold no clean models", file=sys.stderr)
+            print(f"error: {args.rows} holds no clean-model scans of the {args.split} half", file=sys.stderr)
             return 2
-        pooled = np.concatenate([np.asarray(r["labels"]["mask_l1"]) / np.median(r["labels"]["mask_l1"])
-                                 for r in scans])
-        nulls["empirical"] = lambda shape: rng.choice(pooled, size=shape, replace=True)
-        by_k: dict[int, list[bool]] = {}
-        for r in scans:
-            by_k.setdefault(len(r["labels"]["mask_l1"]), []).append(bool(r["flagged"]))
-        observed = {k: (sum(v) / len(v), len(v)) for k, v in by_k.items()}
+        by_k: dict[int, list] = {}
+        for scan in scans:
+            l1 = np.asarray([r["mask_l1"] for r in scan["labels"]])
+            by_k.setdefault(len(l1), []).append((l1 / np.median(l1), scan))
+        # pooled on one scale: each scan divided by its median, times the median of the scans' medians
+        typical = float(np.median([np.median([r["mask_l1"] for r in s["labels"]]) for s in scans]))
+        for k, group in by_k.items():
+            pooled = typical * np.concatenate([l1 for l1, _ in group])
+            nulls[f"empirical-{k}"] = (lambda pooled: lambda shape: rng.choice(pooled, size=shape, replace=True))(pooled)
+            observed[k] = {"clean_scans": len(group),
+                           "mad": sum(bool(s["mad_flagged"]) for _, s in group) / len(group),
+                           "calibrated": sum(bool(s["test"]["flagged"]) for _, s in group) / len(group)}
 
     table = []
-    print(f"false-alarm rate of 'anomaly index > {args.threshold:g}' on models WITHOUT a backdoor "
-          f"(fraction of simulated clean models with at least one flagged label; mean flags per model)")
+    print(f"models WITHOUT a backdoor flagged (fraction of simulated models with at least one flagged label): the "
+          f"paper's rule 'anomaly index > {args.threshold:g}' vs the calibrated test at alpha {args.alpha:g}; KS test "
+          f"of the calibrated p-values against uniform")
     for k in ks:
-        draws = args.draws if k <= 200 else max(100, args.draws // 20)
-        row = {"labels": k, "draws": draws}
-        cells = []
+        row = {"labels": k, "draws": args.draws}
         for name, draw in nulls.items():
-            if name == "empirical" and k not in observed:
+            if name.startswith("empirical-") and name != f"empirical-{k}":
                 continue  # the pooled shape of K-label models says nothing about other K
-            rate, mean_flags = false_alarms(draw((draws, k)), args.threshold)
-            row[name] = {"false_alarm_rate": rate, "mean_flags": mean_flags}
-            cells.append(f"{name} {100 * rate:5.1f} % ({mean_flags:.2f} flags)")
-        if observed and k in observed:
-            rate, n = observed[k]
-            row["observed"] = {"false_alarm_rate": rate, "clean_scans": n}
-            cells.append(f"observed on the zoo's clean scans {100 * rate:5.1f} % (of {n})")
-            if row.get("empirical", {}).get("false_alarm_rate"):
-                cells.append(f"observed / empirical null {rate / row['empirical']['false_alarm_rate']:.2f}")
+            samples = draw((args.draws, k))
+            rate, mean_flags = false_alarms(samples, args.threshold)
+            ps, flags = calibrated_p_values(samples, args.alpha, rng)
+            ks_test = stats.kstest(ps, "uniform")
+            row[name.split("-")[0]] = {"mad_rate": rate, "mad_mean_flags": mean_flags,
+                                       "calibrated_rate": float(flags.mean()), "ks_statistic": float(ks_test.statistic),
+                                       "ks_p": float(ks_test.pvalue)}
+            print(f"K = {k:>5} {name.split('-')[0]:<10}: paper's rule {100 * rate:5.1f} % ({mean_flags:.2f} flags); "
+                  f"calibrated {100 * flags.mean():5.1f} %; KS D {ks_test.statistic:.3f} (p {ks_test.pvalue:.2g})",
+                  flush=True)
+        if k in observed:
+            row["observed"] = observed[k]
+            print(f"K = {k:>5} observed  : on {observed[k]['clean_scans']} clean-model scans of the zoo's "
+                  f"{args.split} half: paper's rule {100 * observed[k]['mad']:5.1f} %, calibrated "
+                  f"{100 * observed[k]['calibrated']:5.1f} %")
         table.append(row)
-        print(f"K = {k:>5}: " + "; ".join(cells), flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"threshold": args.threshold, "seed": args.seed, "rows": table}, indent=1))
+        args.json.write_text(json.dumps({"threshold": args.threshold, "alpha": args.alpha, "seed": args.seed,
+                                         "rows": table}, indent=1))
     return 0
 
 

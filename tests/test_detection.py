@@ -95,14 +95,22 @@ def test_null_benchmark_counts_false_alarms(tmp_path):
     # normal draws: the rule's per-model false-alarm rate with ten labels is far above 5 %
     rate, mean_flags = mad_null.false_alarms(rng.normal(size=(2000, 10)), 2.0)
     assert 0.2 < rate < 0.5 and mean_flags >= rate
-    # the empirical null reads detection_quality's JSON and compares with what it observed
-    scans = {"rows": [{"backdoored": False, "flagged": [2] if i == 0 else [],
-                       "labels": {"mask_l1": list(rng.lognormal(3.0, 0.3, 10))}} for i in range(4)]}
-    (tmp_path / "dq.json").write_text(json.dumps(scans))
+    # the empirical null reads detection_quality's rows and compares with what it observed there
+    (tmp_path / "rows").mkdir()
+    for i in range(4):
+        l1 = rng.lognormal(3.0, 0.3, 10)
+        scan = {"labels": [{"label": t, "mask_l1": float(v)} for t, v in enumerate(l1)],
+                "mad_flagged": [2] if i == 0 else [], "test": {"flagged": []}}
+        row = {"entry": {"backdoored": False, "split": "dev"}, "scan": scan}
+        (tmp_path / "rows" / f"clean_{i}.json").write_text(json.dumps(row))
     out = tmp_path / "null.json"
-    assert mad_null.main(["--labels", "10", "--draws", "500", "--zoo-json", str(tmp_path / "dq.json"),
-                          "--json", str(out)]) == 0
+    assert mad_null.main(["--labels", "10", "--draws", "200", "--rows", str(tmp_path), "--json", str(out)]) == 0
     row = json.loads(out.read_text())["rows"][0]
-    assert row["observed"] == {"false_alarm_rate": 0.25, "clean_scans": 4}
-    assert 0 <= row["empirical"]["false_alarm_rate"] <= 1
+    assert row["observed"] == {"clean_scans": 4, "mad": 0.25, "calibrated": 0.0}
+    for null in ("normal", "lognormal", "empirical"):
+        assert 0 <= row[null]["mad_rate"] <= 1 and 0 <= row[null]["calibrated_rate"] <= 1
+    # on its own null model the calibrated test holds its level where the paper's rule does not
+    assert row["lognormal"]["calibrated_rate"] < 0.05 + 3 * (0.05 * 0.95 / 200) ** 0.5 < row["lognormal"]["mad_rate"]
     assert mad_null.main(["--labels", "ten"]) == 2
+    assert mad_null.main(["--labels", "10", "--rows", str(tmp_path / "nothing")]) == 2
+    assert mad_null.main(["--labels", "10", "--rows", str(tmp_path), "--split", "eval"]) == 2
