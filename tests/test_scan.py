@@ -330,3 +330,20 @@ def test_continued_search_early_stops_only_after_the_cost_moved_both_ways():
     assert fresh.succeeded and continued.succeeded
     assert fresh.epochs == continued.epochs == schedule.max_epochs
     assert continued.mask_l1 < 0.01
+
+
+@pytest.mark.parametrize("option, value", [("--threshold", "nan"), ("--threshold", "inf"), ("--alpha", "nan"),
+                                           ("--alpha", "1.5"), ("--input-scale", "inf"), ("--input-scale", "nan"),
+                                           ("--rule", "vote")])
+def test_cli_scan_refuses_numbers_that_cannot_give_a_verdict(tmp_path, option, value):
+    import subprocess
+    import sys
+    from netcleanse.architectures import SmallCNN
+    from netcleanse.torch_io import save_model
+    path = tmp_path / "small.pt"
+    save_model(Classifier(SmallCNN(10).eval(), (1, 28, 28), 10, name="small", arch="mnist-cnn"), path)
+    res = subprocess.run([sys.executable, "-c", "import sys; from netcleanse.cli import main; sys.exit(main())",
+                          "scan", str(path), "--data-free", "--out", str(tmp_path / "o"), option, value],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in res.stderr and not (tmp_path / "o" / "scan.json").exists()

@@ -10,6 +10,8 @@ module multiplies its [0, 1] input by 255 before the network sees it.
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import torch
@@ -44,8 +46,8 @@ class Classifier(nn.Module):
     def __init__(self, net: nn.Module, input_shape, num_classes: int, input_scale: float = 1.0,
                  name: str = "model", arch: str | None = None, source: str | None = None):
         super().__init__()
-        if input_scale <= 0:
-            raise NetcleanseError(f"input scale must be positive, got {input_scale}")
+        if not (math.isfinite(input_scale) and input_scale > 0):  # NaN/inf from a file or a caller too
+            raise NetcleanseError(f"input scale must be a positive number, got {input_scale}")
         self.net = net
         self.input_shape = tuple(int(s) for s in input_shape)
         self.num_classes = int(num_classes)

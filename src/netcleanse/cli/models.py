@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -26,7 +27,7 @@ from ..model import Classifier, HDF5_MAGIC, ZIP_MAGIC, load_model
 
 
 def _positive_scale(value: float) -> float:
-    if value is None or not value > 0:  # also refuses NaN
+    if value is None or not (math.isfinite(value) and value > 0):  # refuses NaN and inf too
         raise NetcleanseError(f"--input-scale must be a positive number (1 or 255 in practice), got {value}")
     return value
 

@@ -32,12 +32,12 @@ def scan(
     save_all_images: bool = typer.Option(False, "--save-all-images", help="Write trigger PNGs for every label."),
 ) -> None:
     """Reverse-engineer a trigger for every label (Neural Cleanse) and flag backdoor targets."""
-    from ..model import load_model
     from ..scanning import parse_labels, scan as run_scan
+    from .models import load_model_from_cli
 
     if (data is None) == (not data_free):
         raise NetcleanseError("give exactly one of --data PATH or --data-free")
-    model = load_model(model_path, arch=arch, input_scale=input_scale)
+    model = load_model_from_cli(model_path, arch, input_scale)
     dataset = None
     if data is not None:
         from ..data import load_data
