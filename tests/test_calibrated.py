@@ -18,13 +18,16 @@ def _clean_model(rng, k, spread=0.4, median=50.0):
 
 def test_log_index_by_hand():
     l1 = {0: 100.0, 1: 90.0, 2: 110.0, 3: 95.0, 4: 105.0, 5: 10.0}
-    res = calibrated_test(l1, alpha=0.05)
+    res = calibrated_test(l1, alpha=0.05, scale="mad")
     x = np.log([100.0, 90.0, 110.0, 95.0, 105.0, 10.0])
     med, mad = median_and_mad(x)
-    assert res.reference["median"] == pytest.approx(med) and res.reference["mad"] == pytest.approx(mad)
+    assert res.reference["median"] == pytest.approx(med) and res.reference["scale"] == pytest.approx(mad)
     assert res.indices[5] == pytest.approx((med - np.log(10.0)) / mad)
     # the p-value of the most anomalous label is the model's; it is the simulated tail of the largest index
-    assert res.p_value == pytest.approx(max_index_pvalue(res.indices[5], 6))
+    assert res.p_value == pytest.approx(max_index_pvalue(res.indices[5], 6, scale="mad"))
+    # Qn by hand on the same log sizes: pairwise distances, h = 4, the C(4,2) = 6th smallest, x 2.2219
+    d = sorted(abs(a - b) for i, a in enumerate(x) for b in x[i + 1:])
+    assert calibrated_test(l1).reference["scale"] == pytest.approx(2.2219 * d[5])
     assert res.steps[0]["label"] == 5 and res.flagged == [5]
     # masks below half a pixel are not told apart
     assert log_size([0.0, 0.1, FLOOR, 2.0]) == pytest.approx(np.log([FLOOR, FLOOR, FLOOR, 2.0]))
@@ -104,6 +107,8 @@ def test_bad_arguments():
         calibrated_test({0: 1.0, 1: 2.0, 2: 3.0}, reference=[5])
     with pytest.raises(NetcleanseError, match="family"):
         calibrated_test({0: 1.0, 1: 2.0, 2: 3.0}, family="cauchy")
+    with pytest.raises(NetcleanseError, match="scale"):
+        calibrated_test({0: 1.0, 1: 2.0, 2: 3.0}, scale="iqr")
     with pytest.raises(NetcleanseError, match="n_labels"):
         calibrated_test({0: 1.0, 1: 2.0, 2: 3.0}, n_labels=2)
 
