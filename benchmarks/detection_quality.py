@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 import netcleanse
+from netcleanse.calibrated import SCALE_FLOOR, calibrated_test
 from netcleanse.errors import NetcleanseError
-from netcleanse.scanning import ScanResult, calibrated_inputs
-from netcleanse.calibrated import calibrated_test
+from netcleanse.scanning import calibrated_inputs
 from netcleanse.utils import atomic_write
 from zoo import load_member, parse_shard, read_zoo  # benchmarks/ is on sys.path when run as a script
 
@@ -79,7 +79,8 @@ def scan_zoo(zoo: Path, out: Path, entries: list[dict], modes, seed: int, preset
             f"mad {result.mad_flagged!s:<16} {row['time_s']:.0f} s", flush=True)
 
 
-def decide(row: dict, rule: str, alpha: float, family: str, df: float, scale: str = "qn") -> dict:
+def decide(row: dict, rule: str, alpha: float, family: str, df: float, scale: str = "qn",
+           min_scale: float = SCALE_FLOOR) -> dict:
     """One scan's verdict under ``rule``, re-decided from its stored per-label results."""
     scan = row["scan"]
     if rule == "mad":
@@ -89,7 +90,8 @@ def decide(row: dict, rule: str, alpha: float, family: str, df: float, scale: st
         inconclusive = not flagged and ceiling is not None and ceiling <= scan["threshold"]
     else:
         l1, reference, n_labels = calibrated_inputs(scan["labels"], scan["settings"]["detection"])
-        test = calibrated_test(l1, reference, n_labels, alpha=alpha, family=family, df=df, scale=scale)
+        test = calibrated_test(l1, reference, n_labels, alpha=alpha, family=family, df=df, scale=scale,
+                               min_scale=min_scale)
         flagged = sorted(test.flagged)
         score = -math.log10(test.p_value) if test.p_value else 0.0
         inconclusive = test.inconclusive and not flagged
@@ -98,7 +100,8 @@ def decide(row: dict, rule: str, alpha: float, family: str, df: float, scale: st
             "hit": bool(set(flagged) & set(targets)), "exact": flagged == targets}
 
 
-def summarise(rows: list[dict], alpha: float, family: str, df: float, scale: str = "qn", log=print) -> dict:
+def summarise(rows: list[dict], alpha: float, family: str, df: float, scale: str = "qn",
+              min_scale: float = SCALE_FLOOR, log=print) -> dict:
     from sklearn.metrics import roc_auc_score
     summary = {}
     groups = sorted({(r["mode"], r["entry"]["num_classes"]) for r in rows})
@@ -109,8 +112,8 @@ def summarise(rows: list[dict], alpha: float, family: str, df: float, scale: str
         neg = [r for r in scored if not r["entry"]["backdoored"]]
         times = [r["time_s"] for r in group]
         for rule in ("calibrated", "mad"):
-            d_pos = [decide(r, rule, alpha, family, df, scale) for r in pos]
-            d_neg = [decide(r, rule, alpha, family, df, scale) for r in neg]
+            d_pos = [decide(r, rule, alpha, family, df, scale, min_scale) for r in pos]
+            d_neg = [decide(r, rule, alpha, family, df, scale, min_scale) for r in neg]
             fp, tp = sum(d["detected"] for d in d_neg), sum(d["hit"] for d in d_pos)
             exact = sum(d["exact"] for d in d_pos)
             auroc = (roc_auc_score([1] * len(d_pos) + [0] * len(d_neg), [d["score"] for d in d_pos + d_neg])
@@ -150,6 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--family", default="normal", help="calibrated rule's null family: normal or t")
     ap.add_argument("--df", type=float, default=5.0, help="degrees of freedom of the t null")
     ap.add_argument("--scale", default="qn", help="calibrated rule's scale estimator: qn or mad")
+    ap.add_argument("--min-scale", type=float, default=SCALE_FLOOR, help="calibrated rule's scale floor")
     ap.add_argument("--json", type=Path, help="write the summary here")
     args = ap.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -169,14 +173,14 @@ def main(argv=None) -> int:
             raise NetcleanseError(f"no scans of the {args.split} half in {args.out}")
         print(f"{len(rows)} scans of the {args.split} half (of {len(wanted)} planned); calibrated rule at alpha "
               f"{args.alpha:g}, null {args.family}{'' if args.family == 'normal' else f'({args.df:g})'}, "
-              f"scale {args.scale}")
-        summary = summarise(rows, args.alpha, args.family, args.df, args.scale)
+              f"scale {args.scale} (floor {args.min_scale:g})")
+        summary = summarise(rows, args.alpha, args.family, args.df, args.scale, args.min_scale)
     except NetcleanseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
         args.json.write_text(json.dumps({"split": args.split, "alpha": args.alpha, "family": args.family,
-                                         "df": args.df, "scale": args.scale, "scans": len(rows), "summary": summary}, indent=1))
+                                         "df": args.df, "scale": args.scale, "min_scale": args.min_scale, "scans": len(rows), "summary": summary}, indent=1))
     return 0
 
 

@@ -18,7 +18,7 @@ def _clean_model(rng, k, spread=0.4, median=50.0):
 
 def test_log_index_by_hand():
     l1 = {0: 100.0, 1: 90.0, 2: 110.0, 3: 95.0, 4: 105.0, 5: 10.0}
-    res = calibrated_test(l1, alpha=0.05, scale="mad")
+    res = calibrated_test(l1, alpha=0.05, scale="mad", min_scale=0.0)
     x = np.log([100.0, 90.0, 110.0, 95.0, 105.0, 10.0])
     med, mad = median_and_mad(x)
     assert res.reference["median"] == pytest.approx(med) and res.reference["scale"] == pytest.approx(mad)
@@ -27,7 +27,7 @@ def test_log_index_by_hand():
     assert res.p_value == pytest.approx(max_index_pvalue(res.indices[5], 6, scale="mad"))
     # Qn by hand on the same log sizes: pairwise distances, h = 4, the C(4,2) = 6th smallest, x 2.2219
     d = sorted(abs(a - b) for i, a in enumerate(x) for b in x[i + 1:])
-    assert calibrated_test(l1).reference["scale"] == pytest.approx(2.2219 * d[5])
+    assert calibrated_test(l1, min_scale=0.0).reference["scale"] == pytest.approx(2.2219 * d[5])
     assert res.steps[0]["label"] == 5 and res.flagged == [5]
     # masks below half a pixel are not told apart
     assert log_size([0.0, 0.1, FLOOR, 2.0]) == pytest.approx(np.log([FLOOR, FLOOR, FLOOR, 2.0]))
@@ -95,9 +95,12 @@ def test_clean_labels_spread_widely_are_not_flagged():
 
 def test_inconclusive_when_nothing_could_be_flagged():
     assert calibrated_test({0: 5.0, 1: 7.0}).inconclusive  # two labels
-    assert calibrated_test({t: 9.0 for t in range(10)}).inconclusive  # no spread at all
-    res = calibrated_test({t: 9.0 for t in range(10)} | {10: 1.0})
+    # no spread at all: without a floor nothing can be told apart; with it, a much smaller mask can
+    assert calibrated_test({t: 9.0 for t in range(10)}, min_scale=0.0).inconclusive
+    res = calibrated_test({t: 9.0 for t in range(10)} | {10: 1.0}, min_scale=0.0)
     assert res.inconclusive and res.flagged == []
+    res = calibrated_test({t: 9.0 for t in range(10)} | {10: 1.0})
+    assert not res.inconclusive and res.flagged == [10]
 
 
 def test_bad_arguments():
@@ -137,3 +140,18 @@ def test_cli_verdict_of_the_calibrated_rule():
     result.test["inconclusive"] = True
     assert result.verdict == "inconclusive" and verdict(result).startswith("INCONCLUSIVE")
     assert result.to_dict()["p_value"] == 0.4 and result.to_dict()["rule"] == "calibrated"
+
+
+def test_scale_floor_keeps_a_tight_cluster_from_inventing_outliers():
+    # six clean labels within a few percent of each other, three at 70 % of them, one real target:
+    # the clean labels' own spread (Qn ~0.09) would make the 70 % labels look extreme
+    l1 = dict(enumerate([232.9, 253.2, 167.6, 168.4, 239.5, 7.6, 245.9, 279.2, 166.5, 260.7]))
+    loose = calibrated_test(l1, min_scale=0.0)
+    floored = calibrated_test(l1, min_scale=0.2)
+    assert floored.flagged == [5] and set(loose.flagged) > {5}
+    # at step 2 (label 5 removed) the remaining labels' spread is below the floor, which then sets the scale
+    remaining = np.log([v for t, v in l1.items() if t != 5])
+    assert floored.steps[1]["index"] == pytest.approx((np.median(remaining) - np.log(l1[8])) / 0.2)
+    assert floored.steps[1]["index"] < loose.steps[1]["index"]
+    # the floor only ever lowers indices, so the test stays at or below its level
+    assert all(floored.indices[t] <= loose.indices[t] + 1e-12 for t in l1 if loose.indices[t] > 0)
