@@ -191,8 +191,8 @@ class ScanResult:
         return {"format": "netcleanse-scan", "version": FORMAT_VERSION, "verdict": self.verdict,
                 "flagged": self.flagged, "rule": self.rule, "alpha": self.alpha, "p_value": self.p_value,
                 "threshold": self.threshold, "index_ceiling": self.index_ceiling, "test": self.test,
-                "mad_flagged": self.mad_flagged, "preset": self.preset, "data": self.data, "elapsed_s": self.elapsed_s, "model": self.model,
-                "settings": self.settings, "labels": self.labels}
+                "mad_flagged": self.mad_flagged, "preset": self.preset, "data": self.data,
+                "elapsed_s": self.elapsed_s, "model": self.model, "settings": self.settings, "labels": self.labels}
 
     def save(self, directory, all_images: bool = False) -> Path:
         """Write scan.json, masks.npz, the PNGs of the flagged labels (all with ``all_images``)
