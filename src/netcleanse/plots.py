@@ -47,12 +47,15 @@ def figure_png(fig: Figure, dpi: int = 110) -> bytes:
 
 def mask_l1_figure(labels: Sequence[int], mask_l1: Sequence[float], flagged: Sequence[bool],
                    threshold_l1: float | None, median_l1: float | None, threshold: float,
-                   true_targets: Sequence[int] = ()) -> Figure:
+                   true_targets: Sequence[int] = (), flag_rule: str | None = None) -> Figure:
     """Every label's reversed-trigger size, with the MAD threshold and the flagged labels marked.
 
     Left: by label, so a reader finds a label. Right: sorted by L1, so the gap between the
     outliers and the bulk (the whole point of Neural Cleanse's test) is visible even for 1283 labels.
+    ``flag_rule``: how the flagged labels were decided, for the legend (default: the MAD rule's
+    "anomaly index > threshold").
     """
+    flag_rule = flag_rule or f"anomaly index > {threshold:g}"
     labels = np.asarray(labels)
     l1 = np.asarray(mask_l1, dtype=float)
     flagged = np.asarray(flagged, dtype=bool)
@@ -71,7 +74,7 @@ def mask_l1_figure(labels: Sequence[int], mask_l1: Sequence[float], flagged: Seq
                    marker="o", linewidths=0, label="label")
         if flagged.any():
             ax.scatter(x[flagged], l1[flagged], s=60, color=FLAGGED, marker="D", edgecolors="black",
-                       linewidths=0.6, zorder=3, label=f"flagged (anomaly index > {threshold:g})")
+                       linewidths=0.6, zorder=3, label=f"flagged ({flag_rule})")
         if targets.any():
             ax.scatter(x[targets], l1[targets], s=150, facecolors="none", edgecolors=TARGET,
                        linewidths=1.8, zorder=4, label="planted target (ground truth)")
@@ -127,7 +130,7 @@ def _annotate_apart(ax, points: Sequence[tuple[float, float, str]], gap: tuple[f
 
 
 def anomaly_index_figure(anomaly_index: Sequence[float], flagged: Sequence[bool],
-                         threshold: float) -> Figure:
+                         threshold: float, flag_rule: str | None = None) -> Figure:
     """Distribution of the labels' anomaly indices, flagged ones hatched, threshold drawn.
 
     Bin edges fall on the threshold, so no bar mixes flagged and unflagged labels.
@@ -149,7 +152,7 @@ def anomaly_index_figure(anomaly_index: Sequence[float], flagged: Sequence[bool]
             log=many)
     if flagged.any():
         ax.hist(values[flagged], bins=bins, color=FLAGGED, edgecolor="black", linewidth=0.6, hatch="///",
-                label=f"flagged (anomaly index > {threshold:g})", log=many)
+                label=f"flagged ({flag_rule or f'anomaly index > {threshold:g}'})", log=many)
     ax.axvline(threshold, color=THRESHOLD, linestyle="--", linewidth=1.4, label=f"threshold = {threshold:g}")
     ax.set_xlabel("anomaly index (MADs below the median mask L1, unitless)")
     ax.set_ylabel("number of labels" + (" (log scale)" if many else ""))

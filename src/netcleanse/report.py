@@ -377,15 +377,19 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
         if r["anomaly_index"] is None and mad:
             r["anomaly_index"] = max(0.0, (median - r["mask_l1"]) / mad)
 
+    # how the flags were decided, for the figures' legends
+    flag_rule = (f"calibrated test, alpha {_as_float(scan.get('alpha')):g}"
+                 if scan.get("rule") == "calibrated" and _as_float(scan.get("alpha")) is not None else None)
     plots_out: list[Picture] = []
     if rows:
         plots_out.append(Picture("mask_l1", plots.figure_png(plots.mask_l1_figure(
-            [r["label"] for r in rows], l1, [r["flagged"] for r in rows], threshold_l1, median, threshold, targets)),
+            [r["label"] for r in rows], l1, [r["flagged"] for r in rows], threshold_l1, median, threshold, targets,
+            flag_rule)),
             "mask L1 norm of every label with the MAD threshold; flagged labels marked"))
         indices = [r for r in rows if r["anomaly_index"] is not None]
         if indices:
             plots_out.append(Picture("anomaly_index", plots.figure_png(plots.anomaly_index_figure(
-                [r["anomaly_index"] for r in indices], [r["flagged"] for r in indices], threshold)),
+                [r["anomaly_index"] for r in indices], [r["flagged"] for r in indices], threshold, flag_rule)),
                 "histogram of anomaly indices with the threshold"))
 
     repair = _repair_context(sources)
