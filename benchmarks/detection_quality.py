@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import netcleanse
-from netcleanse.calibrated import SCALE_FLOOR, calibrated_test
+from netcleanse.calibrated import DF, FAMILY, SCALE_FLOOR, calibrated_test
 from netcleanse.errors import NetcleanseError
 from netcleanse.scanning import calibrated_inputs
 from netcleanse.utils import atomic_write
@@ -150,8 +150,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shard", type=parse_shard, default=(0, 1))
     ap.add_argument("--summary-only", action="store_true", help="do not scan; summarise the rows there are")
     ap.add_argument("--alpha", type=float, default=0.05)
-    ap.add_argument("--family", default="normal", help="calibrated rule's null family: normal or t")
-    ap.add_argument("--df", type=float, default=5.0, help="degrees of freedom of the t null")
+    ap.add_argument("--family", default=FAMILY, help="calibrated rule's null family: normal or t")
+    ap.add_argument("--df", type=float, default=DF, help="degrees of freedom of the t null")
     ap.add_argument("--scale", default="qn", help="calibrated rule's scale estimator: qn or mad")
     ap.add_argument("--min-scale", type=float, default=SCALE_FLOOR, help="calibrated rule's scale floor")
     ap.add_argument("--json", type=Path, help="write the summary here")

@@ -19,8 +19,8 @@ smallest of the pairwise distances |x_i - x_j|, k = C(h, 2), h = n // 2 + 1), as
 the reference is 48 control labels; for references above ``QN_MAX`` labels (where the MAD's own
 noise is small and Qn's pairs are many) it is the MAD, as in the paper (``scale="mad"`` always).
 ``s`` is never taken below ``min_scale`` (``SCALE_FLOOR`` = 0.2 on the log scale): labels of a
-real model differ in difficulty by more than that (the clean models of the benchmark zoo had a
-spread of 0.22 or more in 19 of 20 scans), and a tight cluster of clean labels would otherwise make
+real model differ in difficulty by more than that (on the development half of the benchmark zoo,
+95 % of the clean 10-label scans had a spread above 0.22), and a tight cluster of clean labels would otherwise make
 a clean label at 70 % of the median look extreme. A floor only lowers indices, so it never raises
 the false-alarm rate above ``alpha``; it costs power only on models whose clean labels really are
 that alike.
@@ -28,8 +28,13 @@ that alike.
 The model's statistic is the largest index, ``T = max_t z_t`` over its K labels.
 
 **Null.** A model without a backdoor is taken to have log sizes that are independent draws from
-one location-scale family (normal by default; Student-t with ``df`` degrees of freedom for a
-heavier tail of easy labels). ``T`` is invariant to location and scale, so its null distribution
+one location-scale family: Student-t with ``df`` = 10 degrees of freedom by default (``FAMILY``,
+``DF``), or normal. Real models have a few naturally easy labels, a heavier lower tail than the
+normal's: on the development half of the benchmark zoo a normal null flagged 3 of 30 clean
+10-label models scanned with data (10 %), t(10) none of the 67 clean scans, while detecting as
+many backdoors but two. The price is power with many labels: the largest of 1283 t(10) draws
+is far out, so on a 1283-label net a trigger must be much smaller than the typical label's
+(index about 5.9 for p = 0.05 with 48 controls) to be flagged on its size alone. ``T`` is invariant to location and scale, so its null distribution
 depends only on K, on how the reference is chosen (all K labels, as in the paper, or a random
 sample of ``n_ref`` labels, as the fast preset's controls) and on the family, not on the model.
 It is simulated (:func:`null_max_index`, fixed seed, cached), which also accounts for the noise
@@ -65,6 +70,9 @@ from .errors import NetcleanseError
 FLOOR = 0.5
 DRAWS = 20000
 FAMILIES = ("normal", "t")
+# the null family of the labels' log sizes: Student-t with 10 degrees of freedom, chosen on the
+# development half of the benchmark zoo (a normal null flagged 3 of 30 clean 10-label models there)
+FAMILY, DF = "t", 10.0
 SCALES = ("qn", "mad")
 QN_MAX = 128  # larger references use the MAD
 # the smallest scale the reference's log sizes are given (chosen on the development half of the
@@ -115,7 +123,7 @@ def _min_of(rng: np.random.Generator, family: str, df: float, m: int, n: int) ->
 
 
 @lru_cache(maxsize=256)
-def null_max_index(n_labels: int, n_reference: int | None = None, family: str = "normal", df: float = 5.0,
+def null_max_index(n_labels: int, n_reference: int | None = None, family: str = FAMILY, df: float = DF,
                    draws: int = DRAWS, scale: str = "qn") -> np.ndarray:
     """Simulated null distribution (sorted) of the largest index ``T`` of a model with ``n_labels``
     labels, scored against all of them (``n_reference`` None) or against a random sample of
@@ -141,8 +149,8 @@ def null_max_index(n_labels: int, n_reference: int | None = None, family: str = 
     return out
 
 
-def max_index_pvalue(index: float, n_labels: int, n_reference: int | None = None, family: str = "normal",
-                     df: float = 5.0, draws: int = DRAWS, scale: str = "qn") -> float:
+def max_index_pvalue(index: float, n_labels: int, n_reference: int | None = None, family: str = FAMILY,
+                     df: float = DF, draws: int = DRAWS, scale: str = "qn") -> float:
     """``P(T >= index)`` under the null: (1 + simulated models at least as extreme) / (draws + 1)."""
     null = null_max_index(n_labels, n_reference, family, df, draws, scale)
     return float((1 + len(null) - np.searchsorted(null, index, side="left")) / (len(null) + 1))
@@ -168,7 +176,7 @@ class TestResult:
 
 
 def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int | None = None,
-                    alpha: float = 0.05, family: str = "normal", df: float = 5.0, draws: int = DRAWS,
+                    alpha: float = 0.05, family: str = FAMILY, df: float = DF, draws: int = DRAWS,
                     scale: str = "qn", min_scale: float = SCALE_FLOOR) -> TestResult:
     """The model-level test of the module doc.
 
