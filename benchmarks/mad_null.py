@@ -15,14 +15,17 @@ For each number of labels K, K mask L1 norms are drawn from a null distribution 
 Null distributions:
 
 * ``normal`` (mean 50 px, sd 10: the model behind the paper's "index > 2 = 95 % confidence");
-* ``lognormal`` (median 50 px, sigma 0.35: positive and right-skewed, like mask sizes; the
-  calibrated rule's own null model);
+* ``lognormal`` (median 50 px, sigma 0.35: positive and right-skewed, like mask sizes);
+* ``log-t`` (log sizes Student-t with the calibrated rule's degrees of freedom: its own null
+  model, where its p-values must be uniform);
 * ``empirical`` (with ``--rows``, the folder of ``detection_quality.py``): the mask L1s that the
-  scans actually measured on the zoo's clean models (of ``--split``), each scan divided by its own
-  median and pooled (times the scans' typical median), resampled with replacement, for the numbers of labels those scans had.
+  scans actually measured on the zoo's clean models (of ``--split``; the labels the calibrated
+  test compares with: every label, or the random controls), each scan divided by its own median
+  and pooled, resampled with replacement, for the numbers of labels those scans had.
   Labels of one model are not independent (a "1" is always easier than a "0"), so this null is an
   approximation, and it is checked against the baseline measured in the same run: the
-  false-alarm rates observed on those same clean scans.
+  false-alarm rates observed on those same clean scans (the calibrated rule re-decided from their
+  recorded mask sizes).
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ import numpy as np
 
 from scipy import stats
 
-from netcleanse.calibrated import calibrated_test
+from netcleanse.calibrated import DF, calibrated_test
 from netcleanse.detection import anomaly_indices, flag_labels
-from netcleanse.scanning import PRESETS
+from netcleanse.scanning import PRESETS, calibrated_inputs
 
 FAST = PRESETS["fast"]
 
@@ -102,7 +105,8 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     # mask sizes of a few dozen pixels, as on small images (the tests are scale-free above FLOOR)
     nulls = {"normal": lambda shape: np.maximum(rng.normal(50.0, 10.0, size=shape), 1e-3),
-             "lognormal": lambda shape: rng.lognormal(np.log(50.0), 0.35, size=shape)}
+             "lognormal": lambda shape: rng.lognormal(np.log(50.0), 0.35, size=shape),
+             "log-t": lambda shape: np.exp(np.log(50.0) + 0.35 * rng.standard_t(DF, size=shape))}
     observed = {}
     if args.rows is not None:
         scans = clean_scans(args.rows, args.split)
@@ -111,16 +115,18 @@ def main(argv=None) -> int:
             return 2
         by_k: dict[int, list] = {}
         for scan in scans:
-            l1 = np.asarray([r["mask_l1"] for r in scan["labels"]])
-            by_k.setdefault(len(l1), []).append((l1 / np.median(l1), scan))
-        # pooled on one scale: each scan divided by its median, times the median of the scans' medians
-        typical = float(np.median([np.median([r["mask_l1"] for r in s["labels"]]) for s in scans]))
+            # the values the calibrated test compares against: the controls, or every label
+            l1, reference, k = calibrated_inputs(scan["labels"], scan["settings"]["detection"])
+            values = np.asarray([l1[t] for t in (reference or l1)])
+            # this release's test, re-decided from the recorded mask sizes
+            flagged = bool(calibrated_test(l1, reference, k, alpha=args.alpha).flagged)
+            by_k.setdefault(k, []).append((values / np.median(values), bool(scan["mad_flagged"]), flagged))
         for k, group in by_k.items():
-            pooled = typical * np.concatenate([l1 for l1, _ in group])
+            # pooled on one scale: each scan divided by its median (times 50 px, as the other nulls)
+            pooled = 50.0 * np.concatenate([v for v, _, _ in group])
             nulls[f"empirical-{k}"] = (lambda pooled: lambda shape: rng.choice(pooled, size=shape, replace=True))(pooled)
-            observed[k] = {"clean_scans": len(group),
-                           "mad": sum(bool(s["mad_flagged"]) for _, s in group) / len(group),
-                           "calibrated": sum(bool(s["test"]["flagged"]) for _, s in group) / len(group)}
+            observed[k] = {"clean_scans": len(group), "mad": sum(m for _, m, _ in group) / len(group),
+                           "calibrated": sum(c for _, _, c in group) / len(group)}
 
     table = []
     print(f"models WITHOUT a backdoor flagged (fraction of simulated models with at least one flagged label): the "
@@ -135,10 +141,11 @@ def main(argv=None) -> int:
             rate, mean_flags = false_alarms(samples, args.threshold)
             ps, flags = calibrated_p_values(samples, args.alpha, rng)
             ks_test = stats.kstest(ps, "uniform")
-            row[name.split("-")[0]] = {"mad_rate": rate, "mad_mean_flags": mean_flags,
+            key = "empirical" if name.startswith("empirical-") else name
+            row[key] = {"mad_rate": rate, "mad_mean_flags": mean_flags,
                                        "calibrated_rate": float(flags.mean()), "ks_statistic": float(ks_test.statistic),
                                        "ks_p": float(ks_test.pvalue)}
-            print(f"K = {k:>5} {name.split('-')[0]:<10}: paper's rule {100 * rate:5.1f} % ({mean_flags:.2f} flags); "
+            print(f"K = {k:>5} {key:<10}: paper's rule {100 * rate:5.1f} % ({mean_flags:.2f} flags); "
                   f"calibrated {100 * flags.mean():5.1f} %; KS D {ks_test.statistic:.3f} (p {ks_test.pvalue:.2g})",
                   flush=True)
         if k in observed:

@@ -99,18 +99,20 @@ def test_null_benchmark_counts_false_alarms(tmp_path):
     (tmp_path / "rows").mkdir()
     for i in range(4):
         l1 = rng.lognormal(3.0, 0.3, 10)
+        if i == 1:
+            l1[4] = 0.5  # a clean model that the calibrated test flags
         scan = {"labels": [{"label": t, "mask_l1": float(v)} for t, v in enumerate(l1)],
-                "mad_flagged": [2] if i == 0 else [], "test": {"flagged": []}}
+                "mad_flagged": [2] if i == 0 else [], "settings": {"detection": {"scheme": "all labels"}}}
         row = {"entry": {"backdoored": False, "split": "dev"}, "scan": scan}
         (tmp_path / "rows" / f"clean_{i}.json").write_text(json.dumps(row))
     out = tmp_path / "null.json"
     assert mad_null.main(["--labels", "10", "--draws", "200", "--rows", str(tmp_path), "--json", str(out)]) == 0
     row = json.loads(out.read_text())["rows"][0]
-    assert row["observed"] == {"clean_scans": 4, "mad": 0.25, "calibrated": 0.0}
-    for null in ("normal", "lognormal", "empirical"):
+    assert row["observed"] == {"clean_scans": 4, "mad": 0.25, "calibrated": 0.25}
+    for null in ("normal", "lognormal", "log-t", "empirical"):
         assert 0 <= row[null]["mad_rate"] <= 1 and 0 <= row[null]["calibrated_rate"] <= 1
     # on its own null model the calibrated test holds its level where the paper's rule does not
-    assert row["lognormal"]["calibrated_rate"] < 0.05 + 3 * (0.05 * 0.95 / 200) ** 0.5 < row["lognormal"]["mad_rate"]
+    assert row["log-t"]["calibrated_rate"] < 0.05 + 3 * (0.05 * 0.95 / 200) ** 0.5 < row["log-t"]["mad_rate"]
     assert mad_null.main(["--labels", "ten"]) == 2
     assert mad_null.main(["--labels", "10", "--rows", str(tmp_path / "nothing")]) == 2
     assert mad_null.main(["--labels", "10", "--rows", str(tmp_path), "--split", "eval"]) == 2
