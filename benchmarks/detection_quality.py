@@ -2,7 +2,7 @@
 
     python benchmarks/zoo.py --out zoo                                   # build the zoo first
     python benchmarks/detection_quality.py zoo --out dq --split dev      # scan (resumable)
-    python benchmarks/detection_quality.py zoo --out dq --split eval --summary-only
+    python benchmarks/detection_quality.py zoo --out dq --split eval --summary-only   # rows only, no zoo needed
 
 For each model of the zoo (``benchmarks/zoo.py``; clean and backdoored, 10 and 100 labels) it runs
 :func:`netcleanse.scan` on the model's own clean test images ("data") and data-free, and writes one
@@ -160,18 +160,22 @@ def main(argv=None) -> int:
     if any(m not in MODES for m in modes):
         print(f"error: --modes takes {', '.join(MODES)}", file=sys.stderr)
         return 2
+    def chosen(entry: dict) -> bool:
+        return ((args.split == "all" or entry["split"] == args.split)
+                and (not args.datasets or entry["dataset"] in args.datasets.split(",")))
+
     try:
-        entries = [e for e in read_zoo(args.zoo) if args.split == "all" or e["split"] == args.split]
-        if args.datasets:
-            entries = [e for e in entries if e["dataset"] in args.datasets.split(",")]
-        torch.set_num_threads(args.threads)
-        if not args.summary_only:
+        planned = ""
+        if not args.summary_only:  # the summary needs only the rows (each holds its model's entry)
+            entries = [e for e in read_zoo(args.zoo) if chosen(e)]
+            torch.set_num_threads(args.threads)
             scan_zoo(args.zoo, args.out, entries, modes, args.seed, args.preset, args.shard)
-        wanted = {row_path(args.out, e, m, args.seed).name for e in entries for m in modes}
-        rows = [json.loads(p.read_text()) for p in sorted((args.out / "rows").glob("*.json")) if p.name in wanted]
+            planned = f" (of {len(entries) * len(modes)} planned)"
+        rows = [row for row in (json.loads(p.read_text()) for p in sorted((args.out / "rows").glob("*.json")))
+                if chosen(row["entry"]) and row["mode"] in modes and row["seed"] == args.seed]
         if not rows:
             raise NetcleanseError(f"no scans of the {args.split} half in {args.out}")
-        print(f"{len(rows)} scans of the {args.split} half (of {len(wanted)} planned); calibrated rule at alpha "
+        print(f"{len(rows)} scans of the {args.split} half{planned}; calibrated rule at alpha "
               f"{args.alpha:g}, null {args.family}{'' if args.family == 'normal' else f'({args.df:g})'}, "
               f"scale {args.scale} (floor {args.min_scale:g})")
         summary = summarise(rows, args.alpha, args.family, args.df, args.scale, args.min_scale)
