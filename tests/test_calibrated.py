@@ -165,3 +165,16 @@ def test_scale_floor_keeps_a_tight_cluster_from_inventing_outliers():
     assert floored.steps[1]["index"] < loose.steps[1]["index"]
     # the floor only ever lowers indices, so the test stays at or below its level
     assert all(floored.indices[t] <= loose.indices[t] + 1e-12 for t in l1 if loose.indices[t] > 0)
+
+
+def test_critical_index_and_threshold_l1_match_the_p_values():
+    from netcleanse.calibrated import critical_index
+    crit = critical_index(10)
+    assert max_index_pvalue(np.nextafter(crit, np.inf), 10) <= 0.05 < max_index_pvalue(crit, 10)
+    l1 = dict(enumerate([48.0, 55.0, 30.0, 40.0, 62.0, 51.0, 44.0, 39.0, 58.0, 46.0]))
+    ref = calibrated_test(l1).reference
+    assert ref["critical_index"] == crit
+    # a label just below the threshold L1 is flagged, one just above is not
+    for factor, flagged in ((0.99, True), (1.01, False)):
+        res = calibrated_test(l1 | {2: factor * ref["threshold_l1"]})
+        assert (res.flagged == [2]) is flagged

@@ -260,11 +260,26 @@ def test_calibrated_verdict_shows_the_model_and_label_p_values(tmp_path):
         assert f"Model-level p-value {p}" in text.replace("*", "") and "α = 0.05" in html.unescape(text)
         assert re.search(rf"label 7\W+p-value\W+{re.escape(p)}", text)
         assert f"step 1 label 7 p {p}" in text and "calibrated model-level test" in text
+        # the figure's caption states the calibrated threshold the scan recorded
+        assert f"mask L1 < {fmt_number(scan['test']['reference']['threshold_l1'])}" in html.unescape(text)
     clean = tmp_path / "clean"
     scan = _with_calibrated_test(clean, write_scan(clean, 10, planted=()))
     text = page_text(render_report(clean).read_text())
     assert scan["flagged"] == [] and "No backdoor detected among 10 labels" in text
     assert f"Model-level p-value {scan['p_value']:.2g} > α = 0.05" in html.unescape(text)
+
+
+def test_calibrated_report_marks_the_reference_sample(tmp_path):
+    from netcleanse.calibrated import calibrated_test
+    scan = write_scan(tmp_path, 120, planted=(7,))
+    l1 = {r["label"]: r["mask_l1"] for r in scan["labels"]}
+    controls = list(range(20, 68))
+    test = calibrated_test({t: l1[t] for t in controls + [7]}, controls, n_labels=120)
+    scan.update(rule="calibrated", alpha=0.05, p_value=test.p_value, test=test.to_dict(), flagged=test.flagged,
+                mad_flagged=scan["flagged"])
+    (tmp_path / "scan.json").write_text(json.dumps(scan))
+    text = page_text(render_report(tmp_path).read_text())
+    assert test.flagged == [7] and "Hollow squares: the 48 reference labels" in text
 
 
 def test_scan_that_could_not_flag_anything_says_inconclusive(tmp_path):

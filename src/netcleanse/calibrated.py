@@ -60,6 +60,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
+import math
 import zlib
 
 import numpy as np
@@ -149,6 +150,16 @@ def null_max_index(n_labels: int, n_reference: int | None = None, family: str = 
     return out
 
 
+def critical_index(n_labels: int, n_reference: int | None = None, alpha: float = 0.05, family: str = FAMILY,
+                   df: float = DF, draws: int = DRAWS, scale: str = "qn") -> float:
+    """The index above which :func:`max_index_pvalue` is <= ``alpha`` (inf if it never is)."""
+    null = null_max_index(n_labels, n_reference, family, df, draws, scale)
+    # an index z just above null[i - 1] has p = (1 + draws - i) / (draws + 1), which is <= alpha
+    # for i >= (draws + 1) (1 - alpha)
+    i = max(1, math.ceil((len(null) + 1) * (1 - alpha) - 1e-9))
+    return float(null[i - 1]) if i <= len(null) else math.inf
+
+
 def max_index_pvalue(index: float, n_labels: int, n_reference: int | None = None, family: str = FAMILY,
                      df: float = DF, draws: int = DRAWS, scale: str = "qn") -> float:
     """``P(T >= index)`` under the null: (1 + simulated models at least as extreme) / (draws + 1)."""
@@ -214,8 +225,14 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
     best_possible = (med - float(log_size(0.0))) / spread if spread > 0 else 0.0
     inconclusive = len(ref) < 3 or spread == 0 or pvalue(best_possible, k, ref) > alpha
     p_values = {t: pvalue(indices[t], k, ref) for t in labels}
+    # what the most anomalous label needs to be flagged: an index above ``crit``, i.e. a mask L1 below
+    # ``threshold_l1`` (the first step of the step-down; later steps refit without flagged labels)
+    crit = critical_index(k, len(ref) if sample else None, alpha, family, df, draws, scale) if spread > 0 else math.inf
+    threshold_l1 = math.exp(med - crit * spread) if math.isfinite(crit) else 0.0
     result = TestResult([], None, inconclusive, alpha, p_values=p_values, indices=indices,
                         reference={"median": med, "scale": spread, "labels": ref, "n_labels": k,
+                                   "critical_index": crit if math.isfinite(crit) else None,
+                                   "threshold_l1": threshold_l1,
                                    "statistic": "log mask L1", "scale_estimator": scale, "family": family if family == "normal" else f"t({df:g})"})
     if spread == 0:
         return result

@@ -47,13 +47,16 @@ def figure_png(fig: Figure, dpi: int = 110) -> bytes:
 
 def mask_l1_figure(labels: Sequence[int], mask_l1: Sequence[float], flagged: Sequence[bool],
                    threshold_l1: float | None, median_l1: float | None, threshold: float,
-                   true_targets: Sequence[int] = (), flag_rule: str | None = None) -> Figure:
+                   true_targets: Sequence[int] = (), flag_rule: str | None = None,
+                   rule_line: tuple[float, str] | None = None, reference: Sequence[bool] | None = None) -> Figure:
     """Every label's reversed-trigger size, with the MAD threshold and the flagged labels marked.
 
     Left: by label, so a reader finds a label. Right: sorted by L1, so the gap between the
     outliers and the bulk (the whole point of Neural Cleanse's test) is visible even for 1283 labels.
     ``flag_rule``: how the flagged labels were decided, for the legend (default: the MAD rule's
-    "anomaly index > threshold").
+    "anomaly index > threshold"). ``rule_line``: (L1, legend text) of the deciding rule's threshold
+    when it is not the MAD's (drawn solid; the MAD threshold stays dashed, for comparison).
+    ``reference``: which labels the decision's median and spread come from (hollow squares).
     """
     flag_rule = flag_rule or f"anomaly index > {threshold:g}"
     labels = np.asarray(labels)
@@ -75,6 +78,10 @@ def mask_l1_figure(labels: Sequence[int], mask_l1: Sequence[float], flagged: Seq
         if flagged.any():
             ax.scatter(x[flagged], l1[flagged], s=60, color=FLAGGED, marker="D", edgecolors="black",
                        linewidths=0.6, zorder=3, label=f"flagged ({flag_rule})")
+        if reference is not None and np.asarray(reference, dtype=bool).any():
+            ref = np.asarray(reference, dtype=bool)
+            ax.scatter(x[ref], l1[ref], s=40, marker="s", facecolors="none", edgecolors=OKABE_ITO["orange"],
+                       linewidths=1.1, zorder=3, label="reference label (the median and spread come from these)")
         if targets.any():
             ax.scatter(x[targets], l1[targets], s=150, facecolors="none", edgecolors=TARGET,
                        linewidths=1.8, zorder=4, label="planted target (ground truth)")
@@ -86,6 +93,8 @@ def mask_l1_figure(labels: Sequence[int], mask_l1: Sequence[float], flagged: Seq
             ax.axhline(max(threshold_l1, 0.0), color=THRESHOLD, linestyle="--", linewidth=1.4,
                        label=f"threshold L1 = median − {threshold:g} × 1.4826 × MAD = {threshold_l1:.4g}"
                        + (" (< 0: no label can pass)" if threshold_l1 <= 0 else ""))
+        if rule_line is not None:
+            ax.axhline(max(rule_line[0], 0.0), color=FLAGGED, linestyle="-", linewidth=1.4, label=rule_line[1])
         ax.grid(True, axis="y", alpha=0.3)
         ax.set_ylim(bottom=0)
         ax.set_ylabel("mask L1 norm (pixels)")

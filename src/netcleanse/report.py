@@ -378,13 +378,22 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
             r["anomaly_index"] = max(0.0, (median - r["mask_l1"]) / mad)
 
     # how the flags were decided, for the figures' legends
-    flag_rule = (f"calibrated test, alpha {_as_float(scan.get('alpha')):g}"
-                 if scan.get("rule") == "calibrated" and _as_float(scan.get("alpha")) is not None else None)
+    test = scan.get("test") if isinstance(scan.get("test"), dict) else {}
+    reference = test.get("reference") if isinstance(test.get("reference"), dict) else {}
+    alpha = _as_float(scan.get("alpha"))
+    calibrated = scan.get("rule") == "calibrated" and alpha is not None
+    flag_rule = f"calibrated test, alpha {alpha:g}" if calibrated else None
+    calibrated_l1 = _as_float(reference.get("threshold_l1")) if calibrated else None
+    rule_line = ((calibrated_l1, f"calibrated threshold: L1 < {calibrated_l1:.4g} (p <= {alpha:g})")
+                 if calibrated_l1 is not None else None)
+    # the reference labels, marked where they are a sample (the fast preset's random controls)
+    ref_labels = {_as_int(t) for t in reference.get("labels", [])} if isinstance(reference.get("labels"), list) else set()
+    marked = [r["label"] in ref_labels for r in rows] if ref_labels and len(ref_labels) < len(rows) else None
     plots_out: list[Picture] = []
     if rows:
         plots_out.append(Picture("mask_l1", plots.figure_png(plots.mask_l1_figure(
             [r["label"] for r in rows], l1, [r["flagged"] for r in rows], threshold_l1, median, threshold, targets,
-            flag_rule)),
+            flag_rule, rule_line, marked)),
             "mask L1 norm of every label with the MAD threshold; flagged labels marked"))
         indices = [r for r in rows if r["anomaly_index"] is not None]
         if indices:
@@ -397,11 +406,9 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
         plots_out.append(Picture("repair_curve", plots.figure_png(plots.repair_curve_figure(
             repair["curves"], repair["saved"])), "clean accuracy and attack success versus fraction pruned"))
 
-    calibrated = scan.get("rule") == "calibrated"
     flagged = sorted((r for r in rows if r["flagged"]),
                      key=lambda r: (r["p_value"] if calibrated and r["p_value"] is not None else 0,
                                     -(r["anomaly_index"] or 0)))
-    test = scan.get("test") if isinstance(scan.get("test"), dict) else {}
     unflagged = [r for r in rows if not r["flagged"] and r["anomaly_index"] is not None]
     gallery, hidden = _gallery(sources, rows, targets) if rows else ([], 0)
     model = scan.get("model") if isinstance(scan.get("model"), dict) else {}
@@ -424,6 +431,9 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
         "threshold": threshold,
         # the calibrated model-level test (netcleanse.calibrated), when it decided
         "calibrated": calibrated,
+        "calibrated_threshold_l1": calibrated_l1,
+        "critical_index": _as_float(reference.get("critical_index")),
+        "n_reference": len(ref_labels) if marked is not None else None,
         "alpha": _as_float(scan.get("alpha")),
         "p_value": _as_float(scan.get("p_value")),
         "steps": [s for s in test.get("steps", []) if isinstance(s, dict)],
