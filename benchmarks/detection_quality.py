@@ -62,6 +62,8 @@ def row_path(out: Path, entry: dict, mode: str, seed: int) -> Path:
 
 def scan_zoo(zoo: Path, out: Path, entries: list[dict], modes, seed: int, preset: str, shard, log=print) -> None:
     """Scan every (model, mode) of ``entries`` whose row file is missing."""
+    # pair by pair (a clean model beside its backdoored twin), so that a partial run is balanced
+    entries = sorted(entries, key=lambda e: (e.get("pair", 0), e["folder"]))
     todo = [(e, m) for e in entries for m in modes if not row_path(out, e, m, seed).is_file()]
     todo = todo[shard[0]::shard[1]]
     started = time.perf_counter()
