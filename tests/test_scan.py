@@ -239,6 +239,18 @@ def test_parse_labels():
             parse_labels(bad, 10)
     with pytest.raises(NetcleanseError, match="out of range"):
         parse_labels("0,10", 10)
+    # an empty list is a mistake, not "all labels"; a huge range is refused before it is expanded
+    for empty in ("", "  "):
+        with pytest.raises(NetcleanseError, match="empty"):
+            parse_labels(empty, 10)
+    with pytest.raises(NetcleanseError, match="label 1000000000000 is out of range"):
+        parse_labels("0-1000000000000", 10)
+
+
+def test_dangling_link_as_out_is_one_error(badnet, clean_data, tmp_path):
+    (tmp_path / "out").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(NetcleanseError, match="link to nothing"):
+        scan(badnet, clean_data, labels=[0, 4], out=tmp_path / "out", progress=False)
 
 
 def test_bad_arguments(badnet, clean_data):

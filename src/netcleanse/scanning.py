@@ -239,9 +239,12 @@ class ScanResult:
 
 
 def parse_labels(text: str | None, num_classes: int) -> list[int] | None:
-    """``"0,5,7-9"`` -> [0, 5, 7, 8, 9] (sorted, unique, checked against ``num_classes``)."""
-    if text is None or str(text).strip() == "":
+    """``"0,5,7-9"`` -> [0, 5, 7, 8, 9] (sorted, unique, checked against ``num_classes``); None
+    (all labels) when no list is given. An empty list is an error, not "all labels"."""
+    if text is None:
         return None
+    if str(text).strip() == "":
+        raise NetcleanseError("--labels is empty: give labels like 0,5,7-9, or leave the option out to scan all")
     out: set[int] = set()
     for part in str(text).split(","):
         part = part.strip()
@@ -251,14 +254,15 @@ def parse_labels(text: str | None, num_classes: int) -> list[int] | None:
                 lo, hi = int(a), int(b)
                 if hi < lo:
                     raise ValueError
-                out.update(range(lo, hi + 1))
             else:
-                out.add(int(part))
+                lo = hi = int(part)
         except ValueError:
             raise NetcleanseError(f"bad label list {text!r}: use numbers and ranges like 0,5,7-9") from None
-    bad = [t for t in out if t < 0 or t >= num_classes]
-    if bad:
-        raise NetcleanseError(f"label {bad[0]} is out of range: the model has labels 0..{num_classes - 1}")
+        # checked before a range is expanded, so that a huge one is refused, not allocated
+        bad = lo if not 0 <= lo < num_classes else hi if not 0 <= hi < num_classes else None
+        if bad is not None:
+            raise NetcleanseError(f"label {bad} is out of range: the model has labels 0..{num_classes - 1}")
+        out.update(range(lo, hi + 1))
     return sorted(out)
 
 
@@ -578,6 +582,8 @@ def calibrated_inputs(records: list[dict], detection: dict) -> tuple[dict, list[
 
 
 def _prepare_out(out_dir: Path, resume: bool, settings: dict, model_info: dict) -> None:
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise NetcleanseError(f"--out {out_dir} is a link to nothing; choose a folder")
     if out_dir.exists() and not out_dir.is_dir():
         raise NetcleanseError(f"--out {out_dir} is a file, not a folder")
     started = out_dir / "scan_settings.json"
