@@ -197,3 +197,20 @@ def test_guarded_checkpoints_go_through_guard(tmp_path, monkeypatch):
     assert back.poison_label == 10 and back.num_classes == 11 and back.name == "guarded"
     with pytest.raises(NetcleanseError, match="guarded"):
         save_model(guarded, tmp_path / "guarded.h5")
+
+
+@pytest.mark.parametrize("stored", [float("nan"), float("inf"), -1.0, 0.0, "255"])
+def test_checkpoint_with_a_bad_input_scale_is_refused(tmp_path, stored):
+    from netcleanse.architectures import SmallCNN
+    from netcleanse.model import Classifier, load_model
+    from netcleanse.torch_io import save_model
+    path = tmp_path / "m.pt"
+    save_model(Classifier(SmallCNN(10).eval(), (1, 28, 28), 10, name="m", arch="mnist-cnn"), path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["input_scale"] = stored
+    torch.save(ckpt, path)
+    if stored == "255":  # a number written as text is still a number
+        assert load_model(path).input_scale == 255.0
+        return
+    with pytest.raises(NetcleanseError, match="input scale must be a positive number"):
+        load_model(path)

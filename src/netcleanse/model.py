@@ -23,6 +23,18 @@ HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 ZIP_MAGIC = b"PK\x03\x04"
 
 
+def checked_scale(value) -> float:
+    """``value`` as a positive, finite float (an input scale), else a one-line error: NaN, inf, 0,
+    negative or non-numeric scales, whether given by a caller or read from a file, are refused."""
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        scale = math.nan
+    if not (math.isfinite(scale) and scale > 0):
+        raise NetcleanseError(f"input scale must be a positive number (1 or 255 in practice), got {value}")
+    return scale
+
+
 class Classifier(nn.Module):
     """A network plus what netcleanse needs to know about it.
 
@@ -46,8 +58,7 @@ class Classifier(nn.Module):
     def __init__(self, net: nn.Module, input_shape, num_classes: int, input_scale: float = 1.0,
                  name: str = "model", arch: str | None = None, source: str | None = None):
         super().__init__()
-        if not (math.isfinite(input_scale) and input_scale > 0):  # NaN/inf from a file or a caller too
-            raise NetcleanseError(f"input scale must be a positive number, got {input_scale}")
+        input_scale = checked_scale(input_scale)
         self.net = net
         self.input_shape = tuple(int(s) for s in input_shape)
         self.num_classes = int(num_classes)

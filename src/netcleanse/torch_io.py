@@ -40,7 +40,7 @@ from torch import nn
 
 from .architectures import get_architecture
 from .errors import NetcleanseError
-from .model import Classifier
+from .model import Classifier, checked_scale
 from .utils import atomic_write, first_line
 
 FORMAT = "netcleanse"
@@ -85,8 +85,8 @@ def load_torch(path, arch: str | None = None, input_scale: float = 1.0, name: st
     return _from_state_dict(obj, path, arch, input_scale, name)
 
 
-def _scale(recorded, given: float) -> float:
-    return float(given) if given != 1.0 or recorded is None else float(recorded)
+def _scale(recorded, given: float):
+    return given if given != 1.0 or recorded is None else recorded
 
 
 def from_checkpoint(ckpt: dict, path: Path, arch: str | None, input_scale: float, name: str) -> Classifier:
@@ -104,9 +104,7 @@ def from_checkpoint(ckpt: dict, path: Path, arch: str | None, input_scale: float
         model = _classifier_from_checkpoint(ckpt, path, arch)
     else:
         raise NetcleanseError(f"{path}: unknown netcleanse checkpoint kind {kind!r}")
-    model.input_scale = _scale(ckpt.get("input_scale"), input_scale)
-    if model.input_scale <= 0:
-        raise NetcleanseError(f"input scale must be positive, got {model.input_scale}")
+    model.input_scale = checked_scale(_scale(ckpt.get("input_scale"), input_scale))
     model.name = name
     model.source = str(path)
     return model.eval()
@@ -187,9 +185,7 @@ def _from_state_dict(obj, path: Path, arch: str | None, input_scale: float, name
     if arch is None:
         raise NetcleanseError(f"{path} holds a state_dict (weights only); name its architecture with --arch")
     model = _registered(arch, _strip_prefixes(dict(obj)), path)
-    model.input_scale, model.name, model.source = float(input_scale), name, str(path)
-    if model.input_scale <= 0:
-        raise NetcleanseError(f"input scale must be positive, got {input_scale}")
+    model.input_scale, model.name, model.source = checked_scale(input_scale), name, str(path)
     return model.eval()
 
 

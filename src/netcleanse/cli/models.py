@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import zipfile
 from pathlib import Path
@@ -23,13 +22,14 @@ from . import app
 from ..data import Dataset, load_data
 from ..errors import NetcleanseError
 from ..evaluate import evaluate, predict_dataset
-from ..model import Classifier, HDF5_MAGIC, ZIP_MAGIC, load_model
+from ..model import Classifier, HDF5_MAGIC, ZIP_MAGIC, checked_scale, load_model
 
 
 def _positive_scale(value: float) -> float:
-    if value is None or not (math.isfinite(value) and value > 0):  # refuses NaN and inf too
-        raise NetcleanseError(f"--input-scale must be a positive number (1 or 255 in practice), got {value}")
-    return value
+    try:
+        return checked_scale(value)
+    except NetcleanseError:
+        raise NetcleanseError(f"--input-scale must be a positive number (1 or 255 in practice), got {value}") from None
 
 
 ModelArgument = Annotated[Path, typer.Argument(help="Model file: Keras .h5, PyTorch .pt/TorchScript, "
