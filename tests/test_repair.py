@@ -151,6 +151,15 @@ def test_repair_filter_result_saves_one_guarded_artefact(tmp_path):
     assert netcleanse.load_model(tmp_path / "out" / "guarded.pt").poison_label == 10
     with pytest.raises(NetcleanseError, match="already holds a repair"):
         result.save(tmp_path / "out")
+    # a model file already there (the input model, say) is not replaced either, and nothing is written
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "guarded.pt").write_bytes(b"the user's model")
+    with pytest.raises(NetcleanseError, match="guarded.pt exists"):
+        result.save(tmp_path / "other")
+    assert (tmp_path / "other" / "guarded.pt").read_bytes() == b"the user's model"
+    assert not (tmp_path / "other" / "repair.json").exists()
+    result.save(tmp_path / "other", force=True)
+    assert netcleanse.load_model(tmp_path / "other" / "guarded.pt").poison_label == 10
 
 
 def test_repair_needs_clean_data_for_weight_methods():

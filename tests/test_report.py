@@ -254,7 +254,7 @@ def test_calibrated_verdict_shows_the_model_and_label_p_values(tmp_path):
     scan = _with_calibrated_test(tmp_path, write_scan(tmp_path, 10, planted=(7,)))
     assert scan["flagged"] == [7]
     for fmt in ("html", "md"):
-        out = render_report(tmp_path, format=fmt, out=tmp_path / f"r.{fmt}")
+        out = render_report(tmp_path, format=fmt, out=tmp_path / f"r_{fmt}.{fmt}")
         text = page_text(out.read_text()) if fmt == "html" else out.read_text()
         p = f"{scan['p_value']:.2g}"
         assert f"Model-level p-value {p}" in text.replace("*", "") and "α = 0.05" in html.unescape(text)
@@ -366,6 +366,18 @@ def test_rerender_reads_only_and_out_option(tmp_path):
     assert first.exists() and second == tmp_path / "elsewhere.html"
     assert (tmp_path / "elsewhere_mask_l1.png").exists()
     assert page_text(first.read_text()).split("Generated")[0] == page_text(second.read_text()).split("Generated")[0]
+    # the default report is netcleanse's own and is re-rendered; a named file is replaced only with force
+    assert render_report(tmp_path / "scan") == first
+    (tmp_path / "mine.html").write_text("my notes")
+    with pytest.raises(NetcleanseError, match="mine.html exists"):
+        render_report(tmp_path / "scan", out=tmp_path / "mine.html")
+    assert (tmp_path / "mine.html").read_text() == "my notes"
+    with pytest.raises(NetcleanseError, match="elsewhere.html exists"):
+        render_report(tmp_path / "scan", out=tmp_path / "elsewhere.html")
+    (tmp_path / "other_mask_l1.png").write_bytes(b"mine")
+    with pytest.raises(NetcleanseError, match="other_mask_l1.png exists"):
+        render_report(tmp_path / "scan", out=tmp_path / "other.html")
+    assert render_report(tmp_path / "scan", out=tmp_path / "mine.html", force=True).read_text() != "my notes"
 
 
 def test_optional_inputs_missing(tmp_path):

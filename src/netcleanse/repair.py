@@ -110,9 +110,13 @@ class RepairResult:
             raise NetcleanseError(f"--out {folder} exists and is not a folder")
         if (folder / "repair.json").exists() and not force:
             raise NetcleanseError(f"{folder} already holds a repair (repair.json); choose another --out or use --force")
+        models = {("guarded" if self.model.poison_label is not None else "repaired"): self.model, **self.saved}
+        # every file this writes, checked before the first is written (the input model may live there)
+        taken = [name for stem in models for name in (f"{stem}.pt", f"{stem}.h5") if (folder / name).exists()]
+        if taken and not force:
+            raise NetcleanseError(f"{folder / taken[0]} exists; choose another --out or use --force to replace it")
         folder.mkdir(parents=True, exist_ok=True)
         files, notes = {}, {}
-        models = {("guarded" if self.model.poison_label is not None else "repaired"): self.model, **self.saved}
         for stem, model in models.items():
             files[stem] = [save_model(model, folder / f"{stem}.pt").name]
             if model.poison_label is None:

@@ -554,18 +554,26 @@ def _output_path(root: Path, fmt: str, out: str | Path | None) -> Path:
     return out
 
 
-def render_report(directory: str | Path, format: str = "html", out: str | Path | None = None) -> Path:  # noqa: A002
+def render_report(directory: str | Path, format: str = "html", out: str | Path | None = None,  # noqa: A002
+                  force: bool = False) -> Path:
     """Render the report of a scan (and its truth and repairs) found in ``directory``.
 
     Writes ``report.html`` (or ``report.md``) into ``directory`` unless ``out`` names another file
     or directory, and the plots as ``<report stem>_<plot>.png`` beside it; Markdown's trigger
     images go to ``<report stem>_triggers/``. Returns the report's path. Inputs are only read.
+    The default report in ``directory`` is netcleanse's own and is replaced; a file named with
+    ``out`` that exists (or one of its plots) is replaced only with ``force``.
     """
     if format not in FORMATS:
         raise NetcleanseError(f"unknown report format {format!r}; choose one of {', '.join(FORMATS)}")
     sources = find_sources(directory)
     path = _output_path(sources.root, format, out)
     context, plot_pictures = build_context(sources)
+    if out is not None and not force:
+        taken = [p for p in [path] + [path.with_name(f"{path.stem}_{pic.name}.png") for pic in plot_pictures]
+                 if p.exists()]
+        if taken:
+            raise NetcleanseError(f"{taken[0]} exists; choose another --out or use --force to replace it")
 
     for picture in plot_pictures:
         plot_path = path.with_name(f"{path.stem}_{picture.name}.png")

@@ -22,7 +22,8 @@ def report(
     out: Annotated[Optional[Path], typer.Option(
         "--out", help="Report file or directory to write to [default: DIR/report.html or DIR/report.md].",
         show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
 ) -> None:
     """Write the report of a scan (and of its ground truth and repairs): verdict, plots, triggers, settings."""
-    path = render_report(directory, format=format.lower(), out=out)
+    path = render_report(directory, format=format.lower(), out=out, force=force)
     typer.echo(f"report written to {path}")
