@@ -228,6 +228,15 @@ def test_resume_after_interruption_gives_same_result(badnet, clean_data, tmp_pat
     # resuming with other settings is refused
     with pytest.raises(NetcleanseError, match="different settings"):
         scan(badnet, clean_data, seed=6, out=tmp_path / "cut", resume=True, progress=False)
+    # ... and so is resuming with another net of the same name and shape, or other images
+    other = scan_module.copy.deepcopy(badnet)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    with pytest.raises(NetcleanseError, match="the model's weights"):
+        scan(other, clean_data, seed=5, out=tmp_path / "cut", resume=True, progress=False)
+    shifted = Dataset(clean_data.x.flip(0), clean_data.y.flip(0), source=clean_data.source)
+    with pytest.raises(NetcleanseError, match="the data's content"):
+        scan(badnet, shifted, seed=5, out=tmp_path / "cut", resume=True, progress=False)
 
 
 def test_parse_labels():

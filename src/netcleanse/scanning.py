@@ -45,6 +45,7 @@ The verdict comes from one of two rules, both always computed and recorded:
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -459,7 +460,9 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
 
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
-        _prepare_out(out_dir, resume, settings, _model_info(model))
+        # the resume key holds the content of the weights and data, not only their names
+        _prepare_out(out_dir, resume, settings, dict(_model_info(model), weights_sha256=_weights_digest(model),
+                                                     data_sha256=None if data is None else _data_digest(data)))
         if resume and (out_dir / "scan.json").exists():
             return ScanResult.load(out_dir)  # already finished
     journal = _Journal(out_dir)
@@ -581,6 +584,21 @@ def calibrated_inputs(records: list[dict], detection: dict) -> tuple[dict, list[
     return {r["label"]: r["mask_l1"] for r in records}, None, len(records)
 
 
+def _weights_digest(model) -> str:
+    """SHA-256 of the model's parameters and buffers (names, shapes, bytes) and its input scale."""
+    h = hashlib.sha256(repr(float(model.input_scale)).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _data_digest(data: Dataset) -> str:
+    """SHA-256 of the clean images a scan optimises on."""
+    return hashlib.sha256(data.x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
 def _prepare_out(out_dir: Path, resume: bool, settings: dict, model_info: dict) -> None:
     if out_dir.is_symlink() and not out_dir.exists():
         raise NetcleanseError(f"--out {out_dir} is a link to nothing; choose a folder")
@@ -597,7 +615,9 @@ def _prepare_out(out_dir: Path, resume: bool, settings: dict, model_info: dict) 
             before = json.loads(started.read_text())
             if before != key:
                 diff = [k for k in key["settings"] if before.get("settings", {}).get(k) != key["settings"][k]]
-                what = ", ".join(diff) if diff else "the model"
+                changed = [k for k in key["model"] if before.get("model", {}).get(k) != key["model"][k]]
+                what = (", ".join(diff) if diff else "the data's content" if changed == ["data_sha256"]
+                        else "the model's weights" if "weights_sha256" in changed else "the model")
                 raise NetcleanseError(f"cannot resume {out_dir}: it was started with different settings ({what})")
             return
     elif out_dir.exists() and any(out_dir.iterdir()):
