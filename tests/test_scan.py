@@ -256,6 +256,37 @@ def test_parse_labels():
         parse_labels("0-1000000000000", 10)
 
 
+def test_two_scans_never_write_one_folder(badnet, clean_data, tmp_path):
+    # a scan holding the folder (as a second process would) makes another --resume refuse in one line
+    first = scan_module._lock(tmp_path)
+    (tmp_path / "scan_settings.json").write_text("{}")
+    try:
+        with pytest.raises(NetcleanseError, match="another scan is writing"):
+            scan_module._lock(tmp_path)
+    finally:
+        first.close()
+    scan_module._lock(tmp_path).close()  # free again once the first is done
+
+
+def test_interrupted_while_saving_resumes(badnet, clean_data, tmp_path, monkeypatch):
+    # scan.json is written last: a scan cut off after masks.npz has no scan.json and resumes
+    whole = scan(badnet, clean_data, labels=[0, 4, 5], seed=2, out=tmp_path / "a", progress=False)
+    real = scan_module._atomic_write_text
+
+    def crash(path, text):
+        if path.name == "scan.json":
+            raise KeyboardInterrupt
+        return real(path, text)
+
+    monkeypatch.setattr(scan_module, "_atomic_write_text", crash)
+    with pytest.raises(KeyboardInterrupt):
+        scan(badnet, clean_data, labels=[0, 4, 5], seed=2, out=tmp_path / "b", progress=False)
+    assert (tmp_path / "b" / "masks.npz").exists() and not (tmp_path / "b" / "scan.json").exists()
+    monkeypatch.setattr(scan_module, "_atomic_write_text", real)
+    resumed = scan(badnet, clean_data, labels=[0, 4, 5], seed=2, out=tmp_path / "b", resume=True, progress=False)
+    assert np.array_equal(resumed.masks, whole.masks) and (tmp_path / "b" / "scan.json").exists()
+
+
 def test_dangling_link_as_out_is_one_error(badnet, clean_data, tmp_path):
     (tmp_path / "out").symlink_to(tmp_path / "nowhere")
     with pytest.raises(NetcleanseError, match="link to nothing"):

@@ -196,11 +196,11 @@ class ScanResult:
                 "elapsed_s": self.elapsed_s, "model": self.model, "settings": self.settings, "labels": self.labels}
 
     def save(self, directory, all_images: bool = False) -> Path:
-        """Write scan.json, masks.npz, the PNGs of the flagged labels (all with ``all_images``)
-        and ``triggers/`` (flagged labels)."""
+        """Write masks.npz, the PNGs of the flagged labels (all with ``all_images``), ``triggers/``
+        (flagged labels) and, last, scan.json: a folder with scan.json holds a finished scan, and a
+        scan interrupted while saving resumes instead."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(d / "scan.json", json.dumps(self.to_dict(), indent=1))
         _atomic_savez(d / "masks.npz", labels=np.array([r["label"] for r in self.labels], dtype=np.int64),
                       masks=self.masks.astype(np.float32), patterns=self.patterns.astype(np.float32))
         name = _file_stem(self.model.get("name") or "model")
@@ -210,6 +210,7 @@ class ScanResult:
             if rec["flagged"]:
                 (d / "triggers").mkdir(exist_ok=True)
                 _save_trigger_images(d / "triggers", f"label_{rec['label']}_{{}}.png", self.masks[i], self.patterns[i])
+        _atomic_write_text(d / "scan.json", json.dumps(self.to_dict(), indent=1))
         return d
 
     @classmethod
@@ -459,12 +460,14 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
                 "data": data_desc, "device": dev.type, "torch_threads": torch.get_num_threads()}
 
     out_dir = Path(out) if out is not None else None
+    lock = None
     if out_dir is not None:
         # the resume key holds the content of the weights and data, not only their names
         _prepare_out(out_dir, resume, settings, dict(_model_info(model), weights_sha256=_weights_digest(model),
                                                      data_sha256=None if data is None else _data_digest(data)))
         if resume and (out_dir / "scan.json").exists():
             return ScanResult.load(out_dir)  # already finished
+        lock = _lock(out_dir)  # held until this function returns (or the process ends)
     journal = _Journal(out_dir)
 
     # a private, frozen, channels-last copy: the caller's model is left untouched
@@ -570,6 +573,7 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
     if out_dir is not None:
         result.save(out_dir, all_images=save_all_images)
         shutil.rmtree(out_dir / "partial", ignore_errors=True)
+        lock.close()
     return result
 
 
@@ -582,6 +586,19 @@ def calibrated_inputs(records: list[dict], detection: dict) -> tuple[dict, list[
         return ({r["label"]: r["mask_l1"] for r in records if r["label"] in refined}, list(detection["controls"]),
                 len(records))
     return {r["label"]: r["mask_l1"] for r in records}, None, len(records)
+
+
+def _lock(out_dir: Path):
+    """An exclusive lock on ``out_dir`` (``.lock``), so that two scans never write one folder;
+    released when the returned file is closed or the process ends."""
+    import fcntl
+    handle = open(out_dir / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise NetcleanseError(f"another scan is writing to {out_dir}; wait for it, or choose another --out") from None
+    return handle
 
 
 def _weights_digest(model) -> str:
