@@ -486,3 +486,19 @@ def test_report_of_a_real_csaw_scan_renders_in_headless_chromium(tmp_path):
     for label in scan["flagged"]:
         assert f"label {label}" in text
     _screenshot(browser, page, tmp_path)
+
+
+def test_truth_images_outside_their_folder_are_not_read(tmp_path):
+    write_scan(tmp_path / "scan", 10, planted=(7,))
+    truth = write_truth(tmp_path / "badnet", targets=(7,))
+    secret = tmp_path / "secret.png"
+    Image.fromarray(np.full((28, 28, 4), 255, np.uint8), "RGBA").save(secret)
+    (tmp_path / "badnet" / "link.png").symlink_to(secret)
+    for image in (str(secret), "../secret.png", "link.png"):
+        truth["triggers"][0]["image"] = image
+        (tmp_path / "badnet" / "truth.json").write_text(json.dumps(truth))
+        markup = render_report(tmp_path).read_text()
+        assert 'alt="planted patch trigger for target 7"' not in markup, image
+    truth["triggers"][0]["image"] = "trigger.png"  # its own folder: shown
+    (tmp_path / "badnet" / "truth.json").write_text(json.dumps(truth))
+    assert 'alt="planted patch trigger for target 7"' in render_report(tmp_path).read_text()

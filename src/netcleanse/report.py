@@ -267,7 +267,11 @@ def _real_trigger_pictures(sources: ReportSources) -> dict[int, list[Picture]]:
         target, image = _as_int(trigger.get("target")), trigger.get("image")
         if target is None or not isinstance(image, str):
             continue
-        path = Path(image) if Path(image).is_absolute() else sources.truth_dir / image
+        # only a file inside truth.json's own folder (no absolute paths, no "..", no links out)
+        folder = sources.truth_dir.resolve()
+        path = (sources.truth_dir / image).resolve()
+        if Path(image).is_absolute() or not path.is_relative_to(folder):
+            continue
         try:
             with Image.open(path) as im:
                 png = plots.image_png(_on_black(im))
