@@ -214,3 +214,18 @@ def test_checkpoint_with_a_bad_input_scale_is_refused(tmp_path, stored):
         return
     with pytest.raises(NetcleanseError, match="input scale must be a positive number"):
         load_model(path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_layer(tmp_path, bad):
+    from netcleanse.architectures import SmallCNN
+    from netcleanse.model import Classifier, load_model
+    from netcleanse.torch_io import save_model
+    net = SmallCNN(10).eval()
+    with torch.no_grad():
+        net.fc_1.weight[3, 5] = bad
+    for suffix in (".pt", ".h5"):
+        path = tmp_path / f"m{suffix}"
+        save_model(Classifier(net, (1, 28, 28), 10, name="m", arch="mnist-cnn"), path)
+        with pytest.raises(NetcleanseError, match=r"fc_1\.weight holds 1 NaN or infinite"):
+            load_model(path, arch="mnist-cnn")

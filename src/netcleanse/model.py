@@ -139,9 +139,19 @@ def load_model(path, arch: str | None = None, input_scale: float = 1.0, name: st
     magic = _magic(path)
     if magic.startswith(HDF5_MAGIC):
         from .keras import load_keras
-        return load_keras(path, arch=arch, input_scale=input_scale, name=name)
+        return check_finite(load_keras(path, arch=arch, input_scale=input_scale, name=name), path)
     if magic.startswith(ZIP_MAGIC):
         from .torch_io import load_torch
-        return load_torch(path, arch=arch, input_scale=input_scale, name=name)
+        return check_finite(load_torch(path, arch=arch, input_scale=input_scale, name=name), path)
     raise NetcleanseError(f"{path} is not a model file netcleanse can read "
                           "(expected a Keras .h5 or a PyTorch .pt/TorchScript file)")
+
+
+def check_finite(model: "Classifier", path) -> "Classifier":
+    """``model``, unless one of its weights is NaN or infinite: then a one-line error naming the
+    first such parameter (such a model answers NaN, and every verdict on it would be meaningless)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise NetcleanseError(f"{path}: {name} holds {bad} NaN or infinite value(s); the model cannot be used")
+    return model
