@@ -292,3 +292,38 @@ def test_zip_that_is_not_npz(tmp_path):
     torch.save({"w": torch.zeros(2)}, tmp_path / "model.pt")
     with pytest.raises(NetcleanseError, match="model.pt is a zip file without NumPy arrays"):
         load_data(tmp_path / "model.pt")
+
+
+@pytest.mark.parametrize("how", ["external storage", "external link", "virtual dataset"])
+def test_hdf5_files_that_read_other_files_are_refused(tmp_path, how):
+    import h5py
+    from netcleanse.architectures import SmallCNN
+    from netcleanse.model import Classifier, load_model
+    from netcleanse.torch_io import save_model
+    host = tmp_path / "host.bin"
+    host.write_bytes(bytes(range(256)) * 64)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = np.zeros((4, 3), np.float32)
+    data = tmp_path / "data.h5"
+    model = tmp_path / "model.h5"
+    save_model(Classifier(SmallCNN(10).eval(), (1, 28, 28), 10, name="m", arch="mnist-cnn"), model)
+    for path in (data, model):
+        with h5py.File(path, "a") as f:
+            if path == data:
+                f["label"] = np.zeros(2, np.int64)
+                target, name = f, "data"
+            else:
+                target, name = f, "extra"
+            if how == "external storage":
+                target.create_dataset(name, shape=(2, 1, 28, 28), dtype=np.uint8, external=[(str(host), 0, 2 * 784)])
+            elif how == "external link":
+                target[name] = h5py.ExternalLink(str(other), "/x")
+            else:
+                layout = h5py.VirtualLayout(shape=(4, 3), dtype=np.float32)
+                layout[:] = h5py.VirtualSource(str(other), "x", shape=(4, 3))
+                target.create_virtual_dataset(name, layout)
+    with pytest.raises(NetcleanseError, match="another file"):
+        load_data(data)
+    with pytest.raises(NetcleanseError, match="another file"):
+        load_model(model, arch="mnist-cnn")

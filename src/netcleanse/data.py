@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .errors import NetcleanseError
-from .utils import atomic_write
+from .utils import atomic_write, check_self_contained_h5
 
 
 @dataclass
@@ -218,6 +218,7 @@ def _load_hdf5(path: Path, expect_shape, label_key) -> Dataset:
     except OSError as exc:
         raise NetcleanseError(f"cannot read {path}: not a readable HDF5 file ({exc})") from None
     with h5:
+        check_self_contained_h5(h5, path)
         if "model_weights" in h5 or "layer_names" in h5.attrs:
             raise NetcleanseError(f"{path} is a Keras model file, not a data file")
         keys = list(h5.keys())

@@ -47,7 +47,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .architectures import get_architecture
 from .errors import NetcleanseError
 from .model import Classifier
-from .utils import atomic_write, first_line
+from .utils import atomic_write, check_self_contained_h5, first_line
 
 # Errors h5py raises on truncated or corrupt files; turned into NetcleanseError at the boundary.
 _H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError)
@@ -1060,6 +1060,7 @@ def load_keras(path, arch: str | None = None, input_scale: float = 1.0, name: st
         raise NetcleanseError(f"{path} is not a readable HDF5 file ({first_line(exc)})") from None
     try:
         with h5:
+            check_self_contained_h5(h5, path)
             weights_root = h5["model_weights"] if "model_weights" in h5 else h5
             if arch is not None:
                 spec = get_architecture(arch)

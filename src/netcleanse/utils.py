@@ -51,3 +51,26 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise NetcleanseError(f"unknown device {name!r}; use cpu or cuda")
     return torch.device(name)
+
+
+def check_self_contained_h5(h5, path) -> None:
+    """Refuse an HDF5 file that would make a reader read anything but itself: external links,
+    datasets stored in external files, virtual datasets (which map other files). A model or data
+    file is untrusted; reading it must never read another file on this machine."""
+    import h5py
+
+    def walk(group, prefix: str) -> None:
+        for name in group:
+            link = group.get(name, getlink=True)
+            where = f"{prefix}/{name}"
+            if isinstance(link, h5py.ExternalLink):
+                raise NetcleanseError(f"{path}: {where} links to another file ({link.filename}); refused")
+            if isinstance(link, h5py.SoftLink):
+                continue  # a path inside this file; its target is checked where it stands
+            item = group.get(name)
+            if isinstance(item, h5py.Group):
+                walk(item, where)
+            elif isinstance(item, h5py.Dataset) and (item.external or item.is_virtual):
+                raise NetcleanseError(f"{path}: dataset {where} keeps its data in another file; refused")
+
+    walk(h5, "")
