@@ -327,3 +327,20 @@ def test_hdf5_files_that_read_other_files_are_refused(tmp_path, how):
         load_data(data)
     with pytest.raises(NetcleanseError, match="another file"):
         load_model(model, arch="mnist-cnn")
+
+
+def test_huge_and_sixteen_bit_images(tmp_path, monkeypatch, capfd):
+    from netcleanse.data import read_image
+    big = tmp_path / "big.png"
+    Image.new("L", (5000, 4000)).save(big)  # 20 megapixels: refused from the header, nothing printed
+    with pytest.raises(NetcleanseError, match="5000 x 4000 pixels, more than netcleanse reads"):
+        read_image(big)
+    assert "DecompressionBomb" not in capfd.readouterr().err
+    monkeypatch.setenv("NETCLEANSE_MAX_IMAGE_PIXELS", "30000000")
+    assert read_image(big).shape == (1, 4000, 5000)
+    # a 16-bit grey PNG is scaled to 8 bits, not clipped at 255
+    deep = tmp_path / "deep.png"
+    values = np.array([[0, 257, 32896, 65535]], np.uint16)
+    Image.fromarray(values).save(deep)
+    assert read_image(deep).tolist() == [[[0, 1, 128, 255]]]
+    assert read_image(deep, channels=3).shape == (3, 1, 4)

@@ -22,7 +22,9 @@ are 0..255 (CSAW's own files store floats 0..255); either way they are divided b
 
 from __future__ import annotations
 
+import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -381,16 +383,37 @@ def read_image(path, channels: int | None = None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    limit = max_image_pixels()
     try:
-        with Image.open(path) as image:
-            image.load()
-            gray = image.mode in ("1", "L", "LA", "I", "I;16", "F")
-            wanted = channels or (1 if gray else 3)
-            image = image.convert("L" if wanted == 1 else "RGB")
-            array = np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size  # from the header: checked before any pixel is decoded
+                if width * height > limit:
+                    raise NetcleanseError(f"image {path} is {width} x {height} pixels, more than netcleanse reads "
+                                          f"({limit:,}; set NETCLEANSE_MAX_IMAGE_PIXELS to change)")
+                image.load()
+                gray = image.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+                wanted = channels or (1 if gray else 3)
+                if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: scale, do not clip
+                    array = np.round(np.asarray(image, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8)
+                    if wanted == 3:
+                        array = np.repeat(array[..., None], 3, axis=2)
+                else:
+                    array = np.asarray(image.convert("L" if wanted == 1 else "RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
         raise NetcleanseError(f"cannot read image {path}: {exc}") from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def max_image_pixels() -> int:
+    """The largest image (width x height) netcleanse decodes: 16 megapixels, or
+    ``NETCLEANSE_MAX_IMAGE_PIXELS``. Backdoor scans work on images of a few thousand pixels."""
+    try:
+        return int(os.environ.get("NETCLEANSE_MAX_IMAGE_PIXELS", 16_000_000))
+    except ValueError:
+        raise NetcleanseError("NETCLEANSE_MAX_IMAGE_PIXELS must be a whole number") from None
 
 
 def _load_images(items: list[tuple[Path, int | None]], channels, expect_shape, source: str) -> Dataset:
