@@ -344,3 +344,27 @@ def test_huge_and_sixteen_bit_images(tmp_path, monkeypatch, capfd):
     Image.fromarray(values).save(deep)
     assert read_image(deep).tolist() == [[[0, 1, 128, 255]]]
     assert read_image(deep, channels=3).shape == (3, 1, 4)
+
+
+def test_arrays_declared_larger_than_their_file_are_refused_before_allocating(tmp_path):
+    import h5py
+    sparse = tmp_path / "sparse.h5"
+    with h5py.File(sparse, "w") as f:  # 10 million CSAW images declared, nothing written: a tiny file
+        f.create_dataset("data", shape=(10_000_000, 3, 55, 47), dtype=np.uint8, chunks=(1, 3, 55, 47))
+        f["label"] = np.zeros(4, np.int64)
+    with pytest.raises(NetcleanseError, match="declares .* but the file stores only"):
+        load_data(sparse)
+    # an .npz whose header declares 500,000 images but whose zip member holds a few hundred bytes
+    import zipfile
+    header = tmp_path / "x.npy"
+    with open(header, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                 "shape": (500_000, 3, 55, 47)})
+        f.write(b"\0" * 64)
+    with zipfile.ZipFile(tmp_path / "big.npz", "w", zipfile.ZIP_DEFLATED) as z:
+        z.write(header, "x.npy")
+    with pytest.raises(NetcleanseError, match="declares .* but the file stores only"):
+        load_data(tmp_path / "big.npz")
+    # ordinary compressed data still loads
+    np.savez_compressed(tmp_path / "ok.npz", x=np.zeros((100, 1, 28, 28), np.uint8), y=np.zeros(100, np.int64))
+    assert len(load_data(tmp_path / "ok.npz")) == 100

@@ -229,3 +229,29 @@ def test_non_finite_weights_are_refused_naming_the_layer(tmp_path, bad):
         save_model(Classifier(net, (1, 28, 28), 10, name="m", arch="mnist-cnn"), path)
         with pytest.raises(NetcleanseError, match=r"fc_1\.weight holds 1 NaN or infinite"):
             load_model(path, arch="mnist-cnn")
+
+
+def test_checkpoint_declaring_other_classes_than_its_weights_is_refused(tmp_path):
+    from netcleanse.architectures import SmallCNN
+    from netcleanse.model import Classifier, load_model
+    from netcleanse.torch_io import save_model
+    path = tmp_path / "m.pt"
+    save_model(Classifier(SmallCNN(10).eval(), (1, 28, 28), 10, name="m", arch="mnist-cnn"), path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["num_classes"] = 1_000_000_000
+    torch.save(ckpt, path)
+    with pytest.raises(NetcleanseError, match="records 1000000000 classes but its weights have 10"):
+        load_model(path)
+
+
+def test_deeply_nested_keras_config_is_one_error(tmp_path):
+    from netcleanse.model import load_model
+    from netcleanse.torch_io import VERSION
+    nested = '{"layers": [' * 200_000 + "]}" * 200_000  # as JSON text, the way Keras stores configs
+    ckpt = {"format": "netcleanse", "version": VERSION, "kind": "classifier", "arch": None, "num_classes": 10,
+            "input_shape": [1, 28, 28], "input_scale": 1.0, "name": "deep", "source": None,
+            "keras_config": nested, "state_dict": {}}
+    path = tmp_path / "deep.pt"
+    torch.save(ckpt, path)
+    with pytest.raises(NetcleanseError, match="nested too deeply|not a Keras"):
+        load_model(path)

@@ -226,6 +226,9 @@ def _load_hdf5(path: Path, expect_shape, label_key) -> Dataset:
         keys = list(h5.keys())
         image_key = _pick_key(keys, IMAGE_KEYS, None, path, "images")
         label_name = _pick_key(keys, LABEL_KEYS, label_key, path, "labels", required=label_key is not None)
+        for key in keys:
+            if isinstance(h5[key], h5py.Dataset):
+                _check_declared(h5[key].shape, h5[key].dtype, h5[key].id.get_storage_size(), path, key)
         images, info = _images_to_tensor(h5[image_key], expect_shape, path)
         labels = _labels_to_tensor(h5[label_name][()], len(images), path) if label_name else None
         names = None
@@ -235,6 +238,34 @@ def _load_hdf5(path: Path, expect_shape, label_key) -> Dataset:
             info["true_labels"] = _labels_to_tensor(h5["true_labels"][()], len(images), path)
     info["format"] = "hdf5"
     return Dataset(images, labels, source=str(path), names=names, info=info)
+
+
+# an array may declare more bytes than it stores (compression) up to this ratio, beyond a small size
+MAX_EXPANSION = 200
+SMALL_ARRAY_BYTES = 64 << 20
+
+
+def _check_declared(shape, dtype, stored: int, path: Path, key: str) -> None:
+    """Refuse an array whose declared size its file cannot back: more than ``MAX_EXPANSION`` times
+    the bytes it stores (and above ``SMALL_ARRAY_BYTES``), checked before anything is allocated."""
+    declared = int(np.prod([int(n) for n in shape], dtype=object)) * np.dtype(dtype).itemsize
+    if declared > SMALL_ARRAY_BYTES and declared > MAX_EXPANSION * max(int(stored), 1):
+        raise NetcleanseError(f"{path}: {key!r} declares {tuple(int(n) for n in shape)} ({declared:,} bytes) but the "
+                              f"file stores only {int(stored):,} bytes of it; refused")
+
+
+def _check_npz_member(archive, member: str, path: Path, key: str) -> None:
+    """:func:`_check_declared` for an .npz member, from its .npy header (nothing else is read)."""
+    try:
+        info = archive.getinfo(member)
+        with archive.open(member) as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(f)
+    except Exception as exc:
+        raise NetcleanseError(f"cannot read {path}: corrupt .npz member {member} ({exc})") from None
+    _check_declared(shape, dtype, info.compress_size, path, key)
 
 
 def _load_npz(path: Path, expect_shape, label_key) -> Dataset:
@@ -247,6 +278,8 @@ def _load_npz(path: Path, expect_shape, label_key) -> Dataset:
             raise NetcleanseError(f"{path} is a zip file without NumPy arrays (a PyTorch model?), "
                                   "not an .npz data file")
         keys = list(archive.files)
+        for key in keys:
+            _check_npz_member(archive.zip, f"{key}.npy", path, key)
         image_key = _pick_key(keys, ("x", "data"), None, path, "images")
         label_name = _pick_key(keys, ("y", "label"), label_key, path, "labels", required=label_key is not None)
         try:

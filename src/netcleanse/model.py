@@ -137,14 +137,21 @@ def load_model(path, arch: str | None = None, input_scale: float = 1.0, name: st
     if path.stat().st_size == 0:
         raise NetcleanseError(f"model file is empty: {path}")
     magic = _magic(path)
-    if magic.startswith(HDF5_MAGIC):
-        from .keras import load_keras
-        return check_finite(load_keras(path, arch=arch, input_scale=input_scale, name=name), path)
-    if magic.startswith(ZIP_MAGIC):
-        from .torch_io import load_torch
-        return check_finite(load_torch(path, arch=arch, input_scale=input_scale, name=name), path)
-    raise NetcleanseError(f"{path} is not a model file netcleanse can read "
-                          "(expected a Keras .h5 or a PyTorch .pt/TorchScript file)")
+    if not (magic.startswith(HDF5_MAGIC) or magic.startswith(ZIP_MAGIC)):
+        raise NetcleanseError(f"{path} is not a model file netcleanse can read "
+                              "(expected a Keras .h5 or a PyTorch .pt/TorchScript file)")
+    try:
+        if magic.startswith(HDF5_MAGIC):
+            from .keras import load_keras
+            model = load_keras(path, arch=arch, input_scale=input_scale, name=name)
+        else:
+            from .torch_io import load_torch
+            model = load_torch(path, arch=arch, input_scale=input_scale, name=name)
+    except RecursionError:
+        raise NetcleanseError(f"{path}: its model description is nested too deeply to be a real model") from None
+    except MemoryError:
+        raise NetcleanseError(f"{path}: declares a model too large for this machine's memory") from None
+    return check_finite(model, path)
 
 
 def check_finite(model: "Classifier", path) -> "Classifier":

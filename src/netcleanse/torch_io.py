@@ -130,8 +130,12 @@ def _classifier_from_checkpoint(ckpt: dict, path: Path, arch: str | None) -> Cla
 
 def _registered(arch: str, state_dict: dict, path: Path, num_classes=None) -> Classifier:
     spec = get_architecture(arch)
-    if num_classes is None:
-        num_classes = _classes_from_state_dict(spec.build(spec.default_classes), state_dict, path, arch)
+    # the number of classes comes from the weights; a recorded one must agree (checked before building,
+    # so a checkpoint declaring a billion classes never allocates them)
+    found = _classes_from_state_dict(spec.build(spec.default_classes), state_dict, path, arch)
+    if num_classes is not None and num_classes != found:
+        raise NetcleanseError(f"{path} records {num_classes} classes but its weights have {found}")
+    num_classes = found
     net = spec.build(int(num_classes))
     _load_state(net, state_dict, path, f"architecture {arch!r}")
     return Classifier(net, spec.input_shape, int(num_classes), arch=arch)
