@@ -547,3 +547,20 @@ def test_malformed_configs_give_clean_errors(make):
             graph_from_config(config)
         except NetcleanseError as exc:
             assert "\n" not in str(exc)
+
+
+def test_declared_sizes_are_checked_before_anything_is_allocated(tmp_path):
+    # an input layer of 20000 x 20000 x 3 values per image: refused from the config alone
+    config = functional_config()
+    config["config"]["layers"][0]["config"]["batch_input_shape"] = [None, 20000, 20000, 3]
+    path = write_model_h5(tmp_path / "huge_input.h5", config, functional_weights())
+    with pytest.raises(NetcleanseError, match="declares 1,200,000,000 values per image"):
+        load_model(path)
+    # a kernel declared 160 x 1e9 in a file of a few KB (a sparse, chunked dataset)
+    path = write_model_h5(tmp_path / "sparse_kernel.h5", functional_config(), functional_weights())
+    with h5py.File(path, "a") as h5:
+        group = h5["model_weights"]["d1"]
+        del group["d1/kernel:0"]
+        group.create_dataset("d1/kernel:0", shape=(160, 1_000_000_000), dtype=np.float32, chunks=(1, 1024))
+    with pytest.raises(NetcleanseError, match="declares .* but the file stores only"):
+        load_model(path)

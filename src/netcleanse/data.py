@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .errors import NetcleanseError
-from .utils import atomic_write, check_self_contained_h5
+from .utils import atomic_write, check_declared_size, check_self_contained_h5
 
 
 @dataclass
@@ -228,7 +228,7 @@ def _load_hdf5(path: Path, expect_shape, label_key) -> Dataset:
         label_name = _pick_key(keys, LABEL_KEYS, label_key, path, "labels", required=label_key is not None)
         for key in keys:
             if isinstance(h5[key], h5py.Dataset):
-                _check_declared(h5[key].shape, h5[key].dtype, h5[key].id.get_storage_size(), path, key)
+                check_declared_size(h5[key].shape, h5[key].dtype, h5[key].id.get_storage_size(), path, key)
         images, info = _images_to_tensor(h5[image_key], expect_shape, path)
         labels = _labels_to_tensor(h5[label_name][()], len(images), path) if label_name else None
         names = None
@@ -238,20 +238,6 @@ def _load_hdf5(path: Path, expect_shape, label_key) -> Dataset:
             info["true_labels"] = _labels_to_tensor(h5["true_labels"][()], len(images), path)
     info["format"] = "hdf5"
     return Dataset(images, labels, source=str(path), names=names, info=info)
-
-
-# an array may declare more bytes than it stores (compression) up to this ratio, beyond a small size
-MAX_EXPANSION = 200
-SMALL_ARRAY_BYTES = 64 << 20
-
-
-def _check_declared(shape, dtype, stored: int, path: Path, key: str) -> None:
-    """Refuse an array whose declared size its file cannot back: more than ``MAX_EXPANSION`` times
-    the bytes it stores (and above ``SMALL_ARRAY_BYTES``), checked before anything is allocated."""
-    declared = int(np.prod([int(n) for n in shape], dtype=object)) * np.dtype(dtype).itemsize
-    if declared > SMALL_ARRAY_BYTES and declared > MAX_EXPANSION * max(int(stored), 1):
-        raise NetcleanseError(f"{path}: {key!r} declares {tuple(int(n) for n in shape)} ({declared:,} bytes) but the "
-                              f"file stores only {int(stored):,} bytes of it; refused")
 
 
 def _check_npz_member(archive, member: str, path: Path, key: str) -> None:
@@ -265,7 +251,7 @@ def _check_npz_member(archive, member: str, path: Path, key: str) -> None:
             shape, _, dtype = read_header(f)
     except Exception as exc:
         raise NetcleanseError(f"cannot read {path}: corrupt .npz member {member} ({exc})") from None
-    _check_declared(shape, dtype, info.compress_size, path, key)
+    check_declared_size(shape, dtype, info.compress_size, path, key)
 
 
 def _load_npz(path: Path, expect_shape, label_key) -> Dataset:

@@ -47,7 +47,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .architectures import get_architecture
 from .errors import NetcleanseError
 from .model import Classifier
-from .utils import atomic_write, check_self_contained_h5, first_line
+from .utils import atomic_write, check_declared_size, check_self_contained_h5, first_line
 
 # Errors h5py raises on truncated or corrupt files; turned into NetcleanseError at the boundary.
 _H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError)
@@ -97,7 +97,10 @@ def _file_layers(root: h5py.Group) -> list[tuple[str, list[tuple[str, np.ndarray
         for weight_name in _attr_list(group, "weight_names"):
             if weight_name not in group:
                 raise NetcleanseError(f"layer {layer!r}: weight {weight_name!r} is listed but missing")
-            weights.append((weight_name, np.asarray(group[weight_name])))
+            dataset = group[weight_name]
+            check_declared_size(dataset.shape, dataset.dtype, dataset.id.get_storage_size(), "the file",
+                                f"layer {layer!r} weight {weight_name!r}")
+            weights.append((weight_name, np.asarray(dataset)))
         layers.append((layer, weights))
     return layers
 
@@ -641,6 +644,8 @@ def _build_layer(class_name: str, cfg: dict, name: str, inputs: list[torch.Tenso
     raise NetcleanseError(f"layer {name!r} has class {class_name!r}, which netcleanse cannot rebuild")
 
 
+# the largest input a Keras config may declare per image (16 megapixels x 3 channels)
+MAX_INPUT_VALUES = 48_000_000
 SUPPORTED_LAYERS = frozenset({"InputLayer", "Conv2D", "DepthwiseConv2D", "Dense", "MaxPooling2D",
                               "AveragePooling2D", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten",
                               "Reshape", "Permute", "Activation", "ReLU", "LeakyReLU", "ELU", "ThresholdedReLU",
@@ -727,6 +732,14 @@ def _input_spec(entry: dict) -> tuple | None:
     shape = cfg.get("batch_input_shape", cfg.get("batch_shape"))
     if shape is None and cfg.get("input_shape") is not None:
         shape = [None] + list(cfg["input_shape"])
+    if shape is not None:
+        try:
+            size = int(np.prod([int(n) for n in list(shape)[1:] if n is not None], dtype=object))
+        except (TypeError, ValueError):
+            raise NetcleanseError(f"input layer {entry.get('name')!r} has an unreadable shape {shape!r}") from None
+        if size > MAX_INPUT_VALUES:
+            raise NetcleanseError(f"input layer {entry.get('name')!r} declares {size:,} values per image "
+                                  f"(more than {MAX_INPUT_VALUES:,}); refused")
     return None if shape is None else tuple(shape)
 
 
