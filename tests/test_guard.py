@@ -141,10 +141,16 @@ def test_corrupt_guarded_checkpoint_is_a_clear_error(tmp_path):
                              n_synthetic=16)
     path = save_model(guarded, tmp_path / "g.pt")
     ckpt = torch.load(path, weights_only=True)
+    good = dict(ckpt)
     del ckpt["thresholds"]
     torch.save(ckpt, path)
     with pytest.raises(NetcleanseError, match="incomplete or corrupt"):
         netcleanse.load_model(path)
+    # indices from the file that do not fit the network: refused at load, not at the first prediction
+    for key, value in (("neurons", [[1_000_000_000]]), ("labels", [10]), ("labels", [-1])):
+        torch.save(dict(good, **{key: value}), path)
+        with pytest.raises(NetcleanseError, match="incomplete or corrupt"):
+            netcleanse.load_model(path)
 
 
 # --------------------------------------------------------------------------------------------

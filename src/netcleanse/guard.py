@@ -266,8 +266,13 @@ def guarded_from_checkpoint(ckpt: dict) -> GuardedClassifier:
         guarded = GuardedClassifier(base, Disagreement(_classifier(ckpt.get("repaired"), "repaired")))
     elif kind == "filter":
         try:
-            detector = TriggerFilter(base.num_classes, list(ckpt["labels"]), list(ckpt["neurons"]),
-                                     list(ckpt["thresholds"]))
+            labels, neurons = [int(t) for t in ckpt["labels"]], [[int(c) for c in n] for n in ckpt["neurons"]]
+            width = _last_linear(base.net).in_features
+            # indices come from the file: checked against the network before any is used
+            if any(not 0 <= t < base.num_classes for t in labels) or \
+                    any(not 0 <= c < width for cells in neurons for c in cells):
+                raise ValueError
+            detector = TriggerFilter(base.num_classes, labels, neurons, list(ckpt["thresholds"]))
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError):
             raise NetcleanseError("guarded checkpoint: its trigger filter is incomplete or corrupt") from None
         guarded = GuardedClassifier(base, detector)
