@@ -122,3 +122,17 @@ def test_bad_inputs(model):
 
 def test_evaluation_is_a_plain_record():
     assert Evaluation().to_dict()["clean_accuracy"] is None
+
+
+def test_non_finite_outputs_are_an_error_not_an_answer():
+    class Overflow(nn.Module):
+        def forward(self, x):
+            out = torch.zeros(len(x), 3)
+            out[0, 1] = float("nan")
+            return out
+
+    model = Classifier(Overflow(), (1, 4, 4), 3, name="overflow")
+    with pytest.raises(NetcleanseError, match="NaN or infinite for 1 of 2 inputs"):
+        model.predict(torch.rand(2, 1, 4, 4))
+    with pytest.raises(NetcleanseError, match="NaN or infinite"):
+        model.predict_proba(torch.rand(2, 1, 4, 4))

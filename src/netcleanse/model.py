@@ -85,12 +85,19 @@ class Classifier(nn.Module):
                           for i in range(0, len(x), batch_size)]) if len(x) else torch.empty(0, dtype=torch.long)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits in eval mode; a one-line error if any is NaN or infinite (every prediction,
+        confidence and metric is computed from here, and none means anything then)."""
         was_training = self.training
         self.eval()
         try:
-            return self(x)
+            out = self(x)
         finally:
             self.train(was_training)
+        if not bool(torch.isfinite(out).all()):
+            bad = int((~torch.isfinite(out)).any(dim=1).sum()) if out.dim() == 2 else -1
+            raise NetcleanseError(f"{self.name}: the model's outputs are NaN or infinite for {bad} of {len(x)} "
+                                  "inputs; its answers cannot be used")
+        return out
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a clear error when images do not fit this model."""

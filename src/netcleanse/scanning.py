@@ -527,6 +527,10 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
 
     # detection
     l1_all = np.array([results[t]["mask_l1"] for t in labels])
+    if not np.isfinite(l1_all).all():
+        bad = [t for t, v in zip(labels, l1_all) if not np.isfinite(v)]
+        raise NetcleanseError(f"the trigger search of label {bad[0]} (and {len(bad) - 1} more) ended in NaN: the "
+                              "model's outputs or gradients are not finite on these inputs; no verdict is possible")
     if refined and len(refined) < len(labels):
         ref_l1 = np.array([results[t]["mask_l1"] for t in controls])
         coarse_l1 = np.array([coarse[t][0]["mask_l1"] for t in labels])
