@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .errors import NetcleanseError
-from .utils import atomic_write, check_declared_size, check_self_contained_h5
+from .utils import atomic_write, check_declared_size, check_self_contained_h5, first_line
 
 
 @dataclass
@@ -123,13 +123,16 @@ def load_data(source, *, expect_shape: Shape | None = None, num_classes: int | N
             dataset = _load_images(_folder_images(path), channels, expect_shape, source=str(path))
         else:
             kind = _file_kind(path)
-            if kind == "hdf5":
-                dataset = _load_hdf5(path, expect_shape, label_key)
-            elif kind == "npz":
-                dataset = _load_npz(path, expect_shape, label_key)
-            else:
-                dataset = _load_images([(path, _label_from_name(path))], channels, expect_shape,
-                                       source=str(path))
+            try:
+                if kind == "hdf5":
+                    dataset = _load_hdf5(path, expect_shape, label_key)
+                elif kind == "npz":
+                    dataset = _load_npz(path, expect_shape, label_key)
+                else:
+                    dataset = _load_images([(path, _label_from_name(path))], channels, expect_shape,
+                                           source=str(path))
+            except MemoryError:
+                raise NetcleanseError(f"{path} holds more data than this machine's memory") from None
     check_dataset(dataset, expect_shape, num_classes)
     return dataset
 
@@ -217,25 +220,32 @@ def _file_kind(path: Path) -> str:
 def _load_hdf5(path: Path, expect_shape, label_key) -> Dataset:
     try:
         h5 = h5py.File(path, "r")
-    except OSError as exc:
-        raise NetcleanseError(f"cannot read {path}: not a readable HDF5 file ({exc})") from None
-    with h5:
-        check_self_contained_h5(h5, path)
-        if "model_weights" in h5 or "layer_names" in h5.attrs:
-            raise NetcleanseError(f"{path} is a Keras model file, not a data file")
-        keys = list(h5.keys())
-        image_key = _pick_key(keys, IMAGE_KEYS, None, path, "images")
-        label_name = _pick_key(keys, LABEL_KEYS, label_key, path, "labels", required=label_key is not None)
-        for key in keys:
-            if isinstance(h5[key], h5py.Dataset):
-                check_declared_size(h5[key].shape, h5[key].dtype, h5[key].id.get_storage_size(), path, key)
-        images, info = _images_to_tensor(h5[image_key], expect_shape, path)
-        labels = _labels_to_tensor(h5[label_name][()], len(images), path) if label_name else None
-        names = None
-        if "names" in h5:
-            names = [n.decode() if isinstance(n, bytes) else str(n) for n in h5["names"][()]]
-        if "true_labels" in h5:
-            info["true_labels"] = _labels_to_tensor(h5["true_labels"][()], len(images), path)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise NetcleanseError(f"cannot read {path}: not a readable HDF5 file ({first_line(exc)})") from None
+    try:
+        with h5:
+            return _read_hdf5(h5, path, expect_shape, label_key)
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:  # h5py on a corrupt file
+        raise NetcleanseError(f"cannot read {path}: the HDF5 file is truncated or corrupt ({first_line(exc)})") from None
+
+
+def _read_hdf5(h5, path: Path, expect_shape, label_key) -> Dataset:
+    check_self_contained_h5(h5, path)
+    if "model_weights" in h5 or "layer_names" in h5.attrs:
+        raise NetcleanseError(f"{path} is a Keras model file, not a data file")
+    keys = list(h5.keys())
+    image_key = _pick_key(keys, IMAGE_KEYS, None, path, "images")
+    label_name = _pick_key(keys, LABEL_KEYS, label_key, path, "labels", required=label_key is not None)
+    for key in keys:
+        if isinstance(h5[key], h5py.Dataset):
+            check_declared_size(h5[key].shape, h5[key].dtype, h5[key].id.get_storage_size(), path, key)
+    images, info = _images_to_tensor(h5[image_key], expect_shape, path)
+    labels = _labels_to_tensor(h5[label_name][()], len(images), path) if label_name else None
+    names = None
+    if "names" in h5:
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in h5["names"][()]]
+    if "true_labels" in h5:
+        info["true_labels"] = _labels_to_tensor(h5["true_labels"][()], len(images), path)
     info["format"] = "hdf5"
     return Dataset(images, labels, source=str(path), names=names, info=info)
 
@@ -320,6 +330,8 @@ def _images_to_tensor(array, expect_shape, path) -> tuple[torch.Tensor, dict]:
                               f"got shape {shape}")
     if shape[0] == 0:
         raise NetcleanseError(f"{path}: holds no images")
+    if 0 in shape[1:]:
+        raise NetcleanseError(f"{path}: images of shape {shape[1:]} have an empty side")
     if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)) or dtype == np.bool_:
         raise NetcleanseError(f"{path}: images must be integers 0..255 or floats, got dtype {dtype}")
     if len(shape) == 3:

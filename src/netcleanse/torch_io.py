@@ -77,12 +77,17 @@ def load_torch(path, arch: str | None = None, input_scale: float = 1.0, name: st
         raise NetcleanseError(f"{path} holds pickled Python objects, not just weights; netcleanse loads only "
                               "state_dicts, netcleanse checkpoints and TorchScript files "
                               f"({first_line(exc)})") from None
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+    except MemoryError:
+        raise NetcleanseError(f"{path} declares tensors too large for this machine's memory") from None
+    except Exception as exc:  # weights_only: nothing ran, so any other failure is a corrupt file
         raise NetcleanseError(f"{path} is not a readable PyTorch file, it may be truncated or corrupt "
                               f"({first_line(exc)})") from None
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return from_checkpoint(obj, path, arch, input_scale, name)
-    return _from_state_dict(obj, path, arch, input_scale, name)
+    try:
+        if isinstance(obj, dict) and obj.get("format") == FORMAT:
+            return from_checkpoint(obj, path, arch, input_scale, name)
+        return _from_state_dict(obj, path, arch, input_scale, name)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:  # fields of the wrong kind
+        raise NetcleanseError(f"{path}: the checkpoint's fields are malformed ({first_line(exc)})") from None
 
 
 def _scale(recorded, given: float):
@@ -197,7 +202,7 @@ def _load_torchscript(path: Path, arch: str | None, input_scale: float, name: st
     extra = {EXTRA_FILE: ""}
     try:
         net = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    except (RuntimeError, OSError, ValueError) as exc:
+    except Exception as exc:  # a corrupt archive fails in many ways; none of its code has run
         raise NetcleanseError(f"{path} is not a loadable TorchScript file ({first_line(exc)})") from None
     info = {}
     if extra[EXTRA_FILE]:
@@ -212,9 +217,7 @@ def _load_torchscript(path: Path, arch: str | None, input_scale: float, name: st
     else:
         raise NetcleanseError(f"{path} is a TorchScript file that does not record its input shape; "
                               f"name an architecture with --arch to give it (or store {EXTRA_FILE} in it)")
-    scale = _scale(info.get("input_scale"), input_scale)
-    if scale <= 0:
-        raise NetcleanseError(f"input scale must be positive, got {scale}")
+    scale = checked_scale(_scale(info.get("input_scale"), input_scale))
     net.eval()
     try:
         with torch.no_grad():
