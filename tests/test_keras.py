@@ -556,6 +556,12 @@ def test_declared_sizes_are_checked_before_anything_is_allocated(tmp_path):
     path = write_model_h5(tmp_path / "huge_input.h5", config, functional_weights())
     with pytest.raises(NetcleanseError, match="declares 1,200,000,000 values per image"):
         load_model(path)
+    # a Dense layer of 300 million units: refused before its weights are allocated
+    config = functional_config()
+    next(e for e in config["config"]["layers"] if e["name"] == "d1")["config"]["units"] = 300_000_000
+    path = write_model_h5(tmp_path / "huge_dense.h5", config, functional_weights())
+    with pytest.raises(NetcleanseError, match="layer 'd1' declares .* weights"):
+        load_model(path)
     # a kernel declared 160 x 1e9 in a file of a few KB (a sparse, chunked dataset)
     path = write_model_h5(tmp_path / "sparse_kernel.h5", functional_config(), functional_weights())
     with h5py.File(path, "a") as h5:

@@ -541,6 +541,16 @@ def _activation_name(value, layer: str) -> str:
     return value
 
 
+# the most weights one layer of a config may declare (2^28: 1 GiB of float32; VGG-16's largest
+# layer has 1.03e8), checked before the layer is allocated
+MAX_LAYER_WEIGHTS = 1 << 28
+
+
+def _check_layer_size(name: str, weights: int) -> None:
+    if weights > MAX_LAYER_WEIGHTS:
+        raise NetcleanseError(f"layer {name!r} declares {weights:,} weights (more than {MAX_LAYER_WEIGHTS:,}); refused")
+
+
 def _build_layer(class_name: str, cfg: dict, name: str, inputs: list[torch.Tensor],
                  keras_major: int) -> tuple[nn.Module, str]:
     """A torch module for one Keras layer, given the tensors it is first called on.
@@ -559,6 +569,7 @@ def _build_layer(class_name: str, cfg: dict, name: str, inputs: list[torch.Tenso
         kernel, strides, dilation = _pair(cfg["kernel_size"]), _pair(cfg.get("strides", 1)), \
             _pair(cfg.get("dilation_rate", 1))
         groups = int(cfg.get("groups", 1))
+        _check_layer_size(name, int(x.shape[1]) * int(cfg["filters"]) * kernel[0] * kernel[1] // max(groups, 1))
         module = KerasConv2d(x.shape[1], int(cfg["filters"]), kernel, strides, dilation, groups,
                              bool(cfg.get("use_bias", True)), same=_padding(cfg, name) == "same")
         return module, _activation_name(cfg.get("activation"), name)
@@ -570,6 +581,7 @@ def _build_layer(class_name: str, cfg: dict, name: str, inputs: list[torch.Tenso
         return module, _activation_name(cfg.get("activation"), name)
     if class_name == "Dense":
         in_features = x.shape[1] if rank == 4 else x.shape[-1]
+        _check_layer_size(name, int(in_features) * int(cfg["units"]))
         return KerasDense(in_features, int(cfg["units"]), bool(cfg.get("use_bias", True))), \
             _activation_name(cfg.get("activation"), name)
     if class_name in ("MaxPooling2D", "AveragePooling2D"):
