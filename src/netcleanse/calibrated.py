@@ -20,25 +20,26 @@ the reference is 48 control labels; for references above ``QN_MAX`` labels (wher
 noise is small and Qn's pairs are many) it is the MAD, as in the paper (``scale="mad"`` always).
 ``s`` is never taken below ``min_scale`` (``SCALE_FLOOR`` = 0.2 on the log scale): labels of a
 real model differ in difficulty by more than that (on the development half of the benchmark zoo,
-95 % of the clean 10-label scans had a spread above 0.22), and a tight cluster of clean labels would otherwise make
-a clean label at 70 % of the median look extreme. A floor only lowers indices, so it never raises
-the false-alarm rate above ``alpha``; it costs power only on models whose clean labels really are
-that alike.
+95 % of the clean 10-label scans had a spread above 0.22), and a tight cluster of clean labels
+would otherwise make a clean label at 70 % of the median look extreme. A floor only lowers
+indices, so it never raises the false-alarm rate above ``alpha``; it costs power only on models
+whose clean labels really are that alike.
 
 The model's statistic is the largest index, ``T = max_t z_t`` over its K labels.
 
 **Null.** A model without a backdoor is taken to have log sizes that are independent draws from
 one location-scale family: Student-t with ``df`` = 10 degrees of freedom by default (``FAMILY``,
 ``DF``), or normal. Real models have a few naturally easy labels, a heavier lower tail than the
-normal's: on the development half of the benchmark zoo a normal null flagged 3 of 30 clean
-10-label models scanned with data (10 %), t(10) none of the 67 clean scans, while detecting as
-many backdoors but two. The price is power with many labels: the largest of 1283 t(10) draws
-is far out, so on a 1283-label net a trigger must be much smaller than the typical label's
-(index about 5.9 for p = 0.05 with 48 controls) to be flagged on its size alone. ``T`` is invariant to location and scale, so its null distribution
-depends only on K, on how the reference is chosen (all K labels, as in the paper, or a random
-sample of ``n_ref`` labels, as the fast preset's controls) and on the family, not on the model.
-It is simulated (:func:`null_max_index`, fixed seed, cached), which also accounts for the noise
-of the median and MAD themselves, so the test holds its level with 10 labels as with 1283.
+normal's: on the development half of the benchmark zoo a normal null flagged 3-5 of 30 clean
+models per group (10 and 100 labels), t(10) none of the 120 clean scans, while detecting as
+many backdoors but one or two (benchmarks/RESULTS.md). The price is power with many labels: the
+largest of 1283 t(10) draws is far out, so on a 1283-label net a trigger must be much smaller
+than the typical label's (index about 5.9 for p = 0.05 with 48 controls) to be flagged on its
+size alone. ``T`` is invariant to location and scale, so its null distribution depends only on
+K, on how the reference is chosen (all K labels, as in the paper, or a random sample of
+``n_ref`` labels, as the fast preset's controls) and on the family, not on the model. It is
+simulated (:func:`null_max_index`, fixed seed, cached), which also accounts for the noise of the
+median and scale themselves, so the test holds its level with 10 labels as with 1283.
 
 **p-values.** Label t's p-value is ``P(T_K >= z_t)`` under the null: corrected for the K labels
 tested (a single-step max-T adjustment). The model's p-value is the p-value of its most anomalous
@@ -72,7 +73,7 @@ FLOOR = 0.5
 DRAWS = 20000
 FAMILIES = ("normal", "t")
 # the null family of the labels' log sizes: Student-t with 10 degrees of freedom, chosen on the
-# development half of the benchmark zoo (a normal null flagged 3 of 30 clean 10-label models there)
+# development half of the benchmark zoo (a normal null flagged 3-5 of 30 clean models per group there)
 FAMILY, DF = "t", 10.0
 SCALES = ("qn", "mad")
 QN_MAX = 128  # larger references use the MAD
