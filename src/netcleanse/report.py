@@ -391,7 +391,8 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
     rule_line = ((calibrated_l1, f"calibrated threshold: L1 < {calibrated_l1:.4g} (p <= {alpha:g})")
                  if calibrated_l1 is not None else None)
     # the reference labels, marked where they are a sample (the fast preset's random controls)
-    ref_labels = {_as_int(t) for t in reference.get("labels", [])} if isinstance(reference.get("labels"), list) else set()
+    listed = reference.get("labels")
+    ref_labels = {_as_int(t) for t in listed} if isinstance(listed, list) else set()
     marked = [r["label"] in ref_labels for r in rows] if ref_labels and len(ref_labels) < len(rows) else None
     plots_out: list[Picture] = []
     if rows:
@@ -438,7 +439,7 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
         "calibrated_threshold_l1": calibrated_l1,
         "critical_index": _as_float(reference.get("critical_index")),
         "n_reference": len(ref_labels) if marked is not None else None,
-        "alpha": _as_float(scan.get("alpha")),
+        "alpha": alpha,
         "p_value": _as_float(scan.get("p_value")),
         "steps": [s for s in test.get("steps", []) if isinstance(s, dict)],
         "mad_flagged": scan.get("mad_flagged") if isinstance(scan.get("mad_flagged"), list) else None,
