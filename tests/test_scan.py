@@ -287,6 +287,17 @@ def test_interrupted_while_saving_resumes(badnet, clean_data, tmp_path, monkeypa
     assert np.array_equal(resumed.masks, whole.masks) and (tmp_path / "b" / "scan.json").exists()
 
 
+def test_resume_key_covers_every_kind_of_weight():
+    # a network with a 0-d buffer (BatchNorm's counter) and integer buffers still gets a digest,
+    # and any change of a weight changes it
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 14 * 14, N_CLASSES))
+    model = Classifier(net.eval(), (1, SIZE, SIZE), N_CLASSES)
+    before = scan_module._weights_digest(model)
+    with torch.no_grad():
+        net[1].running_mean[0] += 1
+    assert len(before) == 64 and scan_module._weights_digest(model) != before
+
+
 def test_dangling_link_as_out_is_one_error(badnet, clean_data, tmp_path):
     (tmp_path / "out").symlink_to(tmp_path / "nowhere")
     with pytest.raises(NetcleanseError, match="link to nothing"):
