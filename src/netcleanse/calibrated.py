@@ -234,7 +234,8 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
                         reference={"median": med, "scale": spread, "labels": ref, "n_labels": k,
                                    "critical_index": crit if math.isfinite(crit) else None,
                                    "threshold_l1": threshold_l1,
-                                   "statistic": "log mask L1", "scale_estimator": scale, "family": family if family == "normal" else f"t({df:g})"})
+                                   "statistic": "log mask L1", "scale_estimator": scale,
+                                   "family": family if family == "normal" else f"t({df:g})"})
     if spread == 0:
         return result
     remaining, ref_now, k_now, previous = list(labels), list(ref), k, 0.0

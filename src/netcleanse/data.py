@@ -133,6 +133,8 @@ def load_data(source, *, expect_shape: Shape | None = None, num_classes: int | N
                                            source=str(path))
             except MemoryError:
                 raise NetcleanseError(f"{path} holds more data than this machine's memory") from None
+            except RecursionError:  # groups nested without end
+                raise NetcleanseError(f"{path}: its layout is nested too deeply to be a data file") from None
     check_dataset(dataset, expect_shape, num_classes)
     return dataset
 
@@ -226,7 +228,8 @@ def _load_hdf5(path: Path, expect_shape, label_key) -> Dataset:
         with h5:
             return _read_hdf5(h5, path, expect_shape, label_key)
     except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:  # h5py on a corrupt file
-        raise NetcleanseError(f"cannot read {path}: the HDF5 file is truncated or corrupt ({first_line(exc)})") from None
+        raise NetcleanseError(f"cannot read {path}: the HDF5 file is truncated or corrupt "
+                              f"({first_line(exc)})") from None
 
 
 def _read_hdf5(h5, path: Path, expect_shape, label_key) -> Dataset:
@@ -251,7 +254,7 @@ def _read_hdf5(h5, path: Path, expect_shape, label_key) -> Dataset:
 
 
 def _check_npz_member(archive, member: str, path: Path, key: str) -> None:
-    """:func:`_check_declared` for an .npz member, from its .npy header (nothing else is read)."""
+    """:func:`~netcleanse.utils.check_declared_size` for an .npz member, from its .npy header only."""
     try:
         info = archive.getinfo(member)
         with archive.open(member) as f:

@@ -43,8 +43,8 @@ def scan(
         from ..data import load_data
         dataset = load_data(data, expect_shape=model.input_shape, num_classes=model.num_classes)
     result = run_scan(model, dataset, data_free=data_free, labels=parse_labels(labels, model.num_classes),
-                      preset=preset, rule=rule, alpha=alpha, threshold=threshold, seed=seed, out=out, resume=resume, device=device,
-                      save_all_images=save_all_images, data_name=None if data is None else str(data))
+                      preset=preset, rule=rule, alpha=alpha, threshold=threshold, seed=seed, out=out, resume=resume,
+                      device=device, save_all_images=save_all_images, data_name=None if data is None else str(data))
     typer.echo(verdict(result))
     from ..report import render_report
     typer.echo(f"scan took {result.elapsed_s:.1f} s; results in {out}; report {render_report(out)}")
