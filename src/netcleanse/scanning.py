@@ -63,6 +63,7 @@ from .data import Dataset
 from .calibrated import calibrated_test
 from .detection import anomaly_indices, flag_labels, index_ceiling, median_and_mad
 from .errors import NetcleanseError
+from .margin import max_margins
 from .neural_cleanse import Schedule, attack_success, reverse_engineer
 from .progress import progress_bar
 from .trigger import Trigger
@@ -94,6 +95,10 @@ class Preset:
     # models with few labels (all of them refined) can afford a longer refinement on more inputs
     few_labels_refine: Stage | None = None
     few_labels_n_opt: int | None = None
+    # the second per-label signal (:mod:`netcleanse.margin`): the maximum logit margin reached from
+    # ``margin_restarts`` noise starts in ``margin_steps`` steps, for every label the verdict tests
+    margin_restarts: int = 4
+    margin_steps: int = 200
 
     def to_dict(self) -> dict:
         return {"coarse": {"name": self.coarse.name, "label_chunk": self.coarse.label_chunk,
@@ -106,7 +111,8 @@ class Preset:
                 "few_labels_refine": None if self.few_labels_refine is None else {
                     "name": self.few_labels_refine.name, "label_chunk": self.few_labels_refine.label_chunk,
                     "schedule": self.few_labels_refine.schedule.to_dict()},
-                "few_labels_n_opt": self.few_labels_n_opt}
+                "few_labels_n_opt": self.few_labels_n_opt, "margin_restarts": self.margin_restarts,
+                "margin_steps": self.margin_steps}
 
 
 PRESETS: dict[str, Preset] = {
@@ -525,6 +531,12 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
             for t, (rec, m, p, _, _) in fine.items():
                 results[t], masks[t], patterns[t] = rec, m, p
 
+        # the second signal, for every label the verdict tests (all, or the refined ones)
+        tested = refined if refined and len(refined) < len(labels) else labels
+        margins = label_margins(work, tested, seed, plan, dev, channels_last, journal, bar)
+        for t in tested:
+            results[t] = dict(results[t], max_margin=margins[t])
+
     # detection
     l1_all = np.array([results[t]["mask_l1"] for t in labels])
     if not np.isfinite(l1_all).all():
@@ -554,7 +566,8 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         ceiling = index_ceiling(l1_all)
         median_for = {t: med for t in labels}
     mad_flagged = flag_labels(labels, index, threshold)
-    test = calibrated_test(*calibrated_inputs([results[t] for t in labels], settings["detection"]), alpha=alpha)
+    test = calibrated_test(*calibrated_inputs([results[t] for t in labels], settings["detection"]), alpha=alpha,
+                           margins=tested_margins([results[t] for t in labels], settings["detection"]))
     flagged = test.flagged if rule == "calibrated" else mad_flagged
     records = []
     for t, a in zip(labels, index):
@@ -562,7 +575,9 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         rec["anomaly_index"] = float(a)
         # the effect size beside the index's significance: how small the trigger is next to a typical label's
         rec["mask_l1_vs_median"] = rec["mask_l1"] / median_for[t] if median_for[t] > 0 else None
-        rec["log_index"] = test.indices.get(t)  # the calibrated test's index (log scale); None: not testable
+        rec["log_index"] = test.size_indices.get(t)  # the size's index (log scale); None: not testable
+        rec["margin_index"] = test.margin_indices.get(t)  # the margin's index; None: not testable
+        rec["test_index"] = test.indices.get(t)  # the index the calibrated test decides on
         rec["p_value"] = test.p_values.get(t)
         rec["flagged"] = t in flagged
         records.append(rec)
@@ -590,6 +605,15 @@ def calibrated_inputs(records: list[dict], detection: dict) -> tuple[dict, list[
         return ({r["label"]: r["mask_l1"] for r in records if r["label"] in refined}, list(detection["controls"]),
                 len(records))
     return {r["label"]: r["mask_l1"] for r in records}, None, len(records)
+
+
+def tested_margins(records: list[dict], detection: dict) -> dict[int, float] | None:
+    """The maximum margins (label -> ``max_margin``) of the labels :func:`calibrated_inputs` tests,
+    or None when a scan did not record them (scans made before the margin was added: the test then
+    uses the trigger size alone)."""
+    tested = calibrated_inputs(records, detection)[0]
+    margins = {r["label"]: r.get("max_margin") for r in records if r["label"] in tested}
+    return None if any(v is None for v in margins.values()) else margins
 
 
 def _lock(out_dir: Path):
@@ -647,6 +671,27 @@ def _prepare_out(out_dir: Path, resume: bool, settings: dict, model_info: dict) 
                               "or choose an empty folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(started, json.dumps(key, indent=1))
+
+
+def label_margins(work, labels, seed: int, plan: Preset, device, channels_last: bool, journal: _Journal | None = None,
+                  bar=None) -> dict[int, float]:
+    """Each label's maximum logit margin (:func:`netcleanse.margin.max_margins`) with the preset's
+    budget; a label's value depends on the model, ``seed`` and the label only, so a scan and a later
+    computation on the same model agree. Journaled as one chunk (``margin``) when a journal is given."""
+    labels = sorted(int(t) for t in labels)
+    key = f"margin_00000_{labels[0]}-{labels[-1]}" if labels else "margin_00000"
+    got = journal.get(key) if journal is not None else None
+    if got is None:
+        task = bar.add_task(f"margin: {len(labels)} labels", total=len(labels)) if bar is not None else None
+        values = max_margins(work, labels, work.input_shape, seed=seed, restarts=plan.margin_restarts,
+                             steps=plan.margin_steps, device=device, channels_last=channels_last,
+                             on_chunk=None if task is None else lambda n: bar.advance(task, n))
+        if journal is None:
+            return dict(zip(labels, values.tolist()))
+        journal.put(key, {"stage": "margin", "labels": labels}, {"margins": values})
+        got = journal.get(key)
+    entry, arrays = got
+    return dict(zip(entry["labels"], arrays["margins"].tolist()))
 
 
 def _run_stage(work, stage: Stage, labels: list[int], x_opt, x_val, journal: _Journal, seed: int, bar,
