@@ -44,7 +44,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .architectures import get_architecture
 from .errors import NetcleanseError
 from .model import Classifier
 from .utils import atomic_write, check_declared_size, check_self_contained_h5, first_line
@@ -1088,13 +1087,16 @@ def load_keras(path, arch: str | None = None, input_scale: float = 1.0, name: st
             check_self_contained_h5(h5, path)
             weights_root = h5["model_weights"] if "model_weights" in h5 else h5
             if arch is not None:
-                spec = get_architecture(arch)
+                from .archspec import resolve_arch
+                spec = resolve_arch(arch)
                 layers_in_file = _file_layers(weights_root)
                 num_classes = _output_classes(layers_in_file)
                 net = spec.build(num_classes)
-                keras_weights_to_module(weights_root, net, arch)
-                return Classifier(net.eval(), spec.input_shape, num_classes, input_scale=input_scale,
-                                  name=name or path.stem, arch=arch, source=str(path))
+                keras_weights_to_module(weights_root, net, spec.spec)
+                model = Classifier(net.eval(), spec.input_shape(net), num_classes, input_scale=input_scale,
+                                   name=name or path.stem, arch=spec.spec, source=str(path))
+                model.arch_kwargs = dict(spec.kwargs)
+                return model
             config = _model_config(h5)
             if config is None:
                 raise NetcleanseError(f"{path} holds weights only; name its architecture with --arch "
