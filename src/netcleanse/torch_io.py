@@ -47,7 +47,7 @@ from torch import nn
 
 from .archspec import ArchSpec, ZOOS, resolve_arch
 from .errors import NetcleanseError
-from .model import Classifier, checked_preprocessing, checked_scale, output_classes
+from .model import Classifier, checked_preprocessing, checked_scale, output_classes, parse_input_shape
 from .utils import atomic_write, first_line
 
 FORMAT = "netcleanse"
@@ -186,24 +186,27 @@ def _classifier_from_checkpoint(ckpt: dict, path: Path, arch) -> Classifier:
         kwargs = ckpt.get("arch_kwargs") or {}
         shape = ckpt.get("input_shape") if ":" in str(recorded_arch) else None
         arch = resolve_arch(recorded_arch, kwargs, input_shape=shape)
-    return from_arch(arch, state_dict, path, ckpt.get("num_classes"))
+    recorded_shape = ckpt.get("input_shape")
+    recorded_shape = tuple(recorded_shape) if isinstance(recorded_shape, list) and len(recorded_shape) == 3 else None
+    return from_arch(arch, state_dict, path, ckpt.get("num_classes"), recorded_shape)
 
 
-def from_arch(arch, state_dict: dict, path, num_classes=None) -> Classifier:
+def from_arch(arch, state_dict: dict, path, num_classes=None, fallback_shape=None) -> Classifier:
     """A Classifier of architecture ``arch`` (a spec or :class:`~netcleanse.archspec.ArchSpec`)
     holding ``state_dict``, which must fit it exactly (names and shapes).
 
     For registered and zoo architectures the number of classes comes from the weights (a recorded
     ``num_classes`` must agree, checked before building, so a checkpoint declaring a billion
     classes never allocates them); for the user's own code the module is built as named and its
-    number of classes is the width of its output."""
+    number of classes is the width of its output. ``fallback_shape``: the input shape to use when
+    neither the spec nor the architecture gives one (a checkpoint's record)."""
     spec = resolve_arch(arch)
     path = Path(path)
     what = f"architecture {spec.spec!r}"
     if spec.runs_user_code:
         net = spec.build()
         _load_state(net, state_dict, path, what)
-        shape = spec.input_shape(net)
+        shape = spec.given_shape or (parse_input_shape(fallback_shape) if fallback_shape else spec.input_shape(net))
         found = output_classes(net, shape, str(path))
         if num_classes is not None and num_classes != found:
             raise NetcleanseError(f"{path} records {num_classes} classes but the model answers {found}")

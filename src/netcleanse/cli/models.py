@@ -125,10 +125,8 @@ def info(model_path: ModelArgument, arch: ArchOption = None, input_scale: InputS
     console.print(f"source       {summary['source']}", highlight=False)
     console.print(f"format       {summary['format']}" + (f", architecture {model.arch}" if model.arch else ""),
                   highlight=False)
-    console.print(f"input        {c}x{h}x{w} (CxHxW), pixels x in [0,1]"
-                  + (f"; the network sees {model.describe_preprocessing()}"
-                     if model.input_scale != 1 or model.mean is not None else ""),
-                  highlight=False)
+    console.print(f"input        {c}x{h}x{w} (CxHxW), pixels x in [0,1]", highlight=False)
+    console.print(f"preprocess   the network sees {model.describe_preprocessing()}", highlight=False, soft_wrap=True)
     console.print(f"classes      {model.num_classes}", highlight=False)
     if model.poison_label is not None:
         console.print(f"guarded      answers {model.poison_label} for inputs it judges poisoned", highlight=False)
