@@ -84,10 +84,17 @@ def model_format(path: Path, model: Classifier) -> str:
         return f"Keras {kind} .h5" + (f" (Keras {version})" if version else "")
     if magic.startswith(ZIP_MAGIC):
         with zipfile.ZipFile(path) as archive:
-            torchscript = any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
-        if torchscript:
+            names = archive.namelist()
+        if "config.json" in names and "model.weights.h5" in names:
+            return "Keras 3 .keras archive"
+        if any(name.split("/", 1)[-1].startswith("code/") for name in names):
             return "TorchScript"
         return "netcleanse guarded checkpoint" if model.poison_label is not None else "PyTorch checkpoint"
+    from ..torch_io import is_safetensors
+    if is_safetensors(path):
+        return "safetensors state_dict"
+    if path.suffix.lower() == ".onnx":
+        return "ONNX (converted by onnx2torch)"
     return "unknown"
 
 
