@@ -16,7 +16,7 @@ Forms of an architecture spec:
 
 ``kwargs`` (``--arch-kwargs JSON``) are passed to the class or zoo function. The input shape comes
 from ``input_shape`` (``--input-shape CxHxW``), else from the architecture (a registered one,
-an ``input_shape`` attribute of a user class, timm's ``pretrained_cfg``; 3x224x224 for torchvision).
+an ``input_shape`` attribute of a user class or of its module, timm's ``pretrained_cfg``; 3x224x224 for torchvision).
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ class ArchSpec:
             cfg = getattr(net, "pretrained_cfg", None) or getattr(net, "default_cfg", None) or {}
             size = cfg.get("input_size") if isinstance(cfg, dict) else None
             return parse_input_shape(size) if size else ZOO_INPUT_SHAPE
-        for owner in (net, self._factory):
+        module = sys.modules.get(getattr(self._factory, "__module__", None) or "")
+        for owner in (net, self._factory, module):
             shape = getattr(owner, "input_shape", None)
             if shape is not None:
                 try:

@@ -10,11 +10,13 @@ Formats read by :func:`load_torch`:
        "mean": [float] | None, "std": [float] | None,   # absent in older checkpoints: none
        "arch_kwargs": {...},                            # only when the architecture took some
        "name": str, "source": str | None, "state_dict": {...},
-       "keras_config": str, "keras_version": str}   # the last two only for nets rebuilt from Keras
+       "keras_config": str, "keras_version": str,   # only for nets rebuilt from Keras
+       "onnx_model": uint8 tensor, "onnx_nhwc": bool, "onnx_per_sample": bool}  # only for ONNX nets
 
   A net with a registered or zoo architecture (``torchvision:NAME``, ``timm:NAME``) is rebuilt
   from ``arch``; one rebuilt from a whole Keras file (no registered architecture) from its Keras
-  ``model_config`` JSON, which is data, not code. A net whose ``arch`` is the user's own code
+  ``model_config`` JSON, which is data, not code; one converted from ONNX from the ONNX model
+  it stores (also data, converted again by onnx2torch). A net whose ``arch`` is the user's own code
   (``FILE.py:NAME``, ``package.module:NAME``) is never rebuilt from what the checkpoint says:
   the user names the architecture again (``arch``), so only code the user named runs. Kind
   "guarded" is handed to :func:`netcleanse.guard.guarded_from_checkpoint`.
@@ -175,6 +177,11 @@ def _classifier_from_checkpoint(ckpt: dict, path: Path, arch) -> Classifier:
         recorded_arch = None
     elif given is not None and recorded_arch is not None and given != recorded_arch:
         raise NetcleanseError(f"{path} records architecture {recorded_arch!r}, not {given!r}")
+    if ckpt.get("onnx_model") is not None and recorded_arch is None and given is None:
+        from .onnx_io import net_from_checkpoint
+        net, shape = net_from_checkpoint(ckpt, path)
+        _load_state(net, state_dict, path, "the ONNX model stored in the checkpoint")
+        return Classifier(net, shape, int(ckpt.get("num_classes")), arch=None)
     if ckpt.get("keras_config") is not None and recorded_arch is None and given is None:
         from .keras import graph_from_config
         net = graph_from_config(ckpt["keras_config"], str(ckpt.get("keras_version", "2")))
@@ -329,6 +336,11 @@ def checkpoint(model: Classifier) -> dict:
     if getattr(model, "arch_kwargs", None):
         ckpt["arch_kwargs"] = dict(model.arch_kwargs)
     if model.arch is None:
+        from .onnx_io import OnnxNet
+        if isinstance(net, OnnxNet):
+            from .onnx_io import checkpoint_entries
+            ckpt.update(checkpoint_entries(net))
+            return ckpt
         if not isinstance(net, KerasGraph):
             if isinstance(net, torch.jit.ScriptModule) or type(net).__module__.startswith("torch.fx"):
                 raise NetcleanseError(f"cannot save model {model.name!r} as a checkpoint: it has no named "
