@@ -336,3 +336,30 @@ def test_cli_prints_the_sanity_warning(tmp_path, capsys):
     assert err.startswith("warning: ") and len(err.strip().splitlines()) == 1 and "--input-scale 1" in err
     code, out, err = cli(capsys, "eval", weights, "--arch", f"{path}:Sharp", "--clean", data)
     assert code == 0 and err == "" and "100.00%" in out
+
+
+def test_torchscript_without_a_record_takes_input_shape(tmp_path):
+    net = torch.jit.script(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval())
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(net, str(path))
+    with pytest.raises(NetcleanseError, match="give it with --input-shape"):
+        load_model(path)
+    model = load_model(path, input_shape="1x4x4", mean=0.5, std=0.25)
+    x = torch.rand(2, 1, 4, 4)
+    assert model.num_classes == 3 and torch.allclose(model(x), net((x - 0.5) / 0.25))
+    # the preprocessing travels with the TorchScript file netcleanse writes
+    back = load_model(save_model(model, tmp_path / "again.pt"))
+    assert back.mean == (0.5,) and torch.allclose(back(x), model(x))
+
+
+def test_cli_scan_with_normalised_user_model(tmp_path, capsys):
+    source, net = user_net(tmp_path)
+    weights = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+    save_file(net.state_dict(), str(weights))
+    code, out, err = cli(capsys, "scan", weights, "--arch", f"{source}:Net", "--mean", "0.5", "--std", "0.25",
+                         "--data-free", "--labels", "0-1", "--out", tmp_path / "scan")
+    assert code == 0, err
+    model_info = json.loads((tmp_path / "scan" / "scan.json").read_text())["model"]
+    assert model_info["mean"] == [0.5] * 3 and model_info["std"] == [0.25] * 3
+    assert model_info["arch"] == f"{source}:Net"

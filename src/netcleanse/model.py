@@ -305,7 +305,7 @@ def load_model(path, arch=None, input_scale: float = 1.0, name: str | None = Non
             model = load_keras_archive(path, input_scale=input_scale, name=name)
         elif magic.startswith(ZIP_MAGIC):
             from .torch_io import load_torch
-            model = load_torch(path, arch=arch, input_scale=input_scale, name=name)
+            model = load_torch(path, arch=arch, input_scale=input_scale, name=name, input_shape=input_shape)
         elif is_safetensors(path):
             from .torch_io import load_safetensors
             if arch is None:

@@ -97,16 +97,20 @@ def load_safetensors(path, arch=None, input_scale: float = 1.0, name: str | None
     return _from_state_dict(state_dict, path, arch, input_scale, name or path.stem)
 
 
-def load_torch(path, arch=None, input_scale: float = 1.0, name: str | None = None) -> Classifier:
+def load_torch(path, arch=None, input_scale: float = 1.0, name: str | None = None,
+               input_shape=None) -> Classifier:
     """Load a PyTorch file (see the module doc) into a :class:`Classifier` returning logits.
 
     ``arch``: an architecture spec (:func:`netcleanse.archspec.resolve_arch`) or a resolved
     :class:`~netcleanse.archspec.ArchSpec`. ``input_scale``: a netcleanse checkpoint or
     TorchScript extra file records its own; it is used unless a value other than 1 is passed here.
+    ``input_shape``: the input of a TorchScript file that does not record it.
     """
     path = Path(path)
     name = name or path.stem
     if _is_torchscript(path):
+        if arch is None and input_shape is not None:
+            arch = ArchSpec("(given input shape)", "none", "", given_shape=parse_input_shape(input_shape))
         return _load_torchscript(path, arch, input_scale, name)
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
@@ -302,8 +306,8 @@ def _load_torchscript(path: Path, arch, input_scale: float, name: str) -> Classi
     elif isinstance(info.get("input_shape"), list) and len(info["input_shape"]) == 3:
         input_shape = tuple(int(s) for s in info["input_shape"])
     else:
-        raise NetcleanseError(f"{path} is a TorchScript file that does not record its input shape; "
-                              f"name an architecture with --arch to give it (or store {EXTRA_FILE} in it)")
+        raise NetcleanseError(f"{path} is a TorchScript file that does not record its input shape; give it with "
+                              f"--input-shape CxHxW (or store {EXTRA_FILE} in it)")
     scale = checked_scale(_scale(info.get("input_scale"), input_scale))
     mean, std = checked_preprocessing(info.get("mean"), info.get("std"), input_shape[0])
     net.eval()

@@ -108,8 +108,9 @@ def info(model_path: ModelArgument, arch: ArchOption = None, input_scale: InputS
     """Show a model's layers, parameters, input shape, preprocessing and number of classes."""
     model = load_model_from_cli(model_path, arch, input_scale, arch_kwargs=arch_kwargs, num_classes=num_classes,
                                 input_shape=input_shape, mean=mean, std=std)
-    from ..sanity import check_preprocessing, warn
-    warn(check_preprocessing(model, load_data(data, expect_shape=model.input_shape) if data is not None else None))
+    if data is not None:
+        from ..sanity import check_preprocessing, warn
+        warn(check_preprocessing(model, load_data(data, expect_shape=model.input_shape)))
     layers = model.layer_table()
     summary = {
         "name": model.name, "source": model.source or str(model_path),
