@@ -50,11 +50,11 @@ def scan(
     if data is not None:
         from ..data import load_data
         dataset = load_data(data, expect_shape=model.input_shape, num_classes=model.num_classes)
-    from ..sanity import check_preprocessing, warn
-    warn(check_preprocessing(model, dataset))
     result = run_scan(model, dataset, data_free=data_free, labels=parse_labels(labels, model.num_classes),
                       preset=preset, rule=rule, alpha=alpha, threshold=threshold, seed=seed, out=out, resume=resume,
                       device=device, save_all_images=save_all_images, data_name=None if data is None else str(data))
+    from ..sanity import check_preprocessing, warn
+    warn(check_preprocessing(model, dataset))  # beside the verdict it qualifies (after the settings were checked)
     typer.echo(verdict(result))
     from ..report import render_report
     typer.echo(f"scan took {result.elapsed_s:.1f} s; results in {out}; report {render_report(out)}")
