@@ -307,7 +307,7 @@ def _load_torchscript(path: Path, arch, input_scale: float, name: str) -> Classi
         input_shape = tuple(int(s) for s in info["input_shape"])
     else:
         raise NetcleanseError(f"{path} is a TorchScript file that does not record its input shape; give it with "
-                              f"--input-shape CxHxW (or store {EXTRA_FILE} in it)")
+                              f"--input-shape CxHxW or an architecture with --arch (or store {EXTRA_FILE} in it)")
     scale = checked_scale(_scale(info.get("input_scale"), input_scale))
     mean, std = checked_preprocessing(info.get("mean"), info.get("std"), input_shape[0])
     net.eval()
