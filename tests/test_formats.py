@@ -363,3 +363,19 @@ def test_cli_scan_with_normalised_user_model(tmp_path, capsys):
     model_info = json.loads((tmp_path / "scan" / "scan.json").read_text())["model"]
     assert model_info["mean"] == [0.5] * 3 and model_info["std"] == [0.25] * 3
     assert model_info["arch"] == f"{source}:Net"
+
+
+def test_keras_weights_into_a_user_module(tmp_path):
+    """A Keras weights-only file loads into the user's own module whose submodules carry the Keras
+    layer names (here the mnist-cnn net, named through a file)."""
+    from netcleanse.architectures import SmallCNN
+    from netcleanse.keras import save_keras_weights
+    torch.manual_seed(2)
+    model = Classifier(SmallCNN(10).eval(), (1, 28, 28), 10, arch="mnist-cnn")
+    h5 = save_keras_weights(model, tmp_path / "weights.h5")
+    arch = tmp_path / "mine.py"
+    arch.write_text("from netcleanse.architectures import SmallCNN as Net\ninput_shape = (1, 28, 28)\n")
+    back = load_model(h5, arch=f"{arch}:Net", input_scale=255)
+    x = torch.rand(3, 1, 28, 28)
+    assert back.arch == f"{arch}:Net" and back.num_classes == 10
+    assert torch.allclose(back(x), model.net(x * 255), atol=1e-5)
