@@ -379,3 +379,18 @@ def test_keras_weights_into_a_user_module(tmp_path):
     x = torch.rand(3, 1, 28, 28)
     assert back.arch == f"{arch}:Net" and back.num_classes == 10
     assert torch.allclose(back(x), model.net(x * 255), atol=1e-5)
+
+
+@pytest.mark.parametrize("spec, kwargs, message", [
+    ("timm:hf-hub:someone/evil", None, "is not a timm model name"),
+    ("timm:../x", None, "is not a timm model name"),
+    ("torchvision:fasterrcnn_resnet50_fpn", {"weights_backbone": "DEFAULT"}, "'weights_backbone' is not allowed"),
+    ("timm:resnet18", {"pretrained_cfg": {"file": "/etc/passwd"}}, "'pretrained_cfg' is not allowed"),
+])
+def test_zoo_specs_never_fetch_anything(spec, kwargs, message, fake_zoo):
+    """A zoo spec may come from a checkpoint, i.e. from an untrusted file: no name or argument may make
+    the zoo download or read weights."""
+    from netcleanse.archspec import resolve_arch
+    with pytest.raises(NetcleanseError, match=message):
+        resolve_arch(spec, kwargs)
+    assert fake_zoo == []  # refused before the zoo was asked anything

@@ -26,6 +26,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,9 @@ from .model import parse_input_shape
 from .utils import first_line
 
 ZOOS = ("torchvision", "timm")
+# keyword arguments of zoo constructors that would load weights or configs from elsewhere
+# (weights, weights_backbone, pretrained, pretrained_cfg, checkpoint_path, file, url, hf_hub_id, ...)
+_FETCHING_WORDS = ("weight", "pretrained", "checkpoint", "path", "file", "url", "hub", "cache")
 ZOO_INPUT_SHAPE = (3, 224, 224)
 
 
@@ -217,15 +221,18 @@ def resolve_arch(spec: str, kwargs: dict | str | None = None, num_classes: int |
         if kwargs:
             raise NetcleanseError(f"--arch-kwargs does not apply to the registered architecture {spec!r}")
         return ArchSpec(spec, "registered", spec, {}, shape, num_classes)
-    where, _, target = spec.rpartition(":")
+    where, _, target = spec.partition(":") if spec.partition(":")[0] in ZOOS else spec.rpartition(":")
     if not where or not target:
         raise NetcleanseError(f"--arch {spec}: expected FILE.py:NAME, package.module:NAME, torchvision:NAME "
                               "or timm:NAME")
     if where in ZOOS:
-        for key in ("weights", "pretrained", "pretrained_cfg_overlay", "checkpoint_path"):
-            if key in kwargs:
+        # a zoo spec may come from a checkpoint (data): nothing in it may fetch or read weights elsewhere
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", target):
+            raise NetcleanseError(f"--arch {spec}: {target!r} is not a {where} model name")
+        for key in kwargs:
+            if any(word in key.lower() for word in _FETCHING_WORDS):
                 raise NetcleanseError(f"--arch-kwargs {key!r} is not allowed: the weights come from the model "
-                                      "file, and netcleanse never downloads any")
+                                      "file, and netcleanse never downloads or reads any other")
         return ArchSpec(spec, where, target, kwargs, shape, num_classes)
     if where.endswith(".py"):
         module = _load_file(Path(where).expanduser(), spec)

@@ -162,7 +162,7 @@ def is_user_code(arch) -> bool:
     """True for an architecture spec naming the user's own code (``FILE.py:NAME``, ``module:NAME``)."""
     if isinstance(arch, ArchSpec):
         return arch.runs_user_code
-    return isinstance(arch, str) and ":" in arch and arch.rpartition(":")[0] not in ZOOS
+    return isinstance(arch, str) and ":" in arch and arch.partition(":")[0] not in ZOOS
 
 
 def _classifier_from_checkpoint(ckpt: dict, path: Path, arch) -> Classifier:
