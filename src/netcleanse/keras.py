@@ -1259,6 +1259,7 @@ def load_keras_archive(path, input_scale: float = 1.0, name: str | None = None) 
     the module doc), checking every shape. Nothing is extracted to disk or executed."""
     import io
     import zipfile
+    import zlib
 
     path = Path(path)
     try:
@@ -1282,7 +1283,7 @@ def load_keras_archive(path, input_scale: float = 1.0, name: str | None = None) 
                 except ValueError:
                     metadata = {}
             weights = _read_member(archive, members["model.weights.h5"], MAX_WEIGHTS_BYTES, path)
-    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, RuntimeError, NotImplementedError, ValueError) as exc:
         raise NetcleanseError(f"{path}: cannot read the .keras archive, it may be truncated or corrupt "
                               f"({first_line(exc)})") from None
     try:
