@@ -394,3 +394,13 @@ def test_zoo_specs_never_fetch_anything(spec, kwargs, message, fake_zoo):
     with pytest.raises(NetcleanseError, match=message):
         resolve_arch(spec, kwargs)
     assert fake_zoo == []  # refused before the zoo was asked anything
+
+
+def test_every_command_that_loads_a_model_takes_the_model_options():
+    import typer
+    from netcleanse.cli import app
+    group = typer.main.get_command(app)
+    wanted = {"--arch", "--arch-kwargs", "--num-classes", "--input-shape", "--input-scale", "--mean", "--std"}
+    for name in ("info", "predict", "eval", "scan", "repair"):
+        options = {opt for param in group.commands[name].params for opt in param.opts}
+        assert wanted <= options, (name, wanted - options)
