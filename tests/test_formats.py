@@ -257,7 +257,8 @@ def fake_zoo(monkeypatch):
     torchvision.models = types.SimpleNamespace(
         get_model=lambda name, weights=None, **kw: calls.append(("tv", name, weights, kw)) or ZooNet(**kw))
     timm = types.ModuleType("timm")
-    timm.create_model = lambda name, pretrained=False, **kw: calls.append(("timm", name, pretrained, kw)) or ZooNet(**kw)
+    timm.create_model = (lambda name, pretrained=False, **kw:
+                         calls.append(("timm", name, pretrained, kw)) or ZooNet(**kw))
     monkeypatch.setitem(sys.modules, "torchvision", torchvision)
     monkeypatch.setitem(sys.modules, "timm", timm)
     return calls

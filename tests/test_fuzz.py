@@ -87,14 +87,12 @@ def _model_seeds() -> dict[str, bytes]:
 def _keras3_seed() -> bytes:
     """A small Keras 3 .keras archive (layout as in tests/test_keras_formats.py)."""
     import json
-    layers = [{"module": "keras.layers", "class_name": "InputLayer", "config": {"name": "in", "batch_shape": [None, 6, 6, 1]}},
-              {"module": "keras.layers", "class_name": "Normalization",
-               "config": {"name": "norm", "axis": [-1], "mean": None, "variance": None}},
-              {"module": "keras.layers", "class_name": "Flatten", "config": {"name": "flat"}},
-              {"module": "keras.layers", "class_name": "Dense", "config": {"name": "d", "units": 8, "activation": "relu"}},
-              {"module": "keras.layers", "class_name": "BatchNormalization", "config": {"name": "bn"}},
-              {"module": "keras.layers", "class_name": "Dense",
-               "config": {"name": "out", "units": 3, "activation": "softmax"}}]
+    def layer(class_name, **config):
+        return {"module": "keras.layers", "class_name": class_name, "config": config}
+    layers = [layer("InputLayer", name="in", batch_shape=[None, 6, 6, 1]),
+              layer("Normalization", name="norm", axis=[-1], mean=None, variance=None),
+              layer("Flatten", name="flat"), layer("Dense", name="d", units=8, activation="relu"),
+              layer("BatchNormalization", name="bn"), layer("Dense", name="out", units=3, activation="softmax")]
     config = {"module": "keras", "class_name": "Sequential", "config": {"name": "s", "layers": layers}}
     weights = io.BytesIO()
     rng = np.random.default_rng(0)

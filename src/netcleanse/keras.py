@@ -761,7 +761,8 @@ SUPPORTED_LAYERS = frozenset({"InputLayer", "Conv2D", "DepthwiseConv2D", "Dense"
                               "AveragePooling2D", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten",
                               "Reshape", "Permute", "Activation", "ReLU", "LeakyReLU", "ELU", "ThresholdedReLU",
                               "Softmax", "BatchNormalization", "ZeroPadding2D", "Cropping2D", "UpSampling2D",
-                              "Rescaling", "Normalization"} | _IDENTITY_LAYERS | set(_MERGES) | MODEL_CLASSES | set(_ALIASES))
+                              "Rescaling", "Normalization"}
+                             | _IDENTITY_LAYERS | set(_MERGES) | MODEL_CLASSES | set(_ALIASES))
 
 
 def _padding(cfg: dict, name: str) -> str:

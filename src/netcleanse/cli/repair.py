@@ -10,8 +10,8 @@ import typer
 
 from . import app
 from ..errors import NetcleanseError
-from .models import (ArchKwargsOption, ArchOption, ForceOption, InputScaleOption, InputShapeOption, JsonOption, MeanOption,
-                     ModelArgument, NumClassesOption, StdOption, load_model_from_cli)
+from .models import (ArchKwargsOption, ArchOption, ForceOption, InputScaleOption, InputShapeOption, JsonOption,
+                     MeanOption, ModelArgument, NumClassesOption, StdOption, load_model_from_cli)
 
 METHOD_HELP = ("fine-prune (Liu et al. 2018; needs --data), unlearn (Neural Cleanse; needs --data), "
                "filter (guarded N+1 model from the reversed triggers; data-free), "
