@@ -417,8 +417,11 @@ def _chunk_seed(seed: int, stage: str, index: int) -> int:
 
 
 def _model_info(model) -> dict:
-    return {"name": model.name, "source": model.source, "arch": model.arch, "num_classes": model.num_classes,
+    info = {"name": model.name, "source": model.source, "arch": model.arch, "num_classes": model.num_classes,
             "input_shape": list(model.input_shape), "input_scale": model.input_scale}
+    if getattr(model, "mean", None) is not None:  # recorded only when set: older scans resume unchanged
+        info.update(mean=list(model.mean), std=list(model.std))
+    return info
 
 
 def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=None, preset: str = "fast",
@@ -630,8 +633,10 @@ def _lock(out_dir: Path):
 
 
 def _weights_digest(model) -> str:
-    """SHA-256 of the model's parameters and buffers (names, shapes, bytes) and its input scale."""
+    """SHA-256 of the model's parameters and buffers (names, shapes, bytes) and its preprocessing."""
     h = hashlib.sha256(repr(float(model.input_scale)).encode())
+    if getattr(model, "mean", None) is not None:
+        h.update(repr((tuple(model.mean), tuple(model.std))).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
