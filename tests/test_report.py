@@ -384,8 +384,9 @@ def test_figures_mark_how_each_label_was_searched(tmp_path, monkeypatch):
 
     # the table states each group's budget, from the scan's recorded plan
     plan = scan["settings"]["plan"]
-    coarse = f"at most {plan['coarse']['schedule']['max_epochs']} steps of {plan['coarse']['schedule']['batch_size']} inputs"
-    refine = f"up to {plan['refine']['schedule']['max_epochs']} steps of {plan['refine']['schedule']['batch_size']} inputs"
+    first, second = plan["coarse"]["schedule"], plan["refine"]["schedule"]
+    coarse = f"at most {first['max_epochs'] * first['steps_per_epoch']} steps of {first['batch_size']} inputs"
+    refine = f"up to {second['max_epochs'] * second['steps_per_epoch']} steps of {second['batch_size']} inputs"
     searched = text[text.index("How each label was searched"):text.index("Reversed-trigger size per label")]
     coarse_only = len(by_role["untested"])
     assert f"{coarse_only} coarse pass only ({coarse})" in searched
@@ -416,7 +417,8 @@ def test_decision_figure_draws_the_tests_own_inputs(tmp_path, monkeypatch):
     assert decision.n_labels == 300 and decision.n_reference == 48
     assert decision.critical_index == reference["critical_index"]
     null = decision.null
-    assert null[math.ceil((len(null) + 1) * (1 - scan["alpha"]) - 1e-9) - 1] == pytest.approx(reference["critical_index"])
+    at = math.ceil((len(null) + 1) * (1 - scan["alpha"]) - 1e-9) - 1
+    assert null[at] == pytest.approx(reference["critical_index"])
     assert critical_index(300, 48, scan["alpha"]) == pytest.approx(reference["critical_index"])
     # each step as recorded: label, index, p-value, decision
     assert [(s["label"], s["index"], s["p_value"], s["flagged"]) for s in decision.steps] == \

@@ -115,7 +115,8 @@ def mask_l1_figure(labels: Sequence[int], mask_l1: Sequence[float], flagged: Seq
         if threshold_l1 is not None:
             # below zero the threshold is out of reach (an inconclusive scan); keep it on the axis
             ax.axhline(max(threshold_l1, 0.0), color=THRESHOLD, linestyle="--", linewidth=1.4,
-                       label=f"paper's threshold L1 = median − {threshold:g} × 1.4826 × MAD{fitted_on} = {threshold_l1:.4g}"
+                       label=f"paper's threshold L1 = median − {threshold:g} × 1.4826 × MAD{fitted_on} "
+                       f"= {threshold_l1:.4g}"
                        + (" (< 0: no label can pass)" if threshold_l1 <= 0 else ""))
         if rule_line is not None:
             ax.axhline(max(rule_line[0], 0.0), color=FLAGGED, linestyle="-", linewidth=1.4, label=rule_line[1])
@@ -225,7 +226,9 @@ def decision_figure(decision) -> Figure:
     if critical is not None:
         points.append(np.array([critical]))
     if null is not None and len(null):
-        points.append(np.quantile(null, [0.001, 0.999]))
+        # the null's far tail (long with few reference labels) is cut a little beyond the critical index
+        tail = float(np.quantile(null, 0.995))
+        points.append(np.array([min(tail, critical + 3.0) if critical is not None else tail]))
     values = np.concatenate([v[np.isfinite(v)] for v in points]) if points else np.zeros(1)
     low = min(float(values.min(initial=0.0)), -3.0) - 0.5
     high = max(float(values.max(initial=0.0)), 3.0) + 0.8

@@ -20,6 +20,12 @@ Discovery rule, for ``render_report(DIR)``:
 So the demo's layout ``DIR/badnet/``, ``DIR/scan/``, ``DIR/repair-*/`` is one report at ``DIR``,
 and a plain scan directory is a report on its own. Subdirectories are visited in name order.
 
+What the figures draw is computed apart from the drawing, from scan.json alone, so that it can be
+checked: :func:`search_roles` and :func:`search_groups` (how each label was searched: the coarse
+pass only, a refined candidate, or a reference label the null is fitted on, with the recorded
+budgets) and :func:`decision_inputs` (the calibrated test's reference indices, its null, critical
+index and step-down steps).
+
 HTML output is self-contained (images as ``data:`` URIs, inline CSS, no scripts, no external
 links) and every string read from JSON is escaped by Jinja2's autoescape. Markdown output carries
 the same content with the images written as PNG files beside it. Plots are written as PNG files
@@ -265,7 +271,8 @@ def search_groups(scan: dict, rows: list[dict], roles: dict[int, str]) -> list[S
     stages = {r["label"]: r.get("stage") for r in rows}
     by_role = {role: sorted(t for t, r in roles.items() if r == role) for role in ROLES}
     sample = bool(by_role[UNTESTED] or by_role[CANDIDATE]) and bool(by_role[REFERENCE])
-    candidates = {_as_int(t) for t in detection.get("candidates", [])} if isinstance(detection.get("candidates"), list) else set()
+    listed = detection.get("candidates")
+    candidates = {_as_int(t) for t in listed} if isinstance(listed, list) else set()
     steps = {r["label"]: r["steps"] for r in rows if r["steps"] is not None}
 
     def budget(members: list[int]) -> str:
