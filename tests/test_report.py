@@ -392,8 +392,17 @@ def test_figures_mark_how_each_label_was_searched(tmp_path, monkeypatch):
     assert f"{coarse_only} coarse pass only ({coarse})" in searched
     assert f"{len(candidates)} coarse pass ({coarse}), then {refine} more" in searched
     assert "Reference labels: " + ", ".join(map(str, sorted(controls))) + "." in searched
+    # ... and so does the figure's caption, marker by marker
+    caption = text[text.index("Markers show how each label was searched"):]
+    assert f"small grey dot, {coarse_only} labels: coarse pass only ({coarse});" in caption
+    assert f"blue triangle, {len(candidates)} labels: coarse pass ({coarse}), then {refine} more;" in caption
+    assert f"hollow orange square, {len(controls)} labels: coarse pass ({coarse}), then {refine} more." in caption
     steps = sorted(r["steps"] for r in scan["labels"] if r["label"] in controls)
     assert f"{fmt_number(float(np.median(steps)))} the reference" in searched
+    md = render_report(tmp_path, format="md").read_text()
+    assert f"| {coarse_only} | coarse pass only ({coarse}) |" in md
+    assert f"| {len(controls)} | coarse pass ({coarse}), then {refine} more | {fmt_number(float(np.median(steps)))} |" in md
+    assert f"hollow orange square, {len(controls)} labels: coarse pass ({coarse}), then {refine} more." in md
 
 
 def test_decision_figure_draws_the_tests_own_inputs(tmp_path, monkeypatch):
