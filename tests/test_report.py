@@ -442,6 +442,7 @@ def test_decision_figure_draws_the_tests_own_inputs(tmp_path, monkeypatch):
         if s["flagged"]:
             assert f"label {s['label']}: p-value {s['p_value']:.2g}" in text
     assert f"critical index {fmt_index(reference['critical_index'])}" in text
+    assert f"the scale ({fmt_number(reference['scale'])}, Qn of the log sizes" in text
     assert 'alt="the calibrated test:' in markup
     md = render_report(tmp_path, format="md").read_text()
     assert "## The decision: why each label was or was not flagged" in md
@@ -486,6 +487,7 @@ def test_decision_figure_of_a_scan_recorded_before_qn(tmp_path, monkeypatch):
     assert decision.critical_index == critical_index(200, 48, 0.05, "normal", scale="mad")
     expected = math.exp(reference["median"] - decision.critical_index * spread)
     assert f"mask L1 < {fmt_number(expected)}" in text
+    assert f"the scale ({fmt_number(spread)}, MAD of the log sizes" in text and "null of one label's index, normal" in text
 
 
 def test_scan_that_could_not_flag_anything_says_inconclusive(tmp_path):

@@ -352,6 +352,12 @@ class DecisionInputs:
     decided: bool  # the calibrated rule made the verdict (else the paper's rule did)
 
     @property
+    def scale_name(self) -> str:
+        """The estimator the scale was computed with: Qn, or the MAD (asked for, or above QN_MAX labels)."""
+        from .calibrated import QN_MAX
+        return "Qn" if self.estimator == "qn" and len(self.reference) <= QN_MAX else "MAD"
+
+    @property
     def family_name(self) -> str:
         return "normal" if self.family == "normal" else f"Student-t({self.df:g})"
 
