@@ -403,6 +403,7 @@ def test_figures_mark_how_each_label_was_searched(tmp_path, monkeypatch):
     assert f"| {coarse_only} | coarse pass only ({coarse}) |" in md
     assert f"| {len(controls)} | coarse pass ({coarse}), then {refine} more | {fmt_number(float(np.median(steps)))} |" in md
     assert f"hollow orange square, {len(controls)} labels: coarse pass ({coarse}), then {refine} more." in md
+    _assert_tables_are_rectangular(md)
 
 
 def test_decision_figure_draws_the_tests_own_inputs(tmp_path, monkeypatch):
@@ -449,6 +450,7 @@ def test_decision_figure_draws_the_tests_own_inputs(tmp_path, monkeypatch):
     assert "](report_decision.png)" in md and (tmp_path / "report_decision.png").read_bytes()[:4] == b"\x89PNG"
     for s in test["steps"]:
         assert f"| {s['step']} | {s['label']} | {fmt_index(s['index'])} | {s['n_labels']} |" in md
+    _assert_tables_are_rectangular(md)
 
 
 @pytest.mark.parametrize("alpha", [0.05, 0.01])
@@ -556,7 +558,11 @@ def test_markdown_has_the_same_content_and_its_images(tmp_path):
         assert (tmp_path / link).read_bytes()[:4] == b"\x89PNG"
     for row in repair["table"]:
         assert f"model\\_drop{row['drop']}.pt" in md
-    # Every table row has as many cells as its header.
+    _assert_tables_are_rectangular(md)
+
+
+def _assert_tables_are_rectangular(md: str) -> None:
+    """Every Markdown table row has as many cells as its header."""
     for block in re.split(r"\n\n+", md):
         rows = [line for line in block.splitlines() if line.startswith("|")]
         if rows:

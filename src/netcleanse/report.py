@@ -314,7 +314,7 @@ def guarantee(calibrated: bool, alpha: float | None, threshold: float, family: s
                  "number of labels, provided its clean labels' log trigger sizes vary like the test's "
                  f"{family or 'null'} model.")
     else:
-        given = (f"The paper's rule (anomaly index > {threshold:g}) bounds each label, not the model: the chance "
+        given = (f"The paper's rule (anomaly index above {threshold:g}) bounds each label, not the model: the chance "
                  "that a model without a backdoor is flagged grows with its number of labels (the calibrated "
                  "rule, --rule calibrated, states it).")
     limits = ("Neural Cleanse only looks for a small trigger that sends every input to one label, "
