@@ -26,6 +26,13 @@ Null distributions:
   approximation, and it is checked against the baseline measured in the same run: the
   false-alarm rates observed on those same clean scans (the calibrated rule re-decided from their
   recorded mask sizes).
+
+``--margins`` adds the calibrated test with its second signal (the maximum logit margin): each
+label's (log size, log margin) pair is drawn from a bivariate Student-t(10) whose two anomaly
+directions (small size, large margin) are correlated ``rho``: 0.5 (``pair-0.5``: the test's own null,
+where its p-values must be uniform), 0 (``pair-0``: independent signals) and 0.8 (``pair-0.8``: more
+dependence than the test assumes, where it must flag more than alpha). With ``--rows`` (rows that
+carry margins), ``observed-pairs`` is the rate on the zoo's clean scans with both signals.
 """
 
 from __future__ import annotations
@@ -39,9 +46,9 @@ import numpy as np
 
 from scipy import stats
 
-from netcleanse.calibrated import DF, calibrated_test
+from netcleanse.calibrated import DF, MARGIN_RHO, calibrated_test
 from netcleanse.detection import anomaly_indices, flag_labels
-from netcleanse.scanning import PRESETS, calibrated_inputs
+from netcleanse.scanning import PRESETS, calibrated_inputs, tested_margins
 
 FAST = PRESETS["fast"]
 
@@ -70,6 +77,34 @@ def calibrated_p_values(samples: np.ndarray, alpha: float, rng: np.random.Genera
     return np.array(ps), np.array(flagged)
 
 
+def pair_samples(rng: np.random.Generator, draws: int, k: int, rho: float) -> tuple[np.ndarray, np.ndarray]:
+    """(mask L1s, margins), each (draws, k): bivariate t(DF) with the anomaly directions correlated ``rho``."""
+    g = rng.standard_normal((2, draws, k))
+    g[1] = rho * g[0] + np.sqrt(1 - rho * rho) * g[1]
+    g /= np.sqrt(rng.chisquare(DF, (draws, k)) / DF)
+    return np.exp(np.log(50.0) - 0.35 * g[0]), np.exp(np.log(30.0) + 0.2 * g[1])
+
+
+def two_signal_p_values(l1s: np.ndarray, margins: np.ndarray, alpha: float,
+                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`calibrated_p_values` for the test with its second signal (scale floors off: they only
+    make the test more conservative, and would hide whether its null is right)."""
+    ps, flagged = [], []
+    for row, margin in zip(l1s, margins):
+        k = len(row)
+        if k <= FAST.candidates + FAST.controls:
+            tested, reference = list(range(k)), None
+        else:
+            controls = rng.choice(k, FAST.controls, replace=False)
+            tested = sorted(set(controls.tolist()) | set(np.argsort(row)[:FAST.candidates].tolist()))
+            reference = sorted(controls.tolist())
+        test = calibrated_test({t: row[t] for t in tested}, reference, k, alpha=alpha, min_scale=0.0,
+                               margins={t: margin[t] for t in tested}, min_margin_scale=0.0)
+        ps.append(test.p_value if test.p_value is not None else 1.0)
+        flagged.append(bool(test.flagged))
+    return np.array(ps), np.array(flagged)
+
+
 def clean_scans(rows_dir: Path, split: str) -> list[dict]:
     """The clean models' scans (scan.json dicts) among detection_quality.py's rows."""
     scans = []
@@ -89,6 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=Path, default=None, help="detection_quality.py --out folder")
     ap.add_argument("--split", choices=("dev", "eval", "all"), default="dev", help="zoo half of --rows")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--margins", action="store_true", help="also the test with its second signal (maximum margin)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     try:
@@ -108,6 +144,7 @@ def main(argv=None) -> int:
              "lognormal": lambda shape: rng.lognormal(np.log(50.0), 0.35, size=shape),
              "log-t": lambda shape: np.exp(np.log(50.0) + 0.35 * rng.standard_t(DF, size=shape))}
     observed = {}
+    observed_pairs: dict[int, list] = {}
     if args.rows is not None:
         scans = clean_scans(args.rows, args.split)
         if not scans:
@@ -120,7 +157,11 @@ def main(argv=None) -> int:
             values = np.asarray([l1[t] for t in (reference or l1)])
             # this release's test, re-decided from the recorded mask sizes
             flagged = bool(calibrated_test(l1, reference, k, alpha=args.alpha).flagged)
+            margins = tested_margins(scan["labels"], scan["settings"]["detection"])
+            both = None if margins is None else bool(calibrated_test(l1, reference, k, alpha=args.alpha,
+                                                                     margins=margins).flagged)
             by_k.setdefault(k, []).append((values / np.median(values), bool(scan["mad_flagged"]), flagged))
+            observed_pairs.setdefault(k, []).append(both)
         for k, group in by_k.items():
             # pooled on one scale: each scan divided by its median (times 50 px, as the other nulls)
             pooled = 50.0 * np.concatenate([v for v, _, _ in group])
@@ -148,6 +189,19 @@ def main(argv=None) -> int:
             print(f"K = {k:>5} {key:<10}: paper's rule {100 * rate:5.1f} % ({mean_flags:.2f} flags); "
                   f"calibrated {100 * flags.mean():5.1f} %; KS D {ks_test.statistic:.3f} (p {ks_test.pvalue:.2g})",
                   flush=True)
+        if args.margins:
+            for rho in (MARGIN_RHO, 0.0, 0.8):
+                ps, flags = two_signal_p_values(*pair_samples(rng, args.draws, k, rho), args.alpha, rng)
+                ks_test = stats.kstest(ps, "uniform")
+                row[f"pair-{rho:g}"] = {"calibrated_rate": float(flags.mean()), "ks_statistic": float(ks_test.statistic),
+                                        "ks_p": float(ks_test.pvalue)}
+                print(f"K = {k:>5} pair-{rho:<5g}: two-signal calibrated {100 * flags.mean():5.1f} %; KS D "
+                      f"{ks_test.statistic:.3f} (p {ks_test.pvalue:.2g})", flush=True)
+            seen = [v for v in observed_pairs.get(k, []) if v is not None]
+            if seen:
+                row["observed-pairs"] = {"clean_scans": len(seen), "calibrated": sum(seen) / len(seen)}
+                print(f"K = {k:>5} observed-pairs: two-signal calibrated {100 * sum(seen) / len(seen):5.1f} % of "
+                      f"{len(seen)} clean-model scans", flush=True)
         if k in observed:
             row["observed"] = observed[k]
             print(f"K = {k:>5} observed  : on {observed[k]['clean_scans']} clean-model scans of the zoo's "
