@@ -74,12 +74,18 @@ def write_scan(directory: Path, num_labels: int, shape=(1, 28, 28), planted=(7,)
 
 
 def write_two_stage_scan(directory: Path, num_labels: int = 300, planted=(7,), *, rule="calibrated", alpha=0.05,
-                         shape=(3, 20, 16), name="faces-badnet", seed=0) -> dict:
+                         shape=(3, 20, 16), name="faces-badnet", seed=0, margins: dict | None = None,
+                         l1: dict | None = None) -> dict:
     """A fast-preset scan of many labels as `netcleanse scan --out` records it: every label had the
     coarse pass, the 16 smallest coarse masks (candidates) and 48 random controls were refined, the
-    calibrated test ran on them (the producer's own calibrated_inputs and calibrated_test)."""
+    calibrated test ran on them (the producer's own calibrated_inputs and calibrated_test).
+
+    ``margins``: None, a scan made before the maximum margin (decided on the size alone); else the
+    refined labels get a ``max_margin`` (log-normal around 5, or the value given here by label) and
+    the test combines both signals, recorded as the scan records it (``log_index``,
+    ``margin_index``, ``test_index``; tested_margins). ``l1``: refined labels' mask L1 by label."""
     from netcleanse.calibrated import calibrated_test
-    from netcleanse.scanning import PRESETS, calibrated_inputs
+    from netcleanse.scanning import PRESETS, calibrated_inputs, tested_margins
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     plan = PRESETS["fast"].to_dict()
@@ -93,8 +99,11 @@ def write_two_stage_scan(directory: Path, num_labels: int = 300, planted=(7,), *
     records = []
     for t in range(num_labels):
         if t in refined:
-            l1 = 12.0 if t in planted else float(np.exp(rng.normal(np.log(300), 0.3)))
-            record = {"label": t, "mask_l1": l1, "stage": "refine", "steps": coarse_steps + int(rng.integers(100, 300))}
+            size = 12.0 if t in planted else float(np.exp(rng.normal(np.log(300), 0.3)))
+            size = (l1 or {}).get(t, size)
+            record = {"label": t, "mask_l1": size, "stage": "refine", "steps": coarse_steps + int(rng.integers(100, 300))}
+            if margins is not None:
+                record["max_margin"] = margins.get(t, 40.0 if t in planted else float(np.exp(rng.normal(np.log(5), 0.2))))
         else:
             record = {"label": t, "mask_l1": float(coarse[t]), "stage": "coarse", "steps": coarse_steps}
         records.append({**record, "attack_success": float(rng.uniform(0.7, 1.0)), "succeeded": True,
@@ -103,7 +112,8 @@ def write_two_stage_scan(directory: Path, num_labels: int = 300, planted=(7,), *
     ref_l1 = np.array([records[t]["mask_l1"] for t in controls])
     median, mad = float(np.median(ref_l1)), float(1.4826 * np.median(np.abs(ref_l1 - np.median(ref_l1))))
     detection.update(median=median, mad=mad)
-    test = calibrated_test(*calibrated_inputs(records, detection), alpha=alpha)
+    test = calibrated_test(*calibrated_inputs(records, detection), alpha=alpha,
+                           margins=tested_margins(records, detection))
     index = _anomaly_indices(coarse)  # labels of the coarse pass alone: against the coarse pass's median
     mad_flagged = []
     for r in records:
@@ -113,9 +123,13 @@ def write_two_stage_scan(directory: Path, num_labels: int = 300, planted=(7,), *
             mad_flagged.append(r["label"])
     flagged = test.flagged if rule == "calibrated" else mad_flagged
     for r in records:
-        r.update(anomaly_index=float(index[r["label"]]), log_index=test.indices.get(r["label"]),
-                 p_value=test.p_values.get(r["label"]), flagged=r["label"] in flagged,
+        r.update(anomaly_index=float(index[r["label"]]), p_value=test.p_values.get(r["label"]), flagged=r["label"] in flagged,
                  mask_l1_vs_median=r["mask_l1"] / median)
+        if margins is None:  # as scans recorded it before the margin
+            r.update(log_index=test.indices.get(r["label"]))
+        else:  # as scanning.scan records it
+            r.update(log_index=test.size_indices.get(r["label"]), margin_index=test.margin_indices.get(r["label"]),
+                     test_index=test.indices.get(r["label"]))
     channels, height, width = shape
     masks = np.zeros((num_labels, height, width), np.float32)
     masks[:, :4, :4] = 0.5

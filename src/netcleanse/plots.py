@@ -208,11 +208,13 @@ def anomaly_index_figure(anomaly_index: Sequence[float], flagged: Sequence[bool]
 
 
 def decision_figure(decision) -> Figure:
-    """The calibrated test's decision, in its own statistic (the log-scale index ``z``).
+    """The calibrated test's decision, in its own statistic: the log-scale size index ``z``, or for a
+    test on two signals the combined index ``(z_size + z_margin) / sqrt(2)``.
 
     ``decision``: a :class:`netcleanse.report.DecisionInputs`. Drawn: a histogram of the reference
     labels' indices (the labels the null is fitted on) with the family's density (the per-label
-    null); the simulated null of the largest index among all the model's labels, with its
+    null, scaled by ``decision.label_spread``); the simulated null of the largest index among all
+    the model's labels, with its
     critical value at ``alpha`` and the region beyond it shaded; the other tested labels as ticks;
     each step-down step's label at its index with its p-value (flagged: filled diamond; the step
     that stopped: hollow).
@@ -243,8 +245,10 @@ def decision_figure(decision) -> Figure:
     if len(ref):
         ax.hist(ref, bins=bins, density=True, color=OKABE_ITO["orange"], alpha=0.55, edgecolor="white",
                 linewidth=0.4, label=f"{ref_name}: their index")
+    one = (f"{decision.family_name} × √(1 + ρ), ρ = {decision.rho:g} between the two signals" if decision.combined
+           else f"{decision.family_name} (median and scale of the reference)")
     ax.plot(grid, decision.label_density(grid), color=OKABE_ITO["orange"], linewidth=2.0,
-            label=f"null of one label's index: {decision.family_name} (median and scale of the reference)")
+            label=f"null of one label's index: {one}")
     if null is not None and len(null):
         counts, edges = np.histogram(null, bins=np.linspace(low, high, int(np.clip((high - low) / 0.1, 40, 200)) + 1))
         counts = counts / (len(null) * np.diff(edges))  # a density of all the draws, those off the axis included
@@ -275,11 +279,88 @@ def decision_figure(decision) -> Figure:
                     path_effects=[patheffects.withStroke(linewidth=2.5, foreground="white")])
     ax.set_xlim(low, high)
     ax.set_ylim(0, top)
-    ax.set_xlabel(f"log-scale index z = (median − {decision.statistic}) / scale of the reference "
-                  "(larger = smaller trigger)")
+    if decision.combined:
+        ax.set_xlabel("combined index (z_size + z_margin) / √2, each signal against the reference's median and "
+                      "scale (larger = smaller trigger, larger margin)")
+    else:
+        ax.set_xlabel(f"log-scale index z = (median − {decision.statistic}) / scale of the reference "
+                      "(larger = smaller trigger)")
     ax.set_ylabel("density")
     ax.set_title("The decision: each tested label's index against the null fitted to the reference", fontsize=11)
     ax.grid(True, axis="y", alpha=0.3)
+    handles, texts = ax.get_legend_handles_labels()
+    fig.legend(handles, texts, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    return fig
+
+
+def signals_figure(size: dict[int, float], margin: dict[int, float], roles: dict[int, str | None],
+                   flagged: Sequence[int], boundary: float | None, true_targets: Sequence[int] = (),
+                   role_names: dict[str, str] | None = None) -> Figure:
+    """The two signals of a two-signal test, label by label: x = the size index (larger = smaller
+    trigger), y = the margin index (larger = larger maximum logit margin), both against the
+    reference's median and scale.
+
+    ``size``, ``margin``: label -> index, for the tested labels; ``roles``: their search role
+    (:data:`ROLE_STYLE` markers, named by ``role_names``); ``flagged``: the scan's flagged labels
+    (red diamonds, numbered); ``true_targets``: planted targets (green rings); ``boundary``: the
+    test's first step flags the most anomalous label when ``x + y > boundary`` (sqrt(2) times the
+    critical index): the line is drawn and the region beyond it shaded. The labels nearest the
+    line that were not flagged are numbered too.
+    """
+    labels = sorted(set(size) & set(margin))
+    x = np.array([size[t] for t in labels], dtype=float)
+    y = np.array([margin[t] for t in labels], dtype=float)
+    role = np.array([roles.get(t) for t in labels], dtype=object)
+    is_flagged = np.isin(labels, list(flagged))
+    targets = np.isin(labels, list(true_targets))
+    names = role_names or {}
+
+    fig = Figure(figsize=(10, 5.6), layout="constrained")
+    ax = fig.subplots()
+    half = boundary / 2 if boundary is not None else 0.0  # the line's point nearest the origin
+    low_x = min(float(x.min(initial=0.0)), -3.0) - 0.5
+    low_y = min(float(y.min(initial=0.0)), -3.0) - 0.5
+    high_x = max(float(x.max(initial=0.0)), half, 3.0) + 0.8
+    high_y = max(float(y.max(initial=0.0)), half, 3.0) + 0.8
+    ax.axhline(0, color=MEDIAN, linewidth=0.8, linestyle=":")
+    ax.axvline(0, color=MEDIAN, linewidth=0.8, linestyle=":")
+    if boundary is not None:
+        line_x = np.array([low_x, high_x])
+        ax.fill_between(line_x, boundary - line_x, high_y, color=FLAGGED, alpha=0.08, linewidth=0)
+        ax.plot(line_x, boundary - line_x, color=FLAGGED, linewidth=1.8,
+                label=f"decision boundary: size index + margin index = {boundary:.2f} (√2 × critical index)")
+    for kind in ("reference", "candidate", "untested"):
+        chosen = (role == kind) & ~is_flagged
+        if not chosen.any():
+            continue
+        style = ROLE_STYLE[kind]
+        if style.get("hollow"):
+            ax.scatter(x[chosen], y[chosen], s=40, marker=style["marker"], facecolors="none",
+                       edgecolors=style["color"], linewidths=1.2, zorder=3, label=names.get(kind, kind))
+        else:
+            ax.scatter(x[chosen], y[chosen], s=45, marker=style["marker"], color=style["color"], linewidths=0,
+                       alpha=0.9, zorder=3, label=names.get(kind, kind))
+    other = np.array([r not in ROLE_STYLE for r in role], dtype=bool) & ~is_flagged
+    if other.any():
+        ax.scatter(x[other], y[other], s=30, color=CLEAN, zorder=3, label="tested label")
+    if is_flagged.any():
+        ax.scatter(x[is_flagged], y[is_flagged], s=70, color=FLAGGED, marker="D", edgecolors="black",
+                   linewidths=0.6, zorder=4, label="flagged (calibrated test)")
+    if targets.any():
+        ax.scatter(x[targets], y[targets], s=180, facecolors="none", edgecolors=TARGET, linewidths=1.8, zorder=5,
+                   label="planted target (ground truth)")
+    ax.set_xlim(low_x, high_x)
+    ax.set_ylim(low_y, high_y)
+    _annotate_apart(ax, [(x[i], y[i], str(labels[i])) for i in np.argsort(-(x + y), kind="stable") if is_flagged[i]])
+    if boundary is not None:  # the unflagged labels closest to the line: why they were not flagged
+        near = [i for i in np.argsort(-(x + y), kind="stable") if not is_flagged[i]][:3]
+        for i in near:
+            ax.annotate(str(labels[i]), (x[i], y[i]), xytext=(6, -11), textcoords="offset points", fontsize=8,
+                        color="black", path_effects=[patheffects.withStroke(linewidth=2.5, foreground="white")])
+    ax.set_xlabel("size index z_size (larger = smaller reversed trigger than the reference's)")
+    ax.set_ylabel("margin index z_margin (larger = larger\nmaximum logit margin than the reference's)")
+    ax.set_title("The two signals of each tested label: flagged beyond the line", fontsize=11)
+    ax.grid(True, alpha=0.3)
     handles, texts = ax.get_legend_handles_labels()
     fig.legend(handles, texts, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     return fig
