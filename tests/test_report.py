@@ -367,7 +367,7 @@ def _figure_inputs(monkeypatch) -> dict:
     """Record what the report hands to the figures (the plotting itself still runs)."""
     from netcleanse import plots
     seen: dict = {}
-    for name in ("mask_l1_figure", "decision_figure", "anomaly_index_figure"):
+    for name in ("mask_l1_figure", "decision_figure", "anomaly_index_figure", "signals_figure"):
         original = getattr(plots, name)
 
         def spy(*args, _original=original, _name=name, **kwargs):
@@ -465,6 +465,124 @@ def test_decision_figure_draws_the_tests_own_inputs(tmp_path, monkeypatch):
     for s in test["steps"]:
         assert f"| {s['step']} | {s['label']} | {fmt_index(s['index'])} | {s['n_labels']} |" in md
     _assert_tables_are_rectangular(md)
+
+
+def write_two_signal_scan(directory: Path, num_labels: int = 300, planted=(7,), **kwargs) -> tuple[dict, int, int]:
+    """A two-stage scan with margins and two telling labels: ``easy``, a candidate whose trigger is
+    far smaller than the reference's but whose margin is ordinary, and ``loud``, a control whose
+    trigger is ordinary but whose margin is extreme. Returns (scan, easy, loud)."""
+    first = write_two_stage_scan(directory, num_labels, planted=planted, margins={}, **kwargs)
+    detection = first["settings"]["detection"]
+    easy = next(t for t in detection["candidates"] if t not in detection["controls"] and t not in planted)
+    loud = next(t for t in detection["controls"] if t not in planted)
+    records = {r["label"]: r for r in first["labels"]}
+    typical_l1 = float(np.median([records[t]["mask_l1"] for t in detection["controls"]]))
+    typical_margin = float(np.median([records[t]["max_margin"] for t in detection["controls"]]))
+    scan = write_two_stage_scan(directory, num_labels, planted=planted, **kwargs,
+                                margins={easy: typical_margin, loud: 8 * typical_margin},
+                                l1={easy: typical_l1 / 12, loud: typical_l1})
+    return scan, easy, loud
+
+
+def test_two_signal_decision_and_scatter_draw_the_tests_own_inputs(tmp_path, monkeypatch):
+    from netcleanse.calibrated import MARGIN_FLOOR, critical_index, log_size, null_max_index
+    scan, easy, loud = write_two_signal_scan(tmp_path / "scan", 300, planted=(7,))
+    write_truth(tmp_path / "badnet", targets=(7,))
+    test, detection, alpha = scan["test"], scan["settings"]["detection"], scan["alpha"]
+    reference = test["reference"]
+    records = {r["label"]: r for r in scan["labels"]}
+    crit = reference["critical_index"]
+    # the fixture's point: the easy label's size alone would pass the size-only test's critical
+    # index, yet it is not flagged; the loud label's size is ordinary, yet it is flagged
+    assert records[easy]["log_index"] > critical_index(300, 48, alpha) and easy not in scan["flagged"]
+    assert records[loud]["log_index"] < 1 and loud in scan["flagged"] and 7 in scan["flagged"]
+    seen = _figure_inputs(monkeypatch)
+    markup = render_report(tmp_path).read_text()
+    (decision,), _ = seen["decision_figure"]
+
+    # the histogram and ticks show the combined index the test decided on, as recorded and by definition
+    assert decision.signals == 2 and decision.index_name == "combined index"
+    assert set(decision.reference) == set(detection["controls"])
+    assert set(decision.tested) == set(detection["candidates"]) - set(detection["controls"])
+    for label, z in {**decision.reference, **decision.tested}.items():
+        r = records[label]
+        assert z == r["test_index"]
+        size = (reference["median"] - log_size(r["mask_l1"])) / reference["scale"]
+        margin = (math.log(max(r["max_margin"], MARGIN_FLOOR)) - reference["margin_median"]) / reference["margin_scale"]
+        assert z == pytest.approx((size + margin) / math.sqrt(2))
+        assert decision.size[label] == pytest.approx(size) and decision.margin[label] == pytest.approx(margin)
+    # the null is the two-signal simulation the scan's test used: its (1 - alpha) point is the recorded critical index
+    assert decision.critical_index == crit
+    assert np.array_equal(decision.null, null_max_index(300, 48, signals=2))
+    at = math.ceil((len(decision.null) + 1) * (1 - alpha) - 1e-9) - 1
+    assert decision.null[at] == pytest.approx(crit)
+    assert [(s["label"], s["index"], s["size_index"], s["margin_index"], s["p_value"], s["flagged"])
+            for s in decision.steps] == [(s["label"], s["index"], s["size_index"], s["margin_index"], s["p_value"],
+                                          s["flagged"]) for s in test["steps"]]
+
+    # the scatter: every tested label at (size index, margin index), the flagged ones, the targets, the boundary
+    (size, margin, roles, flagged, boundary, targets, _names), _ = seen["signals_figure"]
+    tested = set(detection["candidates"]) | set(detection["controls"])
+    assert set(size) == set(margin) == set(roles) == tested
+    assert all(size[t] == records[t]["log_index"] and margin[t] == records[t]["margin_index"] for t in tested)
+    assert {t for t, role in roles.items() if role == "reference"} == set(detection["controls"])
+    assert sorted(flagged) == sorted(scan["flagged"]) and list(targets) == [7]
+    assert boundary == pytest.approx(math.sqrt(2) * crit)
+    # the line separates the first step's flag from the labels it did not flag
+    first = test["steps"][0]["label"]
+    assert size[first] + margin[first] > boundary > size[easy] + margin[easy]
+
+    # the page says what the index is, step by step, and what the verdict assumes
+    text = page_text(markup)
+    for s in test["steps"]:
+        verdict = f"flagged (p ≤ {alpha:g})" if s["flagged"] else f"not flagged (p > {alpha:g}): stop"
+        assert (f"{s['step']} {s['label']} {fmt_index(s['size_index'])} {fmt_index(s['margin_index'])} "
+                f"{fmt_index(s['index'])} {s['n_labels']} {s['n_reference']} {s['p_value']:.2g} {verdict}") in text
+    assert "Size index Margin index Combined index" in text
+    assert (f"label {loud}: p-value {next(s['p_value'] for s in test['steps'] if s['label'] == loud):.2g}, combined "
+            f"index {fmt_index(records[loud]['test_index'])} (size index {fmt_index(records[loud]['log_index'])}, "
+            f"margin index {fmt_index(records[loud]['margin_index'])}") in text
+    assert "log trigger sizes and log maximum margins vary like the test's bivariate Student-t(10) model" in text
+    assert f"flagged with probability ≤ {100 * alpha:g} % (α)" in text
+    assert "MM-BD, Wang et al., IEEE S&P 2024" in text and "The verdict rests on these two per-label signals" in text
+    assert f"= √2 × {fmt_index(crit)} = {fmt_index(math.sqrt(2) * crit)}" in text
+    assert "rests on mask size alone" not in text and "this one per-label signal" not in text
+    assert 'alt="the two signals of every tested label' in markup
+    # Markdown: the same content, the scatter as a file beside it
+    md = render_report(tmp_path, format="md").read_text()
+    plain = md.replace("*", "")
+    assert "](report_signals.png)" in md and (tmp_path / "report_signals.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| Step | Label | Size index | Margin index | Combined index |" in md
+    for s in test["steps"]:
+        assert (f"| {s['step']} | {s['label']} | {fmt_index(s['size_index'])} | {fmt_index(s['margin_index'])} | "
+                f"{fmt_index(s['index'])} | {s['n_labels']} |") in md
+    assert "log trigger sizes and log maximum margins vary like the test's bivariate Student-t(10) model" in plain
+    assert "MM-BD, Wang et al., IEEE S&P 2024" in plain
+    _assert_tables_are_rectangular(md)
+
+
+def test_size_only_scans_keep_the_size_only_figure(tmp_path, monkeypatch):
+    # a scan made before margins: decided on the size alone; margins added to its records later do
+    # not change what the report shows (it re-decides nothing), but the page says so
+    from netcleanse.calibrated import null_max_index
+    scan = write_two_stage_scan(tmp_path, 300, planted=(7,))
+    seen = _figure_inputs(monkeypatch)
+    before = page_text(render_report(tmp_path).read_text())
+    for r in scan["labels"]:
+        if r["stage"] == "refine":
+            r["max_margin"] = 5.0
+    (tmp_path / "scan.json").write_text(json.dumps(scan))
+    for text in (before, page_text(render_report(tmp_path).read_text())):
+        assert "signals_figure" not in seen
+        (decision,), _ = seen["decision_figure"]
+        assert decision.signals == 1 and not decision.size and decision.rho is None
+        assert np.array_equal(decision.null, null_max_index(300, 48))
+        assert decision.critical_index == scan["test"]["reference"]["critical_index"]
+        assert "Log-scale index" in text and "Combined index" not in text and "combined index" not in text
+        assert "provided its clean labels' log trigger sizes vary like the test's Student-t(10) model" in text
+        assert "The verdict rests on this one per-label signal, the reversed trigger's mask size" in text
+    assert "records carry maximum logit margins" not in before
+    assert "records carry maximum logit margins, but this scan's recorded test predates them" in text
 
 
 @pytest.mark.parametrize("alpha", [0.05, 0.01])
@@ -690,17 +808,19 @@ def test_large_report_renders_in_headless_chromium(tmp_path):
     if browser is None:
         pytest.skip("chromium is not installed (Debian: apt-get install chromium); headless rendering not checked")
     # a fast-preset scan of 1283 labels: coarse-pass labels, candidates and controls, the calibrated decision
-    scan = write_two_stage_scan(tmp_path / "scan", 1283, shape=(3, 55, 47), planted=(0,), name="sunglasses_bd_net")
+    # with margins, as scans record them now: the decision on the combined index and the scatter of both signals
+    scan = write_two_stage_scan(tmp_path / "scan", 1283, shape=(3, 55, 47), planted=(0,), name="sunglasses_bd_net",
+                                margins={})
     assert scan["flagged"] == [0]
     started = time.perf_counter()
     page = render_report(tmp_path / "scan")
     assert time.perf_counter() - started < 30  # a few seconds on an idle machine
     markup = page.read_text()
     for alt in ("mask L1 norm of every label, marked by how it was searched", "the calibrated test:",
-                "histogram of anomaly indices"):
+                "histogram of anomaly indices", "the two signals of every tested label"):
         assert f'alt="{alt}' in markup
-    # tall enough to hold the verdict, the search table and the three figures
-    _screenshot(browser, page, tmp_path, height=4200)
+    # tall enough to hold the verdict, the search table and the four figures
+    _screenshot(browser, page, tmp_path, height=5200)
 
 
 @pytest.mark.slow

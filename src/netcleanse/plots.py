@@ -262,13 +262,15 @@ def decision_figure(decision) -> Figure:
     if len(tested):
         ax.plot(tested, np.full(len(tested), 0.0), linestyle="none", marker="|", markersize=14, color=CLEAN,
                 markeredgewidth=1.2, label=f"the {len(tested)} other tested labels (candidates)", clip_on=False)
+    named = set()  # one legend entry for the flagged steps, one for the step that stopped
     for n, s in enumerate(steps):
         y = top * (0.62 - 0.14 * (n % 4))
         flagged = s["flagged"]
+        legend = "flagged label (step-down)" if flagged else "first label not flagged: stop"
         ax.plot([s["index"]], [y], marker="D", markersize=8, linestyle="none",
                 markerfacecolor=FLAGGED if flagged else "white", markeredgecolor="black" if flagged else FLAGGED,
-                markeredgewidth=1.2, zorder=5,
-                label=(None if n > 1 else "flagged label (step-down)" if flagged else "first label not flagged: stop"))
+                markeredgewidth=1.2, zorder=5, label=None if legend in named else legend)
+        named.add(legend)
         ax.vlines(s["index"], 0, y, color=FLAGGED, linewidth=0.8, linestyle=":")
         p = s["p_value"]
         text = f"label {s['label']}\n{'p = ' + format(p, '.2g') if p is not None else 'p —'}"
