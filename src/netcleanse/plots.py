@@ -144,10 +144,11 @@ def mask_l1_figure(labels: Sequence[int], mask_l1: Sequence[float], flagged: Seq
 
 
 def _annotate_apart(ax, points: Sequence[tuple[float, float, str]], gap: tuple[float, float] = (0.13, 0.07),
-                    per_group: int = 3) -> None:
+                    per_group: int = 3, color: str = FLAGGED, bold: bool = True) -> None:
     """Write the points' texts so that they do not overprint: a point within ``gap`` (axes fraction,
     x and y, since text is wider than tall) of an earlier one joins its group, written "a, b, c…".
-    Every flagged label is also listed in the report's text; the plot only has to stay legible."""
+    Every flagged label is also listed in the report's text; the plot only has to stay legible.
+    ``color``, ``bold``: the texts' style (default: a flagged label's)."""
     ax.autoscale_view()  # settle the data limits so that distances in axes fraction are final
     to_axes = ax.transData + ax.transAxes.inverted()
     groups: list[tuple[np.ndarray, tuple[float, float], list[str]]] = []
@@ -160,8 +161,8 @@ def _annotate_apart(ax, points: Sequence[tuple[float, float, str]], gap: tuple[f
             groups.append((where, (x, y), [text]))
     for _, anchor, texts in groups:
         shown = ", ".join(texts[:per_group]) + ("…" if len(texts) > per_group > 1 else "")
-        ax.annotate(shown, anchor, xytext=(8, 3), textcoords="offset points", fontsize=9, color=FLAGGED,
-                    fontweight="bold", path_effects=[patheffects.withStroke(linewidth=2.5, foreground="white")])
+        ax.annotate(shown, anchor, xytext=(8, 3), textcoords="offset points", fontsize=9, color=color,
+                    fontweight="bold" if bold else "normal", path_effects=[patheffects.withStroke(linewidth=2.5, foreground="white")])
 
 
 def anomaly_index_figure(anomaly_index: Sequence[float], flagged: Sequence[bool],
@@ -356,9 +357,7 @@ def signals_figure(size: dict[int, float], margin: dict[int, float], roles: dict
     _annotate_apart(ax, [(x[i], y[i], str(labels[i])) for i in np.argsort(-(x + y), kind="stable") if is_flagged[i]])
     if boundary is not None:  # the unflagged labels closest to the line: why they were not flagged
         near = [i for i in np.argsort(-(x + y), kind="stable") if not is_flagged[i]][:3]
-        for i in near:
-            ax.annotate(str(labels[i]), (x[i], y[i]), xytext=(6, -11), textcoords="offset points", fontsize=8,
-                        color="black", path_effects=[patheffects.withStroke(linewidth=2.5, foreground="white")])
+        _annotate_apart(ax, [(x[i], y[i], str(labels[i])) for i in near], color="black", bold=False)
     ax.set_xlabel("size index z_size (larger = smaller reversed trigger than the reference's)")
     ax.set_ylabel("margin index z_margin (larger = larger\nmaximum logit margin than the reference's)")
     ax.set_title("The two signals of each tested label: flagged beyond the line", fontsize=11)
