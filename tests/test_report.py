@@ -561,6 +561,63 @@ def test_two_signal_decision_and_scatter_draw_the_tests_own_inputs(tmp_path, mon
     _assert_tables_are_rectangular(md)
 
 
+def test_two_signal_scan_of_every_label(tmp_path, monkeypatch):
+    # a scan of few labels (every label is the reference, as in the paper) with margins, as
+    # scanning.scan records it: the decision and the scatter use the two-signal null of all labels
+    from netcleanse.calibrated import calibrated_test, null_max_index
+    from netcleanse.scanning import calibrated_inputs, tested_margins
+    scan = write_scan(tmp_path / "scan", 10, planted=(7,))
+    write_truth(tmp_path / "badnet", targets=(7,))
+    rng = np.random.default_rng(1)
+    for r in scan["labels"]:
+        r["max_margin"] = 60.0 if r["label"] == 7 else float(np.exp(rng.normal(np.log(8), 0.2)))
+    detection = {"scheme": "all labels"}
+    test = calibrated_test(*calibrated_inputs(scan["labels"], detection), margins=tested_margins(scan["labels"], detection))
+    for r in scan["labels"]:
+        t = r["label"]
+        r.update(log_index=test.size_indices[t], margin_index=test.margin_indices[t], test_index=test.indices[t],
+                 p_value=test.p_values[t], flagged=t in test.flagged)
+    scan.update(rule="calibrated", alpha=0.05, p_value=test.p_value, test=test.to_dict(), flagged=test.flagged,
+                verdict="backdoor-detected" if test.flagged else "none-detected")
+    scan["settings"]["detection"] = detection
+    (tmp_path / "scan" / "scan.json").write_text(json.dumps(scan))
+    assert scan["flagged"] == [7]
+    seen = _figure_inputs(monkeypatch)
+    text = page_text(render_report(tmp_path).read_text())
+    (decision,), _ = seen["decision_figure"]
+    assert decision.n_reference is None and set(decision.reference) == set(range(10)) and not decision.tested
+    assert decision.reference == {t: test.indices[t] for t in range(10)}
+    assert np.array_equal(decision.null, null_max_index(10, None, signals=2))
+    assert decision.critical_index == test.reference["critical_index"]
+    (size, margin, roles, flagged, boundary, targets, _names), _ = seen["signals_figure"]
+    assert size == test.size_indices and margin == test.margin_indices and set(roles.values()) == {"reference"}
+    assert flagged == [7] and list(targets) == [7] and boundary == pytest.approx(math.sqrt(2) * decision.critical_index)
+    # the mask-size figure's solid line: the size a label of median margin needs, as the test recorded it
+    (_, _, _, _, _, _, _, _, rule_line, *_), _ = seen["mask_l1_figure"]
+    assert rule_line[0] == test.reference["threshold_l1"] and "at the median margin" in rule_line[1]
+    assert f"mask L1 < {fmt_number(test.reference['threshold_l1'])}" in text and "if its maximum logit margin is the reference's median" in text
+
+
+def test_two_signal_scan_without_power_says_why(tmp_path):
+    # two labels: too few to fit a reference on, whatever the signals; the page does not speak of
+    # an empty mask (a margin has no ceiling)
+    from netcleanse.calibrated import calibrated_test
+    scan = write_scan(tmp_path, 2, planted=())
+    margins = {r["label"]: 5.0 + r["label"] for r in scan["labels"]}
+    test = calibrated_test({r["label"]: r["mask_l1"] for r in scan["labels"]}, margins=margins)
+    assert test.inconclusive and not test.flagged
+    for r in scan["labels"]:
+        r.update(max_margin=margins[r["label"]], log_index=test.size_indices[r["label"]],
+                 margin_index=test.margin_indices[r["label"]], test_index=test.indices[r["label"]])
+    scan.update(rule="calibrated", alpha=0.05, p_value=test.p_value, test=test.to_dict(), flagged=[],
+                verdict="inconclusive")
+    (tmp_path / "scan.json").write_text(json.dumps(scan))
+    for fmt in ("html", "md"):
+        text = page_text(render_report(tmp_path, format=fmt).read_text())
+        assert "Inconclusive: no label flagged among 2" in text
+        assert "The test had no power: fewer than three reference labels" in text and "empty mask" not in text
+
+
 def test_size_only_scans_keep_the_size_only_figure(tmp_path, monkeypatch):
     # a scan made before margins: decided on the size alone; margins added to its records later do
     # not change what the report shows (it re-decides nothing), but the page says so
