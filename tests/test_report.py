@@ -559,6 +559,16 @@ def test_two_signal_decision_and_scatter_draw_the_tests_own_inputs(tmp_path, mon
     assert "log trigger sizes and log maximum margins vary like the test's bivariate Student-t(10) model" in plain
     assert "MM-BD, Wang et al., IEEE S&P 2024" in plain
     _assert_tables_are_rectangular(md)
+    assert not decision.null_disagrees and "another version of the null" not in text
+
+    # a scan decided with another null than this simulation's: drawn as recorded, and the page says so
+    scan["test"]["reference"]["critical_index"] = crit - 1.0
+    (tmp_path / "scan" / "scan.json").write_text(json.dumps(scan))
+    text = page_text(render_report(tmp_path).read_text())
+    (decision,), _ = seen["decision_figure"]
+    assert decision.critical_index == crit - 1.0 and decision.simulated_critical == pytest.approx(crit)
+    assert (f"differs from this simulation's ({fmt_index(crit)}): the scan was decided with another version of the "
+            "null") in text
 
 
 def test_two_signal_scan_of_every_label(tmp_path, monkeypatch):

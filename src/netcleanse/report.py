@@ -393,6 +393,23 @@ class DecisionInputs:
         return "normal" if self.family == "normal" else f"Student-t({self.df:g})"
 
     @property
+    def simulated_critical(self) -> float | None:
+        """The critical index of :attr:`null` as simulated here (the ``1 - alpha`` point, as
+        :func:`netcleanse.calibrated.critical_index` takes it); None without a null."""
+        if self.null is None or not len(self.null):
+            return None
+        i = max(1, math.ceil((len(self.null) + 1) * (1 - self.alpha) - 1e-9))
+        return float(self.null[i - 1]) if i <= len(self.null) else None
+
+    @property
+    def null_disagrees(self) -> bool:
+        """The recorded critical index is not this simulation's: the scan was decided with another
+        version of the null (the figure then draws a null that is not the one its line came from)."""
+        here = self.simulated_critical
+        return (here is not None and self.critical_index is not None
+                and not math.isclose(here, self.critical_index, rel_tol=1e-9, abs_tol=1e-12))
+
+    @property
     def label_spread(self) -> float:
         """The null scale of one label's index: 1, or sqrt(1 + rho) for the combined index (the sum
         of two unit signals correlated rho, over sqrt(2))."""
@@ -729,7 +746,7 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
             "mask L1 norm of every label, marked by how it was searched, with the thresholds; flagged labels marked"))
         if decision is not None:
             plots_out.append(Picture("decision", plots.figure_png(plots.decision_figure(decision)),
-                                     f"the calibrated test: the reference labels' {decision.index_name + 'es'}, "
+                                     f"the calibrated test: the reference labels' {decision.index_name.replace('index', 'indices')}, "
                                      "the fitted null, the critical index and each tested label's p-value"))
         if two_signals:
             tested_labels = sorted(set(decision.size) & set(decision.margin))
