@@ -492,16 +492,31 @@ def test_two_signal_decision_and_scatter_draw_the_tests_own_inputs(tmp_path, mon
     reference = test["reference"]
     records = {r["label"]: r for r in scan["labels"]}
     crit = reference["critical_index"]
-    # the fixture's point: the easy label's size alone would pass the size-only test's critical
-    # index, yet it is not flagged; the loud label's size is ordinary, yet it is flagged
-    assert records[easy]["log_index"] > critical_index(300, 48, alpha) and easy not in scan["flagged"]
+    # the two combinations the scanning code has recorded: the sum of the two indices over sqrt 2,
+    # or the larger of that and the size index (named so in test.reference.statistic)
+    kind = "max" if reference["statistic"].startswith("max(") else "sum"
+
+    def combined(size: float, margin: float) -> float:
+        both = (size + margin) / math.sqrt(2)
+        return max(size, both) if kind == "max" else both
+
+    def beyond(size: float, margin: float) -> bool:  # the region the scatter shades
+        return size + margin > math.sqrt(2) * crit or (kind == "max" and size > crit)
+    # the fixture's point: the loud label's size is ordinary, yet it is flagged; the easy label's
+    # size alone would pass the size-only test's critical index: the sum's ordinary margin keeps it
+    # unflagged, the max keeps its size index
     assert records[loud]["log_index"] < 1 and loud in scan["flagged"] and 7 in scan["flagged"]
+    assert records[easy]["log_index"] > critical_index(300, 48, alpha)
+    if kind == "sum":
+        assert easy not in scan["flagged"]
+    else:
+        assert records[easy]["test_index"] == records[easy]["log_index"]
     seen = _figure_inputs(monkeypatch)
     markup = render_report(tmp_path).read_text()
     (decision,), _ = seen["decision_figure"]
 
     # the histogram and ticks show the combined index the test decided on, as recorded and by definition
-    assert decision.signals == 2 and decision.index_name == "combined index"
+    assert decision.signals == 2 and decision.index_name == "combined index" and decision.combination == kind
     assert set(decision.reference) == set(detection["controls"])
     assert set(decision.tested) == set(detection["candidates"]) - set(detection["controls"])
     for label, z in {**decision.reference, **decision.tested}.items():
@@ -509,7 +524,7 @@ def test_two_signal_decision_and_scatter_draw_the_tests_own_inputs(tmp_path, mon
         assert z == r["test_index"]
         size = (reference["median"] - log_size(r["mask_l1"])) / reference["scale"]
         margin = (math.log(max(r["max_margin"], MARGIN_FLOOR)) - reference["margin_median"]) / reference["margin_scale"]
-        assert z == pytest.approx((size + margin) / math.sqrt(2))
+        assert z == pytest.approx(combined(size, margin))
         assert decision.size[label] == pytest.approx(size) and decision.margin[label] == pytest.approx(margin)
     # the null is the two-signal simulation the scan's test used: its (1 - alpha) point is the recorded critical index
     assert decision.critical_index == crit
@@ -521,16 +536,16 @@ def test_two_signal_decision_and_scatter_draw_the_tests_own_inputs(tmp_path, mon
                                           s["flagged"]) for s in test["steps"]]
 
     # the scatter: every tested label at (size index, margin index), the flagged ones, the targets, the boundary
-    (size, margin, roles, flagged, boundary, targets, _names), _ = seen["signals_figure"]
+    (size, margin, roles, flagged, critical, combination, targets, _names), _ = seen["signals_figure"]
     tested = set(detection["candidates"]) | set(detection["controls"])
     assert set(size) == set(margin) == set(roles) == tested
     assert all(size[t] == records[t]["log_index"] and margin[t] == records[t]["margin_index"] for t in tested)
     assert {t for t, role in roles.items() if role == "reference"} == set(detection["controls"])
     assert sorted(flagged) == sorted(scan["flagged"]) and list(targets) == [7]
-    assert boundary == pytest.approx(math.sqrt(2) * crit)
-    # the line separates the first step's flag from the labels it did not flag
-    first = test["steps"][0]["label"]
-    assert size[first] + margin[first] > boundary > size[easy] + margin[easy]
+    assert critical == crit and combination == kind
+    # the shaded region holds exactly the labels whose index passes the first step's critical index
+    assert all(beyond(size[t], margin[t]) == (records[t]["test_index"] > crit) for t in tested)
+    assert beyond(size[test["steps"][0]["label"]], margin[test["steps"][0]["label"]]) and beyond(size[loud], margin[loud])
 
     # the page says what the index is, step by step, and what the verdict assumes
     text = page_text(markup)
@@ -599,13 +614,49 @@ def test_two_signal_scan_of_every_label(tmp_path, monkeypatch):
     assert decision.reference == {t: test.indices[t] for t in range(10)}
     assert np.array_equal(decision.null, null_max_index(10, None, signals=2))
     assert decision.critical_index == test.reference["critical_index"]
-    (size, margin, roles, flagged, boundary, targets, _names), _ = seen["signals_figure"]
+    (size, margin, roles, flagged, critical, combination, targets, _names), _ = seen["signals_figure"]
     assert size == test.size_indices and margin == test.margin_indices and set(roles.values()) == {"reference"}
-    assert flagged == [7] and list(targets) == [7] and boundary == pytest.approx(math.sqrt(2) * decision.critical_index)
+    assert flagged == [7] and list(targets) == [7] and critical == test.reference["critical_index"]
+    assert combination == ("max" if test.reference["statistic"].startswith("max(") else "sum")
     # the mask-size figure's solid line: the size a label of median margin needs, as the test recorded it
     (_, _, _, _, _, _, _, _, rule_line, *_), _ = seen["mask_l1_figure"]
     assert rule_line[0] == test.reference["threshold_l1"] and "at the median margin" in rule_line[1]
     assert f"mask L1 < {fmt_number(test.reference['threshold_l1'])}" in text and "if its maximum logit margin is the reference's median" in text
+
+
+def test_two_signal_scan_decided_on_the_larger_of_size_and_sum(tmp_path, monkeypatch):
+    # the statistic max(z_size, (z_size + z_margin) / sqrt 2), as a scan records it when its test
+    # combined the signals that way: indices, curve, scatter edge and captions follow the record
+    scan, easy, loud = write_two_signal_scan(tmp_path, 300, planted=(7,))
+    reference = scan["test"]["reference"]
+    reference["statistic"] = "max(z_size, (z_size + z_margin) / sqrt(2)) of log mask L1 and log maximum margin"
+    for r in scan["labels"]:
+        if r.get("test_index") is not None:
+            r["test_index"] = max(r["log_index"], (r["log_index"] + r["margin_index"]) / math.sqrt(2))
+    (tmp_path / "scan.json").write_text(json.dumps(scan))
+    seen = _figure_inputs(monkeypatch)
+    text = page_text(render_report(tmp_path).read_text())
+    (decision,), _ = seen["decision_figure"]
+    records = {r["label"]: r for r in scan["labels"]}
+    assert decision.combination == "max"
+    assert all(decision.reference[t] == records[t]["test_index"] for t in decision.reference)
+    shown = {**decision.reference, **decision.tested}
+    assert shown[easy] == records[easy]["log_index"]  # its ordinary margin: the size index decides
+    # the per-label null curve is a density of the max (mass 1, none of it below the size's own left tail)
+    grid = np.linspace(-8, 12, 4001)
+    density = decision.label_density(grid)
+    assert np.trapezoid(density, grid) == pytest.approx(1.0, abs=0.01)
+    (_, _, _, _, critical, combination, _, _), _ = seen["signals_figure"]
+    assert combination == "max" and critical == reference["critical_index"]
+    crit = reference["critical_index"]
+    assert f"right of size index = {fmt_index(crit)}" in text and "an ordinary margin never hides a small trigger" in text
+    assert f"combined index max(z_size, (z_size + z_margin) / √2) of two signals" in text
+    # a record without the statistic's name: told by the records themselves
+    reference.pop("statistic")
+    (tmp_path / "scan.json").write_text(json.dumps(scan))
+    render_report(tmp_path)
+    (decision,), _ = seen["decision_figure"]
+    assert decision.combination == "max"
 
 
 def test_two_signal_scan_without_power_says_why(tmp_path):

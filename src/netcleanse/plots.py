@@ -246,8 +246,12 @@ def decision_figure(decision) -> Figure:
     if len(ref):
         ax.hist(ref, bins=bins, density=True, color=OKABE_ITO["orange"], alpha=0.55, edgecolor="white",
                 linewidth=0.4, label=f"{ref_name}: their index")
-    one = (f"{decision.family_name} × √(1 + ρ), ρ = {decision.rho:g} between the two signals" if decision.combined
-           else f"{decision.family_name} (median and scale of the reference)")
+    if decision.combined and decision.combination == "max":
+        one = f"{decision.formula} of a bivariate {decision.family_name} pair, ρ = {decision.rho:g} (simulated)"
+    elif decision.combined:
+        one = f"{decision.family_name} × √(1 + ρ), ρ = {decision.rho:g} between the two signals"
+    else:
+        one = f"{decision.family_name} (median and scale of the reference)"
     ax.plot(grid, decision.label_density(grid), color=OKABE_ITO["orange"], linewidth=2.0,
             label=f"null of one label's index: {one}")
     if null is not None and len(null):
@@ -283,8 +287,8 @@ def decision_figure(decision) -> Figure:
     ax.set_xlim(low, high)
     ax.set_ylim(0, top)
     if decision.combined:
-        ax.set_xlabel("combined index (z_size + z_margin) / √2, each signal against the reference's median and "
-                      "scale (larger = smaller trigger, larger margin)")
+        ax.set_xlabel(f"combined index {decision.formula}, each signal against the reference "
+                      "(larger = smaller trigger, larger margin)")
     else:
         ax.set_xlabel(f"log-scale index z = (median − {decision.statistic}) / scale of the reference "
                       "(larger = smaller trigger)")
@@ -297,18 +301,19 @@ def decision_figure(decision) -> Figure:
 
 
 def signals_figure(size: dict[int, float], margin: dict[int, float], roles: dict[int, str | None],
-                   flagged: Sequence[int], boundary: float | None, true_targets: Sequence[int] = (),
-                   role_names: dict[str, str] | None = None) -> Figure:
+                   flagged: Sequence[int], critical: float | None, combination: str | None = "sum",
+                   true_targets: Sequence[int] = (), role_names: dict[str, str] | None = None) -> Figure:
     """The two signals of a two-signal test, label by label: x = the size index (larger = smaller
     trigger), y = the margin index (larger = larger maximum logit margin), both against the
     reference's median and scale.
 
     ``size``, ``margin``: label -> index, for the tested labels; ``roles``: their search role
     (:data:`ROLE_STYLE` markers, named by ``role_names``); ``flagged``: the scan's flagged labels
-    (red diamonds, numbered); ``true_targets``: planted targets (green rings); ``boundary``: the
-    test's first step flags the most anomalous label when ``x + y > boundary`` (sqrt(2) times the
-    critical index): the line is drawn and the region beyond it shaded. The labels nearest the
-    line that were not flagged are numbered too.
+    (red diamonds, numbered); ``true_targets``: planted targets (green rings). ``critical``: the
+    test's first-step critical index ``c``; the region where the test's index exceeds it is shaded
+    and its edge drawn: for ``combination`` "sum" ((x + y) / sqrt 2) the line ``x + y = sqrt(2) c``;
+    for "max" (max(x, (x + y) / sqrt 2)) that line above ``y = (sqrt 2 - 1) c`` and the vertical
+    ``x = c`` below it. The unflagged labels with the largest index are numbered too.
     """
     labels = sorted(set(size) & set(margin))
     x = np.array([size[t] for t in labels], dtype=float)
@@ -317,21 +322,37 @@ def signals_figure(size: dict[int, float], margin: dict[int, float], roles: dict
     is_flagged = np.isin(labels, list(flagged))
     targets = np.isin(labels, list(true_targets))
     names = role_names or {}
+    both = (x + y) / np.sqrt(2)
+    index = np.maximum(x, both) if combination == "max" else both
 
     fig = Figure(figsize=(10, 5.6), layout="constrained")
     ax = fig.subplots()
-    half = boundary / 2 if boundary is not None else 0.0  # the line's point nearest the origin
+    line = np.sqrt(2) * critical if critical is not None else None
+    # keep the edge's corner in view: the line's point nearest the origin, or (c, (sqrt 2 - 1) c)
+    corner = ((critical, (np.sqrt(2) - 1) * critical) if combination == "max" else (line / 2, line / 2)) \
+        if critical is not None else (0.0, 0.0)
     low_x = min(float(x.min(initial=0.0)), -3.0) - 0.5
     low_y = min(float(y.min(initial=0.0)), -3.0) - 0.5
-    high_x = max(float(x.max(initial=0.0)), half, 3.0) + 0.8
-    high_y = max(float(y.max(initial=0.0)), half, 3.0) + 0.8
+    high_x = max(float(x.max(initial=0.0)), corner[0], 3.0) + 0.8
+    high_y = max(float(y.max(initial=0.0)), corner[1], 3.0) + 0.8
     ax.axhline(0, color=MEDIAN, linewidth=0.8, linestyle=":")
     ax.axvline(0, color=MEDIAN, linewidth=0.8, linestyle=":")
-    if boundary is not None:
-        line_x = np.array([low_x, high_x])
-        ax.fill_between(line_x, boundary - line_x, high_y, color=FLAGGED, alpha=0.08, linewidth=0)
-        ax.plot(line_x, boundary - line_x, color=FLAGGED, linewidth=1.8,
-                label=f"decision boundary: size index + margin index = {boundary:.2f} (√2 × critical index)")
+    if critical is not None:
+        edge_x = np.linspace(low_x, high_x, 200)
+        edge_y = line - edge_x  # x + y = sqrt(2) c
+        if combination == "max":
+            # the vertical part x = c, where the size alone decides (below the corner)
+            edge_y = np.where(edge_x < critical, edge_y, low_y)
+            ax.fill_between(edge_x, edge_y, high_y, color=FLAGGED, alpha=0.08, linewidth=0)
+            keep = edge_x <= critical
+            ax.plot(np.append(edge_x[keep], [critical, critical]), np.append(edge_y[keep], [corner[1], low_y]),
+                    color=FLAGGED, linewidth=1.8,
+                    label=f"decision boundary: size index = {critical:.2f} (the critical index), or size index + "
+                          f"margin index = {line:.2f} (√2 × it)")
+        else:
+            ax.fill_between(edge_x, edge_y, high_y, color=FLAGGED, alpha=0.08, linewidth=0)
+            ax.plot(edge_x, edge_y, color=FLAGGED, linewidth=1.8,
+                    label=f"decision boundary: size index + margin index = {line:.2f} (√2 × critical index)")
     for kind in ("reference", "candidate", "untested"):
         chosen = (role == kind) & ~is_flagged
         if not chosen.any():
@@ -354,9 +375,10 @@ def signals_figure(size: dict[int, float], margin: dict[int, float], roles: dict
                    label="planted target (ground truth)")
     ax.set_xlim(low_x, high_x)
     ax.set_ylim(low_y, high_y)
-    _annotate_apart(ax, [(x[i], y[i], str(labels[i])) for i in np.argsort(-(x + y), kind="stable") if is_flagged[i]])
-    if boundary is not None:  # the unflagged labels closest to the line: why they were not flagged
-        near = [i for i in np.argsort(-(x + y), kind="stable") if not is_flagged[i]][:3]
+    order = np.argsort(-index, kind="stable")
+    _annotate_apart(ax, [(x[i], y[i], str(labels[i])) for i in order if is_flagged[i]])
+    if critical is not None:  # the unflagged labels closest to the edge: why they were not flagged
+        near = [i for i in order if not is_flagged[i]][:3]
         _annotate_apart(ax, [(x[i], y[i], str(labels[i])) for i in near], color="black", bold=False)
     ax.set_xlabel("size index z_size (larger = smaller reversed trigger than the reference's)")
     ax.set_ylabel("margin index z_margin (larger = larger\nmaximum logit margin than the reference's)")

@@ -43,6 +43,7 @@ import datetime as _dt
 import json
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -336,11 +337,13 @@ class DecisionInputs:
 
     The statistic is the index the scan's test decided on (``signals``: 1 or 2). With one signal it
     is each label's log-scale size index ``z = (median - log max(L1, FLOOR)) / scale`` against the
-    reference; with two it is the combined index ``(z_size + z_margin) / sqrt(2)``, where
-    ``z_margin = (log max_margin - margin_median) / margin_scale`` (:mod:`netcleanse.calibrated`).
-    ``reference``: the reference labels' indices (the histogram); ``tested``: the other tested
-    labels' indices; under the null one label's index follows ``family`` (times ``sqrt(1 + rho)``
-    for the combined index of two signals correlated ``rho``: the fitted curve). ``null``: the
+    reference; with two a combined index of it and ``z_margin = (log max_margin - margin_median) /
+    margin_scale`` (:mod:`netcleanse.calibrated`): ``combination`` "sum", ``(z_size + z_margin) /
+    sqrt(2)``, or "max", ``max(z_size, (z_size + z_margin) / sqrt(2))``, as the scan's test
+    recorded it (``test.reference.statistic``). ``reference``: the reference labels' indices (the
+    histogram); ``tested``: the other tested labels' indices; under the null one label's index
+    follows ``family`` (for two signals correlated ``rho``: the sum's is the family times
+    ``sqrt(1 + rho)``, the max's is simulated: the fitted curve). ``null``: the
     test's simulated null of the largest index among ``n_labels`` labels (the same simulation as
     the scan's, so its ``1 - alpha`` point is ``critical_index``); ``steps``: the step-down tests
     as recorded (label, index, p_value, flagged, and with two signals size_index, margin_index).
@@ -368,6 +371,7 @@ class DecisionInputs:
     margin_median: float | None = None  # log scale, of the reference
     margin_scale: float | None = None
     rho: float | None = None  # the null's correlation between the two signals
+    combination: str | None = None  # two signals: "sum" or "max" (see above)
 
     @property
     def combined(self) -> bool:
@@ -378,9 +382,29 @@ class DecisionInputs:
         return "combined index" if self.combined else "log-scale index"
 
     @property
+    def formula(self) -> str:
+        """The combined index, written out (two signals only)."""
+        if not self.combined:
+            return "z"
+        return ("max(z_size, (z_size + z_margin) / √2)" if self.combination == "max"
+                else "(z_size + z_margin) / √2")
+
+    @property
     def boundary(self) -> float | None:
-        """The line ``z_size + z_margin = boundary`` of the scatter: sqrt(2) times the critical index."""
+        """The line ``z_size + z_margin = boundary`` of the scatter: sqrt(2) times the critical index.
+        (With the "max" combination a label is also flagged when ``z_size`` alone exceeds the
+        critical index: the region's other edge, :meth:`beyond`.)"""
         return math.sqrt(2) * self.critical_index if self.combined and self.critical_index is not None else None
+
+    def combine(self, size: float, margin: float) -> float:
+        """The test's index of a label with these two indices."""
+        both = (size + margin) / math.sqrt(2)
+        return max(size, both) if self.combination == "max" else both
+
+    def beyond(self, size: float, margin: float) -> bool:
+        """Whether a label at (size index, margin index) lies beyond the first step's critical index
+        (the scatter's shaded region)."""
+        return self.critical_index is not None and self.combine(size, margin) > self.critical_index
 
     @property
     def scale_name(self) -> str:
@@ -417,11 +441,31 @@ class DecisionInputs:
 
     def label_density(self, z: np.ndarray) -> np.ndarray:
         """The null density of one label's index: the family's, scaled by :attr:`label_spread`
-        (symmetric, so the same for z and -z)."""
+        (symmetric, so the same for z and -z); for the "max" combination, a histogram of simulated
+        labels (:func:`_max_index_density`)."""
         from scipy import stats
+        z = np.asarray(z, dtype=float)
+        if self.combined and self.combination == "max":
+            edges, density = _max_index_density(self.family, self.df, self.rho if self.rho is not None else 0.0)
+            return np.interp(z, (edges[:-1] + edges[1:]) / 2, density, left=0.0, right=0.0)
         dist = stats.norm if self.family == "normal" else stats.t(self.df)
         spread = self.label_spread
-        return dist.pdf(np.asarray(z, dtype=float) / spread) / spread
+        return dist.pdf(z / spread) / spread
+
+
+@lru_cache(maxsize=8)
+def _max_index_density(family: str, df: float, rho: float, draws: int = 1_000_000) -> tuple[np.ndarray, np.ndarray]:
+    """(bin edges, density) of one clean label's ``max(z_size, (z_size + z_margin) / sqrt(2))``
+    when its two signals are a bivariate draw of the family with correlation ``rho`` (the test's
+    per-label model, medians and scales known); fixed seed."""
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((2, draws))
+    g[1] = rho * g[0] + math.sqrt(1 - rho * rho) * g[1]
+    if family == "t":
+        g /= np.sqrt(rng.chisquare(df, draws) / df)
+    index = np.maximum(g[0], (g[0] + g[1]) / math.sqrt(2))
+    density, edges = np.histogram(index, bins=np.linspace(-8, 12, 201))
+    return edges, density / (draws * np.diff(edges))
 
 
 def _family(text: Any) -> tuple[str, float]:
@@ -459,6 +503,7 @@ def decision_inputs(scan: dict, rows: list[dict], roles: dict[int, str]) -> Deci
 
     margin_median, margin_scale = _as_float(reference.get("margin_median")), _as_float(reference.get("margin_scale"))
     signals = 2 if margin_median is not None and margin_scale else 1
+    combination = _combination(reference.get("statistic"), rows) if signals == 2 else None
 
     def size_index(r: dict) -> float:
         z = r.get("log_index")
@@ -477,7 +522,10 @@ def decision_inputs(scan: dict, rows: list[dict], roles: dict[int, str]) -> Deci
         if r.get("test_index") is not None:
             return r["test_index"]
         z = margin_index(r)
-        return None if z is None else (size_index(r) + z) / math.sqrt(2)
+        if z is None:
+            return None
+        both = (size_index(r) + z) / math.sqrt(2)
+        return max(size_index(r), both) if combination == "max" else both
 
     in_test = [r for r in rows if roles.get(r["label"]) in (REFERENCE, CANDIDATE) and index(r) is not None]
     ref = {r["label"]: index(r) for r in in_test if roles.get(r["label"]) == REFERENCE}
@@ -506,7 +554,25 @@ def decision_inputs(scan: dict, rows: list[dict], roles: dict[int, str]) -> Deci
                           critical if critical is not None and math.isfinite(critical) else None, null,
                           scan.get("rule") == "calibrated", signals, size, margin,
                           margin_median if signals == 2 else None, margin_scale if signals == 2 else None,
-                          cal.MARGIN_RHO if signals == 2 else None)
+                          cal.MARGIN_RHO if signals == 2 else None, combination)
+
+
+def _combination(statistic: Any, rows: list[dict]) -> str:
+    """How a two-signal test combined its indices: "max" (``max(z_size, (z_size + z_margin) /
+    sqrt(2))``) or "sum" (``(z_size + z_margin) / sqrt(2)``), from the recorded statistic's name;
+    a name that says neither is told by the records (a ``test_index`` that equals the size index
+    where the sum is below it), else "sum" (the first two-signal scans')."""
+    text = statistic if isinstance(statistic, str) else ""
+    if text.startswith("max(") or "max(z_size" in text:
+        return "max"
+    if "(z_size + z_margin) / sqrt(2)" in text:
+        return "sum"
+    for r in rows:
+        size, margin, index = r.get("log_index"), r.get("margin_index"), r.get("test_index")
+        # where the sum is below the size index, the two combinations differ
+        if size is not None and margin is not None and index is not None and margin < (math.sqrt(2) - 1) * size - 1e-6:
+            return "max" if math.isclose(index, size, rel_tol=1e-9, abs_tol=1e-12) else "sum"
+    return "sum"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -722,10 +788,10 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
     two_signals = decision is not None and decision.combined
     calibrated_l1 = _as_float(reference.get("threshold_l1")) if calibrated else None
     if calibrated and calibrated_l1 is None and decision is not None and decision.critical_index is not None:
-        # the size index a label of the reference's median margin needs: the critical index times
-        # sqrt(signals) (calibrated.calibrated_test's threshold_l1)
-        calibrated_l1 = math.exp(decision.median - decision.critical_index * math.sqrt(decision.signals)
-                                 * decision.scale)
+        # the size index a label of the reference's median margin (z_margin = 0) needs
+        # (calibrated.calibrated_test's threshold_l1): the critical index, times sqrt(2) for the sum
+        needed = decision.critical_index * (math.sqrt(2) if two_signals and decision.combination == "sum" else 1.0)
+        calibrated_l1 = math.exp(decision.median - needed * decision.scale)
     at_median = " at the median margin" if two_signals else ""
     rule_line = ((calibrated_l1, f"calibrated threshold{at_median}: L1 < {calibrated_l1:.4g} (p <= {alpha:g})")
                  if calibrated_l1 is not None else None)
@@ -753,7 +819,7 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
             flagged_tested = [r["label"] for r in rows if r["flagged"] and r["label"] in decision.size]
             plots_out.append(Picture("signals", plots.figure_png(plots.signals_figure(
                 decision.size, decision.margin, {t: roles.get(t) for t in tested_labels}, flagged_tested,
-                decision.boundary, targets, {g.role: g.name for g in groups})),
+                decision.critical_index, decision.combination, targets, {g.role: g.name for g in groups})),
                 "the two signals of every tested label: size index against margin index, with the decision "
                 "boundary; flagged labels marked"))
         indices = [r for r in rows if r["anomaly_index"] is not None]
