@@ -74,12 +74,18 @@ def write_scan(directory: Path, num_labels: int, shape=(1, 28, 28), planted=(7,)
 
 
 def write_two_stage_scan(directory: Path, num_labels: int = 300, planted=(7,), *, rule="calibrated", alpha=0.05,
-                         shape=(3, 20, 16), name="faces-badnet", seed=0) -> dict:
+                         shape=(3, 20, 16), name="faces-badnet", seed=0, margins: dict | None = None,
+                         l1: dict | None = None) -> dict:
     """A fast-preset scan of many labels as `netcleanse scan --out` records it: every label had the
     coarse pass, the 16 smallest coarse masks (candidates) and 48 random controls were refined, the
-    calibrated test ran on them (the producer's own calibrated_inputs and calibrated_test)."""
+    calibrated test ran on them (the producer's own calibrated_inputs and calibrated_test).
+
+    ``margins``: None, a scan made before the maximum margin (decided on the size alone); else the
+    refined labels get a ``max_margin`` (log-normal around 5, or the value given here by label) and
+    the test combines both signals, recorded as the scan records it (``log_index``,
+    ``margin_index``, ``test_index``; tested_margins). ``l1``: refined labels' mask L1 by label."""
     from netcleanse.calibrated import calibrated_test
-    from netcleanse.scanning import PRESETS, calibrated_inputs
+    from netcleanse.scanning import PRESETS, calibrated_inputs, tested_margins
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     plan = PRESETS["fast"].to_dict()
@@ -93,8 +99,11 @@ def write_two_stage_scan(directory: Path, num_labels: int = 300, planted=(7,), *
     records = []
     for t in range(num_labels):
         if t in refined:
-            l1 = 12.0 if t in planted else float(np.exp(rng.normal(np.log(300), 0.3)))
-            record = {"label": t, "mask_l1": l1, "stage": "refine", "steps": coarse_steps + int(rng.integers(100, 300))}
+            size = 12.0 if t in planted else float(np.exp(rng.normal(np.log(300), 0.3)))
+            size = (l1 or {}).get(t, size)
+            record = {"label": t, "mask_l1": size, "stage": "refine", "steps": coarse_steps + int(rng.integers(100, 300))}
+            if margins is not None:
+                record["max_margin"] = margins.get(t, 40.0 if t in planted else float(np.exp(rng.normal(np.log(5), 0.2))))
         else:
             record = {"label": t, "mask_l1": float(coarse[t]), "stage": "coarse", "steps": coarse_steps}
         records.append({**record, "attack_success": float(rng.uniform(0.7, 1.0)), "succeeded": True,
@@ -103,7 +112,8 @@ def write_two_stage_scan(directory: Path, num_labels: int = 300, planted=(7,), *
     ref_l1 = np.array([records[t]["mask_l1"] for t in controls])
     median, mad = float(np.median(ref_l1)), float(1.4826 * np.median(np.abs(ref_l1 - np.median(ref_l1))))
     detection.update(median=median, mad=mad)
-    test = calibrated_test(*calibrated_inputs(records, detection), alpha=alpha)
+    test = calibrated_test(*calibrated_inputs(records, detection), alpha=alpha,
+                           margins=tested_margins(records, detection))
     index = _anomaly_indices(coarse)  # labels of the coarse pass alone: against the coarse pass's median
     mad_flagged = []
     for r in records:
@@ -113,9 +123,13 @@ def write_two_stage_scan(directory: Path, num_labels: int = 300, planted=(7,), *
             mad_flagged.append(r["label"])
     flagged = test.flagged if rule == "calibrated" else mad_flagged
     for r in records:
-        r.update(anomaly_index=float(index[r["label"]]), log_index=test.indices.get(r["label"]),
-                 p_value=test.p_values.get(r["label"]), flagged=r["label"] in flagged,
+        r.update(anomaly_index=float(index[r["label"]]), p_value=test.p_values.get(r["label"]), flagged=r["label"] in flagged,
                  mask_l1_vs_median=r["mask_l1"] / median)
+        if margins is None:  # as scans recorded it before the margin
+            r.update(log_index=test.indices.get(r["label"]))
+        else:  # as scanning.scan records it
+            r.update(log_index=test.size_indices.get(r["label"]), margin_index=test.margin_indices.get(r["label"]),
+                     test_index=test.indices.get(r["label"]))
     channels, height, width = shape
     masks = np.zeros((num_labels, height, width), np.float32)
     masks[:, :4, :4] = 0.5
@@ -353,7 +367,7 @@ def _figure_inputs(monkeypatch) -> dict:
     """Record what the report hands to the figures (the plotting itself still runs)."""
     from netcleanse import plots
     seen: dict = {}
-    for name in ("mask_l1_figure", "decision_figure", "anomaly_index_figure"):
+    for name in ("mask_l1_figure", "decision_figure", "anomaly_index_figure", "signals_figure"):
         original = getattr(plots, name)
 
         def spy(*args, _original=original, _name=name, **kwargs):
@@ -451,6 +465,242 @@ def test_decision_figure_draws_the_tests_own_inputs(tmp_path, monkeypatch):
     for s in test["steps"]:
         assert f"| {s['step']} | {s['label']} | {fmt_index(s['index'])} | {s['n_labels']} |" in md
     _assert_tables_are_rectangular(md)
+
+
+def write_two_signal_scan(directory: Path, num_labels: int = 300, planted=(7,), **kwargs) -> tuple[dict, int, int]:
+    """A two-stage scan with margins and two telling labels: ``easy``, a candidate whose trigger is
+    far smaller than the reference's but whose margin is ordinary, and ``loud``, a control whose
+    trigger is ordinary but whose margin is extreme. Returns (scan, easy, loud)."""
+    first = write_two_stage_scan(directory, num_labels, planted=planted, margins={}, **kwargs)
+    detection = first["settings"]["detection"]
+    easy = next(t for t in detection["candidates"] if t not in detection["controls"] and t not in planted)
+    loud = next(t for t in detection["controls"] if t not in planted)
+    records = {r["label"]: r for r in first["labels"]}
+    typical_l1 = float(np.median([records[t]["mask_l1"] for t in detection["controls"]]))
+    typical_margin = float(np.median([records[t]["max_margin"] for t in detection["controls"]]))
+    scan = write_two_stage_scan(directory, num_labels, planted=planted, **kwargs,
+                                margins={easy: typical_margin, loud: 8 * typical_margin},
+                                l1={easy: typical_l1 / 12, loud: typical_l1})
+    return scan, easy, loud
+
+
+def test_two_signal_decision_and_scatter_draw_the_tests_own_inputs(tmp_path, monkeypatch):
+    from netcleanse.calibrated import MARGIN_FLOOR, critical_index, log_size, null_max_index
+    scan, easy, loud = write_two_signal_scan(tmp_path / "scan", 300, planted=(7,))
+    write_truth(tmp_path / "badnet", targets=(7,))
+    test, detection, alpha = scan["test"], scan["settings"]["detection"], scan["alpha"]
+    reference = test["reference"]
+    records = {r["label"]: r for r in scan["labels"]}
+    crit = reference["critical_index"]
+    # the two combinations the scanning code has recorded: the sum of the two indices over sqrt 2,
+    # or the larger of that and the size index (named so in test.reference.statistic)
+    kind = "max" if reference["statistic"].startswith("max(") else "sum"
+
+    def combined(size: float, margin: float) -> float:
+        both = (size + margin) / math.sqrt(2)
+        return max(size, both) if kind == "max" else both
+
+    def beyond(size: float, margin: float) -> bool:  # the region the scatter shades
+        return size + margin > math.sqrt(2) * crit or (kind == "max" and size > crit)
+    # the fixture's point: the loud label's size is ordinary, yet it is flagged; the easy label's
+    # size alone would pass the size-only test's critical index: the sum's ordinary margin keeps it
+    # unflagged, the max keeps its size index
+    assert records[loud]["log_index"] < 1 and loud in scan["flagged"] and 7 in scan["flagged"]
+    assert records[easy]["log_index"] > critical_index(300, 48, alpha)
+    if kind == "sum":
+        assert easy not in scan["flagged"]
+    else:
+        assert records[easy]["test_index"] == records[easy]["log_index"]
+    seen = _figure_inputs(monkeypatch)
+    markup = render_report(tmp_path).read_text()
+    (decision,), _ = seen["decision_figure"]
+
+    # the histogram and ticks show the combined index the test decided on, as recorded and by definition
+    assert decision.signals == 2 and decision.index_name == "combined index" and decision.combination == kind
+    assert set(decision.reference) == set(detection["controls"])
+    assert set(decision.tested) == set(detection["candidates"]) - set(detection["controls"])
+    for label, z in {**decision.reference, **decision.tested}.items():
+        r = records[label]
+        assert z == r["test_index"]
+        size = (reference["median"] - log_size(r["mask_l1"])) / reference["scale"]
+        margin = (math.log(max(r["max_margin"], MARGIN_FLOOR)) - reference["margin_median"]) / reference["margin_scale"]
+        assert z == pytest.approx(combined(size, margin))
+        assert decision.size[label] == pytest.approx(size) and decision.margin[label] == pytest.approx(margin)
+    # the null is the two-signal simulation the scan's test used: its (1 - alpha) point is the recorded critical index
+    assert decision.critical_index == crit
+    assert np.array_equal(decision.null, null_max_index(300, 48, signals=2))
+    at = math.ceil((len(decision.null) + 1) * (1 - alpha) - 1e-9) - 1
+    assert decision.null[at] == pytest.approx(crit)
+    assert [(s["label"], s["index"], s["size_index"], s["margin_index"], s["p_value"], s["flagged"])
+            for s in decision.steps] == [(s["label"], s["index"], s["size_index"], s["margin_index"], s["p_value"],
+                                          s["flagged"]) for s in test["steps"]]
+
+    # the scatter: every tested label at (size index, margin index), the flagged ones, the targets, the boundary
+    (size, margin, roles, flagged, critical, combination, targets, _names), _ = seen["signals_figure"]
+    tested = set(detection["candidates"]) | set(detection["controls"])
+    assert set(size) == set(margin) == set(roles) == tested
+    assert all(size[t] == records[t]["log_index"] and margin[t] == records[t]["margin_index"] for t in tested)
+    assert {t for t, role in roles.items() if role == "reference"} == set(detection["controls"])
+    assert sorted(flagged) == sorted(scan["flagged"]) and list(targets) == [7]
+    assert critical == crit and combination == kind
+    # the shaded region holds exactly the labels whose index passes the first step's critical index
+    assert all(beyond(size[t], margin[t]) == (records[t]["test_index"] > crit) for t in tested)
+    assert beyond(size[test["steps"][0]["label"]], margin[test["steps"][0]["label"]]) and beyond(size[loud], margin[loud])
+
+    # the page says what the index is, step by step, and what the verdict assumes
+    text = page_text(markup)
+    for s in test["steps"]:
+        verdict = f"flagged (p ≤ {alpha:g})" if s["flagged"] else f"not flagged (p > {alpha:g}): stop"
+        assert (f"{s['step']} {s['label']} {fmt_index(s['size_index'])} {fmt_index(s['margin_index'])} "
+                f"{fmt_index(s['index'])} {s['n_labels']} {s['n_reference']} {s['p_value']:.2g} {verdict}") in text
+    assert "Size index Margin index Combined index" in text
+    assert (f"label {loud}: p-value {next(s['p_value'] for s in test['steps'] if s['label'] == loud):.2g}, combined "
+            f"index {fmt_index(records[loud]['test_index'])} (size index {fmt_index(records[loud]['log_index'])}, "
+            f"margin index {fmt_index(records[loud]['margin_index'])}") in text
+    assert "log trigger sizes and log maximum margins vary like the test's bivariate Student-t(10) model" in text
+    assert f"flagged with probability ≤ {100 * alpha:g} % (α)" in text
+    assert "MM-BD, Wang et al., IEEE S&P 2024" in text and "The verdict rests on these two per-label signals" in text
+    assert f"= √2 × {fmt_index(crit)} = {fmt_index(math.sqrt(2) * crit)}" in text
+    assert "rests on mask size alone" not in text and "this one per-label signal" not in text
+    assert 'alt="the two signals of every tested label' in markup
+    # Markdown: the same content, the scatter as a file beside it
+    md = render_report(tmp_path, format="md").read_text()
+    plain = md.replace("*", "")
+    assert "](report_signals.png)" in md and (tmp_path / "report_signals.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| Step | Label | Size index | Margin index | Combined index |" in md
+    for s in test["steps"]:
+        assert (f"| {s['step']} | {s['label']} | {fmt_index(s['size_index'])} | {fmt_index(s['margin_index'])} | "
+                f"{fmt_index(s['index'])} | {s['n_labels']} |") in md
+    assert "log trigger sizes and log maximum margins vary like the test's bivariate Student-t(10) model" in plain
+    assert "MM-BD, Wang et al., IEEE S&P 2024" in plain
+    _assert_tables_are_rectangular(md)
+    assert not decision.null_disagrees and "another version of the null" not in text
+
+    # a scan decided with another null than this simulation's: drawn as recorded, and the page says so
+    scan["test"]["reference"]["critical_index"] = crit - 1.0
+    (tmp_path / "scan" / "scan.json").write_text(json.dumps(scan))
+    text = page_text(render_report(tmp_path).read_text())
+    (decision,), _ = seen["decision_figure"]
+    assert decision.critical_index == crit - 1.0 and decision.simulated_critical == pytest.approx(crit)
+    assert (f"differs from this simulation's ({fmt_index(crit)}): the scan was decided with another version of the "
+            "null") in text
+
+
+def test_two_signal_scan_of_every_label(tmp_path, monkeypatch):
+    # a scan of few labels (every label is the reference, as in the paper) with margins, as
+    # scanning.scan records it: the decision and the scatter use the two-signal null of all labels
+    from netcleanse.calibrated import calibrated_test, null_max_index
+    from netcleanse.scanning import calibrated_inputs, tested_margins
+    scan = write_scan(tmp_path / "scan", 10, planted=(7,))
+    write_truth(tmp_path / "badnet", targets=(7,))
+    rng = np.random.default_rng(1)
+    for r in scan["labels"]:
+        r["max_margin"] = 60.0 if r["label"] == 7 else float(np.exp(rng.normal(np.log(8), 0.2)))
+    detection = {"scheme": "all labels"}
+    test = calibrated_test(*calibrated_inputs(scan["labels"], detection), margins=tested_margins(scan["labels"], detection))
+    for r in scan["labels"]:
+        t = r["label"]
+        r.update(log_index=test.size_indices[t], margin_index=test.margin_indices[t], test_index=test.indices[t],
+                 p_value=test.p_values[t], flagged=t in test.flagged)
+    scan.update(rule="calibrated", alpha=0.05, p_value=test.p_value, test=test.to_dict(), flagged=test.flagged,
+                verdict="backdoor-detected" if test.flagged else "none-detected")
+    scan["settings"]["detection"] = detection
+    (tmp_path / "scan" / "scan.json").write_text(json.dumps(scan))
+    assert scan["flagged"] == [7]
+    seen = _figure_inputs(monkeypatch)
+    text = page_text(render_report(tmp_path).read_text())
+    (decision,), _ = seen["decision_figure"]
+    assert decision.n_reference is None and set(decision.reference) == set(range(10)) and not decision.tested
+    assert decision.reference == {t: test.indices[t] for t in range(10)}
+    assert np.array_equal(decision.null, null_max_index(10, None, signals=2))
+    assert decision.critical_index == test.reference["critical_index"]
+    (size, margin, roles, flagged, critical, combination, targets, _names), _ = seen["signals_figure"]
+    assert size == test.size_indices and margin == test.margin_indices and set(roles.values()) == {"reference"}
+    assert flagged == [7] and list(targets) == [7] and critical == test.reference["critical_index"]
+    assert combination == ("max" if test.reference["statistic"].startswith("max(") else "sum")
+    # the mask-size figure's solid line: the size a label of median margin needs, as the test recorded it
+    (_, _, _, _, _, _, _, _, rule_line, *_), _ = seen["mask_l1_figure"]
+    assert rule_line[0] == test.reference["threshold_l1"] and "at the median margin" in rule_line[1]
+    assert f"mask L1 < {fmt_number(test.reference['threshold_l1'])}" in text and "if its maximum logit margin is the reference's median" in text
+
+
+def test_two_signal_scan_decided_on_the_larger_of_size_and_sum(tmp_path, monkeypatch):
+    # the statistic max(z_size, (z_size + z_margin) / sqrt 2), as a scan records it when its test
+    # combined the signals that way: indices, curve, scatter edge and captions follow the record
+    scan, easy, loud = write_two_signal_scan(tmp_path, 300, planted=(7,))
+    reference = scan["test"]["reference"]
+    reference["statistic"] = "max(z_size, (z_size + z_margin) / sqrt(2)) of log mask L1 and log maximum margin"
+    for r in scan["labels"]:
+        if r.get("test_index") is not None:
+            r["test_index"] = max(r["log_index"], (r["log_index"] + r["margin_index"]) / math.sqrt(2))
+    (tmp_path / "scan.json").write_text(json.dumps(scan))
+    seen = _figure_inputs(monkeypatch)
+    text = page_text(render_report(tmp_path).read_text())
+    (decision,), _ = seen["decision_figure"]
+    records = {r["label"]: r for r in scan["labels"]}
+    assert decision.combination == "max"
+    assert all(decision.reference[t] == records[t]["test_index"] for t in decision.reference)
+    shown = {**decision.reference, **decision.tested}
+    assert shown[easy] == records[easy]["log_index"]  # its ordinary margin: the size index decides
+    # the per-label null curve is a density of the max (mass 1, none of it below the size's own left tail)
+    grid = np.linspace(-8, 12, 4001)
+    density = decision.label_density(grid)
+    assert np.trapezoid(density, grid) == pytest.approx(1.0, abs=0.01)
+    (_, _, _, _, critical, combination, _, _), _ = seen["signals_figure"]
+    assert combination == "max" and critical == reference["critical_index"]
+    crit = reference["critical_index"]
+    assert f"right of size index = {fmt_index(crit)}" in text and "an ordinary margin never hides a small trigger" in text
+    assert f"combined index max(z_size, (z_size + z_margin) / √2) of two signals" in text
+    # a record without the statistic's name: told by the records themselves
+    reference.pop("statistic")
+    (tmp_path / "scan.json").write_text(json.dumps(scan))
+    render_report(tmp_path)
+    (decision,), _ = seen["decision_figure"]
+    assert decision.combination == "max"
+
+
+def test_two_signal_scan_without_power_says_why(tmp_path):
+    # two labels: too few to fit a reference on, whatever the signals; the page does not speak of
+    # an empty mask (a margin has no ceiling)
+    from netcleanse.calibrated import calibrated_test
+    scan = write_scan(tmp_path, 2, planted=())
+    margins = {r["label"]: 5.0 + r["label"] for r in scan["labels"]}
+    test = calibrated_test({r["label"]: r["mask_l1"] for r in scan["labels"]}, margins=margins)
+    assert test.inconclusive and not test.flagged
+    for r in scan["labels"]:
+        r.update(max_margin=margins[r["label"]], log_index=test.size_indices[r["label"]],
+                 margin_index=test.margin_indices[r["label"]], test_index=test.indices[r["label"]])
+    scan.update(rule="calibrated", alpha=0.05, p_value=test.p_value, test=test.to_dict(), flagged=[],
+                verdict="inconclusive")
+    (tmp_path / "scan.json").write_text(json.dumps(scan))
+    for fmt in ("html", "md"):
+        text = page_text(render_report(tmp_path, format=fmt).read_text())
+        assert "Inconclusive: no label flagged among 2" in text
+        assert "The test had no power: fewer than three reference labels" in text and "empty mask" not in text
+
+
+def test_size_only_scans_keep_the_size_only_figure(tmp_path, monkeypatch):
+    # a scan made before margins: decided on the size alone; margins added to its records later do
+    # not change what the report shows (it re-decides nothing), but the page says so
+    from netcleanse.calibrated import null_max_index
+    scan = write_two_stage_scan(tmp_path, 300, planted=(7,))
+    seen = _figure_inputs(monkeypatch)
+    before = page_text(render_report(tmp_path).read_text())
+    for r in scan["labels"]:
+        if r["stage"] == "refine":
+            r["max_margin"] = 5.0
+    (tmp_path / "scan.json").write_text(json.dumps(scan))
+    for text in (before, page_text(render_report(tmp_path).read_text())):
+        assert "signals_figure" not in seen
+        (decision,), _ = seen["decision_figure"]
+        assert decision.signals == 1 and not decision.size and decision.rho is None
+        assert np.array_equal(decision.null, null_max_index(300, 48))
+        assert decision.critical_index == scan["test"]["reference"]["critical_index"]
+        assert "Log-scale index" in text and "Combined index" not in text and "combined index" not in text
+        assert "provided its clean labels' log trigger sizes vary like the test's Student-t(10) model" in text
+        assert "The verdict rests on this one per-label signal, the reversed trigger's mask size" in text
+    assert "records carry maximum logit margins" not in before
+    assert "records carry maximum logit margins, but this scan's recorded test predates them" in text
 
 
 @pytest.mark.parametrize("alpha", [0.05, 0.01])
@@ -676,17 +926,19 @@ def test_large_report_renders_in_headless_chromium(tmp_path):
     if browser is None:
         pytest.skip("chromium is not installed (Debian: apt-get install chromium); headless rendering not checked")
     # a fast-preset scan of 1283 labels: coarse-pass labels, candidates and controls, the calibrated decision
-    scan = write_two_stage_scan(tmp_path / "scan", 1283, shape=(3, 55, 47), planted=(0,), name="sunglasses_bd_net")
+    # with margins, as scans record them now: the decision on the combined index and the scatter of both signals
+    scan = write_two_stage_scan(tmp_path / "scan", 1283, shape=(3, 55, 47), planted=(0,), name="sunglasses_bd_net",
+                                margins={})
     assert scan["flagged"] == [0]
     started = time.perf_counter()
     page = render_report(tmp_path / "scan")
     assert time.perf_counter() - started < 30  # a few seconds on an idle machine
     markup = page.read_text()
     for alt in ("mask L1 norm of every label, marked by how it was searched", "the calibrated test:",
-                "histogram of anomaly indices"):
+                "histogram of anomaly indices", "the two signals of every tested label"):
         assert f'alt="{alt}' in markup
-    # tall enough to hold the verdict, the search table and the three figures
-    _screenshot(browser, page, tmp_path, height=4200)
+    # tall enough to hold the verdict, the search table and the four figures
+    _screenshot(browser, page, tmp_path, height=5200)
 
 
 @pytest.mark.slow

@@ -144,10 +144,11 @@ def mask_l1_figure(labels: Sequence[int], mask_l1: Sequence[float], flagged: Seq
 
 
 def _annotate_apart(ax, points: Sequence[tuple[float, float, str]], gap: tuple[float, float] = (0.13, 0.07),
-                    per_group: int = 3) -> None:
+                    per_group: int = 3, color: str = FLAGGED, bold: bool = True) -> None:
     """Write the points' texts so that they do not overprint: a point within ``gap`` (axes fraction,
     x and y, since text is wider than tall) of an earlier one joins its group, written "a, b, c…".
-    Every flagged label is also listed in the report's text; the plot only has to stay legible."""
+    Every flagged label is also listed in the report's text; the plot only has to stay legible.
+    ``color``, ``bold``: the texts' style (default: a flagged label's)."""
     ax.autoscale_view()  # settle the data limits so that distances in axes fraction are final
     to_axes = ax.transData + ax.transAxes.inverted()
     groups: list[tuple[np.ndarray, tuple[float, float], list[str]]] = []
@@ -160,8 +161,8 @@ def _annotate_apart(ax, points: Sequence[tuple[float, float, str]], gap: tuple[f
             groups.append((where, (x, y), [text]))
     for _, anchor, texts in groups:
         shown = ", ".join(texts[:per_group]) + ("…" if len(texts) > per_group > 1 else "")
-        ax.annotate(shown, anchor, xytext=(8, 3), textcoords="offset points", fontsize=9, color=FLAGGED,
-                    fontweight="bold", path_effects=[patheffects.withStroke(linewidth=2.5, foreground="white")])
+        ax.annotate(shown, anchor, xytext=(8, 3), textcoords="offset points", fontsize=9, color=color,
+                    fontweight="bold" if bold else "normal", path_effects=[patheffects.withStroke(linewidth=2.5, foreground="white")])
 
 
 def anomaly_index_figure(anomaly_index: Sequence[float], flagged: Sequence[bool],
@@ -208,11 +209,13 @@ def anomaly_index_figure(anomaly_index: Sequence[float], flagged: Sequence[bool]
 
 
 def decision_figure(decision) -> Figure:
-    """The calibrated test's decision, in its own statistic (the log-scale index ``z``).
+    """The calibrated test's decision, in its own statistic: the log-scale size index ``z``, or for a
+    test on two signals the combined index ``(z_size + z_margin) / sqrt(2)``.
 
     ``decision``: a :class:`netcleanse.report.DecisionInputs`. Drawn: a histogram of the reference
     labels' indices (the labels the null is fitted on) with the family's density (the per-label
-    null); the simulated null of the largest index among all the model's labels, with its
+    null, scaled by ``decision.label_spread``); the simulated null of the largest index among all
+    the model's labels, with its
     critical value at ``alpha`` and the region beyond it shaded; the other tested labels as ticks;
     each step-down step's label at its index with its p-value (flagged: filled diamond; the step
     that stopped: hollow).
@@ -243,8 +246,14 @@ def decision_figure(decision) -> Figure:
     if len(ref):
         ax.hist(ref, bins=bins, density=True, color=OKABE_ITO["orange"], alpha=0.55, edgecolor="white",
                 linewidth=0.4, label=f"{ref_name}: their index")
+    if decision.combined and decision.combination == "max":
+        one = f"{decision.formula} of a bivariate {decision.family_name} pair, ρ = {decision.rho:g} (simulated)"
+    elif decision.combined:
+        one = f"{decision.family_name} × √(1 + ρ), ρ = {decision.rho:g} between the two signals"
+    else:
+        one = f"{decision.family_name} (median and scale of the reference)"
     ax.plot(grid, decision.label_density(grid), color=OKABE_ITO["orange"], linewidth=2.0,
-            label=f"null of one label's index: {decision.family_name} (median and scale of the reference)")
+            label=f"null of one label's index: {one}")
     if null is not None and len(null):
         counts, edges = np.histogram(null, bins=np.linspace(low, high, int(np.clip((high - low) / 0.1, 40, 200)) + 1))
         counts = counts / (len(null) * np.diff(edges))  # a density of all the draws, those off the axis included
@@ -258,13 +267,15 @@ def decision_figure(decision) -> Figure:
     if len(tested):
         ax.plot(tested, np.full(len(tested), 0.0), linestyle="none", marker="|", markersize=14, color=CLEAN,
                 markeredgewidth=1.2, label=f"the {len(tested)} other tested labels (candidates)", clip_on=False)
+    named = set()  # one legend entry for the flagged steps, one for the step that stopped
     for n, s in enumerate(steps):
         y = top * (0.62 - 0.14 * (n % 4))
         flagged = s["flagged"]
+        legend = "flagged label (step-down)" if flagged else "first label not flagged: stop"
         ax.plot([s["index"]], [y], marker="D", markersize=8, linestyle="none",
                 markerfacecolor=FLAGGED if flagged else "white", markeredgecolor="black" if flagged else FLAGGED,
-                markeredgewidth=1.2, zorder=5,
-                label=(None if n > 1 else "flagged label (step-down)" if flagged else "first label not flagged: stop"))
+                markeredgewidth=1.2, zorder=5, label=None if legend in named else legend)
+        named.add(legend)
         ax.vlines(s["index"], 0, y, color=FLAGGED, linewidth=0.8, linestyle=":")
         p = s["p_value"]
         text = f"label {s['label']}\n{'p = ' + format(p, '.2g') if p is not None else 'p —'}"
@@ -275,11 +286,104 @@ def decision_figure(decision) -> Figure:
                     path_effects=[patheffects.withStroke(linewidth=2.5, foreground="white")])
     ax.set_xlim(low, high)
     ax.set_ylim(0, top)
-    ax.set_xlabel(f"log-scale index z = (median − {decision.statistic}) / scale of the reference "
-                  "(larger = smaller trigger)")
+    if decision.combined:
+        ax.set_xlabel(f"combined index {decision.formula}, each signal against the reference "
+                      "(larger = smaller trigger, larger margin)")
+    else:
+        ax.set_xlabel(f"log-scale index z = (median − {decision.statistic}) / scale of the reference "
+                      "(larger = smaller trigger)")
     ax.set_ylabel("density")
     ax.set_title("The decision: each tested label's index against the null fitted to the reference", fontsize=11)
     ax.grid(True, axis="y", alpha=0.3)
+    handles, texts = ax.get_legend_handles_labels()
+    fig.legend(handles, texts, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    return fig
+
+
+def signals_figure(size: dict[int, float], margin: dict[int, float], roles: dict[int, str | None],
+                   flagged: Sequence[int], critical: float | None, combination: str | None = "sum",
+                   true_targets: Sequence[int] = (), role_names: dict[str, str] | None = None) -> Figure:
+    """The two signals of a two-signal test, label by label: x = the size index (larger = smaller
+    trigger), y = the margin index (larger = larger maximum logit margin), both against the
+    reference's median and scale.
+
+    ``size``, ``margin``: label -> index, for the tested labels; ``roles``: their search role
+    (:data:`ROLE_STYLE` markers, named by ``role_names``); ``flagged``: the scan's flagged labels
+    (red diamonds, numbered); ``true_targets``: planted targets (green rings). ``critical``: the
+    test's first-step critical index ``c``; the region where the test's index exceeds it is shaded
+    and its edge drawn: for ``combination`` "sum" ((x + y) / sqrt 2) the line ``x + y = sqrt(2) c``;
+    for "max" (max(x, (x + y) / sqrt 2)) that line above ``y = (sqrt 2 - 1) c`` and the vertical
+    ``x = c`` below it. The unflagged labels with the largest index are numbered too.
+    """
+    labels = sorted(set(size) & set(margin))
+    x = np.array([size[t] for t in labels], dtype=float)
+    y = np.array([margin[t] for t in labels], dtype=float)
+    role = np.array([roles.get(t) for t in labels], dtype=object)
+    is_flagged = np.isin(labels, list(flagged))
+    targets = np.isin(labels, list(true_targets))
+    names = role_names or {}
+    both = (x + y) / np.sqrt(2)
+    index = np.maximum(x, both) if combination == "max" else both
+
+    fig = Figure(figsize=(10, 5.6), layout="constrained")
+    ax = fig.subplots()
+    line = np.sqrt(2) * critical if critical is not None else None
+    # keep the edge's corner in view: the line's point nearest the origin, or (c, (sqrt 2 - 1) c)
+    corner = ((critical, (np.sqrt(2) - 1) * critical) if combination == "max" else (line / 2, line / 2)) \
+        if critical is not None else (0.0, 0.0)
+    low_x = min(float(x.min(initial=0.0)), -3.0) - 0.5
+    low_y = min(float(y.min(initial=0.0)), -3.0) - 0.5
+    high_x = max(float(x.max(initial=0.0)), corner[0], 3.0) + 0.8
+    high_y = max(float(y.max(initial=0.0)), corner[1], 3.0) + 0.8
+    ax.axhline(0, color=MEDIAN, linewidth=0.8, linestyle=":")
+    ax.axvline(0, color=MEDIAN, linewidth=0.8, linestyle=":")
+    if critical is not None:
+        edge_x = np.linspace(low_x, high_x, 200)
+        edge_y = line - edge_x  # x + y = sqrt(2) c
+        if combination == "max":
+            # the vertical part x = c, where the size alone decides (below the corner)
+            edge_y = np.where(edge_x < critical, edge_y, low_y)
+            ax.fill_between(edge_x, edge_y, high_y, color=FLAGGED, alpha=0.08, linewidth=0)
+            keep = edge_x <= critical
+            ax.plot(np.append(edge_x[keep], [critical, critical]), np.append(edge_y[keep], [corner[1], low_y]),
+                    color=FLAGGED, linewidth=1.8,
+                    label=f"decision boundary: size index = {critical:.2f} (the critical index), or size index + "
+                          f"margin index = {line:.2f} (√2 × it)")
+        else:
+            ax.fill_between(edge_x, edge_y, high_y, color=FLAGGED, alpha=0.08, linewidth=0)
+            ax.plot(edge_x, edge_y, color=FLAGGED, linewidth=1.8,
+                    label=f"decision boundary: size index + margin index = {line:.2f} (√2 × critical index)")
+    for kind in ("reference", "candidate", "untested"):
+        chosen = (role == kind) & ~is_flagged
+        if not chosen.any():
+            continue
+        style = ROLE_STYLE[kind]
+        if style.get("hollow"):
+            ax.scatter(x[chosen], y[chosen], s=40, marker=style["marker"], facecolors="none",
+                       edgecolors=style["color"], linewidths=1.2, zorder=3, label=names.get(kind, kind))
+        else:
+            ax.scatter(x[chosen], y[chosen], s=45, marker=style["marker"], color=style["color"], linewidths=0,
+                       alpha=0.9, zorder=3, label=names.get(kind, kind))
+    other = np.array([r not in ROLE_STYLE for r in role], dtype=bool) & ~is_flagged
+    if other.any():
+        ax.scatter(x[other], y[other], s=30, color=CLEAN, zorder=3, label="tested label")
+    if is_flagged.any():
+        ax.scatter(x[is_flagged], y[is_flagged], s=70, color=FLAGGED, marker="D", edgecolors="black",
+                   linewidths=0.6, zorder=4, label="flagged (calibrated test)")
+    if targets.any():
+        ax.scatter(x[targets], y[targets], s=180, facecolors="none", edgecolors=TARGET, linewidths=1.8, zorder=5,
+                   label="planted target (ground truth)")
+    ax.set_xlim(low_x, high_x)
+    ax.set_ylim(low_y, high_y)
+    order = np.argsort(-index, kind="stable")
+    _annotate_apart(ax, [(x[i], y[i], str(labels[i])) for i in order if is_flagged[i]])
+    if critical is not None:  # the unflagged labels closest to the edge: why they were not flagged
+        near = [i for i in order if not is_flagged[i]][:3]
+        _annotate_apart(ax, [(x[i], y[i], str(labels[i])) for i in near], color="black", bold=False)
+    ax.set_xlabel("size index z_size (larger = smaller reversed trigger than the reference's)")
+    ax.set_ylabel("margin index z_margin (larger = larger\nmaximum logit margin than the reference's)")
+    ax.set_title("The two signals of each tested label: flagged beyond the line", fontsize=11)
+    ax.grid(True, alpha=0.3)
     handles, texts = ax.get_legend_handles_labels()
     fig.legend(handles, texts, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     return fig

@@ -23,8 +23,12 @@ and a plain scan directory is a report on its own. Subdirectories are visited in
 What the figures draw is computed apart from the drawing, from scan.json alone, so that it can be
 checked: :func:`search_roles` and :func:`search_groups` (how each label was searched: the coarse
 pass only, a refined candidate, or a reference label the null is fitted on, with the recorded
-budgets) and :func:`decision_inputs` (the calibrated test's reference indices, its null, critical
-index and step-down steps).
+budgets) and :func:`decision_inputs` (the calibrated test's statistic, as the scan recorded it:
+the reference labels' indices, its null, critical index and step-down steps, and for a test on two
+signals each tested label's size and margin index, drawn against each other by the scatter of the
+two signals). The report re-decides nothing: it shows the test scan.json records. A scan made
+before margins existed was decided on the trigger size alone and is drawn that way, even when
+margins were added to its records later (the page says so; scan again for the two-signal verdict).
 
 HTML output is self-contained (images as ``data:`` URIs, inline CSS, no scripts, no external
 links) and every string read from JSON is escaped by Jinja2's autoescape. Markdown output carries
@@ -39,6 +43,7 @@ import datetime as _dt
 import json
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -307,12 +312,15 @@ PURPOSE = {UNTESTED: "not tested: a shorter search leaves larger masks, not comp
            REFERENCE: "the reference: the null's median and scale are fitted on these; tested too"}
 
 
-def guarantee(calibrated: bool, alpha: float | None, threshold: float, family: str | None) -> tuple[str, str]:
-    """(what the verdict guarantees, what it does not), one sentence each, for the verdict box."""
+def guarantee(calibrated: bool, alpha: float | None, threshold: float, family: str | None,
+              signals: int = 1) -> tuple[str, str]:
+    """(what the verdict guarantees, what it does not), one sentence each, for the verdict box.
+    ``signals``: 1, the test used the trigger size alone; 2, the size and the maximum margin."""
     if calibrated and alpha is not None:
+        varies = ("log trigger sizes and log maximum margins vary like the test's bivariate "
+                  if signals == 2 else "log trigger sizes vary like the test's ")
         given = (f"A model without a backdoor is flagged with probability ≤ {100 * alpha:g} % (α), whatever its "
-                 "number of labels, provided its clean labels' log trigger sizes vary like the test's "
-                 f"{family or 'null'} model.")
+                 f"number of labels, provided its clean labels' {varies}{family or 'null'} model.")
     else:
         given = (f"The paper's rule (anomaly index above {threshold:g}) bounds each label, not the model: the chance "
                  "that a model without a backdoor is flagged grows with its number of labels (the calibrated "
@@ -327,12 +335,19 @@ def guarantee(calibrated: bool, alpha: float | None, threshold: float, family: s
 class DecisionInputs:
     """What the figure of the calibrated decision draws, read from scan.json.
 
-    The statistic is each label's log-scale index ``z = (median - log max(L1, FLOOR)) / scale``
-    against the reference (``reference``: its labels' indices, the histogram; ``tested``: the other
-    tested labels' indices); under the null a label's ``-z`` follows ``family`` (the fitted curve).
-    ``null``: the test's simulated null of the largest index among ``n_labels`` labels (the same
-    simulation as the scan's, so its ``1 - alpha`` point is ``critical_index``); ``steps``: the
-    step-down tests as recorded (label, index, p_value, flagged)."""
+    The statistic is the index the scan's test decided on (``signals``: 1 or 2). With one signal it
+    is each label's log-scale size index ``z = (median - log max(L1, FLOOR)) / scale`` against the
+    reference; with two a combined index of it and ``z_margin = (log max_margin - margin_median) /
+    margin_scale`` (:mod:`netcleanse.calibrated`): ``combination`` "sum", ``(z_size + z_margin) /
+    sqrt(2)``, or "max", ``max(z_size, (z_size + z_margin) / sqrt(2))``, as the scan's test
+    recorded it (``test.reference.statistic``). ``reference``: the reference labels' indices (the
+    histogram); ``tested``: the other tested labels' indices; under the null one label's index
+    follows ``family`` (for two signals correlated ``rho``: the sum's is the family times
+    ``sqrt(1 + rho)``, the max's is simulated: the fitted curve). ``null``: the
+    test's simulated null of the largest index among ``n_labels`` labels (the same simulation as
+    the scan's, so its ``1 - alpha`` point is ``critical_index``); ``steps``: the step-down tests
+    as recorded (label, index, p_value, flagged, and with two signals size_index, margin_index).
+    ``size`` and ``margin``: every tested label's two indices (two signals only; the scatter)."""
 
     statistic: str
     family: str  # "normal" or "t"
@@ -350,6 +365,46 @@ class DecisionInputs:
     critical_index: float | None
     null: np.ndarray | None
     decided: bool  # the calibrated rule made the verdict (else the paper's rule did)
+    signals: int = 1  # 1: the trigger size alone; 2: the size and the maximum margin combined
+    size: dict[int, float] = field(default_factory=dict)  # two signals: each tested label's size index
+    margin: dict[int, float] = field(default_factory=dict)  # ... and its margin index
+    margin_median: float | None = None  # log scale, of the reference
+    margin_scale: float | None = None
+    rho: float | None = None  # the null's correlation between the two signals
+    combination: str | None = None  # two signals: "sum" or "max" (see above)
+
+    @property
+    def combined(self) -> bool:
+        return self.signals == 2
+
+    @property
+    def index_name(self) -> str:
+        return "combined index" if self.combined else "log-scale index"
+
+    @property
+    def formula(self) -> str:
+        """The combined index, written out (two signals only)."""
+        if not self.combined:
+            return "z"
+        return ("max(z_size, (z_size + z_margin) / √2)" if self.combination == "max"
+                else "(z_size + z_margin) / √2")
+
+    @property
+    def boundary(self) -> float | None:
+        """The line ``z_size + z_margin = boundary`` of the scatter: sqrt(2) times the critical index.
+        (With the "max" combination a label is also flagged when ``z_size`` alone exceeds the
+        critical index: the region's other edge, :meth:`beyond`.)"""
+        return math.sqrt(2) * self.critical_index if self.combined and self.critical_index is not None else None
+
+    def combine(self, size: float, margin: float) -> float:
+        """The test's index of a label with these two indices."""
+        both = (size + margin) / math.sqrt(2)
+        return max(size, both) if self.combination == "max" else both
+
+    def beyond(self, size: float, margin: float) -> bool:
+        """Whether a label at (size index, margin index) lies beyond the first step's critical index
+        (the scatter's shaded region)."""
+        return self.critical_index is not None and self.combine(size, margin) > self.critical_index
 
     @property
     def scale_name(self) -> str:
@@ -361,11 +416,56 @@ class DecisionInputs:
     def family_name(self) -> str:
         return "normal" if self.family == "normal" else f"Student-t({self.df:g})"
 
+    @property
+    def simulated_critical(self) -> float | None:
+        """The critical index of :attr:`null` as simulated here (the ``1 - alpha`` point, as
+        :func:`netcleanse.calibrated.critical_index` takes it); None without a null."""
+        if self.null is None or not len(self.null):
+            return None
+        i = max(1, math.ceil((len(self.null) + 1) * (1 - self.alpha) - 1e-9))
+        return float(self.null[i - 1]) if i <= len(self.null) else None
+
+    @property
+    def null_disagrees(self) -> bool:
+        """The recorded critical index is not this simulation's: the scan was decided with another
+        version of the null (the figure then draws a null that is not the one its line came from)."""
+        here = self.simulated_critical
+        return (here is not None and self.critical_index is not None
+                and not math.isclose(here, self.critical_index, rel_tol=1e-9, abs_tol=1e-12))
+
+    @property
+    def label_spread(self) -> float:
+        """The null scale of one label's index: 1, or sqrt(1 + rho) for the combined index (the sum
+        of two unit signals correlated rho, over sqrt(2))."""
+        return math.sqrt(1 + self.rho) if self.combined and self.rho is not None else 1.0
+
     def label_density(self, z: np.ndarray) -> np.ndarray:
-        """The null density of one label's index: the family's (symmetric, so the same for z and -z)."""
+        """The null density of one label's index: the family's, scaled by :attr:`label_spread`
+        (symmetric, so the same for z and -z); for the "max" combination, a histogram of simulated
+        labels (:func:`_max_index_density`)."""
         from scipy import stats
+        z = np.asarray(z, dtype=float)
+        if self.combined and self.combination == "max":
+            edges, density = _max_index_density(self.family, self.df, self.rho if self.rho is not None else 0.0)
+            return np.interp(z, (edges[:-1] + edges[1:]) / 2, density, left=0.0, right=0.0)
         dist = stats.norm if self.family == "normal" else stats.t(self.df)
-        return dist.pdf(np.asarray(z, dtype=float))
+        spread = self.label_spread
+        return dist.pdf(z / spread) / spread
+
+
+@lru_cache(maxsize=8)
+def _max_index_density(family: str, df: float, rho: float, draws: int = 1_000_000) -> tuple[np.ndarray, np.ndarray]:
+    """(bin edges, density) of one clean label's ``max(z_size, (z_size + z_margin) / sqrt(2))``
+    when its two signals are a bivariate draw of the family with correlation ``rho`` (the test's
+    per-label model, medians and scales known); fixed seed."""
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((2, draws))
+    g[1] = rho * g[0] + math.sqrt(1 - rho * rho) * g[1]
+    if family == "t":
+        g /= np.sqrt(rng.chisquare(df, draws) / df)
+    index = np.maximum(g[0], (g[0] + g[1]) / math.sqrt(2))
+    density, edges = np.histogram(index, bins=np.linspace(-8, 12, 201))
+    return edges, density / (draws * np.diff(edges))
 
 
 def _family(text: Any) -> tuple[str, float]:
@@ -381,8 +481,12 @@ def _family(text: Any) -> tuple[str, float]:
 
 def decision_inputs(scan: dict, rows: list[dict], roles: dict[int, str]) -> DecisionInputs | None:
     """The inputs of the decision figure, or None when the scan recorded no calibrated test (or one
-    without its reference's median and scale). Indices are the records' ``log_index`` where
-    present, else recomputed from the mask L1 and the recorded median and scale."""
+    without its reference's median and scale). The test used two signals when its reference
+    records ``margin_median`` and ``margin_scale``. Size indices are the records' ``log_index``
+    where present, else recomputed from the mask L1 and the recorded median and scale; margin
+    indices the records' ``margin_index``, else recomputed from ``max_margin`` and the recorded
+    margin median and scale; the combined index the records' ``test_index``, else the two's sum
+    over sqrt(2). A label of a two-signal test without a margin is left out."""
     from . import calibrated as cal
     test = scan.get("test") if isinstance(scan.get("test"), dict) else {}
     reference = test.get("reference") if isinstance(test.get("reference"), dict) else {}
@@ -397,12 +501,37 @@ def decision_inputs(scan: dict, rows: list[dict], roles: dict[int, str]) -> Deci
     family, df = _family(reference.get("family"))
     n_labels = _as_int(reference.get("n_labels")) or len(rows)
 
-    def index(r: dict) -> float:
+    margin_median, margin_scale = _as_float(reference.get("margin_median")), _as_float(reference.get("margin_scale"))
+    signals = 2 if margin_median is not None and margin_scale else 1
+    combination = _combination(reference.get("statistic"), rows) if signals == 2 else None
+
+    def size_index(r: dict) -> float:
         z = r.get("log_index")
         return z if z is not None else (median - float(cal.log_size(r["mask_l1"]))) / scale
 
-    ref = {r["label"]: index(r) for r in rows if roles.get(r["label"]) == REFERENCE}
-    tested = {r["label"]: index(r) for r in rows if roles.get(r["label"]) == CANDIDATE}
+    def margin_index(r: dict) -> float | None:
+        if r.get("margin_index") is not None:
+            return r["margin_index"]
+        if r.get("max_margin") is None:
+            return None
+        return (math.log(max(r["max_margin"], cal.MARGIN_FLOOR)) - margin_median) / margin_scale
+
+    def index(r: dict) -> float | None:
+        if signals == 1:
+            return size_index(r)
+        if r.get("test_index") is not None:
+            return r["test_index"]
+        z = margin_index(r)
+        if z is None:
+            return None
+        both = (size_index(r) + z) / math.sqrt(2)
+        return max(size_index(r), both) if combination == "max" else both
+
+    in_test = [r for r in rows if roles.get(r["label"]) in (REFERENCE, CANDIDATE) and index(r) is not None]
+    ref = {r["label"]: index(r) for r in in_test if roles.get(r["label"]) == REFERENCE}
+    tested = {r["label"]: index(r) for r in in_test if roles.get(r["label"]) == CANDIDATE}
+    size = {r["label"]: size_index(r) for r in in_test} if signals == 2 else {}
+    margin = {r["label"]: margin_index(r) for r in in_test} if signals == 2 else {}
     n_reference = len(ref) if len(ref) < n_labels else None
     raw = None
     if estimator in cal.SCALES and len(ref) >= 2:
@@ -410,19 +539,40 @@ def decision_inputs(scan: dict, rows: list[dict], roles: dict[int, str]) -> Deci
     null, critical = None, _as_float(reference.get("critical_index"))
     if len(ref) >= 3:
         try:
-            null = cal.null_max_index(n_labels, n_reference, family, df, cal.DRAWS, estimator)
+            null = cal.null_max_index(n_labels, n_reference, family, df, cal.DRAWS, estimator, signals)
         except NetcleanseError:
             null = None
         if critical is None and null is not None:
-            critical = cal.critical_index(n_labels, n_reference, alpha, family, df, cal.DRAWS, estimator)
+            critical = cal.critical_index(n_labels, n_reference, alpha, family, df, cal.DRAWS, estimator, signals)
     steps = [{"step": _as_int(s.get("step")), "label": _as_int(s.get("label")), "index": _as_float(s.get("index")),
+              "size_index": _as_float(s.get("size_index")), "margin_index": _as_float(s.get("margin_index")),
               "p_value": _as_float(s.get("p_value")), "n_labels": _as_int(s.get("n_labels")),
               "n_reference": _as_int(s.get("n_reference")), "flagged": bool(s.get("flagged"))}
              for s in test.get("steps", []) if isinstance(s, dict)]
     return DecisionInputs(str(reference.get("statistic") or "log mask L1"), family, df, median, scale, raw, estimator,
                           n_labels, n_reference, alpha, ref, tested, steps,
                           critical if critical is not None and math.isfinite(critical) else None, null,
-                          scan.get("rule") == "calibrated")
+                          scan.get("rule") == "calibrated", signals, size, margin,
+                          margin_median if signals == 2 else None, margin_scale if signals == 2 else None,
+                          cal.MARGIN_RHO if signals == 2 else None, combination)
+
+
+def _combination(statistic: Any, rows: list[dict]) -> str:
+    """How a two-signal test combined its indices: "max" (``max(z_size, (z_size + z_margin) /
+    sqrt(2))``) or "sum" (``(z_size + z_margin) / sqrt(2)``), from the recorded statistic's name;
+    a name that says neither is told by the records (a ``test_index`` that equals the size index
+    where the sum is below it), else "sum" (the first two-signal scans')."""
+    text = statistic if isinstance(statistic, str) else ""
+    if text.startswith("max(") or "max(z_size" in text:
+        return "max"
+    if "(z_size + z_margin) / sqrt(2)" in text:
+        return "sum"
+    for r in rows:
+        size, margin, index = r.get("log_index"), r.get("margin_index"), r.get("test_index")
+        # where the sum is below the size index, the two combinations differ
+        if size is not None and margin is not None and index is not None and margin < (math.sqrt(2) - 1) * size - 1e-6:
+            return "max" if math.isclose(index, size, rel_tol=1e-9, abs_tol=1e-12) else "sum"
+    return "sum"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,6 +631,11 @@ def _label_rows(scan: dict) -> list[dict]:
                      "attack_success": _as_float(record.get("attack_success")),
                      "steps": _as_int(record.get("steps")), "time_s": _as_float(record.get("time_s")),
                      "log_index": _as_float(record.get("log_index")),
+                     # the second signal (scans since the maximum margin): its value and index, and
+                     # the index the test decided on
+                     "max_margin": _as_float(record.get("max_margin")),
+                     "margin_index": _as_float(record.get("margin_index")),
+                     "test_index": _as_float(record.get("test_index")),
                      "stage": record.get("stage") if isinstance(record.get("stage"), str) else None,
                      # the top-level list is the scan's verdict; per-label flags are its copy
                      "flagged": (label in flagged) if flagged is not None else bool(record.get("flagged"))})
@@ -630,15 +785,25 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
     roles = search_roles(scan, rows)
     groups = search_groups(scan, rows, roles)
     decision = decision_inputs(scan, rows, roles) if rows else None
+    two_signals = decision is not None and decision.combined
     calibrated_l1 = _as_float(reference.get("threshold_l1")) if calibrated else None
     if calibrated and calibrated_l1 is None and decision is not None and decision.critical_index is not None:
-        calibrated_l1 = math.exp(decision.median - decision.critical_index * decision.scale)
-    rule_line = ((calibrated_l1, f"calibrated threshold: L1 < {calibrated_l1:.4g} (p <= {alpha:g})")
+        # the size index a label of the reference's median margin (z_margin = 0) needs
+        # (calibrated.calibrated_test's threshold_l1): the critical index, times sqrt(2) for the sum
+        needed = decision.critical_index * (math.sqrt(2) if two_signals and decision.combination == "sum" else 1.0)
+        calibrated_l1 = math.exp(decision.median - needed * decision.scale)
+    at_median = " at the median margin" if two_signals else ""
+    rule_line = ((calibrated_l1, f"calibrated threshold{at_median}: L1 < {calibrated_l1:.4g} (p <= {alpha:g})")
                  if calibrated_l1 is not None else None)
     step_p = {s["label"]: s["p_value"] for s in (decision.steps if decision else []) if s["p_value"] is not None}
     for r in rows:  # the p-value that decided a label: its step-down step's, else its single-step one
         r["decision_p"] = step_p.get(r["label"], r["p_value"])
         r["role"] = roles.get(r["label"])
+        # the two signals' indices as the test computed them (its first step), for the verdict's lines
+        r["size_index"] = decision.size.get(r["label"]) if two_signals else None
+        r["margin_index"] = decision.margin.get(r["label"]) if two_signals else None
+        r["combined_index"] = (decision.reference.get(r["label"], decision.tested.get(r["label"]))
+                               if two_signals else None)
     plots_out: list[Picture] = []
     if rows:
         plots_out.append(Picture("mask_l1", plots.figure_png(plots.mask_l1_figure(
@@ -647,8 +812,16 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
             "mask L1 norm of every label, marked by how it was searched, with the thresholds; flagged labels marked"))
         if decision is not None:
             plots_out.append(Picture("decision", plots.figure_png(plots.decision_figure(decision)),
-                                     "the calibrated test: the reference labels' log-scale indices, the fitted null, "
-                                     "the critical index and each tested label's p-value"))
+                                     f"the calibrated test: the reference labels' {decision.index_name.replace('index', 'indices')}, "
+                                     "the fitted null, the critical index and each tested label's p-value"))
+        if two_signals:
+            tested_labels = sorted(set(decision.size) & set(decision.margin))
+            flagged_tested = [r["label"] for r in rows if r["flagged"] and r["label"] in decision.size]
+            plots_out.append(Picture("signals", plots.figure_png(plots.signals_figure(
+                decision.size, decision.margin, {t: roles.get(t) for t in tested_labels}, flagged_tested,
+                decision.critical_index, decision.combination, targets, {g.role: g.name for g in groups})),
+                "the two signals of every tested label: size index against margin index, with the decision "
+                "boundary; flagged labels marked"))
         indices = [r for r in rows if r["anomaly_index"] is not None]
         if indices:
             tested = [r["role"] != UNTESTED for r in indices]
@@ -693,8 +866,14 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
         "distinct_groups": len(groups) > 1,
         "markers": MARKERS,
         "purpose": PURPOSE,
-        "guarantee": guarantee(calibrated, alpha, threshold, decision.family_name if decision else None),
+        "guarantee": guarantee(calibrated, alpha, threshold, decision.family_name if decision else None,
+                               decision.signals if decision else 1),
+        # the test combined the trigger size with the maximum logit margin (netcleanse.margin)
+        "two_signals": two_signals,
+        # margins in the records, but the recorded test predates them and used the size alone
+        "margins_unused": decision is not None and not two_signals and any(r["max_margin"] is not None for r in rows),
         "reference_median_l1": math.exp(decision.median) if decision is not None else None,
+        "reference_median_margin": math.exp(decision.margin_median) if two_signals else None,
         "n_reference": next((len(g.labels) for g in groups if g.role == REFERENCE and g.sample), None),
         "decision": decision,
         "rule": "calibrated" if calibrated else "mad",
