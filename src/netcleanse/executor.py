@@ -149,13 +149,25 @@ class RayExecutor(Executor):
             return ray.get(task)
         except ray.exceptions.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
+            if isinstance(cause, ray.exceptions.RaySystemError):
+                raise self._unloadable(cause) from None
             if isinstance(cause, BaseException):
                 raise cause from None
             raise
+        except ray.exceptions.RaySystemError as exc:
+            raise self._unloadable(exc) from None
         except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
                 ray.exceptions.ObjectLostError) as exc:
             raise NetcleanseError(f"a Ray task failed {self.max_retries + 1} times (its worker or node died): "
                                   f"{first_line(exc)}") from None
+
+    @staticmethod
+    def _unloadable(exc) -> NetcleanseError:
+        # typically a model class defined in the user's script: workers import classes by name
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        why = next((line for line in reversed(lines) if "Error" in line.split(":")[0]), lines[0] if lines else "")
+        return NetcleanseError(f"a Ray worker could not load the work it was sent ({why}); every module the "
+                               "model's classes come from must be installed on the workers")
 
     def close(self) -> None:
         if self._owns and self._ray.is_initialized():

@@ -1,0 +1,166 @@
+"""Scans and screens through a local Ray instance (``ray.init(num_cpus=2)``), compared with the local
+executor; one worker is killed on purpose. Skipped when Ray is not installed (``make setup``
+installs it: the ``ray`` extra)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'netcleanse[ray]'); "
+                                          "the --executor ray tests need it")
+
+from netcleanse.data import Dataset, save_data  # noqa: E402
+from netcleanse.executor import LocalExecutor, RayExecutor, make_executor  # noqa: E402
+from netcleanse.errors import NetcleanseError  # noqa: E402
+from netcleanse.scanning import scan  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_scan import N_CLASSES, TARGET, _make_data, _train  # noqa: E402
+
+scan_module = importlib.import_module("netcleanse.scanning")
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    torch.set_num_threads(1)  # as every Ray task runs (one CPU, one thread): same arithmetic
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # the killing wrapper below lives in this test module, which workers cannot import by name
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.cloudpickle.register_pickle_by_value(sys.modules["test_scan"])  # TinyNet's module
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def badnet():
+    return _train(True)
+
+
+@pytest.fixture(scope="module")
+def clean_data():
+    x, y = _make_data(200, torch.Generator().manual_seed(99))
+    return Dataset(x, y, source="tiny-clean")
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """3 labels per chunk (3 coarse + 3 refinement chunks of the 8-label model), so that chunks
+    really are spread over the two workers. The driver's plan travels with every task."""
+    fast = scan_module.PRESETS["fast"]
+    small = scan_module.replace(fast, coarse=scan_module.replace(fast.coarse, label_chunk=3),
+                                refine=scan_module.replace(fast.refine, label_chunk=3),
+                                few_labels_refine=scan_module.replace(fast.few_labels_refine, label_chunk=3))
+    monkeypatch.setitem(scan_module.PRESETS, "fast", small)
+
+
+class _KillFirst:
+    """Wraps a task function: the first task to run (anywhere) kills its own worker process
+    (``os._exit``, as a crash or an OOM kill would), leaving a marker so that Ray's retry runs."""
+
+    def __init__(self, fn, marker: str):
+        self.fn, self.marker = fn, marker
+
+    def __call__(self, shared, item, progress):
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return self.fn(shared, item, progress)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        os._exit(1)
+
+
+class KillOneWorker(RayExecutor):
+    def __init__(self, marker, **options):
+        super().__init__(**options)
+        self.marker = str(marker)
+
+    def map(self, fn, shared, items, on_progress=None):
+        return super().map(_KillFirst(fn, self.marker), shared, items, on_progress)
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in records]
+
+
+def test_scan_on_ray_equals_local_even_after_a_worker_dies(ray_instance, badnet, clean_data, small_chunks, tmp_path):
+    local = scan(badnet, clean_data, seed=5, out=tmp_path / "local", progress=False)
+    on_ray = scan(badnet, clean_data, seed=5, out=tmp_path / "ray", progress=False, executor=RayExecutor())
+    assert local.flagged == on_ray.flagged == [TARGET]
+    # same chunks, same seeds, one torch thread on both sides: the same arithmetic, bit for bit
+    assert _strip(on_ray.labels) == _strip(local.labels)
+    assert np.array_equal(on_ray.masks, local.masks) and np.array_equal(on_ray.patterns, local.patterns)
+    saved = json.loads((tmp_path / "ray" / "scan.json").read_text())
+    assert saved["settings"]["executor"] == "ray" and saved["settings"]["ray_cpus"] == 2
+    assert len((tmp_path / "ray" / "progress.jsonl").read_text().splitlines()) == 6  # every chunk journalled
+
+    marker = tmp_path / "killed"
+    killed = scan(badnet, clean_data, seed=5, progress=False, executor=KillOneWorker(marker, max_retries=2))
+    assert marker.exists() and int(marker.read_text()) != os.getpid()  # a worker died, not this process
+    assert killed.flagged == [TARGET]
+    assert _strip(killed.labels) == _strip(local.labels) and np.array_equal(killed.masks, local.masks)
+
+
+def _die(shared, item, progress):
+    os._exit(1)
+
+
+class AlwaysDie(RayExecutor):
+    def map(self, fn, shared, items, on_progress=None):
+        return super().map(_die, shared, items, on_progress)
+
+
+def test_worker_dying_every_time_is_one_error(ray_instance, badnet, clean_data):
+    with pytest.raises(NetcleanseError, match="failed 2 times"):
+        scan(badnet, clean_data, labels=[0, 1], progress=False, executor=AlwaysDie(max_retries=1))
+
+
+def test_interrupted_local_scan_resumes_on_ray(ray_instance, badnet, clean_data, small_chunks, tmp_path, monkeypatch):
+    whole = scan(badnet, clean_data, seed=2, progress=False)
+    real = scan_module.reverse_engineer
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scan_module, "reverse_engineer", interrupted)  # in this process only
+    with pytest.raises(KeyboardInterrupt):
+        scan(badnet, clean_data, seed=2, out=tmp_path / "cut", progress=False)
+    assert len((tmp_path / "cut" / "progress.jsonl").read_text().splitlines()) == 2
+    resumed = scan(badnet, clean_data, seed=2, out=tmp_path / "cut", resume=True, progress=False,
+                   executor=RayExecutor())
+    assert resumed.flagged == whole.flagged and _strip(resumed.labels) == _strip(whole.labels)
+    assert np.array_equal(resumed.masks, whole.masks)
+
+
+def test_task_errors_reach_the_caller_as_themselves(ray_instance):
+    with pytest.raises(NetcleanseError, match="^no labels"):
+        list(RayExecutor().map(_raise, None, [1]))
+    assert dict(LocalExecutor().map(_double, 10, [1, 2])) == {0: 12, 1: 14}
+    assert dict(RayExecutor().map(_double, 10, [1, 2, 3])) == {0: 12, 1: 14, 2: 16}
+
+
+def _raise(shared, item, progress):
+    raise NetcleanseError("no labels to scan")
+
+
+def _double(shared, item, progress):
+    return shared + 2 * item
+
+
+def test_executor_names():
+    with pytest.raises(NetcleanseError, match="unknown executor 'dask'"):
+        make_executor("dask")
+    with pytest.raises(NetcleanseError, match="--ray-address is for --executor ray"):
+        make_executor("local", "127.0.0.1:6379")
