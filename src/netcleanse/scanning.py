@@ -481,7 +481,11 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
     journal = _Journal(out_dir)
 
     # a private, frozen, channels-last copy: the caller's model is left untouched
-    work = copy.deepcopy(model).to(dev).eval().requires_grad_(False)
+    # (copied without autograd: a TorchScript module's deepcopy otherwise clones its parameters into
+    # non-leaf tensors, whose requires_grad cannot be switched off)
+    with torch.no_grad():
+        work = copy.deepcopy(model)
+    work = work.to(dev).eval().requires_grad_(False)
     channels_last = dev.type == "cpu"
     if channels_last:
         work = work.to(memory_format=torch.channels_last)
