@@ -164,3 +164,36 @@ def test_executor_names():
         make_executor("dask")
     with pytest.raises(NetcleanseError, match="--ray-address is for --executor ray"):
         make_executor("local", "127.0.0.1:6379")
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    from test_screen import write_zoo
+    return write_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TorchScript files
+def test_screen_on_ray_equals_local_with_a_killed_worker_and_a_bad_file(ray_instance, zoo, tmp_path):
+    from netcleanse.model import load_model
+    from netcleanse.screening import make_entries, screen
+    entries = make_entries([zoo["badnet"], zoo["clean"], zoo["broken"]], data=zoo["data"], labels="0-5")
+    local = screen(entries, tmp_path / "local", seed=3, progress=False, report=False)
+    marker = tmp_path / "killed"
+    on_ray = screen(entries, tmp_path / "ray", seed=3, progress=False, report=False,
+                    executor=KillOneWorker(marker, max_retries=2))
+    assert marker.exists()  # one model's task lost its worker and was rerun
+    keep = ("name", "verdict", "flagged", "p_value", "labels")
+    assert [{k: r[k] for k in keep} for r in on_ray.rows] == [{k: r[k] for k in keep} for r in local.rows]
+    assert on_ray.rows[0]["flagged"] == [TARGET] and on_ray.rows[2]["error"] == local.rows[2]["error"]
+    for name in ("badnet", "clean"):  # the folders the driver wrote from the workers' results
+        a = scan_module.ScanResult.load(tmp_path / "local" / "models" / name)
+        b = scan_module.ScanResult.load(tmp_path / "ray" / "models" / name)
+        assert _strip(a.labels) == _strip(b.labels) and np.array_equal(a.masks, b.masks)
+    # resumable on Ray too: nothing left to do, the same rows
+    again = screen(entries, tmp_path / "ray", seed=3, progress=False, report=False, resume=True, executor=RayExecutor())
+    assert [r["verdict"] for r in again.rows] == [r["verdict"] for r in on_ray.rows]
+
+    # a TorchScript model's scan ships through the object store (as jit bytes) and gives the same result
+    model, data = load_model(zoo["badnet"]), Dataset(*_make_data(200, torch.Generator().manual_seed(99)))
+    assert _strip(scan(model, data, labels=[0, 4, 5], progress=False, executor=RayExecutor()).labels) == \
+        _strip(scan(model, data, labels=[0, 4, 5], progress=False).labels)

@@ -749,7 +749,9 @@ class _ScanShared:
         if scripted is not None:
             import io
             device = self.x_opt.device
-            net = torch.jit.load(io.BytesIO(scripted), map_location=device).eval().requires_grad_(False)
+            net = torch.jit.load(io.BytesIO(scripted), map_location=device).eval()
+            for parameter in net.parameters():
+                parameter.requires_grad_(False)
             if self.channels_last:
                 net = net.to(memory_format=torch.channels_last)
             self.model._modules["net"] = net
