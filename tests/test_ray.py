@@ -197,3 +197,30 @@ def test_screen_on_ray_equals_local_with_a_killed_worker_and_a_bad_file(ray_inst
     model, data = load_model(zoo["badnet"]), Dataset(*_make_data(200, torch.Generator().manual_seed(99)))
     assert _strip(scan(model, data, labels=[0, 4, 5], progress=False, executor=RayExecutor()).labels) == \
         _strip(scan(model, data, labels=[0, 4, 5], progress=False).labels)
+
+
+@pytest.mark.slow  # trains 2 models and scans them twice (~2 min on 2 cores)
+def test_zoo_benchmarks_run_through_ray(ray_instance, tmp_path):
+    import importlib.util
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("detection_quality", bench / "detection_quality.py")
+        dq = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(dq)
+        import zoo
+        assert zoo.main(["--n", "1", "--out", str(tmp_path / "zoo"), "--datasets", "digits", "--epochs", "2",
+                         "--executor", "ray"]) == 0
+        assert sorted(e["folder"] for e in zoo.read_zoo(tmp_path / "zoo")) == ["digits-badnet_000", "digits-clean_000"]
+        rows = {}
+        for executor in ("ray", "local"):
+            assert dq.main([str(tmp_path / "zoo"), "--out", str(tmp_path / executor), "--modes", "data-free",
+                            "--executor", executor]) == 0
+            rows[executor] = [json.loads(p.read_text()) for p in sorted((tmp_path / executor / "rows").glob("*.json"))]
+        assert len(rows["ray"]) == 2
+        for a, b in zip(rows["ray"], rows["local"]):
+            assert a["scan"]["flagged"] == b["scan"]["flagged"]
+            assert [r["mask_l1"] for r in a["scan"]["labels"]] == [r["mask_l1"] for r in b["scan"]["labels"]]
+    finally:
+        sys.path.remove(str(bench))
+        sys.modules.pop("zoo", None)
