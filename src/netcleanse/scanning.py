@@ -770,7 +770,7 @@ def _search_chunk(shared: _ScanShared, job: _ChunkJob, progress) -> tuple[dict, 
     gen = torch.Generator().manual_seed(job.seed)
     init_pair = init_cost = None
     if init is not None:
-        init_pair = (torch.from_numpy(init[0]), torch.from_numpy(init[1]))
+        init_pair = (torch.from_numpy(np.array(init[0])), torch.from_numpy(np.array(init[1])))  # writable copies
         init_cost = torch.tensor([max(c, s.init_cost) for c in init[2]])
     found = reverse_engineer(work, x_opt, chunk, s, generator=gen, init=init_pair, init_cost=init_cost,
                              on_epoch=on_epoch, channels_last=channels_last)
