@@ -30,6 +30,7 @@ scan_module = importlib.import_module("netcleanse.scanning")
 
 @pytest.fixture(scope="module")
 def ray_instance():
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as every Ray task runs (one CPU, one thread): same arithmetic
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     # the killing wrapper below lives in this test module, which workers cannot import by name
@@ -37,6 +38,7 @@ def ray_instance():
     ray.cloudpickle.register_pickle_by_value(sys.modules["test_scan"])  # TinyNet's module
     yield
     ray.shutdown()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +226,14 @@ def test_zoo_benchmarks_run_through_ray(ray_instance, tmp_path):
     finally:
         sys.path.remove(str(bench))
         sys.modules.pop("zoo", None)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TorchScript files
+def test_cli_scan_on_ray(ray_instance, zoo, tmp_path):
+    from typer.testing import CliRunner
+    from netcleanse.cli import app
+    res = CliRunner().invoke(app, ["scan", str(zoo["badnet"]), "--data", str(zoo["data"]), "--labels", "0-5",
+                                   "--out", str(tmp_path / "o"), "--executor", "ray"])
+    assert res.exit_code == 0, res.output
+    assert "BACKDOOR DETECTED" in res.output and (tmp_path / "o" / "report.html").is_file()
+    assert json.loads((tmp_path / "o" / "scan.json").read_text())["settings"]["executor"] == "ray"

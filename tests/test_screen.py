@@ -142,3 +142,16 @@ def test_cli_screen(zoo, tmp_path):
                           ([str(zoo["clean"]), "--data-free", "--ray-address", "x:1"], "--ray-address is for")]:
         res = runner.invoke(app, ["screen", *args, "--out", str(tmp_path / "p")])
         assert res.exit_code != 0 and message in str(res.exception) + res.output, (args, res.output)
+
+
+def test_ray_missing_is_one_error_line(zoo, tmp_path, monkeypatch, capsys):
+    from netcleanse.cli import main
+    from netcleanse.executor import make_executor
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(NetcleanseError, match=r"needs Ray, which is not installed: pip install 'netcleanse\[ray\]'"):
+        make_executor("ray")
+    with pytest.raises(SystemExit) as exit_:
+        main(["scan", str(zoo["clean"]), "--data", str(zoo["data"]), "--out", str(tmp_path / "o"), "--executor", "ray"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: the ray executor needs Ray") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()  # nothing started

@@ -65,8 +65,9 @@ FIELDS = tuple(f.name for f in fields(ScreenEntry))
 def make_entries(models, *, arch: str | None = None, input_scale: float = 1.0, data=None, data_free: bool = False,
                  labels: str | None = None) -> list[ScreenEntry]:
     """Entries for model files that share one set of options (``netcleanse screen MODEL...``)."""
-    return [_checked(ScreenEntry(str(m), None, arch, input_scale, None if data is None else str(data), data_free,
-                                 labels), f"model {m}") for m in models]
+    scale = _number(input_scale, "--input-scale")
+    return [_checked(ScreenEntry(str(m), None, arch, scale, None if data is None else str(data), data_free, labels),
+                     f"model {m}") for m in models]
 
 
 def read_manifest(path, *, arch: str | None = None, input_scale: float | None = None, data=None,
