@@ -120,8 +120,8 @@ def projection(n_workers=(1, 2, 3, 4, 8, 11, 16), labels: int = 1000, images_per
         f"ResNet-50 at 224x224 on one GPU: {images_per_s:.0f} images/s forward + backward to the input (an A100 "
         "does ~1000-2500 in fp32, more in mixed precision; weights frozen);",
         f"preset fast, worst case (no early stop): {coarse_chunks} coarse chunks of {c.label_chunk} labels x "
-        f"{c.schedule.max_epochs} steps x {c.schedule.batch_size} images (sizes {coarse_sizes}; {coarse_chunk_s:.0f} s for a "
-        f"full one), then {refined} refined labels in {refine_chunks} chunks of <= {r.label_chunk} labels x "
+        f"{c.schedule.max_epochs} steps x {c.schedule.batch_size} images (sizes {coarse_sizes}; "
+        f"{coarse_chunk_s:.0f} s for a full one), then {refined} refined labels in {refine_chunks} chunks of <= {r.label_chunk} labels x "
         f"{r.schedule.max_epochs} steps x {r.schedule.batch_size} images (sizes {refine_sizes}; {refine_chunk_s:.0f} s "
         "for a full one); early stops make both shorter, the refinement most (it stops after 100 steps without a "
         "smaller mask);",
@@ -178,7 +178,8 @@ def main(argv=None) -> int:
                 got = run(executor, scan_model, files, tmp / f"ray{workers}", args.seed)
             got.update(costs, start_s=start_s)
             figures[f"ray{workers}"] = got
-            same = got["flagged"] == figures["local"]["flagged"] and got["screen_flags"] == figures["local"]["screen_flags"]
+            base = figures["local"]
+            same = got["flagged"] == base["flagged"] and got["screen_flags"] == base["screen_flags"]
             diff = float(np.max(np.abs(np.array(got["mask_l1"]) - np.array(figures["local"]["mask_l1"]))))
             got["same_flags_as_local"], got["max_mask_l1_difference"] = same, diff
             print(f"ray, {workers} worker{'s' if workers > 1 else ' '}: scan {got['scan_s']:6.1f} s "
@@ -199,10 +200,12 @@ def main(argv=None) -> int:
           "a local Ray instance, once per command)")
     for workers in (1, 2):
         r = figures[f"ray{workers}"]
-        print(f"ray, {workers} worker{'s' if workers > 1 else ' '} vs local: scan x{figures['local']['scan_s'] / r['scan_s']:.2f}, "
+        print(f"ray, {workers} worker{'s' if workers > 1 else ' '} vs local: "
+              f"scan x{figures['local']['scan_s'] / r['scan_s']:.2f}, "
               f"screen x{figures['local']['screen_s'] / r['screen_s']:.2f}")
     print("speed-up of 2 workers over 1: scan "
-          f"x{r1['scan_s'] / figures['ray2']['scan_s']:.2f}, screen x{r1['screen_s'] / figures['ray2']['screen_s']:.2f}")
+          f"x{r1['scan_s'] / figures['ray2']['scan_s']:.2f}, "
+          f"screen x{r1['screen_s'] / figures['ray2']['screen_s']:.2f}")
     rows, assumptions = projection()
     figures["projection"] = {"rows": rows, "assumptions": assumptions}
     print("projection, 1000-label ImageNet-size model (ResNet-50), preset fast, worst case, N GPU workers:")

@@ -157,7 +157,8 @@ def build_zoo(out: Path, n: int = 60, datasets=DATASETS, seed: int = 0, arch: st
             raise NetcleanseError(f"the zoo knows the datasets {', '.join(NUM_CLASSES)}, not {dataset!r}")
     out.mkdir(parents=True, exist_ok=True)
     plan = [p for p in zoo_plan(n, datasets, seed) if split == "all" or split_of(p[2]) == split]
-    jobs = [job for k, job in enumerate(plan) if k % shard[1] == shard[0] and not (out / job[0] / "entry.json").is_file()]
+    jobs = [job for k, job in enumerate(plan)
+            if k % shard[1] == shard[0] and not (out / job[0] / "entry.json").is_file()]
     for _, (entry, seconds) in (executor or LocalExecutor()).map(_build_task, (str(out.resolve()), seed, arch, epochs),
                                                                  jobs):
         asr = entry["attack_success"]

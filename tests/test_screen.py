@@ -94,7 +94,8 @@ def test_screen_scans_each_model_and_a_bad_file_is_an_error_row(zoo, tmp_path):
     # each model's folder is the ordinary scan's, with the same result as scanning it alone
     alone = scan(load_model(zoo["badnet"]), load_data(zoo["data"]), seed=1, progress=False)
     saved = ScanResult.load(tmp_path / "s" / "models" / "badnet")
-    assert saved.flagged == alone.flagged and [r["mask_l1"] for r in saved.labels] == [r["mask_l1"] for r in alone.labels]
+    assert saved.flagged == alone.flagged
+    assert [r["mask_l1"] for r in saved.labels] == [r["mask_l1"] for r in alone.labels]
     assert (tmp_path / "s" / "models" / "badnet" / "report.html").is_file()
     rows = list(csv.DictReader(open(tmp_path / "s" / "screen.csv")))
     assert [r["verdict"] for r in rows] == ["backdoor-detected", by_name["clean"]["verdict"], ""]

@@ -115,7 +115,8 @@ def read_manifest(path, *, arch: str | None = None, input_scale: float | None = 
             input_scale=_number(value.get("input_scale", 1.0 if input_scale is None else input_scale), where),
             data=(str(_relative_to(path, value["data"])) if "data" in value
                   else None if own_data or data is None else str(data)),
-            data_free=_boolean(value["data_free"], where) if "data_free" in value else (False if own_data else data_free),
+            data_free=(_boolean(value["data_free"], where) if "data_free" in value
+                       else False if own_data else data_free),
             labels=str(value.get("labels", labels)) if value.get("labels", labels) is not None else None)
         entries.append(_checked(entry, where))
     return entries
@@ -220,7 +221,8 @@ def screen(entries: list[ScreenEntry], out, *, preset: str = "fast", rule: str =
     bar = progress_bar(disable=None if progress else True)
     try:
         with bar:
-            task = bar.add_task(f"screen: {len(entries)} models", total=len(entries), completed=len(entries) - len(todo))
+            task = bar.add_task(f"screen: {len(entries)} models", total=len(entries),
+                                completed=len(entries) - len(todo))
             for j, (result, error, seconds) in executor.map(_screen_one, shared, jobs):
                 i = todo[j]
                 rows[i] = _row(entries[i], folders[i], out, result, error, seconds, in_process, report)
@@ -361,8 +363,10 @@ padding:.3em .6em;text-align:left}.backdoor-detected{background:#fdd}.error{back
 {% for r in rows %}<tr class="{{ r.verdict or ('error' if r.error else '') }}">
 <td>{% if r.report %}<a href="{{ r.report|urlencode }}">{{ r.name }}</a>{% else %}{{ r.name }}{% endif %}</td>
 <td>{{ r.verdict or ("error" if r.error else "not yet scanned") }}</td><td>{{ r.flagged|join(", ") }}</td>
-<td>{{ "%.3g"|format(r.p_value) if r.p_value is not none else "" }}</td><td>{{ r.labels if r.labels is not none else "" }}</td>
-<td>{{ "%.1f"|format(r.time_s) if r.time_s is not none else "" }}</td><td>{{ r.model }}</td><td>{{ r.error or "" }}</td></tr>
+<td>{{ "%.3g"|format(r.p_value) if r.p_value is not none else "" }}</td>
+<td>{{ r.labels if r.labels is not none else "" }}</td>
+<td>{{ "%.1f"|format(r.time_s) if r.time_s is not none else "" }}</td><td>{{ r.model }}</td>
+<td>{{ r.error or "" }}</td></tr>
 {% endfor %}</table></body></html>
 """
 
