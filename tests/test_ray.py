@@ -237,3 +237,26 @@ def test_cli_scan_on_ray(ray_instance, zoo, tmp_path):
     assert res.exit_code == 0, res.output
     assert "BACKDOOR DETECTED" in res.output and (tmp_path / "o" / "report.html").is_file()
     assert json.loads((tmp_path / "o" / "scan.json").read_text())["settings"]["executor"] == "ray"
+
+
+class _CountsLoads:
+    """A shared value that notes (in a folder) every time a process deserialises it."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        Path(self.folder, f"load_{os.getpid()}_{os.urandom(4).hex()}").touch()
+
+
+def _pid(shared, item, progress):
+    return os.getpid()
+
+
+def test_shared_value_is_loaded_once_per_worker_not_per_task(ray_instance, tmp_path):
+    pids = dict(RayExecutor().map(_pid, _CountsLoads(str(tmp_path)), range(12)))
+    loads = [p.name.split("_")[1] for p in tmp_path.glob("load_*")]
+    assert len(pids) == 12 and set(loads) <= set(map(str, pids.values()))
+    # every worker process that ran a task loaded the value once, not once per task
+    assert len(loads) == len(set(loads)) == len(set(pids.values())) < 12
