@@ -41,7 +41,7 @@ import torch
 import netcleanse
 from netcleanse.calibrated import DF, FAMILY, SCALE_FLOOR, calibrated_test
 from netcleanse.errors import NetcleanseError
-from netcleanse.scanning import calibrated_inputs
+from netcleanse.scanning import PRESETS, calibrated_inputs, label_margins, tested_margins
 from netcleanse.utils import atomic_write
 from zoo import add_executor_arguments, executor_from_args, load_member, parse_shard, read_zoo  # noqa: E402
 # (benchmarks/ is on sys.path when run as a script)
@@ -95,9 +95,46 @@ def scan_zoo(zoo: Path, out: Path, entries: list[dict], modes, seed: int, preset
             f"mad {result['mad_flagged']!s:<16} {row['time_s']:.0f} s", flush=True)
 
 
+def add_margins(zoo: Path, out: Path, entries: list[dict], modes, seed: int, preset: str, shard, log=print) -> None:
+    """Give the rows of scans made before the second signal existed their labels' maximum margins,
+    computed from the zoo model by the function the scan itself calls (a label's margin depends on
+    the model, the seed and the label only, so this equals what a rescan would record; the trigger
+    search in those rows is unchanged)."""
+    todo = []
+    for entry in sorted(entries, key=lambda e: (e.get("pair", 0), e["folder"])):
+        paths = [row_path(out, entry, m, seed) for m in modes if row_path(out, entry, m, seed).is_file()]
+        rows = [json.loads(p.read_text()) for p in paths]
+        if any(r["scan"]["labels"][0].get("max_margin") is None for r in rows):
+            todo.append((entry, paths, rows))
+    todo = todo[shard[0]::shard[1]]
+    started = time.perf_counter()
+    for n, (entry, paths, rows) in enumerate(todo, 1):
+        model, _ = load_member(zoo, entry, with_data=False)
+        work = model.eval().requires_grad_(False).to(memory_format=torch.channels_last)  # as the scan's copy
+        tested = sorted(set().union(*(calibrated_inputs(r["scan"]["labels"], r["scan"]["settings"]["detection"])[0]
+                                      for r in rows)))
+        t = time.perf_counter()
+        margins = label_margins(work, tested, seed, PRESETS[preset], torch.device("cpu"), True)
+        for path, row in zip(paths, rows):
+            for rec in row["scan"]["labels"]:
+                if rec["label"] in margins:
+                    rec["max_margin"] = margins[rec["label"]]
+            row["margin_time_s"] = time.perf_counter() - t
+            with atomic_write(path) as tmp:
+                tmp.write_text(json.dumps(row))
+        eta = (time.perf_counter() - started) / n * (len(todo) - n)
+        log(f"[{n}/{len(todo)}, ETA {eta / 60:.0f} min] {entry['folder']:<24} margins of {len(tested)} labels "
+            f"{time.perf_counter() - t:.0f} s", flush=True)
+
+
+RULES = ("calibrated", "size-only", "mad")
+
+
 def decide(row: dict, rule: str, alpha: float, family: str, df: float, scale: str = "qn",
            min_scale: float = SCALE_FLOOR) -> dict:
-    """One scan's verdict under ``rule``, re-decided from its stored per-label results."""
+    """One scan's verdict under ``rule``, re-decided from its stored per-label results: "calibrated"
+    (trigger size and, where the row has them, maximum margins), "size-only" (the calibrated rule on
+    the trigger size alone, as before the second signal) or "mad" (the paper's)."""
     scan = row["scan"]
     if rule == "mad":
         flagged = sorted(scan["mad_flagged"])
@@ -106,8 +143,9 @@ def decide(row: dict, rule: str, alpha: float, family: str, df: float, scale: st
         inconclusive = not flagged and ceiling is not None and ceiling <= scan["threshold"]
     else:
         l1, reference, n_labels = calibrated_inputs(scan["labels"], scan["settings"]["detection"])
+        margins = tested_margins(scan["labels"], scan["settings"]["detection"]) if rule == "calibrated" else None
         test = calibrated_test(l1, reference, n_labels, alpha=alpha, family=family, df=df, scale=scale,
-                               min_scale=min_scale)
+                               min_scale=min_scale, margins=margins)
         flagged = sorted(test.flagged)
         score = -math.log10(test.p_value) if test.p_value else 0.0
         inconclusive = test.inconclusive and not flagged
@@ -127,7 +165,7 @@ def summarise(rows: list[dict], alpha: float, family: str, df: float, scale: str
         pos = [r for r in scored if r["entry"]["backdoored"]]
         neg = [r for r in scored if not r["entry"]["backdoored"]]
         times = [r["time_s"] for r in group]
-        for rule in ("calibrated", "mad"):
+        for rule in RULES:
             d_pos = [decide(r, rule, alpha, family, df, scale, min_scale) for r in pos]
             d_neg = [decide(r, rule, alpha, family, df, scale, min_scale) for r in neg]
             fp, tp = sum(d["detected"] for d in d_neg), sum(d["hit"] for d in d_pos)
@@ -165,6 +203,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--shard", type=parse_shard, default=(0, 1))
     ap.add_argument("--summary-only", action="store_true", help="do not scan; summarise the rows there are")
+    ap.add_argument("--add-margins", action="store_true",
+                    help="do not scan; add the maximum margins to rows scanned before the second signal existed")
     ap.add_argument("--alpha", type=float, default=0.05)
     ap.add_argument("--family", default=FAMILY, help="calibrated rule's null family: normal or t")
     ap.add_argument("--df", type=float, default=DF, help="degrees of freedom of the t null")
@@ -186,8 +226,12 @@ def main(argv=None) -> int:
         if not args.summary_only:  # the summary needs only the rows (each holds its model's entry)
             entries = [e for e in read_zoo(args.zoo) if chosen(e)]
             torch.set_num_threads(args.threads)
-            with executor_from_args(args) as executor:
-                scan_zoo(args.zoo, args.out, entries, modes, args.seed, args.preset, args.shard, executor=executor)
+            if args.add_margins:
+                add_margins(args.zoo, args.out, entries, modes, args.seed, args.preset, args.shard)
+            else:
+                with executor_from_args(args) as executor:
+                    scan_zoo(args.zoo, args.out, entries, modes, args.seed, args.preset, args.shard,
+                             executor=executor)
             planned = f" (of {len(entries) * len(modes)} planned)"
         rows = [row for row in (json.loads(p.read_text()) for p in sorted((args.out / "rows").glob("*.json")))
                 if chosen(row["entry"]) and row["mode"] in modes and row["seed"] == args.seed]

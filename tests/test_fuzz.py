@@ -66,10 +66,50 @@ def _model_seeds() -> dict[str, bytes]:
     model = Classifier(SmallCNN(10).eval(), (1, 28, 28), 10, name="seed", arch="mnist-cnn")
     for suffix in (".pt", ".h5"):
         out[suffix] = save_model(model, tmp / f"seed{suffix}").read_bytes()
+    from safetensors.torch import save as save_safetensors
+    out[".safetensors"] = save_safetensors(model.net.state_dict())
+    out[".keras"] = _keras3_seed()
+    try:  # the legacy exporter runs offline; skip the seed where onnx is absent
+        import warnings
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model.net, torch.zeros(1, 1, 28, 28), buffer, dynamo=False, opset_version=17)
+        out[".onnx"] = buffer.getvalue()
+    except Exception:  # noqa: BLE001
+        pass
     for name in ("sunglasses_bd_net_tfkeras.h5",):
         if (SHARED / "reference" / name).is_file():
             out[name] = (SHARED / "reference" / name).read_bytes()
     return out
+
+
+def _keras3_seed() -> bytes:
+    """A small Keras 3 .keras archive (layout as in tests/test_keras_formats.py)."""
+    import json
+    def layer(class_name, **config):
+        return {"module": "keras.layers", "class_name": class_name, "config": config}
+    layers = [layer("InputLayer", name="in", batch_shape=[None, 6, 6, 1]),
+              layer("Normalization", name="norm", axis=[-1], mean=None, variance=None),
+              layer("Flatten", name="flat"), layer("Dense", name="d", units=8, activation="relu"),
+              layer("BatchNormalization", name="bn"), layer("Dense", name="out", units=3, activation="softmax")]
+    config = {"module": "keras", "class_name": "Sequential", "config": {"name": "s", "layers": layers}}
+    weights = io.BytesIO()
+    rng = np.random.default_rng(0)
+    with h5py.File(weights, "w") as h5:
+        for where, arrays in {"normalization": [np.zeros(1, np.float32), np.ones(1, np.float32), np.int64(1)],
+                              "dense": [rng.normal(size=(36, 8)).astype(np.float32), np.zeros(8, np.float32)],
+                              "batch_normalization": [np.ones(8, np.float32), np.zeros(8, np.float32),
+                                                      np.zeros(8, np.float32), np.ones(8, np.float32)],
+                              "dense_1": [rng.normal(size=(8, 3)).astype(np.float32), np.zeros(3, np.float32)]}.items():
+            group = h5.create_group(f"layers/{where}/vars")
+            for i, array in enumerate(arrays):
+                group[str(i)] = array
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("config.json", json.dumps(config))
+        archive.writestr("model.weights.h5", weights.getvalue())
+    return buffer.getvalue()
 
 
 def _data_seeds() -> dict[str, bytes]:
@@ -105,7 +145,7 @@ cuts = st.one_of(st.none(), st.integers(0, 2**31))
 
 
 @FUZZ
-@given(st.binary(max_size=4096), st.sampled_from([".h5", ".pt", ".keras", ""]))
+@given(st.binary(max_size=4096), st.sampled_from([".h5", ".pt", ".keras", ".safetensors", ".onnx", ""]))
 def test_random_bytes_as_a_model(tmp_path, blob, suffix):
     path = tmp_path / f"m{suffix}"
     path.write_bytes(blob)
@@ -118,7 +158,7 @@ def test_mutated_model_files(tmp_path, seed, changes, cut):
     suffix = ".h5" if seed.endswith(".h5") else seed
     path = tmp_path / f"m{suffix}"
     path.write_bytes(_mutate(MODEL_SEEDS[seed], changes, cut))
-    arch = None if "tfkeras" in seed else "mnist-cnn"
+    arch = None if "tfkeras" in seed or seed in (".keras", ".onnx") else "mnist-cnn"
     _contract(lambda p: load_model(p, arch=arch), path)
 
 

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import html
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -69,6 +70,65 @@ def write_scan(directory: Path, num_labels: int, shape=(1, 28, 28), planted=(7,)
                          "init_cost": 1e-3, "patience": 25, "seed": seed}}
     (directory / "scan.json").write_text(json.dumps(scan))
     np.savez(directory / "masks.npz", labels=np.arange(num_labels), masks=masks, patterns=patterns)
+    return scan
+
+
+def write_two_stage_scan(directory: Path, num_labels: int = 300, planted=(7,), *, rule="calibrated", alpha=0.05,
+                         shape=(3, 20, 16), name="faces-badnet", seed=0) -> dict:
+    """A fast-preset scan of many labels as `netcleanse scan --out` records it: every label had the
+    coarse pass, the 16 smallest coarse masks (candidates) and 48 random controls were refined, the
+    calibrated test ran on them (the producer's own calibrated_inputs and calibrated_test)."""
+    from netcleanse.calibrated import calibrated_test
+    from netcleanse.scanning import PRESETS, calibrated_inputs
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    plan = PRESETS["fast"].to_dict()
+    coarse_steps = plan["coarse"]["schedule"]["max_epochs"] * plan["coarse"]["schedule"]["steps_per_epoch"]
+    coarse = rng.normal(700, 60, num_labels).clip(400)
+    for t in planted:
+        coarse[t] = 250.0  # a planted target is small after the coarse pass already
+    candidates = sorted(int(t) for t in np.argsort(coarse, kind="stable")[:16])
+    controls = sorted(int(t) for t in rng.choice(num_labels, 48, replace=False))
+    refined = set(candidates) | set(controls)
+    records = []
+    for t in range(num_labels):
+        if t in refined:
+            l1 = 12.0 if t in planted else float(np.exp(rng.normal(np.log(300), 0.3)))
+            record = {"label": t, "mask_l1": l1, "stage": "refine", "steps": coarse_steps + int(rng.integers(100, 300))}
+        else:
+            record = {"label": t, "mask_l1": float(coarse[t]), "stage": "coarse", "steps": coarse_steps}
+        records.append({**record, "attack_success": float(rng.uniform(0.7, 1.0)), "succeeded": True,
+                        "time_s": 0.1, "cost": 0.001})
+    detection = {"scheme": "random controls", "candidates": candidates, "controls": controls}
+    ref_l1 = np.array([records[t]["mask_l1"] for t in controls])
+    median, mad = float(np.median(ref_l1)), float(1.4826 * np.median(np.abs(ref_l1 - np.median(ref_l1))))
+    detection.update(median=median, mad=mad)
+    test = calibrated_test(*calibrated_inputs(records, detection), alpha=alpha)
+    index = _anomaly_indices(coarse)  # labels of the coarse pass alone: against the coarse pass's median
+    mad_flagged = []
+    for r in records:
+        if r["label"] in refined:
+            index[r["label"]] = (median - r["mask_l1"]) / mad
+        if index[r["label"]] > 2.0 and r["label"] in refined:
+            mad_flagged.append(r["label"])
+    flagged = test.flagged if rule == "calibrated" else mad_flagged
+    for r in records:
+        r.update(anomaly_index=float(index[r["label"]]), log_index=test.indices.get(r["label"]),
+                 p_value=test.p_values.get(r["label"]), flagged=r["label"] in flagged,
+                 mask_l1_vs_median=r["mask_l1"] / median)
+    channels, height, width = shape
+    masks = np.zeros((num_labels, height, width), np.float32)
+    masks[:, :4, :4] = 0.5
+    scan = {"format": "netcleanse-scan", "version": 1,
+            "verdict": "backdoor-detected" if flagged else "none-detected", "flagged": flagged, "rule": rule,
+            "alpha": alpha, "p_value": test.p_value, "threshold": 2.0, "test": test.to_dict(),
+            "mad_flagged": mad_flagged, "preset": "fast", "data": "data-free", "elapsed_s": 700.0, "labels": records,
+            "model": {"name": name, "arch": "csaw-deepid", "num_classes": num_labels, "input_shape": list(shape)},
+            "settings": {"preset": "fast", "plan": plan, "seed": seed, "rule": rule, "alpha": alpha,
+                         "detection": detection}}
+    (directory / "scan.json").write_text(json.dumps(scan))
+    np.savez(directory / "masks.npz", labels=np.arange(num_labels), masks=masks,
+             patterns=rng.random((num_labels, channels, height, width), dtype=np.float32))
     return scan
 
 
@@ -259,7 +319,12 @@ def test_calibrated_verdict_shows_the_model_and_label_p_values(tmp_path):
         p = f"{scan['p_value']:.2g}"
         assert f"Model-level p-value {p}" in text.replace("*", "") and "α = 0.05" in html.unescape(text)
         assert re.search(rf"label 7\W+p-value\W+{re.escape(p)}", text)
-        assert f"step 1 label 7 p {p}" in text and "calibrated model-level test" in text
+        assert "calibrated model-level test" in text
+        # the step-down table: step, label, index, labels, reference labels, p-value, decision
+        step = scan["test"]["steps"][0]
+        row = (f"| 1 | 7 | {fmt_index(step['index'])} | 10 | 10 | {p} | **flagged** (p ≤ 0.05) |" if fmt == "md"
+               else f"1 7 {fmt_index(step['index'])} 10 10 {p} flagged (p ≤ 0.05)")
+        assert row in text
         # the figure's caption states the calibrated threshold the scan recorded
         assert f"mask L1 < {fmt_number(scan['test']['reference']['threshold_l1'])}" in html.unescape(text)
     clean = tmp_path / "clean"
@@ -279,7 +344,152 @@ def test_calibrated_report_marks_the_reference_sample(tmp_path):
                 mad_flagged=scan["flagged"])
     (tmp_path / "scan.json").write_text(json.dumps(scan))
     text = page_text(render_report(tmp_path).read_text())
-    assert test.flagged == [7] and "Hollow squares: the 48 reference labels" in text
+    assert test.flagged == [7] and "computed from the 48 reference labels (hollow squares)" in text
+    searched = text[text.index("How each label was searched"):text.index("Reversed-trigger size per label")]
+    assert "Reference labels: " + ", ".join(map(str, controls)) + "." in searched
+
+
+def _figure_inputs(monkeypatch) -> dict:
+    """Record what the report hands to the figures (the plotting itself still runs)."""
+    from netcleanse import plots
+    seen: dict = {}
+    for name in ("mask_l1_figure", "decision_figure", "anomaly_index_figure"):
+        original = getattr(plots, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            seen[_name] = (args, kwargs)
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(plots, name, spy)
+    return seen
+
+
+def test_figures_mark_how_each_label_was_searched(tmp_path, monkeypatch):
+    scan = write_two_stage_scan(tmp_path, 300, planted=(7,))
+    detection = scan["settings"]["detection"]
+    controls, candidates = set(detection["controls"]), set(detection["candidates"]) - set(detection["controls"])
+    assert 7 in candidates and scan["flagged"] == [7], "fixture: the planted label is a candidate and is flagged"
+    seen = _figure_inputs(monkeypatch)
+    text = page_text(render_report(tmp_path).read_text())
+
+    # mask size figure: one marker per way of searching, read from scan.json's detection record
+    args, _ = seen["mask_l1_figure"]
+    labels, roles, names = list(args[0]), list(args[9]), args[10]
+    by_role = {role: {t for t, r in zip(labels, roles) if r == role} for role in set(roles)}
+    assert by_role["reference"] == controls and by_role["candidate"] == candidates
+    assert by_role["untested"] == {r["label"] for r in scan["labels"] if r["stage"] == "coarse"}
+    assert names["untested"].endswith(f"({300 - len(controls) - len(candidates)})")
+    # the anomaly-index histogram sets the labels of the coarse pass alone apart
+    args, _ = seen["anomaly_index_figure"]
+    assert list(args[4]) == [t not in by_role["untested"] for t in labels]
+
+    # the table states each group's budget, from the scan's recorded plan
+    plan = scan["settings"]["plan"]
+    first, second = plan["coarse"]["schedule"], plan["refine"]["schedule"]
+    coarse = f"at most {first['max_epochs'] * first['steps_per_epoch']} steps of {first['batch_size']} inputs"
+    refine = f"up to {second['max_epochs'] * second['steps_per_epoch']} steps of {second['batch_size']} inputs"
+    searched = text[text.index("How each label was searched"):text.index("Reversed-trigger size per label")]
+    coarse_only = len(by_role["untested"])
+    assert f"{coarse_only} coarse pass only ({coarse})" in searched
+    assert f"{len(candidates)} coarse pass ({coarse}), then {refine} more" in searched
+    assert "Reference labels: " + ", ".join(map(str, sorted(controls))) + "." in searched
+    # ... and so does the figure's caption, marker by marker
+    caption = text[text.index("Markers show how each label was searched"):]
+    assert f"small grey dot, {coarse_only} labels: coarse pass only ({coarse});" in caption
+    assert f"blue triangle, {len(candidates)} labels: coarse pass ({coarse}), then {refine} more;" in caption
+    assert f"hollow orange square, {len(controls)} labels: coarse pass ({coarse}), then {refine} more." in caption
+    steps = sorted(r["steps"] for r in scan["labels"] if r["label"] in controls)
+    assert f"{fmt_number(float(np.median(steps)))} the reference" in searched
+    md = render_report(tmp_path, format="md").read_text()
+    assert f"| {coarse_only} | coarse pass only ({coarse}) |" in md
+    assert f"| {len(controls)} | coarse pass ({coarse}), then {refine} more | {fmt_number(float(np.median(steps)))} |" in md
+    assert f"hollow orange square, {len(controls)} labels: coarse pass ({coarse}), then {refine} more." in md
+    _assert_tables_are_rectangular(md)
+
+
+def test_decision_figure_draws_the_tests_own_inputs(tmp_path, monkeypatch):
+    from netcleanse.calibrated import critical_index, log_size
+    scan = write_two_stage_scan(tmp_path, 300, planted=(7, 11))
+    test, detection = scan["test"], scan["settings"]["detection"]
+    assert scan["flagged"] == [7, 11] and len(test["steps"]) == 3
+    seen = _figure_inputs(monkeypatch)
+    markup = render_report(tmp_path).read_text()
+    (decision,), _ = seen["decision_figure"]
+    records = {r["label"]: r for r in scan["labels"]}
+
+    # the histogram: the controls' log-scale indices, as the scan recorded them and as the definition gives
+    assert set(decision.reference) == set(detection["controls"])
+    reference = test["reference"]
+    for label, z in decision.reference.items():
+        assert z == records[label]["log_index"]
+        assert z == pytest.approx((reference["median"] - log_size(records[label]["mask_l1"])) / reference["scale"])
+    assert set(decision.tested) == set(detection["candidates"]) - set(detection["controls"])
+    # the null is the test's own: its (1 - alpha) point is the critical index the scan recorded
+    assert decision.n_labels == 300 and decision.n_reference == 48
+    assert decision.critical_index == reference["critical_index"]
+    null = decision.null
+    at = math.ceil((len(null) + 1) * (1 - scan["alpha"]) - 1e-9) - 1
+    assert null[at] == pytest.approx(reference["critical_index"])
+    assert critical_index(300, 48, scan["alpha"]) == pytest.approx(reference["critical_index"])
+    # each step as recorded: label, index, p-value, decision
+    assert [(s["label"], s["index"], s["p_value"], s["flagged"]) for s in decision.steps] == \
+        [(s["label"], s["index"], s["p_value"], s["flagged"]) for s in test["steps"]]
+
+    # the page states the same: the step table and each flagged label's deciding p-value in the verdict
+    text = page_text(markup)
+    for s in test["steps"]:
+        verdict = f"flagged (p ≤ {scan['alpha']:g})" if s["flagged"] else f"not flagged (p > {scan['alpha']:g}): stop"
+        assert (f"{s['step']} {s['label']} {fmt_index(s['index'])} {s['n_labels']} {s['n_reference']} "
+                f"{s['p_value']:.2g} {verdict}") in text
+        if s["flagged"]:
+            assert f"label {s['label']}: p-value {s['p_value']:.2g}" in text
+    assert f"critical index {fmt_index(reference['critical_index'])}" in text
+    assert f"the scale ({fmt_number(reference['scale'])}, Qn of the log sizes" in text
+    assert 'alt="the calibrated test:' in markup
+    md = render_report(tmp_path, format="md").read_text()
+    assert "## The decision: why each label was or was not flagged" in md
+    assert "](report_decision.png)" in md and (tmp_path / "report_decision.png").read_bytes()[:4] == b"\x89PNG"
+    for s in test["steps"]:
+        assert f"| {s['step']} | {s['label']} | {fmt_index(s['index'])} | {s['n_labels']} |" in md
+    _assert_tables_are_rectangular(md)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.01])
+def test_verdict_states_the_guarantee_and_its_limits(tmp_path, alpha):
+    write_two_stage_scan(tmp_path, 120, planted=(), alpha=alpha)
+    for fmt in ("html", "md"):
+        out = render_report(tmp_path, format=fmt)
+        text = page_text(out.read_text()) if fmt == "html" else out.read_text().replace("*", "")
+        verdict = text[text.index("Verdict" if fmt == "md" else "No backdoor detected"):text.index("How each label")]
+        assert f"flagged with probability ≤ {100 * alpha:g} % (α), whatever its number of labels" in verdict
+        assert "input-specific (sample-dependent) triggers are not tested for" in verdict
+        assert "large or blended triggers may be missed" in verdict
+    write_two_stage_scan(tmp_path / "mad", 120, planted=(7,), rule="mad")
+    text = page_text(render_report(tmp_path / "mad").read_text())
+    assert "bounds each label, not the model" in text and "sample-dependent" in text
+    # under the paper's rule its anomaly indices are the decision; the calibrated test is shown beside it
+    assert text.index("The decision (the paper's rule)") < text.index("The calibrated test (for comparison)")
+    assert "The paper's rule made this scan's verdict" in text
+
+
+def test_decision_figure_of_a_scan_recorded_before_qn(tmp_path, monkeypatch):
+    # scans of release 0.1's first calibrated test recorded the spread as "mad" and "scale" as the
+    # statistic's name, and no critical index: the figure uses the recorded spread and recomputes it
+    from netcleanse.calibrated import critical_index
+    scan = write_two_stage_scan(tmp_path, 200, planted=(7,))
+    reference = scan["test"]["reference"]
+    spread = reference.pop("scale")
+    for key in ("critical_index", "threshold_l1", "statistic", "scale_estimator"):
+        reference.pop(key)
+    reference.update(mad=spread, scale="log mask L1", family="normal")
+    (tmp_path / "scan.json").write_text(json.dumps(scan))
+    seen = _figure_inputs(monkeypatch)
+    text = page_text(render_report(tmp_path).read_text())
+    (decision,), _ = seen["decision_figure"]
+    assert decision.scale == spread and decision.estimator == "mad" and decision.family == "normal"
+    assert decision.critical_index == critical_index(200, 48, 0.05, "normal", scale="mad")
+    expected = math.exp(reference["median"] - decision.critical_index * spread)
+    assert f"mask L1 < {fmt_number(expected)}" in text
+    assert f"the scale ({fmt_number(spread)}, MAD of the log sizes" in text and "null of one label's index, normal" in text
 
 
 def test_scan_that_could_not_flag_anything_says_inconclusive(tmp_path):
@@ -348,7 +558,11 @@ def test_markdown_has_the_same_content_and_its_images(tmp_path):
         assert (tmp_path / link).read_bytes()[:4] == b"\x89PNG"
     for row in repair["table"]:
         assert f"model\\_drop{row['drop']}.pt" in md
-    # Every table row has as many cells as its header.
+    _assert_tables_are_rectangular(md)
+
+
+def _assert_tables_are_rectangular(md: str) -> None:
+    """Every Markdown table row has as many cells as its header."""
     for block in re.split(r"\n\n+", md):
         rows = [line for line in block.splitlines() if line.startswith("|")]
         if rows:
@@ -440,18 +654,18 @@ def _chromium() -> str | None:
         ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
 
-def _screenshot(browser: str, page: Path, tmp_path: Path) -> Path:
-    """Render ``page`` in headless Chromium; assert it rendered a non-blank 1280x2000 screenshot."""
+def _screenshot(browser: str, page: Path, tmp_path: Path, height: int = 2000) -> Path:
+    """Render ``page`` in headless Chromium; assert it rendered a non-blank 1280 x ``height`` screenshot."""
     shot = tmp_path / "shot.png"
     done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                            "--no-first-run", "--disable-background-networking", "--disable-component-update",
                            "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
-                           "--window-size=1280,2000", page.resolve().as_uri()],
+                           f"--window-size=1280,{height}", page.resolve().as_uri()],
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     assert shot.exists() and shot.stat().st_size > 10_000
     with Image.open(shot) as image:
-        assert image.size == (1280, 2000)
+        assert image.size == (1280, height)
         # Not a blank page: the verdict box and plots put many distinct colours on screen.
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 50
     return shot
@@ -461,8 +675,18 @@ def test_large_report_renders_in_headless_chromium(tmp_path):
     browser = _chromium()
     if browser is None:
         pytest.skip("chromium is not installed (Debian: apt-get install chromium); headless rendering not checked")
-    write_scan(tmp_path / "scan", 1283, shape=(3, 55, 47), planted=(0,), name="sunglasses_bd_net")
-    _screenshot(browser, render_report(tmp_path / "scan"), tmp_path)
+    # a fast-preset scan of 1283 labels: coarse-pass labels, candidates and controls, the calibrated decision
+    scan = write_two_stage_scan(tmp_path / "scan", 1283, shape=(3, 55, 47), planted=(0,), name="sunglasses_bd_net")
+    assert scan["flagged"] == [0]
+    started = time.perf_counter()
+    page = render_report(tmp_path / "scan")
+    assert time.perf_counter() - started < 30  # a few seconds on an idle machine
+    markup = page.read_text()
+    for alt in ("mask L1 norm of every label, marked by how it was searched", "the calibrated test:",
+                "histogram of anomaly indices"):
+        assert f'alt="{alt}' in markup
+    # tall enough to hold the verdict, the search table and the three figures
+    _screenshot(browser, page, tmp_path, height=4200)
 
 
 @pytest.mark.slow

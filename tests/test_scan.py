@@ -122,8 +122,18 @@ def test_scan_flags_planted_target_with_data(badnet, clean_data, tmp_path):
     assert torch.equal(loaded.trigger(TARGET).mask, result.trigger(TARGET).mask)
 
 
-def test_scan_data_free_flags_planted_target(badnet):
-    assert scan(badnet, data_free=True, progress=False).flagged == [TARGET]
+def test_scan_data_free_finds_planted_target(badnet):
+    # Data-free, this 8-class toy's trigger needs a clearly smaller mask than any other label, but its
+    # target reaches no unusual logit margin from noise starts (every label reaches a similar one), so
+    # the calibrated test, which weighs both signals, ranks it first without reaching alpha (p ~ 0.1);
+    # the paper's per-label rule flags it. How often the calibrated verdict detects backdoors is
+    # measured on the benchmark zoo (benchmarks/RESULTS.md), not on this toy.
+    result = scan(badnet, data_free=True, progress=False)
+    tested = [r for r in result.labels if r["test_index"] is not None]
+    assert max(tested, key=lambda r: r["test_index"])["label"] == TARGET
+    assert max(tested, key=lambda r: r["log_index"])["label"] == TARGET
+    assert result.mad_flagged == [TARGET]
+    assert all(r["max_margin"] > 0 for r in result.labels)
 
 
 @pytest.mark.slow
@@ -328,7 +338,7 @@ def test_cli_scan(tmp_path):
     res = runner.invoke(app, ["scan", str(path), "--data-free", "--out", str(tmp_path / "o"), "--labels", "0-2",
                               "--save-all-images"])
     assert res.exit_code == 0, res.output
-    assert "among 3 scanned" in res.output or "flagged" in res.output
+    assert "3 labels scanned" in res.output or "flagged" in res.output
     info = json.loads((tmp_path / "o" / "scan.json").read_text())
     assert [r["label"] for r in info["labels"]] == [0, 1, 2] and info["data"] == "data-free"
     assert (tmp_path / "o" / "small_visualize_fusion_label_2.png").exists()

@@ -161,10 +161,16 @@ def test_save_model_suffixes(tmp_path):
         save_model(model, tmp_path / "model.onnx")
     back = load_model(save_model(model, tmp_path / "model.h5"), arch="mnist-cnn")
     assert same_outputs(model, back)
-    odd = Classifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 2)), (3, 1, 1), 2)
+    # a traced graph (as converted ONNX models are) has no architecture to rebuild it from
+    odd = Classifier(torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 2))),
+                     (3, 1, 1), 2)
     with pytest.raises(NetcleanseError, match="rebuilt"):
         save_model(odd, tmp_path / "odd.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.h5"]  # no odd.pt, no temporary file left
+    # a module wrapped from Python is saved as its weights; loading it back needs its architecture
+    wrapped = Classifier.wrap(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 2)), (3, 1, 1))
+    with pytest.raises(NetcleanseError, match="records no architecture; name it with --arch"):
+        load_model(save_model(wrapped, tmp_path / "wrapped.pt"))
 
 
 def test_guarded_checkpoints_go_through_guard(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """Keras ``.h5`` files into PyTorch and back, without TensorFlow.
 
-Two kinds of Keras file are read:
+Three kinds of Keras file are read:
 
 - **Whole-model files** (root attribute ``model_config``, weights under ``model_weights``): the
   JSON config is parsed and an equivalent torch graph, :class:`KerasGraph`, is built from it.
@@ -13,6 +13,12 @@ Two kinds of Keras file are read:
   Keras ``save_weights``): loaded into a registered architecture (``arch``) whose submodules
   carry the Keras layer names. Given ``arch``, a whole-model file is loaded this way too: its
   ``model_config`` is then ignored and only its weights are used.
+- **Keras 3 ``.keras`` archives** (a zip holding ``config.json``, ``metadata.json`` and
+  ``model.weights.h5``): the config is rebuilt as above; the weights file's layout is Keras 3's
+  (``layers/<snake_case class name>[_<n>]/vars/<i>``, nested models below their own
+  ``layers/``), read by :func:`load_keras_archive`. The archive is read in memory, never
+  extracted, with the size limits of :func:`netcleanse.utils.check_declared_size`; an HDF5 file
+  inside it that refers to other files is refused, as for ``.h5``.
 
 Layout: inside netcleanse image tensors are NCHW; Keras computes NHWC. Every layer here keeps
 Keras semantics under that change: ``Flatten`` flattens in Keras's (H, W, C) order so Dense
@@ -44,7 +50,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .architectures import get_architecture
 from .errors import NetcleanseError
 from .model import Classifier
 from .utils import atomic_write, check_declared_size, check_self_contained_h5, first_line
@@ -141,7 +146,8 @@ def _depthwise_to_torch(k: np.ndarray) -> torch.Tensor:
 
 
 def _identity(t):
-    return t if isinstance(t, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(t))
+    # np.array, not np.ascontiguousarray: the latter turns a 0-d weight (Normalization's count) into 1-d
+    return t if isinstance(t, torch.Tensor) else torch.from_numpy(np.array(t))
 
 
 Slot = tuple[str, torch.Tensor, Callable, Callable]  # (Keras var name, torch tensor, to_torch, to_keras)
@@ -158,6 +164,11 @@ def _leaf_slots(module: nn.Module) -> list[Slot]:
         slots.append(("kernel", module.weight, _conv_to_torch, _conv_to_keras))
     elif isinstance(module, nn.Linear):
         slots.append(("kernel", module.weight, lambda k: _identity(k).t(), lambda w: w.t()))
+    elif isinstance(module, KerasNormalization):
+        if module.in_config:
+            return slots
+        return [("mean", module.mean, _identity, _identity), ("variance", module.variance, _identity, _identity),
+                ("count", module.count, _identity, lambda t: t.to(torch.int64))]
     elif isinstance(module, _BatchNorm):
         if getattr(module, "keras_scale", True):
             slots.append(("gamma", module.weight, _identity, _identity))
@@ -421,12 +432,71 @@ class KerasUpSampling2d(nn.Module):
 
 
 class KerasRescaling(nn.Module):
-    def __init__(self, scale: float, offset: float):
+    """Rescaling: ``x * scale + offset``; a per-channel scale or offset (a list in the config)
+    broadcasts against the last axis in Keras's layout (the channels of an image)."""
+
+    def __init__(self, scale, offset):
         super().__init__()
-        self.scale, self.offset = scale, offset
+        self.per_channel = isinstance(scale, list) or isinstance(offset, list)
+        if self.per_channel:
+            self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
+            self.register_buffer("offset", torch.tensor(offset, dtype=torch.float32))
+        else:
+            self.scale, self.offset = float(scale), float(offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale + self.offset
+        if not self.per_channel:
+            return x * self.scale + self.offset
+        return _from_keras_layout(_to_keras_layout(x) * self.scale + self.offset)
+
+
+class KerasNormalization(nn.Module):
+    """Normalization (Keras preprocessing layer): ``(x - mean) / max(sqrt(variance), 1e-7)``, or
+    ``mean + x * max(sqrt(variance), 1e-7)`` with ``invert``, computed in Keras's layout.
+
+    ``keep``: the kept axes (Keras axes of the input, batch = 0); ``mean``/``variance`` have one value
+    per position along them. Values given in the config are constants; otherwise they are the
+    layer's weights (``mean``, ``variance``, ``count``, as ``adapt()`` stored them)."""
+
+    EPSILON = 1e-7  # keras.backend.epsilon()
+
+    def __init__(self, keep: tuple[int, ...], input_shape: tuple[int, ...], invert: bool,
+                 mean=None, variance=None):
+        super().__init__()
+        self.keep, self.invert = tuple(keep), bool(invert)
+        self.in_config = mean is not None
+        shape = tuple(int(input_shape[d]) for d in self.keep)
+        self._broadcast = tuple(int(input_shape[d]) if d in self.keep else 1 for d in range(len(input_shape)))
+        if self.in_config:
+            mean_t = torch.as_tensor(np.asarray(mean, dtype=np.float32))
+            var_t = torch.as_tensor(np.asarray(variance, dtype=np.float32))
+            self.register_buffer("mean", _align(mean_t, self.keep, self._broadcast))
+            self.register_buffer("variance", _align(var_t, self.keep, self._broadcast))
+        else:
+            self.register_buffer("mean", torch.zeros(shape))
+            self.register_buffer("variance", torch.ones(shape))
+            self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _to_keras_layout(x)
+        mean = self.mean.reshape(self._broadcast)
+        std = self.variance.reshape(self._broadcast).sqrt().clamp_min(self.EPSILON)
+        y = mean + y * std if self.invert else (y - mean) / std
+        return _from_keras_layout(y)
+
+    def extra_repr(self) -> str:
+        return f"keep_axes={self.keep}, invert={self.invert}"
+
+
+def _align(value: torch.Tensor, keep: tuple[int, ...], broadcast: tuple[int, ...]) -> torch.Tensor:
+    """A config mean/variance as Keras broadcasts it: a scalar everywhere; otherwise its dimensions
+    aligned right to left with the kept axes."""
+    if value.dim() == 0:
+        return value.expand(broadcast).clone()
+    expanded = [1] * len(broadcast)
+    for i in range(1, value.dim() + 1):
+        expanded[keep[-i]] = value.shape[-i]
+    return value.reshape(expanded).expand(broadcast).clone()
 
 
 class KerasMerge(nn.Module):
@@ -649,11 +719,40 @@ def _build_layer(class_name: str, cfg: dict, name: str, inputs: list[torch.Tenso
                                   f"{cfg.get('interpolation')!r} is not supported (only 'nearest')")
         return KerasUpSampling2d(_pair(cfg.get("size", 2))), "linear"
     if class_name == "Rescaling":
-        scale, offset = cfg.get("scale", 1.0), cfg.get("offset", 0.0)
-        if isinstance(scale, list) or isinstance(offset, list):
-            raise NetcleanseError(f"layer {name!r}: per-channel Rescaling is not supported")
-        return KerasRescaling(float(scale), float(offset)), "linear"
+        scale, offset = _config_array(cfg.get("scale", 1.0)), _config_array(cfg.get("offset", 0.0))
+        for value in (scale, offset):
+            if isinstance(value, list) and np.asarray(value).ndim != 1:
+                raise NetcleanseError(f"layer {name!r}: Rescaling by a {np.asarray(value).ndim}-d array is not "
+                                      "supported (only a number or one value per channel)")
+        return KerasRescaling(scale, offset), "linear"
+    if class_name == "Normalization":
+        axis = cfg.get("axis", -1)
+        axes = [] if axis is None else [axis] if isinstance(axis, int) else list(axis)
+        keep = tuple(sorted(int(a) % rank for a in axes))
+        if any(a == 0 for a in keep):
+            raise NetcleanseError(f"layer {name!r}: Normalization over the batch axis is not supported")
+        shape = tuple(_to_keras_layout(x).shape)
+        mean, variance = _config_array(cfg.get("mean")), _config_array(cfg.get("variance"))
+        if (mean is None) != (variance is None):
+            raise NetcleanseError(f"layer {name!r}: Normalization config gives mean or variance, not both")
+        _check_layer_size(name, int(np.prod([shape[d] for d in keep], dtype=object)))
+        return KerasNormalization(keep, shape, bool(cfg.get("invert", False)), mean, variance), "linear"
     raise NetcleanseError(f"layer {name!r} has class {class_name!r}, which netcleanse cannot rebuild")
+
+
+def _config_array(value):
+    """A number or (nested) list from a config; Keras 3 writes arrays as {"class_name": "__numpy__",
+    "config": {"value": ...}}. ``None`` stays ``None``."""
+    if isinstance(value, dict):
+        value = (value.get("config") or {}).get("value")
+    if value is None or isinstance(value, (int, float)):
+        return value
+    if isinstance(value, list):
+        array = np.asarray(value, dtype=np.float64)
+        if not np.isfinite(array).all():
+            raise NetcleanseError("a preprocessing layer's config holds NaN or infinite values")
+        return array.tolist()
+    raise NetcleanseError(f"a preprocessing layer's config holds {type(value).__name__} where numbers belong")
 
 
 # the largest input a Keras config may declare per image (16 megapixels x 3 channels)
@@ -662,7 +761,8 @@ SUPPORTED_LAYERS = frozenset({"InputLayer", "Conv2D", "DepthwiseConv2D", "Dense"
                               "AveragePooling2D", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten",
                               "Reshape", "Permute", "Activation", "ReLU", "LeakyReLU", "ELU", "ThresholdedReLU",
                               "Softmax", "BatchNormalization", "ZeroPadding2D", "Cropping2D", "UpSampling2D",
-                              "Rescaling"} | _IDENTITY_LAYERS | set(_MERGES) | MODEL_CLASSES | set(_ALIASES))
+                              "Rescaling", "Normalization"}
+                             | _IDENTITY_LAYERS | set(_MERGES) | MODEL_CLASSES | set(_ALIASES))
 
 
 def _padding(cfg: dict, name: str) -> str:
@@ -979,6 +1079,7 @@ class KerasGraph(nn.Module):
                                       f"({type(exc).__name__}: {first_line(exc)})") from None
             if "." in name or hasattr(self, name) and name not in self._modules:
                 raise NetcleanseError(f"layer name {name!r} cannot be used as a torch module name")
+            module.eval()  # the dry run has a batch of one: BatchNormalization must use its moving statistics
             self.add_module(name, module)
             self._activations[name] = activation
         if isinstance(module, KerasGraph):
@@ -1088,13 +1189,16 @@ def load_keras(path, arch: str | None = None, input_scale: float = 1.0, name: st
             check_self_contained_h5(h5, path)
             weights_root = h5["model_weights"] if "model_weights" in h5 else h5
             if arch is not None:
-                spec = get_architecture(arch)
+                from .archspec import resolve_arch
+                spec = resolve_arch(arch)
                 layers_in_file = _file_layers(weights_root)
                 num_classes = _output_classes(layers_in_file)
                 net = spec.build(num_classes)
-                keras_weights_to_module(weights_root, net, arch)
-                return Classifier(net.eval(), spec.input_shape, num_classes, input_scale=input_scale,
-                                  name=name or path.stem, arch=arch, source=str(path))
+                keras_weights_to_module(weights_root, net, spec.spec)
+                model = Classifier(net.eval(), spec.input_shape(net), num_classes, input_scale=input_scale,
+                                   name=name or path.stem, arch=spec.spec, source=str(path))
+                model.arch_kwargs = dict(spec.kwargs)
+                return model
             config = _model_config(h5)
             if config is None:
                 raise NetcleanseError(f"{path} holds weights only; name its architecture with --arch "
@@ -1112,6 +1216,157 @@ def load_keras(path, arch: str | None = None, input_scale: float = 1.0, name: st
                               "netcleanse needs one score per class")
     return Classifier(graph.eval(), graph.input_shape, graph.output_shape[0], input_scale=input_scale,
                       name=name or path.stem, arch=None, source=str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Keras 3 .keras archives
+# --------------------------------------------------------------------------------------------
+
+# limits for the members of a .keras zip, checked on the sizes its directory declares and again
+# while reading (a lying directory cannot make netcleanse read more)
+MAX_CONFIG_BYTES = 64 << 20
+MAX_WEIGHTS_BYTES = 8 << 30
+MAX_ARCHIVE_MEMBERS = 100_000
+
+
+def _snake_case(name: str) -> str:
+    """Keras 3's ``naming.to_snake_case`` (the weights file names layers by their class this way)."""
+    import re
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _read_member(archive, info, limit: int, path: Path) -> bytes:
+    """The bytes of one zip member, refused when it declares (or turns out to hold) more than
+    ``limit`` bytes, or expands more than :data:`netcleanse.utils.MAX_EXPANSION` times."""
+    if info.file_size > limit:
+        raise NetcleanseError(f"{path}: {info.filename} declares {info.file_size:,} bytes (more than "
+                              f"{limit:,}); refused")
+    check_declared_size((info.file_size,), np.uint8, info.compress_size, path, info.filename)
+    with archive.open(info) as member:
+        data = member.read(info.file_size + 1)
+    if len(data) != info.file_size:
+        raise NetcleanseError(f"{path}: {info.filename} holds {len(data):,} bytes but declares "
+                              f"{info.file_size:,}; refused")
+    return data
+
+
+def load_keras_archive(path, input_scale: float = 1.0, name: str | None = None) -> Classifier:
+    """Load a Keras 3 ``.keras`` archive into a :class:`Classifier` returning logits.
+
+    The config (``config.json``) is rebuilt as for a whole-model ``.h5`` (Lambda and custom layers
+    refused); the weights (``model.weights.h5``) are matched to the layers in Keras 3's layout (see
+    the module doc), checking every shape. Nothing is extracted to disk or executed."""
+    import io
+    import zipfile
+    import zlib
+
+    path = Path(path)
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise NetcleanseError(f"{path} is not a readable .keras archive ({first_line(exc)})") from None
+    try:
+        with archive:
+            infos = archive.infolist()
+            if len(infos) > MAX_ARCHIVE_MEMBERS:
+                raise NetcleanseError(f"{path}: the archive has {len(infos):,} members; refused")
+            members = {info.filename: info for info in infos}
+            if "config.json" not in members or "model.weights.h5" not in members:
+                raise NetcleanseError(f"{path} is not a Keras 3 .keras archive (it needs config.json and "
+                                      "model.weights.h5)")
+            config_text = _read_member(archive, members["config.json"], MAX_CONFIG_BYTES, path)
+            metadata = {}
+            if "metadata.json" in members:
+                try:
+                    metadata = json.loads(_read_member(archive, members["metadata.json"], MAX_CONFIG_BYTES, path))
+                except ValueError:
+                    metadata = {}
+            weights = _read_member(archive, members["model.weights.h5"], MAX_WEIGHTS_BYTES, path)
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, RuntimeError, NotImplementedError, ValueError) as exc:
+        raise NetcleanseError(f"{path}: cannot read the .keras archive, it may be truncated or corrupt "
+                              f"({first_line(exc)})") from None
+    try:
+        config = json.loads(config_text.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise NetcleanseError(f"{path}: its config.json is not valid JSON ({first_line(exc)})") from None
+    if not isinstance(config, dict) or str(config.get("class_name")) not in MODEL_CLASSES:
+        raise NetcleanseError(f"{path}: its config.json does not describe a Keras Sequential or Functional "
+                              "model (a subclassed model is Python code, which netcleanse does not run)")
+    version = metadata.get("keras_version") if isinstance(metadata, dict) else None
+    graph = graph_from_config(config, str(version or "3"))
+    try:
+        with h5py.File(io.BytesIO(weights), "r") as h5:
+            check_self_contained_h5(h5, path)
+            used = _keras3_weights_to_graph(graph, h5, "layers" if "layers" in h5 else
+                                            "_layer_checkpoint_dependencies", path)
+            stored = _count_datasets(h5)
+    except _H5_ERRORS as exc:
+        raise NetcleanseError(f"{path}: cannot read its model.weights.h5, it may be truncated or corrupt "
+                              f"({first_line(exc)})") from None
+    if used != stored:
+        raise NetcleanseError(f"{path}: model.weights.h5 holds {stored} weights but the model's layers take "
+                              f"{used}; it does not belong to this config")
+    if len(graph.output_shape) != 1:
+        raise NetcleanseError(f"{path}: the model's output has shape {graph.output_shape}; "
+                              "netcleanse needs one score per class")
+    return Classifier(graph.eval(), graph.input_shape, graph.output_shape[0], input_scale=input_scale,
+                      name=name or path.stem, arch=None, source=str(path))
+
+
+def _count_datasets(h5: h5py.Group) -> int:
+    """Weights stored under ``layers`` (or its tf-keras 2.13 name); optimizer state is not counted."""
+    count = 0
+
+    def visit(_name, item):
+        nonlocal count
+        count += isinstance(item, h5py.Dataset)
+
+    for top in ("layers", "_layer_checkpoint_dependencies"):
+        if top in h5:
+            h5[top].visititems(visit)
+    return count
+
+
+def _keras3_weights_to_graph(graph: "KerasGraph", h5: h5py.Group, where: str, path: Path) -> int:
+    """Copy Keras 3 weights (``<where>/<snake class>[_n]/vars/<i>``) into ``graph``; returns how
+    many datasets were used."""
+    used, seen = 0, {}
+    for layer in graph._layer_order:
+        class_name = str(graph._entries[layer].get("class_name"))
+        key = _snake_case(class_name)
+        count = seen.get(key)
+        seen[key] = 0 if count is None else count + 1
+        key = key if count is None else f"{key}_{count + 1}"
+        module = graph._modules.get(layer)
+        group_path = f"{where}/{key}"
+        if isinstance(module, KerasGraph):
+            inner = h5[group_path] if group_path in h5 else None
+            if inner is None:
+                raise NetcleanseError(f"{path}: model.weights.h5 holds nothing for the nested model {layer!r}")
+            inner_where = "layers" if "layers" in inner else "_layer_checkpoint_dependencies"
+            used += _keras3_weights_to_graph(module, inner, inner_where, path)
+            continue
+        slots = _leaf_slots(module) if module is not None else []
+        vars_path = f"{group_path}/vars"
+        group = h5[vars_path] if vars_path in h5 else {}
+        arrays = []
+        for index in range(len(group)):
+            if str(index) not in group:
+                raise NetcleanseError(f"{path}: layer {layer!r}: weight {index} is missing from model.weights.h5")
+            dataset = group[str(index)]
+            check_declared_size(dataset.shape, dataset.dtype, dataset.id.get_storage_size(), path,
+                                f"layer {layer!r} weight {index}")
+            arrays.append(np.asarray(dataset))
+        if len(arrays) != len(slots) and not (not slots and not arrays):
+            want = ", ".join(slot[0] for slot in slots) or "none"
+            raise NetcleanseError(f"{path}: layer {layer!r} ({class_name}): model.weights.h5 has {len(arrays)} "
+                                  f"weights at {vars_path} but the layer takes {len(slots)} ({want})")
+        _assign(layer, [(layer, slot) for slot in slots],
+                [(f"{layer}/{slot[0]}", array) for slot, array in zip(slots, arrays)], "the model")
+        used += len(arrays)
+    return used
 
 
 # --------------------------------------------------------------------------------------------

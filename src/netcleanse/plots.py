@@ -45,10 +45,19 @@ def figure_png(fig: Figure, dpi: int = 110) -> bytes:
     return buffer.getvalue()
 
 
+# How the labels were searched (netcleanse.report.ROLES): marker, size, colours, drawing order.
+ROLE_STYLE = {
+    "untested": {"marker": ".", "color": OKABE_ITO["grey"], "small": True},
+    "candidate": {"marker": "^", "color": CLEAN, "small": False},
+    "reference": {"marker": "s", "color": OKABE_ITO["orange"], "small": False, "hollow": True},
+}
+
+
 def mask_l1_figure(labels: Sequence[int], mask_l1: Sequence[float], flagged: Sequence[bool],
                    threshold_l1: float | None, median_l1: float | None, threshold: float,
                    true_targets: Sequence[int] = (), flag_rule: str | None = None,
-                   rule_line: tuple[float, str] | None = None, reference: Sequence[bool] | None = None) -> Figure:
+                   rule_line: tuple[float, str] | None = None, roles: Sequence[str | None] | None = None,
+                   role_names: dict[str, str] | None = None) -> Figure:
     """Every label's reversed-trigger size, with the MAD threshold and the flagged labels marked.
 
     Left: by label, so a reader finds a label. Right: sorted by L1, so the gap between the
@@ -56,7 +65,9 @@ def mask_l1_figure(labels: Sequence[int], mask_l1: Sequence[float], flagged: Seq
     ``flag_rule``: how the flagged labels were decided, for the legend (default: the MAD rule's
     "anomaly index > threshold"). ``rule_line``: (L1, legend text) of the deciding rule's threshold
     when it is not the MAD's (drawn solid; the MAD threshold stays dashed, for comparison).
-    ``reference``: which labels the decision's median and spread come from (hollow squares).
+    ``roles``: how each label was searched (keys of :data:`ROLE_STYLE`: coarse pass only, refined
+    candidate, reference), each drawn with its own marker and named in the legend by
+    ``role_names``; when every label has the same role (or ``roles`` is None) they are plain dots.
     """
     flag_rule = flag_rule or f"anomaly index > {threshold:g}"
     labels = np.asarray(labels)
@@ -65,33 +76,47 @@ def mask_l1_figure(labels: Sequence[int], mask_l1: Sequence[float], flagged: Seq
     targets = np.isin(labels, list(true_targets))
     many = len(labels) > 100
     dot = 6 if many else 30
+    role_of = np.array(list(roles) if roles is not None else [None] * len(labels), dtype=object)
+    kinds = [k for k in ROLE_STYLE if (role_of == k).any()]
+    if len(kinds) < 2 or (role_of == None).any():  # noqa: E711 (elementwise)
+        kinds = []  # one kind of label: no distinction to draw
+    names = role_names or {}
 
-    fig = Figure(figsize=(10, 4.6), layout="constrained")
+    fig = Figure(figsize=(10, 4.8), layout="constrained")
     by_label, by_rank = fig.subplots(1, 2, width_ratios=[3, 2])
     order = np.argsort(l1, kind="stable")
     rank = np.empty(len(l1), dtype=int)
     rank[order] = np.arange(1, len(l1) + 1)
 
     for ax, x in ((by_label, labels), (by_rank, rank)):
-        ax.scatter(x[~flagged], l1[~flagged], s=dot, color=CLEAN, alpha=0.7 if many else 0.9,
-                   marker="o", linewidths=0, label="label")
+        if not kinds:
+            ax.scatter(x[~flagged], l1[~flagged], s=dot, color=CLEAN, alpha=0.7 if many else 0.9,
+                       marker="o", linewidths=0, label="label")
+        for kind in kinds:
+            style, chosen = ROLE_STYLE[kind], (role_of == kind) & ~flagged
+            size = (5 if many else 20) if style["small"] else (22 if many else 40)
+            if style.get("hollow"):
+                ax.scatter(x[chosen], l1[chosen], s=size, marker=style["marker"], facecolors="none",
+                           edgecolors=style["color"], linewidths=1.1, zorder=3, label=names.get(kind, kind))
+            else:
+                ax.scatter(x[chosen], l1[chosen], s=size, marker=style["marker"], color=style["color"],
+                           alpha=0.6 if style["small"] else 0.9, linewidths=0, zorder=2 if style["small"] else 3,
+                           label=names.get(kind, kind))
         if flagged.any():
             ax.scatter(x[flagged], l1[flagged], s=60, color=FLAGGED, marker="D", edgecolors="black",
-                       linewidths=0.6, zorder=3, label=f"flagged ({flag_rule})")
-        if reference is not None and np.asarray(reference, dtype=bool).any():
-            ref = np.asarray(reference, dtype=bool)
-            ax.scatter(x[ref], l1[ref], s=40, marker="s", facecolors="none", edgecolors=OKABE_ITO["orange"],
-                       linewidths=1.1, zorder=3, label="reference label (the median and spread come from these)")
+                       linewidths=0.6, zorder=4, label=f"flagged ({flag_rule})")
         if targets.any():
             ax.scatter(x[targets], l1[targets], s=150, facecolors="none", edgecolors=TARGET,
-                       linewidths=1.8, zorder=4, label="planted target (ground truth)")
+                       linewidths=1.8, zorder=5, label="planted target (ground truth)")
+        fitted_on = " of the reference" if kinds else ""
         if median_l1 is not None:
             ax.axhline(median_l1, color=MEDIAN, linestyle=":", linewidth=1.2,
-                       label=f"median L1 = {median_l1:.4g}")
+                       label=f"median L1{fitted_on} = {median_l1:.4g}")
         if threshold_l1 is not None:
             # below zero the threshold is out of reach (an inconclusive scan); keep it on the axis
             ax.axhline(max(threshold_l1, 0.0), color=THRESHOLD, linestyle="--", linewidth=1.4,
-                       label=f"threshold L1 = median − {threshold:g} × 1.4826 × MAD = {threshold_l1:.4g}"
+                       label=f"paper's threshold L1 = median − {threshold:g} × 1.4826 × MAD{fitted_on} "
+                       f"= {threshold_l1:.4g}"
                        + (" (< 0: no label can pass)" if threshold_l1 <= 0 else ""))
         if rule_line is not None:
             ax.axhline(max(rule_line[0], 0.0), color=FLAGGED, linestyle="-", linewidth=1.4, label=rule_line[1])
@@ -112,8 +137,9 @@ def mask_l1_figure(labels: Sequence[int], mask_l1: Sequence[float], flagged: Seq
     # Sorted, neighbours are similar labels: group them ("563, 337, 796…"). By label, skip crowded ones.
     _annotate_apart(by_label, [(labels[i], l1[i], str(labels[i])) for i in candidates], per_group=1)
     _annotate_apart(by_rank, [(rank[i], l1[i], str(labels[i])) for i in candidates], per_group=3)
-    handles, names = by_label.get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncol=min(len(handles), 3), fontsize=8, frameon=False)
+    handles, texts = by_label.get_legend_handles_labels()
+    fig.legend(handles, texts, loc="outside lower center", ncol=min(len(handles), 2 if kinds else 3), fontsize=8,
+               frameon=False, markerscale=1.6 if many else 1.0)
     return fig
 
 
@@ -139,13 +165,17 @@ def _annotate_apart(ax, points: Sequence[tuple[float, float, str]], gap: tuple[f
 
 
 def anomaly_index_figure(anomaly_index: Sequence[float], flagged: Sequence[bool],
-                         threshold: float, flag_rule: str | None = None) -> Figure:
+                         threshold: float, flag_rule: str | None = None,
+                         tested: Sequence[bool] | None = None) -> Figure:
     """Distribution of the labels' anomaly indices, flagged ones hatched, threshold drawn.
 
-    Bin edges fall on the threshold, so no bar mixes flagged and unflagged labels.
+    Bin edges fall on the threshold, so no bar mixes flagged and unflagged labels. ``tested``:
+    which labels were searched with the reference's budget; the others (the coarse pass only,
+    indexed against the coarse pass's own median) are stacked beneath them in grey.
     """
     values = np.asarray(anomaly_index, dtype=float)
     flagged = np.asarray(flagged, dtype=bool)
+    tested = np.ones(len(values), dtype=bool) if tested is None else np.asarray(tested, dtype=bool)
     many = len(values) > 100
     fig = Figure(figsize=(10, 3.6), layout="constrained")
     ax = fig.subplots()
@@ -157,19 +187,101 @@ def anomaly_index_figure(anomaly_index: Sequence[float], flagged: Sequence[bool]
         bins = threshold + width * np.arange(np.floor((low - threshold) / width), np.ceil((high - threshold) / width) + 1)
     else:
         bins = np.linspace(low, high, 41 if many else 21)
-    ax.hist(values[~flagged], bins=bins, color=CLEAN, edgecolor="white", linewidth=0.4, label="label",
-            log=many)
+    parts = [(~tested & ~flagged, ROLE_STYLE["untested"]["color"], "coarse pass only (against the coarse median)"),
+             (tested & ~flagged, CLEAN, "label" if tested.all() else "refined label (against the reference)")]
+    parts = [part for part in parts if part[0].any()]
+    if parts:
+        ax.hist([values[m] for m, _, _ in parts], bins=bins, stacked=True, color=[c for _, c, _ in parts],
+                edgecolor="white", linewidth=0.4, label=[n for _, _, n in parts], log=many)
     if flagged.any():
         ax.hist(values[flagged], bins=bins, color=FLAGGED, edgecolor="black", linewidth=0.6, hatch="///",
                 label=f"flagged ({flag_rule or f'anomaly index > {threshold:g}'})", log=many)
     ax.axvline(threshold, color=THRESHOLD, linestyle="--", linewidth=1.4, label=f"threshold = {threshold:g}")
     ax.set_xlabel("anomaly index (MADs below the median mask L1, unitless)")
     ax.set_ylabel("number of labels" + (" (log scale)" if many else ""))
-    ax.set_title("Distribution of anomaly indices", fontsize=11)
+    ax.set_title("Distribution of anomaly indices (the paper's statistic)", fontsize=11)
     ax.grid(True, axis="y", alpha=0.3)
     if not many:
         ax.yaxis.get_major_locator().set_params(integer=True)
     ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    return fig
+
+
+def decision_figure(decision) -> Figure:
+    """The calibrated test's decision, in its own statistic (the log-scale index ``z``).
+
+    ``decision``: a :class:`netcleanse.report.DecisionInputs`. Drawn: a histogram of the reference
+    labels' indices (the labels the null is fitted on) with the family's density (the per-label
+    null); the simulated null of the largest index among all the model's labels, with its
+    critical value at ``alpha`` and the region beyond it shaded; the other tested labels as ticks;
+    each step-down step's label at its index with its p-value (flagged: filled diamond; the step
+    that stopped: hollow).
+    """
+    ref = np.array(list(decision.reference.values()), dtype=float)
+    tested = np.array(list(decision.tested.values()), dtype=float)
+    steps = [s for s in decision.steps if s["index"] is not None and s["label"] is not None]
+    critical = decision.critical_index
+    null = decision.null
+    points = [ref, tested, np.array([s["index"] for s in steps], dtype=float)]
+    if critical is not None:
+        points.append(np.array([critical]))
+    if null is not None and len(null):
+        # the null's far tail (long with few reference labels) is cut a little beyond the critical index
+        tail = float(np.quantile(null, 0.995))
+        points.append(np.array([min(tail, critical + 3.0) if critical is not None else tail]))
+    values = np.concatenate([v[np.isfinite(v)] for v in points]) if points else np.zeros(1)
+    low = min(float(values.min(initial=0.0)), -3.0) - 0.5
+    high = max(float(values.max(initial=0.0)), 3.0) + 0.8
+
+    fig = Figure(figsize=(10, 4.4), layout="constrained")
+    ax = fig.subplots()
+    grid = np.linspace(low, high, 400)
+    width = 0.25 if len(ref) >= 40 else 0.5  # a handful of reference labels: wider bins, fewer spikes
+    bins = np.linspace(low, high, int(np.clip((high - low) / width, 10, 80)) + 1)
+    ref_name = (f"the {len(ref)} reference labels (random controls)" if decision.n_reference
+                else f"the {len(ref)} labels (every label is the reference)")
+    if len(ref):
+        ax.hist(ref, bins=bins, density=True, color=OKABE_ITO["orange"], alpha=0.55, edgecolor="white",
+                linewidth=0.4, label=f"{ref_name}: their index")
+    ax.plot(grid, decision.label_density(grid), color=OKABE_ITO["orange"], linewidth=2.0,
+            label=f"null of one label's index: {decision.family_name} (median and scale of the reference)")
+    if null is not None and len(null):
+        counts, edges = np.histogram(null, bins=np.linspace(low, high, int(np.clip((high - low) / 0.1, 40, 200)) + 1))
+        counts = counts / (len(null) * np.diff(edges))  # a density of all the draws, those off the axis included
+        ax.stairs(counts, edges, color="black", linewidth=1.5,
+                  label=f"null of the largest index among {decision.n_labels} labels (simulated)")
+    top = ax.get_ylim()[1]
+    if critical is not None:
+        ax.axvspan(critical, high, color=FLAGGED, alpha=0.08, linewidth=0)
+        ax.axvline(critical, color=FLAGGED, linewidth=1.8,
+                   label=f"critical index {critical:.2f}: beyond it p ≤ α = {decision.alpha:g}")
+    if len(tested):
+        ax.plot(tested, np.full(len(tested), 0.0), linestyle="none", marker="|", markersize=14, color=CLEAN,
+                markeredgewidth=1.2, label=f"the {len(tested)} other tested labels (candidates)", clip_on=False)
+    for n, s in enumerate(steps):
+        y = top * (0.62 - 0.14 * (n % 4))
+        flagged = s["flagged"]
+        ax.plot([s["index"]], [y], marker="D", markersize=8, linestyle="none",
+                markerfacecolor=FLAGGED if flagged else "white", markeredgecolor="black" if flagged else FLAGGED,
+                markeredgewidth=1.2, zorder=5,
+                label=(None if n > 1 else "flagged label (step-down)" if flagged else "first label not flagged: stop"))
+        ax.vlines(s["index"], 0, y, color=FLAGGED, linewidth=0.8, linestyle=":")
+        p = s["p_value"]
+        text = f"label {s['label']}\n{'p = ' + format(p, '.2g') if p is not None else 'p —'}"
+        right = s["index"] > low + 0.85 * (high - low)  # near the right edge: write the text on the left
+        ax.annotate(text, (s["index"], y), xytext=(-7 if right else 7, 2), textcoords="offset points", fontsize=9,
+                    ha="right" if right else "left",
+                    color=FLAGGED if flagged else "black", fontweight="bold" if flagged else "normal",
+                    path_effects=[patheffects.withStroke(linewidth=2.5, foreground="white")])
+    ax.set_xlim(low, high)
+    ax.set_ylim(0, top)
+    ax.set_xlabel(f"log-scale index z = (median − {decision.statistic}) / scale of the reference "
+                  "(larger = smaller trigger)")
+    ax.set_ylabel("density")
+    ax.set_title("The decision: each tested label's index against the null fitted to the reference", fontsize=11)
+    ax.grid(True, axis="y", alpha=0.3)
+    handles, texts = ax.get_legend_handles_labels()
+    fig.legend(handles, texts, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     return fig
 
 

@@ -20,6 +20,12 @@ Discovery rule, for ``render_report(DIR)``:
 So the demo's layout ``DIR/badnet/``, ``DIR/scan/``, ``DIR/repair-*/`` is one report at ``DIR``,
 and a plain scan directory is a report on its own. Subdirectories are visited in name order.
 
+What the figures draw is computed apart from the drawing, from scan.json alone, so that it can be
+checked: :func:`search_roles` and :func:`search_groups` (how each label was searched: the coarse
+pass only, a refined candidate, or a reference label the null is fitted on, with the recorded
+budgets) and :func:`decision_inputs` (the calibrated test's reference indices, its null, critical
+index and step-down steps).
+
 HTML output is self-contained (images as ``data:`` URIs, inline CSS, no scripts, no external
 links) and every string read from JSON is escaped by Jinja2's autoescape. Markdown output carries
 the same content with the images written as PNG files beside it. Plots are written as PNG files
@@ -189,6 +195,237 @@ def mad_threshold(mask_l1: np.ndarray, threshold: float, detection: dict | None 
 
 
 # ----------------------------------------------------------------------------------------------
+# What the figures are drawn from (factored out so that tests can check it against scan.json)
+# ----------------------------------------------------------------------------------------------
+
+# How a label was searched and what the verdict did with it.
+UNTESTED = "untested"  # the coarse pass only: a shorter budget, so not comparable and never flagged
+CANDIDATE = "candidate"  # refined because its coarse mask was small; tested against the reference
+REFERENCE = "reference"  # the labels the null is fitted on (random controls, or every label); tested too
+ROLES = (UNTESTED, CANDIDATE, REFERENCE)
+
+
+@dataclass
+class SearchGroup:
+    """Labels searched the same way: one marker in the figures and one row of the report's table.
+
+    ``role``: one of :data:`ROLES`. ``name``: the legend text. ``budget``: the search budget, from
+    the scan's recorded plan. ``steps``: the median number of optimisation steps these labels took
+    (both passes together), from their records. ``sample``: the reference is a random sample of
+    the labels (the fast preset's controls) rather than all of them. ``also_candidates``: reference
+    labels that were candidates too."""
+
+    role: str
+    labels: list[int]
+    name: str
+    budget: str
+    steps: float | None = None
+    sample: bool = False
+    also_candidates: int = 0
+
+
+def _schedule_budget(stage: Any) -> str | None:
+    """"at most N steps of B inputs" for a recorded stage (``settings.plan.coarse`` / ``.refine``)."""
+    schedule = stage.get("schedule") if isinstance(stage, dict) else None
+    if not isinstance(schedule, dict):
+        return None
+    epochs, per_epoch, batch = (_as_int(schedule.get(k)) for k in ("max_epochs", "steps_per_epoch", "batch_size"))
+    if epochs is None or per_epoch is None or batch is None:
+        return None
+    return f"at most {epochs * per_epoch} steps of {batch} inputs"
+
+
+def search_roles(scan: dict, rows: list[dict]) -> dict[int, str]:
+    """Each label's role (:data:`ROLES`), as the scan recorded it.
+
+    A fast-preset scan of many labels records its random controls and candidates in
+    ``settings.detection`` (the sets its test ran on, see ``scanning.calibrated_inputs``): controls
+    are the reference, candidates not among them are tested against it, every other label had the
+    coarse pass only. Without that record, the calibrated test's ``reference.labels`` are the
+    reference, the other labels with a p-value were tested, the rest were not; a scan with neither
+    record compares every label with every other (the paper's scheme): all are the reference."""
+    settings = scan.get("settings") if isinstance(scan.get("settings"), dict) else {}
+    detection = settings.get("detection") if isinstance(settings.get("detection"), dict) else {}
+    test = scan.get("test") if isinstance(scan.get("test"), dict) else {}
+    reference = test.get("reference") if isinstance(test.get("reference"), dict) else {}
+    labels = [r["label"] for r in rows]
+    if detection.get("scheme") == "random controls" and isinstance(detection.get("controls"), list) \
+            and isinstance(detection.get("candidates"), list):
+        controls = {_as_int(t) for t in detection["controls"]}
+        tested = controls | {_as_int(t) for t in detection["candidates"]}
+    elif isinstance(reference.get("labels"), list):
+        controls = {_as_int(t) for t in reference["labels"]}
+        stepped = {_as_int(s.get("label")) for s in test.get("steps", []) if isinstance(s, dict)}
+        tested = controls | stepped | {r["label"] for r in rows if r["p_value"] is not None or r["flagged"]}
+    else:
+        controls = tested = set(labels)
+    return {t: REFERENCE if t in controls else CANDIDATE if t in tested else UNTESTED for t in labels}
+
+
+def search_groups(scan: dict, rows: list[dict], roles: dict[int, str]) -> list[SearchGroup]:
+    """The labels of each role, with the budget they were searched with (from ``settings.plan``)."""
+    settings = scan.get("settings") if isinstance(scan.get("settings"), dict) else {}
+    plan = settings.get("plan") if isinstance(settings.get("plan"), dict) else {}
+    detection = settings.get("detection") if isinstance(settings.get("detection"), dict) else {}
+    coarse, refine = _schedule_budget(plan.get("coarse")), _schedule_budget(plan.get("refine"))
+    stages = {r["label"]: r.get("stage") for r in rows}
+    by_role = {role: sorted(t for t, r in roles.items() if r == role) for role in ROLES}
+    sample = bool(by_role[UNTESTED] or by_role[CANDIDATE]) and bool(by_role[REFERENCE])
+    listed = detection.get("candidates")
+    candidates = {_as_int(t) for t in listed} if isinstance(listed, list) else set()
+    steps = {r["label"]: r["steps"] for r in rows if r["steps"] is not None}
+
+    def budget(members: list[int]) -> str:
+        refined = any(stages.get(t) == "refine" for t in members)
+        if refined and coarse and refine:
+            return f"coarse pass ({coarse}), then {refine.replace('at most', 'up to')} more"
+        if coarse and not refined:
+            return f"coarse pass only ({coarse})" if refine else coarse
+        return "as recorded in scan.json (no search plan recorded)"
+
+    names = {UNTESTED: "coarse pass only: not comparable, not tested",
+             CANDIDATE: "candidate: refined, tested against the reference",
+             REFERENCE: ("random control: refined, the null is fitted on these" if sample
+                         else "label (every label is in the reference the null is fitted on)")}
+    groups = []
+    for role in ROLES:
+        members = by_role[role]
+        if not members:
+            continue
+        taken = [steps[t] for t in members if t in steps]
+        groups.append(SearchGroup(role, members, names[role], budget(members),
+                                  float(np.median(taken)) if taken else None, sample,
+                                  len(candidates & set(members)) if role == REFERENCE else 0))
+    return groups
+
+
+MARKERS = {UNTESTED: "small grey dot", CANDIDATE: "blue triangle", REFERENCE: "hollow orange square"}
+PURPOSE = {UNTESTED: "not tested: a shorter search leaves larger masks, not comparable with the refined labels'; "
+                     "cannot be flagged",
+           CANDIDATE: "tested against the reference (refined for a small coarse mask or a coarse anomaly index "
+                      "above the threshold)",
+           REFERENCE: "the reference: the null's median and scale are fitted on these; tested too"}
+
+
+def guarantee(calibrated: bool, alpha: float | None, threshold: float, family: str | None) -> tuple[str, str]:
+    """(what the verdict guarantees, what it does not), one sentence each, for the verdict box."""
+    if calibrated and alpha is not None:
+        given = (f"A model without a backdoor is flagged with probability ≤ {100 * alpha:g} % (α), whatever its "
+                 "number of labels, provided its clean labels' log trigger sizes vary like the test's "
+                 f"{family or 'null'} model.")
+    else:
+        given = (f"The paper's rule (anomaly index above {threshold:g}) bounds each label, not the model: the chance "
+                 "that a model without a backdoor is flagged grows with its number of labels (the calibrated "
+                 "rule, --rule calibrated, states it).")
+    limits = ("Neural Cleanse only looks for a small trigger that sends every input to one label, "
+              "so input-specific (sample-dependent) triggers are not tested for and large or blended triggers "
+              "may be missed; \"no backdoor detected\" does not prove a model clean.")
+    return given, limits
+
+
+@dataclass
+class DecisionInputs:
+    """What the figure of the calibrated decision draws, read from scan.json.
+
+    The statistic is each label's log-scale index ``z = (median - log max(L1, FLOOR)) / scale``
+    against the reference (``reference``: its labels' indices, the histogram; ``tested``: the other
+    tested labels' indices); under the null a label's ``-z`` follows ``family`` (the fitted curve).
+    ``null``: the test's simulated null of the largest index among ``n_labels`` labels (the same
+    simulation as the scan's, so its ``1 - alpha`` point is ``critical_index``); ``steps``: the
+    step-down tests as recorded (label, index, p_value, flagged)."""
+
+    statistic: str
+    family: str  # "normal" or "t"
+    df: float
+    median: float
+    scale: float
+    raw_scale: float | None  # the estimator's value before the floor (None: not recomputable)
+    estimator: str
+    n_labels: int
+    n_reference: int | None  # None: every label is the reference
+    alpha: float
+    reference: dict[int, float]
+    tested: dict[int, float]
+    steps: list[dict]
+    critical_index: float | None
+    null: np.ndarray | None
+    decided: bool  # the calibrated rule made the verdict (else the paper's rule did)
+
+    @property
+    def scale_name(self) -> str:
+        """The estimator the scale was computed with: Qn, or the MAD (asked for, or above QN_MAX labels)."""
+        from .calibrated import QN_MAX
+        return "Qn" if self.estimator == "qn" and len(self.reference) <= QN_MAX else "MAD"
+
+    @property
+    def family_name(self) -> str:
+        return "normal" if self.family == "normal" else f"Student-t({self.df:g})"
+
+    def label_density(self, z: np.ndarray) -> np.ndarray:
+        """The null density of one label's index: the family's (symmetric, so the same for z and -z)."""
+        from scipy import stats
+        dist = stats.norm if self.family == "normal" else stats.t(self.df)
+        return dist.pdf(np.asarray(z, dtype=float))
+
+
+def _family(text: Any) -> tuple[str, float]:
+    from .calibrated import DF, FAMILY
+    if text == "normal":
+        return "normal", DF
+    if isinstance(text, str) and text.startswith("t(") and text.endswith(")"):
+        df = _as_float(text[2:-1])
+        if df is not None and df > 0:
+            return "t", df
+    return FAMILY, DF
+
+
+def decision_inputs(scan: dict, rows: list[dict], roles: dict[int, str]) -> DecisionInputs | None:
+    """The inputs of the decision figure, or None when the scan recorded no calibrated test (or one
+    without its reference's median and scale). Indices are the records' ``log_index`` where
+    present, else recomputed from the mask L1 and the recorded median and scale."""
+    from . import calibrated as cal
+    test = scan.get("test") if isinstance(scan.get("test"), dict) else {}
+    reference = test.get("reference") if isinstance(test.get("reference"), dict) else {}
+    median = _as_float(reference.get("median"))
+    # scans before the Qn estimator recorded the spread as "mad" (and "scale" named the statistic)
+    scale = _as_float(reference.get("scale")) if not isinstance(reference.get("scale"), str) else None
+    scale = _as_float(reference.get("mad")) if scale is None else scale
+    alpha = _as_float(test.get("alpha", scan.get("alpha")))
+    if median is None or not scale or alpha is None or not rows:
+        return None
+    estimator = reference.get("scale_estimator") or ("mad" if "mad" in reference else "qn")
+    family, df = _family(reference.get("family"))
+    n_labels = _as_int(reference.get("n_labels")) or len(rows)
+
+    def index(r: dict) -> float:
+        z = r.get("log_index")
+        return z if z is not None else (median - float(cal.log_size(r["mask_l1"]))) / scale
+
+    ref = {r["label"]: index(r) for r in rows if roles.get(r["label"]) == REFERENCE}
+    tested = {r["label"]: index(r) for r in rows if roles.get(r["label"]) == CANDIDATE}
+    n_reference = len(ref) if len(ref) < n_labels else None
+    raw = None
+    if estimator in cal.SCALES and len(ref) >= 2:
+        raw = float(cal.robust_scale(cal.log_size([r["mask_l1"] for r in rows if r["label"] in ref]), estimator))
+    null, critical = None, _as_float(reference.get("critical_index"))
+    if len(ref) >= 3:
+        try:
+            null = cal.null_max_index(n_labels, n_reference, family, df, cal.DRAWS, estimator)
+        except NetcleanseError:
+            null = None
+        if critical is None and null is not None:
+            critical = cal.critical_index(n_labels, n_reference, alpha, family, df, cal.DRAWS, estimator)
+    steps = [{"step": _as_int(s.get("step")), "label": _as_int(s.get("label")), "index": _as_float(s.get("index")),
+              "p_value": _as_float(s.get("p_value")), "n_labels": _as_int(s.get("n_labels")),
+              "n_reference": _as_int(s.get("n_reference")), "flagged": bool(s.get("flagged"))}
+             for s in test.get("steps", []) if isinstance(s, dict)]
+    return DecisionInputs(str(reference.get("statistic") or "log mask L1"), family, df, median, scale, raw, estimator,
+                          n_labels, n_reference, alpha, ref, tested, steps,
+                          critical if critical is not None and math.isfinite(critical) else None, null,
+                          scan.get("rule") == "calibrated")
+
+
+# ----------------------------------------------------------------------------------------------
 # Building the page's content
 # ----------------------------------------------------------------------------------------------
 
@@ -243,6 +480,8 @@ def _label_rows(scan: dict) -> list[dict]:
                      "mask_l1_vs_median": _as_float(record.get("mask_l1_vs_median")),
                      "attack_success": _as_float(record.get("attack_success")),
                      "steps": _as_int(record.get("steps")), "time_s": _as_float(record.get("time_s")),
+                     "log_index": _as_float(record.get("log_index")),
+                     "stage": record.get("stage") if isinstance(record.get("stage"), str) else None,
                      # the top-level list is the scan's verdict; per-label flags are its copy
                      "flagged": (label in flagged) if flagged is not None else bool(record.get("flagged"))})
     return rows
@@ -387,23 +626,35 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
     alpha = _as_float(scan.get("alpha"))
     calibrated = scan.get("rule") == "calibrated" and alpha is not None
     flag_rule = f"calibrated test, alpha {alpha:g}" if calibrated else None
+    # how each label was searched, and what the calibrated test was computed from
+    roles = search_roles(scan, rows)
+    groups = search_groups(scan, rows, roles)
+    decision = decision_inputs(scan, rows, roles) if rows else None
     calibrated_l1 = _as_float(reference.get("threshold_l1")) if calibrated else None
+    if calibrated and calibrated_l1 is None and decision is not None and decision.critical_index is not None:
+        calibrated_l1 = math.exp(decision.median - decision.critical_index * decision.scale)
     rule_line = ((calibrated_l1, f"calibrated threshold: L1 < {calibrated_l1:.4g} (p <= {alpha:g})")
                  if calibrated_l1 is not None else None)
-    # the reference labels, marked where they are a sample (the fast preset's random controls)
-    listed = reference.get("labels")
-    ref_labels = {_as_int(t) for t in listed} if isinstance(listed, list) else set()
-    marked = [r["label"] in ref_labels for r in rows] if ref_labels and len(ref_labels) < len(rows) else None
+    step_p = {s["label"]: s["p_value"] for s in (decision.steps if decision else []) if s["p_value"] is not None}
+    for r in rows:  # the p-value that decided a label: its step-down step's, else its single-step one
+        r["decision_p"] = step_p.get(r["label"], r["p_value"])
+        r["role"] = roles.get(r["label"])
     plots_out: list[Picture] = []
     if rows:
         plots_out.append(Picture("mask_l1", plots.figure_png(plots.mask_l1_figure(
             [r["label"] for r in rows], l1, [r["flagged"] for r in rows], threshold_l1, median, threshold, targets,
-            flag_rule, rule_line, marked)),
-            "mask L1 norm of every label with the MAD threshold; flagged labels marked"))
+            flag_rule, rule_line, [r["role"] for r in rows], {g.role: f"{g.name} ({len(g.labels)})" for g in groups})),
+            "mask L1 norm of every label, marked by how it was searched, with the thresholds; flagged labels marked"))
+        if decision is not None:
+            plots_out.append(Picture("decision", plots.figure_png(plots.decision_figure(decision)),
+                                     "the calibrated test: the reference labels' log-scale indices, the fitted null, "
+                                     "the critical index and each tested label's p-value"))
         indices = [r for r in rows if r["anomaly_index"] is not None]
         if indices:
+            tested = [r["role"] != UNTESTED for r in indices]
             plots_out.append(Picture("anomaly_index", plots.figure_png(plots.anomaly_index_figure(
-                [r["anomaly_index"] for r in indices], [r["flagged"] for r in indices], threshold, flag_rule)),
+                [r["anomaly_index"] for r in indices], [r["flagged"] for r in indices], threshold, flag_rule,
+                tested if not all(tested) else None)),
                 "histogram of anomaly indices with the threshold"))
 
     repair = _repair_context(sources)
@@ -412,7 +663,7 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
             repair["curves"], repair["saved"])), "clean accuracy and attack success versus fraction pruned"))
 
     flagged = sorted((r for r in rows if r["flagged"]),
-                     key=lambda r: (r["p_value"] if calibrated and r["p_value"] is not None else 0,
+                     key=lambda r: (r["decision_p"] if calibrated and r["decision_p"] is not None else 0,
                                     -(r["anomaly_index"] or 0)))
     unflagged = [r for r in rows if not r["flagged"] and r["anomaly_index"] is not None]
     gallery, hidden = _gallery(sources, rows, targets) if rows else ([], 0)
@@ -438,7 +689,15 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
         "calibrated": calibrated,
         "calibrated_threshold_l1": calibrated_l1,
         "critical_index": _as_float(reference.get("critical_index")),
-        "n_reference": len(ref_labels) if marked is not None else None,
+        "groups": groups,
+        "distinct_groups": len(groups) > 1,
+        "markers": MARKERS,
+        "purpose": PURPOSE,
+        "guarantee": guarantee(calibrated, alpha, threshold, decision.family_name if decision else None),
+        "reference_median_l1": math.exp(decision.median) if decision is not None else None,
+        "n_reference": next((len(g.labels) for g in groups if g.role == REFERENCE and g.sample), None),
+        "decision": decision,
+        "rule": "calibrated" if calibrated else "mad",
         "alpha": alpha,
         "p_value": _as_float(scan.get("p_value")),
         "steps": [s for s in test.get("steps", []) if isinstance(s, dict)],

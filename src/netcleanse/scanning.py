@@ -64,6 +64,7 @@ from .calibrated import calibrated_test
 from .detection import anomaly_indices, flag_labels, index_ceiling, median_and_mad
 from .errors import NetcleanseError
 from .executor import Executor, LocalExecutor
+from .margin import max_margins
 from .neural_cleanse import Schedule, attack_success, reverse_engineer
 from .progress import progress_bar
 from .trigger import Trigger
@@ -95,6 +96,10 @@ class Preset:
     # models with few labels (all of them refined) can afford a longer refinement on more inputs
     few_labels_refine: Stage | None = None
     few_labels_n_opt: int | None = None
+    # the second per-label signal (:mod:`netcleanse.margin`): the maximum logit margin reached from
+    # ``margin_restarts`` noise starts in ``margin_steps`` steps, for every label the verdict tests
+    margin_restarts: int = 4
+    margin_steps: int = 200
 
     def to_dict(self) -> dict:
         return {"coarse": {"name": self.coarse.name, "label_chunk": self.coarse.label_chunk,
@@ -107,7 +112,8 @@ class Preset:
                 "few_labels_refine": None if self.few_labels_refine is None else {
                     "name": self.few_labels_refine.name, "label_chunk": self.few_labels_refine.label_chunk,
                     "schedule": self.few_labels_refine.schedule.to_dict()},
-                "few_labels_n_opt": self.few_labels_n_opt}
+                "few_labels_n_opt": self.few_labels_n_opt, "margin_restarts": self.margin_restarts,
+                "margin_steps": self.margin_steps}
 
 
 PRESETS: dict[str, Preset] = {
@@ -415,8 +421,11 @@ def _chunk_seed(seed: int, stage: str, index: int) -> int:
 
 
 def _model_info(model) -> dict:
-    return {"name": model.name, "source": model.source, "arch": model.arch, "num_classes": model.num_classes,
+    info = {"name": model.name, "source": model.source, "arch": model.arch, "num_classes": model.num_classes,
             "input_shape": list(model.input_shape), "input_scale": model.input_scale}
+    if getattr(model, "mean", None) is not None:  # recorded only when set: older scans resume unchanged
+        info.update(mean=list(model.mean), std=list(model.std))
+    return info
 
 
 def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=None, preset: str = "fast",
@@ -540,6 +549,12 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
             for t, (rec, m, p, _, _) in fine.items():
                 results[t], masks[t], patterns[t] = rec, m, p
 
+        # the second signal, for every label the verdict tests (all, or the refined ones)
+        tested = refined if refined and len(refined) < len(labels) else labels
+        margins = label_margins(work, tested, seed, plan, dev, channels_last, journal, bar, executor)
+        for t in tested:
+            results[t] = dict(results[t], max_margin=margins[t])
+
     # detection
     l1_all = np.array([results[t]["mask_l1"] for t in labels])
     if not np.isfinite(l1_all).all():
@@ -569,7 +584,8 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         ceiling = index_ceiling(l1_all)
         median_for = {t: med for t in labels}
     mad_flagged = flag_labels(labels, index, threshold)
-    test = calibrated_test(*calibrated_inputs([results[t] for t in labels], settings["detection"]), alpha=alpha)
+    test = calibrated_test(*calibrated_inputs([results[t] for t in labels], settings["detection"]), alpha=alpha,
+                           margins=tested_margins([results[t] for t in labels], settings["detection"]))
     flagged = test.flagged if rule == "calibrated" else mad_flagged
     records = []
     for t, a in zip(labels, index):
@@ -577,7 +593,9 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         rec["anomaly_index"] = float(a)
         # the effect size beside the index's significance: how small the trigger is next to a typical label's
         rec["mask_l1_vs_median"] = rec["mask_l1"] / median_for[t] if median_for[t] > 0 else None
-        rec["log_index"] = test.indices.get(t)  # the calibrated test's index (log scale); None: not testable
+        rec["log_index"] = test.size_indices.get(t)  # the size's index (log scale); None: not testable
+        rec["margin_index"] = test.margin_indices.get(t)  # the margin's index; None: not testable
+        rec["test_index"] = test.indices.get(t)  # the index the calibrated test decides on
         rec["p_value"] = test.p_values.get(t)
         rec["flagged"] = t in flagged
         records.append(rec)
@@ -607,6 +625,15 @@ def calibrated_inputs(records: list[dict], detection: dict) -> tuple[dict, list[
     return {r["label"]: r["mask_l1"] for r in records}, None, len(records)
 
 
+def tested_margins(records: list[dict], detection: dict) -> dict[int, float] | None:
+    """The maximum margins (label -> ``max_margin``) of the labels :func:`calibrated_inputs` tests,
+    or None when a scan did not record them (scans made before the margin was added: the test then
+    uses the trigger size alone)."""
+    tested = calibrated_inputs(records, detection)[0]
+    margins = {r["label"]: r.get("max_margin") for r in records if r["label"] in tested}
+    return None if any(v is None for v in margins.values()) else margins
+
+
 def _lock(out_dir: Path):
     """An exclusive lock on ``out_dir`` (``.lock``), so that two scans never write one folder;
     released when the returned file is closed or the process ends."""
@@ -621,8 +648,10 @@ def _lock(out_dir: Path):
 
 
 def _weights_digest(model) -> str:
-    """SHA-256 of the model's parameters and buffers (names, shapes, bytes) and its input scale."""
+    """SHA-256 of the model's parameters and buffers (names, shapes, bytes) and its preprocessing."""
     h = hashlib.sha256(repr(float(model.input_scale)).encode())
+    if getattr(model, "mean", None) is not None:
+        h.update(repr((tuple(model.mean), tuple(model.std))).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
@@ -667,6 +696,60 @@ def _prepare_out(out_dir: Path, resume: bool, settings: dict, model_info: dict) 
                               "or choose an empty folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(started, json.dumps(key, indent=1))
+
+
+def label_margins(work, labels, seed: int, plan: Preset, device, channels_last: bool, journal: _Journal | None = None,
+                  bar=None, executor: Executor | None = None) -> dict[int, float]:
+    """Each label's maximum logit margin (:func:`netcleanse.margin.max_margins`) with the preset's
+    budget; a label's value depends on the model, ``seed`` and the label only, so a scan and a later
+    computation on the same model agree. The labels go in the chunks :func:`max_margins` forms itself
+    (``MARGIN_IMAGES // margin_restarts`` labels), each one task of ``executor`` and, when a journal is
+    given, one journal entry (``margin_<i>``), so that any executor does the same arithmetic."""
+    labels = sorted(int(t) for t in labels)
+    if not labels:
+        return {}
+    executor = executor or LocalExecutor()
+    per_chunk = max(1, MARGIN_IMAGES // plan.margin_restarts)
+    chunks = [labels[i:i + per_chunk] for i in range(0, len(labels), per_chunk)]
+    keys = [f"margin_{ci:05d}_{chunk[0]}-{chunk[-1]}" for ci, chunk in enumerate(chunks)]
+    memory = journal if journal is not None else _Journal(None)
+    todo = [ci for ci, key in enumerate(keys) if not memory.has(key)]
+    task = bar.add_task(f"margin: {len(labels)} labels", total=len(labels)) if bar is not None else None
+    finished = [len(labels) - sum(len(chunks[ci]) for ci in todo)]
+    running: dict[int, float] = {}  # job -> labels done so far (local executor only)
+
+    def show():
+        if task is not None:
+            bar.update(task, completed=finished[0] + sum(running.values()))
+
+    def on_progress(j, n):
+        running[j] = running.get(j, 0) + n
+        show()
+
+    show()
+    jobs = [(chunks[ci], seed, plan.margin_restarts, plan.margin_steps, str(device)) for ci in todo]
+    shared = _ScanShared(work, None, None, channels_last)
+    for j, values in executor.map(_margin_chunk, shared, jobs, on_progress):
+        memory.put(keys[todo[j]], {"stage": "margin", "labels": chunks[todo[j]]}, {"margins": values})
+        running.pop(j, None)
+        finished[0] += len(chunks[todo[j]])
+        show()
+    out: dict[int, float] = {}
+    for key in keys:
+        entry, arrays = memory.get(key)
+        out.update(zip(entry["labels"], arrays["margins"].tolist()))
+    return out
+
+
+MARGIN_IMAGES = 256  # inputs per forward pass of the margin search (max_margins' max_images)
+
+
+def _margin_chunk(shared: "_ScanShared", job, progress) -> np.ndarray:
+    """The margins of one chunk of labels (one forward pass of :func:`max_margins`), wherever it runs."""
+    labels, seed, restarts, steps, device = job
+    return max_margins(shared.model, labels, shared.model.input_shape, seed=seed, restarts=restarts, steps=steps,
+                       device=torch.device(device), max_images=MARGIN_IMAGES, channels_last=shared.channels_last,
+                       on_chunk=progress)
 
 
 def _run_stage(work, stage: Stage, labels: list[int], x_opt, x_val, journal: _Journal, seed: int, bar,
@@ -740,15 +823,17 @@ class _ScanShared:
             torch.jit.save(net, buffer)
             model = copy.copy(self.model)
             model.__dict__["_modules"] = dict(self.model._modules, net=None)
-            state.update(model=model, scripted=buffer.getvalue())
+            device = next(iter(net.parameters()), torch.empty(0)).device
+            state.update(model=model, scripted=buffer.getvalue(), net_device=str(device))
         return state
 
     def __setstate__(self, state):
         scripted = state.pop("scripted")
+        state.pop("net_device", None)
         self.__dict__.update(state)
         if scripted is not None:
             import io
-            device = self.x_opt.device
+            device = torch.device(state.get("net_device", "cpu"))
             net = torch.jit.load(io.BytesIO(scripted), map_location=device).eval()
             for parameter in net.parameters():
                 parameter.requires_grad_(False)

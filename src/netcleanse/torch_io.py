@@ -7,16 +7,25 @@ Formats read by :func:`load_torch`:
 
       {"format": "netcleanse", "version": 1, "kind": "classifier" | "guarded",
        "arch": str | None, "num_classes": int, "input_shape": [C, H, W], "input_scale": float,
+       "mean": [float] | None, "std": [float] | None,   # absent in older checkpoints: none
+       "arch_kwargs": {...},                            # only when the architecture took some
        "name": str, "source": str | None, "state_dict": {...},
-       "keras_config": str, "keras_version": str}   # the last two only for nets rebuilt from Keras
+       "keras_config": str, "keras_version": str,   # only for nets rebuilt from Keras
+       "onnx_model": uint8 tensor, "onnx_nhwc": bool, "onnx_per_sample": bool}  # only for ONNX nets
 
-  A net with a registered architecture is rebuilt from ``arch``; one rebuilt from a whole
-  Keras file (no registered architecture) from its Keras ``model_config`` JSON, which is data,
-  not code. Kind "guarded" is handed to :func:`netcleanse.guard.guarded_from_checkpoint`.
+  A net with a registered or zoo architecture (``torchvision:NAME``, ``timm:NAME``) is rebuilt
+  from ``arch``; one rebuilt from a whole Keras file (no registered architecture) from its Keras
+  ``model_config`` JSON, which is data, not code; one converted from ONNX from the ONNX model
+  it stores (also data, converted again by onnx2torch). A net whose ``arch`` is the user's own code
+  (``FILE.py:NAME``, ``package.module:NAME``) is never rebuilt from what the checkpoint says:
+  the user names the architecture again (``arch``), so only code the user named runs. Kind
+  "guarded" is handed to :func:`netcleanse.guard.guarded_from_checkpoint`.
 - **plain state_dicts** (also the ``state_dict`` / ``model_state_dict`` entry of a training
-  checkpoint dict) for a registered architecture named with ``arch``; ``net.`` (a netcleanse
-  Classifier's own keys) and ``module.`` (DataParallel) prefixes are removed; the number of
-  classes is read from the weights.
+  checkpoint dict) for an architecture named with ``arch`` (any form of
+  :mod:`netcleanse.archspec`); ``net.`` (a netcleanse Classifier's own keys) and ``module.``
+  (DataParallel) prefixes are removed; the number of classes is read from the weights.
+- **safetensors** files (``.safetensors``) holding a state_dict, read by the ``safetensors``
+  library (a JSON header and raw tensor bytes: nothing in the file can run), treated as above.
 - **TorchScript** files (``torch.jit.save``). A TorchScript file is a program by nature: its
   TorchScript graph is what runs when the model is called (no Python pickles are executed).
   Its input shape comes from ``arch`` or from a ``netcleanse.json`` extra file
@@ -38,9 +47,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .architectures import get_architecture
+from .archspec import ArchSpec, ZOOS, resolve_arch
 from .errors import NetcleanseError
-from .model import Classifier, checked_scale
+from .model import Classifier, checked_preprocessing, checked_scale, output_classes, parse_input_shape
 from .utils import atomic_write, first_line
 
 FORMAT = "netcleanse"
@@ -55,21 +64,53 @@ def _is_torchscript(path: Path) -> bool:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError) as exc:
         raise NetcleanseError(f"{path} is not a readable PyTorch file ({first_line(exc)})") from None
-    if "config.json" in names and "model.weights.h5" in names:
-        raise NetcleanseError(f"{path} is a Keras 3 .keras archive, which netcleanse does not read; in Keras, "
-                              "save the model as .h5 (model.save('model.h5')) and load that")
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
 
-def load_torch(path, arch: str | None = None, input_scale: float = 1.0, name: str | None = None) -> Classifier:
+def is_safetensors(path: Path) -> bool:
+    """True when ``path`` starts like a safetensors file: an 8-byte little-endian header length,
+    then a JSON object."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    size = int.from_bytes(head[:8], "little")
+    return 2 <= size <= path.stat().st_size - 8
+
+
+def load_safetensors(path, arch=None, input_scale: float = 1.0, name: str | None = None) -> Classifier:
+    """A state_dict in a ``.safetensors`` file, loaded into the architecture ``arch`` (any form of
+    :mod:`netcleanse.archspec`, or an :class:`~netcleanse.archspec.ArchSpec`)."""
+    path = Path(path)
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise NetcleanseError(f"{path} is a safetensors file; reading it needs the safetensors package "
+                              "(pip install safetensors)") from None
+    try:
+        state_dict = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise NetcleanseError(f"{path} is not a readable safetensors file ({first_line(exc)})") from None
+    except MemoryError:
+        raise NetcleanseError(f"{path} declares tensors too large for this machine's memory") from None
+    return _from_state_dict(state_dict, path, arch, input_scale, name or path.stem)
+
+
+def load_torch(path, arch=None, input_scale: float = 1.0, name: str | None = None,
+               input_shape=None) -> Classifier:
     """Load a PyTorch file (see the module doc) into a :class:`Classifier` returning logits.
 
-    ``input_scale``: a netcleanse checkpoint or TorchScript extra file records its own; it is
-    used unless a value other than 1 is passed here.
+    ``arch``: an architecture spec (:func:`netcleanse.archspec.resolve_arch`) or a resolved
+    :class:`~netcleanse.archspec.ArchSpec`. ``input_scale``: a netcleanse checkpoint or
+    TorchScript extra file records its own; it is used unless a value other than 1 is passed here.
+    ``input_shape``: the input of a TorchScript file that does not record it.
     """
     path = Path(path)
     name = name or path.stem
     if _is_torchscript(path):
+        if arch is None and input_shape is not None:
+            arch = ArchSpec("(given input shape)", "none", "", given_shape=parse_input_shape(input_shape))
         return _load_torchscript(path, arch, input_scale, name)
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
@@ -110,40 +151,88 @@ def from_checkpoint(ckpt: dict, path: Path, arch: str | None, input_scale: float
     else:
         raise NetcleanseError(f"{path}: unknown netcleanse checkpoint kind {kind!r}")
     model.input_scale = checked_scale(_scale(ckpt.get("input_scale"), input_scale))
+    if kind == "classifier" and (ckpt.get("mean") is not None or ckpt.get("std") is not None):
+        model.set_preprocessing(mean=ckpt.get("mean"), std=ckpt.get("std"))
     model.name = name
     model.source = str(path)
     return model.eval()
 
 
-def _classifier_from_checkpoint(ckpt: dict, path: Path, arch: str | None) -> Classifier:
+def is_user_code(arch) -> bool:
+    """True for an architecture spec naming the user's own code (``FILE.py:NAME``, ``module:NAME``)."""
+    if isinstance(arch, ArchSpec):
+        return arch.runs_user_code
+    return isinstance(arch, str) and ":" in arch and arch.partition(":")[0] not in ZOOS
+
+
+def _classifier_from_checkpoint(ckpt: dict, path: Path, arch) -> Classifier:
     state_dict = ckpt.get("state_dict")
     if not isinstance(state_dict, dict):
         raise NetcleanseError(f"{path}: the checkpoint has no state_dict")
     recorded_arch = ckpt.get("arch")
-    if arch is not None and recorded_arch is not None and arch != recorded_arch:
-        raise NetcleanseError(f"{path} records architecture {recorded_arch!r}, not {arch!r}")
-    arch = recorded_arch or arch
-    if ckpt.get("keras_config") is not None and recorded_arch is None:
+    given = arch.spec if isinstance(arch, ArchSpec) else arch
+    if is_user_code(recorded_arch):
+        # code named by a file is never run: the user names the architecture again
+        if given is None:
+            raise NetcleanseError(f"{path} holds the weights of {recorded_arch!r}, the user's own code, which "
+                                  f"netcleanse does not run on a file's word; name it with --arch {recorded_arch}")
+        if not is_user_code(given):
+            raise NetcleanseError(f"{path} records architecture {recorded_arch!r}, not {given!r}")
+        recorded_arch = None
+    elif given is not None and recorded_arch is not None and given != recorded_arch:
+        raise NetcleanseError(f"{path} records architecture {recorded_arch!r}, not {given!r}")
+    if ckpt.get("onnx_model") is not None and recorded_arch is None and given is None:
+        from .onnx_io import net_from_checkpoint
+        net, shape = net_from_checkpoint(ckpt, path)
+        _load_state(net, state_dict, path, "the ONNX model stored in the checkpoint")
+        return Classifier(net, shape, int(ckpt.get("num_classes")), arch=None)
+    if ckpt.get("keras_config") is not None and recorded_arch is None and given is None:
         from .keras import graph_from_config
         net = graph_from_config(ckpt["keras_config"], str(ckpt.get("keras_version", "2")))
         _load_state(net, state_dict, path, "the Keras model stored in the checkpoint")
         return Classifier(net, net.input_shape, net.output_shape[0], arch=None)
-    if arch is None:
+    if recorded_arch is None and arch is None:
         raise NetcleanseError(f"{path}: the checkpoint records no architecture; name it with --arch")
-    return _registered(arch, state_dict, path, ckpt.get("num_classes"))
+    if arch is None or (isinstance(arch, str) and arch == recorded_arch):
+        kwargs = ckpt.get("arch_kwargs") or {}
+        shape = ckpt.get("input_shape") if ":" in str(recorded_arch) else None
+        arch = resolve_arch(recorded_arch, kwargs, input_shape=shape)
+    recorded_shape = ckpt.get("input_shape")
+    recorded_shape = tuple(recorded_shape) if isinstance(recorded_shape, list) and len(recorded_shape) == 3 else None
+    return from_arch(arch, state_dict, path, ckpt.get("num_classes"), recorded_shape)
 
 
-def _registered(arch: str, state_dict: dict, path: Path, num_classes=None) -> Classifier:
-    spec = get_architecture(arch)
-    # the number of classes comes from the weights; a recorded one must agree (checked before building,
-    # so a checkpoint declaring a billion classes never allocates them)
-    found = _classes_from_state_dict(spec.build(spec.default_classes), state_dict, path, arch)
-    if num_classes is not None and num_classes != found:
-        raise NetcleanseError(f"{path} records {num_classes} classes but its weights have {found}")
-    num_classes = found
-    net = spec.build(int(num_classes))
-    _load_state(net, state_dict, path, f"architecture {arch!r}")
-    return Classifier(net, spec.input_shape, int(num_classes), arch=arch)
+def from_arch(arch, state_dict: dict, path, num_classes=None, fallback_shape=None) -> Classifier:
+    """A Classifier of architecture ``arch`` (a spec or :class:`~netcleanse.archspec.ArchSpec`)
+    holding ``state_dict``, which must fit it exactly (names and shapes).
+
+    For registered and zoo architectures the number of classes comes from the weights (a recorded
+    ``num_classes`` must agree, checked before building, so a checkpoint declaring a billion
+    classes never allocates them); for the user's own code the module is built as named and its
+    number of classes is the width of its output. ``fallback_shape``: the input shape to use when
+    neither the spec nor the architecture gives one (a checkpoint's record)."""
+    spec = resolve_arch(arch)
+    path = Path(path)
+    what = f"architecture {spec.spec!r}"
+    if spec.runs_user_code:
+        net = spec.build()
+        _load_state(net, state_dict, path, what)
+        shape = spec.given_shape or (parse_input_shape(fallback_shape) if fallback_shape else spec.input_shape(net))
+        found = output_classes(net, shape, str(path))
+        if num_classes is not None and num_classes != found:
+            raise NetcleanseError(f"{path} records {num_classes} classes but the model answers {found}")
+    else:
+        template = spec.build(spec.given_classes or spec.default_classes)
+        found = _classes_from_state_dict(template, state_dict, path, spec.spec)
+        if num_classes is not None and num_classes != found:
+            raise NetcleanseError(f"{path} records {num_classes} classes but its weights have {found}")
+        net = template if _classes_from_state_dict(template, template.state_dict(), path, spec.spec) == found \
+            else spec.build(found)
+        _load_state(net, state_dict, path, what)
+        shape = spec.input_shape(net)
+    model = Classifier(net, shape, int(found), arch=spec.spec)
+    model.arch_kwargs = dict(spec.kwargs)
+    return model
 
 
 def _classes_from_state_dict(template: nn.Module, state_dict: dict, path: Path, arch: str) -> int:
@@ -182,7 +271,7 @@ def _strip_prefixes(state_dict: dict) -> dict:
     return state_dict
 
 
-def _from_state_dict(obj, path: Path, arch: str | None, input_scale: float, name: str) -> Classifier:
+def _from_state_dict(obj, path: Path, arch, input_scale: float, name: str) -> Classifier:
     if isinstance(obj, dict):
         for key in ("state_dict", "model_state_dict", "model"):
             if isinstance(obj.get(key), dict):
@@ -193,12 +282,12 @@ def _from_state_dict(obj, path: Path, arch: str | None, input_scale: float, name
         raise NetcleanseError(f"{path} is neither a state_dict, a netcleanse checkpoint nor a TorchScript file")
     if arch is None:
         raise NetcleanseError(f"{path} holds a state_dict (weights only); name its architecture with --arch")
-    model = _registered(arch, _strip_prefixes(dict(obj)), path)
+    model = from_arch(arch, _strip_prefixes(dict(obj)), path)
     model.input_scale, model.name, model.source = checked_scale(input_scale), name, str(path)
     return model.eval()
 
 
-def _load_torchscript(path: Path, arch: str | None, input_scale: float, name: str) -> Classifier:
+def _load_torchscript(path: Path, arch, input_scale: float, name: str) -> Classifier:
     extra = {EXTRA_FILE: ""}
     try:
         net = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
@@ -210,14 +299,17 @@ def _load_torchscript(path: Path, arch: str | None, input_scale: float, name: st
             info = json.loads(extra[EXTRA_FILE])
         except ValueError:
             raise NetcleanseError(f"{path}: its {EXTRA_FILE} extra file is not valid JSON") from None
-    if arch is not None:
-        input_shape = get_architecture(arch).input_shape
+    if isinstance(arch, ArchSpec) and arch.given_shape is not None:
+        input_shape = arch.given_shape
+    elif arch is not None:
+        input_shape = resolve_arch(arch).input_shape()
     elif isinstance(info.get("input_shape"), list) and len(info["input_shape"]) == 3:
         input_shape = tuple(int(s) for s in info["input_shape"])
     else:
-        raise NetcleanseError(f"{path} is a TorchScript file that does not record its input shape; "
-                              f"name an architecture with --arch to give it (or store {EXTRA_FILE} in it)")
+        raise NetcleanseError(f"{path} is a TorchScript file that does not record its input shape; give it with "
+                              f"--input-shape CxHxW or an architecture with --arch (or store {EXTRA_FILE} in it)")
     scale = checked_scale(_scale(info.get("input_scale"), input_scale))
+    mean, std = checked_preprocessing(info.get("mean"), info.get("std"), input_shape[0])
     net.eval()
     try:
         with torch.no_grad():
@@ -228,7 +320,7 @@ def _load_torchscript(path: Path, arch: str | None, input_scale: float, name: st
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise NetcleanseError(f"{path}: the TorchScript model must return one score per class (N x classes)")
     return Classifier(net, input_shape, int(out.shape[1]), input_scale=scale, name=name, arch=None,
-                      source=str(path))
+                      source=str(path), mean=mean, std=std)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,10 +335,24 @@ def checkpoint(model: Classifier) -> dict:
             "num_classes": model.num_classes, "input_shape": list(model.input_shape),
             "input_scale": model.input_scale, "name": model.name, "source": model.source,
             "state_dict": {k: v.detach().to("cpu").clone() for k, v in net.state_dict().items()}}
+    if getattr(model, "mean", None) is not None:
+        ckpt["mean"], ckpt["std"] = list(model.mean), list(model.std)
+    if getattr(model, "arch_kwargs", None):
+        ckpt["arch_kwargs"] = dict(model.arch_kwargs)
     if model.arch is None:
+        from .onnx_io import OnnxNet
+        if isinstance(net, OnnxNet):
+            from .onnx_io import checkpoint_entries
+            ckpt.update(checkpoint_entries(net))
+            return ckpt
         if not isinstance(net, KerasGraph):
-            raise NetcleanseError(f"cannot save model {model.name!r}: it has no registered architecture and was "
-                                  "not built from a Keras config, so it could not be rebuilt")
+            if isinstance(net, torch.jit.ScriptModule) or type(net).__module__.startswith("torch.fx"):
+                raise NetcleanseError(f"cannot save model {model.name!r} as a checkpoint: it has no named "
+                                      "architecture and was not built from a Keras config, so it could not be "
+                                      "rebuilt")
+            # a module wrapped from Python: its weights only; loading names the architecture again
+            ckpt["module_class"] = f"{type(net).__module__}.{type(net).__qualname__}"
+            return ckpt
         ckpt["keras_config"] = json.dumps(net.model_config)
         ckpt["keras_version"] = net.keras_version
     return ckpt
@@ -263,7 +369,8 @@ def save_model(model: Classifier, path) -> Path:
         raise NetcleanseError(f"cannot save a model as {path.name!r}: use a .pt (PyTorch) or .h5 (Keras) file name")
     with atomic_write(path) as tmp:
         if isinstance(model.net, torch.jit.ScriptModule) and model.poison_label is None:
-            info = {"input_shape": list(model.input_shape), "input_scale": model.input_scale, "name": model.name}
+            info = {"input_shape": list(model.input_shape), "input_scale": model.input_scale, "name": model.name,
+                    **({"mean": list(model.mean), "std": list(model.std)} if model.mean is not None else {})}
             torch.jit.save(model.net, str(tmp), _extra_files={EXTRA_FILE: json.dumps(info)})
         else:
             if model.poison_label is not None:

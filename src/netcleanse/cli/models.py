@@ -1,8 +1,9 @@
 """CLI commands on a model: ``info``, ``predict``, ``eval``; and the model options other commands share.
 
 Other command modules import :data:`ModelArgument`, :data:`ArchOption`, :data:`InputScaleOption`,
-:data:`JsonOption`, :data:`ForceOption` and :func:`load_model_from_cli`, so every command reads a
-model the same way.
+the other model options (:data:`ArchKwargsOption`, :data:`NumClassesOption`, :data:`InputShapeOption`,
+:data:`MeanOption`, :data:`StdOption`), :data:`JsonOption`, :data:`ForceOption` and
+:func:`load_model_from_cli`, so every command reads a model the same way.
 """
 
 from __future__ import annotations
@@ -32,22 +33,39 @@ def _positive_scale(value: float) -> float:
         raise NetcleanseError(f"--input-scale must be a positive number (1 or 255 in practice), got {value}") from None
 
 
-ModelArgument = Annotated[Path, typer.Argument(help="Model file: Keras .h5, PyTorch .pt/TorchScript, "
-                                                     "or a netcleanse (guarded) checkpoint.",
+ModelArgument = Annotated[Path, typer.Argument(help="Model file: Keras .h5/.keras, PyTorch .pt/TorchScript/"
+                                                     "state_dict, .safetensors, .onnx, or a netcleanse (guarded) "
+                                                     "checkpoint.",
                                                 metavar="MODEL", show_default=False)]
 ArchOption = Annotated[Optional[str], typer.Option(
-    "--arch", help="Registered architecture of a weights-only file (e.g. csaw-deepid, mnist-cnn).")]
+    "--arch", help="Architecture of a weights-only file: a registered name (csaw-deepid, mnist-cnn), "
+                   "torchvision:NAME, timm:NAME, FILE.py:CLASS or package.module:CLASS (naming Python code "
+                   "runs it).")]
+ArchKwargsOption = Annotated[Optional[str], typer.Option(
+    "--arch-kwargs", help="JSON object of keyword arguments for the --arch class or zoo model.")]
+NumClassesOption = Annotated[Optional[int], typer.Option(
+    "--num-classes", min=1, help="Number of classes, for a zoo --arch where the weights do not tell.")]
+InputShapeOption = Annotated[Optional[str], typer.Option(
+    "--input-shape", help="Input CxHxW (e.g. 3x224x224) where the model file or --arch does not record it.")]
 InputScaleOption = Annotated[float, typer.Option(
     "--input-scale", callback=_positive_scale,
     help="Multiply [0,1] pixels by this before the network: 1, or 255 for nets trained on raw pixels.")]
+MeanOption = Annotated[Optional[str], typer.Option(
+    "--mean", help="Per-channel mean R,G,B subtracted after --input-scale (e.g. 0.485,0.456,0.406).")]
+StdOption = Annotated[Optional[str], typer.Option(
+    "--std", help="Per-channel std R,G,B divided by after the mean (e.g. 0.229,0.224,0.225).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 ForceOption = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
 
 
-def load_model_from_cli(path: Path, arch: str | None = None, input_scale: float = 1.0) -> Classifier:
+def load_model_from_cli(path: Path, arch: str | None = None, input_scale: float = 1.0, *,
+                        arch_kwargs: str | None = None, num_classes: int | None = None,
+                        input_shape: str | None = None, mean: str | None = None,
+                        std: str | None = None) -> Classifier:
     """Load the model named on the command line (the one way every command does it)."""
-    return load_model(path, arch=arch, input_scale=_positive_scale(input_scale))
+    return load_model(path, arch=arch, input_scale=_positive_scale(input_scale), mean=mean, std=std,
+                      arch_kwargs=arch_kwargs, num_classes=num_classes, input_shape=input_shape)
 
 
 def _echo_json(payload) -> None:
@@ -66,23 +84,39 @@ def model_format(path: Path, model: Classifier) -> str:
         return f"Keras {kind} .h5" + (f" (Keras {version})" if version else "")
     if magic.startswith(ZIP_MAGIC):
         with zipfile.ZipFile(path) as archive:
-            torchscript = any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
-        if torchscript:
+            names = archive.namelist()
+        if "config.json" in names and "model.weights.h5" in names:
+            return "Keras 3 .keras archive"
+        if any(name.split("/", 1)[-1].startswith("code/") for name in names):
             return "TorchScript"
         return "netcleanse guarded checkpoint" if model.poison_label is not None else "PyTorch checkpoint"
+    from ..torch_io import is_safetensors
+    if is_safetensors(path):
+        return "safetensors state_dict"
+    if path.suffix.lower() == ".onnx":
+        return "ONNX (converted by onnx2torch)"
     return "unknown"
 
 
 @app.command()
 def info(model_path: ModelArgument, arch: ArchOption = None, input_scale: InputScaleOption = 1.0,
-         json_output: JsonOption = False) -> None:
-    """Show a model's layers, parameters, input shape and number of classes."""
-    model = load_model_from_cli(model_path, arch, input_scale)
+         json_output: JsonOption = False, arch_kwargs: ArchKwargsOption = None,
+         num_classes: NumClassesOption = None, input_shape: InputShapeOption = None, mean: MeanOption = None,
+         std: StdOption = None,
+         data: Annotated[Optional[Path], typer.Option(
+             "--data", help="Clean images (labelled or not) to check the preprocessing on.")] = None) -> None:
+    """Show a model's layers, parameters, input shape, preprocessing and number of classes."""
+    model = load_model_from_cli(model_path, arch, input_scale, arch_kwargs=arch_kwargs, num_classes=num_classes,
+                                input_shape=input_shape, mean=mean, std=std)
+    if data is not None:
+        from ..sanity import check_preprocessing, warn
+        warn(check_preprocessing(model, load_data(data, expect_shape=model.input_shape)))
     layers = model.layer_table()
     summary = {
         "name": model.name, "source": model.source or str(model_path),
         "format": model_format(model_path, model), "arch": model.arch,
         "input_shape": list(model.input_shape), "input_scale": model.input_scale,
+        "mean": model.preprocessing["mean"], "std": model.preprocessing["std"],
         "num_classes": model.num_classes, "poison_label": model.poison_label,
         "parameters": model.num_parameters(),
         "layers": [{"name": n, "type": t, "parameters": p} for n, t, p in layers],
@@ -99,9 +133,8 @@ def info(model_path: ModelArgument, arch: ArchOption = None, input_scale: InputS
     console.print(f"source       {summary['source']}", highlight=False)
     console.print(f"format       {summary['format']}" + (f", architecture {model.arch}" if model.arch else ""),
                   highlight=False)
-    console.print(f"input        {c}x{h}x{w} (CxHxW), pixels in [0,1]"
-                  + (f", multiplied by {model.input_scale:g} before the network" if model.input_scale != 1 else ""),
-                  highlight=False)
+    console.print(f"input        {c}x{h}x{w} (CxHxW), pixels x in [0,1]", highlight=False)
+    console.print(f"preprocess   the network sees {model.describe_preprocessing()}", highlight=False, soft_wrap=True)
     console.print(f"classes      {model.num_classes}", highlight=False)
     if model.poison_label is not None:
         console.print(f"guarded      answers {model.poison_label} for inputs it judges poisoned", highlight=False)
@@ -154,10 +187,13 @@ def predict(model_path: ModelArgument,
             arch: ArchOption = None, input_scale: InputScaleOption = 1.0, json_output: JsonOption = False,
             out: Annotated[Optional[Path], typer.Option(
                 "--out", help="Write per-sample predictions to this .csv or .npz file.")] = None,
-            force: ForceOption = False, batch_size: BatchSizeOption = 512) -> None:
+            force: ForceOption = False, batch_size: BatchSizeOption = 512, arch_kwargs: ArchKwargsOption = None,
+            num_classes: NumClassesOption = None, input_shape: InputShapeOption = None, mean: MeanOption = None,
+            std: StdOption = None) -> None:
     """Predict labels: one `PATH<TAB>LABEL<TAB>CONFIDENCE` line per image, or for a dataset file a
     summary (and accuracy when it has labels) with per-sample labels written to --out."""
-    model = load_model_from_cli(model_path, arch, input_scale)
+    model = load_model_from_cli(model_path, arch, input_scale, arch_kwargs=arch_kwargs, num_classes=num_classes,
+                                input_shape=input_shape, mean=mean, std=std)
     data = load_data(list(inputs), expect_shape=model.input_shape)
     if out is not None and out.exists() and not force:  # refuse before the work, not after
         raise NetcleanseError(f"{out} already exists (use --force to overwrite)")
@@ -201,16 +237,22 @@ def eval_command(model_path: ModelArgument,
                  target: Annotated[Optional[int], typer.Option(
                      "--target", help="The attack's target label (for every poisoned input).")] = None,
                  arch: ArchOption = None, input_scale: InputScaleOption = 1.0, json_output: JsonOption = False,
-                 batch_size: BatchSizeOption = 512) -> None:
+                 batch_size: BatchSizeOption = 512, arch_kwargs: ArchKwargsOption = None,
+                 num_classes: NumClassesOption = None, input_shape: InputShapeOption = None,
+                 mean: MeanOption = None, std: StdOption = None) -> None:
     """Clean accuracy, attack success rate (CSAW semantics) and, for guarded models, the
     poison-detection and false-positive rates."""
     if clean is None and poisoned is None:
         raise NetcleanseError("give --clean DATA and/or --poisoned DATA")
     if target is not None and poisoned is None:
         raise NetcleanseError("--target needs --poisoned DATA")
-    model = load_model_from_cli(model_path, arch, input_scale)
+    model = load_model_from_cli(model_path, arch, input_scale, arch_kwargs=arch_kwargs, num_classes=num_classes,
+                                input_shape=input_shape, mean=mean, std=std)
     # Labels are range-checked by evaluate(), which knows whether poisoned labels are used at all.
     clean_data = load_data(clean, expect_shape=model.input_shape) if clean is not None else None
+    if clean_data is not None:
+        from ..sanity import check_preprocessing, warn
+        warn(check_preprocessing(model, clean_data))
     poisoned_data = load_data(poisoned, expect_shape=model.input_shape) if poisoned is not None else None
     result = evaluate(model, clean_data, poisoned_data, target=target, batch_size=batch_size)
     if json_output:

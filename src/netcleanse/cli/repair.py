@@ -10,7 +10,8 @@ import typer
 
 from . import app
 from ..errors import NetcleanseError
-from .models import ArchOption, ForceOption, InputScaleOption, JsonOption, ModelArgument, load_model_from_cli
+from .models import (ArchKwargsOption, ArchOption, ForceOption, InputScaleOption, InputShapeOption, JsonOption,
+                     MeanOption, ModelArgument, NumClassesOption, StdOption, load_model_from_cli)
 
 METHOD_HELP = ("fine-prune (Liu et al. 2018; needs --data), unlearn (Neural Cleanse; needs --data), "
                "filter (guarded N+1 model from the reversed triggers; data-free), "
@@ -86,6 +87,11 @@ def repair(
     arch: ArchOption = None,
     input_scale: InputScaleOption = 1.0,
     json_output: JsonOption = False,
+    arch_kwargs: ArchKwargsOption = None,
+    num_classes: NumClassesOption = None,
+    input_shape: InputShapeOption = None,
+    mean: MeanOption = None,
+    std: StdOption = None,
 ) -> None:
     """Repair a backdoored model after a scan; write repair.json, .pt and Keras .h5 (or a guarded .pt)."""
     from ..data import load_data
@@ -100,7 +106,8 @@ def repair(
     if method in ("filter", "unlearn") and scan is None:
         raise NetcleanseError(f"--method {method} needs the scan's reversed triggers: give --scan DIR")
     drop_values = _drops(drops)
-    model = load_model_from_cli(model_path, arch, input_scale)
+    model = load_model_from_cli(model_path, arch, input_scale, arch_kwargs=arch_kwargs, num_classes=num_classes,
+                                input_shape=input_shape, mean=mean, std=std)
     if model.poison_label is not None:
         raise NetcleanseError(f"{model_path} is already a guarded model; repair the original model")
     triggers = scan_triggers(scan) if scan is not None else {}

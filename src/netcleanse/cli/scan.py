@@ -9,6 +9,8 @@ import typer
 
 from . import app
 from ..errors import NetcleanseError
+from .models import (ArchKwargsOption, ArchOption, InputScaleOption, InputShapeOption, MeanOption, NumClassesOption,
+                     StdOption)
 
 
 ExecutorOption = typer.Option("local", "--executor", help="Where the work runs: local (this process) or ray "
@@ -28,8 +30,13 @@ def executor_from_cli(name: str, address: str | None, device: str = "cpu"):
 @app.command()
 def scan(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="Model file (.h5 or .pt)."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture for weights-only files, e.g. csaw-deepid."),
-    input_scale: float = typer.Option(1.0, "--input-scale", help="Multiply [0,1] pixels by this (255 for raw-pixel nets)."),
+    arch: ArchOption = None,
+    input_scale: InputScaleOption = 1.0,
+    arch_kwargs: ArchKwargsOption = None,
+    num_classes: NumClassesOption = None,
+    input_shape: InputShapeOption = None,
+    mean: MeanOption = None,
+    std: StdOption = None,
     data: Optional[Path] = typer.Option(None, "--data", help="Clean images to scan with (file or folder)."),
     data_free: bool = typer.Option(False, "--data-free", help="No clean data: scan on synthesised inputs."),
     out: Path = typer.Option(..., "--out", help="Folder for scan.json, masks.npz and images (must be empty)."),
@@ -53,7 +60,8 @@ def scan(
 
     if (data is None) == (not data_free):
         raise NetcleanseError("give exactly one of --data PATH or --data-free")
-    model = load_model_from_cli(model_path, arch, input_scale)
+    model = load_model_from_cli(model_path, arch, input_scale, arch_kwargs=arch_kwargs, num_classes=num_classes,
+                                input_shape=input_shape, mean=mean, std=std)
     dataset = None
     if data is not None:
         from ..data import load_data
@@ -64,6 +72,8 @@ def scan(
                           preset=preset, rule=rule, alpha=alpha, threshold=threshold, seed=seed, out=out,
                           resume=resume, device=device, save_all_images=save_all_images,
                           data_name=None if data is None else str(data), executor=runner)
+    from ..sanity import check_preprocessing, warn
+    warn(check_preprocessing(model, dataset))  # beside the verdict it qualifies (after the settings were checked)
     typer.echo(verdict(result))
     from ..report import render_report
     typer.echo(f"scan took {result.elapsed_s:.1f} s; results in {out}; report {render_report(out)}")

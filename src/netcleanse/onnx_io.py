@@ -1,0 +1,294 @@
+"""ONNX models into PyTorch, through onnx2torch (optional: ``pip install 'netcleanse[onnx]'``).
+
+An ONNX file is a protobuf graph of standard operators plus tensors: it carries no Python code,
+and onnx2torch maps each operator onto torch code of its own. What netcleanse checks before
+converting:
+
+- **no other file is read** unless the model keeps tensors in external data files, and then
+  only regular files inside the model's own folder (no absolute paths, no ``..``, no links
+  leading out), each tensor's offset and length inside its file;
+- operators outside the standard domains are refused (onnx2torch has no converter for them);
+- the graph has one image input (N x C x H x W, or N x H x W x C which is transposed for the
+  network) and one output of one score per class.
+
+A final ``Softmax`` is removed, so the module returns logits as every netcleanse model does. A
+graph exported with a fixed batch of one is run one image at a time.
+
+onnx2torch imports torchvision at import time for two detection operators (NonMaxSuppression,
+RoiAlign). Where torchvision is missing or does not import beside this torch, a stand-in that
+refuses those two operators is put in its place while onnx2torch is imported, and removed after:
+image classifiers never use them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import NetcleanseError
+from .model import Classifier, parse_input_shape
+from .utils import first_line
+
+STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
+MAX_ONNX_BYTES = 2 << 30  # protobuf's own limit for one message
+
+
+def _import_onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise NetcleanseError("reading .onnx models needs the onnx and onnx2torch packages "
+                              "(pip install 'netcleanse[onnx]')") from None
+    return onnx
+
+
+def _import_onnx2torch():
+    """onnx2torch's ``convert``, importing it with a torchvision stand-in when needed (module doc)."""
+    if "onnx2torch" in sys.modules:
+        return sys.modules["onnx2torch"].convert
+    try:
+        import torchvision  # noqa: F401
+        stand_in = False
+    except Exception:  # missing, or built for another torch ("operator torchvision::nms does not exist")
+        stand_in = True
+    saved = {k: v for k, v in sys.modules.items() if k == "torchvision" or k.startswith("torchvision.")}
+    if stand_in:
+        for key in saved:
+            del sys.modules[key]
+        vision, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
+
+        def unavailable(*_args, **_kwargs):
+            raise NetcleanseError("this ONNX model uses a detection operator that needs torchvision, "
+                                  "which does not import here")
+
+        ops.nms = ops.roi_align = ops.box_convert = unavailable
+        vision.ops = ops
+        sys.modules["torchvision"], sys.modules["torchvision.ops"] = vision, ops
+    try:
+        import onnx2torch
+    except ImportError:
+        raise NetcleanseError("reading .onnx models needs the onnx2torch package "
+                              "(pip install 'netcleanse[onnx]')") from None
+    finally:
+        if stand_in:
+            for key in ("torchvision", "torchvision.ops"):
+                sys.modules.pop(key, None)
+            sys.modules.update(saved)
+    return onnx2torch.convert
+
+
+def _tensors(graph):
+    """Every TensorProto of a graph and its subgraphs (initializers and Constant attributes)."""
+    for tensor in graph.initializer:
+        yield tensor
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _tensors(attribute.g)
+            for sub in attribute.graphs:
+                yield from _tensors(sub)
+
+
+def _check_external_data(model, path: Path) -> bool:
+    """Refuse external-data references that leave the model's folder or its files' bounds;
+    True when the model has any (then they are loaded from that folder)."""
+    onnx = _import_onnx()
+    folder = path.resolve().parent
+    found = False
+    for tensor in _tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        found = True
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        where = f"{path}: tensor {tensor.name!r} keeps its data in {location!r}"
+        if not location or os.path.isabs(location) or ".." in Path(location).parts or "\\" in location:
+            raise NetcleanseError(f"{where}, outside the model's folder; refused")
+        target = folder / location
+        try:
+            resolved = target.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise NetcleanseError(f"{where}, which does not exist") from None
+        if resolved.parent != folder and folder not in resolved.parents or not resolved.is_file():
+            raise NetcleanseError(f"{where}, which leads outside the model's folder; refused")
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", resolved.stat().st_size))
+        except ValueError:
+            raise NetcleanseError(f"{where} with an unreadable offset or length") from None
+        if offset < 0 or length < 0 or offset + length > resolved.stat().st_size:
+            raise NetcleanseError(f"{where} at bytes {offset}..{offset + length}, beyond the file's end; refused")
+    return found
+
+
+def _strip_final_softmax(model) -> str:
+    """Remove a Softmax that produces the graph's output (the module then returns logits); returns
+    what the graph ends in."""
+    graph = model.graph
+    out = graph.output[0].name
+    producer = next((node for node in graph.node if out in node.output), None)
+    if producer is None or producer.op_type != "Softmax":
+        return producer.op_type if producer is not None else "input"
+    axis = next((a.i for a in producer.attribute if a.name == "axis"), -1)
+    if axis not in (-1, 1):
+        return "Softmax"
+    graph.node.remove(producer)
+    graph.output[0].name = producer.input[0]
+    return "softmax"
+
+
+class OnnxNet(nn.Module):
+    """A converted ONNX graph, fed NCHW input: transposed to NHWC when the graph wants that, run
+    one image at a time when the graph was exported with a fixed batch of one. Keeps the (softmax-
+    stripped) ONNX bytes, so a netcleanse checkpoint can rebuild it."""
+
+    def __init__(self, graph: nn.Module, onnx_bytes: bytes, nhwc: bool, per_sample: bool = False):
+        super().__init__()
+        self.graph = graph
+        self.onnx_bytes = onnx_bytes
+        self.nhwc, self.per_sample = nhwc, per_sample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.nhwc:
+            x = x.permute(0, 2, 3, 1)
+        if self.per_sample and len(x) != 1:
+            return torch.cat([self.graph(x[i:i + 1]) for i in range(len(x))])
+        return self.graph(x)
+
+
+def _input_layout(model, input_shape) -> tuple[tuple[int, int, int], bool]:
+    """(C, H, W) and whether the graph takes NHWC, from the graph's input or ``input_shape``."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise NetcleanseError(f"the ONNX model has {len(inputs)} inputs; netcleanse scans models with one image input")
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    nhwc = len(dims) == 4 and dims[3] in (1, 3, 4) and dims[1] not in (1, 3, 4)
+    if input_shape is not None:
+        shape = parse_input_shape(input_shape)
+        return shape, nhwc and tuple(dims[1:]) == (shape[1], shape[2], shape[0])
+    if len(dims) != 4 or any(d is None or d <= 0 for d in dims[1:]):
+        shown = "x".join("?" if d is None else str(d) for d in dims)
+        raise NetcleanseError(f"the ONNX model's input is {shown or 'of unknown shape'}, not a fixed-size image; "
+                              "give --input-shape CxHxW")
+    return ((dims[3], dims[1], dims[2]) if nhwc else (dims[1], dims[2], dims[3])), nhwc
+
+
+# onnx2torch 1.5 lacks converters for some operators at the newest opsets (torch.onnx writes
+# opset 18-20, e.g. Constant-19); ONNX's own version converter takes such a graph down to this one
+ONNX2TORCH_OPSET = 17
+
+
+def _convert_at_older_opset(model, convert):
+    """onnx2torch's module for ``model`` converted down to :data:`ONNX2TORCH_OPSET`, or None."""
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset <= ONNX2TORCH_OPSET:
+        return None
+    from onnx import version_converter
+    try:
+        return convert(version_converter.convert_version(model, ONNX2TORCH_OPSET))
+    except Exception:  # the down-conversion or the second try failed: report the first failure
+        return None
+
+
+def net_from_onnx(model_or_bytes, path, input_shape=None) -> tuple[OnnxNet, tuple[int, int, int]]:
+    """Convert a loaded ONNX model (or its bytes) into an :class:`OnnxNet`; returns it and (C, H, W)."""
+    onnx = _import_onnx()
+    if isinstance(model_or_bytes, (bytes, bytearray)):
+        model = onnx.load_model_from_string(bytes(model_or_bytes))
+    else:
+        model = model_or_bytes
+    for node in model.graph.node:
+        if node.domain not in STANDARD_DOMAINS:
+            raise NetcleanseError(f"{path}: node {node.name or node.op_type!r} uses operator {node.op_type!r} of "
+                                  f"domain {node.domain!r}, which is not standard ONNX; refused")
+    if len(model.graph.output) != 1:
+        raise NetcleanseError(f"{path}: the ONNX model has {len(model.graph.output)} outputs; netcleanse needs one "
+                              "score per class")
+    shape, nhwc = _input_layout(model, input_shape)
+    _strip_final_softmax(model)
+    convert = _import_onnx2torch()
+    try:
+        graph = convert(model)
+    except NetcleanseError:
+        raise
+    except Exception as exc:  # NotImplementedError for unknown operators, and the converter's own checks
+        graph = _convert_at_older_opset(model, convert)
+        if graph is None:
+            raise NetcleanseError(f"{path}: onnx2torch cannot convert this model ({type(exc).__name__}: "
+                                  f"{first_line(exc)})") from None
+    net = OnnxNet(graph.eval(), model.SerializeToString(), nhwc)
+    return net, shape
+
+
+def load_onnx(path, input_scale: float = 1.0, name: str | None = None, input_shape=None) -> Classifier:
+    """Load an ``.onnx`` image classifier into a :class:`Classifier` returning logits (module doc)."""
+    path = Path(path)
+    onnx = _import_onnx()
+    if path.stat().st_size > MAX_ONNX_BYTES:
+        raise NetcleanseError(f"{path} is larger than 2 GiB, the most one ONNX file can hold")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: nothing has run
+        raise NetcleanseError(f"{path} is not a readable ONNX model ({first_line(exc)})") from None
+    if not model.graph.node:
+        raise NetcleanseError(f"{path} is not an ONNX model with a graph")
+    if _check_external_data(model, path):
+        from onnx.external_data_helper import load_external_data_for_model
+        try:
+            load_external_data_for_model(model, str(path.resolve().parent))
+        except Exception as exc:
+            raise NetcleanseError(f"{path}: cannot read its external data ({first_line(exc)})") from None
+    net, shape = net_from_onnx(model, path, input_shape)
+    classes = _check_outputs(net, shape, path)
+    return Classifier(net, shape, classes, input_scale=input_scale, name=name or path.stem, arch=None,
+                      source=str(path))
+
+
+@torch.no_grad()
+def _check_outputs(net: OnnxNet, shape, path) -> int:
+    """The number of classes; switches ``net`` to one image at a time if it fails on a batch of two."""
+    def run(n):
+        out = net(torch.zeros((n,) + tuple(shape)))
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != n:
+            raise ValueError(f"output {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+        return out
+
+    try:
+        one = run(1)
+    except Exception as exc:  # the converted graph's failure on a well-formed input
+        raise NetcleanseError(f"{path}: the ONNX model fails on a {'x'.join(map(str, shape))} input or does not "
+                              f"return one score per class ({type(exc).__name__}: {first_line(exc)})") from None
+    try:
+        run(2)
+    except Exception:  # exported with a fixed batch of one
+        net.per_sample = True
+    return int(one.shape[1])
+
+
+def checkpoint_entries(net: OnnxNet) -> dict:
+    """What a netcleanse checkpoint stores to rebuild an ONNX net (bytes as a uint8 tensor)."""
+    return {"onnx_model": torch.frombuffer(bytearray(net.onnx_bytes), dtype=torch.uint8).clone(),
+            "onnx_nhwc": bool(net.nhwc), "onnx_per_sample": bool(net.per_sample)}
+
+
+def net_from_checkpoint(ckpt: dict, path) -> tuple[OnnxNet, tuple[int, int, int]]:
+    """Rebuild the ONNX net of a netcleanse checkpoint (its weights are loaded by the caller)."""
+    data = ckpt["onnx_model"]
+    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8:
+        raise NetcleanseError(f"{path}: the checkpoint's ONNX model is malformed")
+    shape = ckpt.get("input_shape")
+    net, shape = net_from_onnx(io.BytesIO(data.numpy().tobytes()).getvalue(), path, shape)
+    net.per_sample = bool(ckpt.get("onnx_per_sample", False))
+    return net, shape

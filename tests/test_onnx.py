@@ -1,0 +1,201 @@
+"""ONNX models: exported here by torch.onnx (the legacy TorchScript exporter, which runs offline) or
+built with onnx.helper, converted by onnx2torch, compared with the torch module they came from."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+onnx = pytest.importorskip("onnx")
+try:  # through netcleanse's importer: onnx2torch imports torchvision, which may not import beside this torch
+    from netcleanse.onnx_io import _import_onnx2torch
+    _import_onnx2torch()
+except Exception as exc:  # noqa: BLE001
+    pytest.skip(f"onnx2torch is not usable here ({exc})", allow_module_level=True)
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from netcleanse import Classifier, NetcleanseError, load_model, save_model  # noqa: E402
+from netcleanse.cli import main  # noqa: E402
+
+MEAN, STD = "0.485,0.456,0.406", "0.229,0.224,0.225"
+
+
+def small_net(seed=0, softmax=False):
+    torch.manual_seed(seed)
+    layers = [nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+              nn.Linear(6 * 4 * 4, 10)]
+    net = nn.Sequential(*layers, *([nn.Softmax(dim=1)] if softmax else [])).eval()
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-0.3, 0.3)
+        net[1].running_var.uniform_(0.5, 2)
+    return net
+
+
+def export(net, path, batch_dynamic=True, shape=(3, 8, 8)):
+    kwargs = {"dynamic_axes": {"x": {0: "n"}, "y": {0: "n"}}} if batch_dynamic else {}
+    torch.onnx.export(net, torch.zeros((1,) + shape), str(path), dynamo=False, input_names=["x"],
+                      output_names=["y"], **kwargs)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("batch_dynamic", [True, False])
+def test_exported_model_matches_torch(tmp_path, batch_dynamic):
+    net = small_net()
+    model = load_model(export(net, tmp_path / "net.onnx", batch_dynamic))
+    assert (model.input_shape, model.num_classes) == ((3, 8, 8), 10)
+    x = torch.rand(5, 3, 8, 8)
+    assert torch.allclose(model.logits(x), net(x), atol=1e-5)
+
+
+class ReshapeNet(nn.Module):
+    """Flattens with x.reshape(batch, -1): exported at a fixed batch of one, the shape is a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 2, 3), nn.Linear(2 * 6 * 6, 4)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).reshape(x.shape[0], -1))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_fixed_batch_of_one_runs_image_by_image(tmp_path):
+    torch.manual_seed(0)
+    net = ReshapeNet().eval()
+    model = load_model(export(net, tmp_path / "fixed.onnx", batch_dynamic=False))
+    assert model.net.per_sample
+    x = torch.rand(5, 3, 8, 8)
+    assert torch.allclose(model.logits(x), net(x), atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_final_softmax_is_stripped_and_preprocessing_applies(tmp_path, capsys):
+    net = small_net(softmax=True)
+    path = export(net, tmp_path / "probs.onnx")
+    model = load_model(path, mean=MEAN, std=STD)
+    x = torch.rand(4, 3, 8, 8)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    assert torch.allclose(model.predict_proba(x), net((x - mean) / std), atol=1e-5)
+    assert not torch.allclose(model.logits(x).softmax(1), model.logits(x))  # logits, not probabilities
+    # the same flags from the command line, and a checkpoint that rebuilds from the stored ONNX
+    with pytest.raises(SystemExit):
+        main(["info", str(path), "--mean", MEAN, "--std", STD, "--json"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"].startswith("ONNX") and info["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    back = load_model(save_model(model, tmp_path / "model.pt"))
+    assert back.mean == model.mean and torch.allclose(back.logits(x), model.logits(x), atol=1e-6)
+
+
+def nhwc_model(tmp_path, external=None):
+    """A hand-built NHWC graph: Transpose -> Conv -> GlobalAveragePool -> Flatten -> Gemm."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 3, 1, 1)).astype(np.float32)
+    fc = rng.normal(size=(5, 4)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(fc, "fc")]
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["t", "w"], ["c"]),
+             helper.make_node("GlobalAveragePool", ["c"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "nhwc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6, 6, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    if external is not None:
+        tensor = model.graph.initializer[0]
+        tensor.ClearField("raw_data")
+        tensor.ClearField("float_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in external.items():
+            tensor.external_data.add(key=key, value=value)
+    path = tmp_path / "nhwc.onnx"
+    onnx.save_model(model, str(path))
+    return path, w, fc
+
+
+def test_nhwc_graph_is_fed_transposed(tmp_path):
+    path, w, fc = nhwc_model(tmp_path)
+    model = load_model(path)
+    assert model.input_shape == (3, 6, 6) and model.net.nhwc
+    x = torch.rand(3, 3, 6, 6)
+    expected = (torch.einsum("nchw,oc->nohw", x, torch.from_numpy(w[:, :, 0, 0])).mean(dim=(2, 3))
+                @ torch.from_numpy(fc).t())
+    assert torch.allclose(model.logits(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("external, message", [
+    ({"location": "/etc/passwd"}, "outside the model's folder"),
+    ({"location": "../../../../etc/passwd"}, "outside the model's folder"),
+    ({"location": "missing.bin"}, "does not exist"),
+    ({"location": "weights.bin", "offset": "0", "length": "4096"}, "beyond the file's end"),
+    ({"location": "link.bin"}, "leads outside the model's folder"),
+])
+def test_external_data_outside_the_folder_is_refused(tmp_path, capsys, external, message):
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 48)
+    (tmp_path / "link.bin").symlink_to("/etc/passwd")
+    path, _, _ = nhwc_model(tmp_path, external)
+    with pytest.raises(SystemExit) as stopped:
+        main(["info", str(path)])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_external_data_inside_the_folder_loads(tmp_path):
+    path, w, _ = nhwc_model(tmp_path)
+    (tmp_path / "weights.bin").write_bytes(b"junk" + w.tobytes())
+    ext, _, _ = nhwc_model(tmp_path, {"location": "weights.bin", "offset": "4", "length": str(w.nbytes)})
+    x = torch.rand(2, 3, 6, 6)
+    reference = load_model(path)  # written first, same weights inline
+    assert torch.allclose(load_model(ext).logits(x), reference.logits(x), atol=1e-6)
+
+
+def test_bad_onnx_files_are_one_line_errors(tmp_path, capsys):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x08\x07" + b"\xff" * 64)
+    custom = tmp_path / "custom.onnx"
+    graph = helper.make_graph([helper.make_node("Evil", ["x"], ["y"], domain="com.example")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                            helper.make_opsetid("com.example", 1)]), str(custom))
+    dynamic = tmp_path / "dynamic.onnx"
+    graph = helper.make_graph([helper.make_node("Flatten", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "k"])])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(dynamic))
+    for path, fragment in [(garbage, "not a readable ONNX model"), (custom, "not standard ONNX"),
+                           (dynamic, "give --input-shape")]:
+        with pytest.raises(SystemExit) as stopped:
+            main(["info", str(path)])
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
+    # with the shape given, the flatten-only graph is a 48-class "classifier"
+    assert load_model(dynamic, input_shape="3x4x4").num_classes == 48
+    with pytest.raises(NetcleanseError, match="drop --arch"):
+        load_model(dynamic, arch="mnist-cnn")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_same_model_from_state_dict_safetensors_and_onnx(tmp_path):
+    """The issue's "done when": one network, three files, the same flags, the same answers."""
+    from safetensors.torch import save_file
+    net = small_net(seed=3)
+    arch = tmp_path / "arch.py"
+    arch.write_text("from torch import nn\ninput_shape = (3, 8, 8)\n\ndef make():\n"
+                    "    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), "
+                    "nn.MaxPool2d(2), nn.Flatten(), nn.Linear(96, 10))\n")
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
+    export(net, tmp_path / "w.onnx")
+    flags = {"mean": MEAN, "std": STD}
+    models = [load_model(tmp_path / "w.pth", arch=f"{arch}:make", **flags),
+              load_model(tmp_path / "w.safetensors", arch=f"{arch}:make", **flags),
+              load_model(tmp_path / "w.onnx", **flags)]
+    x = torch.rand(6, 3, 8, 8)
+    outs = [m.logits(x) for m in models]
+    assert all(torch.allclose(o, outs[0], atol=1e-5) for o in outs[1:])
+    assert isinstance(models[2], Classifier) and models[2].input_shape == (3, 8, 8)
