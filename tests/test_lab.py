@@ -229,7 +229,7 @@ def test_detection_quality_scans_resumably_and_scores_both_rules(tmp_path, capsy
         assert dq.main(args + ["--summary-only"]) == 0 and dq.main(args) == 0
         assert [p.stat().st_mtime_ns for p in rows] == before
         summary = json.loads((tmp_path / "summary.json").read_text())["summary"]
-        assert set(summary) == {"data-free/10/calibrated", "data-free/10/mad"}
+        assert set(summary) == {"data-free/10/calibrated", "data-free/10/size-only", "data-free/10/mad"}
         cell = summary["data-free/10/calibrated"]
         assert cell["clean"] == 1 and cell["clean_flagged"] in (0, 1)
         assert "clean flagged" in capsys.readouterr().out

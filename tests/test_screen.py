@@ -57,8 +57,10 @@ def test_manifest_csv_and_json(tmp_path):
     a, b = read_manifest(tmp_path / "m.csv", input_scale=2.0)
     assert a == ScreenEntry(str(tmp_path / "a.pt"), "first", None, 255.0, str(tmp_path / "d.npz"), False, "0-3")
     assert b == ScreenEntry(str(tmp_path / "sub" / "b.pt"), None, "mnist-cnn", 2.0, None, True, None)
-    (tmp_path / "m.json").write_text(json.dumps({"models": [{"model": "/abs/c.pt", "data_free": True}]}))
-    assert read_manifest(tmp_path / "m.json") == [ScreenEntry("/abs/c.pt", data_free=True)]
+    (tmp_path / "m.json").write_text(json.dumps({"models": [{"model": "/abs/c.pt", "data_free": True,
+                                                             "mean": [0.5, 0.4, 0.3], "num_classes": "10"}]}))
+    assert read_manifest(tmp_path / "m.json", std="0.2,0.2,0.2") == [
+        ScreenEntry("/abs/c.pt", data_free=True, mean="0.5,0.4,0.3", std="0.2,0.2,0.2", num_classes=10)]
     # a row may inherit the data from the defaults
     (tmp_path / "plain.csv").write_text("model\nc.pt\n")
     assert read_manifest(tmp_path / "plain.csv", data="x.npz")[0].data == "x.npz"
@@ -71,6 +73,7 @@ def test_manifest_csv_and_json(tmp_path):
     ("model,data,data_free\na.pt,d.npz,true\n", "row 1: give exactly one of data"),
     ("model,data_free\na.pt,perhaps\n", "data_free must be true or false"),
     ("model,input_scale,data_free\na.pt,-1,1\n", "input_scale must be a positive number"),
+    ("model,num_classes,data_free\na.pt,ten,1\n", "num_classes must be a positive whole number"),
     ("model\n", "lists no models"),
     ('[{"model": "a.pt"', "not valid JSON"),
     ('{"models": 3}', "a list of objects"),

@@ -47,8 +47,10 @@ _TRUE, _FALSE = {"1", "true", "yes", "y"}, {"0", "false", "no", "n", ""}
 @dataclass(frozen=True)
 class ScreenEntry:
     """One model to screen. ``model``: its file. ``name``: its folder and row name (default the
-    file's stem). ``arch``, ``input_scale``: as for :func:`netcleanse.load_model`. Exactly one of
-    ``data`` (a clean-data file or folder) and ``data_free``. ``labels``: e.g. "0-9" (default all)."""
+    file's stem). ``arch``, ``input_scale``, ``mean``, ``std``, ``arch_kwargs``, ``num_classes``,
+    ``input_shape``: as for :func:`netcleanse.load_model` (and the command line's model options).
+    Exactly one of ``data`` (a clean-data file or folder) and ``data_free``. ``labels``: e.g. "0-9"
+    (default all)."""
 
     model: str
     name: str | None = None
@@ -57,24 +59,30 @@ class ScreenEntry:
     data: str | None = None
     data_free: bool = False
     labels: str | None = None
+    mean: str | None = None
+    std: str | None = None
+    arch_kwargs: str | None = None
+    num_classes: int | None = None
+    input_shape: str | None = None
 
 
 FIELDS = tuple(f.name for f in fields(ScreenEntry))
 
 
 def make_entries(models, *, arch: str | None = None, input_scale: float = 1.0, data=None, data_free: bool = False,
-                 labels: str | None = None) -> list[ScreenEntry]:
-    """Entries for model files that share one set of options (``netcleanse screen MODEL...``)."""
+                 labels: str | None = None, **model_options) -> list[ScreenEntry]:
+    """Entries for model files that share one set of options (``netcleanse screen MODEL...``);
+    ``model_options``: mean, std, arch_kwargs, num_classes, input_shape."""
     scale = _number(input_scale, "--input-scale")
-    return [_checked(ScreenEntry(str(m), None, arch, scale, None if data is None else str(data), data_free, labels),
-                     f"model {m}") for m in models]
+    return [_checked(ScreenEntry(str(m), None, arch, scale, None if data is None else str(data), data_free, labels,
+                                 **model_options), f"model {m}") for m in models]
 
 
 def read_manifest(path, *, arch: str | None = None, input_scale: float | None = None, data=None,
-                  data_free: bool = False, labels: str | None = None) -> list[ScreenEntry]:
+                  data_free: bool = False, labels: str | None = None, **model_options) -> list[ScreenEntry]:
     """The entries of a CSV or JSON manifest (see the module doc). The keyword arguments are
     defaults for rows that leave a field out or empty (a row's ``data`` or ``data_free`` replaces
-    both defaults). Unknown fields, rows without a model, and rows with neither or both of data
+    both defaults; ``model_options``: mean, std, arch_kwargs, num_classes, input_shape). Unknown fields, rows without a model, and rows with neither or both of data
     and data_free are refused, naming the row."""
     path = Path(path)
     if not path.is_file():
@@ -117,9 +125,32 @@ def read_manifest(path, *, arch: str | None = None, input_scale: float | None = 
                   else None if own_data or data is None else str(data)),
             data_free=(_boolean(value["data_free"], where) if "data_free" in value
                        else False if own_data else data_free),
-            labels=str(value.get("labels", labels)) if value.get("labels", labels) is not None else None)
+            labels=str(value.get("labels", labels)) if value.get("labels", labels) is not None else None,
+            **{k: _model_option(k, value.get(k, model_options.get(k)), where) for k in _MODEL_OPTIONS})
         entries.append(_checked(entry, where))
     return entries
+
+
+_MODEL_OPTIONS = ("mean", "std", "arch_kwargs", "num_classes", "input_shape")
+
+
+def _model_option(key: str, value, where: str):
+    """A manifest's model option as :func:`netcleanse.load_model` takes it (checked there)."""
+    if value is None:
+        return None
+    if key == "num_classes":
+        try:
+            number = int(str(value))
+        except ValueError:
+            number = 0
+        if number < 1:
+            raise NetcleanseError(f"{where}: num_classes must be a positive whole number, got {value!r}")
+        return number
+    if key == "arch_kwargs" and isinstance(value, dict):
+        return json.dumps(value)
+    if key in ("mean", "std") and isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 def _relative_to(manifest: Path, value) -> Path:
@@ -272,7 +303,9 @@ def _screen_one(shared: dict, job, progress) -> tuple:
     t = time.perf_counter()
     try:
         model = load_model(entry.model, arch=entry.arch, input_scale=entry.input_scale,
-                           name=entry.name or Path(entry.model).stem)
+                           name=entry.name or Path(entry.model).stem, mean=entry.mean, std=entry.std,
+                           arch_kwargs=entry.arch_kwargs, num_classes=entry.num_classes,
+                           input_shape=entry.input_shape)
         data = None
         if entry.data is not None:
             data = load_data(entry.data, expect_shape=model.input_shape, num_classes=model.num_classes)

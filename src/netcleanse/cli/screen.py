@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from . import app
+from .models import ArchKwargsOption, InputShapeOption, MeanOption, NumClassesOption, StdOption
 from .scan import ExecutorOption, RayAddressOption, executor_from_cli
 from ..errors import NetcleanseError
 
@@ -17,12 +18,18 @@ def screen(
     models: Optional[List[Path]] = typer.Argument(None, metavar="MODEL", show_default=False,
                                                   help="Model files, all with the options below."),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="CSV or JSON list of models, each with its "
-                                            "own model, name, arch, input_scale, data, data_free, labels."),
+                                            "own model, name, arch, input_scale, mean, std, arch_kwargs, "
+                                            "num_classes, input_shape, data, data_free, labels."),
     out: Path = typer.Option(..., "--out", help="Folder for one sub-folder per model and the summary (must be "
                              "empty unless --resume)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of weights-only files (manifest: default)."),
     input_scale: Optional[float] = typer.Option(None, "--input-scale", help="Pixel scale, 1 or 255 "
                                                 "(manifest: default; else 1)."),
+    arch_kwargs: ArchKwargsOption = None,
+    num_classes: NumClassesOption = None,
+    input_shape: InputShapeOption = None,
+    mean: MeanOption = None,
+    std: StdOption = None,
     data: Optional[Path] = typer.Option(None, "--data", help="Clean images for every model (manifest: default)."),
     data_free: bool = typer.Option(False, "--data-free", help="Scan on synthesised inputs (manifest: default)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Labels to scan, e.g. 0-9 (default all)."),
@@ -43,14 +50,15 @@ def screen(
         raise NetcleanseError("give model files or --manifest FILE (one of them)")
     if data is not None and data_free:
         raise NetcleanseError("give at most one of --data PATH and --data-free")
+    options = dict(mean=mean, std=std, arch_kwargs=arch_kwargs, num_classes=num_classes, input_shape=input_shape)
     if manifest is not None:
         entries = read_manifest(manifest, arch=arch, input_scale=input_scale, data=data, data_free=data_free,
-                                labels=labels)
+                                labels=labels, **options)
     else:
         if data is None and not data_free:
             raise NetcleanseError("give one of --data PATH or --data-free (or a --manifest that says per model)")
         entries = make_entries(models, arch=arch, input_scale=1.0 if input_scale is None else input_scale,
-                               data=data, data_free=data_free, labels=labels)
+                               data=data, data_free=data_free, labels=labels, **options)
     with executor_from_cli(executor, ray_address, device) as runner:
         result = run_screen(entries, out, preset=preset, rule=rule, alpha=alpha, threshold=threshold, seed=seed,
                             resume=resume, device=device, executor=runner)
