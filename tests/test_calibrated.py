@@ -178,3 +178,67 @@ def test_critical_index_and_threshold_l1_match_the_p_values():
     for factor, flagged in ((0.99, True), (1.01, False)):
         res = calibrated_test(l1 | {2: factor * ref["threshold_l1"]})
         assert (res.flagged == [2]) is flagged
+
+
+# ---- two signals: trigger size and maximum margin (netcleanse.margin) -----------------------------
+
+def _clean_pairs(rng, k, rho=0.5, df=DF, spread=(0.4, 0.2)):
+    """(mask L1s, margins) of a model without a backdoor, drawn from the two-signal null: the anomaly
+    directions (small size, large margin) correlated ``rho``, bivariate t."""
+    g = rng.standard_normal((2, k))
+    g[1] = rho * g[0] + np.sqrt(1 - rho * rho) * g[1]
+    g /= np.sqrt(rng.chisquare(df, k) / df)
+    l1 = np.exp(np.log(50.0) - spread[0] * g[0])
+    margin = np.exp(np.log(30.0) + spread[1] * g[1])
+    return dict(enumerate(l1)), dict(enumerate(margin))
+
+
+@pytest.mark.parametrize("k, controls", [(10, None), (100, 48)])
+def test_two_signal_level_holds_on_models_without_a_backdoor(k, controls):
+    rng = np.random.default_rng(100 + k)
+    ps, flagged = [], 0
+    for _ in range(400):
+        l1, margin = _clean_pairs(rng, k)
+        if controls:
+            ref = sorted(rng.choice(k, controls, replace=False).tolist())
+            tested = set(ref) | set(sorted(l1, key=l1.get)[:16])
+            res = calibrated_test({t: l1[t] for t in tested}, ref, n_labels=k, min_scale=0.0,
+                                  margins={t: margin[t] for t in tested}, min_margin_scale=0.0)
+        else:
+            res = calibrated_test(l1, min_scale=0.0, margins=margin, min_margin_scale=0.0)
+        ps.append(res.p_value)
+        flagged += bool(res.flagged)
+    assert stats.kstest(ps, "uniform").pvalue > 0.01
+    assert 0.01 < flagged / 400 < 0.05 + 3 * np.sqrt(0.05 * 0.95 / 400)
+
+
+def test_an_extreme_margin_flags_a_label_whose_size_alone_does_not():
+    rng = np.random.default_rng(3)
+    l1, margin = _clean_pairs(rng, 40, rho=0.0)
+    suspect = max(l1, key=lambda t: -l1[t])  # the label with the smallest mask: clean, but easiest
+    margin[suspect] = 30.0 * np.exp(5.0)  # driven far beyond every other label
+    size_only = calibrated_test(l1)
+    both = calibrated_test(l1, margins=margin)
+    assert size_only.flagged == []
+    assert both.flagged == [suspect]
+    assert both.indices[suspect] > both.size_indices[suspect]
+    assert both.steps[0]["margin_index"] == pytest.approx(both.margin_indices[suspect])
+
+
+def test_the_size_signal_is_not_diluted_by_an_ordinary_margin():
+    # a planted trigger far smaller than every other label's, with a margin like every other label's
+    l1 = dict(enumerate([48.0, 55.0, 3.0, 40.0, 62.0, 51.0, 44.0, 58.0, 46.0, 52.0]))
+    margin = {t: 30.0 + t for t in l1}
+    res = calibrated_test(l1, margins=margin)
+    assert res.flagged == [2]
+    assert res.indices[2] == pytest.approx(res.size_indices[2])  # max(size, combined) took the size
+    # a label of median margin is flagged exactly when its mask is below the recorded threshold
+    assert res.reference["threshold_l1"] > 3.0
+
+
+def test_two_signal_arguments():
+    with pytest.raises(NetcleanseError, match="margin"):
+        calibrated_test({0: 1.0, 1: 2.0, 2: 3.0}, margins={0: 1.0, 1: 2.0})
+    with pytest.raises(NetcleanseError, match="margin"):
+        calibrated_test({0: 1.0, 1: 2.0, 2: 3.0}, margins={0: 1.0, 1: 2.0, 2: float("nan")})
+    assert calibrated_test({0: 5.0, 1: 7.0}, margins={0: 1.0, 1: 2.0}).inconclusive  # two labels

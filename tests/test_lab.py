@@ -230,6 +230,18 @@ def test_detection_quality_scans_resumably_and_scores_both_rules(tmp_path, capsy
         assert [p.stat().st_mtime_ns for p in rows] == before
         summary = json.loads((tmp_path / "summary.json").read_text())["summary"]
         assert set(summary) == {"data-free/10/calibrated", "data-free/10/size-only", "data-free/10/mad"}
+        # --add-margins gives a row scanned without margins what the scan itself records (no rescan)
+        original = json.loads(rows[1].read_text())
+        assert all(r.get("max_margin") is not None for r in original["scan"]["labels"])
+        stripped = json.loads(json.dumps(original))
+        for r in stripped["scan"]["labels"]:
+            r.pop("max_margin")
+        rows[1].write_text(json.dumps(stripped))
+        assert dq.main(args + ["--add-margins"]) == 0
+        restored = json.loads(rows[1].read_text())
+        assert [r["max_margin"] for r in restored["scan"]["labels"]] == pytest.approx(
+            [r["max_margin"] for r in original["scan"]["labels"]], rel=1e-5)
+        assert restored["scan"]["labels"][0]["mask_l1"] == original["scan"]["labels"][0]["mask_l1"]
         cell = summary["data-free/10/calibrated"]
         assert cell["clean"] == 1 and cell["clean_flagged"] in (0, 1)
         assert "clean flagged" in capsys.readouterr().out

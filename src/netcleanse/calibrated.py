@@ -139,7 +139,8 @@ def null_max_index(n_labels: int, n_reference: int | None = None, family: str = 
     """Simulated null distribution (sorted) of the largest index ``T`` of a model with ``n_labels``
     labels, scored against all of them (``n_reference`` None) or against a random sample of
     ``n_reference`` of them; ``draws`` models, fixed seed. ``signals=2``: the index is the combined
-    one, ``(z_size + z_margin) / sqrt(2)``, of two signals of the family correlated ``MARGIN_RHO``."""
+    one, ``max(z_size, (z_size + z_margin) / sqrt(2))``, of two signals of the family correlated
+    ``MARGIN_RHO``."""
     _check_family(family, df)
     if n_labels < 1 or (n_reference is not None and not 1 <= n_reference <= n_labels):
         raise NetcleanseError(f"bad null: {n_labels} labels, reference {n_reference}")
@@ -171,8 +172,8 @@ def _null_combined(n_labels: int, n_reference: int | None, family: str, df: floa
     bivariate family (correlation ``rho`` between the two anomaly directions; for the t family a
     multivariate t, one chi-square per label), the reference (the first ``n_reference`` labels, as
     good as a random sample of i.i.d. labels) fixes each signal's median and scale, and ``T`` is the
-    largest combined index over all labels (the scan tests only some of them, the candidates and the
-    reference, so this is conservative)."""
+    largest index ``max(z_size, (z_size + z_margin) / sqrt(2))`` over all labels (the scan tests only
+    some of them, the candidates and the reference, so this is conservative)."""
     rng = np.random.default_rng(zlib.crc32(f"2/{n_labels}/{n_reference}/{family}/{df}/{draws}/{rho}".encode()))
     out = np.empty(draws)
     n = n_labels if n_reference is None else n_reference
@@ -184,13 +185,14 @@ def _null_combined(n_labels: int, n_reference: int | None, family: str, df: floa
         g[1] = rho * g[0] + math.sqrt(1 - rho * rho) * g[1]
         if family == "t":
             g /= np.sqrt(rng.chisquare(df, (m, n_labels)) / df)
-        combined = np.zeros((m, n_labels))
+        z = []
         for x in g:  # each oriented so that large values are anomalous
             ref = x[:, :n]
             s = robust_scale(ref, scale)[:, None]
             with np.errstate(divide="ignore", invalid="ignore"):
-                combined += np.where(s > 0, (x - np.median(ref, axis=1, keepdims=True)) / s, 0.0)
-        out[start:start + m] = combined.max(axis=1) / math.sqrt(2)
+                z.append(np.where(s > 0, (x - np.median(ref, axis=1, keepdims=True)) / s, 0.0))
+        size, combined = z[0], (z[0] + z[1]) / math.sqrt(2)
+        out[start:start + m] = np.maximum(size, combined).max(axis=1)
     out.sort()
     return out
 
@@ -286,7 +288,7 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
         m_med, m_spread = fit(y, ref_now, min_margin_scale)
         margin = {t: (y[t] - m_med) / m_spread if m_spread > 0 else 0.0 for t in labels}
         fitted.update(margin_median=m_med, margin_scale=m_spread)
-        return size, margin, {t: (size[t] + margin[t]) / math.sqrt(2) for t in labels}, fitted
+        return size, margin, {t: max(size[t], (size[t] + margin[t]) / math.sqrt(2)) for t in labels}, fitted
 
     size_idx, margin_idx, indices, fitted = score(ref)
     spread = fitted["scale"]
@@ -301,14 +303,14 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
     # refit without flagged labels)
     crit = (critical_index(k, len(ref) if sample else None, alpha, family, df, draws, scale, signals)
             if spread > 0 else math.inf)
-    size_crit = crit * math.sqrt(signals)
-    threshold_l1 = math.exp(fitted["median"] - size_crit * spread) if math.isfinite(crit) else 0.0
+    # (with two signals a label of median margin is flagged by its size index alone: max(z, z / sqrt 2) = z)
+    threshold_l1 = math.exp(fitted["median"] - crit * spread) if math.isfinite(crit) else 0.0
     result = TestResult([], None, inconclusive, alpha, p_values=p_values, indices=indices,
                         reference={**fitted, "labels": ref, "n_labels": k,
                                    "critical_index": crit if math.isfinite(crit) else None,
                                    "threshold_l1": threshold_l1,
                                    "statistic": "log mask L1" if signals == 1 else
-                                   "log mask L1 and log maximum margin, (z_size + z_margin) / sqrt(2)",
+                                   "max(z_size, (z_size + z_margin) / sqrt(2)) of log mask L1 and log maximum margin",
                                    "scale_estimator": scale,
                                    "family": family if family == "normal" else f"t({df:g})"})
     result.size_indices, result.margin_indices = size_idx, margin_idx

@@ -97,9 +97,11 @@ class Preset:
     few_labels_refine: Stage | None = None
     few_labels_n_opt: int | None = None
     # the second per-label signal (:mod:`netcleanse.margin`): the maximum logit margin reached from
-    # ``margin_restarts`` noise starts in ``margin_steps`` steps, for every label the verdict tests
-    margin_restarts: int = 4
-    margin_steps: int = 200
+    # ``margin_restarts`` noise starts in ``margin_steps`` steps, for every label the verdict tests.
+    # 2 x 150 costs ~300 passes per tested label (~7 % of a 1283-label scan); 4 x 200 detected one
+    # more backdoor of 112 on the development half but costs ~18 %, above the 15 % the verdict may add
+    margin_restarts: int = 2
+    margin_steps: int = 150
 
     def to_dict(self) -> dict:
         return {"coarse": {"name": self.coarse.name, "label_chunk": self.coarse.label_chunk,
