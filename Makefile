@@ -1,5 +1,6 @@
 # Both targets create .venv on first use and install netcleanse into it (editable),
-# so `.venv/bin/netcleanse` exists afterwards.
+# so `.venv/bin/netcleanse` exists afterwards. Ray (an optional extra) is installed too, so that the
+# tests of --executor ray run.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[test,ray]'
 	touch $(STAMP)
 
 setup: $(STAMP)

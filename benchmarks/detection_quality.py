@@ -8,7 +8,9 @@ For each model of the zoo (``benchmarks/zoo.py``; clean and backdoored, 10 and 1
 :func:`netcleanse.scan` on the model's own clean test images ("data") and data-free, and writes one
 JSON file per scan to ``OUT/rows/`` (the scan's whole scan.json plus the model's truth). A scan
 whose file exists is not redone, so an interrupted run continues; ``--shard K/N`` scans every
-N-th model so N processes can share the work.
+N-th model so N processes can share the work. ``--executor ray [--ray-address ADDR]`` runs each scan
+as a Ray task (the worker reads the zoo's files, so on a cluster the zoo must be on a file system
+every node sees; the rows come back and are written here).
 
 The summary is computed from the rows alone, for the chosen half of the zoo (``--split``), per mode
 and per number of labels, for the calibrated rule (:mod:`netcleanse.calibrated`, at ``--alpha``,
@@ -41,7 +43,9 @@ from netcleanse.calibrated import DF, FAMILY, SCALE_FLOOR, calibrated_test
 from netcleanse.errors import NetcleanseError
 from netcleanse.scanning import PRESETS, calibrated_inputs, label_margins, tested_margins
 from netcleanse.utils import atomic_write
-from zoo import load_member, parse_shard, read_zoo  # benchmarks/ is on sys.path when run as a script
+from zoo import add_executor_arguments, executor_from_args, load_member, parse_shard, read_zoo  # noqa: E402
+# (benchmarks/ is on sys.path when run as a script)
+from netcleanse.executor import LocalExecutor  # noqa: E402
 
 MODES = ("data", "data-free")
 
@@ -60,25 +64,35 @@ def row_path(out: Path, entry: dict, mode: str, seed: int) -> Path:
     return out / "rows" / f"{entry['folder']}__{mode}__seed{seed}.json"
 
 
-def scan_zoo(zoo: Path, out: Path, entries: list[dict], modes, seed: int, preset: str, shard, log=print) -> None:
-    """Scan every (model, mode) of ``entries`` whose row file is missing."""
+def _scan_task(shared, job, progress) -> dict:
+    """One scan of the benchmark, wherever the executor runs it: its row."""
+    zoo, seed, preset = shared
+    entry, mode = job
+    model, clean = load_member(Path(zoo), entry, with_data=mode == "data")
+    t = time.perf_counter()
+    result = netcleanse.scan(model, clean, data_free=mode == "data-free", preset=preset, seed=seed, progress=False)
+    return {"model": entry["folder"], "mode": mode, "seed": seed, "entry": entry, "time_s": time.perf_counter() - t,
+            "scan": result.to_dict()}
+
+
+def scan_zoo(zoo: Path, out: Path, entries: list[dict], modes, seed: int, preset: str, shard, log=print,
+             executor=None) -> None:
+    """Scan every (model, mode) of ``entries`` whose row file is missing, through ``executor``
+    (:mod:`netcleanse.executor`; default this process)."""
     # pair by pair (a clean model beside its backdoored twin), so that a partial run is balanced
     entries = sorted(entries, key=lambda e: (e.get("pair", 0), e["folder"]))
     todo = [(e, m) for e in entries for m in modes if not row_path(out, e, m, seed).is_file()]
     todo = todo[shard[0]::shard[1]]
     started = time.perf_counter()
-    for n, (entry, mode) in enumerate(todo, 1):
-        model, clean = load_member(zoo, entry, with_data=mode == "data")
-        t = time.perf_counter()
-        result = netcleanse.scan(model, clean, data_free=mode == "data-free", preset=preset, seed=seed, progress=False)
-        row = {"model": entry["folder"], "mode": mode, "seed": seed, "entry": entry, "time_s": time.perf_counter() - t,
-               "scan": result.to_dict()}
+    executor = executor or LocalExecutor()
+    for n, (_, row) in enumerate(executor.map(_scan_task, (str(Path(zoo).resolve()), seed, preset), todo), 1):
+        entry, mode, result = row["entry"], row["mode"], row["scan"]
         with atomic_write(row_path(out, entry, mode, seed)) as tmp:
             tmp.write_text(json.dumps(row))
         eta = (time.perf_counter() - started) / n * (len(todo) - n)
         log(f"[{n}/{len(todo)}, ETA {eta / 60:.0f} min] {entry['folder']:<24} {mode:<9} targets "
-            f"{entry['targets']!s:<12} calibrated {result.flagged!s:<12} (p {result.p_value:.2g}) "
-            f"mad {result.mad_flagged!s:<16} {row['time_s']:.0f} s", flush=True)
+            f"{entry['targets']!s:<12} calibrated {result['flagged']!s:<12} (p {result['p_value']:.2g}) "
+            f"mad {result['mad_flagged']!s:<16} {row['time_s']:.0f} s", flush=True)
 
 
 def add_margins(zoo: Path, out: Path, entries: list[dict], modes, seed: int, preset: str, shard, log=print) -> None:
@@ -197,6 +211,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", default="qn", help="calibrated rule's scale estimator: qn or mad")
     ap.add_argument("--min-scale", type=float, default=SCALE_FLOOR, help="calibrated rule's scale floor")
     ap.add_argument("--json", type=Path, help="write the summary here")
+    add_executor_arguments(ap)
     args = ap.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if any(m not in MODES for m in modes):
@@ -214,7 +229,9 @@ def main(argv=None) -> int:
             if args.add_margins:
                 add_margins(args.zoo, args.out, entries, modes, args.seed, args.preset, args.shard)
             else:
-                scan_zoo(args.zoo, args.out, entries, modes, args.seed, args.preset, args.shard)
+                with executor_from_args(args) as executor:
+                    scan_zoo(args.zoo, args.out, entries, modes, args.seed, args.preset, args.shard,
+                             executor=executor)
             planned = f" (of {len(entries) * len(modes)} planned)"
         rows = [row for row in (json.loads(p.read_text()) for p in sorted((args.out / "rows").glob("*.json")))
                 if chosen(row["entry"]) and row["mode"] in modes and row["seed"] == args.seed]

@@ -27,6 +27,10 @@ evaluation half is only reported.
 A model folder that already holds ``entry.json`` is kept, so an interrupted build continues where
 it stopped; ``--shard K/N`` builds every N-th model (from the K-th), so N processes can share the
 work. ``zoo.json`` is rewritten after each model from every finished folder.
+
+``--executor ray [--ray-address ADDR]`` builds the models as Ray tasks (one model per task, each
+with ``--threads`` CPUs) on a local Ray instance or a cluster; the tasks write their folders
+themselves, so on a cluster ``--out`` must be on a file system every node sees.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from netcleanse.architectures import get_architecture
 from netcleanse.attacks import PATTERNS, POSITIONS, blend_trigger, patch_trigger
 from netcleanse.data import load_data
 from netcleanse.errors import NetcleanseError
+from netcleanse.executor import EXECUTORS, LocalExecutor, make_executor
 from netcleanse.lab import DEFAULT_ARCH, make_badnet, make_clean_model
 from netcleanse.model import load_model
 from netcleanse.utils import atomic_write
@@ -132,25 +137,36 @@ def build_model(out: Path, folder: str, dataset: str, i: int, role: str, seed: i
     return entry
 
 
+def _build_task(shared, job, progress) -> tuple[dict, float]:
+    """One model of the zoo, wherever the executor runs it: (its entry, seconds)."""
+    out, seed, arch, epochs = shared
+    folder, dataset, i, role = job
+    started = time.perf_counter()
+    entry = build_model(Path(out), folder, dataset, i, role, seed, arch, epochs)
+    return entry, time.perf_counter() - started
+
+
 def build_zoo(out: Path, n: int = 60, datasets=DATASETS, seed: int = 0, arch: str | None = None,
-              epochs: int | None = None, split: str = "all", shard: tuple[int, int] = (0, 1), log=print) -> list[dict]:
-    """Build (or finish building) the zoo in ``out``; returns the entries of every finished model."""
+              epochs: int | None = None, split: str = "all", shard: tuple[int, int] = (0, 1), log=print,
+              executor=None) -> list[dict]:
+    """Build (or finish building) the zoo in ``out``; returns the entries of every finished model.
+    ``executor``: where the models are trained (:mod:`netcleanse.executor`; default this process)."""
     arch = arch or DEFAULT_ARCH
     for dataset in datasets:
         if dataset not in NUM_CLASSES:
             raise NetcleanseError(f"the zoo knows the datasets {', '.join(NUM_CLASSES)}, not {dataset!r}")
     out.mkdir(parents=True, exist_ok=True)
     plan = [p for p in zoo_plan(n, datasets, seed) if split == "all" or split_of(p[2]) == split]
-    for k, (folder, dataset, i, role) in enumerate(plan):
-        if k % shard[1] != shard[0] or (out / folder / "entry.json").is_file():
-            continue
-        started = time.perf_counter()
-        entry = build_model(out, folder, dataset, i, role, seed, arch, epochs)
+    jobs = [job for k, job in enumerate(plan)
+            if k % shard[1] == shard[0] and not (out / job[0] / "entry.json").is_file()]
+    for _, (entry, seconds) in (executor or LocalExecutor()).map(_build_task, (str(out.resolve()), seed, arch, epochs),
+                                                                 jobs):
         asr = entry["attack_success"]
-        log(f"{folder} ({entry['split']}): {'backdoored ' + str(entry['targets']) if entry['backdoored'] else 'clean'}, "
+        log(f"{entry['folder']} ({entry['split']}): "
+            f"{'backdoored ' + str(entry['targets']) if entry['backdoored'] else 'clean'}, "
             f"clean accuracy {100 * entry['clean_accuracy']:.1f}%"
             + (", ASR " + ", ".join(f"{t}: {100 * a:.1f}%" for t, a in asr.items()) if asr else "")
-            + f" ({time.perf_counter() - started:.0f} s)")
+            + f" ({seconds:.0f} s)")
         write_index(out, {"seed": seed, "arch": arch, "n": n, "datasets": list(datasets)})
     return read_zoo(out)
 
@@ -159,6 +175,24 @@ def write_index(out: Path, settings: dict) -> None:
     """``zoo.json``: the build settings and every finished model's entry (from the folders)."""
     with atomic_write(out / "zoo.json") as tmp:
         tmp.write_text(json.dumps(dict(settings, models=read_zoo(out)), indent=1) + "\n", encoding="utf-8")
+
+
+def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--executor local|ray`` and ``--ray-address ADDR``, as the netcleanse command has them."""
+    parser.add_argument("--executor", choices=EXECUTORS, default="local",
+                        help="local (this process) or ray (one model per Ray task)")
+    parser.add_argument("--ray-address", default=None, help="with --executor ray: the cluster (default: a local "
+                        "Ray instance with every CPU)")
+
+
+def executor_from_args(args):
+    """The executor ``args`` ask for; a Ray task gets ``args.threads`` CPUs (and torch threads), and
+    this module travels by value (workers cannot import a script's modules by name)."""
+    if args.executor != "ray":
+        return make_executor(args.executor, args.ray_address)
+    # (a script run as __main__ travels by value anyway; this module, imported as "zoo", must be told)
+    return make_executor("ray", args.ray_address, cpus_per_task=args.threads,
+                         pickle_by_value=[sys.modules["zoo"]] if "zoo" in sys.modules else [])
 
 
 def benchmark_parser(description: str, threads: int) -> argparse.ArgumentParser:
@@ -220,13 +254,16 @@ def main(argv=None) -> int:
     parser.add_argument("--split", choices=("dev", "eval", "all"), default="all", help="build only one half")
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="K/N: build every N-th model from the K-th")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    add_executor_arguments(parser)
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error("--n must be at least 1")
     torch.set_num_threads(args.threads)
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     try:
-        entries = build_zoo(args.out, args.n, datasets, args.seed, args.arch, args.epochs, args.split, args.shard)
+        with executor_from_args(args) as executor:
+            entries = build_zoo(args.out, args.n, datasets, args.seed, args.arch, args.epochs, args.split, args.shard,
+                                executor=executor)
     except NetcleanseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -63,6 +63,7 @@ from .data import Dataset
 from .calibrated import calibrated_test
 from .detection import anomaly_indices, flag_labels, index_ceiling, median_and_mad
 from .errors import NetcleanseError
+from .executor import Executor, LocalExecutor
 from .margin import max_margins
 from .neural_cleanse import Schedule, attack_success, reverse_engineer
 from .progress import progress_bar
@@ -392,6 +393,9 @@ class _Journal:
             return self.done[key], arrays
         return None
 
+    def has(self, key: str) -> bool:
+        return key in self.memory or key in self.done
+
     def put(self, key: str, entry: dict, arrays: dict) -> None:
         entry = dict(entry, key=key)
         if self.out is None:
@@ -429,7 +433,7 @@ def _model_info(model) -> dict:
 def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=None, preset: str = "fast",
          rule: str = "calibrated", alpha: float = 0.05, threshold: float = 2.0, seed: int = 0, out=None,
          resume: bool = False, device: str = "cpu", progress: bool = True, save_all_images: bool = False,
-         data_name: str | None = None) -> ScanResult:
+         data_name: str | None = None, executor: Executor | None = None) -> ScanResult:
     """Reverse-engineer a trigger for each label of ``model`` and flag backdoor targets.
 
     Exactly one of ``data`` (clean inputs; labels not needed) and ``data_free=True``.
@@ -437,6 +441,10 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
     level ``alpha``) or "mad" (the paper's anomaly index > ``threshold``); see the module doc.
     ``out``: a folder for the results and for the progress of an unfinished scan; a non-empty
     folder is refused unless ``resume``.
+    ``executor``: where the label chunks run (:mod:`netcleanse.executor`; default this process, e.g.
+    ``RayExecutor(address)`` for a Ray cluster). The result does not depend on it: a chunk's random
+    numbers come from (seed, stage, chunk index), and chunks are the same whichever executor runs
+    them; a scan can be resumed with another executor.
     """
     start = time.perf_counter()
     if preset not in PRESETS:
@@ -469,6 +477,8 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
                 "rule": rule, "alpha": float(alpha),
                 "labels_requested": labels if len(labels) < model.num_classes else "all",
                 "data": data_desc, "device": dev.type, "torch_threads": torch.get_num_threads()}
+    executor = executor or LocalExecutor()
+    settings.update(executor.describe())
 
     out_dir = Path(out) if out is not None else None
     lock = None
@@ -482,7 +492,11 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
     journal = _Journal(out_dir)
 
     # a private, frozen, channels-last copy: the caller's model is left untouched
-    work = copy.deepcopy(model).to(dev).eval().requires_grad_(False)
+    # (copied without autograd: a TorchScript module's deepcopy otherwise clones its parameters into
+    # non-leaf tensors, whose requires_grad cannot be switched off)
+    with torch.no_grad():
+        work = copy.deepcopy(model)
+    work = work.to(dev).eval().requires_grad_(False)
     channels_last = dev.type == "cpu"
     if channels_last:
         work = work.to(memory_format=torch.channels_last)
@@ -505,7 +519,8 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
 
     bar = progress_bar(disable=None if progress else True)
     with bar:
-        coarse = _run_stage(work, plan.coarse, labels, x_opt, x_val, journal, seed, bar, channels_last, dev)
+        coarse = _run_stage(work, plan.coarse, labels, x_opt, x_val, journal, seed, bar, channels_last, dev,
+                            executor=executor)
         for t, (rec, m, p, _, _) in coarse.items():
             results[t], masks[t], patterns[t] = rec, m, p
 
@@ -532,13 +547,13 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
             init = {t: (coarse[t][3], coarse[t][4], coarse[t][0]["cost"], coarse[t][0]["steps"],
                         coarse[t][0]["time_s"]) for t in refined}
             fine = _run_stage(work, plan.refine, refined, x_opt, x_val, journal, seed, bar, channels_last, dev,
-                              init=init)
+                              init=init, executor=executor)
             for t, (rec, m, p, _, _) in fine.items():
                 results[t], masks[t], patterns[t] = rec, m, p
 
         # the second signal, for every label the verdict tests (all, or the refined ones)
         tested = refined if refined and len(refined) < len(labels) else labels
-        margins = label_margins(work, tested, seed, plan, dev, channels_last, journal, bar)
+        margins = label_margins(work, tested, seed, plan, dev, channels_last, journal, bar, executor)
         for t in tested:
             results[t] = dict(results[t], max_margin=margins[t])
 
@@ -652,13 +667,18 @@ def _data_digest(data: Dataset) -> str:
     return hashlib.sha256(data.x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
+# where and how a scan runs, not what it computes: a scan may be resumed elsewhere
+_NOT_IN_RESUME_KEY = ("device", "torch_threads", "executor", "ray_address", "ray_cpus", "ray_gpus", "cpus_per_task",
+                      "gpus_per_task")
+
+
 def _prepare_out(out_dir: Path, resume: bool, settings: dict, model_info: dict) -> None:
     if out_dir.is_symlink() and not out_dir.exists():
         raise NetcleanseError(f"--out {out_dir} is a link to nothing; choose a folder")
     if out_dir.exists() and not out_dir.is_dir():
         raise NetcleanseError(f"--out {out_dir} is a file, not a folder")
     started = out_dir / "scan_settings.json"
-    key = json.loads(json.dumps({"settings": {k: v for k, v in settings.items() if k not in ("device", "torch_threads")},
+    key = json.loads(json.dumps({"settings": {k: v for k, v in settings.items() if k not in _NOT_IN_RESUME_KEY},
                                  "model": model_info}))
     if resume:
         if not started.exists():
@@ -681,71 +701,176 @@ def _prepare_out(out_dir: Path, resume: bool, settings: dict, model_info: dict) 
 
 
 def label_margins(work, labels, seed: int, plan: Preset, device, channels_last: bool, journal: _Journal | None = None,
-                  bar=None) -> dict[int, float]:
+                  bar=None, executor: Executor | None = None) -> dict[int, float]:
     """Each label's maximum logit margin (:func:`netcleanse.margin.max_margins`) with the preset's
     budget; a label's value depends on the model, ``seed`` and the label only, so a scan and a later
-    computation on the same model agree. Journaled as one chunk (``margin``) when a journal is given."""
+    computation on the same model agree. The labels go in the chunks :func:`max_margins` forms itself
+    (``MARGIN_IMAGES // margin_restarts`` labels), each one task of ``executor`` and, when a journal is
+    given, one journal entry (``margin_<i>``), so that any executor does the same arithmetic."""
     labels = sorted(int(t) for t in labels)
-    key = f"margin_00000_{labels[0]}-{labels[-1]}" if labels else "margin_00000"
-    got = journal.get(key) if journal is not None else None
-    if got is None:
-        task = bar.add_task(f"margin: {len(labels)} labels", total=len(labels)) if bar is not None else None
-        values = max_margins(work, labels, work.input_shape, seed=seed, restarts=plan.margin_restarts,
-                             steps=plan.margin_steps, device=device, channels_last=channels_last,
-                             on_chunk=None if task is None else lambda n: bar.advance(task, n))
-        if journal is None:
-            return dict(zip(labels, values.tolist()))
-        journal.put(key, {"stage": "margin", "labels": labels}, {"margins": values})
-        got = journal.get(key)
-    entry, arrays = got
-    return dict(zip(entry["labels"], arrays["margins"].tolist()))
+    if not labels:
+        return {}
+    executor = executor or LocalExecutor()
+    per_chunk = max(1, MARGIN_IMAGES // plan.margin_restarts)
+    chunks = [labels[i:i + per_chunk] for i in range(0, len(labels), per_chunk)]
+    keys = [f"margin_{ci:05d}_{chunk[0]}-{chunk[-1]}" for ci, chunk in enumerate(chunks)]
+    memory = journal if journal is not None else _Journal(None)
+    todo = [ci for ci, key in enumerate(keys) if not memory.has(key)]
+    task = bar.add_task(f"margin: {len(labels)} labels", total=len(labels)) if bar is not None else None
+    finished = [len(labels) - sum(len(chunks[ci]) for ci in todo)]
+    running: dict[int, float] = {}  # job -> labels done so far (local executor only)
+
+    def show():
+        if task is not None:
+            bar.update(task, completed=finished[0] + sum(running.values()))
+
+    def on_progress(j, n):
+        running[j] = running.get(j, 0) + n
+        show()
+
+    show()
+    jobs = [(chunks[ci], seed, plan.margin_restarts, plan.margin_steps, str(device)) for ci in todo]
+    shared = _ScanShared(work, None, None, channels_last)
+    for j, values in executor.map(_margin_chunk, shared, jobs, on_progress):
+        memory.put(keys[todo[j]], {"stage": "margin", "labels": chunks[todo[j]]}, {"margins": values})
+        running.pop(j, None)
+        finished[0] += len(chunks[todo[j]])
+        show()
+    out: dict[int, float] = {}
+    for key in keys:
+        entry, arrays = memory.get(key)
+        out.update(zip(entry["labels"], arrays["margins"].tolist()))
+    return out
+
+
+MARGIN_IMAGES = 256  # inputs per forward pass of the margin search (max_margins' max_images)
+
+
+def _margin_chunk(shared: "_ScanShared", job, progress) -> np.ndarray:
+    """The margins of one chunk of labels (one forward pass of :func:`max_margins`), wherever it runs."""
+    labels, seed, restarts, steps, device = job
+    return max_margins(shared.model, labels, shared.model.input_shape, seed=seed, restarts=restarts, steps=steps,
+                       device=torch.device(device), max_images=MARGIN_IMAGES, channels_last=shared.channels_last,
+                       on_chunk=progress)
 
 
 def _run_stage(work, stage: Stage, labels: list[int], x_opt, x_val, journal: _Journal, seed: int, bar,
-               channels_last: bool, dev, init: dict | None = None) -> dict:
+               channels_last: bool, dev, init: dict | None = None, executor: Executor | None = None) -> dict:
     """Search every label of ``labels`` in chunks; returns label -> (record, mask, pattern, last mask,
-    last pattern), reading finished chunks from the journal."""
+    last pattern), reading finished chunks from the journal. The chunks not yet in the journal go
+    through ``executor`` (default: this process); each is journalled as soon as it comes back, in
+    whatever order, and every chunk's random numbers come from (seed, stage, chunk index) alone."""
+    executor = executor or LocalExecutor()
     out: dict[int, tuple] = {}
     chunks = [labels[i:i + stage.label_chunk] for i in range(0, len(labels), stage.label_chunk)]
+    keys = [f"{stage.name}_{ci:05d}_{chunk[0]}-{chunk[-1]}" for ci, chunk in enumerate(chunks)]
     task = bar.add_task(f"{stage.name}: {len(labels)} labels", total=len(labels))
-    s = stage.schedule
-    for ci, chunk in enumerate(chunks):
-        key = f"{stage.name}_{ci:05d}_{chunk[0]}-{chunk[-1]}"
-        got = journal.get(key)
-        if got is None:
-            base = bar.tasks[task].completed if bar.tasks else 0
-            per_epoch = len(chunk) / s.max_epochs
-            done = [0.0]
+    todo = [ci for ci, key in enumerate(keys) if not journal.has(key)]
+    finished = [len(labels) - sum(len(chunks[ci]) for ci in todo)]
+    running: dict[int, float] = {}  # job -> label-equivalents done so far (local executor only)
+    bar.update(task, completed=finished[0])
 
-            def on_epoch(n_active):
-                done[0] += per_epoch  # label-equivalents of the worst case (no early stop)
-                bar.update(task, completed=base + min(done[0], len(chunk)))
+    def on_progress(j, amount):
+        running[j] = min(running.get(j, 0.0) + amount, len(chunks[todo[j]]))
+        bar.update(task, completed=finished[0] + sum(running.values()))
 
-            gen = torch.Generator().manual_seed(_chunk_seed(seed, stage.name, ci))
-            init_pair = init_cost = None
-            if init is not None:
-                init_pair = (torch.from_numpy(np.stack([init[t][0] for t in chunk])),
-                             torch.from_numpy(np.stack([init[t][1] for t in chunk])))
-                init_cost = torch.tensor([max(init[t][2], s.init_cost) for t in chunk])
-            found = reverse_engineer(work, x_opt, chunk, s, generator=gen, init=init_pair, init_cost=init_cost,
-                                     on_epoch=on_epoch, channels_last=channels_last)
-            asr = attack_success(work, x_val, torch.stack([r.mask for r in found]),
-                                 torch.stack([r.pattern for r in found]), chunk, channels_last=channels_last)
-            # a refined label's steps and time include its coarse search
-            prior = {t: (init[t][3], init[t][4]) if init is not None else (0, 0.0) for t in chunk}
-            entry = {"stage": stage.name, "labels": chunk, "records": [
-                {"label": r.label, "mask_l1": r.mask_l1, "attack_success": a, "succeeded": r.succeeded,
-                 "steps": r.steps + prior[r.label][0], "time_s": round(r.time_s + prior[r.label][1], 4), "cost": r.cost,
-                 "stage": stage.name} for r, a in zip(found, asr)]}
-            arrays = {"masks": torch.stack([r.mask for r in found]).numpy(),
-                      "patterns": torch.stack([r.pattern for r in found]).numpy(),
-                      "last_masks": torch.stack([r.last_mask for r in found]).numpy(),
-                      "last_patterns": torch.stack([r.last_pattern for r in found]).numpy()}
-            journal.put(key, entry, arrays)
-            got = journal.get(key)
-        entry, arrays = got
+    jobs = []
+    for ci in todo:
+        chunk = chunks[ci]
+        start = None
+        if init is not None:
+            start = (np.stack([init[t][0] for t in chunk]), np.stack([init[t][1] for t in chunk]),
+                     [init[t][2] for t in chunk], {t: (init[t][3], init[t][4]) for t in chunk})
+        jobs.append(_ChunkJob(stage.name, stage.schedule, chunk, _chunk_seed(seed, stage.name, ci), start))
+    shared = _ScanShared(work, x_opt, x_val, channels_last)
+    for j, (entry, arrays) in executor.map(_search_chunk, shared, jobs, on_progress):
+        journal.put(keys[todo[j]], entry, arrays)
+        running.pop(j, None)
+        finished[0] += len(chunks[todo[j]])
+        bar.update(task, completed=finished[0] + sum(running.values()))
+    for key in keys:
+        entry, arrays = journal.get(key)
         for i, rec in enumerate(entry["records"]):
             out[rec["label"]] = (rec, arrays["masks"][i], arrays["patterns"][i], arrays["last_masks"][i],
                                  arrays["last_patterns"][i])
-        bar.update(task, completed=sum(len(c) for c in chunks[:ci + 1]))
     return out
+
+
+@dataclass(frozen=True)
+class _ChunkJob:
+    """One chunk of one stage: its labels, its schedule, its seed and (refinement) where it starts:
+    (last masks, last patterns, costs, label -> (steps, time) of the earlier search) or None."""
+
+    stage: str
+    schedule: Schedule
+    labels: list[int]
+    seed: int
+    start: tuple | None = None
+
+
+class _ScanShared:
+    """What every chunk of a scan needs: the prepared model and the inputs. Picklable, so that Ray
+    can ship it to workers once; a TorchScript network travels as ``torch.jit.save`` bytes (a
+    ScriptModule cannot be pickled) and comes back in the same memory format."""
+
+    def __init__(self, model, x_opt, x_val, channels_last: bool):
+        self.model, self.x_opt, self.x_val, self.channels_last = model, x_opt, x_val, channels_last
+
+    def __getstate__(self):
+        state = dict(self.__dict__, scripted=None)
+        net = getattr(self.model, "net", None)
+        if isinstance(net, torch.jit.ScriptModule):
+            import io
+            buffer = io.BytesIO()
+            torch.jit.save(net, buffer)
+            model = copy.copy(self.model)
+            model.__dict__["_modules"] = dict(self.model._modules, net=None)
+            device = next(iter(net.parameters()), torch.empty(0)).device
+            state.update(model=model, scripted=buffer.getvalue(), net_device=str(device))
+        return state
+
+    def __setstate__(self, state):
+        scripted = state.pop("scripted")
+        state.pop("net_device", None)
+        self.__dict__.update(state)
+        if scripted is not None:
+            import io
+            device = torch.device(state.get("net_device", "cpu"))
+            net = torch.jit.load(io.BytesIO(scripted), map_location=device).eval()
+            for parameter in net.parameters():
+                parameter.requires_grad_(False)
+            if self.channels_last:
+                net = net.to(memory_format=torch.channels_last)
+            self.model._modules["net"] = net
+
+
+def _search_chunk(shared: _ScanShared, job: _ChunkJob, progress) -> tuple[dict, dict]:
+    """Search the labels of one chunk; returns its journal entry and arrays. Runs wherever the
+    executor puts it; ``progress(amount)`` is told label-equivalents of the worst case as epochs end."""
+    work, x_opt, x_val, channels_last = shared.model, shared.x_opt, shared.x_val, shared.channels_last
+    chunk, s, init = job.labels, job.schedule, job.start
+    per_epoch = len(chunk) / s.max_epochs
+
+    def on_epoch(n_active):
+        progress(per_epoch)  # label-equivalents of the worst case (no early stop)
+
+    gen = torch.Generator().manual_seed(job.seed)
+    init_pair = init_cost = None
+    if init is not None:
+        init_pair = (torch.from_numpy(np.array(init[0])), torch.from_numpy(np.array(init[1])))  # writable copies
+        init_cost = torch.tensor([max(c, s.init_cost) for c in init[2]])
+    found = reverse_engineer(work, x_opt, chunk, s, generator=gen, init=init_pair, init_cost=init_cost,
+                             on_epoch=on_epoch, channels_last=channels_last)
+    asr = attack_success(work, x_val, torch.stack([r.mask for r in found]),
+                         torch.stack([r.pattern for r in found]), chunk, channels_last=channels_last)
+    # a refined label's steps and time include its coarse search
+    prior = init[3] if init is not None else {t: (0, 0.0) for t in chunk}
+    entry = {"stage": job.stage, "labels": chunk, "records": [
+        {"label": r.label, "mask_l1": r.mask_l1, "attack_success": a, "succeeded": r.succeeded,
+         "steps": r.steps + prior[r.label][0], "time_s": round(r.time_s + prior[r.label][1], 4), "cost": r.cost,
+         "stage": job.stage} for r, a in zip(found, asr)]}
+    arrays = {"masks": torch.stack([r.mask for r in found]).cpu().numpy(),
+              "patterns": torch.stack([r.pattern for r in found]).cpu().numpy(),
+              "last_masks": torch.stack([r.last_mask for r in found]).cpu().numpy(),
+              "last_patterns": torch.stack([r.last_pattern for r in found]).cpu().numpy()}
+    return entry, arrays

@@ -31,6 +31,7 @@ from . import scan as _scan  # noqa: E402,F401
 from . import lab as _lab  # noqa: E402,F401
 from . import repair as _repair  # noqa: E402,F401
 from . import report as _report  # noqa: E402,F401
+from . import screen as _screen  # noqa: E402,F401
 
 
 # typer re-exports only BadParameter; its base is click's UsageError (vendored inside typer since

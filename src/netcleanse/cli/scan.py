@@ -13,6 +13,20 @@ from .models import (ArchKwargsOption, ArchOption, InputScaleOption, InputShapeO
                      StdOption)
 
 
+ExecutorOption = typer.Option("local", "--executor", help="Where the work runs: local (this process) or ray "
+                              "(Ray tasks; needs the optional Ray extra).")
+RayAddressOption = typer.Option(None, "--ray-address", metavar="ADDR", help="With --executor ray: the cluster to "
+                                "use (e.g. 10.0.0.5:6379, or auto); default: start a local Ray instance.")
+
+
+def executor_from_cli(name: str, address: str | None, device: str = "cpu"):
+    """The executor the command line asks for; Ray tasks ask for a GPU each with ``--device cuda``."""
+    from ..executor import make_executor
+    if name == "ray":
+        return make_executor(name, address, gpus_per_task=1 if device == "cuda" else 0)
+    return make_executor(name, address)
+
+
 @app.command()
 def scan(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="Model file (.h5 or .pt)."),
@@ -37,6 +51,8 @@ def scan(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted scan in --out."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     save_all_images: bool = typer.Option(False, "--save-all-images", help="Write trigger PNGs for every label."),
+    executor: str = ExecutorOption,
+    ray_address: Optional[str] = RayAddressOption,
 ) -> None:
     """Reverse-engineer a trigger for every label (Neural Cleanse) and flag backdoor targets."""
     from ..scanning import parse_labels, scan as run_scan
@@ -50,9 +66,12 @@ def scan(
     if data is not None:
         from ..data import load_data
         dataset = load_data(data, expect_shape=model.input_shape, num_classes=model.num_classes)
-    result = run_scan(model, dataset, data_free=data_free, labels=parse_labels(labels, model.num_classes),
-                      preset=preset, rule=rule, alpha=alpha, threshold=threshold, seed=seed, out=out, resume=resume,
-                      device=device, save_all_images=save_all_images, data_name=None if data is None else str(data))
+    runner = executor_from_cli(executor, ray_address, device)
+    with runner:
+        result = run_scan(model, dataset, data_free=data_free, labels=parse_labels(labels, model.num_classes),
+                          preset=preset, rule=rule, alpha=alpha, threshold=threshold, seed=seed, out=out,
+                          resume=resume, device=device, save_all_images=save_all_images,
+                          data_name=None if data is None else str(data), executor=runner)
     from ..sanity import check_preprocessing, warn
     warn(check_preprocessing(model, dataset))  # beside the verdict it qualifies (after the settings were checked)
     typer.echo(verdict(result))

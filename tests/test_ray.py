@@ -1,0 +1,263 @@
+"""Scans and screens through a local Ray instance (``ray.init(num_cpus=2)``), compared with the local
+executor; one worker is killed on purpose. Skipped when Ray is not installed (``make setup``
+installs it: the ``ray`` extra)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'netcleanse[ray]'); "
+                                          "the --executor ray tests need it")
+
+from netcleanse.data import Dataset, save_data  # noqa: E402
+from netcleanse.executor import LocalExecutor, RayExecutor, make_executor  # noqa: E402
+from netcleanse.errors import NetcleanseError  # noqa: E402
+from netcleanse.scanning import scan  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_scan import N_CLASSES, TARGET, _make_data, _train  # noqa: E402
+
+scan_module = importlib.import_module("netcleanse.scanning")
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as every Ray task runs (one CPU, one thread): same arithmetic
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # the killing wrapper below lives in this test module, which workers cannot import by name
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.cloudpickle.register_pickle_by_value(sys.modules["test_scan"])  # TinyNet's module
+    yield
+    ray.shutdown()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def badnet():
+    return _train(True)
+
+
+@pytest.fixture(scope="module")
+def clean_data():
+    x, y = _make_data(200, torch.Generator().manual_seed(99))
+    return Dataset(x, y, source="tiny-clean")
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """3 labels per chunk (3 coarse + 3 refinement chunks of the 8-label model), so that chunks
+    really are spread over the two workers. The driver's plan travels with every task."""
+    fast = scan_module.PRESETS["fast"]
+    small = scan_module.replace(fast, coarse=scan_module.replace(fast.coarse, label_chunk=3),
+                                refine=scan_module.replace(fast.refine, label_chunk=3),
+                                few_labels_refine=scan_module.replace(fast.few_labels_refine, label_chunk=3))
+    monkeypatch.setitem(scan_module.PRESETS, "fast", small)
+
+
+class _KillFirst:
+    """Wraps a task function: the first task to run (anywhere) kills its own worker process
+    (``os._exit``, as a crash or an OOM kill would), leaving a marker so that Ray's retry runs."""
+
+    def __init__(self, fn, marker: str):
+        self.fn, self.marker = fn, marker
+
+    def __call__(self, shared, item, progress):
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return self.fn(shared, item, progress)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        os._exit(1)
+
+
+class KillOneWorker(RayExecutor):
+    def __init__(self, marker, **options):
+        super().__init__(**options)
+        self.marker = str(marker)
+
+    def map(self, fn, shared, items, on_progress=None):
+        return super().map(_KillFirst(fn, self.marker), shared, items, on_progress)
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in records]
+
+
+def test_scan_on_ray_equals_local_even_after_a_worker_dies(ray_instance, badnet, clean_data, small_chunks, tmp_path):
+    local = scan(badnet, clean_data, seed=5, out=tmp_path / "local", progress=False)
+    on_ray = scan(badnet, clean_data, seed=5, out=tmp_path / "ray", progress=False, executor=RayExecutor())
+    assert local.flagged == on_ray.flagged == [TARGET]
+    # same chunks, same seeds, one torch thread on both sides: the same arithmetic, bit for bit
+    assert _strip(on_ray.labels) == _strip(local.labels)
+    assert np.array_equal(on_ray.masks, local.masks) and np.array_equal(on_ray.patterns, local.patterns)
+    saved = json.loads((tmp_path / "ray" / "scan.json").read_text())
+    assert saved["settings"]["executor"] == "ray" and saved["settings"]["ray_cpus"] == 2
+    # every chunk journalled: 3 coarse, 3 refinement, 1 of margins (8 labels: one margin chunk)
+    assert len((tmp_path / "ray" / "progress.jsonl").read_text().splitlines()) == 7
+
+    marker = tmp_path / "killed"
+    killed = scan(badnet, clean_data, seed=5, progress=False, executor=KillOneWorker(marker, max_retries=2))
+    assert marker.exists() and int(marker.read_text()) != os.getpid()  # a worker died, not this process
+    assert killed.flagged == [TARGET]
+    assert _strip(killed.labels) == _strip(local.labels) and np.array_equal(killed.masks, local.masks)
+
+
+def _die(shared, item, progress):
+    os._exit(1)
+
+
+class AlwaysDie(RayExecutor):
+    def map(self, fn, shared, items, on_progress=None):
+        return super().map(_die, shared, items, on_progress)
+
+
+def test_worker_dying_every_time_is_one_error(ray_instance, badnet, clean_data):
+    with pytest.raises(NetcleanseError, match="failed 2 times"):
+        scan(badnet, clean_data, labels=[0, 1], progress=False, executor=AlwaysDie(max_retries=1))
+
+
+def test_interrupted_local_scan_resumes_on_ray(ray_instance, badnet, clean_data, small_chunks, tmp_path, monkeypatch):
+    whole = scan(badnet, clean_data, seed=2, progress=False)
+    real = scan_module.reverse_engineer
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scan_module, "reverse_engineer", interrupted)  # in this process only
+    with pytest.raises(KeyboardInterrupt):
+        scan(badnet, clean_data, seed=2, out=tmp_path / "cut", progress=False)
+    assert len((tmp_path / "cut" / "progress.jsonl").read_text().splitlines()) == 2
+    resumed = scan(badnet, clean_data, seed=2, out=tmp_path / "cut", resume=True, progress=False,
+                   executor=RayExecutor())
+    assert resumed.flagged == whole.flagged and _strip(resumed.labels) == _strip(whole.labels)
+    assert np.array_equal(resumed.masks, whole.masks)
+
+
+def test_task_errors_reach_the_caller_as_themselves(ray_instance):
+    with pytest.raises(NetcleanseError, match="^no labels"):
+        list(RayExecutor().map(_raise, None, [1]))
+    assert dict(LocalExecutor().map(_double, 10, [1, 2])) == {0: 12, 1: 14}
+    assert dict(RayExecutor().map(_double, 10, [1, 2, 3])) == {0: 12, 1: 14, 2: 16}
+
+
+def _raise(shared, item, progress):
+    raise NetcleanseError("no labels to scan")
+
+
+def _double(shared, item, progress):
+    return shared + 2 * item
+
+
+def test_executor_names():
+    with pytest.raises(NetcleanseError, match="unknown executor 'dask'"):
+        make_executor("dask")
+    with pytest.raises(NetcleanseError, match="--ray-address is for --executor ray"):
+        make_executor("local", "127.0.0.1:6379")
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    from test_screen import write_zoo
+    return write_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TorchScript files
+def test_screen_on_ray_equals_local_with_a_killed_worker_and_a_bad_file(ray_instance, zoo, tmp_path):
+    from netcleanse.model import load_model
+    from netcleanse.screening import make_entries, screen
+    entries = make_entries([zoo["badnet"], zoo["clean"], zoo["broken"]], data=zoo["data"], labels="0-5")
+    local = screen(entries, tmp_path / "local", seed=3, progress=False, report=False)
+    marker = tmp_path / "killed"
+    on_ray = screen(entries, tmp_path / "ray", seed=3, progress=False, report=False,
+                    executor=KillOneWorker(marker, max_retries=2))
+    assert marker.exists()  # one model's task lost its worker and was rerun
+    keep = ("name", "verdict", "flagged", "p_value", "labels")
+    assert [{k: r[k] for k in keep} for r in on_ray.rows] == [{k: r[k] for k in keep} for r in local.rows]
+    assert on_ray.rows[0]["flagged"] == [TARGET] and on_ray.rows[2]["error"] == local.rows[2]["error"]
+    for name in ("badnet", "clean"):  # the folders the driver wrote from the workers' results
+        a = scan_module.ScanResult.load(tmp_path / "local" / "models" / name)
+        b = scan_module.ScanResult.load(tmp_path / "ray" / "models" / name)
+        assert _strip(a.labels) == _strip(b.labels) and np.array_equal(a.masks, b.masks)
+    # resumable on Ray too: nothing left to do, the same rows
+    again = screen(entries, tmp_path / "ray", seed=3, progress=False, report=False, resume=True, executor=RayExecutor())
+    assert [r["verdict"] for r in again.rows] == [r["verdict"] for r in on_ray.rows]
+
+    # a TorchScript model's scan ships through the object store (as jit bytes) and gives the same result
+    model, data = load_model(zoo["badnet"]), Dataset(*_make_data(200, torch.Generator().manual_seed(99)))
+    assert _strip(scan(model, data, labels=[0, 4, 5], progress=False, executor=RayExecutor()).labels) == \
+        _strip(scan(model, data, labels=[0, 4, 5], progress=False).labels)
+
+
+@pytest.mark.slow  # trains 2 models and scans them twice (~2 min on 2 cores)
+def test_zoo_benchmarks_run_through_ray(ray_instance, tmp_path):
+    import importlib.util
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("detection_quality", bench / "detection_quality.py")
+        dq = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(dq)
+        import zoo
+        assert zoo.main(["--n", "1", "--out", str(tmp_path / "zoo"), "--datasets", "digits", "--epochs", "2",
+                         "--executor", "ray"]) == 0
+        assert sorted(e["folder"] for e in zoo.read_zoo(tmp_path / "zoo")) == ["digits-badnet_000", "digits-clean_000"]
+        rows = {}
+        for executor in ("ray", "local"):
+            assert dq.main([str(tmp_path / "zoo"), "--out", str(tmp_path / executor), "--modes", "data-free",
+                            "--executor", executor]) == 0
+            rows[executor] = [json.loads(p.read_text()) for p in sorted((tmp_path / executor / "rows").glob("*.json"))]
+        assert len(rows["ray"]) == 2
+        for a, b in zip(rows["ray"], rows["local"]):
+            assert a["scan"]["flagged"] == b["scan"]["flagged"]
+            assert [r["mask_l1"] for r in a["scan"]["labels"]] == [r["mask_l1"] for r in b["scan"]["labels"]]
+    finally:
+        sys.path.remove(str(bench))
+        sys.modules.pop("zoo", None)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TorchScript files
+def test_cli_scan_on_ray(ray_instance, zoo, tmp_path):
+    from typer.testing import CliRunner
+    from netcleanse.cli import app
+    res = CliRunner().invoke(app, ["scan", str(zoo["badnet"]), "--data", str(zoo["data"]), "--labels", "0-5",
+                                   "--out", str(tmp_path / "o"), "--executor", "ray"])
+    assert res.exit_code == 0, res.output
+    assert "BACKDOOR DETECTED" in res.output and (tmp_path / "o" / "report.html").is_file()
+    assert json.loads((tmp_path / "o" / "scan.json").read_text())["settings"]["executor"] == "ray"
+
+
+class _CountsLoads:
+    """A shared value that notes (in a folder) every time a process deserialises it."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        Path(self.folder, f"load_{os.getpid()}_{os.urandom(4).hex()}").touch()
+
+
+def _pid(shared, item, progress):
+    return os.getpid()
+
+
+def test_shared_value_is_loaded_once_per_worker_not_per_task(ray_instance, tmp_path):
+    pids = dict(RayExecutor().map(_pid, _CountsLoads(str(tmp_path)), range(12)))
+    loads = [p.name.split("_")[1] for p in tmp_path.glob("load_*")]
+    assert len(pids) == 12 and set(loads) <= set(map(str, pids.values()))
+    # every worker process that ran a task loaded the value once, not once per task
+    assert len(loads) == len(set(loads)) == len(set(pids.values())) < 12

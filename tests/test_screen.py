@@ -1,0 +1,161 @@
+"""netcleanse.screen / ``netcleanse screen``: many models, one folder each, a summary table and page.
+Tiny TorchScript nets (the planted BadNet of test_scan and a clean twin), 8 labels, with data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from netcleanse.cli import app
+from netcleanse.data import Dataset, load_data, save_data
+from netcleanse.errors import NetcleanseError
+from netcleanse.model import Classifier, load_model
+from netcleanse.torch_io import save_model
+from netcleanse.scanning import ScanResult, scan
+from netcleanse.screening import ScreenEntry, make_entries, read_manifest, screen
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_scan import SIZE, TARGET, _make_data, _train  # noqa: E402
+
+# torch 2.13 deprecates TorchScript (still read); the tiny models here are TorchScript files because
+# their class lives in a test module, which a model file cannot name
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def write_zoo(folder: Path) -> dict:
+    """Three model files (BadNet, clean, not a model) and clean data; returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, backdoor in (("badnet", True), ("clean", False)):
+        model = _train(backdoor)
+        traced = torch.jit.trace(model.net, torch.rand(1, 1, SIZE, SIZE))
+        paths[name] = save_model(Classifier(traced, model.input_shape, model.num_classes, name=name),
+                                 folder / f"{name}.pt")
+    paths["broken"] = folder / "broken.pt"
+    paths["broken"].write_bytes(b"PK\x03\x04 not a model at all")
+    x, y = _make_data(200, torch.Generator().manual_seed(99))
+    paths["data"] = save_data(Dataset(x, y, source="tiny"), folder / "clean.npz")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    torch.set_num_threads(1)
+    return write_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+def test_manifest_csv_and_json(tmp_path):
+    (tmp_path / "m.csv").write_text("model,name,arch,input_scale,data,data_free,labels\n"
+                                    "a.pt,first,,255,d.npz,,0-3\n"
+                                    "sub/b.pt,,mnist-cnn,,,true,\n")
+    a, b = read_manifest(tmp_path / "m.csv", input_scale=2.0)
+    assert a == ScreenEntry(str(tmp_path / "a.pt"), "first", None, 255.0, str(tmp_path / "d.npz"), False, "0-3")
+    assert b == ScreenEntry(str(tmp_path / "sub" / "b.pt"), None, "mnist-cnn", 2.0, None, True, None)
+    (tmp_path / "m.json").write_text(json.dumps({"models": [{"model": "/abs/c.pt", "data_free": True,
+                                                             "mean": [0.5, 0.4, 0.3], "num_classes": "10"}]}))
+    assert read_manifest(tmp_path / "m.json", std="0.2,0.2,0.2") == [
+        ScreenEntry("/abs/c.pt", data_free=True, mean="0.5,0.4,0.3", std="0.2,0.2,0.2", num_classes=10)]
+    # a row may inherit the data from the defaults
+    (tmp_path / "plain.csv").write_text("model\nc.pt\n")
+    assert read_manifest(tmp_path / "plain.csv", data="x.npz")[0].data == "x.npz"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model,colour\na.pt,red\n", "row 1: unknown field 'colour'"),
+    ("model,data_free\n,true\n", "row 1: no model file given"),
+    ("model,data_free\na.pt,true\nb.pt,\n", "row 2: give exactly one of data"),
+    ("model,data,data_free\na.pt,d.npz,true\n", "row 1: give exactly one of data"),
+    ("model,data_free\na.pt,perhaps\n", "data_free must be true or false"),
+    ("model,input_scale,data_free\na.pt,-1,1\n", "input_scale must be a positive number"),
+    ("model,num_classes,data_free\na.pt,ten,1\n", "num_classes must be a positive whole number"),
+    ("model\n", "lists no models"),
+    ('[{"model": "a.pt"', "not valid JSON"),
+    ('{"models": 3}', "a list of objects"),
+])
+def test_bad_manifests_are_one_error(tmp_path, text, message):
+    path = tmp_path / ("m.json" if text.startswith(("[", "{")) else "m.csv")
+    path.write_text(text)
+    with pytest.raises(NetcleanseError, match=message):
+        read_manifest(path)
+
+
+def test_screen_scans_each_model_and_a_bad_file_is_an_error_row(zoo, tmp_path):
+    entries = make_entries([zoo["badnet"], zoo["clean"], zoo["broken"]], data=zoo["data"])
+    result = screen(entries, tmp_path / "s", seed=1, progress=False)
+    by_name = {r["name"]: r for r in result.rows}
+    assert [r["name"] for r in result.rows] == ["badnet", "clean", "broken"]
+    assert by_name["badnet"]["verdict"] == "backdoor-detected" and by_name["badnet"]["flagged"] == [TARGET]
+    assert by_name["clean"]["verdict"] in ("none-detected", "inconclusive") and by_name["clean"]["flagged"] == []
+    assert by_name["broken"]["verdict"] is None and "broken.pt" in by_name["broken"]["error"]
+    assert result.counts["error"] == 1
+    # each model's folder is the ordinary scan's, with the same result as scanning it alone
+    alone = scan(load_model(zoo["badnet"]), load_data(zoo["data"]), seed=1, progress=False)
+    saved = ScanResult.load(tmp_path / "s" / "models" / "badnet")
+    assert saved.flagged == alone.flagged
+    assert [r["mask_l1"] for r in saved.labels] == [r["mask_l1"] for r in alone.labels]
+    assert (tmp_path / "s" / "models" / "badnet" / "report.html").is_file()
+    rows = list(csv.DictReader(open(tmp_path / "s" / "screen.csv")))
+    assert [r["verdict"] for r in rows] == ["backdoor-detected", by_name["clean"]["verdict"], ""]
+    assert rows[0]["flagged"] == str(TARGET) and float(rows[0]["p_value"]) < 0.05 and rows[2]["error"]
+    info = json.loads((tmp_path / "s" / "screen.json").read_text())
+    assert info["finished"] == 3 and info["rows"][0]["report"] == "models/badnet/report.html"
+    page = (tmp_path / "s" / "index.html").read_text()
+    assert 'href="models/badnet/report.html"' in page and "backdoor-detected" in page
+
+    # resuming keeps finished models (no rescan) and tries the failed one again
+    before = (tmp_path / "s" / "models" / "badnet" / "scan.json").stat().st_mtime_ns
+    with pytest.raises(NetcleanseError, match="not empty"):
+        screen(entries, tmp_path / "s", seed=1, progress=False)
+    again = screen(entries, tmp_path / "s", seed=1, resume=True, progress=False)
+    assert (tmp_path / "s" / "models" / "badnet" / "scan.json").stat().st_mtime_ns == before
+    assert [r["verdict"] for r in again.rows] == [r["verdict"] for r in result.rows]
+    with pytest.raises(NetcleanseError, match=r"different settings \(seed\)"):
+        screen(entries, tmp_path / "s", seed=2, resume=True, progress=False)
+    with pytest.raises(NetcleanseError, match="different models"):
+        screen(entries[:2], tmp_path / "s", seed=1, resume=True, progress=False)
+
+
+def test_summary_page_escapes_what_comes_from_files(zoo, tmp_path):
+    evil = tmp_path / "<img src=x onerror=alert(1)>.pt"
+    evil.write_bytes(b"not a model")
+    screen([ScreenEntry(str(evil), name="<b>x</b>", data_free=True)], tmp_path / "s", progress=False)
+    page = (tmp_path / "s" / "index.html").read_text()
+    assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;.pt" in page and "<b>" not in page
+
+
+def test_cli_screen(zoo, tmp_path):
+    runner = CliRunner()
+    manifest = tmp_path / "models.json"
+    manifest.write_text(json.dumps([{"model": str(zoo["badnet"]), "name": "suspect", "data": str(zoo["data"]),
+                                     "labels": "0-7"},
+                                    {"model": str(zoo["broken"]), "data_free": True}]))
+    res = runner.invoke(app, ["screen", "--manifest", str(manifest), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert "2 models screened (1 backdoor-detected, 1 error)" in res.output
+    assert f"suspect: backdoor detected, labels {TARGET}" in res.output and "broken: error:" in res.output
+    for args, message in [([], "give model files or --manifest"),
+                          ([str(zoo["clean"]), "--manifest", str(manifest)], "give model files or --manifest"),
+                          ([str(zoo["clean"])], "give one of --data PATH or --data-free"),
+                          ([str(zoo["clean"]), "--data-free", "--executor", "spark"], "unknown executor 'spark'"),
+                          ([str(zoo["clean"]), "--data-free", "--ray-address", "x:1"], "--ray-address is for")]:
+        res = runner.invoke(app, ["screen", *args, "--out", str(tmp_path / "p")])
+        assert res.exit_code != 0 and message in str(res.exception) + res.output, (args, res.output)
+
+
+def test_ray_missing_is_one_error_line(zoo, tmp_path, monkeypatch, capsys):
+    from netcleanse.cli import main
+    from netcleanse.executor import make_executor
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(NetcleanseError, match=r"needs Ray, which is not installed: pip install 'netcleanse\[ray\]'"):
+        make_executor("ray")
+    with pytest.raises(SystemExit) as exit_:
+        main(["scan", str(zoo["clean"]), "--data", str(zoo["data"]), "--out", str(tmp_path / "o"), "--executor", "ray"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: the ray executor needs Ray") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()  # nothing started
