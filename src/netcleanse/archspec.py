@@ -28,6 +28,7 @@ import inspect
 import os
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,39 +166,43 @@ def _load_file(path: Path, spec: str):
         raise NetcleanseError(f"--arch {spec}: {path} cannot be imported as a Python module")
     module = importlib.util.module_from_spec(loader_spec)
     sys.modules[module_name] = module  # dataclasses and pickling look the module up by name
-    folder = str(path.resolve().parent)
-    added = folder not in sys.path
-    if added:
-        sys.path.insert(0, folder)  # the file's own sibling imports work, as with `python FILE.py`
     try:
-        loader_spec.loader.exec_module(module)
+        with _on_path(str(path.resolve().parent)):  # the file's sibling imports work, as with `python FILE.py`
+            loader_spec.loader.exec_module(module)
     except BaseException as exc:  # noqa: BLE001 - anything the user's file raises, SystemExit included
         del sys.modules[module_name]
         if isinstance(exc, KeyboardInterrupt):
             raise
         raise NetcleanseError(f"--arch {spec}: running {path} failed ({type(exc).__name__}: "
                               f"{first_line(exc)})") from None
+    return module
+
+
+@contextmanager
+def _on_path(folder: str):
+    """``folder`` first on ``sys.path`` while the block runs (unless it is there already)."""
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        yield
     finally:
         if added and folder in sys.path:
             sys.path.remove(folder)
-    return module
 
 
 def _import_module(name: str, spec: str):
     cwd = os.getcwd()
-    added = cwd not in sys.path and "" not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
     try:
-        return importlib.import_module(name)
+        if "" in sys.path:  # the current folder is already searched
+            return importlib.import_module(name)
+        with _on_path(cwd):
+            return importlib.import_module(name)
     except BaseException as exc:  # noqa: BLE001 - ImportError, or anything the module raises
         if isinstance(exc, KeyboardInterrupt):
             raise
         raise NetcleanseError(f"--arch {spec}: importing {name} failed ({type(exc).__name__}: "
                               f"{first_line(exc)})") from None
-    finally:
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
 
 
 def resolve_arch(spec: str, kwargs: dict | str | None = None, num_classes: int | None = None,

@@ -30,13 +30,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import NetcleanseError
 from .executor import Executor, LocalExecutor
+from .model import checked_scale
 from .progress import progress_bar
 from .utils import atomic_write, first_line
 
@@ -160,12 +160,9 @@ def _relative_to(manifest: Path, value) -> Path:
 
 def _number(value, where: str) -> float:
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not (math.isfinite(number) and number > 0):
-        raise NetcleanseError(f"{where}: input_scale must be a positive number, got {value!r}")
-    return number
+        return checked_scale(value)
+    except NetcleanseError:
+        raise NetcleanseError(f"{where}: input_scale must be a positive number, got {value!r}") from None
 
 
 def _boolean(value, where: str) -> bool:
