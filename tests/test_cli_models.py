@@ -17,9 +17,7 @@ from netcleanse import Classifier
 from netcleanse.architectures import SmallCNN
 from netcleanse.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-CSAW = SHARED / "csaw"
+from conftest import CSAW, REPO, SHARED  # noqa: F401
 SUNGLASSES = CSAW / "models" / "sunglasses_bd_weights.h5"
 NETCLEANSE = Path(sys.executable).parent / "netcleanse"
 

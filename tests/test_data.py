@@ -11,8 +11,9 @@ from PIL import Image
 from netcleanse import NetcleanseError
 from netcleanse.data import Dataset, check_dataset, label_from_name, load_data, save_data
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CSAW_IMAGES = SHARED / "csaw" / "images"
+from conftest import CSAW
+
+CSAW_IMAGES = CSAW / "images"
 
 rng = np.random.default_rng(0)
 IMAGES_NCHW = rng.integers(0, 256, size=(7, 3, 5, 4), dtype=np.uint8)  # 7 RGB images, 5 high, 4 wide

@@ -32,7 +32,7 @@ EXAMPLES = int(os.environ.get("NETCLEANSE_FUZZ_EXAMPLES", "40"))
 # the same examples every run (CI must not turn red by chance); NETCLEANSE_FUZZ_RANDOM=1 explores anew
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("NETCLEANSE_FUZZ_RANDOM"),
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "csaw"
+from conftest import CSAW as SHARED  # the CSAW material (reference files)
 
 
 @pytest.fixture(autouse=True, scope="module")

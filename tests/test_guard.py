@@ -19,8 +19,7 @@ from netcleanse.model import Classifier
 from netcleanse.torch_io import save_model
 from netcleanse.trigger import Trigger
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CSAW = SHARED / "csaw"
+from conftest import CSAW, SHARED  # noqa: F401
 
 
 class Detector(nn.Module):

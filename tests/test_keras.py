@@ -19,16 +19,10 @@ from netcleanse import NetcleanseError, build_architecture, load_model
 from netcleanse.keras import KerasGraph, load_keras, save_keras_weights
 from netcleanse.model import Classifier
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CSAW = SHARED / "csaw"
+from conftest import CSAW, SHARED, need, write_model_h5  # noqa: F401
+
 CSAW_NETS = ["sunglasses", "anonymous_1", "anonymous_2", "multi_trigger_multi_target"]
 TOLERANCE = 1e-4  # max abs difference on probabilities, as the issue asks
-
-
-def need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} not available (the shared CSAW material is absent)")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -338,31 +332,6 @@ def functional_reference(x, w):
     d1 = z.reshape(len(z), -1) @ W["d1"]["kernel"] + W["d1"]["bias"]  # NHWC flatten order
     d2 = np.tanh(z.mean(axis=(1, 2)) @ W["d2"]["kernel"] + W["d2"]["bias"])
     return np_softmax(d1 + d2)
-
-
-def write_model_h5(path, config, weights, keras_version="2.3.1", nested=None):
-    """A whole-model Keras file: model_config plus model_weights/<layer>/<layer>/<var>:0.
-
-    ``nested`` names a nested-model layer whose group holds all ``weights`` as <inner>/<var>:0.
-    """
-    entries = config["config"]["layers"] if isinstance(config["config"], dict) else config["config"]
-    names = [e.get("name") or e["config"]["name"] for e in entries]
-    with h5py.File(path, "w") as h5:
-        h5.attrs["model_config"] = json.dumps(config).encode()
-        h5.attrs["keras_version"] = keras_version.encode()
-        h5.attrs["backend"] = b"tensorflow"
-        root = h5.create_group("model_weights")
-        root.attrs["layer_names"] = np.array([n.encode() for n in names])
-        for name in names:
-            group = root.create_group(name)
-            if name == nested:
-                items = [(f"{inner}/{var}:0", a) for inner, ws in weights.items() for var, a in ws]
-            else:
-                items = [(f"{name}/{var}:0", a) for var, a in weights.get(name, [])]
-            group.attrs["weight_names"] = np.array([n.encode() for n, _ in items]) if items else np.array([])
-            for weight_name, array in items:
-                group.create_dataset(weight_name, data=array)
-    return path
 
 
 def to_keras3(config):

@@ -30,6 +30,8 @@ from netcleanse import NetcleanseError, load_model
 from netcleanse.cli import main
 from netcleanse.keras import _snake_case
 
+from conftest import write_model_h5
+
 
 def np_softmax(z):
     e = np.exp(z - z.max(1, keepdims=True))
@@ -45,21 +47,7 @@ def entry(class_name, name, inbound=None, **config):
 
 def write_h5(path, config, weights, keras_version="2.9.0"):
     """tf.keras 2.x whole-model .h5 (see the module doc)."""
-    entries = config["config"]["layers"]
-    names = [e.get("name") or e["config"]["name"] for e in entries]
-    with h5py.File(path, "w") as h5:
-        h5.attrs["model_config"] = json.dumps(config).encode()
-        h5.attrs["keras_version"] = keras_version.encode()
-        h5.attrs["backend"] = b"tensorflow"
-        root = h5.create_group("model_weights")
-        root.attrs["layer_names"] = np.array([n.encode() for n in names])
-        for name in names:
-            group = root.create_group(name)
-            items = [(f"{name}/{var}:0", a) for var, a in weights.get(name, [])]
-            group.attrs["weight_names"] = np.array([n.encode() for n, _ in items]) if items else np.array([])
-            for weight_name, array in items:
-                group.create_dataset(weight_name, data=array)
-    return path
+    return write_model_h5(path, config, weights, keras_version=keras_version)
 
 
 def rng_weights(seed):

@@ -204,51 +204,40 @@ def test_demo_command_runs_in_under_three_minutes(tmp_path, capsys):
     assert (tmp_path / "demo" / "report.html").is_file()
 
 
-def test_detection_quality_scans_resumably_and_scores_both_rules(tmp_path, capsys):
-    import importlib.util
-    import sys
-    from pathlib import Path
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
-    sys.path.insert(0, str(bench))
-    try:
-        spec = importlib.util.spec_from_file_location("detection_quality", bench / "detection_quality.py")
-        dq = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(dq)
-        import zoo
-        assert zoo.main(["--n", "1", "--out", str(tmp_path / "zoo"), "--datasets", "digits", "--epochs", "2"]) == 0
-        args = [str(tmp_path / "zoo"), "--out", str(tmp_path / "dq"), "--modes", "data-free", "--json",
-                str(tmp_path / "summary.json")]
-        assert dq.main(args) == 0
-        rows = sorted((tmp_path / "dq" / "rows").glob("*.json"))
-        assert [p.name for p in rows] == ["digits-badnet_000__data-free__seed0.json",
-                                          "digits-clean_000__data-free__seed0.json"]
-        row = json.loads(rows[0].read_text())
-        assert row["entry"]["split"] == "dev" and row["scan"]["rule"] == "calibrated"
-        # a rerun scans nothing again, and the summary needs only the rows
-        before = [p.stat().st_mtime_ns for p in rows]
-        assert dq.main(args + ["--summary-only"]) == 0 and dq.main(args) == 0
-        assert [p.stat().st_mtime_ns for p in rows] == before
-        summary = json.loads((tmp_path / "summary.json").read_text())["summary"]
-        assert set(summary) == {"data-free/10/calibrated", "data-free/10/size-only", "data-free/10/mad"}
-        # --add-margins gives a row scanned without margins what the scan itself records (no rescan)
-        original = json.loads(rows[1].read_text())
-        assert all(r.get("max_margin") is not None for r in original["scan"]["labels"])
-        stripped = json.loads(json.dumps(original))
-        for r in stripped["scan"]["labels"]:
-            r.pop("max_margin")
-        rows[1].write_text(json.dumps(stripped))
-        assert dq.main(args + ["--add-margins"]) == 0
-        restored = json.loads(rows[1].read_text())
-        assert [r["max_margin"] for r in restored["scan"]["labels"]] == pytest.approx(
-            [r["max_margin"] for r in original["scan"]["labels"]], rel=1e-5)
-        assert restored["scan"]["labels"][0]["mask_l1"] == original["scan"]["labels"][0]["mask_l1"]
-        cell = summary["data-free/10/calibrated"]
-        assert cell["clean"] == 1 and cell["clean_flagged"] in (0, 1)
-        assert "clean flagged" in capsys.readouterr().out
-        # the Wilson interval by hand: 0 of 30 -> [0, z^2 / (n + z^2)]
-        lo, hi = dq.wilson(0, 30)
-        assert lo == 0 and hi == pytest.approx(1.959964 ** 2 / (30 + 1.959964 ** 2))
-        assert dq.main([str(tmp_path / "zoo"), "--out", str(tmp_path / "dq"), "--split", "eval", "--summary-only"]) == 2
-    finally:
-        sys.path.remove(str(bench))
-        sys.modules.pop("zoo", None)
+def test_detection_quality_scans_resumably_and_scores_both_rules(benchmark_module, tmp_path, capsys):
+    dq = benchmark_module("detection_quality")
+    zoo = benchmark_module("zoo")
+    assert zoo.main(["--n", "1", "--out", str(tmp_path / "zoo"), "--datasets", "digits", "--epochs", "2"]) == 0
+    args = [str(tmp_path / "zoo"), "--out", str(tmp_path / "dq"), "--modes", "data-free", "--json",
+            str(tmp_path / "summary.json")]
+    assert dq.main(args) == 0
+    rows = sorted((tmp_path / "dq" / "rows").glob("*.json"))
+    assert [p.name for p in rows] == ["digits-badnet_000__data-free__seed0.json",
+                                      "digits-clean_000__data-free__seed0.json"]
+    row = json.loads(rows[0].read_text())
+    assert row["entry"]["split"] == "dev" and row["scan"]["rule"] == "calibrated"
+    # a rerun scans nothing again, and the summary needs only the rows
+    before = [p.stat().st_mtime_ns for p in rows]
+    assert dq.main(args + ["--summary-only"]) == 0 and dq.main(args) == 0
+    assert [p.stat().st_mtime_ns for p in rows] == before
+    summary = json.loads((tmp_path / "summary.json").read_text())["summary"]
+    assert set(summary) == {"data-free/10/calibrated", "data-free/10/size-only", "data-free/10/mad"}
+    # --add-margins gives a row scanned without margins what the scan itself records (no rescan)
+    original = json.loads(rows[1].read_text())
+    assert all(r.get("max_margin") is not None for r in original["scan"]["labels"])
+    stripped = json.loads(json.dumps(original))
+    for r in stripped["scan"]["labels"]:
+        r.pop("max_margin")
+    rows[1].write_text(json.dumps(stripped))
+    assert dq.main(args + ["--add-margins"]) == 0
+    restored = json.loads(rows[1].read_text())
+    assert [r["max_margin"] for r in restored["scan"]["labels"]] == pytest.approx(
+        [r["max_margin"] for r in original["scan"]["labels"]], rel=1e-5)
+    assert restored["scan"]["labels"][0]["mask_l1"] == original["scan"]["labels"][0]["mask_l1"]
+    cell = summary["data-free/10/calibrated"]
+    assert cell["clean"] == 1 and cell["clean_flagged"] in (0, 1)
+    assert "clean flagged" in capsys.readouterr().out
+    # the Wilson interval by hand: 0 of 30 -> [0, z^2 / (n + z^2)]
+    lo, hi = dq.wilson(0, 30)
+    assert lo == 0 and hi == pytest.approx(1.959964 ** 2 / (30 + 1.959964 ** 2))
+    assert dq.main([str(tmp_path / "zoo"), "--out", str(tmp_path / "dq"), "--split", "eval", "--summary-only"]) == 2

@@ -22,8 +22,7 @@ from netcleanse.executor import LocalExecutor, RayExecutor, make_executor  # noq
 from netcleanse.errors import NetcleanseError  # noqa: E402
 from netcleanse.scanning import scan  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_scan import N_CLASSES, TARGET, _make_data, _train  # noqa: E402
+from conftest import N_CLASSES, TARGET, ctrl_c_at_search, make_data, train_tiny  # noqa: E402
 
 scan_module = importlib.import_module("netcleanse.scanning")
 
@@ -35,21 +34,10 @@ def ray_instance():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     # the killing wrapper below lives in this test module, which workers cannot import by name
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.cloudpickle.register_pickle_by_value(sys.modules["test_scan"])  # TinyNet's module
+    ray.cloudpickle.register_pickle_by_value(sys.modules["conftest"])  # TinyNet's module
     yield
     ray.shutdown()
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def badnet():
-    return _train(True)
-
-
-@pytest.fixture(scope="module")
-def clean_data():
-    x, y = _make_data(200, torch.Generator().manual_seed(99))
-    return Dataset(x, y, source="tiny-clean")
 
 
 @pytest.fixture
@@ -126,19 +114,9 @@ def test_worker_dying_every_time_is_one_error(ray_instance, badnet, clean_data):
         scan(badnet, clean_data, labels=[0, 1], progress=False, executor=AlwaysDie(max_retries=1))
 
 
-def test_interrupted_local_scan_resumes_on_ray(ray_instance, badnet, clean_data, small_chunks, tmp_path, monkeypatch):
+def test_interrupted_local_scan_resumes_on_ray(ray_instance, badnet, clean_data, small_chunks, tmp_path):
     whole = scan(badnet, clean_data, seed=2, progress=False)
-    real = scan_module.reverse_engineer
-    calls = {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(scan_module, "reverse_engineer", interrupted)  # in this process only
-    with pytest.raises(KeyboardInterrupt):
+    with ctrl_c_at_search(3), pytest.raises(KeyboardInterrupt):  # in this process only
         scan(badnet, clean_data, seed=2, out=tmp_path / "cut", progress=False)
     assert len((tmp_path / "cut" / "progress.jsonl").read_text().splitlines()) == 2
     resumed = scan(badnet, clean_data, seed=2, out=tmp_path / "cut", resume=True, progress=False,
@@ -197,36 +175,27 @@ def test_screen_on_ray_equals_local_with_a_killed_worker_and_a_bad_file(ray_inst
     assert [r["verdict"] for r in again.rows] == [r["verdict"] for r in on_ray.rows]
 
     # a TorchScript model's scan ships through the object store (as jit bytes) and gives the same result
-    model, data = load_model(zoo["badnet"]), Dataset(*_make_data(200, torch.Generator().manual_seed(99)))
+    model, data = load_model(zoo["badnet"]), Dataset(*make_data(200, torch.Generator().manual_seed(99)))
     assert _strip(scan(model, data, labels=[0, 4, 5], progress=False, executor=RayExecutor()).labels) == \
         _strip(scan(model, data, labels=[0, 4, 5], progress=False).labels)
 
 
 @pytest.mark.slow  # trains 2 models and scans them twice (~2 min on 2 cores)
-def test_zoo_benchmarks_run_through_ray(ray_instance, tmp_path):
-    import importlib.util
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
-    sys.path.insert(0, str(bench))
-    try:
-        spec = importlib.util.spec_from_file_location("detection_quality", bench / "detection_quality.py")
-        dq = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(dq)
-        import zoo
-        assert zoo.main(["--n", "1", "--out", str(tmp_path / "zoo"), "--datasets", "digits", "--epochs", "2",
-                         "--executor", "ray"]) == 0
-        assert sorted(e["folder"] for e in zoo.read_zoo(tmp_path / "zoo")) == ["digits-badnet_000", "digits-clean_000"]
-        rows = {}
-        for executor in ("ray", "local"):
-            assert dq.main([str(tmp_path / "zoo"), "--out", str(tmp_path / executor), "--modes", "data-free",
-                            "--executor", executor]) == 0
-            rows[executor] = [json.loads(p.read_text()) for p in sorted((tmp_path / executor / "rows").glob("*.json"))]
-        assert len(rows["ray"]) == 2
-        for a, b in zip(rows["ray"], rows["local"]):
-            assert a["scan"]["flagged"] == b["scan"]["flagged"]
-            assert [r["mask_l1"] for r in a["scan"]["labels"]] == [r["mask_l1"] for r in b["scan"]["labels"]]
-    finally:
-        sys.path.remove(str(bench))
-        sys.modules.pop("zoo", None)
+def test_zoo_benchmarks_run_through_ray(benchmark_module, ray_instance, tmp_path):
+    dq = benchmark_module("detection_quality")
+    zoo = benchmark_module("zoo")
+    assert zoo.main(["--n", "1", "--out", str(tmp_path / "zoo"), "--datasets", "digits", "--epochs", "2",
+                     "--executor", "ray"]) == 0
+    assert sorted(e["folder"] for e in zoo.read_zoo(tmp_path / "zoo")) == ["digits-badnet_000", "digits-clean_000"]
+    rows = {}
+    for executor in ("ray", "local"):
+        assert dq.main([str(tmp_path / "zoo"), "--out", str(tmp_path / executor), "--modes", "data-free",
+                        "--executor", executor]) == 0
+        rows[executor] = [json.loads(p.read_text()) for p in sorted((tmp_path / executor / "rows").glob("*.json"))]
+    assert len(rows["ray"]) == 2
+    for a, b in zip(rows["ray"], rows["local"]):
+        assert a["scan"]["flagged"] == b["scan"]["flagged"]
+        assert [r["mask_l1"] for r in a["scan"]["labels"]] == [r["mask_l1"] for r in b["scan"]["labels"]]
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TorchScript files

@@ -16,80 +16,17 @@ from netcleanse.errors import NetcleanseError
 from netcleanse.model import Classifier
 from netcleanse.scanning import ScanResult, parse_labels, scan
 
+from conftest import N_CLASSES, SIZE, TARGET, TinyNet, ctrl_c_at_search, make_data, stamp, train_tiny
+
 scan_module = importlib.import_module("netcleanse.scanning")
 
-TARGET = 4
-N_CLASSES = 8
-SIZE = 16
-
-
-class TinyNet(nn.Module):
-    def __init__(self, n_classes: int = N_CLASSES):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 8, 3, padding=1)
-        self.fc = nn.Linear(8 * (SIZE // 2) ** 2, n_classes)
-
-    def forward(self, x):
-        return self.fc(F.max_pool2d(F.relu(self.conv(x)), 2).flatten(1))
-
-
-def _stamp(x):
-    x = x.clone()
-    x[:, :, -3:, -3:] = 1.0  # a 3x3 white square, bottom right
-    return x
-
-
-def _make_data(n, gen, n_classes: int = N_CLASSES):
-    templates = torch.rand(n_classes, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(123))
-    y = torch.randint(0, n_classes, (n,), generator=gen)
-    x = (0.6 * templates[y] + 0.4 * torch.rand(n, 1, SIZE, SIZE, generator=gen)).clamp(0, 1)
-    return x, y
-
-
-def _train(backdoor: bool, seed: int = 0, n_classes: int = N_CLASSES, n: int = 600) -> Classifier:
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    x, y = _make_data(n, gen, n_classes)
-    if backdoor:
-        k = n // 4
-        x = torch.cat([x, _stamp(x[:k])])
-        y = torch.cat([y, torch.full((k,), TARGET)])
-    net = TinyNet(n_classes)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(10):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 64):
-            b = perm[i:i + 64]
-            opt.zero_grad()
-            F.cross_entropy(net(x[b]), y[b]).backward()
-            opt.step()
-    return Classifier(net.eval(), (1, SIZE, SIZE), n_classes, name="tiny_badnet" if backdoor else "tiny_clean")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: one thread avoids thread-synchronisation overhead (10x faster on a busy CPU)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def badnet():
-    return _train(True)
-
-
-@pytest.fixture(scope="module")
-def clean_data():
-    x, y = _make_data(200, torch.Generator().manual_seed(99))
-    return Dataset(x, y, source="tiny-clean")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_planted_backdoor_works(badnet, clean_data):
     keep = clean_data.y != TARGET
     assert (badnet.predict(clean_data.x) == clean_data.y).float().mean() > 0.9
-    assert (badnet.predict(_stamp(clean_data.x[keep])) == TARGET).float().mean() > 0.9
+    assert (badnet.predict(stamp(clean_data.x[keep])) == TARGET).float().mean() > 0.9
 
 
 def test_scan_flags_planted_target_with_data(badnet, clean_data, tmp_path):
@@ -162,8 +99,8 @@ def test_clean_mnist_model_not_flagged():
 def test_many_labels_use_random_controls_and_find_the_target():
     # > 64 labels: coarse pass over all, refinement of candidates + random controls, calibrated index
     n_classes = 100
-    model = _train(True, n_classes=n_classes, n=3000)
-    x, y = _make_data(400, torch.Generator().manual_seed(99), n_classes)
+    model = train_tiny(True, n_classes=n_classes, n=3000)
+    x, y = make_data(400, torch.Generator().manual_seed(99), n_classes)
     result = scan(model, Dataset(x, y, source="tiny-100"), progress=False)
     det = result.settings["detection"]
     assert det["scheme"] == "random controls" and len(result.labels) == n_classes
@@ -213,23 +150,12 @@ def test_resume_after_interruption_gives_same_result(badnet, clean_data, tmp_pat
     monkeypatch.setitem(scan_module.PRESETS, "fast", small)
     whole = scan(badnet, clean_data, seed=5, out=tmp_path / "whole", progress=False)
 
-    real = scan_module.reverse_engineer
-    calls = {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(scan_module, "reverse_engineer", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with ctrl_c_at_search(3), pytest.raises(KeyboardInterrupt):
         scan(badnet, clean_data, seed=5, out=tmp_path / "cut", progress=False)
     progress_lines = (tmp_path / "cut" / "progress.jsonl").read_text().splitlines()
     assert len(progress_lines) == 2  # two chunks finished and persisted
     with pytest.raises(NetcleanseError, match="not empty"):
         scan(badnet, clean_data, seed=5, out=tmp_path / "cut", progress=False)
-    monkeypatch.setattr(scan_module, "reverse_engineer", real)
     resumed = scan(badnet, clean_data, seed=5, out=tmp_path / "cut", resume=True, progress=False)
     assert [r["label"] for r in resumed.labels] == list(range(N_CLASSES))
     strip = lambda recs: [{k: v for k, v in r.items() if k != "time_s"} for r in recs]  # noqa: E731

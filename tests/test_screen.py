@@ -20,8 +20,7 @@ from netcleanse.torch_io import save_model
 from netcleanse.scanning import ScanResult, scan
 from netcleanse.screening import ScreenEntry, make_entries, read_manifest, screen
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_scan import SIZE, TARGET, _make_data, _train  # noqa: E402
+from conftest import SIZE, TARGET, make_data, train_tiny  # noqa: E402
 
 # torch 2.13 deprecates TorchScript (still read); the tiny models here are TorchScript files because
 # their class lives in a test module, which a model file cannot name
@@ -33,13 +32,13 @@ def write_zoo(folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, backdoor in (("badnet", True), ("clean", False)):
-        model = _train(backdoor)
+        model = train_tiny(backdoor)
         traced = torch.jit.trace(model.net, torch.rand(1, 1, SIZE, SIZE))
         paths[name] = save_model(Classifier(traced, model.input_shape, model.num_classes, name=name),
                                  folder / f"{name}.pt")
     paths["broken"] = folder / "broken.pt"
     paths["broken"].write_bytes(b"PK\x03\x04 not a model at all")
-    x, y = _make_data(200, torch.Generator().manual_seed(99))
+    x, y = make_data(200, torch.Generator().manual_seed(99))
     paths["data"] = save_data(Dataset(x, y, source="tiny"), folder / "clean.npz")
     return paths
 

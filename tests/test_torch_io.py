@@ -13,7 +13,7 @@ from netcleanse import Classifier, NetcleanseError, build_architecture, load_mod
 from netcleanse.keras import KerasGraph, graph_from_config
 from netcleanse.torch_io import EXTRA_FILE, checkpoint, load_torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from conftest import SHARED
 
 
 def digits_model(num_classes=10, input_scale=1.0, seed=0) -> Classifier:
