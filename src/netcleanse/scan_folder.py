@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +96,7 @@ def read_masks(path: Path) -> TriggerArrays:
     try:
         with np.load(path, allow_pickle=False) as npz:
             labels, masks, patterns = (np.asarray(npz[key]) for key in ("labels", "masks", "patterns"))
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise NetcleanseError(f"cannot read {path} (needs arrays labels, masks, patterns): {exc}") from None
     if masks.ndim != 3 or patterns.ndim != 4 or not (len(labels) == len(masks) == len(patterns)) \
             or patterns.shape[2:] != masks.shape[1:]:
