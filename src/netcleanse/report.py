@@ -56,7 +56,8 @@ from . import __version__
 from . import plots
 from .detection import median_and_mad
 from .errors import NetcleanseError
-from .scan_folder import MASKS_NPZ, SCAN_JSON, TriggerArrays, read_json_object, read_masks, read_scan_json
+from .utils import read_json_object
+from .scan_folder import MASKS_NPZ, SCAN_JSON, TriggerArrays, read_masks, read_scan_json
 
 FORMATS = ("html", "md")
 

@@ -16,7 +16,6 @@ Every file is written atomically (:mod:`netcleanse.utils`). Readers raise a one-
 
 from __future__ import annotations
 
-import json
 import math
 import zipfile
 import zlib
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import NetcleanseError
-from .utils import file_stem, write_json_atomic, write_npz_atomic
+from .utils import file_stem, read_json_object, write_json_atomic, write_npz_atomic
 
 SCAN_JSON = "scan.json"
 MASKS_NPZ = "masks.npz"
@@ -62,17 +61,6 @@ def require_scan_folder(directory) -> Path:
         raise NetcleanseError(f"{d} is not a scan output folder (it needs scan.json and masks.npz; "
                               "run `netcleanse scan ... --out DIR` first)")
     return d
-
-
-def read_json_object(path: Path) -> dict:
-    """The JSON object in ``path`` (an error if the file is unreadable or holds another JSON value)."""
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NetcleanseError(f"cannot read {path}: {exc}") from None
-    if not isinstance(value, dict):
-        raise NetcleanseError(f"{path} does not hold a JSON object")
-    return value
 
 
 def read_scan_json(path: Path) -> dict:

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import scan_folder
 from .data import Dataset
 from .calibrated import calibrated_test
 from .detection import anomaly_indices, flag_labels, index_ceiling, median_and_mad
@@ -68,7 +69,6 @@ from .margin import max_margins
 from .neural_cleanse import Schedule, attack_success, reverse_engineer
 from .progress import progress_bar
 from .trigger import Trigger
-from . import scan_folder
 from .utils import resolve_device, write_json_atomic, write_npz_atomic
 
 FORMAT_VERSION = 1

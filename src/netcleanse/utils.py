@@ -46,6 +46,17 @@ def atomic_write(path):
             tmp.unlink()
 
 
+def read_json_object(path: Path) -> dict:
+    """The JSON object in ``path`` (an error if the file is unreadable or holds another JSON value)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NetcleanseError(f"cannot read {path}: {exc}") from None
+    if not isinstance(value, dict):
+        raise NetcleanseError(f"{path} does not hold a JSON object")
+    return value
+
+
 def write_json_atomic(path, obj, indent: int | None = None) -> None:
     """Write ``obj`` as JSON (UTF-8, ``indent`` as in :func:`json.dumps`, one trailing newline) to
     ``path`` through :func:`atomic_write`: the old file stays whole until the new one is complete."""
