@@ -29,6 +29,7 @@ from .utils import file_stem, read_json_object, write_json_atomic, write_npz_ato
 
 SCAN_JSON = "scan.json"
 MASKS_NPZ = "masks.npz"
+FORMAT, FORMAT_VERSION = "netcleanse-scan", 1  # scan.json's "format" and "version" (not checked on reading)
 
 
 @dataclass

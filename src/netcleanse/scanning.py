@@ -71,7 +71,7 @@ from .progress import progress_bar
 from .trigger import Trigger
 from .utils import resolve_device, write_json_atomic, write_npz_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = scan_folder.FORMAT_VERSION
 RULES = ("calibrated", "mad")
 
 
@@ -199,7 +199,7 @@ class ScanResult:
         raise NetcleanseError(f"label {label} was not scanned")
 
     def to_dict(self) -> dict:
-        return {"format": "netcleanse-scan", "version": FORMAT_VERSION, "verdict": self.verdict,
+        return {"format": scan_folder.FORMAT, "version": FORMAT_VERSION, "verdict": self.verdict,
                 "flagged": self.flagged, "rule": self.rule, "alpha": self.alpha, "p_value": self.p_value,
                 "threshold": self.threshold, "index_ceiling": self.index_ceiling, "test": self.test,
                 "mad_flagged": self.mad_flagged, "preset": self.preset, "data": self.data,
