@@ -10,7 +10,7 @@ A finished scan folder holds
 * ``scan.json``: the scan's record (:meth:`netcleanse.scanning.ScanResult.to_dict`), written last,
   so that a folder with ``scan.json`` holds a finished scan.
 
-Every file is written atomically (:mod:`netcleanse.utils`). Readers raise a one-line
+scan.json and masks.npz are written atomically (:mod:`netcleanse.utils`). Readers raise a one-line
 :class:`NetcleanseError` for a missing, unreadable or malformed file.
 """
 
