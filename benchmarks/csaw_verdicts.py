@@ -16,7 +16,6 @@ and the multi-trigger net's targets are not published.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,8 @@ import netcleanse
 from netcleanse.calibrated import calibrated_test
 from netcleanse.errors import NetcleanseError
 from netcleanse.scanning import PRESETS, ScanResult, calibrated_inputs, label_margins, tested_margins
-from netcleanse.utils import atomic_write
+from netcleanse import scan_folder
+from netcleanse.utils import write_json_atomic
 
 NETS = ("sunglasses", "anonymous_1", "anonymous_2", "multi_trigger_multi_target")
 
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     except NetcleanseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    (args.out / "verdicts.json").write_text(json.dumps(rows, indent=1))
+    write_json_atomic(args.out / "verdicts.json", rows, indent=1)
     return 0
 
 
@@ -79,12 +79,11 @@ def _add_margins(out: Path, model, result: ScanResult, seed: int) -> None:
     tested = calibrated_inputs(result.labels, result.settings["detection"])[0]
     work = model.eval().requires_grad_(False).to(memory_format=torch.channels_last)  # as the scan's copy
     margins = label_margins(work, sorted(tested), seed, PRESETS[result.preset], torch.device("cpu"), True)
-    info = json.loads((out / "scan.json").read_text())
+    info = scan_folder.read_scan_json(out / scan_folder.SCAN_JSON)
     for rec in info["labels"]:
         if rec["label"] in margins:
             rec["max_margin"] = margins[rec["label"]]
-    with atomic_write(out / "scan.json") as tmp:
-        tmp.write_text(json.dumps(info, indent=1))
+    scan_folder.write_scan_json(out, info)
     print(f"{out.name}: margins of {len(margins)} labels added in {time.perf_counter() - started:.0f} s", flush=True)
 
 

@@ -42,7 +42,7 @@ import netcleanse
 from netcleanse.calibrated import DF, FAMILY, SCALE_FLOOR, calibrated_test
 from netcleanse.errors import NetcleanseError
 from netcleanse.scanning import PRESETS, calibrated_inputs, label_margins, tested_margins
-from netcleanse.utils import atomic_write
+from netcleanse.utils import write_json_atomic
 from zoo import add_executor_arguments, executor_from_args, load_member, parse_shard, read_zoo  # noqa: E402
 # (benchmarks/ is on sys.path when run as a script)
 from netcleanse.executor import LocalExecutor  # noqa: E402
@@ -87,8 +87,7 @@ def scan_zoo(zoo: Path, out: Path, entries: list[dict], modes, seed: int, preset
     executor = executor or LocalExecutor()
     for n, (_, row) in enumerate(executor.map(_scan_task, (str(Path(zoo).resolve()), seed, preset), todo), 1):
         entry, mode, result = row["entry"], row["mode"], row["scan"]
-        with atomic_write(row_path(out, entry, mode, seed)) as tmp:
-            tmp.write_text(json.dumps(row))
+        write_json_atomic(row_path(out, entry, mode, seed), row)
         eta = (time.perf_counter() - started) / n * (len(todo) - n)
         log(f"[{n}/{len(todo)}, ETA {eta / 60:.0f} min] {entry['folder']:<24} {mode:<9} targets "
             f"{entry['targets']!s:<12} calibrated {result['flagged']!s:<12} (p {result['p_value']:.2g}) "
@@ -120,8 +119,7 @@ def add_margins(zoo: Path, out: Path, entries: list[dict], modes, seed: int, pre
                 if rec["label"] in margins:
                     rec["max_margin"] = margins[rec["label"]]
             row["margin_time_s"] = time.perf_counter() - t
-            with atomic_write(path) as tmp:
-                tmp.write_text(json.dumps(row))
+            write_json_atomic(path, row)
         eta = (time.perf_counter() - started) / n * (len(todo) - n)
         log(f"[{n}/{len(todo)}, ETA {eta / 60:.0f} min] {entry['folder']:<24} margins of {len(tested)} labels "
             f"{time.perf_counter() - t:.0f} s", flush=True)
@@ -245,8 +243,9 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        args.json.write_text(json.dumps({"split": args.split, "alpha": args.alpha, "family": args.family,
-                                         "df": args.df, "scale": args.scale, "min_scale": args.min_scale, "scans": len(rows), "summary": summary}, indent=1))
+        write_json_atomic(args.json, {"split": args.split, "alpha": args.alpha, "family": args.family, "df": args.df,
+                                      "scale": args.scale, "min_scale": args.min_scale, "scans": len(rows),
+                                      "summary": summary}, indent=1)
     return 0
 
 

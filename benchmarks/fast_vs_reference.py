@@ -15,11 +15,11 @@ Reference scans take minutes per 10-label model; pick a few models.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
 import netcleanse
+from netcleanse.utils import write_json_atomic
 from zoo import benchmark_parser, load_member, open_zoo  # benchmarks/ is on sys.path when run as a script
 
 
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     print(f"{args.mode}: same flags on {sum(r['agree'] for r in rows)}/{len(rows)} models; reference {ref_s:.0f} s, "
           f"fast {fast_s:.0f} s in all: {ref_s / fast_s:.1f}x faster")
     if args.json:
-        args.json.write_text(json.dumps({"mode": args.mode, "rows": rows}, indent=1))
+        write_json_atomic(args.json, {"mode": args.mode, "rows": rows}, indent=1)
     return 0
 
 

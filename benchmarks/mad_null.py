@@ -49,6 +49,7 @@ from scipy import stats
 from netcleanse.calibrated import DF, MARGIN_RHO, calibrated_test
 from netcleanse.detection import anomaly_indices, flag_labels
 from netcleanse.scanning import PRESETS, calibrated_inputs, tested_margins
+from netcleanse.utils import write_json_atomic
 
 FAST = PRESETS["fast"]
 
@@ -209,8 +210,8 @@ def main(argv=None) -> int:
                   f"{100 * observed[k]['calibrated']:5.1f} %")
         table.append(row)
     if args.json:
-        args.json.write_text(json.dumps({"threshold": args.threshold, "alpha": args.alpha, "seed": args.seed,
-                                         "rows": table}, indent=1))
+        write_json_atomic(args.json, {"threshold": args.threshold, "alpha": args.alpha, "seed": args.seed,
+                                      "rows": table}, indent=1)
     return 0
 
 

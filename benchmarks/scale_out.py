@@ -24,7 +24,6 @@ the assumptions printed with it.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import subprocess
@@ -42,6 +41,7 @@ from netcleanse.model import Classifier
 from netcleanse.scanning import PRESETS, scan
 from netcleanse.screening import make_entries, screen
 from netcleanse.torch_io import save_model
+from netcleanse.utils import write_json_atomic
 
 
 def random_net(num_classes: int, seed: int) -> Classifier:
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
           "(no chunk limit: N GPUs, N times that)")
     print("  assumptions:\n" + "\n".join(f"  - {a}" for a in assumptions))
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=1))
+        write_json_atomic(args.json, figures, indent=1)
     return 0
 
 

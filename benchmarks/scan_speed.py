@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import resource
 import sys
@@ -34,6 +33,7 @@ import torch
 import netcleanse
 from netcleanse.neural_cleanse import reverse_engineer
 from netcleanse.scanning import PRESETS, synthesize_inputs
+from netcleanse.utils import write_json_atomic
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "csaw" / "models" / "sunglasses_bd_weights.h5"
 
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     print(f"speed-up fast vs reference (extrapolated full scans): {out['speedup']:.0f}x")
     print(f"peak RSS {out['peak_rss_mib']:.0f} MiB")
     if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
+        write_json_atomic(args.json, out, indent=1)
     return 0
 
 

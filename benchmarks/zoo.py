@@ -51,7 +51,7 @@ from netcleanse.errors import NetcleanseError
 from netcleanse.executor import EXECUTORS, LocalExecutor, make_executor
 from netcleanse.lab import DEFAULT_ARCH, make_badnet, make_clean_model
 from netcleanse.model import load_model
-from netcleanse.utils import atomic_write
+from netcleanse.utils import write_json_atomic
 
 LEARNED_ASR = 0.9
 DATASETS = ("mnist", "mnist-pairs")
@@ -124,7 +124,7 @@ def build_model(out: Path, folder: str, dataset: str, i: int, role: str, seed: i
         truth = make_badnet(dataset, plan["triggers"], plan["targets"], rate=plan["rate"], arch=arch, epochs=epochs,
                             seed=model_seed, out=target, force=True, progress=False).truth
         truth["zoo"] = {"kind": plan["kind"], "triggers": plan["specs"]}
-        (target / "truth.json").write_text(json.dumps(truth, indent=2) + "\n", encoding="utf-8")
+        write_json_atomic(target / "truth.json", truth, indent=2)
     asr = truth.get("attack_success", {})
     entry = {"model": f"{folder}/model.pt", "folder": folder, "dataset": dataset, "num_classes": NUM_CLASSES[dataset],
              "pair": i, "split": split_of(i), "backdoored": truth["backdoored"], "targets": truth["targets"],
@@ -132,8 +132,7 @@ def build_model(out: Path, folder: str, dataset: str, i: int, role: str, seed: i
              "clean_accuracy": truth["clean_accuracy"], "attack_success": asr,
              # a backdoor that did not take is no fair positive for a detector
              "attack_learned": bool(asr) and min(asr.values()) >= LEARNED_ASR}
-    with atomic_write(target / "entry.json") as tmp:
-        tmp.write_text(json.dumps(entry, indent=1) + "\n", encoding="utf-8")
+    write_json_atomic(target / "entry.json", entry, indent=1)
     return entry
 
 
@@ -173,8 +172,7 @@ def build_zoo(out: Path, n: int = 60, datasets=DATASETS, seed: int = 0, arch: st
 
 def write_index(out: Path, settings: dict) -> None:
     """``zoo.json``: the build settings and every finished model's entry (from the folders)."""
-    with atomic_write(out / "zoo.json") as tmp:
-        tmp.write_text(json.dumps(dict(settings, models=read_zoo(out)), indent=1) + "\n", encoding="utf-8")
+    write_json_atomic(out / "zoo.json", dict(settings, models=read_zoo(out)), indent=1)
 
 
 def add_executor_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from netcleanse import scan_folder
 from netcleanse.data import Dataset
 from netcleanse.errors import NetcleanseError
 from netcleanse.model import Classifier
@@ -207,18 +208,18 @@ def test_two_scans_never_write_one_folder(badnet, clean_data, tmp_path):
 def test_interrupted_while_saving_resumes(badnet, clean_data, tmp_path, monkeypatch):
     # scan.json is written last: a scan cut off after masks.npz has no scan.json and resumes
     whole = scan(badnet, clean_data, labels=[0, 4, 5], seed=2, out=tmp_path / "a", progress=False)
-    real = scan_module._atomic_write_text
+    real = scan_folder.write_json_atomic
 
-    def crash(path, text):
+    def crash(path, obj, indent=None):
         if path.name == "scan.json":
             raise KeyboardInterrupt
-        return real(path, text)
+        return real(path, obj, indent=indent)
 
-    monkeypatch.setattr(scan_module, "_atomic_write_text", crash)
+    monkeypatch.setattr(scan_folder, "write_json_atomic", crash)
     with pytest.raises(KeyboardInterrupt):
         scan(badnet, clean_data, labels=[0, 4, 5], seed=2, out=tmp_path / "b", progress=False)
     assert (tmp_path / "b" / "masks.npz").exists() and not (tmp_path / "b" / "scan.json").exists()
-    monkeypatch.setattr(scan_module, "_atomic_write_text", real)
+    monkeypatch.setattr(scan_folder, "write_json_atomic", real)
     resumed = scan(badnet, clean_data, labels=[0, 4, 5], seed=2, out=tmp_path / "b", resume=True, progress=False)
     assert np.array_equal(resumed.masks, whole.masks) and (tmp_path / "b" / "scan.json").exists()
 

@@ -23,7 +23,6 @@ with ``"backdoored": false`` and no targets), which detection benchmarks need as
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from .model import Classifier
 from .torch_io import save_model
 from .training import train
 from .trigger import Trigger
+from .utils import write_json_atomic
 
 TRIGGER_KINDS = ("patch", "blend", "multi")
 DEFAULT_ARCH = "mnist-cnn"
@@ -265,5 +265,5 @@ def write_lab_dir(badnet: BadNet, out) -> Path:
         np.savez_compressed(out / "triggers.npz", masks=torch.stack([t.mask for t in badnet.triggers]).numpy(),
                             patterns=torch.stack([t.pattern for t in badnet.triggers]).numpy(),
                             targets=np.asarray(badnet.targets, dtype=np.int64))
-    (out / "truth.json").write_text(json.dumps(badnet.truth, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(out / "truth.json", badnet.truth, indent=2)
     return out

@@ -15,7 +15,6 @@ Keras-compatible ``repaired.h5`` for weight repairs (plus one pair per fine-prun
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import scan_folder
 from .data import Dataset
 from .errors import NetcleanseError
 from .evaluate import evaluate
 from .model import Classifier
 from .trigger import Trigger
+from .utils import write_json_atomic
 
 METHODS = ("fine-prune", "unlearn", "filter", "disagree")
 
@@ -48,25 +49,12 @@ def scan_triggers(scan) -> dict[int, Trigger]:
 
 
 def _triggers_from_folder(folder: Path) -> dict[int, Trigger]:
-    summary, masks = folder / "scan.json", folder / "masks.npz"
-    if not summary.is_file() or not masks.is_file():
-        raise NetcleanseError(f"{folder} is not a scan output folder (it needs scan.json and masks.npz; "
-                              "run `netcleanse scan ... --out DIR` first)")
-    try:
-        flagged = [int(label) for label in json.loads(summary.read_text())["flagged"]]
-    except (ValueError, KeyError, TypeError):
-        raise NetcleanseError(f"{summary} is not a valid scan summary (no 'flagged' list)") from None
-    try:
-        with np.load(masks, allow_pickle=False) as arrays:
-            labels = [int(label) for label in arrays["labels"]]
-            mask_rows, pattern_rows = arrays["masks"], arrays["patterns"]
-    except (ValueError, KeyError, OSError):
-        raise NetcleanseError(f"{masks} is not a valid scan masks file (labels, masks, patterns)") from None
-    missing = [label for label in flagged if label not in labels]
+    record, arrays = scan_folder.read_scan(folder)
+    flagged = scan_folder.flagged_labels(record, folder / scan_folder.SCAN_JSON)
+    missing = [label for label in flagged if arrays.get(label) is None]
     if missing:
-        raise NetcleanseError(f"{masks} has no reversed trigger for flagged label(s) {missing}")
-    return {label: Trigger(torch.from_numpy(mask_rows[labels.index(label)].astype(np.float32)),
-                           torch.from_numpy(pattern_rows[labels.index(label)].astype(np.float32)))
+        raise NetcleanseError(f"{folder / scan_folder.MASKS_NPZ} has no reversed trigger for flagged label(s) {missing}")
+    return {label: Trigger(*(torch.from_numpy(a.astype(np.float32)) for a in arrays.get(label)))
             for label in flagged}
 
 
@@ -125,7 +113,7 @@ class RepairResult:
                 except NetcleanseError as exc:  # e.g. a TorchScript net: no Keras layout to write
                     notes[stem] = f"no .h5 export: {exc}"
         record = dict(self.to_dict(), files=files, notes=notes)
-        (folder / "repair.json").write_text(json.dumps(record, indent=2))
+        write_json_atomic(folder / "repair.json", record, indent=2)
         return folder
 
 

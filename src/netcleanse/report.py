@@ -3,7 +3,7 @@
 The report is rendered from files only, never from objects in memory, so that any old scan
 directory can be re-rendered and the files stay the single source of truth:
 
-* ``scan.json`` + ``masks.npz`` (required scan; see :mod:`netcleanse.scanning`),
+* ``scan.json`` + ``masks.npz`` (required scan; read by :mod:`netcleanse.scan_folder`),
 * ``truth.json`` (optional; the BadNet lab's ground truth, with its trigger images beside it),
 * ``repair.json`` (optional, any number; one per repair method).
 
@@ -56,6 +56,8 @@ from . import __version__
 from . import plots
 from .detection import median_and_mad
 from .errors import NetcleanseError
+from .utils import read_json_object
+from .scan_folder import MASKS_NPZ, SCAN_JSON, TriggerArrays, read_masks, read_scan_json
 
 FORMATS = ("html", "md")
 
@@ -73,22 +75,6 @@ FRACTION_KEYS = {"clean_accuracy", "attack_success", "poison_detection", "false_
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
-class TriggerArrays:
-    """The contents of ``masks.npz``: masks (L, H, W) and patterns (L, C, H, W) indexed by label."""
-
-    labels: np.ndarray
-    masks: np.ndarray
-    patterns: np.ndarray
-
-    def __post_init__(self):
-        self.row = {int(label): i for i, label in enumerate(self.labels)}
-
-    def get(self, label: int) -> tuple[np.ndarray, np.ndarray] | None:
-        i = self.row.get(int(label))
-        return None if i is None else (self.masks[i], self.patterns[i])
-
-
-@dataclass
 class ReportSources:
     """Where each input of a report was found, and what it holds."""
 
@@ -99,29 +85,6 @@ class ReportSources:
     truth_dir: Path | None = None
     truth: dict | None = None
     repairs: list[tuple[Path, dict]] = field(default_factory=list)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NetcleanseError(f"cannot read {path}: {exc}") from None
-    if not isinstance(value, dict):
-        raise NetcleanseError(f"{path} does not hold a JSON object")
-    return value
-
-
-def _read_trigger_arrays(path: Path) -> TriggerArrays:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            labels, masks, patterns = (np.asarray(npz[key]) for key in ("labels", "masks", "patterns"))
-    except (OSError, KeyError, ValueError) as exc:
-        raise NetcleanseError(f"cannot read {path} (needs arrays labels, masks, patterns): {exc}") from None
-    if masks.ndim != 3 or patterns.ndim != 4 or not (len(labels) == len(masks) == len(patterns)) \
-            or patterns.shape[2:] != masks.shape[1:]:
-        raise NetcleanseError(f"{path}: expected labels (L,), masks (L,H,W), patterns (L,C,H,W); got "
-                              f"{labels.shape}, {masks.shape}, {patterns.shape}")
-    return TriggerArrays(labels.astype(int), masks, patterns)
 
 
 def _find_one(root: Path, name: str) -> Path | None:
@@ -141,7 +104,7 @@ def _scan_dir_named_by(repair: dict, repair_dir: Path) -> Path | None:
     if not isinstance(named, str):
         return None
     for candidate in (Path(named), repair_dir / named):
-        if (candidate / "scan.json").is_file():
+        if (candidate / SCAN_JSON).is_file():
             return candidate
     return None
 
@@ -154,26 +117,24 @@ def find_sources(directory: str | Path) -> ReportSources:
     sources = ReportSources(root=root)
 
     candidates = [root] + sorted(p for p in root.iterdir() if p.is_dir())
-    sources.repairs = [(d, _read_json(d / "repair.json")) for d in candidates if (d / "repair.json").is_file()]
+    sources.repairs = [(d, read_json_object(d / "repair.json")) for d in candidates if (d / "repair.json").is_file()]
 
-    scan_json = _find_one(root, "scan.json")
+    scan_json = _find_one(root, SCAN_JSON)
     if scan_json is None:
         named = [_scan_dir_named_by(repair, d) for d, repair in sources.repairs]
         named = [d for d in named if d is not None]
-        scan_json = named[0] / "scan.json" if named else None
+        scan_json = named[0] / SCAN_JSON if named else None
     if scan_json is not None:
         sources.scan_dir = scan_json.parent
-        sources.scan = _read_json(scan_json)
-        if not isinstance(sources.scan.get("labels", []), list):
-            raise NetcleanseError(f"{scan_json}: 'labels' must be a list of per-label records")
-        if (sources.scan_dir / "masks.npz").is_file():
-            sources.triggers = _read_trigger_arrays(sources.scan_dir / "masks.npz")
+        sources.scan = read_scan_json(scan_json)
+        if (sources.scan_dir / MASKS_NPZ).is_file():
+            sources.triggers = read_masks(sources.scan_dir / MASKS_NPZ)
 
     truth_json = _find_one(root, "truth.json")
     if truth_json is None and sources.scan_dir is not None and (sources.scan_dir / "truth.json").is_file():
         truth_json = sources.scan_dir / "truth.json"
     if truth_json is not None:
-        sources.truth_dir, sources.truth = truth_json.parent, _read_json(truth_json)
+        sources.truth_dir, sources.truth = truth_json.parent, read_json_object(truth_json)
 
     if sources.scan is None and not sources.repairs:
         raise NetcleanseError(f"no scan.json or repair.json in {root} or its immediate subdirectories; "

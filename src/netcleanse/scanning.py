@@ -59,6 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import scan_folder
 from .data import Dataset
 from .calibrated import calibrated_test
 from .detection import anomaly_indices, flag_labels, index_ceiling, median_and_mad
@@ -68,9 +69,9 @@ from .margin import max_margins
 from .neural_cleanse import Schedule, attack_success, reverse_engineer
 from .progress import progress_bar
 from .trigger import Trigger
-from .utils import atomic_write, resolve_device
+from .utils import resolve_device, write_json_atomic, write_npz_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = scan_folder.FORMAT_VERSION
 RULES = ("calibrated", "mad")
 
 
@@ -198,44 +199,27 @@ class ScanResult:
         raise NetcleanseError(f"label {label} was not scanned")
 
     def to_dict(self) -> dict:
-        return {"format": "netcleanse-scan", "version": FORMAT_VERSION, "verdict": self.verdict,
+        return {"format": scan_folder.FORMAT, "version": FORMAT_VERSION, "verdict": self.verdict,
                 "flagged": self.flagged, "rule": self.rule, "alpha": self.alpha, "p_value": self.p_value,
                 "threshold": self.threshold, "index_ceiling": self.index_ceiling, "test": self.test,
                 "mad_flagged": self.mad_flagged, "preset": self.preset, "data": self.data,
                 "elapsed_s": self.elapsed_s, "model": self.model, "settings": self.settings, "labels": self.labels}
 
     def save(self, directory, all_images: bool = False) -> Path:
-        """Write masks.npz, the PNGs of the flagged labels (all with ``all_images``), ``triggers/``
-        (flagged labels) and, last, scan.json: a folder with scan.json holds a finished scan, and a
-        scan interrupted while saving resumes instead."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        _atomic_savez(d / "masks.npz", labels=np.array([r["label"] for r in self.labels], dtype=np.int64),
-                      masks=self.masks.astype(np.float32), patterns=self.patterns.astype(np.float32))
-        name = _file_stem(self.model.get("name") or "model")
-        for i, rec in enumerate(self.labels):
-            if rec["flagged"] or all_images:
-                _save_trigger_images(d, f"{name}_visualize_{{}}_label_{rec['label']}.png", self.masks[i], self.patterns[i])
-            if rec["flagged"]:
-                (d / "triggers").mkdir(exist_ok=True)
-                _save_trigger_images(d / "triggers", f"label_{rec['label']}_{{}}.png", self.masks[i], self.patterns[i])
-        _atomic_write_text(d / "scan.json", json.dumps(self.to_dict(), indent=1))
-        return d
+        """Write the scan folder (:func:`netcleanse.scan_folder.write_scan`): masks.npz, the PNGs of
+        the flagged labels (all with ``all_images``), ``triggers/`` (flagged labels) and, last,
+        scan.json: a folder with scan.json holds a finished scan, and a scan interrupted while
+        saving resumes instead."""
+        return scan_folder.write_scan(directory, self.to_dict(), self.masks, self.patterns, all_images)
 
     @classmethod
     def load(cls, directory) -> "ScanResult":
+        """The scan saved in ``directory`` (read by :func:`netcleanse.scan_folder.read_scan`)."""
         d = Path(directory)
-        if not (d / "scan.json").is_file() or not (d / "masks.npz").is_file():
-            raise NetcleanseError(f"{d} holds no finished scan (scan.json and masks.npz expected)")
+        info, arrays = scan_folder.read_scan(d)
+        masks, patterns = arrays.masks, arrays.patterns
         try:
-            info = json.loads((d / "scan.json").read_text())
-            with np.load(d / "masks.npz", allow_pickle=False) as z:
-                labels, masks, patterns = z["labels"], z["masks"], z["patterns"]
-        except (ValueError, KeyError, OSError) as exc:
-            raise NetcleanseError(f"{d}: unreadable scan files ({exc})") from None
-        order = {int(t): i for i, t in enumerate(labels)}
-        try:
-            rows = [order[int(r["label"])] for r in info["labels"]]
+            rows = [arrays.row[int(r["label"])] for r in info["labels"]]
         except KeyError:
             raise NetcleanseError(f"{d}: scan.json and masks.npz do not list the same labels") from None
         return cls(labels=info["labels"], flagged=info["flagged"], threshold=info["threshold"],
@@ -328,36 +312,7 @@ def _invert(model, x0: torch.Tensor, generator: torch.Generator, device, steps: 
 
 
 # ----------------------------------------------------------------------------------------------
-# persistence helpers
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(text)
-
-
-def _atomic_savez(path: Path, **arrays) -> None:
-    with atomic_write(path) as tmp:
-        np.savez(tmp, **arrays)
-
-
-def _file_stem(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "model"
-
-
-def _to_image(array: np.ndarray, min_side: int = 160):
-    from PIL import Image
-    a = np.clip(array * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    img = Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a)
-    scale = max(1, math.ceil(min_side / min(img.size)))
-    return img.resize((img.size[0] * scale, img.size[1] * scale), Image.NEAREST) if scale > 1 else img
-
-
-def _save_trigger_images(d: Path, template: str, mask: np.ndarray, pattern: np.ndarray) -> None:
-    pattern_hwc = np.transpose(pattern, (1, 2, 0))
-    _to_image(mask).save(d / template.format("mask"))
-    _to_image(pattern_hwc).save(d / template.format("pattern"))
-    _to_image(pattern_hwc * mask[..., None]).save(d / template.format("fusion"))
+# the resume journal
 
 
 class _Journal:
@@ -402,14 +357,14 @@ class _Journal:
             self.memory[key] = (entry, arrays)
             return
         (self.out / "partial").mkdir(exist_ok=True)
-        _atomic_savez(self.out / "partial" / f"{key}.npz", **arrays)
+        write_npz_atomic(self.out / "partial" / f"{key}.npz", **arrays)
         with open(self.out / "progress.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.done[key] = entry
-        _atomic_write_text(self.out / "elapsed.json", json.dumps(
-            {"elapsed_s": self.previous_elapsed + time.perf_counter() - self.started}))
+        write_json_atomic(self.out / "elapsed.json",
+                          {"elapsed_s": self.previous_elapsed + time.perf_counter() - self.started})
         # reload through disk so interrupted and uninterrupted scans continue from the same bits
         self.memory.pop(key, None)
 
@@ -486,7 +441,7 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         # the resume key holds the content of the weights and data, not only their names
         _prepare_out(out_dir, resume, settings, dict(_model_info(model), weights_sha256=_weights_digest(model),
                                                      data_sha256=None if data is None else _data_digest(data)))
-        if resume and (out_dir / "scan.json").exists():
+        if resume and (out_dir / scan_folder.SCAN_JSON).exists():
             return ScanResult.load(out_dir)  # already finished
         lock = _lock(out_dir)  # held until this function returns (or the process ends)
     journal = _Journal(out_dir)
@@ -697,7 +652,7 @@ def _prepare_out(out_dir: Path, resume: bool, settings: dict, model_info: dict) 
         raise NetcleanseError(f"{out_dir} is not empty; use --resume to continue a scan there, "
                               "or choose an empty folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(started, json.dumps(key, indent=1))
+    write_json_atomic(started, key, indent=1)
 
 
 def label_margins(work, labels, seed: int, plan: Preset, device, channels_last: bool, journal: _Journal | None = None,

@@ -38,7 +38,7 @@ from .errors import NetcleanseError
 from .executor import Executor, LocalExecutor
 from .model import checked_scale
 from .progress import progress_bar
-from .utils import atomic_write, first_line
+from .utils import atomic_write, file_stem, first_line, write_json_atomic
 
 ROW_FIELDS = ("name", "model", "verdict", "flagged", "p_value", "labels", "time_s", "report", "error")
 _TRUE, _FALSE = {"1", "true", "yes", "y"}, {"0", "false", "no", "n", ""}
@@ -209,7 +209,7 @@ def screen(entries: list[ScreenEntry], out, *, preset: str = "fast", rule: str =
     per-model folders, ``screen.csv``, ``screen.json`` and ``index.html`` into ``out`` (see the
     module doc). A non-empty ``out`` is refused unless ``resume``; resuming with other settings or
     other entries is refused. ``report``: also render each model's report.html."""
-    from .scanning import PRESETS, RULES, _file_stem, _lock
+    from .scanning import PRESETS, RULES, _lock
     started = time.perf_counter()
     if not entries:
         raise NetcleanseError("no models to screen")
@@ -220,7 +220,7 @@ def screen(entries: list[ScreenEntry], out, *, preset: str = "fast", rule: str =
     out = Path(out)
     folders, taken = [], set()
     for entry in entries:
-        base = _file_stem(entry.name or Path(entry.model).stem)
+        base = file_stem(entry.name or Path(entry.model).stem)
         folder, k = base, 2
         while folder.lower() in taken:  # deterministic: the same entries always get the same folders
             folder, k = f"{base}_{k}", k + 1
@@ -286,8 +286,7 @@ def _prepare(out: Path, resume: bool, settings: dict) -> None:
                                   f"{'models' if what == ['entries'] else 'settings (' + ', '.join(what) + ')'}")
         return
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(started) as tmp:
-        tmp.write_text(json.dumps(key, indent=1))
+    write_json_atomic(started, key, indent=1)
 
 
 def _screen_one(shared: dict, job, progress) -> tuple:
@@ -362,11 +361,10 @@ def _render(target: Path, out: Path) -> tuple[str | None, str | None]:
 
 def _write_summary(out: Path, rows: list, settings: dict) -> None:
     done = [r for r in rows if r is not None]
-    with atomic_write(out / "screen.json") as tmp:
-        tmp.write_text(json.dumps({"format": "netcleanse-screen", "version": 1, "models": len(rows),
-                                   "finished": len(done), "settings": {k: v for k, v in settings.items()
-                                                                       if k != "entries"},
-                                   "rows": done}, indent=1))
+    write_json_atomic(out / "screen.json", {"format": "netcleanse-screen", "version": 1, "models": len(rows),
+                                            "finished": len(done), "settings": {k: v for k, v in settings.items()
+                                                                                if k != "entries"},
+                                            "rows": done}, indent=1)
     with atomic_write(out / "screen.csv") as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)

@@ -1,7 +1,8 @@
-"""Small shared helpers: seeding and device selection."""
+"""Small shared helpers: seeding, device selection, atomic file writes, checks of untrusted files."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from contextlib import contextmanager
@@ -43,6 +44,36 @@ def atomic_write(path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in ``path`` (an error if the file is unreadable or holds another JSON value)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NetcleanseError(f"cannot read {path}: {exc}") from None
+    if not isinstance(value, dict):
+        raise NetcleanseError(f"{path} does not hold a JSON object")
+    return value
+
+
+def write_json_atomic(path, obj, indent: int | None = None) -> None:
+    """Write ``obj`` as JSON (UTF-8, ``indent`` as in :func:`json.dumps`, one trailing newline) to
+    ``path`` through :func:`atomic_write`: the old file stays whole until the new one is complete."""
+    text = json.dumps(obj, indent=indent) + "\n"
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_npz_atomic(path, **arrays) -> None:
+    """Write ``arrays`` with :func:`numpy.savez` to ``path`` through :func:`atomic_write`."""
+    with atomic_write(path) as tmp:
+        np.savez(tmp, **arrays)
+
+
+def file_stem(name: str) -> str:
+    """``name`` with every character but letters, digits and ``-_.`` replaced by ``_`` ("model" if empty)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "model"
 
 
 def resolve_device(name: str) -> torch.device:
