@@ -25,7 +25,7 @@ import torch
 import netcleanse
 from netcleanse.calibrated import calibrated_test
 from netcleanse.errors import NetcleanseError
-from netcleanse.scanning import PRESETS, ScanResult, calibrated_inputs, label_margins, tested_margins
+from netcleanse.scanning import ScanResult, calibrated_inputs, record_margins, tested_margins
 from netcleanse import scan_folder
 from netcleanse.utils import write_json_atomic
 
@@ -76,13 +76,8 @@ def main(argv=None) -> int:
 def _add_margins(out: Path, model, result: ScanResult, seed: int) -> None:
     """Record the maximum margins of the tested labels in an older scan's scan.json."""
     started = time.perf_counter()
-    tested = calibrated_inputs(result.labels, result.settings["detection"])[0]
-    work = model.eval().requires_grad_(False).to(memory_format=torch.channels_last)  # as the scan's copy
-    margins = label_margins(work, sorted(tested), seed, PRESETS[result.preset], torch.device("cpu"), True)
     info = scan_folder.read_scan_json(out / scan_folder.SCAN_JSON)
-    for rec in info["labels"]:
-        if rec["label"] in margins:
-            rec["max_margin"] = margins[rec["label"]]
+    margins = record_margins(model, [info], seed, result.preset)
     scan_folder.write_scan_json(out, info)
     print(f"{out.name}: margins of {len(margins)} labels added in {time.perf_counter() - started:.0f} s", flush=True)
 

@@ -41,7 +41,7 @@ import torch
 import netcleanse
 from netcleanse.calibrated import DF, FAMILY, SCALE_FLOOR, calibrated_test
 from netcleanse.errors import NetcleanseError
-from netcleanse.scanning import PRESETS, calibrated_inputs, label_margins, tested_margins
+from netcleanse.scanning import calibrated_inputs, record_margins, tested_margins
 from netcleanse.utils import write_json_atomic
 from zoo import add_executor_arguments, executor_from_args, load_member, parse_shard, read_zoo  # noqa: E402
 # (benchmarks/ is on sys.path when run as a script)
@@ -109,19 +109,13 @@ def add_margins(zoo: Path, out: Path, entries: list[dict], modes, seed: int, pre
     started = time.perf_counter()
     for n, (entry, paths, rows) in enumerate(todo, 1):
         model, _ = load_member(zoo, entry, with_data=False)
-        work = model.eval().requires_grad_(False).to(memory_format=torch.channels_last)  # as the scan's copy
-        tested = sorted(set().union(*(calibrated_inputs(r["scan"]["labels"], r["scan"]["settings"]["detection"])[0]
-                                      for r in rows)))
         t = time.perf_counter()
-        margins = label_margins(work, tested, seed, PRESETS[preset], torch.device("cpu"), True)
+        margins = record_margins(model, [row["scan"] for row in rows], seed, preset)
         for path, row in zip(paths, rows):
-            for rec in row["scan"]["labels"]:
-                if rec["label"] in margins:
-                    rec["max_margin"] = margins[rec["label"]]
             row["margin_time_s"] = time.perf_counter() - t
             write_json_atomic(path, row)
         eta = (time.perf_counter() - started) / n * (len(todo) - n)
-        log(f"[{n}/{len(todo)}, ETA {eta / 60:.0f} min] {entry['folder']:<24} margins of {len(tested)} labels "
+        log(f"[{n}/{len(todo)}, ETA {eta / 60:.0f} min] {entry['folder']:<24} margins of {len(margins)} labels "
             f"{time.perf_counter() - t:.0f} s", flush=True)
 
 

@@ -446,15 +446,7 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         lock = _lock(out_dir)  # held until this function returns (or the process ends)
     journal = _Journal(out_dir)
 
-    # a private, frozen, channels-last copy: the caller's model is left untouched
-    # (copied without autograd: a TorchScript module's deepcopy otherwise clones its parameters into
-    # non-leaf tensors, whose requires_grad cannot be switched off)
-    with torch.no_grad():
-        work = copy.deepcopy(model)
-    work = work.to(dev).eval().requires_grad_(False)
-    channels_last = dev.type == "cpu"
-    if channels_last:
-        work = work.to(memory_format=torch.channels_last)
+    work, channels_last = _working_copy(model, dev)
 
     gen = torch.Generator().manual_seed(int(seed))
     if data is None:
@@ -653,6 +645,35 @@ def _prepare_out(out_dir: Path, resume: bool, settings: dict, model_info: dict) 
                               "or choose an empty folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(started, key, indent=1)
+
+
+def _working_copy(model, dev: torch.device):
+    """A private, frozen copy of ``model`` on ``dev`` (channels-last on the CPU), so the caller's model
+    is left untouched; returns (copy, channels_last). Copied without autograd: a TorchScript module's
+    deepcopy otherwise clones its parameters into non-leaf tensors, whose requires_grad cannot be
+    switched off."""
+    with torch.no_grad():
+        work = copy.deepcopy(model)
+    work = work.to(dev).eval().requires_grad_(False)
+    channels_last = dev.type == "cpu"
+    if channels_last:
+        work = work.to(memory_format=torch.channels_last)
+    return work, channels_last
+
+
+def record_margins(model, scans: list[dict], seed: int, preset: str = "fast") -> dict[int, float]:
+    """Fill in the maximum margins (``max_margin``) of the labels each scan's test covers, in place,
+    for scans of ``model`` (scan.json dicts) made before margins were recorded, computed exactly as a
+    scan with ``seed`` computes them (a label's margin depends on the model, the seed and the label
+    only, so this equals what a rescan would record); returns label -> margin."""
+    tested = sorted(set().union(*(calibrated_inputs(s["labels"], s["settings"]["detection"])[0] for s in scans)))
+    work, channels_last = _working_copy(model, torch.device("cpu"))
+    margins = label_margins(work, tested, seed, PRESETS[preset], torch.device("cpu"), channels_last)
+    for s in scans:
+        for rec in s["labels"]:
+            if rec["label"] in margins:
+                rec["max_margin"] = margins[rec["label"]]
+    return margins
 
 
 def label_margins(work, labels, seed: int, plan: Preset, device, channels_last: bool, journal: _Journal | None = None,
