@@ -147,15 +147,18 @@ def _build_task(shared, job, progress) -> tuple[dict, float]:
 
 def build_zoo(out: Path, n: int = 60, datasets=DATASETS, seed: int = 0, arch: str | None = None,
               epochs: int | None = None, split: str = "all", shard: tuple[int, int] = (0, 1), log=print,
-              executor=None) -> list[dict]:
+              executor=None, first_pair: int = 0) -> list[dict]:
     """Build (or finish building) the zoo in ``out``; returns the entries of every finished model.
-    ``executor``: where the models are trained (:mod:`netcleanse.executor`; default this process)."""
+    ``executor``: where the models are trained (:mod:`netcleanse.executor`; default this process).
+    ``first_pair``: build only pairs ``i >= first_pair`` (to grow a zoo whose earlier pairs were
+    built, and scanned, elsewhere; a pair's models do not depend on ``n``)."""
     arch = arch or DEFAULT_ARCH
     for dataset in datasets:
         if dataset not in NUM_CLASSES:
             raise NetcleanseError(f"the zoo knows the datasets {', '.join(NUM_CLASSES)}, not {dataset!r}")
     out.mkdir(parents=True, exist_ok=True)
-    plan = [p for p in zoo_plan(n, datasets, seed) if split == "all" or split_of(p[2]) == split]
+    plan = [p for p in zoo_plan(n, datasets, seed)
+            if (split == "all" or split_of(p[2]) == split) and p[2] >= first_pair]
     jobs = [job for k, job in enumerate(plan)
             if k % shard[1] == shard[0] and not (out / job[0] / "entry.json").is_file()]
     for _, (entry, seconds) in (executor or LocalExecutor()).map(_build_task, (str(out.resolve()), seed, arch, epochs),
@@ -251,6 +254,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="training epochs for every model (default: drawn)")
     parser.add_argument("--split", choices=("dev", "eval", "all"), default="all", help="build only one half")
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="K/N: build every N-th model from the K-th")
+    parser.add_argument("--from-pair", type=int, default=0,
+                        help="build only pairs from this index on (grow a zoo whose earlier pairs exist elsewhere)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     add_executor_arguments(parser)
     args = parser.parse_args(argv)
@@ -261,7 +266,7 @@ def main(argv=None) -> int:
     try:
         with executor_from_args(args) as executor:
             entries = build_zoo(args.out, args.n, datasets, args.seed, args.arch, args.epochs, args.split, args.shard,
-                                executor=executor)
+                                executor=executor, first_pair=args.from_pair)
     except NetcleanseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
