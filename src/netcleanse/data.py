@@ -444,10 +444,8 @@ def read_image(path, channels: int | None = None) -> np.ndarray:
 def max_image_pixels() -> int:
     """The largest image (width x height) netcleanse decodes: 16 megapixels, or
     ``NETCLEANSE_MAX_IMAGE_PIXELS``. Backdoor scans work on images of a few thousand pixels."""
-    try:
-        return int(os.environ.get("NETCLEANSE_MAX_IMAGE_PIXELS", 16_000_000))
-    except ValueError:
-        raise NetcleanseError("NETCLEANSE_MAX_IMAGE_PIXELS must be a whole number") from None
+    from .limits import IMAGE_PIXELS
+    return IMAGE_PIXELS()
 
 
 def _load_images(items: list[tuple[Path, int | None]], channels, expect_shape, source: str) -> Dataset:

@@ -52,6 +52,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import NetcleanseError
 from .model import Classifier
+from . import limits
 from .utils import atomic_write, check_declared_size, check_self_contained_h5, first_line
 
 # Errors h5py raises on truncated or corrupt files; turned into NetcleanseError at the boundary.
@@ -611,14 +612,11 @@ def _activation_name(value, layer: str) -> str:
     return value
 
 
-# the most weights one layer of a config may declare (2^28: 1 GiB of float32; VGG-16's largest
-# layer has 1.03e8), checked before the layer is allocated
-MAX_LAYER_WEIGHTS = 1 << 28
-
-
 def _check_layer_size(name: str, weights: int) -> None:
-    if weights > MAX_LAYER_WEIGHTS:
-        raise NetcleanseError(f"layer {name!r} declares {weights:,} weights (more than {MAX_LAYER_WEIGHTS:,}); refused")
+    """At most :data:`netcleanse.limits.LAYER_WEIGHTS` per layer, checked before it is allocated."""
+    if weights > limits.LAYER_WEIGHTS():
+        raise NetcleanseError(f"layer {name!r} declares {weights:,} weights (more than {limits.LAYER_WEIGHTS():,}; "
+                              f"{limits.LAYER_WEIGHTS.hint}); refused")
 
 
 def _build_layer(class_name: str, cfg: dict, name: str, inputs: list[torch.Tensor],
@@ -645,6 +643,8 @@ def _build_layer(class_name: str, cfg: dict, name: str, inputs: list[torch.Tenso
         return module, _activation_name(cfg.get("activation"), name)
     if class_name == "DepthwiseConv2D":
         image_input()
+        kernel = _pair(cfg["kernel_size"])
+        _check_layer_size(name, int(x.shape[1]) * int(cfg.get("depth_multiplier", 1)) * kernel[0] * kernel[1])
         module = KerasDepthwiseConv2d(x.shape[1], int(cfg.get("depth_multiplier", 1)), _pair(cfg["kernel_size"]),
                                       _pair(cfg.get("strides", 1)), _pair(cfg.get("dilation_rate", 1)),
                                       bool(cfg.get("use_bias", True)), same=_padding(cfg, name) == "same")
@@ -755,8 +755,6 @@ def _config_array(value):
     raise NetcleanseError(f"a preprocessing layer's config holds {type(value).__name__} where numbers belong")
 
 
-# the largest input a Keras config may declare per image (16 megapixels x 3 channels)
-MAX_INPUT_VALUES = 48_000_000
 SUPPORTED_LAYERS = frozenset({"InputLayer", "Conv2D", "DepthwiseConv2D", "Dense", "MaxPooling2D",
                               "AveragePooling2D", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten",
                               "Reshape", "Permute", "Activation", "ReLU", "LeakyReLU", "ELU", "ThresholdedReLU",
@@ -849,9 +847,9 @@ def _input_spec(entry: dict) -> tuple | None:
             size = int(np.prod([int(n) for n in list(shape)[1:] if n is not None], dtype=object))
         except (TypeError, ValueError):
             raise NetcleanseError(f"input layer {entry.get('name')!r} has an unreadable shape {shape!r}") from None
-        if size > MAX_INPUT_VALUES:
+        if size > limits.INPUT_VALUES():
             raise NetcleanseError(f"input layer {entry.get('name')!r} declares {size:,} values per image "
-                                  f"(more than {MAX_INPUT_VALUES:,}); refused")
+                                  f"(more than {limits.INPUT_VALUES():,}; {limits.INPUT_VALUES.hint}); refused")
     return None if shape is None else tuple(shape)
 
 
@@ -1222,11 +1220,8 @@ def load_keras(path, arch: str | None = None, input_scale: float = 1.0, name: st
 # Keras 3 .keras archives
 # --------------------------------------------------------------------------------------------
 
-# limits for the members of a .keras zip, checked on the sizes its directory declares and again
-# while reading (a lying directory cannot make netcleanse read more)
-MAX_CONFIG_BYTES = 64 << 20
-MAX_WEIGHTS_BYTES = 8 << 30
-MAX_ARCHIVE_MEMBERS = 100_000
+# limits for the members of a .keras zip (netcleanse.limits), checked on the sizes its directory
+# declares and again while reading (a lying directory cannot make netcleanse read more)
 
 
 def _snake_case(name: str) -> str:
@@ -1239,7 +1234,7 @@ def _snake_case(name: str) -> str:
 
 def _read_member(archive, info, limit: int, path: Path) -> bytes:
     """The bytes of one zip member, refused when it declares (or turns out to hold) more than
-    ``limit`` bytes, or expands more than :data:`netcleanse.utils.MAX_EXPANSION` times."""
+    ``limit`` bytes, or expands more than :data:`netcleanse.limits.EXPANSION` times."""
     if info.file_size > limit:
         raise NetcleanseError(f"{path}: {info.filename} declares {info.file_size:,} bytes (more than "
                               f"{limit:,}); refused")
@@ -1270,20 +1265,21 @@ def load_keras_archive(path, input_scale: float = 1.0, name: str | None = None) 
     try:
         with archive:
             infos = archive.infolist()
-            if len(infos) > MAX_ARCHIVE_MEMBERS:
+            if len(infos) > limits.ARCHIVE_MEMBERS():
                 raise NetcleanseError(f"{path}: the archive has {len(infos):,} members; refused")
             members = {info.filename: info for info in infos}
             if "config.json" not in members or "model.weights.h5" not in members:
                 raise NetcleanseError(f"{path} is not a Keras 3 .keras archive (it needs config.json and "
                                       "model.weights.h5)")
-            config_text = _read_member(archive, members["config.json"], MAX_CONFIG_BYTES, path)
+            config_text = _read_member(archive, members["config.json"], limits.CONFIG_BYTES(), path)
             metadata = {}
             if "metadata.json" in members:
                 try:
-                    metadata = json.loads(_read_member(archive, members["metadata.json"], MAX_CONFIG_BYTES, path))
+                    metadata = json.loads(_read_member(archive, members["metadata.json"], limits.CONFIG_BYTES(),
+                                                       path))
                 except ValueError:
                     metadata = {}
-            weights = _read_member(archive, members["model.weights.h5"], MAX_WEIGHTS_BYTES, path)
+            weights = _read_member(archive, members["model.weights.h5"], limits.WEIGHTS_BYTES(), path)
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, RuntimeError, NotImplementedError, ValueError) as exc:
         raise NetcleanseError(f"{path}: cannot read the .keras archive, it may be truncated or corrupt "
                               f"({first_line(exc)})") from None

@@ -107,15 +107,13 @@ def check_self_contained_h5(h5, path) -> None:
     walk(h5, "")
 
 
-# an array may declare more bytes than it stores (compression) up to this ratio, beyond a small size
-MAX_EXPANSION = 200
-SMALL_ARRAY_BYTES = 64 << 20
-
-
 def check_declared_size(shape, dtype, stored: int, path, key: str) -> None:
-    """Refuse an array whose declared size its file cannot back: more than ``MAX_EXPANSION`` times
-    the bytes it stores (and above ``SMALL_ARRAY_BYTES``), checked before anything is allocated."""
+    """Refuse an array whose declared size its file cannot back: more than
+    :data:`netcleanse.limits.EXPANSION` times the bytes it stores (compression), unless it is at most
+    :data:`netcleanse.limits.SMALL_ARRAY_BYTES`; checked before anything is allocated."""
+    from . import limits
     declared = int(np.prod([int(n) for n in shape], dtype=object)) * np.dtype(dtype).itemsize
-    if declared > SMALL_ARRAY_BYTES and declared > MAX_EXPANSION * max(int(stored), 1):
+    if declared > limits.SMALL_ARRAY_BYTES() and declared > limits.EXPANSION() * max(int(stored), 1):
         raise NetcleanseError(f"{path}: {key} declares {tuple(int(n) for n in shape)} ({declared:,} bytes) but the "
-                              f"file stores only {int(stored):,} bytes of it; refused")
+                              f"file stores only {int(stored):,} bytes of it; refused "
+                              f"({limits.EXPANSION.hint})")
