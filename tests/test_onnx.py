@@ -153,6 +153,29 @@ def test_external_data_inside_the_folder_loads(tmp_path):
     assert torch.allclose(load_model(ext).logits(x), reference.logits(x), atol=1e-6)
 
 
+def test_checkpoint_onnx_bytes_with_external_data_are_refused(tmp_path, monkeypatch, capsys):
+    """A netcleanse checkpoint stores its ONNX graph as bytes; a graph there that keeps a tensor in an
+    external file would make onnx read that file relative to the working directory. Refused, and the
+    file is never read (its bytes do not reach the network)."""
+    path, w, _ = nhwc_model(tmp_path)
+    checkpoint = save_model(load_model(path), tmp_path / "model.pt")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    (elsewhere / "canary.bin").write_bytes(np.full(w.size, 7.25, np.float32).tobytes())
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    pointing, _, _ = nhwc_model(sub, {"location": "canary.bin"})
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["onnx_model"] = torch.frombuffer(bytearray(pointing.read_bytes()), dtype=torch.uint8).clone()
+    torch.save(ckpt, tmp_path / "bad.pt")
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(SystemExit) as stopped:
+        main(["info", str(tmp_path / "bad.pt")])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "keeps its data in another file" in err
+
+
 def test_bad_onnx_files_are_one_line_errors(tmp_path, capsys):
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\x08\x07" + b"\xff" * 64)

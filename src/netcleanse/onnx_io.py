@@ -6,7 +6,8 @@ converting:
 
 - **no other file is read** unless the model keeps tensors in external data files, and then
   only regular files inside the model's own folder (no absolute paths, no ``..``, no links
-  leading out), each tensor's offset and length inside its file;
+  leading out), each tensor's offset and length inside its file; ONNX bytes stored in a
+  netcleanse checkpoint may not refer to external data at all;
 - operators outside the standard domains are refused (onnx2torch has no converter for them);
 - the graph has one image input (N x C x H x W, or N x H x W x C which is transposed for the
   network) and one output of one score per class.
@@ -209,6 +210,13 @@ def net_from_onnx(model_or_bytes, path, input_shape=None) -> tuple[OnnxNet, tupl
         model = onnx.load_model_from_string(bytes(model_or_bytes))
     else:
         model = model_or_bytes
+    # load_onnx has read a file's own external data by now (checked by _check_external_data); a tensor
+    # still kept elsewhere (a checkpoint's stored ONNX bytes) would make onnx read a file relative to
+    # the working directory: refused
+    external = next((t for t in _tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL), None)
+    if external is not None:
+        raise NetcleanseError(f"{path}: tensor {external.name!r} of its ONNX model keeps its data in another "
+                              "file; refused")
     for node in model.graph.node:
         if node.domain not in STANDARD_DOMAINS:
             raise NetcleanseError(f"{path}: node {node.name or node.op_type!r} uses operator {node.op_type!r} of "
