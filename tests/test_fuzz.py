@@ -1,5 +1,7 @@
-"""Property-based fuzzing of the readers of untrusted files: models (Keras .h5, PyTorch .pt) and data
-(.npz, .h5, PNG). The contract: a loaded object or a NetcleanseError, never another exception.
+"""Property-based fuzzing of the readers of untrusted files: models (Keras .h5/.keras, PyTorch .pt,
+safetensors, ONNX) and data (.npz, .h5, PNG). The contract: a loaded object or a one-line
+NetcleanseError, never another exception, within a memory cap, and no file opened but the one under
+test (ReadGuard: a Python audit hook plus inotify on the file's folder and on canary files).
 
 The default suite runs a short budget; a long one runs with the same tests:
 ``NETCLEANSE_FUZZ_EXAMPLES=2000 pytest -q tests/test_fuzz.py`` (see SECURITY.md). Examples are the
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import zipfile
 from pathlib import Path
 
@@ -48,12 +51,151 @@ def memory_cap():
     resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
-def _contract(load, path: Path) -> None:
-    """Either it loads or it says why in a NetcleanseError; anything else fails the test."""
+# ---- "never a read outside the file" ------------------------------------------------------------------
+#
+# Two witnesses, because readers open files from Python (torch, numpy, onnx, PIL, zipfile) and from C
+# (the HDF5 library, safetensors' Rust):
+# - a Python audit hook records every path opened, listed or scanned while a reader runs; anything but
+#   the file under test and the interpreter's own files (imports) fails the example;
+# - inotify watches the file's folder and a folder of canary files beside it: any open of another
+#   file there, from any code, fails the example; so does a canary left open or mapped afterwards.
+# The loaders are run once on every seed before fuzzing, so that imports happen outside the guard.
+
+_AUDITED = ("open", "os.listdir", "os.scandir", "glob.glob", "shutil.copyfile", "os.symlink", "os.link")
+_IN_ACCESS, _IN_OPEN, _IN_ISDIR = 0x1, 0x20, 0x40000000
+
+
+def _system_roots() -> tuple[str, ...]:
+    """Folders imports legitimately read: the interpreter, site-packages, netcleanse's source, the
+    tests; and the kernel's pseudo-files."""
+    import site
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *site.getsitepackages(),
+             str(Path(__file__).resolve().parents[1] / "src"), str(Path(__file__).resolve().parent),
+             str(Path(np.__file__).resolve().parents[1]), str(Path(torch.__file__).resolve().parents[1]),
+             "/proc", "/sys", "/dev"}
+    return tuple(sorted({os.path.realpath(r) for r in roots} - {"/"}))
+
+
+class ReadGuard:
+    """While active, records what the process opens (module comment above); :meth:`check` fails the
+    test when anything but ``allowed`` (and the system roots) was opened."""
+
+    active: "ReadGuard | None" = None
+    roots: tuple[str, ...] = ()
+
+    def __init__(self, allowed, watch=()):
+        self.allowed = {os.path.realpath(p) for p in allowed}
+        self.watch = [os.path.realpath(p) for p in watch]
+        self.seen: list[tuple[str, str]] = []
+        self._inotify, self._wds = -1, {}
+
+    def __enter__(self):
+        self.cwd = os.getcwd()
+        if _LIBC is not None and self.watch:
+            self._inotify = _LIBC.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+            for where in self.watch:
+                wd = _LIBC.inotify_add_watch(self._inotify, os.fsencode(where), _IN_OPEN | _IN_ACCESS)
+                if wd >= 0:
+                    self._wds[wd] = where
+        ReadGuard.active = self
+        return self
+
+    def __exit__(self, *exc):
+        ReadGuard.active = None
+        if self._inotify >= 0:
+            self._drain()
+            os.close(self._inotify)
+        self._open_now()
+        return False
+
+    def _drain(self) -> None:
+        import struct
+        while True:
+            try:
+                data = os.read(self._inotify, 65536)
+            except BlockingIOError:
+                return
+            at = 0
+            while at + 16 <= len(data):
+                wd, mask, _cookie, size = struct.unpack_from("iIII", data, at)
+                name = data[at + 16:at + 16 + size].rstrip(b"\0").decode(errors="replace")
+                at += 16 + size
+                where = self._wds.get(wd, "?")
+                path = os.path.join(where, name) if name else where
+                if not (mask & _IN_ISDIR and not name):  # the watched folder itself: seen by the audit hook
+                    self.seen.append(("inotify", path))
+
+    def _open_now(self) -> None:
+        """Files of the watched folders still open or mapped after the reader returned."""
+        watched = tuple(w + os.sep for w in self.watch)
+        if not watched or not os.path.isdir("/proc/self/fd"):
+            return
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(watched):
+                self.seen.append(("open fd", target))
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                target = line.rstrip("\n").split(maxsplit=5)[-1]
+                if target.startswith(watched):
+                    self.seen.append(("mapped", target))
+
+    def outside(self) -> list[tuple[str, str]]:
+        bad = []
+        for event, path in self.seen:
+            real = os.path.realpath(os.path.join(self.cwd, path))
+            if real in self.allowed or real.startswith(tuple(r + os.sep for r in ReadGuard.roots)) \
+                    or real in ReadGuard.roots:
+                continue
+            bad.append((event, path))
+        return bad
+
+    def check(self) -> None:
+        bad = self.outside()
+        assert not bad, f"the reader touched files other than its own: {bad[:5]}"
+
+
+def _audit(event, args):
+    guard = ReadGuard.active
+    if guard is None or event not in _AUDITED or not args:
+        return
+    path = args[0]
+    if isinstance(path, (str, bytes, os.PathLike)):
+        guard.seen.append((event, os.fsdecode(path)))
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        load(path)
-    except NetcleanseError as exc:
-        assert "\n" not in str(exc).strip(), f"not one line: {exc!r}"
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.inotify_init1, libc.inotify_add_watch  # noqa: B018
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
+ReadGuard.roots = _system_roots()
+sys.addaudithook(_audit)
+
+
+def _contract(load, path: Path, also=(), watch=None):
+    """Either it loads or it says why in a NetcleanseError; anything else fails the test. The reader
+    may open ``path`` (and ``also``) and nothing else (see ReadGuard). Returns what was loaded."""
+    watch = [Path(path).parent] if watch is None else watch
+    loaded = None
+    with ReadGuard([path, *also], watch) as guard:
+        try:
+            loaded = load(path)
+        except NetcleanseError as exc:
+            assert "\n" not in str(exc).strip(), f"not one line: {exc!r}"
+    guard.check()
+    return loaded
 
 
 def _model_seeds() -> dict[str, bytes]:
@@ -131,6 +273,24 @@ def _data_seeds() -> dict[str, bytes]:
 
 MODEL_SEEDS = _model_seeds()
 DATA_SEEDS = _data_seeds()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def warm_readers(tmp_path_factory):
+    """Every reader once on its seed before the fuzzing, so that its imports happen outside the
+    ReadGuard (which allows the interpreter's own files anyway) and outside the memory cap."""
+    folder = tmp_path_factory.mktemp("warm")
+    for seed, blob in {**MODEL_SEEDS, **{f"data{k}": v for k, v in DATA_SEEDS.items()}}.items():
+        suffix = ".h5" if seed.endswith(".h5") else Path(seed).suffix or seed
+        path = folder / f"w{suffix}"
+        path.write_bytes(blob)
+        try:
+            if seed.startswith("data"):
+                load_data(path)
+            else:
+                load_model(path, arch=None if "tfkeras" in seed or seed in (".keras", ".onnx") else "mnist-cnn")
+        except Exception:  # noqa: BLE001 - only the imports matter here
+            pass
 
 
 def _mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes:
@@ -217,3 +377,230 @@ def test_checkpoint_dicts_with_any_fields(tmp_path, fields):
     path = tmp_path / "m.pt"
     torch.save(base, path)
     _contract(load_model, path)
+
+
+# ---- files that try to make a reader read another file ------------------------------------------------
+#
+# Each example writes canary files in a folder "outside" beside the model's folder (also the working
+# directory, so that names relative to it reach them) and a file that points at one of them: an HDF5
+# external link, external storage or virtual dataset (in an .h5 model, an .h5 data file, the weights
+# inside a .keras archive), an ONNX external-data tensor (in an .onnx file or in the ONNX bytes of a
+# netcleanse checkpoint), paths in safetensors metadata and checkpoint fields, .keras members named
+# out of the archive. Whatever the reader does, it opens no canary (ReadGuard), the canaries' bytes
+# do not reach what it loaded, and nothing is written outside.
+
+PATTERN = np.array([7.25, -3.5, 1234.5, 0.001], np.float32).tobytes()  # 16 bytes, unlike any seed's
+
+
+def _canary_bytes(n: int) -> bytes:
+    return (PATTERN * (n // len(PATTERN) + 1))[:max(n, 64)]
+
+
+def _holds_canary(blob: bytes) -> bool:
+    doubled = PATTERN * 2
+    return any(doubled[i:i + len(PATTERN)] in blob for i in range(len(PATTERN)))
+
+
+def _loaded_bytes(loaded) -> bytes:
+    """The bytes of what a reader returned: a model's tensors (and stored ONNX graph), a data set's
+    images (as the uint8 values they were read from) and labels."""
+    if loaded is None:
+        return b""
+    if hasattr(loaded, "net"):
+        parts = [t.detach().contiguous().numpy().tobytes() for t in loaded.net.state_dict().values()
+                 if isinstance(t, torch.Tensor)]
+        parts += [getattr(m, "onnx_bytes", b"") for m in loaded.net.modules()]
+        return b"".join(parts)
+    parts = [(loaded.x * 255).round().clamp(0, 255).to(torch.uint8).numpy().tobytes()]
+    if loaded.y is not None:
+        parts.append(loaded.y.numpy().tobytes())
+    return b"".join(parts)
+
+
+TARGETS = ("absolute", "relative to the file", "relative to the working folder", "link in the file's folder")
+
+
+def _target(case: Path, name: str, how: str) -> str:
+    """How a file names the canary ``outside/name``."""
+    canary = case / "outside" / name
+    if how == "absolute":
+        return str(canary)
+    if how == "relative to the file":
+        return f"../outside/{name}"
+    if how == "relative to the working folder":
+        return name
+    link = case / "model" / f"link-{name}"
+    if not link.is_symlink():
+        link.symlink_to(canary)
+    return link.name
+
+
+def _h5_point(h5: h5py.File, key: str, kind: str, case: Path, how: str) -> None:
+    """Replace dataset ``key`` of an open HDF5 file by one whose data lives in a canary file."""
+    shape, dtype = h5[key].shape, h5[key].dtype
+    del h5[key]
+    if kind == "external storage":
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        (case / "outside" / "canary.bin").write_bytes(_canary_bytes(nbytes))
+        h5.create_dataset(key, shape=shape, dtype=dtype, external=[(_target(case, "canary.bin", how), 0, nbytes)])
+        return
+    values = np.frombuffer(_canary_bytes(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize), dtype)
+    with h5py.File(case / "outside" / "canary.h5", "w") as canary:
+        canary["w"] = values[:int(np.prod(shape, dtype=np.int64))].reshape(shape)
+    target = _target(case, "canary.h5", how)
+    if kind == "external link":
+        h5[key] = h5py.ExternalLink(target, "/w")
+    else:  # virtual dataset
+        layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+        layout[...] = h5py.VirtualSource(target, "w", shape=shape)
+        h5.create_virtual_dataset(key, layout)
+
+
+def _h5_keys(blob: bytes) -> list[str]:
+    keys = []
+    with h5py.File(io.BytesIO(blob), "r") as h5:
+        h5.visititems(lambda name, item: keys.append(name) if isinstance(item, h5py.Dataset) else None)
+    return sorted(keys)
+
+
+def _keras_members(weights: bytes, extra: list[str], case: Path) -> bytes:
+    """The .keras seed with ``weights`` as its model.weights.h5, plus members named out of the archive
+    and a member stored as a symbolic link to the canary."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(MODEL_SEEDS[".keras"])) as seed, \
+            zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as out:
+        for info in seed.infolist():
+            out.writestr(info.filename, weights if info.filename == "model.weights.h5" else seed.read(info))
+        for name in extra:
+            if name == "symlink":
+                link = zipfile.ZipInfo("model.weights.link")
+                link.external_attr = (0o120777 << 16)
+                out.writestr(link, str(case / "outside" / "canary.h5"))
+            else:
+                out.writestr(name, PATTERN * 8)
+    return buffer.getvalue()
+
+
+def _onnx_point(blob: bytes, index: int, case: Path, how: str, bounds: tuple[int, int] | None) -> bytes:
+    import onnx
+    model = onnx.load_model_from_string(blob)
+    tensor = model.graph.initializer[index % len(model.graph.initializer)]
+    nbytes = max(int(np.prod(tensor.dims, dtype=np.int64)), 1) * 4
+    (case / "outside" / "canary.bin").write_bytes(_canary_bytes(nbytes))
+    tensor.ClearField("raw_data")
+    tensor.ClearField("float_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value=_target(case, "canary.bin", how))
+    if bounds is not None:
+        tensor.external_data.add(key="offset", value=str(bounds[0]))
+        tensor.external_data.add(key="length", value=str(bounds[1]))
+    return model.SerializeToString()
+
+
+_ONNX_CHECKPOINT: list[bytes] = []
+
+
+def _onnx_checkpoint() -> bytes:
+    """A netcleanse checkpoint of the ONNX seed (its ONNX bytes are then replaced), made once."""
+    if not _ONNX_CHECKPOINT:
+        import tempfile
+        from netcleanse.torch_io import save_model
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "m.onnx").write_bytes(MODEL_SEEDS[".onnx"])
+            _ONNX_CHECKPOINT.append(save_model(load_model(Path(folder) / "m.onnx"), Path(folder) / "m.pt").read_bytes())
+    return _ONNX_CHECKPOINT[0]
+
+
+POINTING = ["h5 model", "h5 data", "keras weights", "keras members", "safetensors metadata", "checkpoint fields"]
+if ".onnx" in MODEL_SEEDS:
+    POINTING += ["onnx", "onnx in a checkpoint"]
+
+
+@FUZZ
+@given(kind=st.sampled_from(POINTING), h5_kind=st.sampled_from(["external link", "external storage", "virtual"]),
+       how=st.sampled_from(TARGETS), index=st.integers(0, 1000),
+       bounds=st.one_of(st.none(), st.tuples(st.integers(0, 4096), st.integers(0, 1 << 20))),
+       extra=st.lists(st.sampled_from(["../outside/canary.h5", "/tmp/netcleanse-canary.h5", "symlink",
+                                       "model.weights.h5/../../outside/x"]), max_size=3, unique=True))
+def test_files_pointing_at_other_files(tmp_path, kind, h5_kind, how, index, bounds, extra):
+    import contextlib
+    import uuid
+    case = tmp_path / uuid.uuid4().hex
+    (case / "model").mkdir(parents=True)
+    (case / "outside").mkdir()
+    (case / "outside" / "canary.h5").write_bytes(b"")  # replaced by the cases that need it
+    arch = "mnist-cnn"
+    if kind in ("h5 model", "h5 data"):
+        seed = MODEL_SEEDS[".h5"] if kind == "h5 model" else DATA_SEEDS[".h5"]
+        path = case / "model" / ("m.h5" if kind == "h5 model" else "d.h5")
+        path.write_bytes(seed)
+        keys = _h5_keys(seed)
+        with h5py.File(path, "r+") as h5:
+            _h5_point(h5, keys[index % len(keys)], h5_kind, case, how)
+    elif kind in ("keras weights", "keras members"):
+        arch = None
+        with zipfile.ZipFile(io.BytesIO(MODEL_SEEDS[".keras"])) as seed:
+            weights = seed.read("model.weights.h5")
+        if kind == "keras weights":
+            keys = [k for k in _h5_keys(weights) if k.startswith("layers/")]
+            buffer = io.BytesIO(weights)
+            with h5py.File(buffer, "r+") as h5:
+                _h5_point(h5, keys[index % len(keys)], h5_kind, case, how)
+            weights = buffer.getvalue()
+        path = case / "model" / "m.keras"
+        path.write_bytes(_keras_members(weights, extra if kind == "keras members" else [], case))
+    elif kind == "safetensors metadata":
+        from safetensors.torch import save as save_safetensors
+        from netcleanse.architectures import SmallCNN
+        (case / "outside" / "canary.bin").write_bytes(_canary_bytes(4096))
+        target = _target(case, "canary.bin", how)
+        metadata = {"format": "pt", "location": target, "external_data": target, "__file__": target}
+        path = case / "model" / "m.safetensors"
+        path.write_bytes(save_safetensors(SmallCNN(10).state_dict(), metadata=metadata))
+    elif kind == "checkpoint fields":
+        (case / "outside" / "canary.py").write_text(
+            f"open({str(case / 'outside' / 'ran')!r}, 'w').close()\nimport torch\nNet = torch.nn.Linear\n")
+        target = _target(case, "canary.py", how)
+        ckpt = torch.load(io.BytesIO(MODEL_SEEDS[".pt"]), weights_only=True)
+        ckpt.update([("arch", f"{target}:Net"), ("source", target), ("keras_config", target)][:1 + index % 3])
+        path = case / "model" / "m.pt"
+        torch.save(ckpt, path)
+        arch = None
+    elif kind == "onnx":
+        arch = None
+        path = case / "model" / "m.onnx"
+        path.write_bytes(_onnx_point(MODEL_SEEDS[".onnx"], index, case, how, bounds))
+    else:  # ONNX bytes inside a netcleanse checkpoint
+        arch = None
+        ckpt = torch.load(io.BytesIO(_onnx_checkpoint()), weights_only=True)
+        pointing = _onnx_point(MODEL_SEEDS[".onnx"], index, case, how, bounds)
+        ckpt["onnx_model"] = torch.frombuffer(bytearray(pointing), dtype=torch.uint8).clone()
+        path = case / "model" / "m.pt"
+        torch.save(ckpt, path)
+    before = {p: p.read_bytes() for p in (case / "outside").iterdir()}
+    load = load_data if kind == "h5 data" else (lambda p: load_model(p, arch=arch))
+    with contextlib.chdir(case / "outside"):
+        loaded = _contract(load, path, watch=[case / "model", case / "outside"])
+    assert not _holds_canary(_loaded_bytes(loaded)), "a canary's bytes reached the loaded object"
+    assert {p: p.read_bytes() for p in (case / "outside").iterdir()} == before, "something was written outside"
+    assert sorted(p.name for p in (case / "model").iterdir() if not p.name.startswith("link-")) == [path.name]
+    assert not Path("/tmp/netcleanse-canary.h5").exists()
+
+
+def test_read_guard_sees_python_and_c_reads(tmp_path):
+    """The witness itself: a Python open and an HDF5 read of external storage (from C) of a file other
+    than the one under test are both caught."""
+    other = tmp_path / "other.bin"
+    other.write_bytes(PATTERN * 4)
+    path = tmp_path / "m.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("w", shape=(16,), dtype=np.float32, external=[(str(other), 0, 64)])
+    with ReadGuard([path], [tmp_path]) as guard:
+        other.read_bytes()
+    assert ("open", str(other)) in guard.outside(), guard.seen
+    if _LIBC is None:
+        pytest.skip("no inotify here: only the Python witness is checked")
+    with ReadGuard([path], [tmp_path]) as guard:
+        with h5py.File(path, "r") as h5:
+            assert _holds_canary(h5["w"][()].tobytes())
+    assert ("inotify", str(other)) in [(e, os.path.realpath(p)) for e, p in guard.outside()], guard.seen
