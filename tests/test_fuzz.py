@@ -13,6 +13,7 @@ flipped, truncated or headers rewritten.
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
 import zipfile
@@ -612,3 +613,252 @@ def test_read_guard_sees_python_and_c_reads(tmp_path):
         with h5py.File(path, "r") as h5:
             assert _holds_canary(h5["w"][()].tobytes())
     assert ("inotify", str(other)) in [(e, os.path.realpath(p)) for e, p in guard.outside()], guard.seen
+
+
+# ---- random Keras configs ------------------------------------------------------------------------------
+#
+# Sequential and Functional model configs with known and unknown layer classes, any sizes (small ones
+# mostly, so that some models build; zero, negative and huge ones too), nested models, missing and
+# mistyped fields; written into a whole-model .h5 or a .keras archive with weights laid out for the
+# config (as netcleanse's own exporter lays them out, then perturbed) or at random.
+
+def _weighted(*choices):
+    """One of the strategies, drawn with the given weights: ``_weighted((8, a), (1, b))``
+    (``st.one_of`` draws each branch alike); examples shrink towards the first."""
+    total = sum(weight for weight, _ in choices)
+
+    def pick(roll):
+        for weight, strategy in choices:
+            if roll < weight:
+                return strategy
+            roll -= weight
+    return st.integers(0, total - 1).flatmap(pick)
+
+
+def _sizes(small: int = 8):
+    """Mostly small, sometimes larger, now and then zero, negative or huge."""
+    return _weighted((16, st.integers(1, small)), (2, st.integers(small + 1, 64)),
+                     (1, st.sampled_from([0, -1, 100_000, 2**31, 10**12])))
+
+
+_JUNK = st.one_of(st.none(), st.text(max_size=4), st.floats(), st.booleans(), st.lists(st.integers(-2, 5), max_size=3),
+                  st.dictionaries(st.sampled_from(["class_name", "config", "value"]), st.integers(), max_size=2))
+
+
+def _mostly(good):
+    """``good`` values, one time in twelve something of another type."""
+    return _weighted((11, good), (1, _JUNK))
+
+
+_PAIR = _mostly(st.one_of(_sizes(4), st.lists(_sizes(4), min_size=2, max_size=2)))
+_ACTIVATION = _mostly(st.sampled_from(["relu", "softmax", "linear", "sigmoid", "tanh", "elu", "selu", "swish",
+                                       "hard_sigmoid", "softplus", "relu6", "not_an_activation", None]))
+_PADDING = _mostly(st.sampled_from(["valid", "same", "causal"]))
+_FLOAT = _mostly(st.floats(-4, 4))
+_AXIS = _mostly(st.one_of(st.integers(-4, 4), st.lists(st.integers(-4, 4), max_size=2)))
+_PADS = _mostly(st.one_of(_sizes(3), st.lists(_sizes(3), min_size=2, max_size=2),
+                          st.lists(st.lists(_sizes(3), min_size=2, max_size=2), min_size=2, max_size=2)))
+_ARRAY = _mostly(st.one_of(st.none(), st.floats(-2, 2), st.lists(st.floats(-2, 2), min_size=1, max_size=4),
+                           st.lists(st.lists(st.floats(), max_size=2), max_size=2)))
+_FORMAT = _weighted((19, st.just("channels_last")), (1, st.just("channels_first")))
+
+LAYER_FIELDS = {
+    "Conv2D": {"filters": _sizes(), "kernel_size": _PAIR, "strides": _PAIR, "padding": _PADDING,
+               "activation": _ACTIVATION, "use_bias": st.booleans(), "dilation_rate": _PAIR,
+               "groups": _mostly(st.integers(1, 3)), "data_format": _FORMAT},
+    "DepthwiseConv2D": {"kernel_size": _PAIR, "depth_multiplier": _sizes(3), "strides": _PAIR, "padding": _PADDING,
+                        "activation": _ACTIVATION, "use_bias": st.booleans()},
+    "Dense": {"units": _sizes(16), "activation": _ACTIVATION, "use_bias": st.booleans()},
+    "MaxPooling2D": {"pool_size": _PAIR, "strides": st.one_of(st.none(), _PAIR), "padding": _PADDING},
+    "AveragePooling2D": {"pool_size": _PAIR, "strides": st.one_of(st.none(), _PAIR), "padding": _PADDING},
+    "GlobalAveragePooling2D": {"keepdims": st.booleans()},
+    "GlobalMaxPooling2D": {"keepdims": st.booleans()},
+    "Flatten": {},
+    "Dropout": {"rate": _FLOAT},
+    "Reshape": {"target_shape": _mostly(st.lists(_sizes(), max_size=4))},
+    "Permute": {"dims": _mostly(st.one_of(st.permutations([1, 2, 3]), st.lists(st.integers(-1, 4), max_size=4)))},
+    "Activation": {"activation": _ACTIVATION},
+    "ReLU": {"max_value": st.one_of(st.none(), _FLOAT), "negative_slope": _FLOAT, "threshold": _FLOAT},
+    "LeakyReLU": {"alpha": _FLOAT, "negative_slope": _FLOAT},
+    "ELU": {"alpha": _FLOAT},
+    "Softmax": {"axis": _AXIS},
+    "BatchNormalization": {"axis": _AXIS, "epsilon": _FLOAT, "momentum": _FLOAT, "center": st.booleans(),
+                           "scale": st.booleans()},
+    "ZeroPadding2D": {"padding": _PADS},
+    "Cropping2D": {"cropping": _PADS},
+    "UpSampling2D": {"size": _PAIR, "interpolation": _mostly(st.sampled_from(["nearest", "bilinear"]))},
+    "Rescaling": {"scale": _ARRAY, "offset": _ARRAY},
+    "Normalization": {"axis": st.one_of(st.none(), _AXIS), "mean": _ARRAY, "variance": _ARRAY,
+                      "invert": st.booleans()},
+    "Add": {}, "Concatenate": {"axis": _AXIS}, "Multiply": {}, "Average": {}, "Maximum": {}, "Subtract": {},
+}
+# classes netcleanse does not rebuild (or refuses: code)
+UNKNOWN_LAYERS = {"Lambda": {"function": st.text(max_size=8)}, "TFOpLambda": {"function": st.text(max_size=8)},
+                  "LSTM": {"units": _sizes()}, "Conv3D": {"filters": _sizes()}, "MyCustomLayer": {"units": _sizes()}}
+# the fields a layer cannot do without (left out one time in twenty)
+REQUIRED = {"Conv2D": ("filters", "kernel_size"), "DepthwiseConv2D": ("kernel_size",), "Dense": ("units",),
+            "Reshape": ("target_shape",), "Permute": ("dims",)}
+_MERGE = {"Add", "Concatenate", "Multiply", "Average", "Maximum", "Subtract"}
+# the layers of a plain convolutional classifier, drawn more often so that many models build
+_COMMON = ["Conv2D", "Conv2D", "Dense", "Dense", "MaxPooling2D", "Flatten", "Flatten", "Activation",
+           "BatchNormalization", "GlobalAveragePooling2D", "Dropout"]
+
+
+def _input_entry(draw, name: str) -> dict:
+    dims = _weighted((30, st.integers(1, 12)), (3, st.integers(13, 40)), (1, st.none()),
+                     (1, st.sampled_from([0, -2, 100_000, 10**9])))
+    shape = [None] + draw(_weighted((12, st.lists(dims, min_size=3, max_size=3)), (1, st.lists(dims, max_size=5))))
+    key = draw(_weighted((12, st.just("batch_input_shape")), (4, st.just("batch_shape")), (3, st.just("input_shape")),
+                         (1, st.just("none"))))
+    config = {"name": name, "dtype": "float32"}
+    if key == "input_shape":
+        config["input_shape"] = shape[1:]
+    elif key != "none":
+        config[key] = shape
+    return {"class_name": "InputLayer", "config": config, "name": name}
+
+
+@st.composite
+def keras_configs(draw, depth: int = 0, prefix: str = ""):
+    """A Keras model config (a dict), Sequential or Functional, maybe with nested models."""
+    functional = draw(st.booleans())
+    count = draw(st.integers(1, 6))
+    entries, names = [], []
+    input_name = f"{prefix}input"
+    if functional or draw(st.integers(0, 29)):
+        entries.append(_input_entry(draw, input_name))
+        names.append(input_name)
+    for i in range(count):
+        name = f"{prefix}l{i}"
+        if depth < 2 and draw(st.integers(0, 19)) == 0:
+            entry = draw(keras_configs(depth + 1, prefix=f"{name}_"))
+            entry["config"]["name"] = entry["name"] = name
+        else:
+            roll = draw(st.integers(0, 99))
+            pool = sorted(UNKNOWN_LAYERS) if roll < 2 else _COMMON if roll < 60 else sorted(LAYER_FIELDS)
+            class_name = pool[draw(st.integers(0, len(pool) - 1))]
+            fields = LAYER_FIELDS[class_name] if class_name in LAYER_FIELDS else UNKNOWN_LAYERS[class_name]
+            required = REQUIRED.get(class_name, ()) if draw(st.integers(0, 19)) else ()
+            config = draw(st.fixed_dictionaries({k: v for k, v in fields.items() if k in required},
+                                                optional={k: v for k, v in fields.items() if k not in required}))
+            config["name"] = name
+            entry = {"class_name": class_name, "config": config, "name": name}
+            if draw(st.integers(0, 39)) == 0:
+                entry["module"] = draw(st.sampled_from(["keras.layers", "my_package.layers", "tf_keras.layers"]))
+                entry["registered_name"] = draw(st.sampled_from([class_name, "Custom>Layer", None]))
+        if functional and names:
+            sources = [names[draw(st.integers(0, len(names) - 1))]]
+            if entry["class_name"] in _MERGE:
+                sources.append(names[draw(st.integers(0, len(names) - 1))])
+            dangling = draw(st.integers(0, 99)) == 57
+            entry["inbound_nodes"] = [[[("nowhere" if dangling else s), 0, 0, {}] for s in sources]]
+        entries.append(entry)
+        names.append(name)
+    if draw(st.booleans()):  # a classifier's tail: Flatten, Dense(softmax)
+        for name, class_name, config in ((f"{prefix}flat", "Flatten", {}),
+                                         (f"{prefix}out", "Dense", {"units": draw(st.integers(1, 12)),
+                                                                    "activation": "softmax"})):
+            entry = {"class_name": class_name, "config": {"name": name, **config}, "name": name}
+            if functional:
+                entry["inbound_nodes"] = [[[names[-1], 0, 0, {}]]]
+            entries.append(entry)
+            names.append(name)
+    if functional:
+        last = names[-1] if draw(st.integers(0, 49)) else "nowhere"
+        config = {"name": prefix or "model", "layers": entries, "input_layers": [[input_name, 0, 0]],
+                  "output_layers": [[last, 0, 0]]}
+        return {"class_name": draw(st.sampled_from(["Functional", "Model"])), "config": config,
+                "name": prefix or "model"}
+    return {"class_name": "Sequential", "config": {"name": prefix or "model", "layers": entries},
+            "name": prefix or "model"}
+
+
+def _matching_weights(config: dict) -> list[tuple[str, list[tuple[str, np.ndarray]]]] | None:
+    """The weights netcleanse's own exporter writes for ``config`` (None when it does not build)."""
+    from netcleanse.keras import graph_from_config, keras_layer_weights
+    try:
+        return keras_layer_weights(graph_from_config(json.loads(json.dumps(config))))
+    except (NetcleanseError, MemoryError, RecursionError):
+        return None
+
+
+_WEIGHT_NAMES = ["kernel", "bias", "gamma", "beta", "moving_mean", "moving_variance", "depthwise_kernel", "mean",
+                 "variance", "count", "junk"]
+
+
+def _random_array(draw) -> np.ndarray:
+    shape = tuple(draw(st.lists(st.integers(0, 6), max_size=4)))
+    dtype = draw(st.sampled_from([np.float32, np.float32, np.float64, np.int64, np.uint8, np.float16]))
+    return np.full(shape, draw(st.floats(-2, 2, width=16)), dtype)
+
+
+def _perturbed(draw, layers):
+    """Weights for the layers: random ones, or the matching ones with a few changed."""
+    out = []
+    for name, weights in layers:
+        weights = list(weights)
+        if weights and draw(st.integers(0, 9)) == 0:
+            del weights[draw(st.integers(0, len(weights) - 1))]
+        elif weights and draw(st.integers(0, 9)) == 0:
+            i = draw(st.integers(0, len(weights) - 1))
+            weights[i] = (weights[i][0], _random_array(draw))
+        elif draw(st.integers(0, 14)) == 0:
+            weights.append((f"{name}/{draw(st.sampled_from(_WEIGHT_NAMES))}:0", _random_array(draw)))
+        if draw(st.integers(0, 29)):
+            out.append((name, weights))
+    return out
+
+
+def _write_whole_model_h5(path: Path, config: dict, layers, version: str) -> None:
+    with h5py.File(path, "w") as h5:
+        h5.attrs["model_config"] = json.dumps(config).encode()
+        h5.attrs["keras_version"] = version.encode()
+        root = h5.create_group("model_weights")
+        root.attrs["layer_names"] = np.array([n.encode() for n, _ in layers])
+        for name, weights in layers:
+            group = root.create_group(name)
+            group.attrs["weight_names"] = np.array([w.encode() for w, _ in weights])
+            for weight_name, array in weights:
+                if weight_name not in group:
+                    group.create_dataset(weight_name, data=array)
+
+
+def _write_keras_archive(path: Path, config: dict, layers, version: str) -> None:
+    from netcleanse.keras import _snake_case
+    classes = {e.get("name") or e["config"].get("name"): e.get("class_name")
+               for e in (config["config"]["layers"] if isinstance(config.get("config"), dict) else [])}
+    weights, seen = io.BytesIO(), {}
+    with h5py.File(weights, "w") as h5:
+        for name, arrays in layers:
+            key = _snake_case(str(classes.get(name, "layer")))
+            count = seen.get(key)
+            seen[key] = 0 if count is None else count + 1
+            key = key if count is None else f"{key}_{count + 1}"
+            group = h5.require_group(f"layers/{key}/vars")
+            for i, (_, array) in enumerate(arrays):
+                group[str(i)] = array
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("config.json", json.dumps(config))
+        archive.writestr("metadata.json", json.dumps({"keras_version": version}))
+        archive.writestr("model.weights.h5", weights.getvalue())
+    path.write_bytes(buffer.getvalue())
+
+
+@FUZZ
+@given(st.data(), keras_configs(), st.sampled_from([".h5", ".h5", ".keras"]),
+       st.sampled_from(["2.3.1", "2.15.0", "3.3.3"]))
+def test_random_keras_configs(tmp_path, data, config, suffix, version):
+    layers = _matching_weights(config) if data.draw(st.integers(0, 3)) else None
+    if layers is None:
+        names = [e.get("name") for e in config["config"]["layers"]]
+        layers = [(n, [(f"{n}/{data.draw(st.sampled_from(_WEIGHT_NAMES))}:0", _random_array(data.draw))
+                       for _ in range(data.draw(st.integers(0, 2)))]) for n in names if isinstance(n, str)]
+    layers = _perturbed(data.draw, layers) if data.draw(st.booleans()) else layers
+    path = tmp_path / f"m{suffix}"
+    (_write_keras_archive if suffix == ".keras" else _write_whole_model_h5)(path, config, layers, version)
+    loaded = _contract(load_model, path)
+    if loaded is not None:  # a model that loads answers
+        x = torch.rand((2,) + tuple(loaded.input_shape))
+        assert loaded.logits(x).shape == (2, loaded.num_classes)
+        assert ((loaded.predict(x) >= 0) & (loaded.predict(x) < loaded.num_classes)).all()

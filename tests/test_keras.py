@@ -539,3 +539,16 @@ def test_declared_sizes_are_checked_before_anything_is_allocated(tmp_path):
         group.create_dataset("d1/kernel:0", shape=(160, 1_000_000_000), dtype=np.float32, chunks=(1, 1024))
     with pytest.raises(NetcleanseError, match="declares .* but the file stores only"):
         load_model(path)
+
+
+def test_a_model_with_no_classes_is_refused(tmp_path):
+    """A Keras file whose output Dense has units=0 built a model of 0 classes, on which every prediction
+    failed with an IndexError traceback (found by tests/test_fuzz.py's random Keras configs)."""
+    config = {"class_name": "Sequential", "config": {"name": "s", "layers": [
+        {"class_name": "InputLayer", "config": {"name": "in", "batch_input_shape": [None, 4, 4, 1]}},
+        {"class_name": "Flatten", "config": {"name": "f"}},
+        {"class_name": "Dense", "config": {"name": "d", "units": 0, "activation": "softmax"}}]}}
+    path = write_model_h5(tmp_path / "m.h5", config, {"d": [("kernel", np.zeros((16, 0), np.float32)),
+                                                            ("bias", np.zeros(0, np.float32))]})
+    with pytest.raises(NetcleanseError, match="answers 0 classes"):
+        load_model(path)

@@ -324,6 +324,8 @@ def load_model(path, arch=None, input_scale: float = 1.0, name: str | None = Non
         raise NetcleanseError(f"{path}: its model description is nested too deeply to be a real model") from None
     except MemoryError:
         raise NetcleanseError(f"{path}: declares a model too large for this machine's memory") from None
+    if model.num_classes < 1:  # e.g. a Keras Dense(units=0) output: every answer would be an IndexError
+        raise NetcleanseError(f"{path}: the model answers {model.num_classes} classes; a classifier needs at least one")
     if mean is not None or std is not None:
         target = model.net if model.poison_label is not None else model  # a guard's base does the preprocessing
         target.set_preprocessing(mean=mean, std=std)
