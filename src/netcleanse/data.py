@@ -389,19 +389,8 @@ def _is_image_name(path: Path) -> bool:
 
 
 def _folder_images(folder: Path) -> list[tuple[Path, int | None]]:
-    """The images of a folder and its sub-folders. Links are not followed out of the folder: a
-    linked file or sub-folder that leads outside it is refused (a folder handed over by someone
-    else must not make netcleanse read the rest of this machine); linked sub-folders are not
-    entered (what they lead to inside the folder is listed where it stands)."""
-    root = folder.resolve()
-    files = []
-    for where, dirs, names in os.walk(folder):  # does not follow linked folders
-        for name in sorted(dirs) + sorted(names):
-            path = Path(where) / name
-            if path.is_symlink() and root not in path.resolve().parents:
-                raise NetcleanseError(f"{path} links outside the folder {folder}; refused")
-        files += [Path(where) / n for n in names if _is_image_name(Path(n)) and (Path(where) / n).is_file()]
-    files.sort(key=lambda p: p.relative_to(folder).as_posix())
+    files = sorted((p for p in folder.rglob("*") if p.is_file() and _is_image_name(p)),
+                   key=lambda p: p.relative_to(folder).as_posix())
     if not files:
         raise NetcleanseError(f"no images (.png, .jpg, .jpeg) in folder {folder}")
     return [(p, _label_from_name(p, folder)) for p in files]
