@@ -53,6 +53,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .errors import NetcleanseError
 from .model import Classifier
 from . import limits
+from .crosscheck import check_layer, file_weights
 from .utils import atomic_write, check_declared_size, check_self_contained_h5, first_line
 
 # Errors h5py raises on truncated or corrupt files; turned into NetcleanseError at the boundary.
@@ -612,11 +613,13 @@ def _activation_name(value, layer: str) -> str:
     return value
 
 
-def _check_layer_size(name: str, weights: int) -> None:
-    """At most :data:`netcleanse.limits.LAYER_WEIGHTS` per layer, checked before it is allocated."""
+def _check_layer_size(name: str, weights: int, kernel: tuple | None = None) -> None:
+    """At most :data:`netcleanse.limits.LAYER_WEIGHTS` per layer, checked before it is allocated; a
+    ``kernel`` (Keras layout) is also checked against the file's weights (:mod:`netcleanse.crosscheck`)."""
     if weights > limits.LAYER_WEIGHTS():
         raise NetcleanseError(f"layer {name!r} declares {weights:,} weights (more than {limits.LAYER_WEIGHTS():,}; "
                               f"{limits.LAYER_WEIGHTS.hint}); refused")
+    check_layer(name, weights, kernel)
 
 
 def _build_layer(class_name: str, cfg: dict, name: str, inputs: list[torch.Tensor],
@@ -637,21 +640,23 @@ def _build_layer(class_name: str, cfg: dict, name: str, inputs: list[torch.Tenso
         kernel, strides, dilation = _pair(cfg["kernel_size"]), _pair(cfg.get("strides", 1)), \
             _pair(cfg.get("dilation_rate", 1))
         groups = int(cfg.get("groups", 1))
-        _check_layer_size(name, int(x.shape[1]) * int(cfg["filters"]) * kernel[0] * kernel[1] // max(groups, 1))
+        _check_layer_size(name, int(x.shape[1]) * int(cfg["filters"]) * kernel[0] * kernel[1] // max(groups, 1),
+                          (*kernel, int(x.shape[1]) // max(groups, 1), int(cfg["filters"])))
         module = KerasConv2d(x.shape[1], int(cfg["filters"]), kernel, strides, dilation, groups,
                              bool(cfg.get("use_bias", True)), same=_padding(cfg, name) == "same")
         return module, _activation_name(cfg.get("activation"), name)
     if class_name == "DepthwiseConv2D":
         image_input()
         kernel = _pair(cfg["kernel_size"])
-        _check_layer_size(name, int(x.shape[1]) * int(cfg.get("depth_multiplier", 1)) * kernel[0] * kernel[1])
+        _check_layer_size(name, int(x.shape[1]) * int(cfg.get("depth_multiplier", 1)) * kernel[0] * kernel[1],
+                          (*kernel, int(x.shape[1]), int(cfg.get("depth_multiplier", 1))))
         module = KerasDepthwiseConv2d(x.shape[1], int(cfg.get("depth_multiplier", 1)), _pair(cfg["kernel_size"]),
                                       _pair(cfg.get("strides", 1)), _pair(cfg.get("dilation_rate", 1)),
                                       bool(cfg.get("use_bias", True)), same=_padding(cfg, name) == "same")
         return module, _activation_name(cfg.get("activation"), name)
     if class_name == "Dense":
         in_features = x.shape[1] if rank == 4 else x.shape[-1]
-        _check_layer_size(name, int(in_features) * int(cfg["units"]))
+        _check_layer_size(name, int(in_features) * int(cfg["units"]), (int(in_features), int(cfg["units"])))
         return KerasDense(in_features, int(cfg["units"]), bool(cfg.get("use_bias", True))), \
             _activation_name(cfg.get("activation"), name)
     if class_name in ("MaxPooling2D", "AveragePooling2D"):
@@ -1204,7 +1209,8 @@ def load_keras(path, arch: str | None = None, input_scale: float = 1.0, name: st
             if str(config.get("class_name")) not in MODEL_CLASSES:
                 raise NetcleanseError(f"{path}: model class {config.get('class_name')!r} is not a Keras "
                                       "Sequential or Functional model")
-            graph = graph_from_config(config, _keras_version(h5))
+            with file_weights(weights_root, config, path):  # layers checked against the file's weights
+                graph = graph_from_config(config, _keras_version(h5))
             keras_weights_to_module(weights_root, graph)
     except _H5_ERRORS as exc:
         raise NetcleanseError(f"{path}: cannot read the Keras file, it may be truncated or corrupt "
