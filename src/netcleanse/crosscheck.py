@@ -46,11 +46,24 @@ def _nested_models(config) -> set[str]:
     return found
 
 
+def _attr_list(group, name: str) -> list[str]:
+    """A Keras list attribute (``layer_names``, ``weight_names``), chunked or not (as netcleanse.keras
+    reads it; repeated here so that this module does not import the Keras reader that calls it)."""
+    def decode(value):
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    if name in group.attrs:
+        return [decode(v) for v in np.asarray(group.attrs[name]).ravel()]
+    values, chunk = [], 0
+    while f"{name}{chunk}" in group.attrs:
+        values += [decode(v) for v in np.asarray(group.attrs[f"{name}{chunk}"]).ravel()]
+        chunk += 1
+    return values
+
+
 class FileWeights:
     """What a Keras weights group declares: each layer's kernel shape and the total of values."""
 
     def __init__(self, root, config: dict, path):
-        from .keras import _attr_list, _var_name
         import h5py
 
         self.path = path
@@ -69,7 +82,7 @@ class FileWeights:
                 size = int(np.prod([int(n) for n in dataset.shape], dtype=object))
                 self.total += size
                 declared_bytes += size * dataset.dtype.itemsize
-                if _var_name(weight_name) not in ("kernel", "depthwise_kernel"):
+                if weight_name.split("/")[-1].split(":")[0] not in ("kernel", "depthwise_kernel"):
                     continue
                 parts = weight_name.split("/")
                 owner = parts[-2] if layer in nested and len(parts) > 1 else layer
