@@ -7,6 +7,7 @@ import io
 import json
 import zipfile
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
@@ -118,3 +119,24 @@ def test_depthwise_conv_is_bounded_too(tmp_path, monkeypatch):
     path = write_model_h5(tmp_path / "m.h5", config, {})
     with pytest.raises(NetcleanseError, match="layer 'dw' declares 27,000,000,000 weights"):
         load_model(path)
+
+
+def test_hdf5_datasets_of_too_many_chunks_are_refused(tmp_path, monkeypatch):
+    """A 2 KB file declaring a 1000 x 1000 dataset in one-byte chunks took seconds to read (64 MiB in
+    one-byte chunks: minutes): refused before anything is read, data and model files alike."""
+    path = tmp_path / "d.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("data", shape=(1000, 1, 40, 40), dtype=np.uint8, chunks=(1, 1, 1, 1))
+        h5["label"] = np.zeros(1000, np.int64)
+    with pytest.raises(NetcleanseError, match=r"dataset /data is split into 1,600,000 chunks \(more than 1,048,576"):
+        load_data(path)
+    monkeypatch.setenv("NETCLEANSE_MAX_CHUNKS", "2000000")
+    assert len(load_data(path)) == 1000
+    model = _dense_model(tmp_path / "m.h5")
+    with h5py.File(model, "a") as h5:
+        group = h5["model_weights"]["out"]
+        del group["out/kernel:0"]
+        group.create_dataset("out/kernel:0", data=np.zeros((16, 4), np.float32), chunks=(1, 1))
+    monkeypatch.setenv("NETCLEANSE_MAX_CHUNKS", "63")
+    with pytest.raises(NetcleanseError, match="is split into 64 chunks"):
+        load_model(model)

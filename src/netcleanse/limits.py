@@ -20,6 +20,7 @@ variable                            default         what it bounds
 ``NETCLEANSE_MAX_CONFIG_BYTES``     64 MiB          ``config.json``/``metadata.json`` of a .keras
 ``NETCLEANSE_MAX_WEIGHTS_BYTES``    8 GiB           ``model.weights.h5`` of a .keras archive
 ``NETCLEANSE_MAX_ARCHIVE_MEMBERS``  100,000         members of a .keras archive
+``NETCLEANSE_MAX_CHUNKS``           2^20            chunks of one HDF5 dataset (stored or not)
 ==================================  ==============  =================================================
 
 Not settings: an ONNX file is at most 2 GiB (protobuf's own limit for one message); how deeply
@@ -74,6 +75,8 @@ CONFIG_BYTES = Limit("NETCLEANSE_MAX_CONFIG_BYTES", 64 << 20,
                      "bytes of a .keras archive's config.json or metadata.json")
 WEIGHTS_BYTES = Limit("NETCLEANSE_MAX_WEIGHTS_BYTES", 8 << 30, "bytes of a .keras archive's model.weights.h5")
 ARCHIVE_MEMBERS = Limit("NETCLEANSE_MAX_ARCHIVE_MEMBERS", 100_000, "members of a .keras archive")
+CHUNKS = Limit("NETCLEANSE_MAX_CHUNKS", 1 << 20,
+               "chunks one HDF5 dataset may be split into (HDF5 visits each; a million take seconds)")
 
 ALL = (IMAGE_PIXELS, INPUT_VALUES, LAYER_WEIGHTS, EXPANSION, SMALL_ARRAY_BYTES, CONFIG_BYTES, WEIGHTS_BYTES,
-       ARCHIVE_MEMBERS)
+       ARCHIVE_MEMBERS, CHUNKS)

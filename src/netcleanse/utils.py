@@ -87,8 +87,14 @@ def resolve_device(name: str) -> torch.device:
 def check_self_contained_h5(h5, path) -> None:
     """Refuse an HDF5 file that would make a reader read anything but itself: external links,
     datasets stored in external files, virtual datasets (which map other files). A model or data
-    file is untrusted; reading it must never read another file on this machine."""
+    file is untrusted; reading it must never read another file on this machine.
+
+    Also refused here, as every dataset is visited before anything is read: a dataset split into
+    more chunks than :data:`netcleanse.limits.CHUNKS` (HDF5 visits every chunk, stored or not: a
+    2 KB file declaring 64 million one-byte chunks takes minutes to read)."""
     import h5py
+
+    from . import limits
 
     def walk(group, prefix: str) -> None:
         for name in group:
@@ -103,6 +109,11 @@ def check_self_contained_h5(h5, path) -> None:
                 walk(item, where)
             elif isinstance(item, h5py.Dataset) and (item.external or item.is_virtual):
                 raise NetcleanseError(f"{path}: dataset {where} keeps its data in another file; refused")
+            elif isinstance(item, h5py.Dataset) and item.chunks:
+                chunks = int(np.prod([-(-int(n) // int(c)) for n, c in zip(item.shape, item.chunks)], dtype=object))
+                if chunks > limits.CHUNKS():
+                    raise NetcleanseError(f"{path}: dataset {where} is split into {chunks:,} chunks (more than "
+                                          f"{limits.CHUNKS():,}; {limits.CHUNKS.hint}); refused")
 
     walk(h5, "")
 
