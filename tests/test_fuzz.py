@@ -766,12 +766,20 @@ def keras_configs(draw, depth: int = 0, prefix: str = ""):
 
 
 def _matching_weights(config: dict) -> list[tuple[str, list[tuple[str, np.ndarray]]]] | None:
-    """The weights netcleanse's own exporter writes for ``config`` (None when it does not build)."""
+    """The weights netcleanse's own exporter writes for ``config`` (None when it does not build, or
+    builds a model of more than a million weights per layer: the fuzzer writes small files)."""
     from netcleanse.keras import graph_from_config, keras_layer_weights
+    saved = os.environ.get("NETCLEANSE_MAX_LAYER_WEIGHTS")
+    os.environ["NETCLEANSE_MAX_LAYER_WEIGHTS"] = "1000000"
     try:
         return keras_layer_weights(graph_from_config(json.loads(json.dumps(config))))
     except (NetcleanseError, MemoryError, RecursionError):
         return None
+    finally:
+        if saved is None:
+            del os.environ["NETCLEANSE_MAX_LAYER_WEIGHTS"]
+        else:
+            os.environ["NETCLEANSE_MAX_LAYER_WEIGHTS"] = saved
 
 
 _WEIGHT_NAMES = ["kernel", "bias", "gamma", "beta", "moving_mean", "moving_variance", "depthwise_kernel", "mean",
