@@ -350,8 +350,8 @@ def test_huge_and_sixteen_bit_images(tmp_path, monkeypatch, capfd):
 def test_arrays_declared_larger_than_their_file_are_refused_before_allocating(tmp_path):
     import h5py
     sparse = tmp_path / "sparse.h5"
-    with h5py.File(sparse, "w") as f:  # 10 million CSAW images declared, nothing written: a tiny file
-        f.create_dataset("data", shape=(10_000_000, 3, 55, 47), dtype=np.uint8, chunks=(1, 3, 55, 47))
+    with h5py.File(sparse, "w") as f:  # 10 million CSAW images declared, nothing written: a tiny file (1e5 chunks of 100 images)
+        f.create_dataset("data", shape=(10_000_000, 3, 55, 47), dtype=np.uint8, chunks=(100, 3, 55, 47))
         f["label"] = np.zeros(4, np.int64)
     with pytest.raises(NetcleanseError, match="declares .* but the file stores only"):
         load_data(sparse)

@@ -536,7 +536,7 @@ def test_declared_sizes_are_checked_before_anything_is_allocated(tmp_path):
     with h5py.File(path, "a") as h5:
         group = h5["model_weights"]["d1"]
         del group["d1/kernel:0"]
-        group.create_dataset("d1/kernel:0", shape=(160, 1_000_000_000), dtype=np.float32, chunks=(1, 1024))
+        group.create_dataset("d1/kernel:0", shape=(160, 1_000_000_000), dtype=np.float32, chunks=(160, 8192))
     with pytest.raises(NetcleanseError, match="declares .* but the file stores only"):
         load_model(path)
 
