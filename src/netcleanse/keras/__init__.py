@@ -50,9 +50,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import NetcleanseError
-from .model import Classifier
-from .utils import atomic_write, check_declared_size, check_self_contained_h5, first_line
+from ..errors import NetcleanseError
+from ..model import Classifier
+from ..utils import atomic_write, check_declared_size, check_self_contained_h5, first_line
 
 # Errors h5py raises on truncated or corrupt files; turned into NetcleanseError at the boundary.
 _H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError)
@@ -1189,7 +1189,7 @@ def load_keras(path, arch: str | None = None, input_scale: float = 1.0, name: st
             check_self_contained_h5(h5, path)
             weights_root = h5["model_weights"] if "model_weights" in h5 else h5
             if arch is not None:
-                from .archspec import resolve_arch
+                from ..archspec import resolve_arch
                 spec = resolve_arch(arch)
                 layers_in_file = _file_layers(weights_root)
                 num_classes = _output_classes(layers_in_file)
