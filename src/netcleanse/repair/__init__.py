@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import scan_folder
-from .data import Dataset
-from .errors import NetcleanseError
-from .evaluate import evaluate
-from .model import Classifier
-from .trigger import Trigger
-from .utils import write_json_atomic
+from .. import scan_folder
+from ..data import Dataset
+from ..errors import NetcleanseError
+from ..evaluate import evaluate
+from ..model import Classifier
+from ..trigger import Trigger
+from ..utils import write_json_atomic
 
 METHODS = ("fine-prune", "unlearn", "filter", "disagree")
 
@@ -92,7 +92,7 @@ class RepairResult:
 
     def save(self, folder, force: bool = False) -> Path:
         """Write ``repair.json`` and the model files into ``folder``; refuse to overwrite unless ``force``."""
-        from .torch_io import save_model
+        from ..torch_io import save_model
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():
             raise NetcleanseError(f"--out {folder} exists and is not a folder")
@@ -151,9 +151,9 @@ def repair(model: Classifier, scan_result, method: str, clean: Dataset | None = 
     Unlearning defaults (half the clean set stamped, 10 epochs, lr 3e-3) were chosen on the lab's
     patch BadNet, where Neural Cleanse's 20% / few epochs left much of the backdoor (see README).
     """
-    from .guard import disagreement_guard, trigger_filter
-    from .pruning import fine_prune
-    from .unlearning import unlearn
+    from ..guard import disagreement_guard, trigger_filter
+    from ..pruning import fine_prune
+    from ..unlearning import unlearn
 
     if method not in METHODS:
         raise NetcleanseError(f"unknown repair method {method!r}; use one of {', '.join(METHODS)}")
