@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..model import Classifier
+from ..classifier import Classifier
 from ..errors import NetcleanseError
 from ..utils import check_declared_size, check_self_contained_h5, first_line
 from .builders import MODEL_CLASSES

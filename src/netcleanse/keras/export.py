@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..model import Classifier
+from ..classifier import Classifier
 from ..errors import NetcleanseError
 from ..utils import atomic_write
 from .graph import KerasGraph, _module_slots

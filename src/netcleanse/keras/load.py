@@ -7,7 +7,7 @@ from pathlib import Path
 import h5py
 
 from ..archspec import resolve_arch
-from ..model import Classifier
+from ..classifier import Classifier
 from ..errors import NetcleanseError
 from ..utils import check_self_contained_h5, first_line
 from .builders import MODEL_CLASSES

@@ -23,7 +23,7 @@ from dataclasses import fields, replace
 
 from ..data import Dataset
 from ..errors import NetcleanseError
-from ..model import Classifier
+from ..classifier import Classifier
 from .base import REGISTRY, MethodOutput, RepairJob, RepairOptions, method as register_method
 from .inputs import concat, scan_triggers
 from .result import RepairResult

@@ -15,7 +15,7 @@ from typing import Callable
 from ..data import Dataset
 from ..errors import NetcleanseError
 from ..evaluate import evaluate
-from ..model import Classifier
+from ..classifier import Classifier
 from ..trigger import Trigger
 
 

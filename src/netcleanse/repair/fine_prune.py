@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..model import Classifier
+from ..classifier import Classifier
 from ..pruning import FinePruning, fine_prune
 from .base import MethodOutput, RepairJob, method
 

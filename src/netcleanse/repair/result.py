@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import NetcleanseError
-from ..model import Classifier
+from ..classifier import Classifier
 from ..torch_io import save_model
 from ..utils import write_json_atomic
 
