@@ -20,19 +20,11 @@ from .classifier import (Classifier, checked_channels, checked_preprocessing, ch
 from .errors import NetcleanseError
 from .keras import load_keras, load_keras_archive
 from .onnx_io import load_onnx
-from .torch_io import is_safetensors, load_safetensors, load_torch
+from .sniff import HDF5_MAGIC, ZIP_MAGIC, sniff  # noqa: F401 (the magic bytes: re-exported, as before)
+from .torch_io import load_safetensors, load_torch
 
 __all__ = ["Classifier", "check_finite", "checked_channels", "checked_preprocessing", "checked_scale", "load_model",
            "output_classes", "parse_input_shape"]
-
-HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-ZIP_MAGIC = b"PK\x03\x04"
-
-
-def _magic(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(8)
-
 
 def load_model(path, arch=None, input_scale: float = 1.0, name: str | None = None, *, mean=None, std=None,
                arch_kwargs=None, num_classes: int | None = None, input_shape=None) -> Classifier:
@@ -70,18 +62,18 @@ def load_model(path, arch=None, input_scale: float = 1.0, name: str | None = Non
         arch = resolve_arch(arch, arch_kwargs, num_classes, input_shape)
     elif arch_kwargs or num_classes is not None:
         raise NetcleanseError("--arch-kwargs and --num-classes describe an architecture: give it with --arch")
-    magic = _magic(path)
+    kind = sniff(path)
     try:
-        if magic.startswith(HDF5_MAGIC):
+        if kind == "hdf5":
             model = load_keras(path, arch=arch, input_scale=input_scale, name=name)
-        elif magic.startswith(ZIP_MAGIC) and _is_keras_archive(path):
+        elif kind == "keras-archive":
             if arch is not None:
                 raise NetcleanseError(f"{path} is a Keras 3 .keras archive, which records its own architecture; "
                                       "drop --arch")
             model = load_keras_archive(path, input_scale=input_scale, name=name)
-        elif magic.startswith(ZIP_MAGIC):
+        elif kind == "zip":
             model = load_torch(path, arch=arch, input_scale=input_scale, name=name, input_shape=input_shape)
-        elif is_safetensors(path):
+        elif kind == "safetensors":
             if arch is None:
                 raise NetcleanseError(f"{path} holds a state_dict (weights only, safetensors); name its "
                                       "architecture with --arch")
@@ -101,17 +93,6 @@ def load_model(path, arch=None, input_scale: float = 1.0, name: str | None = Non
         target = model.net if model.poison_label is not None else model  # a guard's base does the preprocessing
         target.set_preprocessing(mean=mean, std=std)
     return check_finite(model, path)
-
-
-def _is_keras_archive(path: Path) -> bool:
-    """A zip holding ``config.json`` and ``model.weights.h5``: a Keras 3 ``.keras`` file."""
-    import zipfile
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = set(archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-    return "config.json" in names and "model.weights.h5" in names
 
 
 def check_finite(model: "Classifier", path) -> "Classifier":

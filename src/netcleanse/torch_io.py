@@ -52,6 +52,7 @@ from torch import nn
 from .archspec import ArchSpec, ZOOS, resolve_arch
 from .errors import NetcleanseError
 from .classifier import Classifier, checked_preprocessing, checked_scale, output_classes, parse_input_shape
+from .sniff import is_safetensors  # noqa: F401 (it lived here)
 from .guarded import Disagreement, GuardedClassifier, TriggerFilter, _last_linear
 from .utils import atomic_write, first_line
 
@@ -68,17 +69,6 @@ def _is_torchscript(path: Path) -> bool:
     except (zipfile.BadZipFile, OSError) as exc:
         raise NetcleanseError(f"{path} is not a readable PyTorch file ({first_line(exc)})") from None
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
-
-
-def is_safetensors(path: Path) -> bool:
-    """True when ``path`` starts like a safetensors file: an 8-byte little-endian header length,
-    then a JSON object."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    size = int.from_bytes(head[:8], "little")
-    return 2 <= size <= path.stat().st_size - 8
 
 
 def load_safetensors(path, arch=None, input_scale: float = 1.0, name: str | None = None) -> Classifier:
