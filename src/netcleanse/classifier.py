@@ -28,6 +28,7 @@ from torch import nn
 from .errors import NetcleanseError
 from .utils import first_line
 
+
 def checked_scale(value) -> float:
     """``value`` as a positive, finite float (an input scale), else a one-line error: NaN, inf, 0,
     negative or non-numeric scales, whether given by a caller or read from a file, are refused."""

@@ -39,9 +39,6 @@ from .guarded import (POISON_MARGIN, Disagreement, GuardedClassifier, TriggerFil
 from .scanning import smooth_noise
 from .trigger import Trigger
 
-# --------------------------------------------------------------------------------------------
-# Building guards
-# --------------------------------------------------------------------------------------------
 
 def synthetic_inputs(input_shape, n: int = 256, seed: int = 0) -> torch.Tensor:
     """Data-free calibration inputs: smooth random images plus a little pixel noise, which exercise

@@ -26,6 +26,7 @@ from .torch_io import load_safetensors, load_torch
 __all__ = ["Classifier", "check_finite", "checked_channels", "checked_preprocessing", "checked_scale", "load_model",
            "output_classes", "parse_input_shape"]
 
+
 def load_model(path, arch=None, input_scale: float = 1.0, name: str | None = None, *, mean=None, std=None,
                arch_kwargs=None, num_classes: int | None = None, input_shape=None) -> Classifier:
     """Load a classifier from a file into PyTorch.

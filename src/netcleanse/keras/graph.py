@@ -15,6 +15,7 @@ from .config import _entry_name, _has_input_spec, _input_spec, _io_refs, _layer_
 from .layers import _ACTIVATIONS, KerasMerge
 from .slots import Slot, _leaf_slots
 
+
 class KerasGraph(nn.Module):
     """A Keras Sequential or Functional model, rebuilt as a torch module from its JSON config.
 

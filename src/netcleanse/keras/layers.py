@@ -17,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import NetcleanseError
 
+
 def _pair(value) -> tuple[int, int]:
     if isinstance(value, (list, tuple)):
         if len(value) != 2:

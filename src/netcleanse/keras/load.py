@@ -15,6 +15,7 @@ from .graph import graph_from_config
 from .hdf5 import _H5_ERRORS, _file_layers, _keras_version, _model_config
 from .weights import _output_classes, keras_weights_to_module
 
+
 def load_keras(path, arch: str | None = None, input_scale: float = 1.0, name: str | None = None) -> Classifier:
     """Load a Keras ``.h5`` into a :class:`Classifier` returning logits (see the module doc).
 

@@ -17,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..errors import NetcleanseError
 from .layers import KerasDepthwiseConv2d, KerasNormalization
 
+
 def _var_name(weight_name: str) -> str:
     """'conv_1/kernel:0' -> 'kernel' (Keras 3 writes 'conv_1/kernel' without the ':0')."""
     return weight_name.split("/")[-1].split(":")[0]

@@ -16,6 +16,7 @@ from .graph import KerasGraph, _module_slots
 from .hdf5 import _file_layers
 from .slots import _assign, _leaf_slots, _var_name
 
+
 def keras_weights_to_module(weights_root: h5py.Group, net: nn.Module, arch: str | None = None) -> None:
     """Copy the weights of a Keras weights group into ``net``, matching layers by name.
 
