@@ -36,7 +36,7 @@ from pathlib import Path
 
 from .errors import NetcleanseError
 from .executor import Executor, LocalExecutor
-from .model import checked_scale
+from .classifier import checked_scale
 from .progress import progress_bar
 from .utils import atomic_write, file_stem, first_line, write_json_atomic
 
