@@ -1,5 +1,6 @@
-"""The documentation is checked like code: its runnable examples run, every command-line option is
-documented in docs/cli.md, and every link between the documents resolves (files and #anchors)."""
+"""The documentation is checked like code: its runnable examples run (fences marked ``python run``,
+and ``console run`` transcripts, whose output must be what the page shows), every command-line option
+is documented in docs/cli.md, and every link between the documents resolves (files and #anchors)."""
 
 from __future__ import annotations
 
@@ -90,3 +91,50 @@ def test_python_examples_run(page, index, code, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, f"{page.name} example {index} failed:\n{done.stderr[-3000:]}"
+
+
+def _transcript(body: str) -> list[tuple[str, list[str]]]:
+    """A ``console run`` fence as (command, expected output lines): a command is a line starting with
+    ``$ `` (continued by a trailing backslash); the lines up to the next command are its output."""
+    steps: list[tuple[str, list[str]]] = []
+    lines = body.rstrip("\n").split("\n")
+    i = 0
+    while i < len(lines):
+        if not lines[i].startswith("$ "):
+            raise AssertionError(f"console fence: output before any command: {lines[i]!r}")
+        command = [lines[i][2:]]
+        while command[-1].endswith("\\") and i + 1 < len(lines):
+            i += 1
+            command.append(lines[i])
+        output = []
+        while i + 1 < len(lines) and not lines[i + 1].startswith("$ "):
+            i += 1
+            output.append(lines[i].rstrip())
+        steps.append(("\n".join(command), output))
+        i += 1
+    return steps
+
+
+TRANSCRIPTS = [(page, i, body) for page in [ROOT / "README.md", *DOCS]
+               for i, body in enumerate(_fences(page, "console run"))]
+
+
+@pytest.mark.parametrize("page,index,body", TRANSCRIPTS, ids=lambda v: v.name if isinstance(v, Path) else str(v)[:0])
+def test_console_examples_print_what_the_docs_show(page, index, body, tmp_path):
+    """Fences marked ``console run`` are real sessions: each ``$`` command runs (bash, the venv's
+    ``netcleanse`` first on PATH) in an empty folder beside which ``../shared`` is the checkout's, and
+    prints exactly the lines shown after it (trailing spaces aside). Only cheap commands belong there."""
+    shared = ROOT.parent / "shared"
+    if "../shared" in body and not (shared / "csaw").is_dir():
+        pytest.skip("../shared/csaw is not present")
+    (tmp_path / "shared").symlink_to(shared)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "COLUMNS": "80", "NO_COLOR": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for command, expected in _transcript(body):
+        done = subprocess.run(["bash", "-c", command], cwd=work, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=300)  # one stream, in order
+        printed = [line.rstrip() for line in done.stdout.rstrip("\n").split("\n")] if done.stdout.strip() else []
+        assert done.returncode == 0, f"{page.name} console example {index}: `{command}` failed:\n{done.stdout[-3000:]}"
+        assert printed == expected, f"{page.name} console example {index}: `{command}` printed:\n" + "\n".join(printed)

@@ -405,3 +405,39 @@ def test_every_command_that_loads_a_model_takes_the_model_options():
     for name in ("info", "predict", "eval", "scan", "repair"):
         options = {opt for param in group.commands[name].params for opt in param.opts}
         assert wanted <= options, (name, wanted - options)
+
+
+def test_one_sniffer_tells_model_and_data_files_apart(tmp_path):
+    """netcleanse.sniff decides what a file is from its first bytes, for load_model and load_data alike."""
+    import zipfile
+
+    import numpy as np
+
+    from netcleanse.data import load_data
+    from netcleanse.sniff import sniff
+
+    def write(name, data: bytes):
+        (tmp_path / name).write_bytes(data)
+        return tmp_path / name
+
+    header = b'{"__metadata__":{}}'
+    assert sniff(write("a.h5", b"\x89HDF\r\n\x1a\n" + bytes(8))) == "hdf5"
+    assert sniff(write("a.png", b"\x89PNG\r\n\x1a\n" + bytes(8))) == "png"
+    assert sniff(write("a.jpg", b"\xff\xd8\xff\xe0" + bytes(8))) == "jpeg"
+    assert sniff(write("a.safetensors", len(header).to_bytes(8, "little") + header)) == "safetensors"
+    assert sniff(write("b.safetensors", (1 << 40).to_bytes(8, "little") + header)) == "unknown"  # header past the end
+    assert sniff(write("a.onnx", b"\x08\x07\x12\x04")) == "unknown"  # protobuf: taken by suffix, elsewhere
+    assert sniff(write("empty.npz", b"")) == "unknown"
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 4, 4, 1), np.uint8))
+    assert sniff(tmp_path / "d.npz") == "zip"
+    with zipfile.ZipFile(tmp_path / "m.keras", "w") as archive:
+        archive.writestr("config.json", "{}")
+        archive.writestr("model.weights.h5", b"")
+    assert sniff(tmp_path / "m.keras") == "keras-archive"
+    assert sniff(write("broken.pt", b"PK\x03\x04" + bytes(20))) == "zip"  # a corrupt zip is still a zip
+    # the suffix never decides: a PNG named .npz is read as an image, and an .npz named .png as arrays
+    assert load_data(tmp_path / "d.npz").x.shape == (2, 1, 4, 4)
+    (tmp_path / "d.png").write_bytes((tmp_path / "d.npz").read_bytes())
+    assert load_data(tmp_path / "d.png").x.shape == (2, 1, 4, 4)
+    with pytest.raises(NetcleanseError, match="not a model file netcleanse can read"):
+        load_model(write("image.pt", (tmp_path / "a.png").read_bytes()))

@@ -17,7 +17,8 @@ from netcleanse.errors import NetcleanseError
 from netcleanse.model import Classifier
 from netcleanse.pruning import (fine_prune, mean_channel_activation, prune_channels, prune_layer_name,
                                 pruned_channels)
-from netcleanse.repair import RepairResult, repair, scan_triggers
+from netcleanse.repair import (METHODS, MethodOutput, RepairOptions, RepairResult, register_method, repair,
+                               scan_triggers)
 from netcleanse.torch_io import save_model
 from netcleanse.trigger import Trigger
 from netcleanse.unlearning import unlearning_set
@@ -168,6 +169,27 @@ def test_repair_needs_clean_data_for_weight_methods():
             repair(_model(), {3: _patch()}, method, None, progress=False)
     with pytest.raises(NetcleanseError, match="unknown repair method"):
         repair(_model(), {}, "prune", None)
+
+
+def test_repair_options_object_and_keywords_are_one_setting(monkeypatch):
+    """Keyword settings override the options object; a registered method is dispatched to with both."""
+    from netcleanse.repair import base
+    seen = []
+
+    def fake(job):
+        seen.append(job.options)
+        return MethodOutput(job.model, [job.original])
+
+    monkeypatch.setitem(base.REGISTRY, "fake", fake)
+    model = _model()
+    result = repair(model, {}, "fake", options=RepairOptions(epochs=3, seed=5), seed=7, progress=False)
+    assert seen == [RepairOptions(epochs=3, seed=7, progress=False)]
+    assert result.settings["seed"] == 7 and result.table == [{"model": "original"}] and result.model is model
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epoch'"):
+        repair(model, {}, "fake", epoch=3)
+    with pytest.raises(AttributeError):  # frozen: one repair's settings cannot leak into another's
+        RepairOptions().epochs = 1
+    assert METHODS == ("fine-prune", "unlearn", "filter", "disagree") and callable(register_method)
 
 
 def _npz(path, data: Dataset):

@@ -347,3 +347,30 @@ def test_cli_scan_refuses_numbers_that_cannot_give_a_verdict(tmp_path, option, v
                          capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1
     assert "Traceback" not in res.stderr and not (tmp_path / "o" / "scan.json").exists()
+
+
+def _count_images(model):
+    """Forward pre-hook on ``model``'s network: images seen with and without autograd (the counts
+    survive the scan's private deep copy: the hook's closure is shared, not copied)."""
+    seen = {"backward": 0, "forward": 0}
+
+    def hook(module, inputs):
+        seen["backward" if torch.is_grad_enabled() else "forward"] += len(inputs[0])
+
+    model.net.register_forward_pre_hook(hook)
+    return seen
+
+
+@pytest.mark.parametrize("n_classes, data_free", [(N_CLASSES, True), (80, False)])
+def test_recorded_image_passes_are_the_images_the_network_saw(n_classes, data_free):
+    # scan.json's cost record (settings["passes"]) equals what actually went through the network,
+    # in the few-labels path (data-free: with the input synthesis) and the coarse + refinement path
+    model = train_tiny(True, n_classes=n_classes, n=100 * n_classes // 8)
+    seen = _count_images(model)
+    data = None if data_free else Dataset(*make_data(300, torch.Generator().manual_seed(5), n_classes), source="t")
+    result = scan(model, data, data_free=data_free, progress=False)
+    passes = result.settings["passes"]
+    assert passes["backward_total"] == seen["backward"]
+    assert passes["forward_only"] == seen["forward"]
+    assert passes["backward_total"] == sum(v for k, v in passes.items() if k not in ("backward_total", "forward_only"))
+    assert (passes["synthesis"] > 0) == data_free and passes["margin"] > 0 and passes["refine"] > 0

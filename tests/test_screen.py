@@ -128,6 +128,19 @@ def test_summary_page_escapes_what_comes_from_files(zoo, tmp_path):
     assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;.pt" in page and "<b>" not in page
 
 
+def test_summary_table_cells_are_never_spreadsheet_formulas(tmp_path, monkeypatch):
+    # a model file named like a formula, given by a relative path as a manifest would, stays text in
+    # screen.csv (a spreadsheet would otherwise run it when the table is opened)
+    monkeypatch.chdir(tmp_path)
+    Path("=HYPERLINK(1).pt").write_bytes(b"not a model")
+    screen([ScreenEntry("=HYPERLINK(1).pt", name="-1+2", data_free=True)], tmp_path / "s", progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "s" / "screen.csv", encoding="utf-8")))
+    assert rows[0]["model"] == "'=HYPERLINK(1).pt" and rows[0]["name"].startswith("'-1")
+    assert all(not v.startswith(("=", "+", "-", "@")) for v in rows[0].values())
+    # screen.json keeps the path exactly
+    assert json.loads((tmp_path / "s" / "screen.json").read_text())["rows"][0]["model"] == "=HYPERLINK(1).pt"
+
+
 def test_cli_screen(zoo, tmp_path):
     runner = CliRunner()
     manifest = tmp_path / "models.json"

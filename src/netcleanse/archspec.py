@@ -36,7 +36,7 @@ from torch import nn
 
 from .architectures import get_architecture
 from .errors import NetcleanseError
-from .model import parse_input_shape
+from .classifier import parse_input_shape
 from .utils import first_line
 
 ZOOS = ("torchvision", "timm")

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .errors import NetcleanseError
+from .sniff import sniff
 from .utils import atomic_write, check_declared_size, check_self_contained_h5, first_line
 
 
@@ -86,10 +87,6 @@ FLOAT_255_THRESHOLD = 1.001
 # Rows converted at a time, so a 12k-image float64 file never exists twice in memory.
 CHUNK_ROWS = 2048
 
-_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-_ZIP_MAGIC = b"PK\x03\x04"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_JPEG_MAGIC = b"\xff\xd8\xff"
 _LABEL_IN_NAME = re.compile(r"label=(\d+)")
 
 Shape = tuple[int, int, int]
@@ -192,21 +189,16 @@ def _first_nonfinite_row(x) -> int | None:
     return None
 
 
-def _magic(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(8)
-
-
 def _file_kind(path: Path) -> str:
     """'hdf5', 'npz' or 'image', from the file's first bytes (its suffix only words the errors)."""
     if path.stat().st_size == 0:
         raise NetcleanseError(f"data file is empty: {path}")
-    magic = _magic(path)
-    if magic.startswith(_HDF5_MAGIC):
+    kind = sniff(path)
+    if kind == "hdf5":
         return "hdf5"
-    if magic.startswith(_ZIP_MAGIC):
+    if kind in ("zip", "keras-archive"):
         return "npz"
-    if magic.startswith(_PNG_MAGIC) or magic.startswith(_JPEG_MAGIC):
+    if kind in ("png", "jpeg"):
         return "image"
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:

@@ -18,7 +18,7 @@ import torch
 
 from .data import Dataset, check_dataset
 from .errors import NetcleanseError
-from .model import Classifier
+from .classifier import Classifier
 from .progress import progress_bar
 
 # Below this many batches a progress bar is more noise than help.

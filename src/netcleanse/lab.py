@@ -36,7 +36,7 @@ from .data import Dataset, save_data
 from .datasets import builtin_datasets, load_builtin, resize_images
 from .errors import NetcleanseError
 from .evaluate import evaluate
-from .model import Classifier
+from .classifier import Classifier
 from .torch_io import save_model
 from .training import train
 from .trigger import Trigger

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .errors import NetcleanseError
-from .model import Classifier, parse_input_shape
+from .classifier import Classifier, parse_input_shape
 from .utils import first_line
 
 STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .data import Dataset
 from .errors import NetcleanseError
 from .evaluate import evaluate
-from .model import Classifier
+from .classifier import Classifier
 from .progress import progress_bar
 from .training import train
 

@@ -292,7 +292,10 @@ def synthesize_inputs(model, n: int, kind: str, generator: torch.Generator, devi
     return x.float()
 
 
-def _invert(model, x0: torch.Tensor, generator: torch.Generator, device, steps: int = 30,
+INVERSION_STEPS = 30  # gradient steps of the data-free input inversion
+
+
+def _invert(model, x0: torch.Tensor, generator: torch.Generator, device, steps: int = INVERSION_STEPS,
             tv_weight: float = 0.05) -> torch.Tensor:
     targets = torch.randperm(model.num_classes, generator=generator)[:len(x0)]
     if len(targets) < len(x0):
@@ -532,6 +535,8 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         settings["detection"] = {"scheme": "all labels", "median": med, "mad": mad}
         ceiling = index_ceiling(l1_all)
         median_for = {t: med for t in labels}
+    settings["passes"] = image_passes(plan, labels, coarse, {t: results[t] for t in refined}, tested,
+                                      n_opt=len(x_opt), n_val=len(x_val), data_free=data is None)
     mad_flagged = flag_labels(labels, index, threshold)
     test = calibrated_test(*calibrated_inputs([results[t] for t in labels], settings["detection"]), alpha=alpha,
                            margins=tested_margins([results[t] for t in labels], settings["detection"]))
@@ -561,6 +566,29 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         shutil.rmtree(out_dir / "partial", ignore_errors=True)
         lock.close()
     return result
+
+
+def image_passes(plan: Preset, labels, coarse: dict, refined: dict, tested, *, n_opt: int, n_val: int,
+                 data_free: bool) -> dict[str, int]:
+    """What a scan cost, in images through the network (a machine-independent measure of its work):
+    per stage, the forward + input-gradient passes (one image of one label's search, or of one
+    margin start, per step) and the forward-only passes of the held-back attack-success check.
+
+    coarse: label -> (record, ...) of the first stage; refined: label -> record after refinement
+    (its ``steps`` include the first stage's); tested: the labels whose margins were computed."""
+    def batch(stage: Stage) -> int:
+        return min(stage.schedule.batch_size, n_opt)
+
+    first = {t: int(coarse[t][0]["steps"]) for t in labels}
+    out = {"synthesis": (n_opt + n_val) * INVERSION_STEPS if data_free and plan.data_free_inputs == "inversion" else 0,
+           plan.coarse.name: sum(first.values()) * batch(plan.coarse)}
+    if refined:
+        out[plan.refine.name] = sum(int(rec["steps"]) - first[t] for t, rec in refined.items()) * batch(plan.refine)
+    out["margin"] = len(tested) * plan.margin_restarts * plan.margin_steps
+    out["backward_total"] = sum(out.values())
+    # the attack-success checks, and the margin search's last look at its inputs
+    out["forward_only"] = (len(labels) + len(refined)) * n_val + len(tested) * plan.margin_restarts
+    return out
 
 
 def calibrated_inputs(records: list[dict], detection: dict) -> tuple[dict, list[int] | None, int]:

@@ -36,12 +36,21 @@ from pathlib import Path
 
 from .errors import NetcleanseError
 from .executor import Executor, LocalExecutor
-from .model import checked_scale
+from .classifier import checked_scale
 from .progress import progress_bar
 from .utils import atomic_write, file_stem, first_line, write_json_atomic
 
 ROW_FIELDS = ("name", "model", "verdict", "flagged", "p_value", "labels", "time_s", "report", "error")
 _TRUE, _FALSE = {"1", "true", "yes", "y"}, {"0", "false", "no", "n", ""}
+_TEXT_FIELDS = ("name", "model", "verdict", "report", "error")  # free text, from file names and messages
+
+
+def spreadsheet_safe(value) -> str:
+    """A CSV cell that a spreadsheet shows as text: a cell starting with ``= + - @`` (or a tab or
+    carriage return) is a formula to Excel and LibreOffice, so a model named ``=HYPERLINK(...)``
+    could run one when screen.csv is opened; such cells get a leading apostrophe (OWASP's advice)."""
+    text = "" if value is None else str(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 @dataclass(frozen=True)
@@ -370,9 +379,9 @@ def _write_summary(out: Path, rows: list, settings: dict) -> None:
             writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
             writer.writeheader()
             for r in done:
-                writer.writerow(dict(r, flagged=" ".join(str(t) for t in r["flagged"]),
-                                     p_value="" if r["p_value"] is None else f"{r['p_value']:.4g}",
-                                     error=r["error"] or ""))
+                row = dict(r, flagged=" ".join(str(t) for t in r["flagged"]),
+                           p_value="" if r["p_value"] is None else f"{r['p_value']:.4g}", error=r["error"] or "")
+                writer.writerow({k: spreadsheet_safe(row[k]) if k in _TEXT_FIELDS else row[k] for k in ROW_FIELDS})
     with atomic_write(out / "index.html") as tmp:
         tmp.write_text(_page(rows, settings), encoding="utf-8")
 

@@ -19,7 +19,9 @@ Formats read by :func:`load_torch`:
   it stores (also data, converted again by onnx2torch). A net whose ``arch`` is the user's own code
   (``FILE.py:NAME``, ``package.module:NAME``) is never rebuilt from what the checkpoint says:
   the user names the architecture again (``arch``), so only code the user named runs. Kind
-  "guarded" is handed to :func:`netcleanse.guard.guarded_from_checkpoint`.
+  "guarded" (a :class:`netcleanse.guarded.GuardedClassifier`: its base and repaired models are
+  nested classifier checkpoints, its trigger filter lists of numbers) is read by
+  :func:`guarded_from_checkpoint`.
 - **plain state_dicts** (also the ``state_dict`` / ``model_state_dict`` entry of a training
   checkpoint dict) for an architecture named with ``arch`` (any form of
   :mod:`netcleanse.archspec`); ``net.`` (a netcleanse Classifier's own keys) and ``module.``
@@ -49,7 +51,9 @@ from torch import nn
 
 from .archspec import ArchSpec, ZOOS, resolve_arch
 from .errors import NetcleanseError
-from .model import Classifier, checked_preprocessing, checked_scale, output_classes, parse_input_shape
+from .classifier import Classifier, checked_preprocessing, checked_scale, output_classes, parse_input_shape
+from .sniff import is_safetensors  # noqa: F401 (it lived here)
+from .guarded import Disagreement, GuardedClassifier, TriggerFilter, _last_linear
 from .utils import atomic_write, first_line
 
 FORMAT = "netcleanse"
@@ -65,17 +69,6 @@ def _is_torchscript(path: Path) -> bool:
     except (zipfile.BadZipFile, OSError) as exc:
         raise NetcleanseError(f"{path} is not a readable PyTorch file ({first_line(exc)})") from None
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
-
-
-def is_safetensors(path: Path) -> bool:
-    """True when ``path`` starts like a safetensors file: an 8-byte little-endian header length,
-    then a JSON object."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    size = int.from_bytes(head[:8], "little")
-    return 2 <= size <= path.stat().st_size - 8
 
 
 def load_safetensors(path, arch=None, input_scale: float = 1.0, name: str | None = None) -> Classifier:
@@ -144,7 +137,6 @@ def from_checkpoint(ckpt: dict, path: Path, arch: str | None, input_scale: float
                               f"version {VERSION} and older")
     kind = ckpt.get("kind")
     if kind == "guarded":
-        from .guard import guarded_from_checkpoint
         model = guarded_from_checkpoint(ckpt)
     elif kind == "classifier":
         model = _classifier_from_checkpoint(ckpt, path, arch)
@@ -374,9 +366,58 @@ def save_model(model: Classifier, path) -> Path:
             torch.jit.save(model.net, str(tmp), _extra_files={EXTRA_FILE: json.dumps(info)})
         else:
             if model.poison_label is not None:
-                from .guard import guard_checkpoint
                 ckpt = {"format": FORMAT, "version": VERSION, **guard_checkpoint(model), "kind": "guarded"}
             else:
                 ckpt = checkpoint(model)
             torch.save(ckpt, tmp)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Guarded checkpoints
+# --------------------------------------------------------------------------------------------
+
+def guard_checkpoint(model: GuardedClassifier) -> dict:
+    """The checkpoint entries of a guarded classifier (tensors, numbers, strings, lists, dicts only)."""
+    if not isinstance(model, GuardedClassifier):
+        raise NetcleanseError(f"model {model.name!r} is not a guarded classifier")
+    ckpt = {"kind": "guarded", "arch": None, "num_classes": model.num_classes,
+            "input_shape": list(model.input_shape), "input_scale": 1.0, "name": model.name,
+            "source": model.source, "poison_label": model.poison_label, "guard": model.detector.kind,
+            "base": checkpoint(model.base), "settings": dict(getattr(model, "settings", {}))}
+    if isinstance(model.detector, Disagreement):
+        ckpt["repaired"] = checkpoint(model.detector.repaired)
+    else:
+        ckpt.update(labels=model.detector.labels, neurons=model.detector.neurons,
+                    thresholds=model.detector.thresholds)
+    return ckpt
+
+
+def _guarded_part(ckpt, what: str) -> Classifier:
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "classifier":
+        raise NetcleanseError(f"guarded checkpoint: its {what} model is missing or not a classifier")
+    return from_checkpoint(ckpt, Path(str(ckpt.get("source") or what)), None, 1.0, str(ckpt.get("name", what)))
+
+
+def guarded_from_checkpoint(ckpt: dict) -> GuardedClassifier:
+    """Rebuild a guarded classifier from :func:`guard_checkpoint`'s dict."""
+    base = _guarded_part(ckpt.get("base"), "base")
+    kind = ckpt.get("guard")
+    if kind == "disagree":
+        guarded = GuardedClassifier(base, Disagreement(_guarded_part(ckpt.get("repaired"), "repaired")))
+    elif kind == "filter":
+        try:
+            labels, neurons = [int(t) for t in ckpt["labels"]], [[int(c) for c in n] for n in ckpt["neurons"]]
+            width = _last_linear(base.net).in_features
+            # indices come from the file: checked against the network before any is used
+            if any(not 0 <= t < base.num_classes for t in labels) or \
+                    any(not 0 <= c < width for cells in neurons for c in cells):
+                raise ValueError
+            detector = TriggerFilter(base.num_classes, labels, neurons, list(ckpt["thresholds"]))
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError):
+            raise NetcleanseError("guarded checkpoint: its trigger filter is incomplete or corrupt") from None
+        guarded = GuardedClassifier(base, detector)
+    else:
+        raise NetcleanseError(f"guarded checkpoint: unknown guard kind {kind!r}")
+    guarded.settings = dict(ckpt.get("settings") or {})
+    return guarded.eval()

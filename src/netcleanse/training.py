@@ -22,7 +22,7 @@ from .architectures import build_architecture, get_architecture
 from .data import Dataset
 from .errors import NetcleanseError
 from .evaluate import evaluate
-from .model import Classifier
+from .classifier import Classifier
 from .progress import progress_bar
 from .utils import seed_everything
 

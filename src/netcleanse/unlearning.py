@@ -13,7 +13,7 @@ import torch
 
 from .data import Dataset
 from .errors import NetcleanseError
-from .model import Classifier
+from .classifier import Classifier
 from .pruning import fine_tune
 from .trigger import Trigger
 

@@ -23,7 +23,8 @@ from . import app
 from ..data import Dataset, load_data
 from ..errors import NetcleanseError
 from ..evaluate import evaluate, predict_dataset
-from ..model import Classifier, HDF5_MAGIC, ZIP_MAGIC, checked_scale, load_model
+from ..model import Classifier, checked_scale, load_model
+from ..sniff import sniff
 
 
 def _positive_scale(value: float) -> float:
@@ -74,24 +75,22 @@ def _echo_json(payload) -> None:
 
 def model_format(path: Path, model: Classifier) -> str:
     """A short description of the file format a model came from (read from headers, nothing executed)."""
-    with open(path, "rb") as f:
-        magic = f.read(8)
-    if magic.startswith(HDF5_MAGIC):
+    kind = sniff(path)
+    if kind == "hdf5":
         with h5py.File(path, "r") as h5:
             version = h5.attrs.get("keras_version", b"")
             version = version.decode() if isinstance(version, bytes) else str(version)
             kind = "whole-model" if "model_config" in h5.attrs else "weights-only"
         return f"Keras {kind} .h5" + (f" (Keras {version})" if version else "")
-    if magic.startswith(ZIP_MAGIC):
+    if kind == "keras-archive":
+        return "Keras 3 .keras archive"
+    if kind == "zip":
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-        if "config.json" in names and "model.weights.h5" in names:
-            return "Keras 3 .keras archive"
         if any(name.split("/", 1)[-1].startswith("code/") for name in names):
             return "TorchScript"
         return "netcleanse guarded checkpoint" if model.poison_label is not None else "PyTorch checkpoint"
-    from ..torch_io import is_safetensors
-    if is_safetensors(path):
+    if kind == "safetensors":
         return "safetensors state_dict"
     if path.suffix.lower() == ".onnx":
         return "ONNX (converted by onnx2torch)"

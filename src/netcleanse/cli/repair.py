@@ -95,7 +95,7 @@ def repair(
 ) -> None:
     """Repair a backdoored model after a scan; write repair.json, .pt and Keras .h5 (or a guarded .pt)."""
     from ..data import load_data
-    from ..repair import METHODS, repair as run_repair, scan_triggers
+    from ..repair import METHODS, RepairOptions, repair as run_repair, scan_triggers
 
     if method not in METHODS:
         raise NetcleanseError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
@@ -115,10 +115,10 @@ def repair(
     clean = load_data(data, expect_shape=shape, num_classes=classes) if data is not None else None
     tests_clean = load_data(test_clean, expect_shape=shape, num_classes=classes) if test_clean is not None else None
     tests_poisoned = [load_data(p, expect_shape=shape) for p in test_poisoned or []] or None
-    result = run_repair(model, triggers, method, clean, test_clean=tests_clean, test_poisoned=tests_poisoned,
-                        target=target, drops=drop_values, layer=layer, select_drop=select_drop,
-                        fine_tune_epochs=fine_tune_epochs, lr=lr, epochs=epochs, fraction=fraction,
-                        quantile=quantile, seed=seed)
+    options = RepairOptions(drops=drop_values, layer=layer, select_drop=select_drop, fine_tune_epochs=fine_tune_epochs,
+                            lr=lr, epochs=epochs, fraction=fraction, quantile=quantile, seed=seed)
+    result = run_repair(model, triggers, method, clean, options=options, test_clean=tests_clean,
+                        test_poisoned=tests_poisoned, target=target)
     result.settings.update(model=str(model_path), scan=str(scan) if scan else None,
                            data=str(data) if data else None)
     result.save(out, force=force)

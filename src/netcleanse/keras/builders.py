@@ -1,0 +1,327 @@
+"""Keras config -> torch layer: one builder per Keras layer class, found in :data:`BUILDERS`.
+
+A builder is registered for its Keras class names with :func:`builds` and given a
+:class:`LayerCall` (the layer's name, config and the tensor it is first called on); it returns
+(module, activation fused after it, "linear" for none). Adding a layer type is one decorated
+function here (plus its torch module in :mod:`.layers` and, if it has weights, its slots in
+:mod:`.slots`); :data:`SUPPORTED_LAYERS` follows from the registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import limits
+from ..crosscheck import check_layer
+from ..errors import NetcleanseError
+from .layers import (_ACTIVATIONS, KerasActivation, KerasBatchNorm, KerasConv2d, KerasCropping2d, KerasDense,
+                     KerasDepthwiseConv2d, KerasFlatten, KerasGlobalPool2d, KerasMerge, KerasNormalization,
+                     KerasPermute, KerasPool2d, KerasReshape, KerasRescaling, KerasUpSampling2d, _pair,
+                     _to_keras_layout)
+
+MODEL_CLASSES = {"Model", "Functional", "Sequential"}
+_IDENTITY_LAYERS = {"Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
+                    "ActivityRegularization"}
+_MERGES = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply", "Average": "average",
+           "Maximum": "maximum", "Minimum": "minimum", "Concatenate": "concatenate"}
+_ALIASES = {"Convolution2D": "Conv2D", "MaxPool2D": "MaxPooling2D", "AvgPool2D": "AveragePooling2D",
+            "GlobalAvgPool2D": "GlobalAveragePooling2D", "GlobalMaxPool2D": "GlobalMaxPooling2D"}
+
+
+def _activation_name(value, layer: str) -> str:
+    """An activation from a config: a name, or tf-keras/Keras 3's dict for a built-in function."""
+    if value is None:
+        return "linear"
+    if isinstance(value, dict):
+        module = str(value.get("module") or "keras")
+        name = value.get("config")
+        if value.get("class_name") != "function" or not module.startswith(("keras", "tf_keras")) \
+                or not isinstance(name, str):
+            raise NetcleanseError(f"layer {layer!r} uses a custom activation ({value.get('class_name')}); "
+                                  "netcleanse only rebuilds built-in Keras activations")
+        value = name
+    if not isinstance(value, str) or value not in _ACTIVATIONS:
+        raise NetcleanseError(f"layer {layer!r} uses activation {value!r}, which netcleanse does not support")
+    return value
+
+
+# the default of the most weights one layer of a config may declare (limits.LAYER_WEIGHTS)
+MAX_LAYER_WEIGHTS = limits.LAYER_WEIGHTS.default
+
+
+def _check_layer_size(name: str, weights: int, kernel: tuple | None = None) -> None:
+    """At most :data:`netcleanse.limits.LAYER_WEIGHTS` per layer, checked before it is allocated; a
+    ``kernel`` (Keras layout) is also checked against the file's weights (:mod:`netcleanse.crosscheck`)."""
+    if weights > limits.LAYER_WEIGHTS():
+        raise NetcleanseError(f"layer {name!r} declares {weights:,} weights (more than {limits.LAYER_WEIGHTS():,}; "
+                              f"{limits.LAYER_WEIGHTS.hint}); refused")
+    check_layer(name, weights, kernel)
+
+
+def _config_array(value):
+    """A number or (nested) list from a config; Keras 3 writes arrays as {"class_name": "__numpy__",
+    "config": {"value": ...}}. ``None`` stays ``None``."""
+    if isinstance(value, dict):
+        value = (value.get("config") or {}).get("value")
+    if value is None or isinstance(value, (int, float)):
+        return value
+    if isinstance(value, list):
+        array = np.asarray(value, dtype=np.float64)
+        if not np.isfinite(array).all():
+            raise NetcleanseError("a preprocessing layer's config holds NaN or infinite values")
+        return array.tolist()
+    raise NetcleanseError(f"a preprocessing layer's config holds {type(value).__name__} where numbers belong")
+
+
+def _padding(cfg: dict, name: str) -> str:
+    padding = str(cfg.get("padding", "valid")).lower()
+    if padding not in ("valid", "same"):
+        raise NetcleanseError(f"layer {name!r}: padding {padding!r} is not supported")
+    return padding
+
+
+def _pad_spec(value) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Keras padding/cropping: n, (h, w) or ((top, bottom), (left, right))."""
+    if isinstance(value, (int, float)):
+        return (int(value), int(value)), (int(value), int(value))
+    first, second = value
+    rows = (int(first), int(first)) if isinstance(first, (int, float)) else (int(first[0]), int(first[1]))
+    cols = (int(second), int(second)) if isinstance(second, (int, float)) else (int(second[0]), int(second[1]))
+    return rows, cols
+
+
+@dataclass
+class LayerCall:
+    """What a builder is given: one Keras layer of a config and the tensor it is first called on."""
+
+    class_name: str
+    cfg: dict
+    name: str
+    x: torch.Tensor
+    keras_major: int
+
+    @property
+    def rank(self) -> int:
+        return self.x.dim()
+
+    def image_input(self) -> None:
+        if self.rank != 4:
+            raise NetcleanseError(f"layer {self.name!r} ({self.class_name}) expects an image tensor, "
+                                  f"got rank {self.rank}")
+
+    def activation(self) -> str:
+        """The activation fused into the layer (``activation`` in its config)."""
+        return _activation_name(self.cfg.get("activation"), self.name)
+
+    def padding(self) -> str:
+        return _padding(self.cfg, self.name)
+
+
+Builder = Callable[[LayerCall], "tuple[nn.Module, str]"]
+BUILDERS: dict[str, Builder] = {}
+
+
+def builds(*class_names: str) -> Callable[[Builder], Builder]:
+    """Register the decorated function as the builder of these Keras layer classes."""
+    def register(builder: Builder) -> Builder:
+        for class_name in class_names:
+            BUILDERS[class_name] = builder
+        return builder
+    return register
+
+
+def build_layer(class_name: str, cfg: dict, name: str, inputs: list[torch.Tensor],
+                keras_major: int) -> tuple[nn.Module, str]:
+    """A torch module for one Keras layer, given the tensors it is first called on.
+
+    Returns (module, fused activation name applied after it, "linear" for none).
+    """
+    call = LayerCall(class_name, cfg, name, inputs[0], keras_major)
+    builder = BUILDERS.get(class_name)
+    if builder is None:
+        raise NetcleanseError(f"layer {name!r} has class {class_name!r}, which netcleanse cannot rebuild")
+    return builder(call)
+
+
+@builds("Conv2D")
+def _conv2d(c: LayerCall):
+    c.image_input()
+    cfg, x = c.cfg, c.x
+    kernel, strides, dilation = _pair(cfg["kernel_size"]), _pair(cfg.get("strides", 1)), \
+        _pair(cfg.get("dilation_rate", 1))
+    groups = int(cfg.get("groups", 1))
+    _check_layer_size(c.name, int(x.shape[1]) * int(cfg["filters"]) * kernel[0] * kernel[1] // max(groups, 1),
+                      (*kernel, int(x.shape[1]) // max(groups, 1), int(cfg["filters"])))
+    module = KerasConv2d(x.shape[1], int(cfg["filters"]), kernel, strides, dilation, groups,
+                         bool(cfg.get("use_bias", True)), same=c.padding() == "same")
+    return module, c.activation()
+
+
+@builds("DepthwiseConv2D")
+def _depthwise_conv2d(c: LayerCall):
+    c.image_input()
+    cfg = c.cfg
+    kernel = _pair(cfg["kernel_size"])
+    _check_layer_size(c.name, int(c.x.shape[1]) * int(cfg.get("depth_multiplier", 1)) * kernel[0] * kernel[1],
+                      (*kernel, int(c.x.shape[1]), int(cfg.get("depth_multiplier", 1))))
+    module = KerasDepthwiseConv2d(c.x.shape[1], int(cfg.get("depth_multiplier", 1)), _pair(cfg["kernel_size"]),
+                                  _pair(cfg.get("strides", 1)), _pair(cfg.get("dilation_rate", 1)),
+                                  bool(cfg.get("use_bias", True)), same=c.padding() == "same")
+    return module, c.activation()
+
+
+@builds("Dense")
+def _dense(c: LayerCall):
+    in_features = c.x.shape[1] if c.rank == 4 else c.x.shape[-1]
+    _check_layer_size(c.name, int(in_features) * int(c.cfg["units"]), (int(in_features), int(c.cfg["units"])))
+    return KerasDense(in_features, int(c.cfg["units"]), bool(c.cfg.get("use_bias", True))), c.activation()
+
+
+@builds("MaxPooling2D", "AveragePooling2D")
+def _pool2d(c: LayerCall):
+    c.image_input()
+    pool = _pair(c.cfg.get("pool_size", 2))
+    strides = _pair(c.cfg["strides"]) if c.cfg.get("strides") is not None else pool
+    kind = "max" if c.class_name == "MaxPooling2D" else "avg"
+    return KerasPool2d(kind, pool, strides, c.padding() == "same"), "linear"
+
+
+@builds("GlobalAveragePooling2D", "GlobalMaxPooling2D")
+def _global_pool2d(c: LayerCall):
+    c.image_input()
+    kind = "max" if c.class_name == "GlobalMaxPooling2D" else "avg"
+    return KerasGlobalPool2d(kind, bool(c.cfg.get("keepdims", False))), "linear"
+
+
+@builds("Flatten")
+def _flatten(c: LayerCall):
+    return KerasFlatten(), "linear"
+
+
+@builds("Reshape")
+def _reshape(c: LayerCall):
+    return KerasReshape(c.cfg["target_shape"]), "linear"
+
+
+@builds("Permute")
+def _permute(c: LayerCall):
+    return KerasPermute(c.cfg["dims"]), "linear"
+
+
+@builds(*_IDENTITY_LAYERS)
+def _identity_layer(c: LayerCall):
+    return nn.Identity(), "linear"  # only active while training in Keras
+
+
+@builds(*_MERGES)
+def _merge(c: LayerCall):
+    return KerasMerge(_MERGES[c.class_name], int(c.cfg.get("axis", -1))), "linear"
+
+
+@builds("Activation")
+def _activation_layer(c: LayerCall):
+    return KerasActivation(c.activation(), c.keras_major), "linear"
+
+
+@builds("ReLU")
+def _relu(c: LayerCall):
+    max_value = c.cfg.get("max_value")
+    return KerasActivation("relu", c.keras_major, max_value=None if max_value is None else float(max_value),
+                           negative_slope=float(c.cfg.get("negative_slope", 0.0)),
+                           threshold=float(c.cfg.get("threshold", 0.0))), "linear"
+
+
+@builds("LeakyReLU")
+def _leaky_relu(c: LayerCall):
+    slope = c.cfg.get("negative_slope", c.cfg.get("alpha", 0.3))
+    return KerasActivation("leaky_relu", c.keras_major, negative_slope=float(slope)), "linear"
+
+
+@builds("ELU")
+def _elu(c: LayerCall):
+    return KerasActivation("elu", c.keras_major, alpha=float(c.cfg.get("alpha", 1.0))), "linear"
+
+
+@builds("ThresholdedReLU")
+def _thresholded_relu(c: LayerCall):
+    return KerasActivation("thresholded_relu", c.keras_major, theta=float(c.cfg.get("theta", 1.0))), "linear"
+
+
+@builds("Softmax")
+def _softmax_layer(c: LayerCall):
+    axis = c.cfg.get("axis", -1)
+    if isinstance(axis, list):
+        if len(axis) != 1:
+            raise NetcleanseError(f"layer {c.name!r}: softmax over several axes is not supported")
+        axis = axis[0]
+    return KerasActivation("softmax", c.keras_major, axis=int(axis)), "linear"
+
+
+@builds("BatchNormalization")
+def _batch_norm(c: LayerCall):
+    cfg, rank = c.cfg, c.rank
+    axis = cfg.get("axis", -1)
+    axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
+    if not isinstance(axis, int) or axis % rank != rank - 1:
+        raise NetcleanseError(f"layer {c.name!r}: BatchNormalization over axis {axis} is not supported "
+                              "(only the channel axis, -1)")
+    channels = c.x.shape[1] if rank == 4 else c.x.shape[-1]
+    return KerasBatchNorm(channels, float(cfg.get("epsilon", 1e-3)), float(cfg.get("momentum", 0.99)),
+                          bool(cfg.get("center", True)), bool(cfg.get("scale", True))), "linear"
+
+
+@builds("ZeroPadding2D")
+def _zero_padding2d(c: LayerCall):
+    c.image_input()
+    (top, bottom), (left, right) = _pad_spec(c.cfg.get("padding", 1))
+    return nn.ZeroPad2d((left, right, top, bottom)), "linear"
+
+
+@builds("Cropping2D")
+def _cropping2d(c: LayerCall):
+    c.image_input()
+    (top, bottom), (left, right) = _pad_spec(c.cfg.get("cropping", 0))
+    return KerasCropping2d(top, bottom, left, right), "linear"
+
+
+@builds("UpSampling2D")
+def _upsampling2d(c: LayerCall):
+    c.image_input()
+    if c.cfg.get("interpolation", "nearest") != "nearest":
+        raise NetcleanseError(f"layer {c.name!r}: UpSampling2D interpolation "
+                              f"{c.cfg.get('interpolation')!r} is not supported (only 'nearest')")
+    return KerasUpSampling2d(_pair(c.cfg.get("size", 2))), "linear"
+
+
+@builds("Rescaling")
+def _rescaling(c: LayerCall):
+    scale, offset = _config_array(c.cfg.get("scale", 1.0)), _config_array(c.cfg.get("offset", 0.0))
+    for value in (scale, offset):
+        if isinstance(value, list) and np.asarray(value).ndim != 1:
+            raise NetcleanseError(f"layer {c.name!r}: Rescaling by a {np.asarray(value).ndim}-d array is not "
+                                  "supported (only a number or one value per channel)")
+    return KerasRescaling(scale, offset), "linear"
+
+
+@builds("Normalization")
+def _normalization(c: LayerCall):
+    cfg, rank, name = c.cfg, c.rank, c.name
+    axis = cfg.get("axis", -1)
+    axes = [] if axis is None else [axis] if isinstance(axis, int) else list(axis)
+    keep = tuple(sorted(int(a) % rank for a in axes))
+    if any(a == 0 for a in keep):
+        raise NetcleanseError(f"layer {name!r}: Normalization over the batch axis is not supported")
+    shape = tuple(_to_keras_layout(c.x).shape)
+    mean, variance = _config_array(cfg.get("mean")), _config_array(cfg.get("variance"))
+    if (mean is None) != (variance is None):
+        raise NetcleanseError(f"layer {name!r}: Normalization config gives mean or variance, not both")
+    _check_layer_size(name, int(np.prod([shape[d] for d in keep], dtype=object)))
+    return KerasNormalization(keep, shape, bool(cfg.get("invert", False)), mean, variance), "linear"
+
+
+SUPPORTED_LAYERS = frozenset({"InputLayer"} | set(BUILDERS) | MODEL_CLASSES | set(_ALIASES))

@@ -1,0 +1,120 @@
+"""Reading a Keras model config (JSON data, never code): its layer entries and names, the input
+spec (size-checked), the call nodes in either dialect (Keras 2 lists, Keras 3 dicts), and
+:func:`check_config`, which refuses a Lambda, custom or unsupported layer before anything is built."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import limits
+from ..errors import NetcleanseError
+from .builders import MODEL_CLASSES, SUPPORTED_LAYERS
+
+# the default of the largest input a Keras config may declare per image (limits.INPUT_VALUES)
+MAX_INPUT_VALUES = limits.INPUT_VALUES.default
+
+
+def _layer_entries(model_config: dict) -> list[dict]:
+    config = model_config.get("config")
+    if isinstance(config, list):  # Keras <= 2.2.2 Sequential: the config is the layer list
+        return config
+    if not isinstance(config, dict) or not isinstance(config.get("layers"), list):
+        raise NetcleanseError(f"the {model_config.get('class_name')} config has no layer list")
+    return config["layers"]
+
+
+def _entry_name(entry: dict) -> str:
+    name = entry.get("name") or (entry.get("config") or {}).get("name")
+    if not isinstance(name, str) or not name:
+        raise NetcleanseError(f"a {entry.get('class_name')} layer in the config has no name")
+    return name
+
+
+def check_config(model_config: dict) -> None:
+    """Refuse, before building anything, a config with a Lambda, custom or unsupported layer.
+
+    A Lambda layer is reported first wherever it is: it carries serialized Python code.
+    """
+    problems: list[tuple[int, str]] = []
+
+    def walk(config: dict) -> None:
+        for entry in _layer_entries(config):
+            if not isinstance(entry, dict):
+                raise NetcleanseError("the model config has a layer that is not a JSON object")
+            class_name, name = str(entry.get("class_name")), _entry_name(entry)
+            module = str(entry.get("module") or "keras")
+            registered = entry.get("registered_name")
+            cfg = entry.get("config") or {}
+            if class_name == "Lambda" or class_name == "TFOpLambda" or class_name == "SlicingOpLambda":
+                problems.append((0, f"layer {name!r} is a Keras {class_name} layer (serialized Python code); "
+                                    "netcleanse refuses to run code from a model file"))
+            elif not module.startswith(("keras", "tf_keras", "tensorflow")) or \
+                    (registered not in (None, class_name) and not str(registered).startswith("keras")):
+                problems.append((1, f"layer {name!r} has custom class {registered or class_name!r} "
+                                    f"(module {module!r}); netcleanse only rebuilds built-in Keras layers"))
+            elif class_name not in SUPPORTED_LAYERS:
+                problems.append((1, f"layer {name!r} has class {class_name!r}, which netcleanse cannot rebuild"))
+            elif isinstance(cfg, dict) and cfg.get("data_format") == "channels_first":
+                problems.append((2, f"layer {name!r} ({class_name}) uses data_format='channels_first', "
+                                    "which netcleanse does not support"))
+            elif class_name in MODEL_CLASSES:
+                walk(entry)
+
+    walk(model_config)
+    if problems:
+        problems.sort(key=lambda p: p[0])
+        more = f" (and {len(problems) - 1} more unsupported layer(s))" if len(problems) > 1 else ""
+        raise NetcleanseError(problems[0][1] + more)
+
+
+def _input_spec(entry: dict) -> tuple | None:
+    cfg = entry.get("config") or {}
+    shape = cfg.get("batch_input_shape", cfg.get("batch_shape"))
+    if shape is None and cfg.get("input_shape") is not None:
+        shape = [None] + list(cfg["input_shape"])
+    if shape is not None:
+        try:
+            size = int(np.prod([int(n) for n in list(shape)[1:] if n is not None], dtype=object))
+        except (TypeError, ValueError):
+            raise NetcleanseError(f"input layer {entry.get('name')!r} has an unreadable shape {shape!r}") from None
+        if size > limits.INPUT_VALUES():
+            raise NetcleanseError(f"input layer {entry.get('name')!r} declares {size:,} values per image "
+                                  f"(more than {limits.INPUT_VALUES():,}; {limits.INPUT_VALUES.hint}); refused")
+    return None if shape is None else tuple(shape)
+
+
+def _node_refs(node) -> list[tuple[str, int, int]]:
+    """The (layer, node index, tensor index) inputs of one inbound node, in either dialect."""
+    if isinstance(node, dict):  # Keras 3: {"args": [...keras tensors...], "kwargs": {...}}
+        refs: list[tuple[str, int, int]] = []
+
+        def walk(obj):
+            if isinstance(obj, dict):
+                if obj.get("class_name") == "__keras_tensor__":
+                    history = obj["config"]["keras_history"]
+                    refs.append((str(history[0]), int(history[1]), int(history[2])))
+                else:
+                    for value in obj.values():
+                        walk(value)
+            elif isinstance(obj, list):
+                for value in obj:
+                    walk(value)
+
+        walk(node.get("args", []))
+        return refs
+    if node and isinstance(node[0], str):  # a single reference, not a list of them
+        node = [node]
+    return [(str(ref[0]), int(ref[1]), int(ref[2])) for ref in node]
+
+
+def _io_refs(value) -> list[tuple[str, int, int]]:
+    if not value:
+        return []
+    if isinstance(value[0], str):
+        value = [value]
+    return [(str(v[0]), int(v[1]), int(v[2])) for v in value]
+
+
+def _has_input_spec(entry: dict) -> bool:
+    layers = _layer_entries(entry)
+    return bool(layers) and (layers[0].get("class_name") == "InputLayer" or _input_spec(layers[0]) is not None)

@@ -1,0 +1,298 @@
+"""The rebuilt network: :class:`KerasGraph`, a Keras Sequential or Functional model as a torch
+module, and :func:`graph_from_config`."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from ..errors import NetcleanseError
+from ..utils import first_line
+from .builders import MODEL_CLASSES, _ALIASES, _activation_name, build_layer
+from .config import _entry_name, _has_input_spec, _input_spec, _io_refs, _layer_entries, _node_refs, check_config
+from .layers import _ACTIVATIONS, KerasMerge
+from .slots import Slot, _leaf_slots
+
+
+class KerasGraph(nn.Module):
+    """A Keras Sequential or Functional model, rebuilt as a torch module from its JSON config.
+
+    Every Keras layer becomes a submodule named after it (so weights map by name); the forward
+    pass runs the layers' call nodes in topological order. Modules are created on a dry run with
+    a zero image, so their sizes come from the graph itself and a config alone suffices to
+    rebuild the net (netcleanse ``.pt`` checkpoints store the config, not code).
+
+    Attributes: ``input_shape`` (C, H, W); ``final_activation`` (what the network ends in,
+    e.g. "softmax", which the forward pass leaves out: it returns logits); ``prune_layer`` (the
+    last convolution every path to the output goes through, for fine-pruning; None if none);
+    ``model_config`` (the Keras config dict); ``keras_version``.
+    """
+
+    def __init__(self, model_config: dict, keras_version: str = "2", strip_final_softmax: bool = True):
+        super().__init__()
+        check_config(model_config)
+        self.model_config = model_config
+        self.keras_version = str(keras_version)
+        try:
+            self._keras_major = int(self.keras_version.split(".")[0])
+        except ValueError:
+            self._keras_major = 2
+        self._class_name = model_config["class_name"]
+        entries = _layer_entries(model_config)
+        self._entries = {_entry_name(e): e for e in entries}
+        self._layer_order = [_entry_name(e) for e in entries]
+        if len(self._entries) != len(entries):
+            raise NetcleanseError("the model config has two layers with the same name")
+        if self._class_name == "Sequential":
+            self._plan_sequential(entries)
+        else:
+            self._plan_functional(model_config.get("config") or {})
+        self.input_shape = self._image_shape()
+        self._activations: dict[str, str] = {}
+        self._strip = strip_final_softmax
+        self.final_activation = self._final_activation()
+        with torch.no_grad():
+            out = self._execute(torch.zeros((1,) + self.input_shape), strip=False, build=True)
+        self.output_shape = tuple(out.shape[1:])
+        self.prune_layer = self._dominating_conv()
+
+    # -- planning ---------------------------------------------------------------------------
+
+    def _plan_sequential(self, entries: list[dict]) -> None:
+        layers = [e for e in entries if e.get("class_name") != "InputLayer"]
+        if not layers:
+            raise NetcleanseError("the Sequential model has no layers")
+        spec = next((s for s in (_input_spec(e) for e in entries[:1] + layers[:1]) if s is not None), None)
+        config = self.model_config.get("config")
+        if spec is None and isinstance(config, dict) and config.get("build_input_shape") is not None:
+            spec = tuple(config["build_input_shape"])
+        self._input_name, self._batch_shape = "__input__", spec
+        previous = (self._input_name, 0, 0)
+        self._nodes = []
+        for entry in layers:
+            name = _entry_name(entry)
+            self._nodes.append((name, 0, [previous]))
+            previous = (name, 0, 0)
+        self._output_ref = previous
+
+    def _plan_functional(self, config: dict) -> None:
+        inputs, outputs = _io_refs(config.get("input_layers")), _io_refs(config.get("output_layers"))
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise NetcleanseError(f"the model has {len(inputs)} inputs and {len(outputs)} outputs; "
+                                  "netcleanse handles image classifiers with one input and one output")
+        self._input_name = inputs[0][0]
+        if self._input_name not in self._entries:
+            raise NetcleanseError(f"the model's input layer {self._input_name!r} is not in its layer list")
+        self._batch_shape = _input_spec(self._entries[self._input_name])
+        pending = []
+        for name in self._layer_order:
+            entry = self._entries[name]
+            if entry.get("class_name") == "InputLayer":
+                continue
+            # A nested model already owns node 0 (its own input), so the config numbers its calls from 1.
+            offset = 1 if entry.get("class_name") in MODEL_CLASSES and _has_input_spec(entry) else 0
+            for index, node in enumerate(entry.get("inbound_nodes") or []):
+                pending.append((name, index + offset, _node_refs(node)))
+        # Topological order of call nodes (config order is usually one already).
+        done = {(self._input_name, 0)}
+        self._nodes = []
+        while pending:
+            ready = [n for n in pending if all((ref[0], ref[1]) in done for ref in n[2])]
+            if not ready:
+                missing = next(ref for n in pending for ref in n[2] if (ref[0], ref[1]) not in done)
+                raise NetcleanseError(f"layer {pending[0][0]!r} takes input from {missing[0]!r} "
+                                      f"(node {missing[1]}), which the model never computes")
+            for node in ready:
+                if any(ref[2] != 0 for ref in node[2]):
+                    raise NetcleanseError(f"layer {node[0]!r} uses a second output of a layer; not supported")
+                self._nodes.append(node)
+                done.add((node[0], node[1]))
+            pending = [n for n in pending if n not in ready]
+        self._output_ref = outputs[0]
+        if (self._output_ref[0], self._output_ref[1]) not in done:
+            raise NetcleanseError(f"the model's output layer {self._output_ref[0]!r} is never computed")
+
+    def _image_shape(self) -> tuple[int, int, int]:
+        shape = self._batch_shape
+        if shape is None:
+            raise NetcleanseError("the model config does not record its input shape")
+        dims = list(shape[1:])
+        if len(dims) != 3 or any(d is None for d in dims):
+            raise NetcleanseError(f"the model's input shape {tuple(dims)} is not a fixed HxWxC image; "
+                                  "netcleanse needs a fixed image size")
+        height, width, channels = (int(d) for d in dims)
+        if min(height, width, channels) <= 0:
+            raise NetcleanseError(f"the model's input shape {tuple(dims)} is not a valid image size")
+        return channels, height, width
+
+    def _final_activation(self) -> str:
+        name = self._output_ref[0]
+        entry = self._entries[name]
+        class_name = _ALIASES.get(entry["class_name"], entry["class_name"])
+        cfg = entry.get("config") or {}
+        if class_name in ("Dense", "Conv2D", "DepthwiseConv2D"):
+            return _activation_name(cfg.get("activation"), name)
+        if class_name == "Activation":
+            return _activation_name(cfg.get("activation"), name)
+        if class_name == "Softmax" and cfg.get("axis", -1) in (-1, [-1]):
+            return "softmax"
+        if class_name in MODEL_CLASSES:
+            return KerasGraph._peek_final(entry)
+        return "linear" if class_name not in ("ReLU", "LeakyReLU", "ELU") else class_name.lower()
+
+    @staticmethod
+    def _peek_final(entry: dict) -> str:
+        config = entry.get("config") or {}
+        if entry["class_name"] == "Sequential":
+            layers = [e for e in _layer_entries(entry) if e.get("class_name") != "InputLayer"]
+            last = layers[-1] if layers else None
+        else:
+            outputs = _io_refs(config.get("output_layers"))
+            last = next((e for e in _layer_entries(entry) if outputs and _entry_name(e) == outputs[0][0]), None)
+        if last is None:
+            return "linear"
+        class_name = _ALIASES.get(last["class_name"], last["class_name"])
+        cfg = last.get("config") or {}
+        if class_name in ("Dense", "Conv2D", "DepthwiseConv2D", "Activation"):
+            return _activation_name(cfg.get("activation"), _entry_name(last))
+        if class_name == "Softmax":
+            return "softmax"
+        if class_name in MODEL_CLASSES:
+            return KerasGraph._peek_final(last)
+        return "linear"
+
+    # -- execution --------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._execute(x, strip=self._strip)
+
+    def run(self, x: torch.Tensor, strip_final_softmax: bool) -> torch.Tensor:
+        """The forward pass, with or without the final softmax."""
+        return self._execute(x, strip=strip_final_softmax)
+
+    def _execute(self, x: torch.Tensor, strip: bool, build: bool = False) -> torch.Tensor:
+        values = {(self._input_name, 0): x}
+        output_node = (self._output_ref[0], self._output_ref[1])
+        strip_here = strip and self.final_activation == "softmax"
+        for name, index, refs in self._nodes:
+            args = [values[(ref[0], ref[1])] for ref in refs]
+            drop_softmax = strip_here and (name, index) == output_node
+            if not build:
+                values[(name, index)] = self._call(name, args, drop_softmax, build)
+                continue
+            try:  # the dry run: a config whose layers do not fit together fails here
+                values[(name, index)] = self._call(name, args, drop_softmax, build)
+            except (RuntimeError, ValueError, ZeroDivisionError, TypeError, IndexError) as exc:
+                shapes = ", ".join("x".join(map(str, a.shape[1:])) for a in args)
+                raise NetcleanseError(f"layer {name!r} cannot be built on its input ({shapes}): "
+                                      f"{first_line(exc)}") from None
+        return values[output_node]
+
+    def _call(self, name: str, args: list[torch.Tensor], drop_softmax: bool, build: bool) -> torch.Tensor:
+        entry = self._entries[name]
+        class_name = _ALIASES.get(entry["class_name"], entry["class_name"])
+        module = self._modules.get(name)
+        if module is None:
+            if not build:
+                raise RuntimeError(f"layer {name} was not built")
+            try:
+                if class_name in MODEL_CLASSES:
+                    module, activation = KerasGraph(entry, self.keras_version, strip_final_softmax=False), "linear"
+                else:
+                    module, activation = build_layer(class_name, entry.get("config") or {}, name, args,
+                                                     self._keras_major)
+            except (KeyError, TypeError, IndexError, ValueError) as exc:
+                raise NetcleanseError(f"layer {name!r} ({class_name}) has a config netcleanse cannot read "
+                                      f"({type(exc).__name__}: {first_line(exc)})") from None
+            if "." in name or hasattr(self, name) and name not in self._modules:
+                raise NetcleanseError(f"layer name {name!r} cannot be used as a torch module name")
+            module.eval()  # the dry run has a batch of one: BatchNormalization must use its moving statistics
+            self.add_module(name, module)
+            self._activations[name] = activation
+        if isinstance(module, KerasGraph):
+            return module.run(args[0], strip_final_softmax=drop_softmax)
+        if drop_softmax and class_name in ("Activation", "Softmax"):
+            return args[0]
+        if isinstance(module, KerasMerge):
+            if len(args) < 2:
+                raise NetcleanseError(f"merge layer {name!r} needs at least two inputs")
+            out = module(*args)
+        else:
+            if len(args) != 1:
+                raise NetcleanseError(f"layer {name!r} ({class_name}) is called on {len(args)} inputs")
+            out = module(args[0])
+        activation = self._activations[name]
+        if activation != "linear" and not (drop_softmax and activation == "softmax"):
+            out = _ACTIVATIONS[activation](out, self._keras_major)
+        return out
+
+    # -- structure --------------------------------------------------------------------------
+
+    def keras_layers(self) -> list[tuple[str, nn.Module | None]]:
+        """(Keras layer name, module or None) in the config's order, as Keras lists its layers."""
+        names = self._layer_order
+        if self._class_name == "Sequential":
+            names = [n for n in names if self._entries[n].get("class_name") != "InputLayer"]
+        return [(n, self._modules.get(n)) for n in names]
+
+    def weight_slots(self) -> list[tuple[str, Slot]]:
+        """(inner layer name, slot) of every weight, in Keras's order for this model."""
+        slots = []
+        for name, module in self.keras_layers():
+            if module is None:
+                continue
+            if isinstance(module, KerasGraph):
+                slots += module.weight_slots()
+            else:
+                slots += [(name, slot) for slot in _leaf_slots(module)]
+        return slots
+
+    def _dominating_conv(self) -> str | None:
+        """The last Conv2D that every path from the input to the output passes through."""
+        consumers: dict[tuple, list[tuple]] = {}
+        for name, index, refs in self._nodes:
+            for ref in refs:
+                consumers.setdefault((ref[0], ref[1]), []).append((name, index))
+        start, goal = (self._input_name, 0), (self._output_ref[0], self._output_ref[1])
+
+        def reaches_without(blocked: tuple) -> bool:
+            seen, stack = {start}, [start]
+            while stack:
+                node = stack.pop()
+                if node == goal:
+                    return True
+                for nxt in consumers.get(node, []):
+                    if nxt != blocked and nxt not in seen:
+                        seen.add(nxt)
+                        stack.append(nxt)
+            return False
+
+        for name, index, _ in reversed(self._nodes):
+            if isinstance(self._modules.get(name), nn.Conv2d) and not reaches_without((name, index)):
+                return name
+        return None
+
+
+def _module_slots(module: nn.Module) -> list[tuple[str, Slot]]:
+    """(inner Keras layer name or "", slot) for a module; a nested Keras model lists its layers' weights."""
+    if isinstance(module, KerasGraph):
+        return module.weight_slots()
+    return [("", slot) for slot in _leaf_slots(module)]
+
+
+def graph_from_config(config_json: str | dict, keras_version: str = "2") -> KerasGraph:
+    """Rebuild a :class:`KerasGraph` from a Keras model config (JSON text or parsed)."""
+    if isinstance(config_json, str):
+        try:
+            config_json = json.loads(config_json)
+        except ValueError as exc:
+            raise NetcleanseError(f"the Keras model config is not valid JSON ({first_line(exc)})") from None
+    if not isinstance(config_json, dict) or str(config_json.get("class_name")) not in MODEL_CLASSES:
+        raise NetcleanseError("the Keras config does not describe a Sequential or Functional model")
+    try:
+        return KerasGraph(config_json, keras_version)
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError) as exc:
+        raise NetcleanseError(f"the Keras model config is malformed ({type(exc).__name__}: "
+                              f"{first_line(exc)})") from None

@@ -1,0 +1,69 @@
+"""Reading a Keras ``.h5`` file: its list attributes (chunked or not), its layer groups with their
+weights (declared sizes checked before any array is read), its ``model_config`` and version.
+Nothing here builds a model; :mod:`.load` does, from what these functions return."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+
+from ..errors import NetcleanseError
+from ..utils import check_declared_size, first_line
+
+# Errors h5py raises on truncated or corrupt files; turned into NetcleanseError at the boundary.
+_H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError)
+
+
+def _decode(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _attr_list(group: h5py.Group, name: str) -> list[str]:
+    """A Keras list attribute (``layer_names``, ``weight_names``), chunked or not, as strings."""
+    if name in group.attrs:
+        return [_decode(v) for v in np.asarray(group.attrs[name]).ravel()]
+    values, chunk = [], 0
+    while f"{name}{chunk}" in group.attrs:
+        values += [_decode(v) for v in np.asarray(group.attrs[f"{name}{chunk}"]).ravel()]
+        chunk += 1
+    return values
+
+
+def _file_layers(root: h5py.Group) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
+    """(layer name, [(weight name, array), ...]) for every layer group, in file order."""
+    if "layer_names" not in root.attrs and "layer_names0" not in root.attrs:
+        raise NetcleanseError("the file has no Keras 'layer_names' attribute; it is not a Keras weights file")
+    layers = []
+    for layer in _attr_list(root, "layer_names"):
+        if layer not in root:
+            raise NetcleanseError(f"the file lists layer {layer!r} but holds no group for it")
+        group = root[layer]
+        weights = []
+        for weight_name in _attr_list(group, "weight_names"):
+            if weight_name not in group:
+                raise NetcleanseError(f"layer {layer!r}: weight {weight_name!r} is listed but missing")
+            dataset = group[weight_name]
+            check_declared_size(dataset.shape, dataset.dtype, dataset.id.get_storage_size(), "the file",
+                                f"layer {layer!r} weight {weight_name!r}")
+            weights.append((weight_name, np.asarray(dataset)))
+        layers.append((layer, weights))
+    return layers
+
+
+def _model_config(h5: h5py.File) -> dict | None:
+    if "model_config" not in h5.attrs:
+        return None
+    raw = h5.attrs["model_config"]
+    try:
+        config = json.loads(_decode(raw))
+    except ValueError as exc:
+        raise NetcleanseError(f"the file's model_config is not valid JSON ({first_line(exc)})") from None
+    if not isinstance(config, dict) or "class_name" not in config:
+        raise NetcleanseError("the file's model_config is not a Keras model config")
+    return config
+
+
+def _keras_version(h5: h5py.File) -> str:
+    return _decode(h5.attrs.get("keras_version", "2"))

@@ -1,0 +1,64 @@
+"""Loading a Keras ``.h5`` (whole-model or weights-only) into a :class:`~netcleanse.model.Classifier`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+
+from ..archspec import resolve_arch
+from ..classifier import Classifier
+from ..crosscheck import file_weights
+from ..errors import NetcleanseError
+from ..utils import check_self_contained_h5, first_line
+from .builders import MODEL_CLASSES
+from .graph import graph_from_config
+from .hdf5 import _H5_ERRORS, _file_layers, _keras_version, _model_config
+from .weights import _output_classes, keras_weights_to_module
+
+
+def load_keras(path, arch: str | None = None, input_scale: float = 1.0, name: str | None = None) -> Classifier:
+    """Load a Keras ``.h5`` into a :class:`Classifier` returning logits (see the module doc).
+
+    Without ``arch`` a whole-model file is rebuilt from its ``model_config``; with ``arch`` the
+    file's weights (whole-model or weights-only) go into that registered architecture and any
+    ``model_config`` is ignored. A weights-only file needs ``arch``; its number of classes is
+    read from the weights.
+    """
+    path = Path(path)
+    try:
+        h5 = h5py.File(path, "r")
+    except _H5_ERRORS as exc:
+        raise NetcleanseError(f"{path} is not a readable HDF5 file ({first_line(exc)})") from None
+    try:
+        with h5:
+            check_self_contained_h5(h5, path)
+            weights_root = h5["model_weights"] if "model_weights" in h5 else h5
+            if arch is not None:
+                spec = resolve_arch(arch)
+                layers_in_file = _file_layers(weights_root)
+                num_classes = _output_classes(layers_in_file)
+                net = spec.build(num_classes)
+                keras_weights_to_module(weights_root, net, spec.spec)
+                model = Classifier(net.eval(), spec.input_shape(net), num_classes, input_scale=input_scale,
+                                   name=name or path.stem, arch=spec.spec, source=str(path))
+                model.arch_kwargs = dict(spec.kwargs)
+                return model
+            config = _model_config(h5)
+            if config is None:
+                raise NetcleanseError(f"{path} holds weights only; name its architecture with --arch "
+                                      "(e.g. --arch csaw-deepid)")
+            if str(config.get("class_name")) not in MODEL_CLASSES:
+                raise NetcleanseError(f"{path}: model class {config.get('class_name')!r} is not a Keras "
+                                      "Sequential or Functional model")
+            with file_weights(weights_root, config, path):  # layers checked against the file's weights
+                graph = graph_from_config(config, _keras_version(h5))
+            keras_weights_to_module(weights_root, graph)
+    except _H5_ERRORS as exc:
+        raise NetcleanseError(f"{path}: cannot read the Keras file, it may be truncated or corrupt "
+                              f"({first_line(exc)})") from None
+    if len(graph.output_shape) != 1:
+        raise NetcleanseError(f"{path}: the model's output has shape {graph.output_shape}; "
+                              "netcleanse needs one score per class")
+    return Classifier(graph.eval(), graph.input_shape, graph.output_shape[0], input_scale=input_scale,
+                      name=name or path.stem, arch=None, source=str(path))

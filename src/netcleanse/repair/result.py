@@ -1,0 +1,54 @@
+"""The outcome of a repair, :class:`RepairResult`, and its one writer (``repair.json`` and the models)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import NetcleanseError
+from ..classifier import Classifier
+from ..torch_io import save_model
+from ..utils import write_json_atomic
+
+
+@dataclass
+class RepairResult:
+    model: Classifier  # the repaired (weights) or guarded (N+1) classifier
+    method: str
+    table: list[dict]
+    curve: list[dict] = field(default_factory=list)
+    flagged: list[int] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    saved: dict[str, Classifier] = field(default_factory=dict)  # extra models to write (file stem -> model)
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "flagged": self.flagged, "settings": self.settings,
+                "model": {"name": self.model.name, "num_classes": self.model.num_classes,
+                          "poison_label": self.model.poison_label},
+                "table": self.table, "curve": self.curve, "elapsed_s": self.elapsed_s}
+
+    def save(self, folder, force: bool = False) -> Path:
+        """Write ``repair.json`` and the model files into ``folder``; refuse to overwrite unless ``force``."""
+        folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise NetcleanseError(f"--out {folder} exists and is not a folder")
+        if (folder / "repair.json").exists() and not force:
+            raise NetcleanseError(f"{folder} already holds a repair (repair.json); choose another --out or use --force")
+        models = {("guarded" if self.model.poison_label is not None else "repaired"): self.model, **self.saved}
+        # every file this writes, checked before the first is written (the input model may live there)
+        taken = [name for stem in models for name in (f"{stem}.pt", f"{stem}.h5") if (folder / name).exists()]
+        if taken and not force:
+            raise NetcleanseError(f"{folder / taken[0]} exists; choose another --out or use --force to replace it")
+        folder.mkdir(parents=True, exist_ok=True)
+        files, notes = {}, {}
+        for stem, model in models.items():
+            files[stem] = [save_model(model, folder / f"{stem}.pt").name]
+            if model.poison_label is None:
+                try:
+                    files[stem].append(save_model(model, folder / f"{stem}.h5").name)
+                except NetcleanseError as exc:  # e.g. a TorchScript net: no Keras layout to write
+                    notes[stem] = f"no .h5 export: {exc}"
+        record = dict(self.to_dict(), files=files, notes=notes)
+        write_json_atomic(folder / "repair.json", record, indent=2)
+        return folder

@@ -1,0 +1,66 @@
+"""What a file is, from its first bytes: the one sniffer for model and data files.
+
+Formats are recognised by content, never by suffix (a suffix only words the error when the content
+is not recognised): HDF5 (Keras ``.h5``, CSAW data), zip (Keras 3 ``.keras`` archives, which hold
+``config.json`` and ``model.weights.h5``; PyTorch ``.pt`` and TorchScript; ``.npz``), safetensors
+(an 8-byte little-endian header length, then a JSON object), PNG and JPEG. ONNX files (protocol
+buffers) have no magic bytes; :func:`netcleanse.model.load_model` takes them by suffix once
+nothing else matched.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+ZIP_MAGIC = b"PK\x03\x04"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+KINDS = ("hdf5", "keras-archive", "zip", "safetensors", "png", "jpeg", "unknown")
+
+
+def head(path, n: int = 9) -> bytes:
+    """The first ``n`` bytes of a file (fewer if it is shorter)."""
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def sniff(path) -> str:
+    """One of :data:`KINDS` for the file at ``path``, from its first bytes (and, for a zip, whether
+    its directory names the two members of a Keras 3 archive). Nothing in the file is run."""
+    path = Path(path)
+    magic = head(path)
+    if magic.startswith(HDF5_MAGIC):
+        return "hdf5"
+    if magic.startswith(ZIP_MAGIC):
+        return "keras-archive" if is_keras_archive(path) else "zip"
+    if magic.startswith(PNG_MAGIC):
+        return "png"
+    if magic.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if is_safetensors(path):
+        return "safetensors"
+    return "unknown"
+
+
+def is_keras_archive(path: Path) -> bool:
+    """A zip holding ``config.json`` and ``model.weights.h5``: a Keras 3 ``.keras`` file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError):
+        return False  # not a readable zip: not an archive (its own reader words the error)
+    return "config.json" in names and "model.weights.h5" in names
+
+
+def is_safetensors(path: Path) -> bool:
+    """True when ``path`` starts like a safetensors file: an 8-byte little-endian header length,
+    then a JSON object."""
+    path = Path(path)
+    head_bytes = head(path)
+    if len(head_bytes) < 9 or head_bytes[8:9] != b"{":
+        return False
+    size = int.from_bytes(head_bytes[:8], "little")
+    return 2 <= size <= path.stat().st_size - 8

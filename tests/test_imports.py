@@ -1,0 +1,80 @@
+"""The module layout: no import cycles between netcleanse's modules (lazy imports inside functions
+included), and the public imports that other code, the docs and notebooks use keep working."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+import netcleanse
+
+PACKAGE = Path(netcleanse.__file__).parent
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = ("netcleanse",) + path.relative_to(PACKAGE).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The netcleanse modules ``name`` imports anywhere in its code (a package's own __init__ aside)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            candidates = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            candidates = [alias.name for alias in node.names]
+        else:
+            continue
+        for target in candidates:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name and modules[target].name != "__init__.py":
+                targets.add(target)
+    return targets
+
+
+def test_no_import_cycles():
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items() if path.name != "__init__.py"}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, trail: list[str]) -> None:
+        state[name] = 1
+        for target in sorted(graph.get(name, ())):
+            if state.get(target) == 1:
+                cycle = trail[trail.index(target):] + [target] if target in trail else [name, target]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target, trail + [target])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+
+
+@pytest.mark.parametrize("module, names", [
+    ("netcleanse", "Classifier load_model save_model scan NetcleanseError build_architecture register_architecture"),
+    ("netcleanse.model", "Classifier load_model checked_scale parse_input_shape output_classes HDF5_MAGIC ZIP_MAGIC"),
+    ("netcleanse.keras", "KerasGraph load_keras load_keras_archive save_keras_weights graph_from_config "
+                         "check_config keras_weights_to_module keras_layer_weights SUPPORTED_LAYERS _snake_case"),
+    ("netcleanse.repair", "repair RepairResult RepairOptions METHODS scan_triggers concat"),
+    ("netcleanse.guard", "GuardedClassifier TriggerFilter Disagreement trigger_filter disagreement_guard "
+                         "logits_and_features synthetic_inputs"),
+    ("netcleanse.torch_io", "save_model load_torch load_safetensors checkpoint is_safetensors EXTRA_FILE"),
+])
+def test_public_imports(module, names):
+    imported = importlib.import_module(module)
+    missing = [name for name in names.split() if not hasattr(imported, name)]
+    assert not missing, f"{module} lost {missing}"
