@@ -103,7 +103,7 @@ def stamp(x: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor, channels
 
 @torch.inference_mode()
 def attack_success(model, x: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor, labels,
-                   max_images: int = 2048, channels_last: bool = False) -> list[float]:
+                   max_images: int = 512, channels_last: bool = False) -> list[float]:
     """Fraction of inputs ``x`` that each trigger sends to its label (labels aligned with masks)."""
     labels = torch.as_tensor(labels)
     per_chunk = max(1, max_images // max(1, len(x)))
