@@ -95,6 +95,11 @@ class GTSRBCNN(nn.Module):
         self.conv_6 = nn.Conv2d(128, 128, 3, padding=1)
         self.fc_1 = nn.Linear(128 * 4 * 4, 512)
         self.output = nn.Linear(512, num_classes)
+        # He initialisation: with PyTorch's default (variance 1/(3 fan_in)) the signal shrinks ~6x per
+        # layer through seven ReLU layers and the net did not start learning in 12 epochs
+        for layer in (self.conv_1, self.conv_2, self.conv_3, self.conv_4, self.conv_5, self.conv_6, self.fc_1):
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for a, b in ((self.conv_1, self.conv_2), (self.conv_3, self.conv_4), (self.conv_5, self.conv_6)):
