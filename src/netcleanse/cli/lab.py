@@ -47,8 +47,8 @@ def badnet(
                                                          "(one label t means t, t+3, t+6).")] = "7",
     rate: Annotated[float, typer.Option("--rate", help="Fraction of the training set poisoned (all triggers).")]
     = 0.1,
-    arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture: mnist-cnn (default) or csaw-deepid "
-                                                               "(images resized to 3x55x47).")] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture: mnist-cnn (default), csaw-deepid "
+                                                               "(images resized to 3x55x47) or gtsrb-cnn (3x32x32).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Training epochs (default per arch).")]
     = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the trigger, the poisoned rows and training.")] = 0,
