@@ -10,20 +10,30 @@ One run, same machine, same process, data-free inputs, torch threads = --threads
   work the fast preset does; a full scan is ceil(1283 / 96) coarse chunks + at most
   ceil((64 + controls) / 48) refinement chunks, so the full-scan time is EXTRAPOLATED (worst case)
   from those two measurements. `--full` also runs and times
-  the whole data-free fast scan (several minutes).
+  the whole data-free fast scan (several minutes), in a child process, with its own peak RSS.
+* small nets: a full data-free fast scan (wall time, peak RSS of the scanning child process) of a
+  43-class net of Neural Cleanse's traffic-sign architecture (``gtsrb-cnn`` on the built-in
+  ``mnist-pairs-43``) and of a 10-class ``mnist-cnn`` net (on ``mnist``), both BadNets trained by the
+  lab (patch trigger, target 7) on first use and cached in ``--cache`` (default
+  ``benchmarks/.cache``), so reruns only scan; or given with ``--gtsrb-model`` / ``--mnist-model``.
+  ``--no-small`` skips them.
 
 Prints labels/second for each preset, their ratio, the extrapolated 1283-label times and the peak
 RSS of this process (resource.getrusage). Timings on a shared machine are noisy: compare the ratio.
 
-    python benchmarks/scan_speed.py [--model PATH] [--threads 2] [--reference-epochs 2] [--full]
+    python benchmarks/scan_speed.py [--model PATH] [--threads 2] [--reference-epochs 2] [--full] [--no-small]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
+import os
+import re
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +52,48 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+CACHE = Path(__file__).resolve().parent / ".cache"
+# the small nets: name -> (lab dataset, architecture, training epochs)
+SMALL = {"gtsrb-43": ("mnist-pairs-43", "gtsrb-cnn", None), "mnist-10": ("mnist", "mnist-cnn", None)}
+
+
+def lab_model(name: str, cache: Path) -> Path:
+    """The cached lab BadNet ``name`` (:data:`SMALL`), trained (patch trigger, target 7, seed 0) if absent."""
+    folder = cache / name
+    if not (folder / "model.pt").exists():
+        from netcleanse.lab import make_badnet
+        dataset, arch, epochs = SMALL[name]
+        t = time.perf_counter()
+        bad = make_badnet(dataset, "patch", target=7, arch=arch, epochs=epochs, seed=0, out=folder, force=True,
+                          progress=False)
+        print(f"trained {name} ({arch} on {dataset}) in {time.perf_counter() - t:.0f} s: clean accuracy "
+              f"{bad.truth['clean_accuracy']:.3f}, attack success {bad.truth['attack_success']}", flush=True)
+    return folder / "model.pt"
+
+
+def scan_in_child(model: Path, arch: str | None, threads: int) -> dict:
+    """A full data-free fast scan of ``model`` in a fresh process: wall time, peak RSS (VmHWM), verdict."""
+    cmd = [sys.executable, __file__, "--child-scan", str(model), "--arch", arch or "-", "--threads", str(threads)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"scan of {model} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child_scan(model_path: str, arch: str, threads: int) -> int:
+    torch.set_num_threads(threads)
+    model = netcleanse.load_model(model_path, arch=None if arch == "-" else arch)
+    t = time.perf_counter()
+    result = netcleanse.scan(model, data_free=True, progress=False)
+    wall = time.perf_counter() - t
+    status = open("/proc/self/status").read()
+    peak = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+    print(json.dumps({"model": model_path, "num_labels": model.num_classes, "full_s": wall, "peak_rss_mib": peak,
+                      "flagged": result.flagged, "verdict": result.verdict}))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -52,8 +104,15 @@ def main(argv=None) -> int:
     ap.add_argument("--assumed-reference-epochs", type=int, default=100,
                     help="epochs per label assumed for the reference extrapolation (its early stop needs >= ~40)")
     ap.add_argument("--full", action="store_true", help="also run and time a full data-free fast scan")
+    ap.add_argument("--no-small", action="store_true", help="skip the 43-class and 10-class nets")
+    ap.add_argument("--cache", type=Path, default=CACHE, help="folder of the trained small nets")
+    ap.add_argument("--gtsrb-model", type=Path, help="a 43-class gtsrb-cnn net to use instead of the cached one")
+    ap.add_argument("--mnist-model", type=Path, help="a 10-class net to use instead of the cached one")
+    ap.add_argument("--child-scan", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help="write the numbers here too")
     args = ap.parse_args(argv)
+    if args.child_scan:
+        return child_scan(args.child_scan, args.arch, args.threads)
     if not args.model.exists():
         print(f"model not found: {args.model}", file=sys.stderr)
         return 2
@@ -108,12 +167,17 @@ def main(argv=None) -> int:
                    "extrapolated_full_s": fast_full, "labels_per_s": n_labels / fast_full}
     out["speedup"] = out["reference"]["extrapolated_full_s"] / fast_full
 
-    if args.full:
-        t = time.perf_counter()
-        result = netcleanse.scan(model, data_free=True, progress=True)
-        out["fast"]["measured_full_s"] = time.perf_counter() - t
-        out["fast"]["full_flagged"] = result.flagged
     out["peak_rss_mib"] = peak_rss_mib()
+    if args.full:
+        full = scan_in_child(args.model, args.arch, args.threads)
+        out["fast"]["measured_full_s"] = full["full_s"]
+        out["fast"]["full_flagged"] = full["flagged"]
+        out["fast"]["full_peak_rss_mib"] = full["peak_rss_mib"]
+    if not args.no_small:
+        out["small"] = {}
+        for name, given in (("gtsrb-43", args.gtsrb_model), ("mnist-10", args.mnist_model)):
+            path = given or lab_model(name, args.cache)
+            out["small"][name] = scan_in_child(path, None, args.threads)
 
     r, f = out["reference"], out["fast"]
     print(f"model {args.model.name}, {n_labels} labels, {args.threads} torch threads (shared machine: noisy)")
@@ -124,9 +188,13 @@ def main(argv=None) -> int:
     print(f"fast: MEASURED coarse chunk of {len(chunk)} labels {coarse_s:.1f} s, refinement chunk of {len(rchunk)} "
           f"labels {refine_s:.1f} s; EXTRAPOLATED full scan {fast_full / 60:.1f} min ({f['labels_per_s']:.2f} labels/s)")
     if "measured_full_s" in f:
-        print(f"fast: MEASURED full data-free scan {f['measured_full_s'] / 60:.1f} min, flagged {f['full_flagged']}")
+        print(f"fast: MEASURED full data-free scan {f['measured_full_s'] / 60:.1f} min, peak RSS "
+              f"{f['full_peak_rss_mib']:.0f} MiB (scan process alone), flagged {f['full_flagged']}")
     print(f"speed-up fast vs reference (extrapolated full scans): {out['speedup']:.0f}x")
-    print(f"peak RSS {out['peak_rss_mib']:.0f} MiB")
+    print(f"peak RSS of this process (reference + chunk measurements) {out['peak_rss_mib']:.0f} MiB")
+    for name, r in out.get("small", {}).items():
+        print(f"{name}: MEASURED full data-free fast scan of {r['num_labels']} labels {r['full_s']:.1f} s, peak RSS "
+              f"{r['peak_rss_mib']:.0f} MiB (scan process alone), {r['verdict']} {r['flagged']}")
     if args.json:
         write_json_atomic(args.json, out, indent=1)
     return 0

@@ -241,3 +241,43 @@ def test_detection_quality_scans_resumably_and_scores_both_rules(benchmark_modul
     lo, hi = dq.wilson(0, 30)
     assert lo == 0 and hi == pytest.approx(1.959964 ** 2 / (30 + 1.959964 ** 2))
     assert dq.main([str(tmp_path / "zoo"), "--out", str(tmp_path / "dq"), "--split", "eval", "--summary-only"]) == 2
+
+def test_traffic_sign_architecture_trains_in_the_lab_and_scans(tmp_path, monkeypatch):
+    """gtsrb-cnn (Neural Cleanse's traffic-sign net) on the 43-class 3x32x32 mnist-pairs-43: the lab
+    builds a BadNet of it (one epoch here), both its files load back, and the scan command runs on it
+    (a shortened fast preset: this checks the plumbing, not the detection)."""
+    from dataclasses import replace
+
+    from netcleanse import scanning
+    from netcleanse.architectures import build_architecture
+
+    pairs, small = load_builtin("mnist-pairs", "val"), load_builtin("mnist-pairs-43", "val")
+    assert small.x.shape[1:] == (3, 32, 32) and set(small.y.tolist()) == set(range(43))
+    assert torch.equal(small.y, pairs.y[pairs.y < 43])
+    net = build_architecture("gtsrb-cnn")
+    assert net(torch.rand(2, 3, 32, 32)).shape == (2, 43)
+    assert [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)] == [32, 32, 64, 64, 128, 128]
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["badnet", "--dataset", "mnist-pairs-43", "--arch", "gtsrb-cnn", "--epochs", "1", "--target", "7",
+              "--out", str(tmp_path / "bn")])
+    assert exit_.value.code == 0
+    truth = json.loads((tmp_path / "bn" / "truth.json").read_text())
+    assert truth["arch"] == "gtsrb-cnn" and truth["targets"] == [7]
+    model = load_model(tmp_path / "bn" / "model.pt")
+    assert model.arch == "gtsrb-cnn" and model.num_classes == 43 and tuple(model.input_shape) == (3, 32, 32)
+    from_h5 = load_model(tmp_path / "bn" / "model_weights.h5", arch="gtsrb-cnn")
+    x = small.x[:8]
+    assert torch.allclose(model(x), from_h5(x), atol=1e-5)
+
+    fast = scanning.PRESETS["fast"]
+    short = replace(fast, data_free_inputs="smooth", n_val=16, few_labels_n_opt=32, margin_steps=3,
+                    few_labels_refine=replace(fast.few_labels_refine, schedule=replace(
+                        fast.few_labels_refine.schedule, max_epochs=2)))
+    monkeypatch.setitem(scanning.PRESETS, "fast", short)
+    with pytest.raises(SystemExit) as exit_:
+        main(["scan", str(tmp_path / "bn" / "model.pt"), "--data-free", "--labels", "0,7,9",
+              "--out", str(tmp_path / "scan")])
+    assert exit_.value.code == 0
+    scanned = json.loads((tmp_path / "scan" / "scan.json").read_text())
+    assert [r["label"] for r in scanned["labels"]] == [0, 7, 9] and scanned["model"]["arch"] == "gtsrb-cnn"

