@@ -28,6 +28,7 @@ import numpy as np
 
 from . import limits
 from .errors import NetcleanseError
+from .utils import h5_attr_list
 
 _ACTIVE: ContextVar["FileWeights | None"] = ContextVar("netcleanse_file_weights", default=None)
 _MODEL_CLASSES = ("Model", "Functional", "Sequential")
@@ -47,17 +48,7 @@ def _nested_models(config) -> set[str]:
 
 
 def _attr_list(group, name: str) -> list[str]:
-    """A Keras list attribute (``layer_names``, ``weight_names``), chunked or not (as netcleanse.keras
-    reads it; repeated here so that this module does not import the Keras reader that calls it)."""
-    def decode(value):
-        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-    if name in group.attrs:
-        return [decode(v) for v in np.asarray(group.attrs[name]).ravel()]
-    values, chunk = [], 0
-    while f"{name}{chunk}" in group.attrs:
-        values += [decode(v) for v in np.asarray(group.attrs[f"{name}{chunk}"]).ravel()]
-        chunk += 1
-    return values
+    return h5_attr_list(group, name, errors="replace")
 
 
 class FileWeights:

@@ -84,6 +84,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def h5_attr_list(group, name: str, errors: str = "strict") -> list[str]:
+    """A Keras list attribute of an HDF5 group (``layer_names``, ``weight_names``) as strings, whether
+    stored whole or, when too long for one attribute, in chunks ``name0``, ``name1``, ... (Keras's
+    layout). ``errors``: how undecodable bytes are treated (``str.decode``)."""
+    def decode(value) -> str:
+        return value.decode("utf-8", errors) if isinstance(value, bytes) else str(value)
+    if name in group.attrs:
+        return [decode(v) for v in np.asarray(group.attrs[name]).ravel()]
+    values, chunk = [], 0
+    while f"{name}{chunk}" in group.attrs:
+        values += [decode(v) for v in np.asarray(group.attrs[f"{name}{chunk}"]).ravel()]
+        chunk += 1
+    return values
+
+
 def check_self_contained_h5(h5, path) -> None:
     """Refuse an HDF5 file that would make a reader read anything but itself: external links,
     datasets stored in external files, virtual datasets (which map other files). A model or data

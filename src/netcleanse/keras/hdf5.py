@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 
 from ..errors import NetcleanseError
-from ..utils import check_declared_size, first_line
+from ..utils import check_declared_size, first_line, h5_attr_list
 
 # Errors h5py raises on truncated or corrupt files; turned into NetcleanseError at the boundary.
 _H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError)
@@ -20,15 +20,7 @@ def _decode(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _attr_list(group: h5py.Group, name: str) -> list[str]:
-    """A Keras list attribute (``layer_names``, ``weight_names``), chunked or not, as strings."""
-    if name in group.attrs:
-        return [_decode(v) for v in np.asarray(group.attrs[name]).ravel()]
-    values, chunk = [], 0
-    while f"{name}{chunk}" in group.attrs:
-        values += [_decode(v) for v in np.asarray(group.attrs[f"{name}{chunk}"]).ravel()]
-        chunk += 1
-    return values
+_attr_list = h5_attr_list  # a Keras list attribute (layer_names, weight_names), chunked or not
 
 
 def _file_layers(root: h5py.Group) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
