@@ -176,6 +176,25 @@ def summarise(rows: list[dict], alpha: float, family: str, df: float, scale: str
                 f"exact {exact}/{len(pos)} ({_pct(exact, len(pos))}); AUROC {auroc:.3f}; inconclusive "
                 f"{cell['inconclusive']}; {cell['not_learned']} backdoors not learned left out; "
                 f"median {cell['median_time_s']:.0f} s/scan")
+    # per mode, every label count together (the verdict issue's criterion is per mode); AUROC stays
+    # per label count (model-level scores of different label counts are not on one scale)
+    for mode in sorted({m for m, _ in groups}):
+        for rule in RULES:
+            cells = [summary[f"{mode}/{k}/{rule}"] for m, k in groups if m == mode]
+            total = {key: sum(c[key] for c in cells) for key in ("clean", "clean_flagged", "backdoored", "detected",
+                                                                   "exact", "inconclusive", "not_learned")}
+            for key, n in (("clean_flagged", "clean"), ("detected", "backdoored"), ("exact", "backdoored")):
+                total[f"{key}_ci"] = wilson(total[key], total[n])
+            total["auroc_per_labels"] = {k: summary[f"{mode}/{k}/{rule}"]["auroc"] for m, k in groups if m == mode}
+            summary[f"{mode}/all/{rule}"] = total
+            ci = {key: "-".join(f"{100 * v:.1f}" for v in total[f"{key}_ci"]) for key in
+                  ("clean_flagged", "detected", "exact")}
+            log(f"{mode:<9}  all labels {rule:<10}: clean flagged {total['clean_flagged']}/{total['clean']} "
+                f"({_pct(total['clean_flagged'], total['clean'])}, 95 % CI {ci['clean_flagged']} %); detected "
+                f"{total['detected']}/{total['backdoored']} ({_pct(total['detected'], total['backdoored'])}, "
+                f"{ci['detected']} %); exact {total['exact']}/{total['backdoored']} "
+                f"({_pct(total['exact'], total['backdoored'])}, {ci['exact']} %); AUROC per label count "
+                + ", ".join(f"{k}: {a:.3f}" for k, a in total["auroc_per_labels"].items()))
     return summary
 
 

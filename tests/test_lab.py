@@ -221,7 +221,8 @@ def test_detection_quality_scans_resumably_and_scores_both_rules(benchmark_modul
     assert dq.main(args + ["--summary-only"]) == 0 and dq.main(args) == 0
     assert [p.stat().st_mtime_ns for p in rows] == before
     summary = json.loads((tmp_path / "summary.json").read_text())["summary"]
-    assert set(summary) == {"data-free/10/calibrated", "data-free/10/size-only", "data-free/10/mad"}
+    assert set(summary) == {f"data-free/{k}/{rule}" for k in ("10", "all") for rule in ("calibrated", "size-only", "mad")}
+    assert summary["data-free/all/calibrated"]["clean"] == summary["data-free/10/calibrated"]["clean"]
     # --add-margins gives a row scanned without margins what the scan itself records (no rescan)
     original = json.loads(rows[1].read_text())
     assert all(r.get("max_margin") is not None for r in original["scan"]["labels"])
