@@ -209,6 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--split", choices=("dev", "eval", "all"), default="dev")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--datasets", default=None, help="only these zoo datasets (comma-separated)")
+    ap.add_argument("--max-pair", type=int, default=None,
+                    help="only pairs up to this index (e.g. the finished prefix of an unfinished run)")
     ap.add_argument("--preset", default="fast")
     ap.add_argument("--seed", type=int, default=0, help="scan seed")
     ap.add_argument("--threads", type=int, default=1)
@@ -230,7 +232,8 @@ def main(argv=None) -> int:
         return 2
     def chosen(entry: dict) -> bool:
         return ((args.split == "all" or entry["split"] == args.split)
-                and (not args.datasets or entry["dataset"] in args.datasets.split(",")))
+                and (not args.datasets or entry["dataset"] in args.datasets.split(","))
+                and (args.max_pair is None or entry.get("pair", 0) <= args.max_pair))
 
     try:
         planned = ""
