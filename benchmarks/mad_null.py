@@ -48,7 +48,8 @@ from scipy import stats
 
 from netcleanse.calibrated import DF, MARGIN_RHO, calibrated_test
 from netcleanse.detection import anomaly_indices, flag_labels
-from netcleanse.scanning import PRESETS, calibrated_inputs, tested_margins
+from netcleanse.presets import PRESETS
+from netcleanse.scanning import calibrated_inputs, tested_margins
 from netcleanse.utils import write_json_atomic
 
 FAST = PRESETS["fast"]

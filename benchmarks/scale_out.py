@@ -17,7 +17,7 @@ The results of local and Ray runs are compared (flagged labels, and the largest 
 label's mask L1).
 
 Finally a projection for a 1000-label ImageNet-size model (ResNet-50 at 224 x 224) on N GPU
-workers, from the ``fast`` preset's schedule (read from :data:`netcleanse.scanning.PRESETS`) and
+workers, from the ``fast`` preset's schedule (read from :data:`netcleanse.presets.PRESETS`) and
 the assumptions printed with it.
 """
 
@@ -38,7 +38,8 @@ import torch
 from netcleanse.architectures import SmallCNN
 from netcleanse.executor import LocalExecutor, RayExecutor
 from netcleanse.model import Classifier
-from netcleanse.scanning import PRESETS, scan
+from netcleanse.presets import PRESETS
+from netcleanse.scanning import scan
 from netcleanse.screening import make_entries, screen
 from netcleanse.torch_io import save_model
 from netcleanse.utils import write_json_atomic

@@ -249,7 +249,7 @@ def test_traffic_sign_architecture_trains_in_the_lab_and_scans(tmp_path, monkeyp
     (a shortened fast preset: this checks the plumbing, not the detection)."""
     from dataclasses import replace
 
-    from netcleanse import scanning
+    from netcleanse.presets import PRESETS
     from netcleanse.architectures import build_architecture
 
     pairs, small = load_builtin("mnist-pairs", "val"), load_builtin("mnist-pairs-43", "val")
@@ -271,11 +271,11 @@ def test_traffic_sign_architecture_trains_in_the_lab_and_scans(tmp_path, monkeyp
     x = small.x[:8]
     assert torch.allclose(model(x), from_h5(x), atol=1e-5)
 
-    fast = scanning.PRESETS["fast"]
+    fast = PRESETS["fast"]
     short = replace(fast, data_free_inputs="smooth", n_val=16, few_labels_n_opt=32, margin_steps=3,
                     few_labels_refine=replace(fast.few_labels_refine, schedule=replace(
                         fast.few_labels_refine.schedule, max_epochs=2)))
-    monkeypatch.setitem(scanning.PRESETS, "fast", short)
+    monkeypatch.setitem(PRESETS, "fast", short)
     with pytest.raises(SystemExit) as exit_:
         main(["scan", str(tmp_path / "bn" / "model.pt"), "--data-free", "--labels", "0,7,9",
               "--out", str(tmp_path / "scan")])

@@ -20,6 +20,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'netc
 from netcleanse.data import Dataset, save_data  # noqa: E402
 from netcleanse.executor import LocalExecutor, RayExecutor, make_executor  # noqa: E402
 from netcleanse.errors import NetcleanseError  # noqa: E402
+from netcleanse.presets import PRESETS  # noqa: E402
 from netcleanse.scanning import scan  # noqa: E402
 
 from conftest import N_CLASSES, TARGET, ctrl_c_at_search, make_data, train_tiny  # noqa: E402
@@ -44,11 +45,11 @@ def ray_instance():
 def small_chunks(monkeypatch):
     """3 labels per chunk (3 coarse + 3 refinement chunks of the 8-label model), so that chunks
     really are spread over the two workers. The driver's plan travels with every task."""
-    fast = scan_module.PRESETS["fast"]
+    fast = PRESETS["fast"]
     small = scan_module.replace(fast, coarse=scan_module.replace(fast.coarse, label_chunk=3),
                                 refine=scan_module.replace(fast.refine, label_chunk=3),
                                 few_labels_refine=scan_module.replace(fast.few_labels_refine, label_chunk=3))
-    monkeypatch.setitem(scan_module.PRESETS, "fast", small)
+    monkeypatch.setitem(PRESETS, "fast", small)
 
 
 class _KillFirst:

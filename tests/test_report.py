@@ -85,7 +85,8 @@ def write_two_stage_scan(directory: Path, num_labels: int = 300, planted=(7,), *
     the test combines both signals, recorded as the scan records it (``log_index``,
     ``margin_index``, ``test_index``; tested_margins). ``l1``: refined labels' mask L1 by label."""
     from netcleanse.calibrated import calibrated_test
-    from netcleanse.scanning import PRESETS, calibrated_inputs, tested_margins
+    from netcleanse.presets import PRESETS
+    from netcleanse.scanning import calibrated_inputs, tested_margins
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     plan = PRESETS["fast"].to_dict()

@@ -15,6 +15,7 @@ from netcleanse import scan_folder
 from netcleanse.data import Dataset
 from netcleanse.errors import NetcleanseError
 from netcleanse.model import Classifier
+from netcleanse.presets import PRESETS
 from netcleanse.scanning import ScanResult, parse_labels, scan
 
 from conftest import N_CLASSES, SIZE, TARGET, TinyNet, ctrl_c_at_search, make_data, stamp, train_tiny
@@ -145,10 +146,10 @@ def test_refuses_non_empty_out(badnet, clean_data, tmp_path):
 
 def test_resume_after_interruption_gives_same_result(badnet, clean_data, tmp_path, monkeypatch):
     # small chunks so the interruption falls between chunks
-    fast = scan_module.PRESETS["fast"]
+    fast = PRESETS["fast"]
     small = scan_module.replace(fast, coarse=scan_module.replace(fast.coarse, label_chunk=3),
                                 refine=scan_module.replace(fast.refine, label_chunk=3))
-    monkeypatch.setitem(scan_module.PRESETS, "fast", small)
+    monkeypatch.setitem(PRESETS, "fast", small)
     whole = scan(badnet, clean_data, seed=5, out=tmp_path / "whole", progress=False)
 
     with ctrl_c_at_search(3), pytest.raises(KeyboardInterrupt):

@@ -1,0 +1,84 @@
+"""The scan's presets: named, frozen plans of how :func:`netcleanse.scanning.scan` searches.
+
+A :class:`Preset` fixes a scan's budget: its stages (:class:`Stage`: a trigger-search
+:class:`~netcleanse.neural_cleanse.Schedule` and how many labels share a forward pass), how many
+candidates and random controls are refined, how many inputs the triggers are optimised on and how
+many are held back, the data-free inputs, the longer refinement of models with few labels, and the
+margin search's budget. :data:`PRESETS` holds the two a scan can name, ``reference`` (the original
+protocol) and ``fast`` (the default); :mod:`netcleanse.scanning` describes how a scan runs each.
+A preset's :meth:`Preset.to_dict` is recorded in scan.json (``settings.plan``) and is part of the
+resume key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .neural_cleanse import Schedule
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pass of trigger searches: its schedule and how many labels share a forward pass."""
+
+    name: str
+    schedule: Schedule
+    label_chunk: int
+
+
+@dataclass(frozen=True)
+class Preset:
+    coarse: Stage
+    refine: Stage | None = None  # None: single stage, every label to convergence
+    candidates: int = 16
+    max_candidates: int = 64
+    controls: int = 48
+    n_opt: int = 32  # inputs the triggers are optimised on
+    n_val: int = 32  # held-back inputs for the attack success rate
+    data_free_inputs: str = "inversion"
+    # models with few labels (all of them refined) can afford a longer refinement on more inputs
+    few_labels_refine: Stage | None = None
+    few_labels_n_opt: int | None = None
+    # the second per-label signal (:mod:`netcleanse.margin`): the maximum logit margin reached from
+    # ``margin_restarts`` noise starts in ``margin_steps`` steps, for every label the verdict tests.
+    # 2 x 150 costs ~300 passes per tested label (~7 % of a 1283-label scan); 4 x 200 detected one
+    # more backdoor of 112 on the development half but costs ~18 %, above the 15 % the verdict may add
+    margin_restarts: int = 2
+    margin_steps: int = 150
+
+    def to_dict(self) -> dict:
+        return {"coarse": {"name": self.coarse.name, "label_chunk": self.coarse.label_chunk,
+                           "schedule": self.coarse.schedule.to_dict()},
+                "refine": None if self.refine is None else {
+                    "name": self.refine.name, "label_chunk": self.refine.label_chunk,
+                    "schedule": self.refine.schedule.to_dict()},
+                "candidates": self.candidates, "max_candidates": self.max_candidates, "controls": self.controls, "n_opt": self.n_opt,
+                "n_val": self.n_val, "data_free_inputs": self.data_free_inputs,
+                "few_labels_refine": None if self.few_labels_refine is None else {
+                    "name": self.few_labels_refine.name, "label_chunk": self.few_labels_refine.label_chunk,
+                    "schedule": self.few_labels_refine.schedule.to_dict()},
+                "few_labels_n_opt": self.few_labels_n_opt, "margin_restarts": self.margin_restarts,
+                "margin_steps": self.margin_steps}
+
+
+PRESETS: dict[str, Preset] = {
+    "reference": Preset(coarse=Stage("reference", Schedule(), label_chunk=1), n_opt=1000, n_val=200),
+    "fast": Preset(
+        coarse=Stage("coarse", Schedule(batch_size=4, steps_per_epoch=1, max_epochs=24, patience=2,
+                                        early_stop_patience=8, mask_init=0.05), label_chunk=96),
+        # early stop only after 100 steps without a smaller mask: a label whose cost collapsed on
+        # noisy 8-input batches needs that long to recover (with 30, a third of the CSAW controls
+        # stopped after ~40 steps with masks 3-5x the median, the MAD doubled, and the
+        # multi-target net's targets fell below the threshold)
+        refine=Stage("refine", Schedule(batch_size=8, steps_per_epoch=1, max_epochs=300, patience=3,
+                                        early_stop_patience=100), label_chunk=48),
+        few_labels_refine=Stage("refine", Schedule(batch_size=32, steps_per_epoch=2, max_epochs=200, patience=5,
+                                                   early_stop_patience=20), label_chunk=48),
+        # 256 inputs to optimise on rather than 32: the refinement's ~150-300 steps of 8 would
+        # otherwise revisit each input ~50 times, and clean labels then find small masks that only
+        # fit those inputs (on the CSAW sunglasses net, data-free: 10 labels flagged with 32 inputs,
+        # 2 with 256; held-back attack success of the controls' triggers 41 % -> 79 %)
+        n_opt=256, n_val=128,
+        few_labels_n_opt=200,
+    ),
+}
