@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import netcleanse
 from netcleanse.neural_cleanse import from_tanh_space, reverse_engineer, stamp, to_tanh_space
 from netcleanse.presets import PRESETS
-from netcleanse.scanning import smooth_noise
+from netcleanse.synthesis import smooth_noise
 from netcleanse.utils import write_json_atomic
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "csaw" / "models" / "sunglasses_bd_weights.h5"

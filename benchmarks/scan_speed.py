@@ -43,7 +43,7 @@ import torch
 import netcleanse
 from netcleanse.neural_cleanse import reverse_engineer
 from netcleanse.presets import PRESETS
-from netcleanse.scanning import synthesize_inputs
+from netcleanse.synthesis import synthesize_inputs
 from netcleanse.utils import write_json_atomic
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "csaw" / "models" / "sunglasses_bd_weights.h5"

@@ -74,9 +74,11 @@ def test_no_import_cycles():
                          "logits_and_features synthetic_inputs"),
     ("netcleanse.torch_io", "save_model load_torch load_safetensors checkpoint is_safetensors EXTRA_FILE"),
     ("netcleanse.presets", "Stage Preset PRESETS"),
+    ("netcleanse.synthesis", "smooth_noise synthesize_inputs INVERSION_STEPS INVERT_IMAGES"),
     # the scan's parts moved to their own modules stay importable from netcleanse.scanning
     ("netcleanse.scanning", "scan ScanResult parse_labels calibrated_inputs tested_margins record_margins label_margins "
-                            "image_passes RULES FORMAT_VERSION MARGIN_IMAGES Stage Preset PRESETS"),
+                            "image_passes RULES FORMAT_VERSION MARGIN_IMAGES Stage Preset PRESETS smooth_noise "
+                            "synthesize_inputs INVERSION_STEPS INVERT_IMAGES"),
 ])
 def test_public_imports(module, names):
     imported = importlib.import_module(module)

@@ -79,7 +79,7 @@ def test_label_groups_and_inversion_chunks_change_no_bit(badnet, clean_data):
     """Memory bounds that must not change results: a search's gradients taken a few labels at a time
     (``max_images``), attack success a few labels per pass, and the data-free inversion a few inputs
     per pass, all give exactly what one pass over everything gives."""
-    from netcleanse.scanning import _invert, smooth_noise
+    from netcleanse.synthesis import _invert, smooth_noise
 
     labels, x = list(range(8)), clean_data.x[:64]
 

@@ -36,7 +36,7 @@ from .errors import NetcleanseError
 # the guarded model noun, re-exported: netcleanse.guard is where users meet it
 from .guarded import (POISON_MARGIN, Disagreement, GuardedClassifier, TriggerFilter,  # noqa: F401
                       _last_linear, logits_and_features)
-from .scanning import smooth_noise
+from .synthesis import smooth_noise
 from .trigger import Trigger
 
 

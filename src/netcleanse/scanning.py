@@ -57,7 +57,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import scan_folder
 from .data import Dataset
@@ -69,6 +68,7 @@ from .margin import max_margins
 from .neural_cleanse import Schedule, attack_success, reverse_engineer
 from .presets import PRESETS, Preset, Stage  # still importable from here, where they lived
 from .progress import progress_bar
+from .synthesis import INVERSION_STEPS, INVERT_IMAGES, smooth_noise, synthesize_inputs  # noqa: F401 (they lived here)
 from .trigger import Trigger
 from .utils import resolve_device, write_json_atomic, write_npz_atomic
 
@@ -193,69 +193,6 @@ def parse_labels(text: str | None, num_classes: int) -> list[int] | None:
             raise NetcleanseError(f"label {bad} is out of range: the model has labels 0..{num_classes - 1}")
         out.update(range(lo, hi + 1))
     return sorted(out)
-
-
-def smooth_noise(input_shape, n: int, generator: torch.Generator, coarseness: int = 5,
-                 pixel_noise: float = 0.0) -> torch.Tensor:
-    """Image-like random inputs: uniform noise on a ``coarseness``-times coarser grid, bilinearly
-    upsampled (low-frequency blobs), plus optional Gaussian pixel noise; (n, C, H, W) in [0, 1]."""
-    C, H, W = input_shape
-    coarse = torch.rand(n, C, max(2, H // coarseness), max(2, W // coarseness), generator=generator)
-    x = F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False)
-    if pixel_noise:
-        x = x + pixel_noise * torch.randn(n, C, H, W, generator=generator)
-    return x.clamp(0, 1)
-
-
-def synthesize_inputs(model, n: int, kind: str, generator: torch.Generator, device=None) -> torch.Tensor:
-    """Inputs for a data-free scan, (n, C, H, W) in [0, 1].
-
-    ``uniform``: i.i.d. uniform pixels. ``smooth``: uniform noise on a 5x coarser grid,
-    bilinearly upsampled (image-like low-frequency blobs). ``inversion``: smooth noise optimised
-    to be classified confidently as n different random classes, with a total-variation prior.
-    """
-    C, H, W = model.input_shape
-    if kind == "uniform":
-        x = torch.rand(n, C, H, W, generator=generator)
-    elif kind in ("smooth", "inversion"):
-        x = smooth_noise(model.input_shape, n, generator)
-        if kind == "inversion":
-            x = _invert(model, x, generator, device)
-    else:
-        raise NetcleanseError(f"unknown data-free input kind {kind!r}; use uniform, smooth or inversion")
-    return x.float()
-
-
-INVERSION_STEPS = 30  # gradient steps of the data-free input inversion
-INVERT_IMAGES = 96  # inputs per forward pass of the inversion (bounds its autograd graph's memory)
-
-
-def _invert(model, x0: torch.Tensor, generator: torch.Generator, device, steps: int = INVERSION_STEPS,
-            tv_weight: float = 0.05, max_images: int = INVERT_IMAGES) -> torch.Tensor:
-    targets = torch.randperm(model.num_classes, generator=generator)[:len(x0)]
-    if len(targets) < len(x0):
-        targets = targets.repeat(math.ceil(len(x0) / len(targets)))[:len(x0)]
-    device = device or torch.device("cpu")
-    w = torch.atanh((x0 * 2 - 1).clamp(-0.999, 0.999)).to(device).requires_grad_(True)
-    targets = targets.to(device)
-    opt = torch.optim.Adam([w], lr=0.05)
-    n, (C, H, W) = len(w), w.shape[1:]
-    for _ in range(steps):
-        # the loss (mean cross-entropy + total variation over all inputs) is a sum over inputs, so its
-        # gradient is taken max_images inputs at a time, each part scaled as the means would: the
-        # same numbers as one pass over all inputs, with a fraction of the memory
-        grads = []
-        for lo in range(0, n, max_images):
-            part = w[lo:lo + max_images].detach().requires_grad_(True)
-            x = torch.tanh(part) / 2 + 0.5
-            tv = ((x[..., 1:, :] - x[..., :-1, :]).abs().sum() / (n * C * (H - 1) * W)
-                  + (x[..., :, 1:] - x[..., :, :-1]).abs().sum() / (n * C * H * (W - 1)))
-            loss = (F.cross_entropy(model(x), targets[lo:lo + max_images], reduction="sum") / n
-                    + tv_weight * tv * x.shape[1] * x.shape[2])
-            grads.append(torch.autograd.grad(loss, part)[0])
-        w.grad = torch.cat(grads)
-        opt.step()
-    return (torch.tanh(w) / 2 + 0.5).detach().cpu()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,87 @@
+"""Data-free input synthesis: image-like inputs for a scan (or a guard) that has no clean data.
+
+Three kinds (:func:`synthesize_inputs`): ``uniform`` pixels; ``smooth`` noise (:func:`smooth_noise`:
+uniform noise on a coarser grid, bilinearly upsampled); and ``inversion`` (every preset's choice):
+smooth noise ``x0`` optimised for :data:`INVERSION_STEPS` Adam steps (lr 0.05) in tanh space,
+x = tanh(w) / 2 + 1/2 starting from w = atanh(2 x0 - 1) (clipped to [-0.999, 0.999]), to minimise
+
+    mean over inputs of CE(f(x_i), t_i)  +  tv_weight * C * H * TV(x) ,
+
+where the targets t_i are distinct random classes (repeated when there are more inputs than
+classes), TV(x) is the mean absolute difference of vertically plus horizontally adjacent pixels
+over all inputs, and ``tv_weight`` is 0.05: inputs the model classifies confidently as many
+different classes, kept smooth by the total-variation prior. The gradient is taken
+:data:`INVERT_IMAGES` inputs at a time, which bounds memory and gives the same numbers as one pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import NetcleanseError
+
+
+def smooth_noise(input_shape, n: int, generator: torch.Generator, coarseness: int = 5,
+                 pixel_noise: float = 0.0) -> torch.Tensor:
+    """Image-like random inputs: uniform noise on a ``coarseness``-times coarser grid, bilinearly
+    upsampled (low-frequency blobs), plus optional Gaussian pixel noise; (n, C, H, W) in [0, 1]."""
+    C, H, W = input_shape
+    coarse = torch.rand(n, C, max(2, H // coarseness), max(2, W // coarseness), generator=generator)
+    x = F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False)
+    if pixel_noise:
+        x = x + pixel_noise * torch.randn(n, C, H, W, generator=generator)
+    return x.clamp(0, 1)
+
+
+def synthesize_inputs(model, n: int, kind: str, generator: torch.Generator, device=None) -> torch.Tensor:
+    """Inputs for a data-free scan, (n, C, H, W) in [0, 1].
+
+    ``uniform``: i.i.d. uniform pixels. ``smooth``: uniform noise on a 5x coarser grid,
+    bilinearly upsampled (image-like low-frequency blobs). ``inversion``: smooth noise optimised
+    to be classified confidently as n different random classes, with a total-variation prior.
+    """
+    C, H, W = model.input_shape
+    if kind == "uniform":
+        x = torch.rand(n, C, H, W, generator=generator)
+    elif kind in ("smooth", "inversion"):
+        x = smooth_noise(model.input_shape, n, generator)
+        if kind == "inversion":
+            x = _invert(model, x, generator, device)
+    else:
+        raise NetcleanseError(f"unknown data-free input kind {kind!r}; use uniform, smooth or inversion")
+    return x.float()
+
+
+INVERSION_STEPS = 30  # gradient steps of the data-free input inversion
+INVERT_IMAGES = 96  # inputs per forward pass of the inversion (bounds its autograd graph's memory)
+
+
+def _invert(model, x0: torch.Tensor, generator: torch.Generator, device, steps: int = INVERSION_STEPS,
+            tv_weight: float = 0.05, max_images: int = INVERT_IMAGES) -> torch.Tensor:
+    targets = torch.randperm(model.num_classes, generator=generator)[:len(x0)]
+    if len(targets) < len(x0):
+        targets = targets.repeat(math.ceil(len(x0) / len(targets)))[:len(x0)]
+    device = device or torch.device("cpu")
+    w = torch.atanh((x0 * 2 - 1).clamp(-0.999, 0.999)).to(device).requires_grad_(True)
+    targets = targets.to(device)
+    opt = torch.optim.Adam([w], lr=0.05)
+    n, (C, H, W) = len(w), w.shape[1:]
+    for _ in range(steps):
+        # the loss (mean cross-entropy + total variation over all inputs) is a sum over inputs, so its
+        # gradient is taken max_images inputs at a time, each part scaled as the means would: the
+        # same numbers as one pass over all inputs, with a fraction of the memory
+        grads = []
+        for lo in range(0, n, max_images):
+            part = w[lo:lo + max_images].detach().requires_grad_(True)
+            x = torch.tanh(part) / 2 + 0.5
+            tv = ((x[..., 1:, :] - x[..., :-1, :]).abs().sum() / (n * C * (H - 1) * W)
+                  + (x[..., :, 1:] - x[..., :, :-1]).abs().sum() / (n * C * H * (W - 1)))
+            loss = (F.cross_entropy(model(x), targets[lo:lo + max_images], reduction="sum") / n
+                    + tv_weight * tv * x.shape[1] * x.shape[2])
+            grads.append(torch.autograd.grad(loss, part)[0])
+        w.grad = torch.cat(grads)
+        opt.step()
+    return (torch.tanh(w) / 2 + 0.5).detach().cpu()
