@@ -64,6 +64,23 @@ def test_no_import_cycles():
             visit(name, [name])
 
 
+# the workflows (CONTRIBUTING.md's layers): what sits below them never imports them
+WORKFLOWS = ("netcleanse.scanning", "netcleanse.screening", "netcleanse.repair", "netcleanse.lab", "netcleanse.demo",
+             "netcleanse.evaluate", "netcleanse.report", "netcleanse.cli")
+
+
+@pytest.mark.parametrize("module", ["netcleanse.presets", "netcleanse.synthesis", "netcleanse.journal",
+                                    "netcleanse.guard"])
+def test_below_the_workflows(module):
+    """The scan's parts moved out of scanning.py (presets, data-free inputs, the resume journal), and
+    the guard that uses the data-free inputs, import no workflow: the scan imports them, not the
+    other way round."""
+    modules = _modules()
+    up = sorted(target for target in _imports(module, modules[module], modules)
+                if target in WORKFLOWS or target.startswith(tuple(f"{w}." for w in WORKFLOWS)))
+    assert not up, f"{module} imports the workflows {up}"
+
+
 @pytest.mark.parametrize("module, names", [
     ("netcleanse", "Classifier load_model save_model scan NetcleanseError build_architecture register_architecture"),
     ("netcleanse.model", "Classifier load_model checked_scale parse_input_shape output_classes HDF5_MAGIC ZIP_MAGIC"),

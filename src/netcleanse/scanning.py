@@ -28,7 +28,7 @@ synthesises. Two presets (:mod:`netcleanse.presets`):
     and the index is the paper's (median/MAD over all labels).
 
 Long scans persist every finished chunk of labels to ``out`` (``progress.jsonl`` + ``partial/``,
-written atomically), so an interrupted scan resumes with ``resume=True`` and gives the same
+written atomically; :mod:`netcleanse.journal`), so an interrupted scan resumes with ``resume=True`` and gives the same
 result as an uninterrupted one with the same ``seed``.
 
 The verdict comes from one of two rules, both always computed and recorded:
@@ -45,10 +45,7 @@ The verdict comes from one of two rules, both always computed and recorded:
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
-import os
 import shutil
 import time
 import zlib
@@ -64,13 +61,14 @@ from .calibrated import calibrated_test
 from .detection import anomaly_indices, flag_labels, index_ceiling, median_and_mad
 from .errors import NetcleanseError
 from .executor import Executor, LocalExecutor
+from .journal import _Journal, _data_digest, _lock, _prepare_out, _weights_digest
 from .margin import max_margins
 from .neural_cleanse import Schedule, attack_success, reverse_engineer
 from .presets import PRESETS, Preset, Stage  # still importable from here, where they lived
 from .progress import progress_bar
 from .synthesis import INVERSION_STEPS, INVERT_IMAGES, smooth_noise, synthesize_inputs  # noqa: F401 (they lived here)
 from .trigger import Trigger
-from .utils import resolve_device, write_json_atomic, write_npz_atomic
+from .utils import resolve_device
 
 FORMAT_VERSION = scan_folder.FORMAT_VERSION
 RULES = ("calibrated", "mad")
@@ -193,64 +191,6 @@ def parse_labels(text: str | None, num_classes: int) -> list[int] | None:
             raise NetcleanseError(f"label {bad} is out of range: the model has labels 0..{num_classes - 1}")
         out.update(range(lo, hi + 1))
     return sorted(out)
-
-
-# ----------------------------------------------------------------------------------------------
-# the resume journal
-
-
-class _Journal:
-    """Append-only record of finished chunks in the out dir (``progress.jsonl`` + ``partial/``)."""
-
-    def __init__(self, out: Path | None):
-        self.out = out
-        self.done: dict[str, dict] = {}
-        if out is not None and (out / "progress.jsonl").exists():
-            for line in (out / "progress.jsonl").read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue  # a line cut by an interruption: that chunk is simply redone
-                if (out / "partial" / f"{entry['key']}.npz").exists():
-                    self.done[entry["key"]] = entry
-        self.memory: dict[str, tuple[dict, dict]] = {}
-        # time spent by earlier, interrupted runs into the same folder (counted in elapsed_s)
-        self.started = time.perf_counter()
-        self.previous_elapsed = 0.0
-        if out is not None and (out / "elapsed.json").exists():
-            try:
-                self.previous_elapsed = float(json.loads((out / "elapsed.json").read_text())["elapsed_s"])
-            except (ValueError, KeyError):
-                pass
-
-    def get(self, key: str):
-        if key in self.memory:
-            return self.memory[key]
-        if key in self.done:
-            with np.load(self.out / "partial" / f"{key}.npz", allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-            return self.done[key], arrays
-        return None
-
-    def has(self, key: str) -> bool:
-        return key in self.memory or key in self.done
-
-    def put(self, key: str, entry: dict, arrays: dict) -> None:
-        entry = dict(entry, key=key)
-        if self.out is None:
-            self.memory[key] = (entry, arrays)
-            return
-        (self.out / "partial").mkdir(exist_ok=True)
-        write_npz_atomic(self.out / "partial" / f"{key}.npz", **arrays)
-        with open(self.out / "progress.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.done[key] = entry
-        write_json_atomic(self.out / "elapsed.json",
-                          {"elapsed_s": self.previous_elapsed + time.perf_counter() - self.started})
-        # reload through disk so interrupted and uninterrupted scans continue from the same bits
-        self.memory.pop(key, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,70 +430,6 @@ def tested_margins(records: list[dict], detection: dict) -> dict[int, float] | N
     tested = calibrated_inputs(records, detection)[0]
     margins = {r["label"]: r.get("max_margin") for r in records if r["label"] in tested}
     return None if any(v is None for v in margins.values()) else margins
-
-
-def _lock(out_dir: Path):
-    """An exclusive lock on ``out_dir`` (``.lock``), so that two scans never write one folder;
-    released when the returned file is closed or the process ends."""
-    import fcntl
-    handle = open(out_dir / ".lock", "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise NetcleanseError(f"another scan is writing to {out_dir}; wait for it, or choose another --out") from None
-    return handle
-
-
-def _weights_digest(model) -> str:
-    """SHA-256 of the model's parameters and buffers (names, shapes, bytes) and its preprocessing."""
-    h = hashlib.sha256(repr(float(model.input_scale)).encode())
-    if getattr(model, "mean", None) is not None:
-        h.update(repr((tuple(model.mean), tuple(model.std))).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        # flattened first: a 0-d tensor (BatchNorm's counter) cannot be viewed as bytes
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _data_digest(data: Dataset) -> str:
-    """SHA-256 of the clean images a scan optimises on."""
-    return hashlib.sha256(data.x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-# where and how a scan runs, not what it computes: a scan may be resumed elsewhere
-_NOT_IN_RESUME_KEY = ("device", "torch_threads", "executor", "ray_address", "ray_cpus", "ray_gpus", "cpus_per_task",
-                      "gpus_per_task")
-
-
-def _prepare_out(out_dir: Path, resume: bool, settings: dict, model_info: dict) -> None:
-    if out_dir.is_symlink() and not out_dir.exists():
-        raise NetcleanseError(f"--out {out_dir} is a link to nothing; choose a folder")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NetcleanseError(f"--out {out_dir} is a file, not a folder")
-    started = out_dir / "scan_settings.json"
-    key = json.loads(json.dumps({"settings": {k: v for k, v in settings.items() if k not in _NOT_IN_RESUME_KEY},
-                                 "model": model_info}))
-    if resume:
-        if not started.exists():
-            if out_dir.exists() and any(out_dir.iterdir()):
-                raise NetcleanseError(f"{out_dir} does not hold a scan to resume (no scan_settings.json)")
-        else:
-            before = json.loads(started.read_text())
-            if before != key:
-                diff = [k for k in key["settings"] if before.get("settings", {}).get(k) != key["settings"][k]]
-                changed = [k for k in key["model"] if before.get("model", {}).get(k) != key["model"][k]]
-                what = (", ".join(diff) if diff else "the data's content" if changed == ["data_sha256"]
-                        else "the model's weights" if "weights_sha256" in changed else "the model")
-                raise NetcleanseError(f"cannot resume {out_dir}: it was started with different settings ({what})")
-            return
-    elif out_dir.exists() and any(out_dir.iterdir()):
-        raise NetcleanseError(f"{out_dir} is not empty; use --resume to continue a scan there, "
-                              "or choose an empty folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(started, key, indent=1)
 
 
 def _working_copy(model, dev: torch.device):

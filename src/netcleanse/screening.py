@@ -218,8 +218,9 @@ def screen(entries: list[ScreenEntry], out, *, preset: str = "fast", rule: str =
     per-model folders, ``screen.csv``, ``screen.json`` and ``index.html`` into ``out`` (see the
     module doc). A non-empty ``out`` is refused unless ``resume``; resuming with other settings or
     other entries is refused. ``report``: also render each model's report.html."""
+    from .journal import _lock
     from .presets import PRESETS
-    from .scanning import RULES, _lock
+    from .scanning import RULES
     started = time.perf_counter()
     if not entries:
         raise NetcleanseError("no models to screen")
