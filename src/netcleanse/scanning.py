@@ -2,7 +2,7 @@
 
 :func:`scan` runs Neural Cleanse (:mod:`netcleanse.neural_cleanse`) over the labels and the MAD
 outlier test (:mod:`netcleanse.detection`), on the user's clean data or, data-free, on inputs it
-synthesises. Two presets (:mod:`netcleanse.presets`):
+synthesises (:mod:`netcleanse.synthesis`). Two presets (:mod:`netcleanse.presets`):
 
 ``reference``
     The original protocol: one label at a time, Adam(lr 0.1, betas 0.5/0.9), mini-batches of 32,
@@ -28,8 +28,8 @@ synthesises. Two presets (:mod:`netcleanse.presets`):
     and the index is the paper's (median/MAD over all labels).
 
 Long scans persist every finished chunk of labels to ``out`` (``progress.jsonl`` + ``partial/``,
-written atomically; :mod:`netcleanse.journal`), so an interrupted scan resumes with ``resume=True`` and gives the same
-result as an uninterrupted one with the same ``seed``.
+written atomically; :mod:`netcleanse.journal`), so an interrupted scan resumes with ``resume=True``
+and gives the same result as an uninterrupted one with the same ``seed``.
 
 The verdict comes from one of two rules, both always computed and recorded:
 
