@@ -11,7 +11,8 @@ where the targets t_i are distinct random classes (repeated when there are more 
 classes), TV(x) is the mean absolute difference of vertically plus horizontally adjacent pixels
 over all inputs, and ``tv_weight`` is 0.05: inputs the model classifies confidently as many
 different classes, kept smooth by the total-variation prior. The gradient is taken
-:data:`INVERT_IMAGES` inputs at a time, which bounds memory and gives the same numbers as one pass.
+:data:`INVERT_IMAGES` inputs at a time, which bounds memory and gives the same gradient as one pass up to
+float rounding (a CPU's kernels may round a pass of fewer inputs differently).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _invert(model, x0: torch.Tensor, generator: torch.Generator, device, steps: 
     for _ in range(steps):
         # the loss (mean cross-entropy + total variation over all inputs) is a sum over inputs, so its
         # gradient is taken max_images inputs at a time, each part scaled as the means would: the
-        # same numbers as one pass over all inputs, with a fraction of the memory
+        # same gradient as one pass over all inputs up to float rounding, with a fraction of the memory
         grads = []
         for lo in range(0, n, max_images):
             part = w[lo:lo + max_images].detach().requires_grad_(True)
