@@ -29,6 +29,7 @@ Backdoors whose attack did not take (``attack_learned`` false) are listed but le
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import math
 import sys
@@ -41,6 +42,7 @@ import torch
 import netcleanse
 from netcleanse.calibrated import DF, FAMILY, SCALE_FLOOR, calibrated_test
 from netcleanse.errors import NetcleanseError
+from netcleanse.presets import PRESETS
 from netcleanse.scanning import calibrated_inputs, record_margins, tested_margins
 from netcleanse.utils import write_json_atomic
 from zoo import add_executor_arguments, executor_from_args, load_member, parse_shard, read_zoo  # noqa: E402
@@ -212,6 +214,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-pair", type=int, default=None,
                     help="only pairs up to this index (e.g. the finished prefix of an unfinished run)")
     ap.add_argument("--preset", default="fast")
+    ap.add_argument("--inversion-confidence", type=float, default=None,
+                    help="scan with the preset's data-free inversion stopped at this confidence (a variant "
+                         "of the preset: use its own --out folder)")
     ap.add_argument("--seed", type=int, default=0, help="scan seed")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--shard", type=parse_shard, default=(0, 1))
@@ -237,6 +242,11 @@ def main(argv=None) -> int:
 
     try:
         planned = ""
+        preset = args.preset
+        if args.inversion_confidence is not None:
+            if args.preset not in PRESETS:
+                raise NetcleanseError(f"unknown preset {args.preset!r}")
+            preset = replace(PRESETS[args.preset], inversion_confidence=args.inversion_confidence)
         if not args.summary_only:  # the summary needs only the rows (each holds its model's entry)
             entries = [e for e in read_zoo(args.zoo) if chosen(e)]
             torch.set_num_threads(args.threads)
@@ -244,13 +254,18 @@ def main(argv=None) -> int:
                 add_margins(args.zoo, args.out, entries, modes, args.seed, args.preset, args.shard)
             else:
                 with executor_from_args(args) as executor:
-                    scan_zoo(args.zoo, args.out, entries, modes, args.seed, args.preset, args.shard,
+                    scan_zoo(args.zoo, args.out, entries, modes, args.seed, preset, args.shard,
                              executor=executor)
             planned = f" (of {len(entries) * len(modes)} planned)"
         rows = [row for row in (json.loads(p.read_text()) for p in sorted((args.out / "rows").glob("*.json")))
                 if chosen(row["entry"]) and row["mode"] in modes and row["seed"] == args.seed]
         if not rows:
             raise NetcleanseError(f"no scans of the {args.split} half in {args.out}")
+        other = [r["model"] for r in rows
+                 if r["scan"]["settings"]["plan"].get("inversion_confidence") != args.inversion_confidence]
+        if other:
+            raise NetcleanseError(f"{len(other)} rows in {args.out} (e.g. {other[0]}) were scanned with another "
+                                  f"--inversion-confidence than {args.inversion_confidence}: one folder per variant")
         print(f"{len(rows)} scans of the {args.split} half{planned}; calibrated rule at alpha "
               f"{args.alpha:g}, null {args.family}{'' if args.family == 'normal' else f'({args.df:g})'}, "
               f"scale {args.scale} (floor {args.min_scale:g})")

@@ -45,6 +45,10 @@ class Preset:
     # more backdoor of 112 on the development half but costs ~18 %, above the 15 % the verdict may add
     margin_restarts: int = 2
     margin_steps: int = 150
+    # data-free inputs: keep each inverted input at the first step its class reaches this probability
+    # (:mod:`netcleanse.synthesis`); None: all INVERSION_STEPS steps. Off in the presets until the
+    # verdict benchmark's evaluation half has been rescanned with it (benchmarks/RESULTS.md)
+    inversion_confidence: float | None = None
 
     def to_dict(self) -> dict:
         return {"coarse": {"name": self.coarse.name, "label_chunk": self.coarse.label_chunk,
@@ -58,7 +62,9 @@ class Preset:
                     "name": self.few_labels_refine.name, "label_chunk": self.few_labels_refine.label_chunk,
                     "schedule": self.few_labels_refine.schedule.to_dict()},
                 "few_labels_n_opt": self.few_labels_n_opt, "margin_restarts": self.margin_restarts,
-                "margin_steps": self.margin_steps}
+                "margin_steps": self.margin_steps,
+                # only when set, so that the settings (and resume key) of scans without it stay as they were
+                **({} if self.inversion_confidence is None else {"inversion_confidence": self.inversion_confidence})}
 
 
 PRESETS: dict[str, Preset] = {

@@ -209,14 +209,16 @@ def _model_info(model) -> dict:
     return info
 
 
-def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=None, preset: str = "fast",
+def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=None, preset: str | Preset = "fast",
          rule: str = "calibrated", alpha: float = 0.05, threshold: float = 2.0, seed: int = 0, out=None,
          resume: bool = False, device: str = "cpu", progress: bool = True, save_all_images: bool = False,
          data_name: str | None = None, executor: Executor | None = None) -> ScanResult:
     """Reverse-engineer a trigger for each label of ``model`` and flag backdoor targets.
 
     Exactly one of ``data`` (clean inputs; labels not needed) and ``data_free=True``.
-    ``labels``: the labels to scan (default all). ``rule``: "calibrated" (model-level test at
+    ``labels``: the labels to scan (default all). ``preset``: a name in :data:`PRESETS`, or a
+    :class:`Preset` (a variant, e.g. ``replace(PRESETS["fast"], inversion_confidence=0.9)``, recorded
+    as preset "custom" with its whole plan). ``rule``: "calibrated" (model-level test at
     level ``alpha``) or "mad" (the paper's anomaly index > ``threshold``); see the module doc.
     ``out``: a folder for the results and for the progress of an unfinished scan; a non-empty
     folder is refused unless ``resume``.
@@ -226,8 +228,12 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
     them; a scan can be resumed with another executor.
     """
     start = time.perf_counter()
-    if preset not in PRESETS:
+    if isinstance(preset, Preset):  # a variant of a preset (benchmarks); recorded in full in the settings
+        plan, preset = preset, "custom"
+    elif preset not in PRESETS:
         raise NetcleanseError(f"unknown preset {preset!r}; use one of: {', '.join(PRESETS)}")
+    else:
+        plan = PRESETS[preset]
     if (data is None) == (not data_free):
         raise NetcleanseError("give exactly one of clean data or data_free=True")
     if rule not in RULES:
@@ -236,7 +242,6 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         raise NetcleanseError(f"threshold must be a positive number, got {threshold}")
     if not (math.isfinite(alpha) and 0 < alpha < 1):
         raise NetcleanseError(f"alpha must be a number between 0 and 1, got {alpha}")
-    plan = PRESETS[preset]
     dev = resolve_device(device)
     labels = list(range(model.num_classes)) if labels is None else sorted({int(t) for t in labels})
     if not labels:
@@ -274,7 +279,8 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
 
     gen = torch.Generator().manual_seed(int(seed))
     if data is None:
-        x_all = synthesize_inputs(work, plan.n_opt + plan.n_val, plan.data_free_inputs, gen, dev)
+        x_all = synthesize_inputs(work, plan.n_opt + plan.n_val, plan.data_free_inputs, gen, dev,
+                                  confidence=plan.inversion_confidence)
         n_opt = plan.n_opt
     else:
         order = torch.randperm(len(data), generator=gen)

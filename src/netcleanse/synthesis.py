@@ -13,6 +13,15 @@ over all inputs, and ``tv_weight`` is 0.05: inputs the model classifies confiden
 different classes, kept smooth by the total-variation prior. The gradient is taken
 :data:`INVERT_IMAGES` inputs at a time, which bounds memory and gives the same gradient as one pass up to
 float rounding (a CPU's kernels may round a pass of fewer inputs differently).
+
+**Stopping at a confidence** (``confidence``, off unless a preset asks for it): an input is kept at
+the first iterate at which the model gives its target class a probability of at least
+``confidence`` (checked before each step; an input that never reaches it is the last iterate).
+Optimised on, an input is pushed far past the decision boundary into a region of extreme
+confidence, where a planted trigger no longer overrides the model: on two 10-label lab BadNets of
+the development half, the planted triggers flipped 61 % and 12-82 % of the inversion's inputs to
+their targets after 30 steps, against 100 % and 50-100 % when each input was kept at probability
+0.9 (and 94-100 % of real test images).
 """
 
 from __future__ import annotations
@@ -37,20 +46,25 @@ def smooth_noise(input_shape, n: int, generator: torch.Generator, coarseness: in
     return x.clamp(0, 1)
 
 
-def synthesize_inputs(model, n: int, kind: str, generator: torch.Generator, device=None) -> torch.Tensor:
+def synthesize_inputs(model, n: int, kind: str, generator: torch.Generator, device=None,
+                      confidence: float | None = None) -> torch.Tensor:
     """Inputs for a data-free scan, (n, C, H, W) in [0, 1].
 
     ``uniform``: i.i.d. uniform pixels. ``smooth``: uniform noise on a 5x coarser grid,
     bilinearly upsampled (image-like low-frequency blobs). ``inversion``: smooth noise optimised
-    to be classified confidently as n different random classes, with a total-variation prior.
+    to be classified confidently as n different random classes, with a total-variation prior;
+    with ``confidence``, each input kept at the first step its class reaches that probability.
     """
+    if confidence is not None and not (0 < confidence < 1 and kind == "inversion"):
+        raise NetcleanseError(f"an inversion confidence must be between 0 and 1 (and needs kind inversion), "
+                              f"got {confidence} for {kind!r}")
     C, H, W = model.input_shape
     if kind == "uniform":
         x = torch.rand(n, C, H, W, generator=generator)
     elif kind in ("smooth", "inversion"):
         x = smooth_noise(model.input_shape, n, generator)
         if kind == "inversion":
-            x = _invert(model, x, generator, device)
+            x = _invert(model, x, generator, device, confidence=confidence)
     else:
         raise NetcleanseError(f"unknown data-free input kind {kind!r}; use uniform, smooth or inversion")
     return x.float()
@@ -61,7 +75,7 @@ INVERT_IMAGES = 96  # inputs per forward pass of the inversion (bounds its autog
 
 
 def _invert(model, x0: torch.Tensor, generator: torch.Generator, device, steps: int = INVERSION_STEPS,
-            tv_weight: float = 0.05, max_images: int = INVERT_IMAGES) -> torch.Tensor:
+            tv_weight: float = 0.05, max_images: int = INVERT_IMAGES, confidence: float | None = None) -> torch.Tensor:
     targets = torch.randperm(model.num_classes, generator=generator)[:len(x0)]
     if len(targets) < len(x0):
         targets = targets.repeat(math.ceil(len(x0) / len(targets)))[:len(x0)]
@@ -70,6 +84,7 @@ def _invert(model, x0: torch.Tensor, generator: torch.Generator, device, steps: 
     targets = targets.to(device)
     opt = torch.optim.Adam([w], lr=0.05)
     n, (C, H, W) = len(w), w.shape[1:]
+    kept, done = torch.zeros_like(w), torch.zeros(n, dtype=torch.bool, device=device)
     for _ in range(steps):
         # the loss (mean cross-entropy + total variation over all inputs) is a sum over inputs, so its
         # gradient is taken max_images inputs at a time, each part scaled as the means would: the
@@ -80,9 +95,17 @@ def _invert(model, x0: torch.Tensor, generator: torch.Generator, device, steps: 
             x = torch.tanh(part) / 2 + 0.5
             tv = ((x[..., 1:, :] - x[..., :-1, :]).abs().sum() / (n * C * (H - 1) * W)
                   + (x[..., :, 1:] - x[..., :, :-1]).abs().sum() / (n * C * H * (W - 1)))
-            loss = (F.cross_entropy(model(x), targets[lo:lo + max_images], reduction="sum") / n
+            logits = model(x)
+            if confidence is not None:  # keep each input at the first iterate confident enough
+                with torch.no_grad():
+                    rows = torch.arange(len(x), device=device)
+                    now = (logits.softmax(1)[rows, targets[lo:lo + max_images]] >= confidence) & ~done[lo:lo + max_images]
+                    kept[lo:lo + max_images][now] = x.detach()[now]
+                    done[lo:lo + max_images] |= now
+            loss = (F.cross_entropy(logits, targets[lo:lo + max_images], reduction="sum") / n
                     + tv_weight * tv * x.shape[1] * x.shape[2])
             grads.append(torch.autograd.grad(loss, part)[0])
         w.grad = torch.cat(grads)
         opt.step()
-    return (torch.tanh(w) / 2 + 0.5).detach().cpu()
+    out = (torch.tanh(w) / 2 + 0.5).detach()
+    return torch.where(done[:, None, None, None], kept, out).cpu()

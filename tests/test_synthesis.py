@@ -1,0 +1,59 @@
+"""Data-free input synthesis (netcleanse.synthesis): the inversion's stop at a confidence."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import netcleanse
+from netcleanse.errors import NetcleanseError
+from netcleanse.presets import PRESETS
+from netcleanse.synthesis import _invert, smooth_noise, synthesize_inputs
+
+from conftest import SIZE
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _targets(model, n, seed):
+    t = torch.randperm(model.num_classes, generator=torch.Generator().manual_seed(seed))[:n]
+    return t.repeat(-(-n // len(t)))[:n]
+
+
+def test_each_input_is_kept_at_the_first_confident_step(badnet):
+    x0 = smooth_noise((1, SIZE, SIZE), 40, torch.Generator().manual_seed(0))
+    full = _invert(badnet, x0, torch.Generator().manual_seed(1), None, steps=30)
+    stopped = _invert(badnet, x0, torch.Generator().manual_seed(1), None, steps=30, confidence=0.6)
+    targets = _targets(badnet, 40, 1)
+    with torch.no_grad():
+        p_full = badnet(full).softmax(1)[torch.arange(40), targets]
+        p_stopped = badnet(stopped).softmax(1)[torch.arange(40), targets]
+    kept = p_stopped >= 0.6 - 1e-4
+    # inputs that reached the confidence are kept there, not pushed on to the full run's extremes
+    assert kept.sum() >= 20
+    assert p_stopped[kept].mean() < p_full[kept].mean()
+    assert not torch.equal(stopped, full)
+    # an input that never reached it is the last iterate, as without the stop
+    never = ~kept
+    assert torch.allclose(stopped[never], full[never], atol=1e-5)
+    # without a confidence nothing changes
+    again = _invert(badnet, x0, torch.Generator().manual_seed(1), None, steps=30, confidence=None)
+    assert torch.equal(again, full)
+
+
+@pytest.mark.parametrize("confidence, kind", [(0.0, "inversion"), (1.0, "inversion"), (0.9, "smooth")])
+def test_a_bad_confidence_is_refused(badnet, confidence, kind):
+    with pytest.raises(NetcleanseError, match="confidence"):
+        synthesize_inputs(badnet, 4, kind, torch.Generator().manual_seed(0), confidence=confidence)
+
+
+def test_a_scan_takes_a_preset_variant_and_records_it(badnet):
+    plan = replace(PRESETS["fast"], inversion_confidence=0.9, n_opt=16, n_val=16, few_labels_n_opt=16,
+                   few_labels_refine=replace(PRESETS["fast"].few_labels_refine,
+                                             schedule=replace(PRESETS["fast"].few_labels_refine.schedule,
+                                                              max_epochs=2)),
+                   margin_restarts=1, margin_steps=5)
+    result = netcleanse.scan(badnet, data_free=True, labels=[0, 1, 2], preset=plan, progress=False)
+    assert result.preset == "custom"
+    assert result.settings["plan"]["inversion_confidence"] == 0.9
+    assert "inversion_confidence" not in PRESETS["fast"].to_dict()  # the presets' settings are as they were
