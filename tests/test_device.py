@@ -243,6 +243,7 @@ def test_api_device_cpu_equals_the_default_for_training_and_repairs(one_thread):
 def test_api_refuses_cuda_without_cuda_before_any_work(tmp_path):
     from netcleanse.demo import run_demo
     from netcleanse.lab import make_badnet, make_clean_model
+    from netcleanse.screening import make_entries, screen
 
     model = _model()
     data = _data(model, n=8)
@@ -255,9 +256,27 @@ def test_api_refuses_cuda_without_cuda_before_any_work(tmp_path):
              lambda d: repair(model, {3: _patch()}, "unlearn", data, epochs=50, progress=False, device=d),
              lambda d: make_badnet("digits", epochs=50, out=tmp_path / "b", progress=False, device=d),
              lambda d: make_clean_model("digits", epochs=50, out=tmp_path / "c", progress=False, device=d),
-             lambda d: run_demo(tmp_path / "d", epochs=50, progress=False, device=d)]
+             lambda d: run_demo(tmp_path / "d", epochs=50, progress=False, device=d),
+             lambda d: screen(make_entries([tmp_path / "m.pt"], data_free=True), tmp_path / "s", device=d)]
     for call in calls:
         for device, message in (("cuda", NO_CUDA), ("tpu", "unknown device 'tpu'")):
             with pytest.raises(NetcleanseError, match=message):
                 call(device)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- benchmarks/gpu_check.py: the check that needs a GPU ------------------------------------------
+
+@needs_no_cuda
+def test_gpu_check_skips_cleanly_without_cuda(benchmark_module, capsys):
+    assert benchmark_module("gpu_check").main([]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == ("gpu_check: skipped, no CUDA device here (torch.cuda.is_available() is False); "
+                           "nothing to check")
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_cpu_against_cpu(benchmark_module, tmp_path):
+    """The script's own plumbing, with the CPU standing in for the device under test (minutes)."""
+    assert benchmark_module("gpu_check").main(["--device", "cpu", "--no-demo", "--epochs", "1",
+                                               "--work", str(tmp_path)]) == 0

@@ -93,7 +93,8 @@ def trigger_filter(model: Classifier, triggers: dict[int, Trigger], data: Datase
     with on_device(model, device):
         plain = _features(model, calibration)
         answers = model.predict(calibration)
-        stamped_by_label = {label: _features(model, trigger.apply(calibration)) for label, trigger in triggers.items()}
+        stamped_by_label = {label: _features(model, trigger.apply(calibration))
+                            for label, trigger in triggers.items()}
     k = max(1, round(top_fraction * plain.shape[1]))
     labels, neurons, thresholds, references = [], [], [], []
     for label in sorted(triggers):
