@@ -3,7 +3,7 @@ agrees with the same command on the CPU, and every file a GPU run writes loads o
 
 On a machine without CUDA it prints one line saying so and exits 0 (nothing to check).
 
-    .venv/bin/python benchmarks/gpu_check.py [--work DIR] [--epochs 2] [--no-demo]
+    .venv/bin/python benchmarks/gpu_check.py [--work DIR] [--epochs 5] [--commands scan,repair,...]
 
 What it does, on a tiny lab model (built-in ``digits``, mnist-cnn, a patch backdoor):
 
@@ -13,7 +13,9 @@ What it does, on a tiny lab model (built-in ``digits``, mnist-cnn, a patch backd
 * ``info``, ``predict``, ``eval``, ``scan``, ``screen``, ``repair`` (every method): run on the
   CPU-trained model once with ``--device cpu`` and once with the device under test; outputs agree
   within the tolerances below (predictions, rates; the scan's verdict and flagged labels exactly;
-  repair tables within a few points), and repaired/guarded ``.pt`` files hold CPU tensors;
+  repair tables within a few points), and repaired/guarded ``.pt`` files hold CPU tensors. The
+  repairs start from the planted trigger (a scan folder written from the lab's ``triggers.npz``),
+  so they run whatever the scan finds;
 * ``demo``: runs with the device under test and finds its backdoor (its CPU run takes minutes).
 
 ``report`` renders files only and takes no ``--device``. Exit status: 0 all checks passed (or no
@@ -40,6 +42,7 @@ CONFIDENCE_ATOL = 1e-3
 RATE_ATOL = 0.01             # eval's rates (same model, same data)
 TRAINED_ATOL = 0.05          # anything that trains (badnet, unlearning, fine-tuning): accuracy and ASR
 REPAIR_METHODS = ("fine-prune", "unlearn", "filter", "disagree")
+COMMANDS = ("badnet", "info", "predict", "eval", "scan", "repair", "screen", "demo")
 
 CLI = "import sys; from netcleanse.cli import main; main(sys.argv[1:])"
 
@@ -114,13 +117,97 @@ def compare_repair(method: str, cpu: dict, dev: dict, checks: Checks) -> None:
                 checks.close(f"repair {method}: {row_cpu['model']} {key}", row_cpu.get(key), row_dev.get(key), atol)
 
 
+def truth_scan(lab: Path, folder: Path) -> Path:
+    """A scan folder (scan.json + masks.npz) flagging the planted targets with the planted triggers,
+    so that the repairs run whatever a scan of this small model finds."""
+    planted = np.load(lab / "triggers.npz")
+    folder.mkdir(parents=True, exist_ok=True)
+    targets = [int(t) for t in planted["targets"]]
+    (folder / "scan.json").write_text(json.dumps({"flagged": targets, "labels": []}))
+    np.savez(folder / "masks.npz", labels=np.array(targets), masks=planted["masks"], patterns=planted["patterns"])
+    return folder
+
+
+def check_info(runs, files, checks, log) -> None:
+    infos = [netcleanse("info", files["model"], "--data", files["clean"], "--json", "--device", d, log=log)
+             for d, _ in runs]
+    checks.add("info: same output", infos[0] == infos[1])
+
+
+def check_predict(runs, files, checks, log) -> None:
+    for d, run in runs:
+        netcleanse("predict", files["model"], files["clean"], "--out", run / "predictions.npz", "--device", d, log=log)
+    a, b = (np.load(run / "predictions.npz") for _, run in runs)
+    agreement = float((a["labels"] == b["labels"]).mean())
+    checks.add("predict: labels agree", agreement >= PREDICTION_AGREEMENT, f"{100 * agreement:.2f} %")
+    gap = float(np.abs(a["confidence"] - b["confidence"]).max())
+    checks.add("predict: confidences agree", gap <= CONFIDENCE_ATOL, f"largest difference {gap:.2e}")
+
+
+def check_eval(runs, files, checks, log) -> None:
+    evals = [json.loads(netcleanse("eval", files["model"], "--clean", files["clean"], "--poisoned", files["poisoned"],
+                                   "--json", "--device", d, log=log)) for d, _ in runs]
+    for key in ("clean_accuracy", "attack_success"):
+        checks.close(f"eval: {key}", evals[0][key], evals[1][key], RATE_ATOL)
+
+
+def check_scan(runs, files, checks, log) -> None:
+    for d, run in runs:
+        netcleanse("scan", files["model"], "--data", files["clean"], "--out", run / "scan", "--device", d, log=log)
+    scans = [json.loads((run / "scan" / "scan.json").read_text()) for _, run in runs]
+    checks.add("scan: same verdict", scans[0]["verdict"] == scans[1]["verdict"],
+               f"cpu {scans[0]['verdict']}, device {scans[1]['verdict']}")
+    checks.add("scan: same flagged labels", scans[0]["flagged"] == scans[1]["flagged"],
+               f"cpu {scans[0]['flagged']}, device {scans[1]['flagged']} (true target {files['target']})")
+    l1 = {r["label"]: r["mask_l1"] for r in scans[0]["labels"]}
+    print("     mask L1 per label (cpu / device): " + ", ".join(
+        f"{r['label']}: {l1[r['label']]:.1f}/{r['mask_l1']:.1f}" for r in scans[1]["labels"]), flush=True)
+
+
+def check_repair(runs, files, checks, log) -> None:
+    for method in REPAIR_METHODS:
+        for d, run in runs:
+            netcleanse("repair", files["model"], "--scan", files["truth_scan"], "--method", method,
+                       "--data", files["clean"], "--test-clean", files["clean"], "--test-poisoned", files["poisoned"],
+                       "--drops", "2,4", "--epochs", 2, "--out", run / f"repair-{method}", "--json", "--device", d,
+                       log=log)
+        records = [json.loads((run / f"repair-{method}" / "repair.json").read_text()) for _, run in runs]
+        compare_repair(method, *records, checks)
+        device, out = runs[1][0], runs[1][1] / f"repair-{method}"
+        for stem in records[1]["files"]:
+            checks.add(f"repair {method} ({device}): {stem}.pt holds CPU tensors", cpu_tensors_only(out / f"{stem}.pt"))
+
+
+def check_screen(runs, files, checks, log) -> None:
+    for d, run in runs:
+        netcleanse("screen", files["model"], "--data", files["clean"], "--out", run / "screen", "--device", d, log=log)
+    rows = [json.loads((run / "screen" / "screen.json").read_text())["rows"] for _, run in runs]
+    checks.add("screen: same verdicts", [r["verdict"] for r in rows[0]] == [r["verdict"] for r in rows[1]],
+               f"cpu {[r['verdict'] for r in rows[0]]}, device {[r['verdict'] for r in rows[1]]} "
+               f"(errors {[r['error'] for r in rows[1]]})")
+
+
+def check_demo(runs, files, checks, log) -> None:
+    device, run = runs[1]
+    out = netcleanse("demo", "--out", run / "demo", "--device", device, log=log)
+    checks.add(f"demo ({device}): finds its backdoor", "-> true target found" in out)
+
+
+CHECKS = {"info": check_info, "predict": check_predict, "eval": check_eval, "scan": check_scan,
+          "repair": check_repair, "screen": check_screen, "demo": check_demo}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, help="folder for the runs (default: a temporary folder, kept)")
-    parser.add_argument("--epochs", type=int, default=2, help="lab training epochs (default 2)")
+    parser.add_argument("--epochs", type=int, default=5, help="lab training epochs (default 5)")
     parser.add_argument("--device", default="cuda", help="the device under test (default cuda; cpu: dry run)")
-    parser.add_argument("--no-demo", action="store_true", help="skip the demo (trains on full MNIST)")
+    parser.add_argument("--commands", default=",".join(COMMANDS),
+                        help=f"which to check, of {','.join(COMMANDS)} (badnet always runs: it makes the model)")
     args = parser.parse_args(argv)
+    wanted = set(args.commands.split(","))
+    if wanted - set(COMMANDS):
+        parser.error(f"unknown command(s) {', '.join(sorted(wanted - set(COMMANDS)))}")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: skipped, no CUDA device here (torch.cuda.is_available() is False); nothing to check")
         return 0
@@ -140,60 +227,12 @@ def main(argv=None) -> int:
         check_badnet(runs, checks)
 
         lab = runs[0][1] / "badnet"  # the one model every other command computes with
-        model, clean, poisoned = lab / "model.pt", lab / "clean_test.npz", lab / "poisoned_test.npz"
-        target = json.loads((lab / "truth.json").read_text())["targets"][0]
-
-        infos = [netcleanse("info", model, "--data", clean, "--json", "--device", d, log=log) for d in devices]
-        checks.add("info: same output", infos[0] == infos[1])
-
-        for d, run in runs:
-            netcleanse("predict", model, clean, "--out", run / "predictions.npz", "--device", d, log=log)
-        a, b = (np.load(run / "predictions.npz") for _, run in runs)
-        agreement = float((a["labels"] == b["labels"]).mean())
-        checks.add("predict: labels agree", agreement >= PREDICTION_AGREEMENT, f"{100 * agreement:.2f} %")
-        gap = float(np.abs(a["confidence"] - b["confidence"]).max())
-        checks.add("predict: confidences agree", gap <= CONFIDENCE_ATOL, f"largest difference {gap:.2e}")
-
-        evals = [json.loads(netcleanse("eval", model, "--clean", clean, "--poisoned", poisoned, "--json",
-                                       "--device", d, log=log)) for d in devices]
-        for key in ("clean_accuracy", "attack_success"):
-            checks.close(f"eval: {key}", evals[0][key], evals[1][key], RATE_ATOL)
-
-        for d, run in runs:
-            netcleanse("scan", model, "--data", clean, "--out", run / "scan", "--device", d, log=log)
-        scans = [json.loads((run / "scan" / "scan.json").read_text()) for _, run in runs]
-        checks.add("scan: same verdict", scans[0]["verdict"] == scans[1]["verdict"],
-                   f"cpu {scans[0]['verdict']}, device {scans[1]['verdict']}")
-        checks.add("scan: same flagged labels", scans[0]["flagged"] == scans[1]["flagged"],
-                   f"cpu {scans[0]['flagged']}, device {scans[1]['flagged']} (true target {target})")
-        l1 = {r["label"]: r["mask_l1"] for r in scans[0]["labels"]}
-        print("     mask L1 per label (cpu / device): " + ", ".join(
-            f"{r['label']}: {l1[r['label']]:.1f}/{r['mask_l1']:.1f}" for r in scans[1]["labels"]), flush=True)
-
-        scan_dir = runs[0][1] / "scan"
-        if not scans[0]["flagged"]:
-            checks.add("repair: the CPU scan flagged a label to repair", False)
-        for method in REPAIR_METHODS if scans[0]["flagged"] else ():
-            for d, run in runs:
-                netcleanse("repair", model, "--scan", scan_dir, "--method", method, "--data", clean,
-                           "--test-clean", clean, "--test-poisoned", poisoned, "--drops", "2,4", "--epochs", 2,
-                           "--out", run / f"repair-{method}", "--json", "--device", d, log=log)
-            records = [json.loads((run / f"repair-{method}" / "repair.json").read_text()) for _, run in runs]
-            compare_repair(method, *records, checks)
-            out = runs[1][1] / f"repair-{method}"
-            for stem in records[1]["files"]:
-                checks.add(f"repair {method} ({args.device}): {stem}.pt holds CPU tensors",
-                           cpu_tensors_only(out / f"{stem}.pt"))
-
-        for d, run in runs:
-            netcleanse("screen", model, "--data", clean, "--out", run / "screen", "--device", d, log=log)
-        rows = [json.loads((run / "screen" / "screen.json").read_text())["rows"] for _, run in runs]
-        checks.add("screen: same verdicts", [r["verdict"] for r in rows[0]] == [r["verdict"] for r in rows[1]],
-                   f"cpu {[r['verdict'] for r in rows[0]]}, device {[r['verdict'] for r in rows[1]]}")
-
-        if not args.no_demo:
-            out = netcleanse("demo", "--out", runs[1][1] / "demo", "--device", args.device, log=log)
-            checks.add(f"demo ({args.device}): finds its backdoor", "-> true target found" in out)
+        files = {"model": lab / "model.pt", "clean": lab / "clean_test.npz", "poisoned": lab / "poisoned_test.npz",
+                 "target": json.loads((lab / "truth.json").read_text())["targets"][0],
+                 "truth_scan": truth_scan(lab, work / "truth-scan")}
+        for name in COMMANDS[1:]:
+            if name in wanted:
+                CHECKS[name](runs, files, checks, log)
     except CommandFailed as exc:
         print(f"FAIL {exc} (log: {log})")
         return 2
