@@ -195,7 +195,7 @@ def test_badnets_meet_the_bar_on_mnist():
 def test_demo_command_runs_in_under_three_minutes(tmp_path, capsys):
     started = time.perf_counter()
     with pytest.raises(SystemExit) as exit_:
-        main(["demo", "--out", str(tmp_path / "demo")])
+        main(["demo", "--out", str(tmp_path / "demo"), "--device", "cpu"])
     elapsed = time.perf_counter() - started
     out = capsys.readouterr().out
     print(out, f"\ndemo took {elapsed:.0f} s")

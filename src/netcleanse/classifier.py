@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import NetcleanseError
-from .utils import first_line
+from .utils import first_line, module_device
 
 
 def checked_scale(value) -> float:
@@ -139,8 +139,7 @@ class Classifier(nn.Module):
         mean, std = checked_preprocessing(mean, std, self.input_shape[0])
         self.mean, self.std = mean, std
         shape = (1, len(mean), 1, 1) if mean is not None else (0,)
-        device = next((p.device for p in self.net.parameters()), torch.device("cpu")) \
-            if isinstance(self.net, nn.Module) else torch.device("cpu")
+        device = module_device(self.net) if isinstance(self.net, nn.Module) else torch.device("cpu")
         # non-persistent buffers: they follow .to(device) and deepcopy, and stay out of state_dict
         self.register_buffer("_mean", torch.tensor(mean or (), dtype=torch.float32, device=device).reshape(shape),
                              persistent=False)
@@ -171,14 +170,16 @@ class Classifier(nn.Module):
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        """Softmax probabilities, computed in batches in eval mode."""
-        return torch.cat([torch.softmax(self.logits(x[i:i + batch_size]), dim=1)
+        """Softmax probabilities, computed in batches in eval mode on the model's device; a CPU tensor."""
+        dev = module_device(self)
+        return torch.cat([torch.softmax(self.logits(x[i:i + batch_size].to(dev)), dim=1).cpu()
                           for i in range(0, len(x), batch_size)]) if len(x) else torch.empty(0, self.num_classes)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        """Predicted labels (int64), computed in batches in eval mode."""
-        return torch.cat([self.logits(x[i:i + batch_size]).argmax(dim=1)
+        """Predicted labels (int64), computed in batches in eval mode on the model's device; a CPU tensor."""
+        dev = module_device(self)
+        return torch.cat([self.logits(x[i:i + batch_size].to(dev)).argmax(dim=1).cpu()
                           for i in range(0, len(x), batch_size)]) if len(x) else torch.empty(0, dtype=torch.long)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from .repair import repair
 from .report import render_report
 from .scanning import scan
 from .training import torch_threads
+from .utils import resolve_device
 
 DEFAULT_OUT = "netcleanse-demo"
 DEFAULT_REPAIR = "unlearn"
@@ -63,20 +64,23 @@ def demo_target(seed: int) -> int:
 
 def run_demo(out=DEFAULT_OUT, seed: int = 0, force: bool = False, epochs: int | None = None,
              data_free: bool = False, repair_method: str = DEFAULT_REPAIR, preset: str = "fast",
-             progress: bool = True, log: Callable[[str], None] | None = None, threads: int | None = 1) -> DemoResult:
+             progress: bool = True, log: Callable[[str], None] | None = None, threads: int | None = 1,
+             device: str = "cpu") -> DemoResult:
     """Train a patch BadNet on built-in MNIST, scan, repair, evaluate, report. See the module doc.
 
     ``out`` must be empty or absent unless ``force`` (which replaces the demo's own files there).
     ``data_free``: scan without the clean validation images. ``log`` receives one line per stage.
     ``threads``: torch CPU threads for the whole run; the demo's net is so small that one thread
     is fastest on a busy machine (see :mod:`netcleanse.training`); None keeps torch's setting.
+    ``device``: where every stage computes, "cpu" (default) or "cuda".
     """
+    resolve_device(device)
     with torch_threads(threads):
         return _run_demo(out, seed, force, epochs, data_free, repair_method, preset, progress,
-                         log or (lambda message: None))
+                         log or (lambda message: None), device)
 
 
-def _run_demo(out, seed, force, epochs, data_free, repair_method, preset, progress, say) -> DemoResult:
+def _run_demo(out, seed, force, epochs, data_free, repair_method, preset, progress, say, device) -> DemoResult:
     out = check_out_dir(out, force)
     if force and out.is_dir():
         for name in STAGE_DIRS:
@@ -88,17 +92,18 @@ def _run_demo(out, seed, force, epochs, data_free, repair_method, preset, progre
     say(f"[1/5] training a BadNet on built-in MNIST: patch trigger, target {target}")
     started = time.perf_counter()
     badnet = make_badnet(DEMO_DATASET, "patch", target, seed=seed, epochs=epochs, out=out / "badnet",
-                         progress=progress)
+                         progress=progress, device=device)
     timings["badnet"] = time.perf_counter() - started
     poisoned_test = badnet.poisoned_tests[0]
-    before = evaluate(badnet.model, clean=badnet.clean_test, poisoned=poisoned_test)
+    before = evaluate(badnet.model, clean=badnet.clean_test, poisoned=poisoned_test, device=device)
     result = DemoResult(out, seed, target, badnet, before, notes=notes, timings=timings)
 
     say("[2/5] scanning every label with Neural Cleanse" + (" (data-free)" if data_free else
                                                             " (clean validation images)"))
     started = time.perf_counter()
     scan_result = scan(badnet.model, None if data_free else badnet.val, data_free=data_free, preset=preset,
-                       seed=seed, progress=progress, data_name=None if data_free else f"builtin:{DEMO_DATASET}/val")
+                       seed=seed, progress=progress, device=device,
+                       data_name=None if data_free else f"builtin:{DEMO_DATASET}/val")
     scan_result.save(out / "scan")
     result.flagged = list(scan_result.flagged)
     timings["scan"] = time.perf_counter() - started
@@ -111,11 +116,11 @@ def _run_demo(out, seed, force, epochs, data_free, repair_method, preset, progre
     else:
         started = time.perf_counter()
         repaired = repair(badnet.model, scan_result, repair_method, badnet.val, test_clean=badnet.clean_test,
-                          test_poisoned=poisoned_test, seed=seed, progress=progress)
+                          test_poisoned=poisoned_test, seed=seed, progress=progress, device=device)
         repaired.save(out / "repair", force=True)
         result.repair_method = repair_method
         say("[4/5] evaluating the repaired model")
-        result.after = evaluate(repaired.model, clean=badnet.clean_test, poisoned=poisoned_test)
+        result.after = evaluate(repaired.model, clean=badnet.clean_test, poisoned=poisoned_test, device=device)
         timings["repair"] = time.perf_counter() - started
 
     say("[5/5] writing the report")

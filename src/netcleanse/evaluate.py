@@ -20,6 +20,7 @@ from .data import Dataset, check_dataset
 from .errors import NetcleanseError
 from .classifier import Classifier
 from .progress import progress_bar
+from .utils import on_device, resolve_device
 
 # Below this many batches a progress bar is more noise than help.
 _PROGRESS_MIN_BATCHES = 8
@@ -42,20 +43,21 @@ class Evaluation:
 
 @torch.no_grad()
 def predict_dataset(model: Classifier, data: Dataset, batch_size: int = 512,
-                    progress: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    progress: bool | None = None, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted labels (int64) and their softmax confidence for every image, in eval mode, in batches.
 
     ``progress``: None shows a bar (stderr) for large sets unless NETCLEANSE_NO_PROGRESS is set.
+    ``device``: where the model computes, "cpu" or "cuda" (it is moved back afterwards); the
+    results are CPU tensors either way.
     """
     check_dataset(data, model.input_shape)
-    device = next(model.parameters(), torch.empty(0)).device
     labels, confidence = [], []
     n_batches = (len(data) + batch_size - 1) // batch_size
     disable = (n_batches < _PROGRESS_MIN_BATCHES) if progress is None else not progress
-    with progress_bar(disable=True if disable else None) as bar:
+    with on_device(model, device) as dev, progress_bar(disable=True if disable else None) as bar:
         task = bar.add_task(f"predicting {len(data)} images", total=n_batches)
         for start in range(0, len(data), batch_size):
-            probs = torch.softmax(model.logits(data.x[start:start + batch_size].to(device)), dim=1)
+            probs = torch.softmax(model.logits(data.x[start:start + batch_size].to(dev)), dim=1)
             best, label = probs.max(dim=1)
             labels.append(label.cpu())
             confidence.append(best.cpu())
@@ -63,18 +65,20 @@ def predict_dataset(model: Classifier, data: Dataset, batch_size: int = 512,
     return torch.cat(labels), torch.cat(confidence)
 
 
-def accuracy(model: Classifier, data: Dataset, batch_size: int = 512) -> float:
+def accuracy(model: Classifier, data: Dataset, batch_size: int = 512, device: str = "cpu") -> float:
     """Fraction of ``data`` answered with its own labels."""
-    return evaluate(model, clean=data, batch_size=batch_size).clean_accuracy
+    return evaluate(model, clean=data, batch_size=batch_size, device=device).clean_accuracy
 
 
 def evaluate(model: Classifier, clean: Dataset | None = None, poisoned: Dataset | None = None,
-             target: int | None = None, batch_size: int = 512) -> Evaluation:
+             target: int | None = None, batch_size: int = 512, device: str = "cpu") -> Evaluation:
     """Clean accuracy on ``clean``, attack success rate on ``poisoned`` (CSAW semantics), and for a
     guarded model the poison-detection and false-positive rates.
 
     ``target``: the attack's target label; without it each poisoned row's own label is its target.
+    ``device``: where the model computes, "cpu" or "cuda" (see :func:`predict_dataset`).
     """
+    resolve_device(device)  # a wrong device is refused before the data are checked
     if clean is None and poisoned is None:
         raise NetcleanseError("nothing to evaluate: give clean and/or poisoned data")
     if target is not None and not 0 <= target < model.num_classes:
@@ -86,7 +90,7 @@ def evaluate(model: Classifier, clean: Dataset | None = None, poisoned: Dataset 
         if clean.y is None:
             raise NetcleanseError(f"{clean.source}: clean data has no labels, so accuracy cannot be measured")
         check_dataset(clean, model.input_shape, model.num_classes)
-        predicted, _ = predict_dataset(model, clean, batch_size)
+        predicted, _ = predict_dataset(model, clean, batch_size, device=device)
         result.n_clean = len(clean)
         result.clean_accuracy = _rate(predicted == clean.y)
         if model.poison_label is not None:
@@ -95,7 +99,7 @@ def evaluate(model: Classifier, clean: Dataset | None = None, poisoned: Dataset 
         if target is None and poisoned.y is None:
             raise NetcleanseError(f"{poisoned.source}: poisoned data has no labels; give the attack target")
         check_dataset(poisoned, model.input_shape, model.num_classes if target is None else None)
-        predicted, _ = predict_dataset(model, poisoned, batch_size)
+        predicted, _ = predict_dataset(model, poisoned, batch_size, device=device)
         targets = poisoned.y if target is None else torch.full_like(predicted, target)
         result.n_poisoned = len(poisoned)
         result.attack_success = _rate(predicted == targets)

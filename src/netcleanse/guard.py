@@ -38,6 +38,7 @@ from .guarded import (POISON_MARGIN, Disagreement, GuardedClassifier, TriggerFil
                       _last_linear, logits_and_features)
 from .synthesis import smooth_noise
 from .trigger import Trigger
+from .utils import module_device, on_device
 
 
 def synthetic_inputs(input_shape, n: int = 256, seed: int = 0) -> torch.Tensor:
@@ -48,14 +49,17 @@ def synthetic_inputs(input_shape, n: int = 256, seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def _features(model: Classifier, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The penultimate activations of ``x``, computed on the model's device; a CPU tensor."""
     model.eval()
-    return torch.cat([logits_and_features(model, x[i:i + batch_size])[1] for i in range(0, len(x), batch_size)])
+    dev = module_device(model)
+    return torch.cat([logits_and_features(model, x[i:i + batch_size].to(dev))[1].cpu()
+                      for i in range(0, len(x), batch_size)])
 
 
 def trigger_filter(model: Classifier, triggers: dict[int, Trigger], data: Dataset | None = None, *,
                    top_fraction: float = 0.05, quantile: float = 0.5, genuine_quantile: float = 0.99,
                    min_genuine: int = 10, n_synthetic: int = 256, max_calibration: int = 2000,
-                   seed: int = 0) -> GuardedClassifier:
+                   seed: int = 0, device: str = "cpu") -> GuardedClassifier:
     """Build the trigger filter guard from reversed triggers (data-free, or calibrated on clean data).
 
     For each flagged label t with reversed trigger T, and calibration inputs S (``data`` when
@@ -70,6 +74,8 @@ def trigger_filter(model: Classifier, triggers: dict[int, Trigger], data: Datase
       trigger-free input) of the share score over R.
 
     Nothing here looks at test data or knows the true target: only the scan's flagged labels.
+    ``device``: where the calibration inputs go through the model, "cpu" or "cuda"; the guard is
+    built on the CPU (the model is moved back).
     """
     if not triggers:
         raise NetcleanseError("the scan flagged no label, so there is no reversed trigger to build a filter from")
@@ -84,12 +90,15 @@ def trigger_filter(model: Classifier, triggers: dict[int, Trigger], data: Datase
     else:
         calibration = synthetic_inputs(model.input_shape, n_synthetic, seed)
     model.check_input(calibration[:1])
-    plain = _features(model, calibration)
-    answers = model.predict(calibration)
+    with on_device(model, device):
+        plain = _features(model, calibration)
+        answers = model.predict(calibration)
+        stamped_by_label = {label: _features(model, trigger.apply(calibration))
+                            for label, trigger in triggers.items()}
     k = max(1, round(top_fraction * plain.shape[1]))
     labels, neurons, thresholds, references = [], [], [], []
-    for label, trigger in sorted(triggers.items()):
-        stamped = _features(model, trigger.apply(calibration))
+    for label in sorted(triggers):
+        stamped = stamped_by_label[label]
         genuine = answers == label
         if labels_known is not None:
             genuine &= labels_known == label

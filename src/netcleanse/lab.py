@@ -40,7 +40,7 @@ from .classifier import Classifier
 from .torch_io import save_model
 from .training import train
 from .trigger import Trigger
-from .utils import write_json_atomic
+from .utils import resolve_device, write_json_atomic
 
 TRIGGER_KINDS = ("patch", "blend", "multi")
 DEFAULT_ARCH = "mnist-cnn"
@@ -164,18 +164,20 @@ def trigger_png(trigger: Trigger) -> Image.Image:
 
 
 def _train_and_measure(arch, train_set, val, clean_test, poisoned_tests, targets, epochs, batch_size, lr, seed,
-                       progress, name, history) -> tuple[Classifier, float, dict[str, float]]:
+                       progress, name, history, device) -> tuple[Classifier, float, dict[str, float]]:
     model = train(arch, train_set, val, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
-                  num_classes=int(max(int(clean_test.y.max()), *targets, 0)) + 1, name=name, history=history)
-    clean_accuracy = evaluate(model, clean=clean_test).clean_accuracy
-    asr = {str(t): evaluate(model, poisoned=p).attack_success for t, p in zip(targets, poisoned_tests)}
+                  num_classes=int(max(int(clean_test.y.max()), *targets, 0)) + 1, name=name, history=history,
+                  device=device)
+    clean_accuracy = evaluate(model, clean=clean_test, device=device).clean_accuracy
+    asr = {str(t): evaluate(model, poisoned=p, device=device).attack_success for t, p in zip(targets, poisoned_tests)}
     return model, clean_accuracy, asr
 
 
 def make_badnet(dataset: str = "mnist", trigger="patch", target=7, rate: float = 0.1, arch: str | None = None,
                 epochs: int | None = None, seed: int = 0, out=None, force: bool = False,
                 clean_baseline: bool = False, patch_size: int = 4, position="bottom-right", pattern=None,
-                alpha: float = 0.15, batch_size: int = 64, lr: float = 2e-3, progress: bool = True) -> BadNet:
+                alpha: float = 0.15, batch_size: int = 64, lr: float = 2e-3, progress: bool = True,
+                device: str = "cpu") -> BadNet:
     """Poison a built-in dataset, train a BadNet on it, measure it, and (with ``out``) save it.
 
     ``trigger``: "patch" (BadNets square of ``patch_size`` at ``position`` with ``pattern``),
@@ -187,7 +189,11 @@ def make_badnet(dataset: str = "mnist", trigger="patch", target=7, rate: float =
     ``truth`` (also ``truth.json``): backdoored, dataset, arch, targets, triggers (kind, target,
     mask_l1, image, and box or alpha), rate, n_poisoned, seed, epochs, clean_accuracy,
     attack_success {target: ASR}, and with ``clean_baseline`` clean_model_accuracy.
+
+    ``device``: where training and measuring run, "cpu" (default) or "cuda"; the model comes back
+    on the CPU (a GPU-trained model is close to, not identical with, the CPU-trained one).
     """
+    resolve_device(device)
     arch = _resolve_arch(dataset, arch)
     out = check_out_dir(out, force) if out is not None else None
     spec = get_architecture(arch)
@@ -202,7 +208,7 @@ def make_badnet(dataset: str = "mnist", trigger="patch", target=7, rate: float =
     history: list[dict] = []
     model, clean_accuracy, asr = _train_and_measure(
         arch, poisoned_train, val, clean_test, poisoned_tests, targets, epochs, batch_size, lr, seed, progress,
-        f"badnet-{dataset}-{trigger if isinstance(trigger, str) else 'custom'}", history)
+        f"badnet-{dataset}-{trigger if isinstance(trigger, str) else 'custom'}", history, device)
     model.source = "netcleanse lab"
     images = ["trigger.png"] if len(triggers) == 1 else [f"trigger_{i}.png" for i in range(len(triggers))]
     truth = {"backdoored": True, "dataset": dataset, "arch": arch, "targets": targets,
@@ -213,7 +219,7 @@ def make_badnet(dataset: str = "mnist", trigger="patch", target=7, rate: float =
     if clean_baseline:
         clean_model, truth["clean_model_accuracy"], clean_asr = _train_and_measure(
             arch, train_clean, val, clean_test, poisoned_tests, targets, epochs, batch_size, lr, seed, progress,
-            f"clean-{dataset}", None)
+            f"clean-{dataset}", None, device)
         # A clean model's ASR is how often the trigger alone yields the target: the attack's floor.
         truth["clean_model_attack_success"] = clean_asr
     badnet = BadNet(model, triggers, targets, poisoned_train, val, clean_test, poisoned_tests, truth, clean_model,
@@ -225,8 +231,10 @@ def make_badnet(dataset: str = "mnist", trigger="patch", target=7, rate: float =
 
 def make_clean_model(dataset: str = "mnist", arch: str | None = None, epochs: int | None = None, seed: int = 0,
                      out=None, force: bool = False, batch_size: int = 64, lr: float = 2e-3,
-                     progress: bool = True) -> BadNet:
-    """Train a model without a backdoor, in the lab's layout (``truth.json``: backdoored false, targets [])."""
+                     progress: bool = True, device: str = "cpu") -> BadNet:
+    """Train a model without a backdoor, in the lab's layout (``truth.json``: backdoored false, targets []);
+    ``device`` as for :func:`make_badnet`."""
+    resolve_device(device)
     arch = _resolve_arch(dataset, arch)
     out = check_out_dir(out, force) if out is not None else None
     spec = get_architecture(arch)
@@ -234,7 +242,7 @@ def make_clean_model(dataset: str = "mnist", arch: str | None = None, epochs: in
     train_set, val, clean_test = (_split_for(dataset, s, spec.input_shape) for s in ("train", "val", "test"))
     history: list[dict] = []
     model, clean_accuracy, _ = _train_and_measure(arch, train_set, val, clean_test, [], [], epochs, batch_size, lr,
-                                                  seed, progress, f"clean-{dataset}", history)
+                                                  seed, progress, f"clean-{dataset}", history, device)
     model.source = "netcleanse lab"
     truth = {"backdoored": False, "dataset": dataset, "arch": arch, "targets": [], "triggers": [], "rate": 0.0,
              "n_poisoned": 0, "n_train": len(train_set), "seed": seed, "epochs": epochs,

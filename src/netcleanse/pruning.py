@@ -27,6 +27,7 @@ from .evaluate import evaluate
 from .classifier import Classifier
 from .progress import progress_bar
 from .training import train
+from .utils import on_device, resolve_device
 
 
 def prune_layer_name(model: Classifier, layer: str | None = None) -> str:
@@ -50,8 +51,10 @@ def _conv(model: Classifier, layer: str) -> nn.Conv2d:
 
 
 @torch.no_grad()
-def mean_channel_activation(model: Classifier, layer: str, data: Dataset, batch_size: int = 256) -> torch.Tensor:
-    """Mean post-ReLU activation of each output channel of ``layer`` over ``data``."""
+def mean_channel_activation(model: Classifier, layer: str, data: Dataset, batch_size: int = 256,
+                            device: str = "cpu") -> torch.Tensor:
+    """Mean post-ReLU activation of each output channel of ``layer`` over ``data`` (computed on
+    ``device``, "cpu" or "cuda"; a CPU tensor)."""
     conv = _conv(model, layer)
     total = torch.zeros(conv.out_channels)
 
@@ -61,8 +64,9 @@ def mean_channel_activation(model: Classifier, layer: str, data: Dataset, batch_
     handle = conv.register_forward_hook(accumulate)
     model.eval()
     try:
-        for start in range(0, len(data), batch_size):
-            model(data.x[start:start + batch_size])
+        with on_device(model, device) as dev:
+            for start in range(0, len(data), batch_size):
+                model(data.x[start:start + batch_size].to(dev))
     finally:
         handle.remove()
     return total / max(1, len(data))
@@ -72,7 +76,7 @@ def mean_channel_activation(model: Classifier, layer: str, data: Dataset, batch_
 def prune_channels(model: Classifier, layer: str, channels) -> None:
     """Zero the kernels and biases of ``channels`` of ``layer`` in place."""
     conv = _conv(model, layer)
-    index = torch.as_tensor(list(channels), dtype=torch.long)
+    index = torch.as_tensor(list(channels), dtype=torch.long, device=conv.weight.device)
     conv.weight[index] = 0
     if conv.bias is not None:
         conv.bias[index] = 0
@@ -89,8 +93,8 @@ def pruned_channels(model: Classifier, layer: str) -> list[int]:
 
 def fine_tune(model: Classifier, data: Dataset, epochs: int = 5, lr: float = 1e-3, batch_size: int = 64,
               seed: int = 0, frozen: dict[str, list[int]] | None = None, progress: bool = True,
-              description: str = "fine-tuning") -> Classifier:
-    """Train ``model`` further on labelled clean ``data`` (Adam), in place.
+              description: str = "fine-tuning", device: str = "cpu") -> Classifier:
+    """Train ``model`` further on labelled clean ``data`` (Adam), in place, on ``device``.
 
     ``frozen`` maps a conv layer to channels that must stay pruned: they are zeroed again after
     every step, so fine-tuning cannot revive them.
@@ -104,7 +108,7 @@ def fine_tune(model: Classifier, data: Dataset, epochs: int = 5, lr: float = 1e-
                 prune_channels(model, layer, channels)
 
     return train(model, data, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
-                 after_step=keep_pruned, description=description)
+                 after_step=keep_pruned, description=description, device=device)
 
 
 @dataclass
@@ -120,18 +124,19 @@ class FinePruning:
 
 
 def _metrics(model: Classifier, val: Dataset, test_clean: Dataset | None, test_poisoned: Dataset | None,
-             target: int | None) -> dict:
-    row = {"clean_val_accuracy": evaluate(model, clean=val).clean_accuracy}
+             target: int | None, device: str) -> dict:
+    row = {"clean_val_accuracy": evaluate(model, clean=val, device=device).clean_accuracy}
     if test_clean is not None:
-        row["clean_accuracy"] = evaluate(model, clean=test_clean).clean_accuracy
+        row["clean_accuracy"] = evaluate(model, clean=test_clean, device=device).clean_accuracy
     if test_poisoned is not None:
-        row["attack_success"] = evaluate(model, poisoned=test_poisoned, target=target).attack_success
+        row["attack_success"] = evaluate(model, poisoned=test_poisoned, target=target, device=device).attack_success
     return row
 
 
 def fine_prune(model: Classifier, val: Dataset, *, layer: str | None = None, drops=(2, 4, 10, 30),
                test_clean: Dataset | None = None, test_poisoned: Dataset | None = None, target: int | None = None,
-               fine_tune_epochs: int = 0, lr: float = 1e-3, seed: int = 0, progress: bool = True) -> FinePruning:
+               fine_tune_epochs: int = 0, lr: float = 1e-3, seed: int = 0, progress: bool = True,
+               device: str = "cpu") -> FinePruning:
     """Prune ``layer``'s channels by increasing mean clean activation; keep a model per accuracy drop.
 
     ``val``: labelled clean validation data (ranking, the accuracy that decides the saves, and
@@ -140,8 +145,10 @@ def fine_prune(model: Classifier, val: Dataset, *, layer: str | None = None, dro
     ``test_poisoned`` (and ``target``): optional test sets measured along the curve and in the
     table (ASR semantics as :func:`netcleanse.evaluate.evaluate`). With ``fine_tune_epochs`` > 0
     each saved model is then fine-tuned on ``val`` (pruned channels stay pruned) and the table
-    gets its metrics after fine-tuning too. The input model is left untouched.
+    gets its metrics after fine-tuning too. The input model is left untouched. ``device``: where
+    every forward pass and the fine-tuning run, "cpu" or "cuda"; the saved models are on the CPU.
     """
+    resolve_device(device)
     if val.y is None or len(val) == 0:
         raise NetcleanseError("fine-pruning needs labelled clean validation data (--data)")
     drops = sorted({float(d) for d in drops})
@@ -149,8 +156,25 @@ def fine_prune(model: Classifier, val: Dataset, *, layer: str | None = None, dro
         raise NetcleanseError("accuracy-drop thresholds must be positive percentage points, e.g. 2,4,10,30")
     layer = prune_layer_name(model, layer)
     work = copy.deepcopy(model).eval()
-    order = mean_channel_activation(work, layer, val).argsort().tolist()
-    baseline = _metrics(work, val, test_clean, test_poisoned, target)
+    with on_device(work, device):  # the work copy stays there for the whole curve
+        result = _prune_curve(work, layer, val, drops, test_clean, test_poisoned, target, progress, device)
+    if fine_tune_epochs > 0:
+        for entry in result.table:
+            pruned = result.saved[entry["drop_threshold"]]
+            frozen = {layer: result.order[:entry["channels_pruned"]]}
+            fine_tune(pruned, val, epochs=fine_tune_epochs, lr=lr, seed=seed, frozen=frozen, progress=progress,
+                      description=f"fine-tuning the {entry['drop_threshold']:g}-point model", device=device)
+            after = _metrics(pruned, val, test_clean, test_poisoned, target, device)
+            entry.update({f"{key}_after_fine_tuning": value for key, value in after.items()})
+    return result
+
+
+def _prune_curve(work: Classifier, layer: str, val: Dataset, drops: list[float], test_clean: Dataset | None,
+                 test_poisoned: Dataset | None, target: int | None, progress: bool, device: str) -> FinePruning:
+    """Prune ``work`` in place channel by channel, recording the curve and a CPU copy of the model at
+    each drop threshold (no fine-tuning)."""
+    order = mean_channel_activation(work, layer, val, device=device).argsort().tolist()
+    baseline = _metrics(work, val, test_clean, test_poisoned, target, device)
     start_accuracy = baseline["clean_val_accuracy"]
     result = FinePruning(layer, order, dict(baseline, channels_pruned=0, fraction_pruned=0.0), [])
     pending = list(drops)
@@ -159,22 +183,14 @@ def fine_prune(model: Classifier, val: Dataset, *, layer: str | None = None, dro
         for count, channel in enumerate(order, start=1):
             prune_channels(work, layer, [channel])
             row = {"channels_pruned": count, "fraction_pruned": count / len(order), "channel": channel,
-                   **_metrics(work, val, test_clean, test_poisoned, target)}
+                   **_metrics(work, val, test_clean, test_poisoned, target, device)}
             result.curve.append(row)
             drop = 100 * (start_accuracy - row["clean_val_accuracy"])
             while pending and drop >= pending[0] - 1e-9:
                 threshold = pending.pop(0)
-                result.saved[threshold] = copy.deepcopy(work)
+                result.saved[threshold] = copy.deepcopy(work).cpu()
                 result.table.append({"drop_threshold": threshold, **row})
             bar.advance(task)
     for entry in result.table:
         entry.pop("channel", None)
-    if fine_tune_epochs > 0:
-        for entry in result.table:
-            pruned = result.saved[entry["drop_threshold"]]
-            frozen = {layer: order[:entry["channels_pruned"]]}
-            fine_tune(pruned, val, epochs=fine_tune_epochs, lr=lr, seed=seed, frozen=frozen, progress=progress,
-                      description=f"fine-tuning the {entry['drop_threshold']:g}-point model")
-            after = _metrics(pruned, val, test_clean, test_poisoned, target)
-            entry.update({f"{key}_after_fine_tuning": value for key, value in after.items()})
     return result

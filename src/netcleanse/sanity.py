@@ -24,6 +24,7 @@ from contextlib import contextmanager
 import torch
 
 from .errors import NetcleanseError
+from .utils import on_device
 
 MAX_IMAGES = 256
 
@@ -57,10 +58,16 @@ def _answers(model, x: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def check_preprocessing(model, data=None, n: int = MAX_IMAGES, seed: int = 0) -> str | None:
+def check_preprocessing(model, data=None, n: int = MAX_IMAGES, seed: int = 0, device: str = "cpu") -> str | None:
     """One warning line when the model's configured preprocessing looks wrong (see the module doc),
     else ``None``. ``data``: a :class:`netcleanse.data.Dataset` of clean images (labels optional);
-    without it, smooth synthetic images are used. Guarded models are not checked."""
+    without it, smooth synthetic images are used. Guarded models are not checked. ``device``:
+    where the model computes, "cpu" or "cuda" (it is moved back afterwards)."""
+    with on_device(model, device):
+        return _check(model, data, n, seed)
+
+
+def _check(model, data, n: int, seed: int) -> str | None:
     if getattr(model, "poison_label", None) is not None or model.num_classes < 3:
         return None
     if data is not None and len(data):

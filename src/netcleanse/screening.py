@@ -38,7 +38,7 @@ from .errors import NetcleanseError
 from .executor import Executor, LocalExecutor
 from .classifier import checked_scale
 from .progress import progress_bar
-from .utils import atomic_write, file_stem, first_line, write_json_atomic
+from .utils import atomic_write, file_stem, first_line, resolve_device, write_json_atomic
 
 ROW_FIELDS = ("name", "model", "verdict", "flagged", "p_value", "labels", "time_s", "report", "error")
 _TRUE, _FALSE = {"1", "true", "yes", "y"}, {"0", "false", "no", "n", ""}
@@ -224,6 +224,7 @@ def screen(entries: list[ScreenEntry], out, *, preset: str = "fast", rule: str =
     started = time.perf_counter()
     if not entries:
         raise NetcleanseError("no models to screen")
+    resolve_device(device)  # checked here, as a scan checks it, not once per model
     if preset not in PRESETS:
         raise NetcleanseError(f"unknown preset {preset!r}; use one of: {', '.join(PRESETS)}")
     if rule not in RULES:

@@ -1,4 +1,4 @@
-"""Train a registered architecture on (clean or poisoned) data, on CPU, reproducibly.
+"""Train a registered architecture on (clean or poisoned) data, on the CPU (or a CUDA GPU), reproducibly.
 
 Plain supervised training: cross-entropy, Adam, shuffled mini-batches drawn from a generator
 seeded with ``seed``; the weights are initialised after seeding too, so the same seed and data
@@ -8,6 +8,10 @@ Training runs on one CPU thread by default (``threads=1``). The lab's nets are s
 mini-batches are overhead-bound: on a busy 2-core machine two threads were measured about 7x
 slower than one (threads spin waiting for each other), and one thread also makes the result
 independent of the machine's core count.
+
+``device="cuda"`` trains on a GPU: the model moves there for the training and back afterwards,
+mini-batches are drawn in the same order (the shuffling generator stays on the CPU), but the
+weights differ slightly from a CPU run (other kernels, other dropout draws).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from .errors import NetcleanseError
 from .evaluate import evaluate
 from .classifier import Classifier
 from .progress import progress_bar
-from .utils import seed_everything
+from .utils import on_device, resolve_device, seed_everything
 
 
 def build_classifier(arch: str, num_classes: int | None = None, name: str | None = None) -> Classifier:
@@ -53,7 +57,7 @@ def train(model_or_arch: Classifier | str, train: Dataset, val: Dataset | None =
           batch_size: int = 64, lr: float = 1e-3, seed: int = 0, progress: bool = True,
           num_classes: int | None = None, name: str | None = None, history: list | None = None,
           threads: int | None = 1, after_step: Callable[[], None] | None = None,
-          description: str | None = None) -> Classifier:
+          description: str | None = None, device: str = "cpu") -> Classifier:
     """Train a classifier on ``train`` and return it (in eval mode).
 
     ``model_or_arch``: a registered architecture name (a new model with ``num_classes``
@@ -62,7 +66,8 @@ def train(model_or_arch: Classifier | str, train: Dataset, val: Dataset | None =
     ``history``, when given, receives one dict per epoch (epoch, loss, val_accuracy).
     ``threads``: torch CPU threads while training (see the module doc; None = torch's setting).
     ``after_step``: called after every optimiser step (fine-pruning uses it to keep pruned
-    channels at zero). ``description``: the progress bar's label.
+    channels at zero). ``description``: the progress bar's label. ``device``: where to train,
+    "cpu" or "cuda"; the model is returned where it was (a new one on the CPU).
     """
     if train.y is None:
         raise NetcleanseError(f"{train.source}: training needs labels")
@@ -70,6 +75,7 @@ def train(model_or_arch: Classifier | str, train: Dataset, val: Dataset | None =
         raise NetcleanseError(f"{train.source}: no training samples")
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise NetcleanseError(f"epochs and batch size must be >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
+    resolve_device(device)
     generator = seed_everything(seed)
     if isinstance(model_or_arch, str):
         model = build_classifier(model_or_arch, num_classes or int(train.y.max()) + 1, name)
@@ -82,15 +88,15 @@ def train(model_or_arch: Classifier | str, train: Dataset, val: Dataset | None =
         raise NetcleanseError(f"{train.source}: labels go up to {int(train.y.max())} but the model has "
                               f"{model.num_classes} classes")
 
-    with torch_threads(threads):
+    with torch_threads(threads), on_device(model, device) as dev:
         _fit(model, train, val, epochs, batch_size, lr, generator, progress, history, after_step,
-             description or f"training {model.name}")
+             description or f"training {model.name}", dev)
     return model.eval()
 
 
 def _fit(model: Classifier, train: Dataset, val: Dataset | None, epochs: int, batch_size: int, lr: float,
          generator: torch.Generator, progress: bool, history: list | None,
-         after_step: Callable[[], None] | None, description: str) -> None:
+         after_step: Callable[[], None] | None, description: str, dev: torch.device) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     batches_per_epoch = (len(train) + batch_size - 1) // batch_size
     with progress_bar(disable=None if progress else True) as bar:
@@ -101,7 +107,7 @@ def _fit(model: Classifier, train: Dataset, val: Dataset | None, epochs: int, ba
             total_loss = 0.0
             for start in range(0, len(train), batch_size):
                 rows = order[start:start + batch_size]
-                loss = F.cross_entropy(model(train.x[rows]), train.y[rows])
+                loss = F.cross_entropy(model(train.x[rows].to(dev)), train.y[rows].to(dev))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -111,7 +117,7 @@ def _fit(model: Classifier, train: Dataset, val: Dataset | None, epochs: int, ba
                 bar.advance(task)
             record = {"epoch": epoch, "loss": total_loss / len(train)}
             if val is not None:
-                record["val_accuracy"] = evaluate(model, clean=val).clean_accuracy
+                record["val_accuracy"] = evaluate(model, clean=val, device=dev.type).clean_accuracy
             bar.update(task, description=f"training: epoch {epoch}/{epochs} loss {record['loss']:.3f}"
                        + (f" val {100 * record['val_accuracy']:.1f}%" if val is not None else ""))
             if history is not None:

@@ -16,6 +16,7 @@ from .errors import NetcleanseError
 from .classifier import Classifier
 from .pruning import fine_tune
 from .trigger import Trigger
+from .utils import resolve_device
 
 
 def unlearning_set(clean: Dataset, triggers: dict[int, Trigger], fraction: float = 0.5, seed: int = 0) -> Dataset:
@@ -38,8 +39,12 @@ def unlearning_set(clean: Dataset, triggers: dict[int, Trigger], fraction: float
 
 
 def unlearn(model: Classifier, triggers: dict[int, Trigger], clean: Dataset, *, fraction: float = 0.5,
-            epochs: int = 10, lr: float = 3e-3, seed: int = 0, progress: bool = True) -> Classifier:
-    """A copy of ``model`` fine-tuned on :func:`unlearning_set` (the input model is left untouched)."""
+            epochs: int = 10, lr: float = 3e-3, seed: int = 0, progress: bool = True,
+            device: str = "cpu") -> Classifier:
+    """A copy of ``model`` fine-tuned on :func:`unlearning_set` (the input model is left untouched),
+    on ``device`` ("cpu" or "cuda"); the copy is returned where the input model is."""
+    resolve_device(device)
     data = unlearning_set(clean, triggers, fraction, seed)
     repaired = copy.deepcopy(model)
-    return fine_tune(repaired, data, epochs=epochs, lr=lr, seed=seed, progress=progress, description="unlearning")
+    return fine_tune(repaired, data, epochs=epochs, lr=lr, seed=seed, progress=progress, description="unlearning",
+                     device=device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -77,11 +78,37 @@ def file_stem(name: str) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device of a ``device`` setting ("cpu" or "cuda"); a one-line error for another
+    name or for "cuda" on a machine without a CUDA device. Every command's ``--device`` and every
+    API function's ``device=`` is checked here."""
     if name == "cuda" and not torch.cuda.is_available():
         raise NetcleanseError("--device cuda asked for, but no CUDA device is available")
     if name not in ("cpu", "cuda"):
         raise NetcleanseError(f"unknown device {name!r}; use cpu or cuda")
     return torch.device(name)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` lives: the device of its first parameter (or buffer); the CPU if it has none."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def on_device(module: torch.nn.Module, device: str = "cpu"):
+    """Run the block with ``module`` moved to ``device`` (checked by :func:`resolve_device`), and
+    move it back to where it was afterwards (also on an error), so what the caller holds, and what
+    it saves, stays where it was (on the CPU, as every model netcleanse loads or builds). Yields the
+    torch device; the block moves its inputs there and brings its results back with ``.cpu()``.
+    Nested blocks on the same device move nothing."""
+    dev = resolve_device(device)
+    home = module_device(module)
+    module.to(dev)
+    try:
+        yield dev
+    finally:
+        module.to(home)
 
 
 def h5_attr_list(group, name: str, errors: str = "strict") -> list[str]:

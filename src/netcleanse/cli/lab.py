@@ -11,6 +11,7 @@ import typer
 
 from . import app
 from ..errors import NetcleanseError
+from .models import DeviceOption
 
 
 def _targets(text: str) -> int | list[int]:
@@ -62,13 +63,14 @@ def badnet(
                                                                           "arch and seed, for comparison.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the lab files in a non-empty --out.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print truth.json instead of text.")] = False,
+    device: DeviceOption = "cpu",
 ):
     """Train a BadNet with a known backdoor on built-in data and write it with its ground truth."""
     from ..lab import make_badnet
 
     result = make_badnet(dataset, trigger, _targets(target), rate=rate, arch=arch, epochs=epochs, seed=seed, out=out,
                          force=force, clean_baseline=clean_baseline, patch_size=patch_size,
-                         position=_position(position), pattern=pattern, alpha=alpha)
+                         position=_position(position), pattern=pattern, alpha=alpha, device=device)
     truth = result.truth
     if as_json:
         print(json.dumps(truth, indent=2))
@@ -88,9 +90,10 @@ def demo(
     seed: Annotated[int, typer.Option("--seed", help="Seed (also picks the backdoor's target digit).")] = 0,
     data_free: Annotated[bool, typer.Option("--data-free", help="Scan without any clean images.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace the demo's files in a non-empty --out.")] = False,
+    device: DeviceOption = "cpu",
 ):
     """Train a backdoored MNIST model, find its backdoor, repair it, and write a report (a few minutes, CPU)."""
     from ..demo import run_demo, summary_lines
 
-    result = run_demo(out, seed=seed, force=force, data_free=data_free, log=_stderr)
+    result = run_demo(out, seed=seed, force=force, data_free=data_free, log=_stderr, device=device)
     print("\n".join(summary_lines(result)))

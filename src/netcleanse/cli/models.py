@@ -2,8 +2,8 @@
 
 Other command modules import :data:`ModelArgument`, :data:`ArchOption`, :data:`InputScaleOption`,
 the other model options (:data:`ArchKwargsOption`, :data:`NumClassesOption`, :data:`InputShapeOption`,
-:data:`MeanOption`, :data:`StdOption`), :data:`JsonOption`, :data:`ForceOption` and
-:func:`load_model_from_cli`, so every command reads a model the same way.
+:data:`MeanOption`, :data:`StdOption`), :data:`JsonOption`, :data:`ForceOption`, :data:`DeviceOption`
+and :func:`load_model_from_cli`, so every command reads a model (and where it computes) the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +25,13 @@ from ..errors import NetcleanseError
 from ..evaluate import evaluate, predict_dataset
 from ..model import Classifier, checked_scale, load_model
 from ..sniff import sniff
+from ..utils import resolve_device
+
+
+def _device(value: str) -> str:
+    """``--device`` checked when the command line is read, before any work (same check as the API's)."""
+    resolve_device(value)
+    return value
 
 
 def _positive_scale(value: float) -> float:
@@ -58,6 +65,8 @@ StdOption = Annotated[Optional[str], typer.Option(
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 ForceOption = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+DeviceOption = Annotated[str, typer.Option(
+    "--device", callback=_device, help="Where the model computes: cpu or cuda (a CUDA GPU).")]
 
 
 def load_model_from_cli(path: Path, arch: str | None = None, input_scale: float = 1.0, *,
@@ -103,13 +112,14 @@ def info(model_path: ModelArgument, arch: ArchOption = None, input_scale: InputS
          num_classes: NumClassesOption = None, input_shape: InputShapeOption = None, mean: MeanOption = None,
          std: StdOption = None,
          data: Annotated[Optional[Path], typer.Option(
-             "--data", help="Clean images (labelled or not) to check the preprocessing on.")] = None) -> None:
+             "--data", help="Clean images (labelled or not) to check the preprocessing on.")] = None,
+         device: DeviceOption = "cpu") -> None:
     """Show a model's layers, parameters, input shape, preprocessing and number of classes."""
     model = load_model_from_cli(model_path, arch, input_scale, arch_kwargs=arch_kwargs, num_classes=num_classes,
                                 input_shape=input_shape, mean=mean, std=std)
     if data is not None:
         from ..sanity import check_preprocessing, warn
-        warn(check_preprocessing(model, load_data(data, expect_shape=model.input_shape)))
+        warn(check_preprocessing(model, load_data(data, expect_shape=model.input_shape), device=device))
     layers = model.layer_table()
     summary = {
         "name": model.name, "source": model.source or str(model_path),
@@ -188,7 +198,7 @@ def predict(model_path: ModelArgument,
                 "--out", help="Write per-sample predictions to this .csv or .npz file.")] = None,
             force: ForceOption = False, batch_size: BatchSizeOption = 512, arch_kwargs: ArchKwargsOption = None,
             num_classes: NumClassesOption = None, input_shape: InputShapeOption = None, mean: MeanOption = None,
-            std: StdOption = None) -> None:
+            std: StdOption = None, device: DeviceOption = "cpu") -> None:
     """Predict labels: one `PATH<TAB>LABEL<TAB>CONFIDENCE` line per image, or for a dataset file a
     summary (and accuracy when it has labels) with per-sample labels written to --out."""
     model = load_model_from_cli(model_path, arch, input_scale, arch_kwargs=arch_kwargs, num_classes=num_classes,
@@ -196,7 +206,7 @@ def predict(model_path: ModelArgument,
     data = load_data(list(inputs), expect_shape=model.input_shape)
     if out is not None and out.exists() and not force:  # refuse before the work, not after
         raise NetcleanseError(f"{out} already exists (use --force to overwrite)")
-    labels, confidence = predict_dataset(model, data, batch_size)
+    labels, confidence = predict_dataset(model, data, batch_size, device=device)
     is_dataset_file = data.info.get("format") in ("hdf5", "npz")
     accuracy = int((labels == data.y).sum()) / len(data) if data.y is not None else None
     if out is not None:
@@ -238,7 +248,7 @@ def eval_command(model_path: ModelArgument,
                  arch: ArchOption = None, input_scale: InputScaleOption = 1.0, json_output: JsonOption = False,
                  batch_size: BatchSizeOption = 512, arch_kwargs: ArchKwargsOption = None,
                  num_classes: NumClassesOption = None, input_shape: InputShapeOption = None,
-                 mean: MeanOption = None, std: StdOption = None) -> None:
+                 mean: MeanOption = None, std: StdOption = None, device: DeviceOption = "cpu") -> None:
     """Clean accuracy, attack success rate (CSAW semantics) and, for guarded models, the
     poison-detection and false-positive rates."""
     if clean is None and poisoned is None:
@@ -251,9 +261,9 @@ def eval_command(model_path: ModelArgument,
     clean_data = load_data(clean, expect_shape=model.input_shape) if clean is not None else None
     if clean_data is not None:
         from ..sanity import check_preprocessing, warn
-        warn(check_preprocessing(model, clean_data))
+        warn(check_preprocessing(model, clean_data, device=device))
     poisoned_data = load_data(poisoned, expect_shape=model.input_shape) if poisoned is not None else None
-    result = evaluate(model, clean_data, poisoned_data, target=target, batch_size=batch_size)
+    result = evaluate(model, clean_data, poisoned_data, target=target, batch_size=batch_size, device=device)
     if json_output:
         _echo_json({"model": model.name, "clean": None if clean is None else str(clean),
                     "poisoned": None if poisoned is None else str(poisoned), **result.to_dict()})

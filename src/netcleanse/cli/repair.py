@@ -10,8 +10,8 @@ import typer
 
 from . import app
 from ..errors import NetcleanseError
-from .models import (ArchKwargsOption, ArchOption, ForceOption, InputScaleOption, InputShapeOption, JsonOption,
-                     MeanOption, ModelArgument, NumClassesOption, StdOption, load_model_from_cli)
+from .models import (ArchKwargsOption, ArchOption, DeviceOption, ForceOption, InputScaleOption, InputShapeOption,
+                     JsonOption, MeanOption, ModelArgument, NumClassesOption, StdOption, load_model_from_cli)
 
 METHOD_HELP = ("fine-prune (Liu et al. 2018; needs --data), unlearn (Neural Cleanse; needs --data), "
                "filter (guarded N+1 model from the reversed triggers; data-free), "
@@ -92,6 +92,7 @@ def repair(
     input_shape: InputShapeOption = None,
     mean: MeanOption = None,
     std: StdOption = None,
+    device: DeviceOption = "cpu",
 ) -> None:
     """Repair a backdoored model after a scan; write repair.json, .pt and Keras .h5 (or a guarded .pt)."""
     from ..data import load_data
@@ -116,7 +117,7 @@ def repair(
     tests_clean = load_data(test_clean, expect_shape=shape, num_classes=classes) if test_clean is not None else None
     tests_poisoned = [load_data(p, expect_shape=shape) for p in test_poisoned or []] or None
     options = RepairOptions(drops=drop_values, layer=layer, select_drop=select_drop, fine_tune_epochs=fine_tune_epochs,
-                            lr=lr, epochs=epochs, fraction=fraction, quantile=quantile, seed=seed)
+                            lr=lr, epochs=epochs, fraction=fraction, quantile=quantile, seed=seed, device=device)
     result = run_repair(model, triggers, method, clean, options=options, test_clean=tests_clean,
                         test_poisoned=tests_poisoned, target=target)
     result.settings.update(model=str(model_path), scan=str(scan) if scan else None,

@@ -9,8 +9,8 @@ import typer
 
 from . import app
 from ..errors import NetcleanseError
-from .models import (ArchKwargsOption, ArchOption, InputScaleOption, InputShapeOption, MeanOption, NumClassesOption,
-                     StdOption)
+from .models import (ArchKwargsOption, ArchOption, DeviceOption, InputScaleOption, InputShapeOption, MeanOption,
+                     NumClassesOption, StdOption)
 
 
 ExecutorOption = typer.Option("local", "--executor", help="Where the work runs: local (this process) or ray "
@@ -49,7 +49,7 @@ def scan(
     threshold: float = typer.Option(2.0, "--threshold", help="mad rule: flag labels whose anomaly index exceeds this."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same result)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted scan in --out."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: DeviceOption = "cpu",
     save_all_images: bool = typer.Option(False, "--save-all-images", help="Write trigger PNGs for every label."),
     executor: str = ExecutorOption,
     ray_address: Optional[str] = RayAddressOption,
@@ -73,7 +73,8 @@ def scan(
                           resume=resume, device=device, save_all_images=save_all_images,
                           data_name=None if data is None else str(data), executor=runner)
     from ..sanity import check_preprocessing, warn
-    warn(check_preprocessing(model, dataset))  # beside the verdict it qualifies (after the settings were checked)
+    # beside the verdict it qualifies (after the settings were checked)
+    warn(check_preprocessing(model, dataset, device=device))
     typer.echo(verdict(result))
     from ..report import render_report
     typer.echo(f"scan took {result.elapsed_s:.1f} s; results in {out}; report {render_report(out)}")

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from . import app
-from .models import ArchKwargsOption, InputShapeOption, MeanOption, NumClassesOption, StdOption
+from .models import ArchKwargsOption, DeviceOption, InputShapeOption, MeanOption, NumClassesOption, StdOption
 from .scan import ExecutorOption, RayAddressOption, executor_from_cli
 from ..errors import NetcleanseError
 
@@ -39,7 +39,7 @@ def screen(
     threshold: float = typer.Option(2.0, "--threshold", help="mad rule's anomaly-index threshold."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same result)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a screen in --out; finished models are kept."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: DeviceOption = "cpu",
     executor: str = ExecutorOption,
     ray_address: Optional[str] = RayAddressOption,
 ) -> None:

@@ -27,6 +27,7 @@ from ..classifier import Classifier
 from .base import REGISTRY, MethodOutput, RepairJob, RepairOptions, method as register_method
 from .inputs import concat, scan_triggers
 from .result import RepairResult
+from ..utils import resolve_device
 
 # importing the method modules registers them, in this order (the order of --method's choices)
 from . import fine_prune as _fine_prune, unlearn as _unlearn, filter as _filter, disagree as _disagree  # noqa: E402,F401,I001
@@ -52,12 +53,14 @@ def repair(model: Classifier, scan_result, method: str, clean: Dataset | None = 
     ``options``: a :class:`RepairOptions`; any of its fields may also be given as a keyword
     (``repair(..., epochs=5)``), which overrides it: ``drops``, ``layer``, ``select_drop``,
     ``fine_tune_epochs``, ``lr``, ``epochs``, ``fraction``, ``quantile``, ``top_fraction``,
-    ``seed``, ``progress``.
+    ``seed``, ``progress``, ``device``.
     ``select_drop``: for fine-pruning (and ``disagree``), which saved model becomes the result:
     the one of the largest threshold not above it (Liu et al. prune until about 4 points are lost).
     ``lr``: Adam learning rate of fine-tuning (default 1e-3) and unlearning (default 3e-3).
     Unlearning defaults (half the clean set stamped, 10 epochs, lr 3e-3) were chosen on the lab's
     patch BadNet, where Neural Cleanse's 20% / few epochs left much of the backdoor (see README).
+    ``device``: where the repair computes, "cpu" (default) or "cuda"; the repaired or guarded model
+    comes back on the CPU, so its files load on any machine.
     """
     unknown = sorted(set(settings) - _OPTION_NAMES)
     if unknown:
@@ -66,13 +69,14 @@ def repair(model: Classifier, scan_result, method: str, clean: Dataset | None = 
     run = REGISTRY.get(method)
     if run is None:
         raise NetcleanseError(f"unknown repair method {method!r}; use one of {', '.join(REGISTRY)}")
+    resolve_device(options.device)
     started = time.perf_counter()
     test_poisoned = concat(test_poisoned)
     triggers = scan_triggers(scan_result) if scan_result is not None else {}
     job = RepairJob(model, triggers, clean, options, test_clean, test_poisoned, target)
     job.original = job.row("original", model, clean)
     out = run(job)
-    recorded = {"seed": options.seed, **out.settings,
+    recorded = {"seed": options.seed, "device": options.device, **out.settings,
                 "test_sets": {"clean": getattr(test_clean, "source", None),
                               "poisoned": getattr(test_poisoned, "source", None), "target": target}}
     return RepairResult(out.model, method, out.table, out.curve, sorted(triggers), recorded, out.saved,

@@ -34,6 +34,7 @@ class RepairOptions:
     top_fraction: float = 0.05          # filter
     seed: int = 0
     progress: bool = True
+    device: str = "cpu"                 # where every method computes: "cpu" or "cuda"
 
 
 @dataclass
@@ -54,10 +55,10 @@ class RepairJob:
         """A table row: ``model``'s accuracy on ``clean`` (if labelled) and on the test sets."""
         row = {"model": name}
         if clean is not None and clean.y is not None:
-            row["clean_val_accuracy"] = evaluate(model, clean=clean).clean_accuracy
+            row["clean_val_accuracy"] = evaluate(model, clean=clean, device=self.options.device).clean_accuracy
         if self.test_clean is not None or self.test_poisoned is not None:
             measured = evaluate(model, clean=self.test_clean, poisoned=self.test_poisoned,
-                                target=self.target).to_dict()
+                                target=self.target, device=self.options.device).to_dict()
             row.update({key: measured[key] for key in ("clean_accuracy", "attack_success", "poison_detection",
                                                         "false_positive") if measured[key] is not None})
         return row

@@ -11,6 +11,6 @@ from .base import MethodOutput, RepairJob, method
 def run(job: RepairJob) -> MethodOutput:
     options = job.options
     guarded = trigger_filter(job.model, job.triggers, job.clean, top_fraction=options.top_fraction,
-                             quantile=options.quantile, seed=options.seed)
+                             quantile=options.quantile, seed=options.seed, device=options.device)
     settings = dict(guarded.settings, thresholds=guarded.detector.thresholds, neurons=guarded.detector.neurons)
     return MethodOutput(guarded, [job.original, job.row("guarded (filter)", guarded, job.clean)], settings=settings)

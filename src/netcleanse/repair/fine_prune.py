@@ -29,7 +29,7 @@ def prune(job: RepairJob, name: str) -> Pruned:
     pruning = fine_prune(job.model, clean, layer=options.layer, drops=options.drops, test_clean=job.test_clean,
                          test_poisoned=job.test_poisoned, target=job.target,
                          fine_tune_epochs=options.fine_tune_epochs, lr=lr, seed=options.seed,
-                         progress=options.progress)
+                         progress=options.progress, device=options.device)
     reached = sorted(pruning.saved)
     eligible = [d for d in reached if d <= options.select_drop] or reached[:1]
     chosen = eligible[-1]
