@@ -22,8 +22,8 @@ is scanned with the ``fast`` preset, with its clean test images (``data``) and `
 Per model and target it prints the trigger size, the attack success (a target whose attack was not
 learned, ASR < 90 %, is reported but not counted), whether the label was refined as a
 *candidate* (with more than 64 labels the fast preset refines only the 16 smallest coarse masks and
-the coarse outliers; with fewer, every label), its coarse mask L1 and rank among all labels
-(1 = smallest), its final mask L1 and its rank by the verdict's index among the tested labels
+the coarse outliers, paper's index > 2 on the coarse masks; with fewer, every label), its coarse
+mask L1, rank among all labels (1 = smallest) and coarse index, its final mask L1 and its rank by the verdict's index among the tested labels
 (1 = most anomalous), its single-step p-value, the step of the step-down test at which it was
 tested (``-``: the step-down stopped before it), and whether it was flagged. Then per mode, per
 dataset and in total: "targets found k/n", models with every target found, other labels flagged.
@@ -53,9 +53,13 @@ import netcleanse
 from netcleanse.architectures import get_architecture
 from netcleanse.attacks import PATTERNS, blend_trigger, patch_trigger
 from netcleanse.data import load_data
+from netcleanse.detection import anomaly_indices
 from netcleanse.errors import NetcleanseError
 from netcleanse.lab import DEFAULT_ARCH, make_badnet
 from netcleanse.model import load_model
+from dataclasses import replace
+
+from netcleanse.scanning import PRESETS
 from netcleanse.utils import write_json_atomic
 
 SIZES = (3, 6, 10)  # patch side in pixels, one trigger (and target) each
@@ -66,6 +70,11 @@ DATASETS = ("mnist", "mnist-pairs")
 NUM_CLASSES = {"mnist": 10, "digits": 10, "mnist-pairs": 100}
 MODES = ("data", "data-free")
 LEARNED_ASR = 0.9
+# the fast preset, and a prototype variant of its candidate selection (failed coarse searches ranked
+# by the attack success they reached instead of their mask L1; see netcleanse.scanning.Preset)
+VARIANTS = {"fast": "mask", "fast-rank-success": "success"}
+for _name, _rank in VARIANTS.items():
+    PRESETS.setdefault(_name, replace(PRESETS["fast"], rank_failed=_rank))
 EPOCHS = 12
 RATE = 0.1
 
@@ -146,6 +155,9 @@ def make_row(entry: dict, mode: str, scan_seed: int, scan: dict, coarse: dict[in
                if detection["scheme"] == "random controls" else set(labels))
     candidates = set(detection.get("candidates", labels))
     by_coarse = sorted(coarse, key=lambda t: (coarse[t]["mask_l1"], t))
+    # the paper's index on the coarse masks of all labels: above the threshold a label is a candidate
+    # whatever its rank (the fast preset's second way in, up to max_candidates)
+    coarse_index = dict(zip(by_coarse, anomaly_indices([coarse[t]["mask_l1"] for t in by_coarse])))
     tested = [t for t in labels if labels[t].get("test_index") is not None]
     by_index = sorted(tested, key=lambda t: (-labels[t]["test_index"], t))
     steps = scan["test"]["steps"] if scan.get("test") else []
@@ -157,6 +169,7 @@ def make_row(entry: dict, mode: str, scan_seed: int, scan: dict, coarse: dict[in
         step = step_of.get(t)
         targets.append(dict(spec, candidate=t in candidates, refined=t in refined, control=t in detection.get(
             "controls", ()), coarse_l1=coarse[t]["mask_l1"], coarse_rank=by_coarse.index(t) + 1,
+            coarse_index=float(coarse_index[t]),
             l1=rec["mask_l1"], l1_vs_median=rec.get("mask_l1_vs_median"),
             rank=by_index.index(t) + 1 if t in tested else None, test_index=rec.get("test_index"),
             p_value=rec.get("p_value"), step=None if step is None else step["step"],
@@ -170,37 +183,44 @@ def make_row(entry: dict, mode: str, scan_seed: int, scan: dict, coarse: dict[in
             "threshold_l1": scan["test"]["reference"].get("threshold_l1") if scan.get("test") else None,
             "reference_median_l1": float(np.exp(scan["test"]["reference"]["median"])) if scan.get("test") else None,
             "coarse_median_l1": float(np.median([c["mask_l1"] for c in coarse.values()])),
+            # the largest coarse mask among the labels that are candidates by rank (the preset's 16 smallest)
+            "rank_cutoff_l1": coarse[by_coarse[min(PRESETS["fast"].candidates, len(by_coarse)) - 1]]["mask_l1"],
             "time_s": round(time_s, 1)}
 
 
-def row_path(out: Path, model: str, mode: str, scan_seed: int) -> Path:
-    return out / "rows" / f"{model}__{mode}__seed{scan_seed}.json"
+def scan_name(model: str, mode: str, scan_seed: int, preset: str = "fast") -> str:
+    return f"{model}__{mode}__seed{scan_seed}" + ("" if preset == "fast" else f"__{preset}")
 
 
-def scan_model(out: Path, entry: dict, mode: str, scan_seed: int, log=print) -> dict:
+def row_path(out: Path, model: str, mode: str, scan_seed: int, preset: str = "fast") -> Path:
+    return out / "rows" / f"{scan_name(model, mode, scan_seed, preset)}.json"
+
+
+def scan_model(out: Path, entry: dict, mode: str, scan_seed: int, preset: str = "fast", log=print) -> dict:
     """Scan one model in one mode (resuming or reusing its scan folder) and write its row."""
-    path = row_path(out, entry["model"], mode, scan_seed)
+    path = row_path(out, entry["model"], mode, scan_seed, preset)
     if path.is_file():
         return json.loads(path.read_text())
     folder = out / "models" / entry["model"]
     model = load_model(folder / "model.pt")
     data = (load_data(folder / "clean_test.npz", expect_shape=model.input_shape, num_classes=model.num_classes)
             if mode == "data" else None)
-    scan_dir = out / "scans" / f"{entry['model']}__{mode}__seed{scan_seed}"
+    scan_dir = out / "scans" / scan_name(entry["model"], mode, scan_seed, preset)
     started = time.perf_counter()
-    result = netcleanse.scan(model, data, data_free=mode == "data-free", preset="fast", seed=scan_seed, out=scan_dir,
+    result = netcleanse.scan(model, data, data_free=mode == "data-free", preset=preset, seed=scan_seed, out=scan_dir,
                              resume=True, progress=False)
     row = make_row(entry, mode, scan_seed, result.to_dict(), coarse_records(scan_dir), time.perf_counter() - started)
+    row["preset"] = preset
     write_json_atomic(path, row, indent=1)
     found = sum(t["flagged"] for t in row["targets"])
-    log(f"scanned {entry['model']} {mode}: flagged {row['flagged']} (targets "
+    log(f"scanned {entry['model']} {mode} ({preset}): flagged {row['flagged']} (targets "
         f"{[t['target'] for t in row['targets']]}, {found}/3 found) {row['time_s']:.0f} s", flush=True)
     return row
 
 
-def read_rows(out: Path, scan_seed: int | None = None) -> list[dict]:
+def read_rows(out: Path, scan_seed: int | None = None, preset: str = "fast") -> list[dict]:
     rows = [json.loads(p.read_text()) for p in sorted((out / "rows").glob("*.json"))]
-    return [r for r in rows if scan_seed is None or r["scan_seed"] == scan_seed]
+    return [r for r in rows if (scan_seed is None or r["scan_seed"] == scan_seed) and r.get("preset", "fast") == preset]
 
 
 def _fmt(v, spec: str) -> str:
@@ -215,7 +235,7 @@ def _trigger_cell(t: dict) -> str:
 def model_table(rows: list[dict]) -> list[str]:
     """One line per (scan, planted target). "step": the step of the step-down test at which the
     label was tested, with that step's p-value ("-": the test stopped before it)."""
-    lines = ["| model | mode | target | trigger | ASR | candidate | coarse L1 (rank) | L1 (x median) | rank | "
+    lines = ["| model | mode | target | trigger | ASR | candidate | coarse L1 (rank, index) | L1 (x median) | rank | "
              "p-value | step (p) | flagged |", "|" + "---|" * 12]
     for row in sorted(rows, key=lambda r: (r["num_classes"], r["model"], MODES.index(r["mode"]))):
         k = row["num_classes"]
@@ -224,7 +244,8 @@ def model_table(rows: list[dict]) -> list[str]:
             step = "-" if t["step"] is None else f"{t['step']} ({t['step_p']:.2g})"
             lines.append(
                 f"| {row['model']} | {row['mode']} | {t['target']} | {_trigger_cell(t)} | {asr} | "
-                f"{'yes' if t['candidate'] else 'no'} | {t['coarse_l1']:.1f} ({t['coarse_rank']}/{k}) | "
+                f"{'yes' if t['candidate'] else 'no'} | {t['coarse_l1']:.0f} ({t['coarse_rank']}/{k}, "
+                f"{_fmt(t.get('coarse_index'), '.1f')}) | "
                 f"{t['l1']:.1f} ({_fmt(t['l1_vs_median'], '.2f')}) | {_fmt(t['rank'], 'd')} | "
                 f"{_fmt(t['p_value'], '.2g')} | {step} | {'yes' if t['flagged'] else 'NO'} |")
         if row["other_flagged"]:
@@ -240,7 +261,8 @@ def totals(rows: list[dict]) -> dict:
     for row in rows:
         for key in ((row["mode"], row["num_classes"]), (row["mode"], "all")):
             s = out.setdefault(key, {"found": 0, "targets": 0, "not_learned": 0, "models_all": 0, "models": 0,
-                                     "not_refined": 0, "missed_refined": 0, "other_flagged": 0, "by_size": {}})
+                                     "not_refined": 0, "missed_refined": 0, "other_flagged": 0, "by_size": {},
+                                     "worst_coarse_rank": 0, "lowest_coarse_index": None})
             learned = [t for t in row["targets"] if t["learned"]]
             s["not_learned"] += len(row["targets"]) - len(learned)
             s["targets"] += len(learned)
@@ -252,6 +274,10 @@ def totals(rows: list[dict]) -> dict:
                 s["models_all"] += all(t["flagged"] for t in learned)
             s["other_flagged"] += len(row["other_flagged"])
             for t in learned:
+                s["worst_coarse_rank"] = max(s["worst_coarse_rank"], t["coarse_rank"])
+                if t.get("coarse_index") is not None:
+                    low = s["lowest_coarse_index"]
+                    s["lowest_coarse_index"] = t["coarse_index"] if low is None else min(low, t["coarse_index"])
                 k = s["by_size"].setdefault(trigger_name(t), [0, 0])
                 k[0] += t["flagged"]
                 k[1] += 1
@@ -266,11 +292,13 @@ def _size_order(item) -> tuple:
 def summary_lines(rows: list[dict]) -> list[str]:
     s = totals(rows)
     lines = ["| mode | labels | targets found | by trigger size | models with every target found | "
-             "missed: not refined / refined | other labels flagged | targets not learned |", "|" + "---|" * 8]
+             "missed: not refined / refined | other labels flagged | targets not learned | "
+             "targets' largest coarse rank, lowest coarse index |", "|" + "---|" * 9]
     for (mode, k), v in sorted(s.items(), key=lambda kv: (MODES.index(kv[0][0]), str(kv[0][1]))):
         sizes = ", ".join(f"{name} {a}/{b}" for name, (a, b) in sorted(v["by_size"].items(), key=_size_order))
         lines.append(f"| {mode} | {k} | {v['found']}/{v['targets']} | {sizes} | {v['models_all']}/{v['models']} | "
-                     f"{v['not_refined']} / {v['missed_refined']} | {v['other_flagged']} | {v['not_learned']} |")
+                     f"{v['not_refined']} / {v['missed_refined']} | {v['other_flagged']} | {v['not_learned']} | "
+                     f"{v['worst_coarse_rank']}, {_fmt(v['lowest_coarse_index'], '.2f')} |")
     return lines
 
 
@@ -286,6 +314,9 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--rate", type=float, default=RATE, help="poisoned fraction, split among the 3 triggers")
+    parser.add_argument("--preset", choices=tuple(VARIANTS), default="fast",
+                        help="fast, or the prototype fast-rank-success (failed coarse searches ranked by attack success)")
+    parser.add_argument("--models", default=None, help="scan only these models (comma-separated names)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--summary-only", action="store_true", help="print the summary of the rows in --out")
     args = parser.parse_args(argv)
@@ -294,19 +325,22 @@ def main(argv=None) -> int:
     if any(d not in NUM_CLASSES for d in datasets) or any(m not in MODES for m in modes):
         parser.error(f"datasets from {', '.join(NUM_CLASSES)}, modes from {', '.join(MODES)}")
     torch.set_num_threads(args.threads)
+    only = None if args.models is None else {m.strip() for m in args.models.split(",") if m.strip()}
     if not args.summary_only:
         try:
             # model by model across the datasets, so that a partial run is balanced
             plan = [(i, layout) for layout, n in (("sizes", args.n), ("blend", args.n_blend)) for i in range(n)]
             for i, layout in plan:
                 for dataset in datasets:
+                    if only and model_name(dataset, i, layout) not in only:
+                        continue
                     entry = build_model(args.out, dataset, i, args.seed, args.epochs, args.rate, layout)
                     for mode in modes:
-                        scan_model(args.out, entry, mode, args.scan_seed)
+                        scan_model(args.out, entry, mode, args.scan_seed, args.preset)
         except NetcleanseError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    rows = read_rows(args.out, args.scan_seed)
+    rows = read_rows(args.out, args.scan_seed, args.preset)
     if not rows:
         print(f"no rows in {args.out / 'rows'}", file=sys.stderr)
         return 2

@@ -40,6 +40,8 @@ def test_rows_say_what_the_scan_did_with_each_target(benchmark_module, tmp_path)
     assert unlearned["learned"] is False
     assert row["other_flagged"] == [2] and row["n_refined"] == 4 and row["n_tested"] == 4
     assert abs(row["reference_median_l1"] - 40.0) < 1e-9
+    # coarse L1 20, 10, 30, 40, 90, 80: median 35, MAD 1.4826 * 20; the 16th smallest does not exist: the largest
+    assert abs(weak["coarse_index"] - (35 - 90) / (1.4826 * 20)) < 1e-9 and row["rank_cutoff_l1"] == 90.0
 
     # summary: the unlearned target is reported but not counted; the other flag is counted apart
     rows = [row, dict(row, mode="data-free", other_flagged=[])]
@@ -51,12 +53,28 @@ def test_rows_say_what_the_scan_did_with_each_target(benchmark_module, tmp_path)
         assert s["by_size"] == {"3px": [1, 1], "10px": [0, 1]}
     assert totals[("data", 6)]["other_flagged"] == 1 and totals[("data-free", 6)]["other_flagged"] == 0
     summary = "\n".join(wt.summary_lines(rows))
-    assert "| data | 6 | 1/2 | 3px 1/1, 10px 0/1 | 0/1 | 1 / 0 | 1 | 1 |" in summary
+    assert "| data | 6 | 1/2 | 3px 1/1, 10px 0/1 | 0/1 | 1 / 0 | 1 | 1 | 6, -1.85 |" in summary
     table = "\n".join(wt.model_table(rows))
-    assert "| 4 | 10x10 random | 95 % | no | 90.0 (6/6) |" in table and "blend alpha 0.1 | 50 % (not learned)" in table
+    assert "| 4 | 10x10 random | 95 % | no | 90 (6/6, -1.9) |" in table and "blend alpha 0.1 | 50 % (not learned)" in table
 
     # rows written to a folder re-print without the models or scans
     (tmp_path / "rows").mkdir()
     for r in rows:
         (tmp_path / "rows" / f"{r['model']}__{r['mode']}__seed0.json").write_text(__import__("json").dumps(r))
     assert wt.main(["--out", str(tmp_path), "--summary-only"]) == 0
+
+
+def test_rank_failed_prototype_leaves_the_default_preset_unchanged():
+    # the prototype's field is recorded only when set, so the default's settings and resume keys stay as they were
+    import dataclasses
+
+    import pytest
+
+    from netcleanse.errors import NetcleanseError
+    from netcleanse.scanning import PRESETS
+
+    fast = PRESETS["fast"]
+    assert fast.rank_failed == "mask" and "rank_failed" not in fast.to_dict()
+    assert dataclasses.replace(fast, rank_failed="success").to_dict()["rank_failed"] == "success"
+    with pytest.raises(NetcleanseError):
+        dataclasses.replace(fast, rank_failed="asr")

@@ -103,8 +103,24 @@ class Preset:
     # more backdoor of 112 on the development half but costs ~18 %, above the 15 % the verdict may add
     margin_restarts: int = 2
     margin_steps: int = 150
+    # how coarse searches that never reached the attack-success goal rank for candidacy (after every
+    # one that did): "mask" (their mask L1, the default) or "success" (the attack success they
+    # reached, highest first). A prototype (benchmarks/weak_targets.py): data-free on a 100-label lab
+    # net with a blended trigger, 98 of 100 coarse searches failed and a target whose failed search
+    # reached 76 % attack success (2nd of 100) ranked 57th by its mask and was never refined
+    rank_failed: str = "mask"
+
+    def __post_init__(self):
+        if self.rank_failed not in ("mask", "success"):
+            raise NetcleanseError(f"rank_failed is 'mask' or 'success', not {self.rank_failed!r}")
 
     def to_dict(self) -> dict:
+        out = self._to_dict()
+        if self.rank_failed != "mask":  # only when set: the default's settings (and resume keys) are unchanged
+            out["rank_failed"] = self.rank_failed
+        return out
+
+    def _to_dict(self) -> dict:
         return {"coarse": {"name": self.coarse.name, "label_chunk": self.coarse.label_chunk,
                            "schedule": self.coarse.schedule.to_dict()},
                 "refine": None if self.refine is None else {
@@ -493,6 +509,8 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
             else:
                 def size(t):  # failed searches rank last
                     rec = coarse[t][0]
+                    if not rec["succeeded"] and plan.rank_failed == "success":
+                        return (1, -rec["attack_success"], t)
                     return (0 if rec["succeeded"] else 1, rec["mask_l1"], t)
                 # the smallest coarse masks, and every label the coarse pass alone would flag, so that
                 # no label is flagged on the coarse budget alone (up to max_candidates)
