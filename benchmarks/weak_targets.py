@@ -206,10 +206,10 @@ def scan_model(out: Path, entry: dict, mode: str, scan_seed: int, preset: str = 
     data = (load_data(folder / "clean_test.npz", expect_shape=model.input_shape, num_classes=model.num_classes)
             if mode == "data" else None)
     scan_dir = out / "scans" / scan_name(entry["model"], mode, scan_seed, preset)
-    started = time.perf_counter()
     result = netcleanse.scan(model, data, data_free=mode == "data-free", preset=preset, seed=scan_seed, out=scan_dir,
                              resume=True, progress=False)
-    row = make_row(entry, mode, scan_seed, result.to_dict(), coarse_records(scan_dir), time.perf_counter() - started)
+    # the scan's own time (a scan read back from its folder keeps the time it took)
+    row = make_row(entry, mode, scan_seed, result.to_dict(), coarse_records(scan_dir), result.elapsed_s)
     row["preset"] = preset
     write_json_atomic(path, row, indent=1)
     found = sum(t["flagged"] for t in row["targets"])
@@ -262,7 +262,8 @@ def totals(rows: list[dict]) -> dict:
         for key in ((row["mode"], row["num_classes"]), (row["mode"], "all")):
             s = out.setdefault(key, {"found": 0, "targets": 0, "not_learned": 0, "models_all": 0, "models": 0,
                                      "not_refined": 0, "missed_refined": 0, "other_flagged": 0, "by_size": {},
-                                     "worst_coarse_rank": 0, "lowest_coarse_index": None})
+                                     "worst_coarse_rank": 0, "lowest_coarse_index": None, "times": []})
+            s["times"].append(row["time_s"])
             learned = [t for t in row["targets"] if t["learned"]]
             s["not_learned"] += len(row["targets"]) - len(learned)
             s["targets"] += len(learned)
@@ -293,12 +294,13 @@ def summary_lines(rows: list[dict]) -> list[str]:
     s = totals(rows)
     lines = ["| mode | labels | targets found | by trigger size | models with every target found | "
              "missed: not refined / refined | other labels flagged | targets not learned | "
-             "targets' largest coarse rank, lowest coarse index |", "|" + "---|" * 9]
+             "targets' largest coarse rank, lowest coarse index | s/scan (median) |", "|" + "---|" * 10]
     for (mode, k), v in sorted(s.items(), key=lambda kv: (MODES.index(kv[0][0]), str(kv[0][1]))):
         sizes = ", ".join(f"{name} {a}/{b}" for name, (a, b) in sorted(v["by_size"].items(), key=_size_order))
         lines.append(f"| {mode} | {k} | {v['found']}/{v['targets']} | {sizes} | {v['models_all']}/{v['models']} | "
                      f"{v['not_refined']} / {v['missed_refined']} | {v['other_flagged']} | {v['not_learned']} | "
-                     f"{v['worst_coarse_rank']}, {_fmt(v['lowest_coarse_index'], '.2f')} |")
+                     f"{v['worst_coarse_rank']}, {_fmt(v['lowest_coarse_index'], '.2f')} | "
+                     f"{float(np.median(v['times'])):.0f} |")
     return lines
 
 

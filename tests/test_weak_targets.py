@@ -53,7 +53,7 @@ def test_rows_say_what_the_scan_did_with_each_target(benchmark_module, tmp_path)
         assert s["by_size"] == {"3px": [1, 1], "10px": [0, 1]}
     assert totals[("data", 6)]["other_flagged"] == 1 and totals[("data-free", 6)]["other_flagged"] == 0
     summary = "\n".join(wt.summary_lines(rows))
-    assert "| data | 6 | 1/2 | 3px 1/1, 10px 0/1 | 0/1 | 1 / 0 | 1 | 1 | 6, -1.85 |" in summary
+    assert "| data | 6 | 1/2 | 3px 1/1, 10px 0/1 | 0/1 | 1 / 0 | 1 | 1 | 6, -1.85 | 12 |" in summary
     table = "\n".join(wt.model_table(rows))
     assert "| 4 | 10x10 random | 95 % | no | 90 (6/6, -1.9) |" in table and "blend alpha 0.1 | 50 % (not learned)" in table
 
