@@ -35,6 +35,12 @@ Layout of ``--out`` (each step is skipped when its output exists, so a run resum
   coarse pass's record of every label, from which the coarse ranks are read);
 * ``rows/<model>__<mode>__seed<S>.json``: one row per scan, all the summary reads
   (``--summary-only`` re-prints it without the models or scans).
+
+``--preset fast-rank-success`` scans with a prototype of the candidate selection
+(:class:`netcleanse.scanning.Preset` ``rank_failed="success"``: coarse searches that failed are
+ranked by the attack success they reached, not by their mask); its scans and rows carry the
+preset's name, and the summary shows one preset at a time. ``--models a,b`` builds and scans only
+the models named.
 """
 
 from __future__ import annotations
