@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import NetcleanseError
 from .neural_cleanse import Schedule
 
 
@@ -49,6 +50,16 @@ class Preset:
     # (:mod:`netcleanse.synthesis`); None: all INVERSION_STEPS steps. Off in the presets until the
     # verdict benchmark's evaluation half has been rescanned with it (benchmarks/RESULTS.md)
     inversion_confidence: float | None = None
+    # how coarse searches that never reached the attack-success goal rank for candidacy (after every
+    # one that did): "mask" (their mask L1, the default) or "success" (the attack success they
+    # reached, highest first). A prototype (benchmarks/weak_targets.py): data-free on a 100-label lab
+    # net with a blended trigger, 98 of 100 coarse searches failed and a target whose failed search
+    # reached 76 % attack success (2nd of 100) ranked 57th by its mask and was never refined
+    rank_failed: str = "mask"
+
+    def __post_init__(self):
+        if self.rank_failed not in ("mask", "success"):
+            raise NetcleanseError(f"rank_failed is 'mask' or 'success', not {self.rank_failed!r}")
 
     def to_dict(self) -> dict:
         return {"coarse": {"name": self.coarse.name, "label_chunk": self.coarse.label_chunk,
@@ -64,7 +75,8 @@ class Preset:
                 "few_labels_n_opt": self.few_labels_n_opt, "margin_restarts": self.margin_restarts,
                 "margin_steps": self.margin_steps,
                 # only when set, so that the settings (and resume key) of scans without it stay as they were
-                **({} if self.inversion_confidence is None else {"inversion_confidence": self.inversion_confidence})}
+                **({} if self.inversion_confidence is None else {"inversion_confidence": self.inversion_confidence}),
+                **({} if self.rank_failed == "mask" else {"rank_failed": self.rank_failed})}
 
 
 PRESETS: dict[str, Preset] = {

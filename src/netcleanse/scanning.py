@@ -310,6 +310,8 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
             else:
                 def size(t):  # failed searches rank last
                     rec = coarse[t][0]
+                    if not rec["succeeded"] and plan.rank_failed == "success":
+                        return (1, -rec["attack_success"], t)
                     return (0 if rec["succeeded"] else 1, rec["mask_l1"], t)
                 # the smallest coarse masks, and every label the coarse pass alone would flag, so that
                 # no label is flagged on the coarse budget alone (up to max_candidates)
