@@ -16,6 +16,7 @@ and the multi-trigger net's targets are not published.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 import netcleanse
 from netcleanse.calibrated import calibrated_test
 from netcleanse.errors import NetcleanseError
+from netcleanse.presets import PRESETS
 from netcleanse.scanning import ScanResult, calibrated_inputs, record_margins, tested_margins
 from netcleanse import scan_folder
 from netcleanse.utils import write_json_atomic
@@ -40,7 +42,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--alpha", type=float, default=0.05)
     ap.add_argument("--nets", default=",".join(NETS))
+    ap.add_argument("--inversion-confidence", type=float, default=None,
+                    help="scan with the fast preset's data-free inversion stopped at this confidence (a variant "
+                         "of the preset: use its own --out folder)")
     args = ap.parse_args(argv)
+    preset = "fast" if args.inversion_confidence is None else replace(
+        PRESETS["fast"], inversion_confidence=args.inversion_confidence)
     torch.set_num_threads(args.threads)
     rows = []
     try:
@@ -49,13 +56,17 @@ def main(argv=None) -> int:
             path = args.shared / "csaw" / "models" / f"{net}_bd_weights.h5"
             if (out / "scan.json").is_file():
                 result = ScanResult.load(out)
+                if result.settings["plan"].get("inversion_confidence") != args.inversion_confidence:
+                    raise NetcleanseError(f"{out} holds a scan with another --inversion-confidence than "
+                                          f"{args.inversion_confidence}: one folder per variant")
                 if tested_margins(result.labels, result.settings["detection"]) is None:
                     _add_margins(out, netcleanse.load_model(path, arch="csaw-deepid"), result, args.seed)
                     result = ScanResult.load(out)
             else:
                 model = netcleanse.load_model(path, arch="csaw-deepid")
                 started = time.perf_counter()
-                result = netcleanse.scan(model, data_free=True, seed=args.seed, out=out, resume=True, progress=False)
+                result = netcleanse.scan(model, data_free=True, seed=args.seed, out=out, resume=True, progress=False,
+                                         preset=preset)
                 print(f"{net}: scanned in {time.perf_counter() - started:.0f} s", flush=True)
             detection = result.settings["detection"]
             test = calibrated_test(*calibrated_inputs(result.labels, detection), alpha=args.alpha,
