@@ -47,8 +47,8 @@ class Preset:
     margin_restarts: int = 2
     margin_steps: int = 150
     # data-free inputs: keep each inverted input at the first step its class reaches this probability
-    # (:mod:`netcleanse.synthesis`); None: all INVERSION_STEPS steps. Off in the presets until the
-    # verdict benchmark's evaluation half has been rescanned with it (benchmarks/RESULTS.md)
+    # (:mod:`netcleanse.synthesis`); None: all INVERSION_STEPS steps. Off in the presets: 0.9 found
+    # more 10-label backdoors on the development half but lost a CSAW net's flag (benchmarks/RESULTS.md)
     inversion_confidence: float | None = None
     # how coarse searches that never reached the attack-success goal rank for candidacy (after every
     # one that did): "mask" (their mask L1, the default) or "success" (the attack success they
