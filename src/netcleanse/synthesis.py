@@ -84,7 +84,8 @@ def _invert(model, x0: torch.Tensor, generator: torch.Generator, device, steps: 
     targets = targets.to(device)
     opt = torch.optim.Adam([w], lr=0.05)
     n, (C, H, W) = len(w), w.shape[1:]
-    kept, done = torch.zeros_like(w), torch.zeros(n, dtype=torch.bool, device=device)
+    if confidence is not None:  # each input's first iterate confident enough, and whether it has one
+        kept, done = torch.empty_like(w), torch.zeros(n, dtype=torch.bool, device=device)
     for _ in range(steps):
         # the loss (mean cross-entropy + total variation over all inputs) is a sum over inputs, so its
         # gradient is taken max_images inputs at a time, each part scaled as the means would: the
@@ -99,7 +100,8 @@ def _invert(model, x0: torch.Tensor, generator: torch.Generator, device, steps: 
             if confidence is not None:  # keep each input at the first iterate confident enough
                 with torch.no_grad():
                     rows = torch.arange(len(x), device=device)
-                    now = (logits.softmax(1)[rows, targets[lo:lo + max_images]] >= confidence) & ~done[lo:lo + max_images]
+                    sure = logits.softmax(1)[rows, targets[lo:lo + max_images]] >= confidence
+                    now = sure & ~done[lo:lo + max_images]
                     kept[lo:lo + max_images][now] = x.detach()[now]
                     done[lo:lo + max_images] |= now
             loss = (F.cross_entropy(logits, targets[lo:lo + max_images], reduction="sum") / n
@@ -108,4 +110,6 @@ def _invert(model, x0: torch.Tensor, generator: torch.Generator, device, steps: 
         w.grad = torch.cat(grads)
         opt.step()
     out = (torch.tanh(w) / 2 + 0.5).detach()
-    return torch.where(done[:, None, None, None], kept, out).cpu()
+    if confidence is not None:
+        out = torch.where(done[:, None, None, None], kept, out)
+    return out.cpu()
