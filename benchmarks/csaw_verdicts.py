@@ -16,7 +16,6 @@ and the multi-trigger net's targets are not published.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 import netcleanse
 from netcleanse.calibrated import calibrated_test
 from netcleanse.errors import NetcleanseError
-from netcleanse.presets import PRESETS
+from netcleanse.presets import preset_variant
 from netcleanse.scanning import ScanResult, calibrated_inputs, record_margins, tested_margins
 from netcleanse import scan_folder
 from netcleanse.utils import write_json_atomic
@@ -46,8 +45,7 @@ def main(argv=None) -> int:
                     help="scan with the fast preset's data-free inversion stopped at this confidence (a variant "
                          "of the preset: use its own --out folder)")
     args = ap.parse_args(argv)
-    preset = "fast" if args.inversion_confidence is None else replace(
-        PRESETS["fast"], inversion_confidence=args.inversion_confidence)
+    preset = preset_variant("fast", inversion_confidence=args.inversion_confidence)
     torch.set_num_threads(args.threads)
     rows = []
     try:

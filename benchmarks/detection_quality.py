@@ -29,7 +29,6 @@ Backdoors whose attack did not take (``attack_learned`` false) are listed but le
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import json
 import math
 import sys
@@ -42,7 +41,7 @@ import torch
 import netcleanse
 from netcleanse.calibrated import DF, FAMILY, SCALE_FLOOR, calibrated_test
 from netcleanse.errors import NetcleanseError
-from netcleanse.presets import PRESETS
+from netcleanse.presets import preset_variant
 from netcleanse.scanning import calibrated_inputs, record_margins, tested_margins
 from netcleanse.utils import write_json_atomic
 from zoo import add_executor_arguments, executor_from_args, load_member, parse_shard, read_zoo  # noqa: E402
@@ -242,11 +241,7 @@ def main(argv=None) -> int:
 
     try:
         planned = ""
-        preset = args.preset
-        if args.inversion_confidence is not None:
-            if args.preset not in PRESETS:
-                raise NetcleanseError(f"unknown preset {args.preset!r}")
-            preset = replace(PRESETS[args.preset], inversion_confidence=args.inversion_confidence)
+        preset = preset_variant(args.preset, inversion_confidence=args.inversion_confidence)
         if not args.summary_only:  # the summary needs only the rows (each holds its model's entry)
             entries = [e for e in read_zoo(args.zoo) if chosen(e)]
             torch.set_num_threads(args.threads)

@@ -63,9 +63,7 @@ from netcleanse.detection import anomaly_indices
 from netcleanse.errors import NetcleanseError
 from netcleanse.lab import DEFAULT_ARCH, make_badnet
 from netcleanse.model import load_model
-from dataclasses import replace
-
-from netcleanse.scanning import PRESETS
+from netcleanse.presets import PRESETS, preset_variant
 from netcleanse.utils import write_json_atomic
 
 SIZES = (3, 6, 10)  # patch side in pixels, one trigger (and target) each
@@ -210,7 +208,7 @@ def scan_model(out: Path, entry: dict, mode: str, scan_seed: int, preset: str = 
     data = (load_data(folder / "clean_test.npz", expect_shape=model.input_shape, num_classes=model.num_classes)
             if mode == "data" else None)
     scan_dir = out / "scans" / scan_name(entry["model"], mode, scan_seed, preset)
-    plan = "fast" if preset == "fast" else replace(PRESETS["fast"], rank_failed=VARIANTS[preset])
+    plan = preset_variant("fast", rank_failed=VARIANTS[preset])
     result = netcleanse.scan(model, data, data_free=mode == "data-free", preset=plan, seed=scan_seed, out=scan_dir,
                              resume=True, progress=False)
     # the scan's own time (a scan read back from its folder keeps the time it took)

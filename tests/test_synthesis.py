@@ -57,3 +57,12 @@ def test_a_scan_takes_a_preset_variant_and_records_it(badnet):
     assert result.preset == "custom"
     assert result.settings["plan"]["inversion_confidence"] == 0.9
     assert "inversion_confidence" not in PRESETS["fast"].to_dict()  # the presets' settings are as they were
+
+
+def test_a_preset_variant_is_the_name_unless_something_changes():
+    from netcleanse.presets import preset_variant
+    assert preset_variant("fast", inversion_confidence=None) == "fast"
+    changed = preset_variant("fast", inversion_confidence=0.9)
+    assert changed == replace(PRESETS["fast"], inversion_confidence=0.9)
+    with pytest.raises(NetcleanseError, match="unknown preset"):
+        preset_variant("fastest")

@@ -12,7 +12,7 @@ resume key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import NetcleanseError
 from .neural_cleanse import Schedule
@@ -100,3 +100,15 @@ PRESETS: dict[str, Preset] = {
         few_labels_n_opt=200,
     ),
 }
+
+
+def preset_variant(name: str, **changes) -> "str | Preset":
+    """The preset ``name`` with ``changes`` to its fields, for :func:`netcleanse.scanning.scan`:
+    ``name`` itself when every change equals the preset's own value (the scan then records the
+    name), else the changed :class:`Preset` (recorded as "custom" with its whole plan)."""
+    if name not in PRESETS:
+        raise NetcleanseError(f"unknown preset {name!r}; use one of: {', '.join(PRESETS)}")
+    base = PRESETS[name]
+    if all(getattr(base, field) == value for field, value in changes.items()):
+        return name
+    return replace(base, **changes)
