@@ -25,7 +25,7 @@ import torch
 import netcleanse
 from netcleanse.calibrated import calibrated_test
 from netcleanse.errors import NetcleanseError
-from netcleanse.presets import preset_variant
+from netcleanse.presets import inversion_variant, plan_of
 from netcleanse.scanning import ScanResult, calibrated_inputs, record_margins, tested_margins
 from netcleanse import scan_folder
 from netcleanse.utils import write_json_atomic
@@ -41,22 +41,23 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--alpha", type=float, default=0.05)
     ap.add_argument("--nets", default=",".join(NETS))
-    ap.add_argument("--inversion-confidence", type=float, default=None,
-                    help="scan with the fast preset's data-free inversion stopped at this confidence (a variant "
-                         "of the preset: use its own --out folder)")
+    ap.add_argument("--inversion-confidence", default=None,
+                    help="scan with the fast preset's data-free inversion stopped at this confidence, or 'off' "
+                         "(a variant of the preset: use its own --out folder; default: the preset's own)")
     args = ap.parse_args(argv)
-    preset = preset_variant("fast", inversion_confidence=args.inversion_confidence)
     torch.set_num_threads(args.threads)
     rows = []
     try:
+        preset = inversion_variant("fast", args.inversion_confidence)
         for net in args.nets.split(","):
             out = args.out / net
             path = args.shared / "csaw" / "models" / f"{net}_bd_weights.h5"
             if (out / "scan.json").is_file():
                 result = ScanResult.load(out)
-                if result.settings["plan"].get("inversion_confidence") != args.inversion_confidence:
-                    raise NetcleanseError(f"{out} holds a scan with another --inversion-confidence than "
-                                          f"{args.inversion_confidence}: one folder per variant")
+                wanted = plan_of(preset).for_labels(len(result.labels)).inversion_confidence
+                if result.settings["plan"].get("inversion_confidence") != wanted:
+                    raise NetcleanseError(f"{out} holds a scan with another inversion confidence than "
+                                          f"--inversion-confidence {args.inversion_confidence}: one folder per variant")
                 if tested_margins(result.labels, result.settings["detection"]) is None:
                     _add_margins(out, netcleanse.load_model(path, arch="csaw-deepid"), result, args.seed)
                     result = ScanResult.load(out)

@@ -41,7 +41,7 @@ import torch
 import netcleanse
 from netcleanse.calibrated import DF, FAMILY, SCALE_FLOOR, calibrated_test
 from netcleanse.errors import NetcleanseError
-from netcleanse.presets import preset_variant
+from netcleanse.presets import inversion_variant, plan_of
 from netcleanse.scanning import calibrated_inputs, record_margins, tested_margins
 from netcleanse.utils import write_json_atomic
 from zoo import add_executor_arguments, executor_from_args, load_member, parse_shard, read_zoo  # noqa: E402
@@ -213,9 +213,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-pair", type=int, default=None,
                     help="only pairs up to this index (e.g. the finished prefix of an unfinished run)")
     ap.add_argument("--preset", default="fast")
-    ap.add_argument("--inversion-confidence", type=float, default=None,
-                    help="scan with the preset's data-free inversion stopped at this confidence (a variant "
-                         "of the preset: use its own --out folder)")
+    ap.add_argument("--inversion-confidence", default=None,
+                    help="scan with the preset's data-free inversion stopped at this confidence for every model, "
+                         "or 'off' (a variant of the preset: use its own --out folder; default: the preset's own)")
     ap.add_argument("--seed", type=int, default=0, help="scan seed")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--shard", type=parse_shard, default=(0, 1))
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
 
     try:
         planned = ""
-        preset = preset_variant(args.preset, inversion_confidence=args.inversion_confidence)
+        preset = inversion_variant(args.preset, args.inversion_confidence)
         if not args.summary_only:  # the summary needs only the rows (each holds its model's entry)
             entries = [e for e in read_zoo(args.zoo) if chosen(e)]
             torch.set_num_threads(args.threads)
@@ -256,11 +256,13 @@ def main(argv=None) -> int:
                 if chosen(row["entry"]) and row["mode"] in modes and row["seed"] == args.seed]
         if not rows:
             raise NetcleanseError(f"no scans of the {args.split} half in {args.out}")
-        other = [r["model"] for r in rows
-                 if r["scan"]["settings"]["plan"].get("inversion_confidence") != args.inversion_confidence]
+        # the confidence each row's scan should have used (the preset's own differs with the label count)
+        other = [r["model"] for r in rows if r["scan"]["settings"]["plan"].get("inversion_confidence")
+                 != plan_of(preset).for_labels(len(r["scan"]["labels"])).inversion_confidence]
         if other:
             raise NetcleanseError(f"{len(other)} rows in {args.out} (e.g. {other[0]}) were scanned with another "
-                                  f"--inversion-confidence than {args.inversion_confidence}: one folder per variant")
+                                  f"inversion confidence than --inversion-confidence {args.inversion_confidence}: "
+                                  "one folder per variant")
         print(f"{len(rows)} scans of the {args.split} half{planned}; calibrated rule at alpha "
               f"{args.alpha:g}, null {args.family}{'' if args.family == 'normal' else f'({args.df:g})'}, "
               f"scale {args.scale} (floor {args.min_scale:g})")

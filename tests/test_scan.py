@@ -376,3 +376,21 @@ def test_recorded_image_passes_are_the_images_the_network_saw(n_classes, data_fr
     assert passes["forward_only"] == seen["forward"]
     assert passes["backward_total"] == sum(v for k, v in passes.items() if k not in ("backward_total", "forward_only"))
     assert (passes["synthesis"] > 0) == data_free and passes["margin"] > 0 and passes["refine"] > 0
+
+
+def test_a_stage_measures_attack_success_on_its_share_of_the_held_back_inputs(badnet, clean_data):
+    # the fast preset's coarse pass: 32 held-back inputs; the same chunk with all of them differs only there
+    from netcleanse.neural_cleanse import Schedule, attack_success
+    x_opt, x_val = clean_data.x[:16], clean_data.x[16:48]
+    shared = scan_module._ScanShared(badnet, x_opt, x_val, False)
+    job = scan_module._ChunkJob("coarse", Schedule(batch_size=4, steps_per_epoch=1, max_epochs=3), [0, TARGET], 7)
+    entry, arrays = scan_module._search_chunk(shared, job, lambda n: None)
+    part, part_arrays = scan_module._search_chunk(shared, scan_module.replace(job, held_back=5), lambda n: None)
+    for key in arrays:
+        assert np.array_equal(arrays[key], part_arrays[key])  # the search itself is the same
+    masks, patterns = torch.from_numpy(arrays["masks"]), torch.from_numpy(arrays["patterns"])
+    assert [r["attack_success"] for r in entry["records"]] == attack_success(badnet, x_val, masks, patterns, [0, TARGET])
+    assert [r["attack_success"] for r in part["records"]] == attack_success(badnet, x_val[:5], masks, patterns,
+                                                                            [0, TARGET])
+    assert [r["attack_success"] for r in part["records"]] != [r["attack_success"] for r in entry["records"]]
+    assert PRESETS["fast"].coarse.held_back == 32 and PRESETS["fast"].refine.held_back is None

@@ -48,21 +48,42 @@ def test_a_bad_confidence_is_refused(badnet, confidence, kind):
 
 
 def test_a_scan_takes_a_preset_variant_and_records_it(badnet):
-    plan = replace(PRESETS["fast"], inversion_confidence=0.9, n_opt=16, n_val=16, few_labels_n_opt=16,
+    # few labels: the few-labels confidence (when set) replaces the preset's own
+    plan = replace(PRESETS["fast"], inversion_confidence=0.8, few_labels_inversion_confidence=None, n_opt=16,
+                   n_val=16, few_labels_n_opt=16,
                    few_labels_refine=replace(PRESETS["fast"].few_labels_refine,
                                              schedule=replace(PRESETS["fast"].few_labels_refine.schedule,
                                                               max_epochs=2)),
                    margin_restarts=1, margin_steps=5)
     result = netcleanse.scan(badnet, data_free=True, labels=[0, 1, 2], preset=plan, progress=False)
     assert result.preset == "custom"
-    assert result.settings["plan"]["inversion_confidence"] == 0.9
+    assert result.settings["plan"]["inversion_confidence"] == 0.8
+    result = netcleanse.scan(badnet, data_free=True, labels=[0, 1, 2], progress=False,
+                             preset=replace(plan, few_labels_inversion_confidence=0.95))
+    assert result.settings["plan"]["inversion_confidence"] == 0.95
     assert "inversion_confidence" not in PRESETS["fast"].to_dict()  # the presets' settings are as they were
 
 
+def test_the_fast_preset_stops_the_inversion_for_few_labels_only():
+    fast = PRESETS["fast"]
+    assert fast.for_labels(fast.candidates + fast.controls).inversion_confidence == 0.9
+    assert fast.for_labels(fast.candidates + fast.controls).refine == fast.few_labels_refine
+    many = fast.for_labels(fast.candidates + fast.controls + 1)
+    assert many is fast and many.inversion_confidence is None
+    assert PRESETS["reference"].for_labels(10) is PRESETS["reference"]  # one stage: no few-labels plan
+
+
 def test_a_preset_variant_is_the_name_unless_something_changes():
-    from netcleanse.presets import preset_variant
+    from netcleanse.presets import inversion_variant, preset_variant
     assert preset_variant("fast", inversion_confidence=None) == "fast"
     changed = preset_variant("fast", inversion_confidence=0.9)
     assert changed == replace(PRESETS["fast"], inversion_confidence=0.9)
     with pytest.raises(NetcleanseError, match="unknown preset"):
         preset_variant("fastest")
+    assert inversion_variant("fast", None) == "fast"
+    assert inversion_variant("fast", "0.9") == replace(PRESETS["fast"], inversion_confidence=0.9)
+    off = inversion_variant("fast", "off")
+    assert off.inversion_confidence is None and off.few_labels_inversion_confidence is None
+    for bad in ("high", "1.5"):
+        with pytest.raises(NetcleanseError, match="inversion confidence"):
+            inversion_variant("fast", bad)

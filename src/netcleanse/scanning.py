@@ -12,7 +12,8 @@ synthesises (:mod:`netcleanse.synthesis`). Two presets (:mod:`netcleanse.presets
 ``fast`` (default)
     0. Inputs: 256 to optimise on, 128 held back for the attack success rate.
     1. Coarse pass: every label, 96 labels per forward pass, 4 inputs per step, at most 24 steps,
-       the same cost schedule with a patience of 2 steps, masks starting small (0.05).
+       the same cost schedule with a patience of 2 steps, masks starting small (0.05); each
+       trigger's attack success on 32 of the held-back inputs.
     2. Refinement: the candidates (the 16 labels with the smallest coarse masks, plus any other
        label whose coarse anomaly index is above the threshold, 64 at most) and a random control
        sample of 48 labels drawn from all labels continue from where the coarse pass left them
@@ -25,6 +26,7 @@ synthesises (:mod:`netcleanse.synthesis`). Two presets (:mod:`netcleanse.presets
        their paper's index from the coarse pass's median/MAD over all labels, and cannot be flagged.
     When there are no more labels than candidates + controls (64), every label is refined, on
     200 inputs with a longer schedule (``few_labels_refine``: up to 200 epochs of 2 x 32 inputs),
+    the data-free inversion keeps each input at probability 0.9 (``few_labels_inversion_confidence``),
     and the index is the paper's (median/MAD over all labels).
 
 Long scans persist every finished chunk of labels to ``out`` (``progress.jsonl`` + ``partial/``,
@@ -64,7 +66,7 @@ from .executor import Executor, LocalExecutor
 from .journal import _Journal, _data_digest, _lock, _prepare_out, _weights_digest
 from .margin import max_margins
 from .neural_cleanse import Schedule, attack_success, reverse_engineer
-from .presets import PRESETS, Preset, Stage  # still importable from here, where they lived
+from .presets import PRESETS, Preset, Stage, plan_of  # PRESETS, Preset, Stage: still importable from here
 from .progress import progress_bar
 from .synthesis import INVERSION_STEPS, INVERT_IMAGES, smooth_noise, synthesize_inputs  # noqa: F401 (they lived here)
 from .trigger import Trigger
@@ -228,12 +230,9 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
     them; a scan can be resumed with another executor.
     """
     start = time.perf_counter()
+    plan = plan_of(preset)
     if isinstance(preset, Preset):  # a variant of a preset (benchmarks); recorded in full in the settings
-        plan, preset = preset, "custom"
-    elif preset not in PRESETS:
-        raise NetcleanseError(f"unknown preset {preset!r}; use one of: {', '.join(PRESETS)}")
-    else:
-        plan = PRESETS[preset]
+        preset = "custom"
     if (data is None) == (not data_free):
         raise NetcleanseError("give exactly one of clean data or data_free=True")
     if rule not in RULES:
@@ -246,8 +245,7 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
     labels = list(range(model.num_classes)) if labels is None else sorted({int(t) for t in labels})
     if not labels:
         raise NetcleanseError("no labels to scan")
-    if plan.refine is not None and len(labels) <= plan.candidates + plan.controls and plan.few_labels_refine:
-        plan = replace(plan, refine=plan.few_labels_refine, n_opt=plan.few_labels_n_opt or plan.n_opt)
+    plan = plan.for_labels(len(labels))
     bad = [t for t in labels if not 0 <= t < model.num_classes]
     if bad:
         raise NetcleanseError(f"label {bad[0]} is out of range: the model has labels 0..{model.num_classes - 1}")
@@ -416,7 +414,8 @@ def image_passes(plan: Preset, labels, coarse: dict, refined: dict, tested, *, n
     out["margin"] = len(tested) * plan.margin_restarts * plan.margin_steps
     out["backward_total"] = sum(out.values())
     # the attack-success checks, and the margin search's last look at its inputs
-    out["forward_only"] = (len(labels) + len(refined)) * n_val + len(tested) * plan.margin_restarts
+    held_back = min(n_val, plan.coarse.held_back or n_val)
+    out["forward_only"] = len(labels) * held_back + len(refined) * n_val + len(tested) * plan.margin_restarts
     return out
 
 
@@ -550,7 +549,8 @@ def _run_stage(work, stage: Stage, labels: list[int], x_opt, x_val, journal: _Jo
         if init is not None:
             start = (np.stack([init[t][0] for t in chunk]), np.stack([init[t][1] for t in chunk]),
                      [init[t][2] for t in chunk], {t: (init[t][3], init[t][4]) for t in chunk})
-        jobs.append(_ChunkJob(stage.name, stage.schedule, chunk, _chunk_seed(seed, stage.name, ci), start))
+        jobs.append(_ChunkJob(stage.name, stage.schedule, chunk, _chunk_seed(seed, stage.name, ci), start,
+                              stage.held_back))
     shared = _ScanShared(work, x_opt, x_val, channels_last)
     for j, (entry, arrays) in executor.map(_search_chunk, shared, jobs, on_progress):
         journal.put(keys[todo[j]], entry, arrays)
@@ -575,6 +575,7 @@ class _ChunkJob:
     labels: list[int]
     seed: int
     start: tuple | None = None
+    held_back: int | None = None  # attack success on the first this many held-back inputs (None: all)
 
 
 class _ScanShared:
@@ -630,7 +631,7 @@ def _search_chunk(shared: _ScanShared, job: _ChunkJob, progress) -> tuple[dict, 
         init_cost = torch.tensor([max(c, s.init_cost) for c in init[2]])
     found = reverse_engineer(work, x_opt, chunk, s, generator=gen, init=init_pair, init_cost=init_cost,
                              on_epoch=on_epoch, channels_last=channels_last)
-    asr = attack_success(work, x_val, torch.stack([r.mask for r in found]),
+    asr = attack_success(work, x_val[:job.held_back], torch.stack([r.mask for r in found]),
                          torch.stack([r.pattern for r in found]), chunk, channels_last=channels_last)
     # a refined label's steps and time include its coarse search
     prior = init[3] if init is not None else {t: (0, 0.0) for t in chunk}
