@@ -1,6 +1,6 @@
 # Both targets create .venv on first use and install netcleanse into it (editable),
-# so `.venv/bin/netcleanse` exists afterwards. Ray (an optional extra) is installed too, so that the
-# tests of --executor ray run.
+# so `.venv/bin/netcleanse` exists afterwards. Ray and Keras 3 + JAX (optional extras) are installed
+# too, so that the tests of --executor ray and the checks against Keras's own outputs run.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test,ray]'
+	$(VENV)/bin/pip install -q -e '.[test,ray,keras-reference]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -6,6 +6,10 @@ One run, same machine, same process, data-free inputs, torch threads = --threads
   images, until its early stop (at least ~40 epochs, often hundreds; at most 1000). Running that for
   even one label takes many minutes on 2 cores, so we MEASURE the time of --reference-epochs epochs
   for --reference-labels labels and EXTRAPOLATE per epoch (stated as such in the output).
+  ``--converge-labels K`` also runs the reference's whole search, to its own early stop, for K
+  more sampled labels: their MEASURED mean time per label, times the number of labels, is the
+  reference's full scan without an assumed epoch count (with ``--full``: the ratio to the measured
+  fast scan).
 * fast: MEASURED on one coarse chunk (96 labels) and one refinement chunk (48 labels), exactly the
   work the fast preset does; a full scan is ceil(1283 / 96) coarse chunks + at most
   ceil((64 + controls) / 48) refinement chunks, so the full-scan time is EXTRAPOLATED (worst case)
@@ -21,7 +25,8 @@ One run, same machine, same process, data-free inputs, torch threads = --threads
 Prints labels/second for each preset, their ratio, the extrapolated 1283-label times and the peak
 RSS of this process (resource.getrusage). Timings on a shared machine are noisy: compare the ratio.
 
-    python benchmarks/scan_speed.py [--model PATH] [--threads 2] [--reference-epochs 2] [--full] [--no-small]
+    python benchmarks/scan_speed.py [--model PATH] [--threads 2] [--reference-epochs 2] [--converge-labels K]
+                                    [--full] [--no-small]
 """
 
 from __future__ import annotations
@@ -102,6 +107,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reference-labels", type=int, default=2)
     ap.add_argument("--reference-epochs", type=int, default=2)
+    ap.add_argument("--converge-labels", type=int, default=0,
+                    help="also run the reference protocol to its own early stop (at most 1000 epochs) for this "
+                         "many sampled labels, and extrapolate from their MEASURED time per label")
     ap.add_argument("--assumed-reference-epochs", type=int, default=100,
                     help="epochs per label assumed for the reference extrapolation (its early stop needs >= ~40)")
     ap.add_argument("--full", action="store_true", help="also run and time a full data-free fast scan")
@@ -145,6 +153,17 @@ def main(argv=None) -> int:
                         "extrapolated_full_s": ref_label_s * n_labels,
                         "full_at_1000_epochs_s": ref_epoch_s * 1000 * n_labels}
 
+    if args.converge_labels:  # the whole reference search of a few labels, to its own early stop
+        converged = []
+        for label in sample[args.reference_labels:args.reference_labels + args.converge_labels]:
+            t = time.perf_counter()
+            found = reverse_engineer(work, ref_x, [label], ref.schedule, generator=gen, channels_last=True)[0]
+            converged.append({"label": label, "epochs": found.epochs, "s": time.perf_counter() - t})
+            print(f"reference search of label {label}: {found.epochs} epochs, {converged[-1]['s']:.0f} s", flush=True)
+        label_s = sum(c["s"] for c in converged) / len(converged)
+        out["reference"].update(converged=converged, converged_label_s=label_s,
+                                converged_full_s=label_s * n_labels)
+
     # --- fast: one coarse chunk and one refinement chunk, measured
     coarse, refine = fast.coarse, fast.refine
     chunk = sample[:coarse.label_chunk]
@@ -172,6 +191,8 @@ def main(argv=None) -> int:
     if args.full:
         full = scan_in_child(args.model, args.arch, args.threads)
         out["fast"]["measured_full_s"] = full["full_s"]
+        if args.converge_labels:
+            out["speedup_measured"] = out["reference"]["converged_full_s"] / full["full_s"]
         out["fast"]["full_flagged"] = full["flagged"]
         out["fast"]["full_peak_rss_mib"] = full["peak_rss_mib"]
     if not args.no_small:
@@ -192,6 +213,13 @@ def main(argv=None) -> int:
         print(f"fast: MEASURED full data-free scan {f['measured_full_s'] / 60:.1f} min, peak RSS "
               f"{f['full_peak_rss_mib']:.0f} MiB (scan process alone), flagged {f['full_flagged']}")
     print(f"speed-up fast vs reference (extrapolated full scans): {out['speedup']:.0f}x")
+    if "converged" in r:
+        epochs = [c["epochs"] for c in r["converged"]]
+        print(f"reference: MEASURED to its early stop for {len(epochs)} labels: epochs {epochs}, "
+              f"{r['converged_label_s']:.0f} s/label; EXTRAPOLATED full scan {r['converged_full_s'] / 3600:.1f} h")
+    if "speedup_measured" in out:
+        print(f"speed-up, measured full fast scan vs reference searched to convergence (per label, "
+              f"extrapolated): {out['speedup_measured']:.0f}x")
     print(f"peak RSS of this process (reference + chunk measurements) {out['peak_rss_mib']:.0f} MiB")
     for name, r in out.get("small", {}).items():
         print(f"{name}: MEASURED full data-free fast scan of {r['num_labels']} labels {r['full_s']:.1f} s, peak RSS "

@@ -1,0 +1,124 @@
+"""Keras files written by Keras itself, and Keras's own outputs for them.
+
+Keras 3 (with its JAX backend, the ``keras-reference`` extra that ``make setup`` installs) builds
+and saves, in a child process, the two kinds of model the format issue reported as failing, with
+random weights and non-trivial normalisation statistics:
+
+- a CIFAR-10-style net whose first layer is a ``Normalization`` (mean/variance per channel), with
+  ``BatchNormalization`` after a convolution (functional model);
+- a GTSRB-style net taking 0..255 pixels through ``Rescaling(1/255)``, with ``BatchNormalization``
+  after a ``Dense`` layer (Sequential model);
+
+each as a Keras 3 ``.keras`` archive and as a legacy ``.h5`` whole-model file, plus Keras's
+``predict`` on random inputs. netcleanse must load every file (its own PyTorch rebuild, no Keras
+needed) and give the same probabilities. A model with a ``Lambda`` layer, saved by Keras, must be
+refused: loading it would run code from the file. The tests skip where Keras or JAX is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from netcleanse import NetcleanseError, load_model
+from netcleanse.cli import main
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("keras") is None or importlib.util.find_spec("jax") is None,
+                                reason="Keras 3 and JAX are not installed (pip install -e '.[keras-reference]')")
+
+WRITER = r'''
+import sys
+import numpy as np
+import keras
+from keras import layers
+
+out = sys.argv[1]
+keras.utils.set_random_seed(0)
+rng = np.random.default_rng(0)
+
+
+def randomise_batchnorm(model):
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.2, beta.shape),
+                               rng.normal(0, 0.5, mean.shape), rng.uniform(0.5, 2.0, var.shape)])
+
+
+inp = keras.Input((32, 32, 3))
+x = layers.Normalization(mean=[0.49, 0.48, 0.45], variance=[0.06, 0.055, 0.07])(inp)
+x = layers.Conv2D(8, 3, padding="same")(x)
+x = layers.BatchNormalization()(x)
+x = layers.Activation("relu")(x)
+x = layers.MaxPooling2D()(x)
+x = layers.Flatten()(x)
+x = layers.Dense(32, activation="relu")(x)
+x = layers.Dropout(0.5)(x)
+cifar = keras.Model(inp, layers.Dense(10, activation="softmax")(x), name="cifar_normalization")
+
+gtsrb = keras.Sequential([
+    keras.Input((32, 32, 3)),
+    layers.Rescaling(1 / 255.0),
+    layers.Conv2D(8, 3, activation="relu"),
+    layers.MaxPooling2D(),
+    layers.Flatten(),
+    layers.Dense(24),
+    layers.BatchNormalization(),
+    layers.Activation("relu"),
+    layers.Dense(43, activation="softmax"),
+], name="gtsrb_batchnorm_after_dense")
+
+for model, scale in ((cifar, 1.0), (gtsrb, 255.0)):
+    randomise_batchnorm(model)
+    x = rng.random((6, 32, 32, 3)).astype("float32")  # pixels in [0, 1]
+    np.save(f"{out}/{model.name}_x.npy", x)
+    np.save(f"{out}/{model.name}_y.npy", model.predict(x * scale, verbose=0))
+    model.save(f"{out}/{model.name}.keras")
+    model.save(f"{out}/{model.name}.h5")
+
+lam = keras.Sequential([keras.Input((4, 4, 1)), layers.Lambda(lambda t: t * 2.0), layers.Flatten(), layers.Dense(3)],
+                       name="with_lambda")
+lam.save(f"{out}/with_lambda.keras")
+lam.save(f"{out}/with_lambda.h5")
+'''
+
+NETS = {"cifar_normalization": 1.0, "gtsrb_batchnorm_after_dense": 255.0}
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    out = tmp_path_factory.mktemp("keras-written")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, "-c", WRITER, str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_keras_written_models_give_keras_outputs(written, net, suffix):
+    x = np.load(written / f"{net}_x.npy")
+    expected = np.load(written / f"{net}_y.npy")
+    model = load_model(written / f"{net}{suffix}", input_scale=NETS[net])
+    assert model.num_classes == expected.shape[1] and tuple(model.input_shape) == (3, 32, 32)
+    got = model.predict_proba(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    assert np.abs(got - expected).max() < 1e-5
+    assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_a_keras_written_lambda_layer_is_refused(written, suffix, capsys):
+    with pytest.raises(NetcleanseError, match="Lambda"):
+        load_model(written / f"with_lambda{suffix}")
+    with pytest.raises(SystemExit) as stopped:
+        main(["info", str(written / f"with_lambda{suffix}")])
+    assert stopped.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert "Lambda" in err and len(err.splitlines()) == 1 and "Traceback" not in err
