@@ -1,9 +1,10 @@
 """Keras preprocessing layers (Normalization, Rescaling), BatchNormalization after Dense, and Keras 3
 ``.keras`` archives, against an independent NumPy implementation of Keras's semantics.
 
-Provenance of the files: TensorFlow/Keras are not installed here (and none of the third-party
-files in ../shared/csaw uses these layers), so every file is written in the test with h5py and
-zipfile following the layouts Keras writes:
+Provenance of the files: TensorFlow is not installed here (and none of the third-party files in
+../shared/csaw uses these layers), so every file is written in the test with h5py and zipfile
+following the layouts Keras writes (Keras 3 itself, on JAX, writes files for
+tests/test_keras_reference.py):
 
 - ``.h5`` whole-model files as tf.keras 2.x ``model.save`` (root ``model_config``,
   ``model_weights/<layer>/<layer>/<var>:0``; Normalization's weights ``mean``, ``variance``,
