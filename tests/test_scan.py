@@ -14,7 +14,7 @@ from torch import nn
 from netcleanse import scan_folder
 from netcleanse.data import Dataset
 from netcleanse.errors import NetcleanseError
-from netcleanse.journal import _lock, _weights_digest
+from netcleanse.journal import lock_folder, weights_digest
 from netcleanse.model import Classifier
 from netcleanse.presets import PRESETS
 from netcleanse.scanning import ScanResult, parse_labels, scan
@@ -197,14 +197,14 @@ def test_parse_labels():
 
 def test_two_scans_never_write_one_folder(badnet, clean_data, tmp_path):
     # a scan holding the folder (as a second process would) makes another --resume refuse in one line
-    first = _lock(tmp_path)
+    first = lock_folder(tmp_path)
     (tmp_path / "scan_settings.json").write_text("{}")
     try:
         with pytest.raises(NetcleanseError, match="another scan is writing"):
-            _lock(tmp_path)
+            lock_folder(tmp_path)
     finally:
         first.close()
-    _lock(tmp_path).close()  # free again once the first is done
+    lock_folder(tmp_path).close()  # free again once the first is done
 
 
 def test_interrupted_while_saving_resumes(badnet, clean_data, tmp_path, monkeypatch):
@@ -231,10 +231,10 @@ def test_resume_key_covers_every_kind_of_weight():
     # and any change of a weight changes it
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 14 * 14, N_CLASSES))
     model = Classifier(net.eval(), (1, SIZE, SIZE), N_CLASSES)
-    before = _weights_digest(model)
+    before = weights_digest(model)
     with torch.no_grad():
         net[1].running_mean[0] += 1
-    assert len(before) == 64 and _weights_digest(model) != before
+    assert len(before) == 64 and weights_digest(model) != before
 
 
 def test_dangling_link_as_out_is_one_error(badnet, clean_data, tmp_path):

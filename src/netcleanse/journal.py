@@ -1,11 +1,11 @@
 """Where and how a scan writes while it runs: its out folder's lock, resume key and journal.
 
 A scan given ``out`` (:func:`netcleanse.scanning.scan`) first checks the folder and records its
-resume key in ``scan_settings.json`` (:func:`_prepare_out`): the settings that decide the numbers
+resume key in ``scan_settings.json`` (:func:`prepare_out`): the settings that decide the numbers
 (not those of where and how it runs: device, threads, executor), the model's description and the
-SHA-256 of its weights and preprocessing (:func:`_weights_digest`) and of the clean images
-(:func:`_data_digest`); a resumed scan must match it. An exclusive lock (:func:`_lock`, ``.lock``)
-keeps two scans from writing one folder. The journal (:class:`_Journal`) appends every finished
+SHA-256 of its weights and preprocessing (:func:`weights_digest`) and of the clean images
+(:func:`data_digest`); a resumed scan must match it. An exclusive lock (:func:`lock_folder`,
+``.lock``) keeps two scans from writing one folder. The journal (:class:`Journal`) appends every finished
 chunk of labels to ``progress.jsonl`` with its arrays in ``partial/``, written atomically, so an
 interrupted scan redoes at most the chunks in flight and, reading finished chunks back from disk,
 gives the same result as an uninterrupted one. The finished scan's own files are
@@ -28,7 +28,7 @@ from .errors import NetcleanseError
 from .utils import write_json_atomic, write_npz_atomic
 
 
-class _Journal:
+class Journal:
     """Append-only record of finished chunks in the out dir (``progress.jsonl`` + ``partial/``)."""
 
     def __init__(self, out: Path | None):
@@ -82,7 +82,7 @@ class _Journal:
         self.memory.pop(key, None)
 
 
-def _lock(out_dir: Path):
+def lock_folder(out_dir: Path):
     """An exclusive lock on ``out_dir`` (``.lock``), so that two scans never write one folder;
     released when the returned file is closed or the process ends."""
     import fcntl
@@ -95,7 +95,7 @@ def _lock(out_dir: Path):
     return handle
 
 
-def _weights_digest(model) -> str:
+def weights_digest(model) -> str:
     """SHA-256 of the model's parameters and buffers (names, shapes, bytes) and its preprocessing."""
     h = hashlib.sha256(repr(float(model.input_scale)).encode())
     if getattr(model, "mean", None) is not None:
@@ -108,7 +108,7 @@ def _weights_digest(model) -> str:
     return h.hexdigest()
 
 
-def _data_digest(data: Dataset) -> str:
+def data_digest(data: Dataset) -> str:
     """SHA-256 of the clean images a scan optimises on."""
     return hashlib.sha256(data.x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
@@ -118,7 +118,7 @@ _NOT_IN_RESUME_KEY = ("device", "torch_threads", "executor", "ray_address", "ray
                       "gpus_per_task")
 
 
-def _prepare_out(out_dir: Path, resume: bool, settings: dict, model_info: dict) -> None:
+def prepare_out(out_dir: Path, resume: bool, settings: dict, model_info: dict) -> None:
     if out_dir.is_symlink() and not out_dir.exists():
         raise NetcleanseError(f"--out {out_dir} is a link to nothing; choose a folder")
     if out_dir.exists() and not out_dir.is_dir():

@@ -63,7 +63,7 @@ from .calibrated import calibrated_test
 from .detection import anomaly_indices, flag_labels, index_ceiling, median_and_mad
 from .errors import NetcleanseError
 from .executor import Executor, LocalExecutor
-from .journal import _Journal, _data_digest, _lock, _prepare_out, _weights_digest
+from .journal import Journal, data_digest, lock_folder, prepare_out, weights_digest
 from .margin import max_margins
 from .neural_cleanse import Schedule, attack_success, reverse_engineer
 from .presets import PRESETS, Preset, Stage, plan_of  # PRESETS, Preset, Stage: still importable from here
@@ -266,12 +266,12 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
     lock = None
     if out_dir is not None:
         # the resume key holds the content of the weights and data, not only their names
-        _prepare_out(out_dir, resume, settings, dict(_model_info(model), weights_sha256=_weights_digest(model),
-                                                     data_sha256=None if data is None else _data_digest(data)))
+        prepare_out(out_dir, resume, settings, dict(_model_info(model), weights_sha256=weights_digest(model),
+                                                     data_sha256=None if data is None else data_digest(data)))
         if resume and (out_dir / scan_folder.SCAN_JSON).exists():
             return ScanResult.load(out_dir)  # already finished
-        lock = _lock(out_dir)  # held until this function returns (or the process ends)
-    journal = _Journal(out_dir)
+        lock = lock_folder(out_dir)  # held until this function returns (or the process ends)
+    journal = Journal(out_dir)
 
     work, channels_last = _working_copy(model, dev)
 
@@ -468,7 +468,7 @@ def record_margins(model, scans: list[dict], seed: int, preset: str = "fast") ->
     return margins
 
 
-def label_margins(work, labels, seed: int, plan: Preset, device, channels_last: bool, journal: _Journal | None = None,
+def label_margins(work, labels, seed: int, plan: Preset, device, channels_last: bool, journal: Journal | None = None,
                   bar=None, executor: Executor | None = None) -> dict[int, float]:
     """Each label's maximum logit margin (:func:`netcleanse.margin.max_margins`) with the preset's
     budget; a label's value depends on the model, ``seed`` and the label only, so a scan and a later
@@ -482,7 +482,7 @@ def label_margins(work, labels, seed: int, plan: Preset, device, channels_last: 
     per_chunk = max(1, MARGIN_IMAGES // plan.margin_restarts)
     chunks = [labels[i:i + per_chunk] for i in range(0, len(labels), per_chunk)]
     keys = [f"margin_{ci:05d}_{chunk[0]}-{chunk[-1]}" for ci, chunk in enumerate(chunks)]
-    memory = journal if journal is not None else _Journal(None)
+    memory = journal if journal is not None else Journal(None)
     todo = [ci for ci, key in enumerate(keys) if not memory.has(key)]
     task = bar.add_task(f"margin: {len(labels)} labels", total=len(labels)) if bar is not None else None
     finished = [len(labels) - sum(len(chunks[ci]) for ci in todo)]
@@ -522,7 +522,7 @@ def _margin_chunk(shared: "_ScanShared", job, progress) -> np.ndarray:
                        on_chunk=progress)
 
 
-def _run_stage(work, stage: Stage, labels: list[int], x_opt, x_val, journal: _Journal, seed: int, bar,
+def _run_stage(work, stage: Stage, labels: list[int], x_opt, x_val, journal: Journal, seed: int, bar,
                channels_last: bool, dev, init: dict | None = None, executor: Executor | None = None) -> dict:
     """Search every label of ``labels`` in chunks; returns label -> (record, mask, pattern, last mask,
     last pattern), reading finished chunks from the journal. The chunks not yet in the journal go

@@ -218,7 +218,7 @@ def screen(entries: list[ScreenEntry], out, *, preset: str = "fast", rule: str =
     per-model folders, ``screen.csv``, ``screen.json`` and ``index.html`` into ``out`` (see the
     module doc). A non-empty ``out`` is refused unless ``resume``; resuming with other settings or
     other entries is refused. ``report``: also render each model's report.html."""
-    from .journal import _lock
+    from .journal import lock_folder
     from .presets import PRESETS
     from .scanning import RULES
     started = time.perf_counter()
@@ -241,7 +241,7 @@ def screen(entries: list[ScreenEntry], out, *, preset: str = "fast", rule: str =
     settings = {"preset": preset, "rule": rule, "alpha": float(alpha), "threshold": float(threshold),
                 "seed": int(seed), "entries": [asdict(e) for e in entries]}
     _prepare(out, resume, settings)
-    lock = _lock(out)
+    lock = lock_folder(out)
     executor = executor or LocalExecutor()
     in_process = isinstance(executor, LocalExecutor)
     rows: list[dict | None] = [None] * len(entries)
