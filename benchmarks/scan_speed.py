@@ -10,10 +10,11 @@ One run, same machine, same process, data-free inputs, torch threads = --threads
   more sampled labels: their MEASURED mean time per label, times the number of labels, is the
   reference's full scan without an assumed epoch count (with ``--full``: the ratio to the measured
   fast scan).
-* fast: MEASURED on one coarse chunk (96 labels) and one refinement chunk (48 labels), exactly the
-  work the fast preset does; a full scan is ceil(1283 / 96) coarse chunks + at most
-  ceil((64 + controls) / 48) refinement chunks, so the full-scan time is EXTRAPOLATED (worst case)
-  from those two measurements. `--full` also runs and times
+* fast: MEASURED on the trigger searches of one coarse chunk (96 labels) and one refinement chunk
+  (48 labels); a full scan is ceil(1283 / 96) coarse chunks + at most ceil((64 + controls) / 48)
+  refinement chunks, so the searches' full-scan time is EXTRAPOLATED (worst case) from those two
+  measurements (without the input synthesis, attack-success checks and margins: ``--full``
+  measures everything). `--full` also runs and times
   the whole data-free fast scan (several minutes), in a child process, with its own peak RSS.
 * small nets: a full data-free fast scan (wall time, peak RSS of the scanning child process) of a
   43-class net of Neural Cleanse's traffic-sign architecture (``gtsrb-cnn`` on the built-in
@@ -96,7 +97,8 @@ def child_scan(model_path: str, arch: str, threads: int) -> int:
     status = open("/proc/self/status").read()
     peak = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
     print(json.dumps({"model": model_path, "num_labels": model.num_classes, "full_s": wall, "peak_rss_mib": peak,
-                      "flagged": result.flagged, "verdict": result.verdict}))
+                      "flagged": result.flagged, "verdict": result.verdict, "p_value": result.p_value,
+                      "passes": result.settings["passes"]}))
     return 0
 
 
@@ -195,6 +197,7 @@ def main(argv=None) -> int:
             out["speedup_measured"] = out["reference"]["converged_full_s"] / full["full_s"]
         out["fast"]["full_flagged"] = full["flagged"]
         out["fast"]["full_peak_rss_mib"] = full["peak_rss_mib"]
+        out["fast"]["full_passes"] = full["passes"]
     if not args.no_small:
         out["small"] = {}
         for name, given in (("gtsrb-43", args.gtsrb_model), ("mnist-10", args.mnist_model)):
@@ -211,7 +214,8 @@ def main(argv=None) -> int:
           f"labels {refine_s:.1f} s; EXTRAPOLATED full scan {fast_full / 60:.1f} min ({f['labels_per_s']:.2f} labels/s)")
     if "measured_full_s" in f:
         print(f"fast: MEASURED full data-free scan {f['measured_full_s'] / 60:.1f} min, peak RSS "
-              f"{f['full_peak_rss_mib']:.0f} MiB (scan process alone), flagged {f['full_flagged']}")
+              f"{f['full_peak_rss_mib']:.0f} MiB (scan process alone), flagged {f['full_flagged']}; images "
+              f"through the network: {f['full_passes']}")
     print(f"speed-up fast vs reference (extrapolated full scans): {out['speedup']:.0f}x")
     if "converged" in r:
         epochs = [c["epochs"] for c in r["converged"]]
@@ -223,7 +227,8 @@ def main(argv=None) -> int:
     print(f"peak RSS of this process (reference + chunk measurements) {out['peak_rss_mib']:.0f} MiB")
     for name, r in out.get("small", {}).items():
         print(f"{name}: MEASURED full data-free fast scan of {r['num_labels']} labels {r['full_s']:.1f} s, peak RSS "
-              f"{r['peak_rss_mib']:.0f} MiB (scan process alone), {r['verdict']} {r['flagged']}")
+              f"{r['peak_rss_mib']:.0f} MiB (scan process alone), {r['verdict']} {r['flagged']} (p {r['p_value']:.2g}); "
+              f"images through the network: {r['passes']}")
     if args.json:
         write_json_atomic(args.json, out, indent=1)
     return 0

@@ -64,12 +64,14 @@ def test_a_scan_takes_a_preset_variant_and_records_it(badnet):
     assert "inversion_confidence" not in PRESETS["fast"].to_dict()  # the presets' settings are as they were
 
 
-def test_the_fast_preset_stops_the_inversion_for_few_labels_only():
+def test_the_few_labels_plan_takes_its_own_inversion_confidence():
     fast = PRESETS["fast"]
-    assert fast.for_labels(fast.candidates + fast.controls).inversion_confidence == 0.9
-    assert fast.for_labels(fast.candidates + fast.controls).refine == fast.few_labels_refine
-    many = fast.for_labels(fast.candidates + fast.controls + 1)
-    assert many is fast and many.inversion_confidence is None
+    variant = replace(fast, few_labels_inversion_confidence=0.9)
+    few, many = fast.candidates + fast.controls, fast.candidates + fast.controls + 1
+    assert variant.for_labels(few).inversion_confidence == 0.9
+    assert variant.for_labels(few).refine == fast.few_labels_refine
+    assert variant.for_labels(many) is variant and variant.for_labels(many).inversion_confidence is None
+    assert fast.for_labels(few).inversion_confidence is None  # off in the presets (benchmarks/RESULTS.md)
     assert PRESETS["reference"].for_labels(10) is PRESETS["reference"]  # one stage: no few-labels plan
 
 
@@ -81,9 +83,9 @@ def test_a_preset_variant_is_the_name_unless_something_changes():
     with pytest.raises(NetcleanseError, match="unknown preset"):
         preset_variant("fastest")
     assert inversion_variant("fast", None) == "fast"
-    assert inversion_variant("fast", "0.9") == replace(PRESETS["fast"], inversion_confidence=0.9)
-    off = inversion_variant("fast", "off")
-    assert off.inversion_confidence is None and off.few_labels_inversion_confidence is None
+    assert inversion_variant("fast", "0.9") == replace(PRESETS["fast"], inversion_confidence=0.9,
+                                                       few_labels_inversion_confidence=0.9)
+    assert inversion_variant("fast", "off") == "fast"  # the preset itself never stops early
     for bad in ("high", "1.5"):
         with pytest.raises(NetcleanseError, match="inversion confidence"):
             inversion_variant("fast", bad)

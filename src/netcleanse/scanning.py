@@ -26,7 +26,6 @@ synthesises (:mod:`netcleanse.synthesis`). Two presets (:mod:`netcleanse.presets
        their paper's index from the coarse pass's median/MAD over all labels, and cannot be flagged.
     When there are no more labels than candidates + controls (64), every label is refined, on
     200 inputs with a longer schedule (``few_labels_refine``: up to 200 epochs of 2 x 32 inputs),
-    the data-free inversion keeps each input at probability 0.9 (``few_labels_inversion_confidence``),
     and the index is the paper's (median/MAD over all labels).
 
 Long scans persist every finished chunk of labels to ``out`` (``progress.jsonl`` + ``partial/``,

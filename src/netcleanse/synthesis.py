@@ -14,8 +14,7 @@ different classes, kept smooth by the total-variation prior. The gradient is tak
 :data:`INVERT_IMAGES` inputs at a time, which bounds memory and gives the same gradient as one pass up to
 float rounding (a CPU's kernels may round a pass of fewer inputs differently).
 
-**Stopping at a confidence** (``confidence``; the fast preset asks for 0.9 on models with few
-labels, :mod:`netcleanse.presets`): an input is kept at
+**Stopping at a confidence** (``confidence``, off unless a preset asks for it): an input is kept at
 the first iterate at which the model gives its target class a probability of at least
 ``confidence`` (checked before each step; an input that never reaches it is the last iterate).
 Optimised on, an input is pushed far past the decision boundary into a region of extreme
