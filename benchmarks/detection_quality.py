@@ -29,6 +29,7 @@ Backdoors whose attack did not take (``attack_learned`` false) are listed but le
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import math
 import sys
@@ -216,6 +217,10 @@ def main(argv=None) -> int:
     ap.add_argument("--inversion-confidence", default=None,
                     help="scan with the preset's data-free inversion stopped at this confidence for every model, "
                          "or 'off' (a variant of the preset: use its own --out folder; default: the preset's own)")
+    ap.add_argument("--few-labels-plan", choices=("on", "off"), default="on",
+                    help="off: models with few labels take the many-labels plan's refinement (warm-started "
+                         "from the coarse pass, 300 steps of 8 on the preset's inputs) instead of their own "
+                         "(a variant of the preset: use its own --out folder)")
     ap.add_argument("--seed", type=int, default=0, help="scan seed")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--shard", type=parse_shard, default=(0, 1))
@@ -242,6 +247,8 @@ def main(argv=None) -> int:
     try:
         planned = ""
         preset = inversion_variant(args.preset, args.inversion_confidence)
+        if args.few_labels_plan == "off":
+            preset = replace(plan_of(preset), few_labels_refine=None, few_labels_n_opt=None)
         if not args.summary_only:  # the summary needs only the rows (each holds its model's entry)
             entries = [e for e in read_zoo(args.zoo) if chosen(e)]
             torch.set_num_threads(args.threads)
@@ -256,12 +263,21 @@ def main(argv=None) -> int:
                 if chosen(row["entry"]) and row["mode"] in modes and row["seed"] == args.seed]
         if not rows:
             raise NetcleanseError(f"no scans of the {args.split} half in {args.out}")
-        # the confidence each row's scan should have used (the preset's own differs with the label count)
-        other = [r["model"] for r in rows if r["scan"]["settings"]["plan"].get("inversion_confidence")
-                 != plan_of(preset).for_labels(len(r["scan"]["labels"])).inversion_confidence]
+        # the confidence and refinement each row's scan should have used (they differ with the label count)
+        def expected(row):
+            plan = plan_of(preset).for_labels(len(row["scan"]["labels"]))
+            schedule = json.loads(json.dumps(plan.refine.to_dict()["schedule"])) if plan.refine else None
+            return plan.inversion_confidence, schedule  # as scan.json records it (lists, not tuples)
+
+        def recorded(row):
+            plan = row["scan"]["settings"]["plan"]
+            return plan.get("inversion_confidence"), plan["refine"]["schedule"] if plan["refine"] else None
+
+        other = [r["model"] for r in rows if recorded(r) != expected(r)]
         if other:
             raise NetcleanseError(f"{len(other)} rows in {args.out} (e.g. {other[0]}) were scanned with another "
-                                  f"inversion confidence than --inversion-confidence {args.inversion_confidence}: "
+                                  f"inversion confidence or refinement than --inversion-confidence "
+                                  f"{args.inversion_confidence} --few-labels-plan {args.few_labels_plan}: "
                                   "one folder per variant")
         print(f"{len(rows)} scans of the {args.split} half{planned}; calibrated rule at alpha "
               f"{args.alpha:g}, null {args.family}{'' if args.family == 'normal' else f'({args.df:g})'}, "
