@@ -242,6 +242,11 @@ def test_detection_quality_scans_resumably_and_scores_both_rules(benchmark_modul
     lo, hi = dq.wilson(0, 30)
     assert lo == 0 and hi == pytest.approx(1.959964 ** 2 / (30 + 1.959964 ** 2))
     assert dq.main([str(tmp_path / "zoo"), "--out", str(tmp_path / "dq"), "--split", "eval", "--summary-only"]) == 2
+    # rows of another variant of the preset are refused, not mixed into the summary
+    for variant in (["--few-labels-plan", "off"], ["--inversion-confidence", "0.9"]):
+        assert dq.main(args + ["--summary-only", *variant]) == 2
+        assert "one folder per variant" in capsys.readouterr().err
+    assert dq.main(args + ["--summary-only", "--inversion-confidence", "off"]) == 0  # the preset itself
 
 def test_traffic_sign_architecture_trains_in_the_lab_and_scans(tmp_path, monkeypatch):
     """gtsrb-cnn (Neural Cleanse's traffic-sign net) on the 43-class 3x32x32 mnist-pairs-43: the lab
