@@ -152,7 +152,8 @@ def main(argv=None) -> int:
               f"{measured['attack_success']:.3f}; scan flags {scan['flagged']} (p {scan['p_value']:.2g}) in "
               f"{rows[route]['scan_s']:.0f} s{'' if ok else '  <- MISMATCH'}", flush=True)
     diff = timm_check(args.work)
-    print("timm: not installed" if diff is None else f"timm resnet18 from its state_dict: max abs logit difference {diff:.2g}")
+    print("timm: not installed" if diff is None
+          else f"timm resnet18 from its state_dict: max abs logit difference {diff:.2g}")
     failed |= diff is not None and diff > 1e-4
     return 1 if failed else 0
 

@@ -5,8 +5,8 @@ resume key in ``scan_settings.json`` (:func:`prepare_out`): the settings that de
 (not those of where and how it runs: device, threads, executor), the model's description and the
 SHA-256 of its weights and preprocessing (:func:`weights_digest`) and of the clean images
 (:func:`data_digest`); a resumed scan must match it. An exclusive lock (:func:`lock_folder`,
-``.lock``) keeps two scans from writing one folder. The journal (:class:`Journal`) appends every finished
-chunk of labels to ``progress.jsonl`` with its arrays in ``partial/``, written atomically, so an
+``.lock``) keeps two scans from writing one folder. The journal (:class:`Journal`) appends every
+finished chunk of labels to ``progress.jsonl`` with its arrays in ``partial/``, written atomically, so an
 interrupted scan redoes at most the chunks in flight and, reading finished chunks back from disk,
 gives the same result as an uninterrupted one. The finished scan's own files are
 :mod:`netcleanse.scan_folder`'s.

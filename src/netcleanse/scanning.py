@@ -266,7 +266,7 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
     if out_dir is not None:
         # the resume key holds the content of the weights and data, not only their names
         prepare_out(out_dir, resume, settings, dict(_model_info(model), weights_sha256=weights_digest(model),
-                                                     data_sha256=None if data is None else data_digest(data)))
+                                                    data_sha256=None if data is None else data_digest(data)))
         if resume and (out_dir / scan_folder.SCAN_JSON).exists():
             return ScanResult.load(out_dir)  # already finished
         lock = lock_folder(out_dir)  # held until this function returns (or the process ends)
