@@ -459,7 +459,7 @@ def record_margins(model, scans: list[dict], seed: int, preset: str = "fast") ->
     only, so this equals what a rescan would record); returns label -> margin."""
     tested = sorted(set().union(*(calibrated_inputs(s["labels"], s["settings"]["detection"])[0] for s in scans)))
     work, channels_last = _working_copy(model, torch.device("cpu"))
-    margins = label_margins(work, tested, seed, PRESETS[preset], torch.device("cpu"), channels_last)
+    margins = label_margins(work, tested, seed, plan_of(preset), torch.device("cpu"), channels_last)
     for s in scans:
         for rec in s["labels"]:
             if rec["label"] in margins:
