@@ -122,6 +122,30 @@ def test_many_labels_use_random_controls_and_find_the_target():
     assert top["mask_l1_vs_median"] < 0.5
 
 
+def test_the_few_labels_plan_costs_no_more_than_the_largest_many_labels_refinement():
+    fast = PRESETS["fast"]
+    cap = (fast.max_candidates + fast.controls) * fast.refine.schedule.max_passes()
+    few = [n for n in range(1, 200) if fast.few_labels(n)]
+    assert few == list(range(1, len(few) + 1)) and 10 in few  # a 10-label MNIST net takes it
+    assert len(few) * fast.few_labels_refine.schedule.max_passes() <= cap
+    assert (len(few) + 1) * fast.few_labels_refine.schedule.max_passes() > cap  # 43 labels: not
+
+
+def test_mid_size_label_counts_refine_every_label_on_the_many_labels_schedule():
+    # 30 labels: beyond the few-labels plan, no more than candidates + controls: every label is
+    # refined on the many-labels schedule and scored against all labels
+    n_classes = 30
+    model = train_tiny(True, n_classes=n_classes, n=1500)
+    x, y = make_data(300, torch.Generator().manual_seed(98), n_classes)
+    result = scan(model, Dataset(x, y, source="tiny-30"), progress=False)
+    assert result.settings["detection"]["scheme"] == "all labels"
+    assert result.settings["plan"]["refine"] == PRESETS["fast"].refine.to_dict()
+    assert result.settings["plan"]["n_opt"] == PRESETS["fast"].n_opt
+    assert {rec["stage"] for rec in result.labels} == {"refine"}
+    assert max(result.labels, key=lambda r: r["anomaly_index"])["label"] == TARGET
+    assert TARGET in result.flagged
+
+
 def test_same_seed_same_result(badnet, clean_data):
     a = scan(badnet, clean_data, labels=[0, 4, 5], seed=3, progress=False)
     b = scan(badnet, clean_data, labels=[0, 4, 5], seed=3, progress=False)

@@ -67,6 +67,10 @@ class Schedule:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def max_passes(self) -> int:
+        """The most inputs one label's search can stamp: batch_size x steps_per_epoch x max_epochs."""
+        return self.batch_size * self.steps_per_epoch * self.max_epochs
+
 
 @dataclass
 class LabelSearch:

@@ -24,9 +24,10 @@ synthesises (:mod:`netcleanse.synthesis`). Two presets (:mod:`netcleanse.presets
        only with labels refined the same way: the median and MAD come from the random controls
        (an unbiased sample of all labels at the same budget). Labels that were not refined get
        their paper's index from the coarse pass's median/MAD over all labels, and cannot be flagged.
-    When there are no more labels than candidates + controls (64), every label is refined, on
-    200 inputs with a longer schedule (``few_labels_refine``: up to 200 epochs of 2 x 32 inputs),
-    and the index is the paper's (median/MAD over all labels).
+    With few labels (:meth:`~netcleanse.presets.Preset.few_labels`: up to 21 with ``fast``, while
+    refining them all costs no more than the largest many-labels refinement), every label is
+    refined, on 200 inputs with a longer schedule (``few_labels_refine``: up to 200 epochs of
+    2 x 32 inputs), and the index is the paper's (median/MAD over all labels).
 
 Long scans persist every finished chunk of labels to ``out`` (``progress.jsonl`` + ``partial/``,
 written atomically; :mod:`netcleanse.journal`), so an interrupted scan resumes with ``resume=True``
