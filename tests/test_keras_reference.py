@@ -8,6 +8,11 @@ random weights and non-trivial normalisation statistics:
   ``BatchNormalization`` after a convolution (functional model);
 - a GTSRB-style net taking 0..255 pixels through ``Rescaling(1/255)``, with ``BatchNormalization``
   after a ``Dense`` layer (Sequential model);
+- the building blocks of Keras's MobileNet/Xception/EfficientNet families: ``SeparableConv2D``,
+  ``DepthwiseConv2D``, hard-swish written as arithmetic on tensors (Keras 3 operations with a
+  constant operand), ``LayerNormalization``;
+- a transfer-learning model: a base model with ``BatchNormalization`` (its name holding a dot, as
+  Keras's applications' do) nested in a Sequential;
 
 each as a Keras 3 ``.keras`` archive and as a legacy ``.h5`` whole-model file, plus Keras's
 ``predict`` on random inputs. netcleanse must load every file (its own PyTorch rebuild, no Keras
@@ -45,6 +50,8 @@ rng = np.random.default_rng(0)
 
 def randomise_batchnorm(model):
     for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            randomise_batchnorm(layer)
         if isinstance(layer, layers.BatchNormalization):
             gamma, beta, mean, var = layer.get_weights()
             layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.2, beta.shape),
@@ -74,7 +81,33 @@ gtsrb = keras.Sequential([
     layers.Dense(43, activation="softmax"),
 ], name="gtsrb_batchnorm_after_dense")
 
-for model, scale in ((cifar, 1.0), (gtsrb, 255.0)):
+# the building blocks of Keras's MobileNet, Xception and EfficientNet families: separable and
+# depthwise convolutions, hard-swish written as arithmetic on tensors (Keras 3 stores ``x + 3.0``
+# and ``x * (1 / 6)`` as Add/Multiply operations with a constant operand), LayerNormalization
+inp = keras.Input((32, 32, 3))
+x = layers.SeparableConv2D(8, 3, padding="same", depth_multiplier=2)(inp)
+x = layers.BatchNormalization()(x)
+x = x * layers.ReLU(6.0)(x + 3.0) * (1.0 / 6.0)
+x = layers.DepthwiseConv2D(3, strides=2, padding="same")(x)
+x = layers.LayerNormalization(epsilon=1e-6)(x)
+x = x / 6.0 - 0.5
+x = layers.GlobalAveragePooling2D()(x)
+mobile = keras.Model(inp, layers.Dense(10, activation="softmax")(x), name="mobile_blocks")
+
+# transfer learning's usual shape: a base model with BatchNormalization, nested in a Sequential,
+# its name holding a dot as Keras's own applications' names do ("mobilenetv2_1.00_224")
+base_in = keras.Input((32, 32, 3))
+b = layers.Conv2D(8, 3, strides=2, padding="same")(base_in)
+b = layers.BatchNormalization()(b)
+b = layers.ReLU(6.0)(b)
+b = layers.DepthwiseConv2D(3, padding="same", use_bias=False)(b)
+b = layers.BatchNormalization()(b)
+base = keras.Model(base_in, layers.ReLU(6.0)(b), name="base_1.00_32")
+nested = keras.Sequential([keras.Input((32, 32, 3)), layers.Rescaling(1 / 127.5, offset=-1), base,
+                           layers.GlobalAveragePooling2D(), layers.Dense(5, activation="softmax")],
+                          name="nested_base")
+
+for model, scale in ((cifar, 1.0), (gtsrb, 255.0), (mobile, 1.0), (nested, 255.0)):
     randomise_batchnorm(model)
     x = rng.random((6, 32, 32, 3)).astype("float32")  # pixels in [0, 1]
     np.save(f"{out}/{model.name}_x.npy", x)
@@ -88,7 +121,7 @@ lam.save(f"{out}/with_lambda.keras")
 lam.save(f"{out}/with_lambda.h5")
 '''
 
-NETS = {"cifar_normalization": 1.0, "gtsrb_batchnorm_after_dense": 255.0}
+NETS = {"cifar_normalization": 1.0, "gtsrb_batchnorm_after_dense": 255.0, "mobile_blocks": 1.0, "nested_base": 255.0}
 
 
 @pytest.fixture(scope="module")

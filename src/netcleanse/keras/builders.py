@@ -20,15 +20,17 @@ from .. import limits
 from ..crosscheck import check_layer
 from ..errors import NetcleanseError
 from .layers import (_ACTIVATIONS, KerasActivation, KerasBatchNorm, KerasConv2d, KerasCropping2d, KerasDense,
-                     KerasDepthwiseConv2d, KerasFlatten, KerasGlobalPool2d, KerasMerge, KerasNormalization,
-                     KerasPermute, KerasPool2d, KerasReshape, KerasRescaling, KerasUpSampling2d, _pair,
-                     _to_keras_layout)
+                     KerasDepthwiseConv2d, KerasFlatten, KerasGlobalPool2d, KerasLayerNorm, KerasMerge,
+                     KerasNormalization, KerasPermute, KerasPool2d, KerasReshape, KerasRescaling,
+                     KerasSeparableConv2d, KerasUpSampling2d, _pair, _to_keras_layout)
 
 MODEL_CLASSES = {"Model", "Functional", "Sequential"}
 _IDENTITY_LAYERS = {"Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
                     "ActivityRegularization"}
 _MERGES = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply", "Average": "average",
-           "Maximum": "maximum", "Minimum": "minimum", "Concatenate": "concatenate"}
+           "Maximum": "maximum", "Minimum": "minimum", "Concatenate": "concatenate",
+           # Keras 3 operations on tensors (``x / 6``), which its configs list among the layers
+           "Divide": "divide", "TrueDivide": "divide"}
 _ALIASES = {"Convolution2D": "Conv2D", "MaxPool2D": "MaxPooling2D", "AvgPool2D": "AveragePooling2D",
             "GlobalAvgPool2D": "GlobalAveragePooling2D", "GlobalMaxPool2D": "GlobalMaxPooling2D"}
 
@@ -104,6 +106,8 @@ class LayerCall:
     name: str
     x: torch.Tensor
     keras_major: int
+    # numbers among the operands of a Keras 3 operation node (``x + 3.0``): operand position -> value
+    constants: dict[int, float] | None = None
 
     @property
     def rank(self) -> int:
@@ -136,12 +140,16 @@ def builds(*class_names: str) -> Callable[[Builder], Builder]:
 
 
 def build_layer(class_name: str, cfg: dict, name: str, inputs: list[torch.Tensor],
-                keras_major: int) -> tuple[nn.Module, str]:
-    """A torch module for one Keras layer, given the tensors it is first called on.
+                keras_major: int, constants: dict[int, float] | None = None) -> tuple[nn.Module, str]:
+    """A torch module for one Keras layer, given the tensors it is first called on (and the
+    numbers among its operands, for a Keras 3 operation such as ``x + 3.0``).
 
     Returns (module, fused activation name applied after it, "linear" for none).
     """
-    call = LayerCall(class_name, cfg, name, inputs[0], keras_major)
+    if constants and class_name not in _MERGES:
+        raise NetcleanseError(f"layer {name!r} ({class_name}) is called on a constant; netcleanse only "
+                              "rebuilds arithmetic (Add, Subtract, Multiply, Divide) with constants")
+    call = LayerCall(class_name, cfg, name, inputs[0], keras_major, constants)
     builder = BUILDERS.get(class_name)
     if builder is None:
         raise NetcleanseError(f"layer {name!r} has class {class_name!r}, which netcleanse cannot rebuild")
@@ -172,6 +180,19 @@ def _depthwise_conv2d(c: LayerCall):
     module = KerasDepthwiseConv2d(c.x.shape[1], int(cfg.get("depth_multiplier", 1)), _pair(cfg["kernel_size"]),
                                   _pair(cfg.get("strides", 1)), _pair(cfg.get("dilation_rate", 1)),
                                   bool(cfg.get("use_bias", True)), same=c.padding() == "same")
+    return module, c.activation()
+
+
+@builds("SeparableConv2D")
+def _separable_conv2d(c: LayerCall):
+    c.image_input()
+    cfg = c.cfg
+    kernel, mult, filters = _pair(cfg["kernel_size"]), int(cfg.get("depth_multiplier", 1)), int(cfg["filters"])
+    cin = int(c.x.shape[1])
+    _check_layer_size(c.name, cin * mult * (kernel[0] * kernel[1] + filters), (*kernel, cin, mult))
+    module = KerasSeparableConv2d(cin, filters, mult, kernel, _pair(cfg.get("strides", 1)),
+                                  _pair(cfg.get("dilation_rate", 1)), bool(cfg.get("use_bias", True)),
+                                  same=c.padding() == "same")
     return module, c.activation()
 
 
@@ -220,7 +241,7 @@ def _identity_layer(c: LayerCall):
 
 @builds(*_MERGES)
 def _merge(c: LayerCall):
-    return KerasMerge(_MERGES[c.class_name], int(c.cfg.get("axis", -1))), "linear"
+    return KerasMerge(_MERGES[c.class_name], int(c.cfg.get("axis", -1)), c.constants), "linear"
 
 
 @builds("Activation")
@@ -273,6 +294,21 @@ def _batch_norm(c: LayerCall):
     channels = c.x.shape[1] if rank == 4 else c.x.shape[-1]
     return KerasBatchNorm(channels, float(cfg.get("epsilon", 1e-3)), float(cfg.get("momentum", 0.99)),
                           bool(cfg.get("center", True)), bool(cfg.get("scale", True))), "linear"
+
+
+@builds("LayerNormalization")
+def _layer_norm(c: LayerCall):
+    cfg, rank = c.cfg, c.rank
+    if cfg.get("rms_scaling"):
+        raise NetcleanseError(f"layer {c.name!r}: LayerNormalization with rms_scaling is not supported")
+    axis = cfg.get("axis", -1)
+    axes = tuple(sorted({int(a) % rank for a in (axis if isinstance(axis, list) else [axis])}))
+    if not axes or 0 in axes:
+        raise NetcleanseError(f"layer {c.name!r}: LayerNormalization over the batch axis is not supported")
+    shape = tuple(_to_keras_layout(c.x).shape)
+    _check_layer_size(c.name, 2 * int(np.prod([shape[d] for d in axes], dtype=object)))
+    return KerasLayerNorm(axes, shape, float(cfg.get("epsilon", 1e-3)), bool(cfg.get("center", True)),
+                          bool(cfg.get("scale", True))), "linear"
 
 
 @builds("ZeroPadding2D")

@@ -107,6 +107,17 @@ def _node_refs(node) -> list[tuple[str, int, int]]:
     return [(str(ref[0]), int(ref[1]), int(ref[2])) for ref in node]
 
 
+def _node_constants(node) -> dict[int, float]:
+    """The numbers among a Keras 3 node's operands (position -> value), as in an operation such as
+    ``x + 3.0`` (args ``[tensor, 3.0]``); empty for layer calls and Keras 2 nodes."""
+    if not isinstance(node, dict):
+        return {}
+    args = node.get("args", [])
+    if len(args) == 1 and isinstance(args[0], list):
+        args = args[0]
+    return {i: float(a) for i, a in enumerate(args) if isinstance(a, (int, float)) and not isinstance(a, bool)}
+
+
 def _io_refs(value) -> list[tuple[str, int, int]]:
     if not value:
         return []

@@ -11,7 +11,8 @@ from torch import nn
 from ..errors import NetcleanseError
 from ..utils import first_line
 from .builders import MODEL_CLASSES, _ALIASES, _activation_name, build_layer
-from .config import _entry_name, _has_input_spec, _input_spec, _io_refs, _layer_entries, _node_refs, check_config
+from .config import (_entry_name, _has_input_spec, _input_spec, _io_refs, _layer_entries, _node_constants, _node_refs,
+                     check_config)
 from .layers import _ACTIVATIONS, KerasMerge
 from .slots import Slot, _leaf_slots
 
@@ -43,8 +44,14 @@ class KerasGraph(nn.Module):
         entries = _layer_entries(model_config)
         self._entries = {_entry_name(e): e for e in entries}
         self._layer_order = [_entry_name(e) for e in entries]
+        self._constants: dict[tuple[str, int], dict[int, float]] = {}  # call node -> its numeric operands
         if len(self._entries) != len(entries):
             raise NetcleanseError("the model config has two layers with the same name")
+        # torch module names cannot hold a dot, Keras layer names can ("mobilenetv2_1.00_224")
+        self._torch_names = {n: n.replace(".", "_") for n in self._layer_order}
+        if len(set(self._torch_names.values())) != len(self._torch_names):
+            raise NetcleanseError("two of the model's layer names differ only in '.' and '_', which netcleanse "
+                                  "cannot tell apart")
         if self._class_name == "Sequential":
             self._plan_sequential(entries)
         else:
@@ -95,6 +102,8 @@ class KerasGraph(nn.Module):
             offset = 1 if entry.get("class_name") in MODEL_CLASSES and _has_input_spec(entry) else 0
             for index, node in enumerate(entry.get("inbound_nodes") or []):
                 pending.append((name, index + offset, _node_refs(node)))
+                if _node_constants(node):
+                    self._constants[(name, index + offset)] = _node_constants(node)
         # Topological order of call nodes (config order is usually one already).
         done = {(self._input_name, 0)}
         self._nodes = []
@@ -132,7 +141,7 @@ class KerasGraph(nn.Module):
         entry = self._entries[name]
         class_name = _ALIASES.get(entry["class_name"], entry["class_name"])
         cfg = entry.get("config") or {}
-        if class_name in ("Dense", "Conv2D", "DepthwiseConv2D"):
+        if class_name in ("Dense", "Conv2D", "DepthwiseConv2D", "SeparableConv2D"):
             return _activation_name(cfg.get("activation"), name)
         if class_name == "Activation":
             return _activation_name(cfg.get("activation"), name)
@@ -155,7 +164,7 @@ class KerasGraph(nn.Module):
             return "linear"
         class_name = _ALIASES.get(last["class_name"], last["class_name"])
         cfg = last.get("config") or {}
-        if class_name in ("Dense", "Conv2D", "DepthwiseConv2D", "Activation"):
+        if class_name in ("Dense", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Activation"):
             return _activation_name(cfg.get("activation"), _entry_name(last))
         if class_name == "Softmax":
             return "softmax"
@@ -179,21 +188,23 @@ class KerasGraph(nn.Module):
         for name, index, refs in self._nodes:
             args = [values[(ref[0], ref[1])] for ref in refs]
             drop_softmax = strip_here and (name, index) == output_node
+            constants = self._constants.get((name, index))
             if not build:
-                values[(name, index)] = self._call(name, args, drop_softmax, build)
+                values[(name, index)] = self._call(name, args, drop_softmax, build, constants)
                 continue
             try:  # the dry run: a config whose layers do not fit together fails here
-                values[(name, index)] = self._call(name, args, drop_softmax, build)
+                values[(name, index)] = self._call(name, args, drop_softmax, build, constants)
             except (RuntimeError, ValueError, ZeroDivisionError, TypeError, IndexError) as exc:
                 shapes = ", ".join("x".join(map(str, a.shape[1:])) for a in args)
                 raise NetcleanseError(f"layer {name!r} cannot be built on its input ({shapes}): "
                                       f"{first_line(exc)}") from None
         return values[output_node]
 
-    def _call(self, name: str, args: list[torch.Tensor], drop_softmax: bool, build: bool) -> torch.Tensor:
+    def _call(self, name: str, args: list[torch.Tensor], drop_softmax: bool, build: bool,
+              constants: dict[int, float] | None = None) -> torch.Tensor:
         entry = self._entries[name]
         class_name = _ALIASES.get(entry["class_name"], entry["class_name"])
-        module = self._modules.get(name)
+        module = self.module_of(name)
         if module is None:
             if not build:
                 raise RuntimeError(f"layer {name} was not built")
@@ -202,21 +213,22 @@ class KerasGraph(nn.Module):
                     module, activation = KerasGraph(entry, self.keras_version, strip_final_softmax=False), "linear"
                 else:
                     module, activation = build_layer(class_name, entry.get("config") or {}, name, args,
-                                                     self._keras_major)
+                                                     self._keras_major, constants)
             except (KeyError, TypeError, IndexError, ValueError) as exc:
                 raise NetcleanseError(f"layer {name!r} ({class_name}) has a config netcleanse cannot read "
                                       f"({type(exc).__name__}: {first_line(exc)})") from None
-            if "." in name or hasattr(self, name) and name not in self._modules:
+            torch_name = self._torch_names[name]
+            if not torch_name or hasattr(self, torch_name) and torch_name not in self._modules:
                 raise NetcleanseError(f"layer name {name!r} cannot be used as a torch module name")
             module.eval()  # the dry run has a batch of one: BatchNormalization must use its moving statistics
-            self.add_module(name, module)
+            self.add_module(torch_name, module)
             self._activations[name] = activation
         if isinstance(module, KerasGraph):
             return module.run(args[0], strip_final_softmax=drop_softmax)
         if drop_softmax and class_name in ("Activation", "Softmax"):
             return args[0]
         if isinstance(module, KerasMerge):
-            if len(args) < 2:
+            if len(args) + len(module.constants) < 2:
                 raise NetcleanseError(f"merge layer {name!r} needs at least two inputs")
             out = module(*args)
         else:
@@ -235,7 +247,26 @@ class KerasGraph(nn.Module):
         names = self._layer_order
         if self._class_name == "Sequential":
             names = [n for n in names if self._entries[n].get("class_name") != "InputLayer"]
-        return [(n, self._modules.get(n)) for n in names]
+        return [(n, self.module_of(n)) for n in names]
+
+    def leaf_layers(self) -> dict[str, nn.Module]:
+        """Keras layer name -> module of every built layer, those of nested models included."""
+        leaves: dict[str, nn.Module] = {}
+        for name, module in self.keras_layers():
+            inner = module.leaf_layers() if isinstance(module, KerasGraph) else \
+                {} if module is None else {name: module}
+            if set(inner) & set(leaves):
+                raise NetcleanseError(f"layer name {sorted(set(inner) & set(leaves))[0]!r} is used twice in the model")
+            leaves.update(inner)
+        return leaves
+
+    def module_name(self, name: str) -> str:
+        """The torch module name of the Keras layer ``name`` (its dots made underscores)."""
+        return self._torch_names.get(name, name)
+
+    def module_of(self, name: str) -> nn.Module | None:
+        """The torch module of the Keras layer ``name`` (None before it is built, or for an input)."""
+        return self._modules.get(self.module_name(name))
 
     def weight_slots(self) -> list[tuple[str, Slot]]:
         """(inner layer name, slot) of every weight, in Keras's order for this model."""
@@ -270,8 +301,8 @@ class KerasGraph(nn.Module):
             return False
 
         for name, index, _ in reversed(self._nodes):
-            if isinstance(self._modules.get(name), nn.Conv2d) and not reaches_without((name, index)):
-                return name
+            if isinstance(self.module_of(name), nn.Conv2d) and not reaches_without((name, index)):
+                return self.module_name(name)
         return None
 
 

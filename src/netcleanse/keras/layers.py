@@ -65,6 +65,21 @@ class KerasDepthwiseConv2d(KerasConv2d):
         self.depth_multiplier = depth_multiplier
 
 
+class KerasSeparableConv2d(nn.Module):
+    """SeparableConv2D: a depthwise convolution (``depth_multiplier`` outputs per input channel, no
+    bias), then a 1x1 convolution to ``filters`` channels with the layer's bias."""
+
+    def __init__(self, in_channels, filters, depth_multiplier, kernel_size, stride=1, dilation=1, bias=True,
+                 same=False):
+        super().__init__()
+        self.depthwise = KerasDepthwiseConv2d(in_channels, depth_multiplier, kernel_size, stride, dilation,
+                                              bias=False, same=same)
+        self.pointwise = nn.Conv2d(in_channels * depth_multiplier, filters, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(x))
+
+
 class KerasDense(nn.Linear):
     """Dense: on image tensors it acts on the channel axis, as Keras does on NHWC."""
 
@@ -209,6 +224,31 @@ class KerasRescaling(nn.Module):
         return _from_keras_layout(_to_keras_layout(x) * self.scale + self.offset)
 
 
+class KerasLayerNorm(nn.Module):
+    """LayerNormalization: each sample normalised over the Keras axes ``axes`` (channels-last, batch
+    = 0), ``(x - mean) / sqrt(variance + eps) * gamma + beta``, gamma and beta shaped as those axes."""
+
+    def __init__(self, axes: tuple[int, ...], shape: tuple[int, ...], eps: float, center: bool, scale: bool):
+        super().__init__()
+        self.axes, self.eps = tuple(axes), float(eps)
+        self.keras_center, self.keras_scale = center, scale
+        self._broadcast = tuple(shape[d] if d in self.axes else 1 for d in range(len(shape)))
+        params = tuple(shape[d] for d in self.axes)
+        self.weight = nn.Parameter(torch.ones(params), requires_grad=scale)
+        self.bias = nn.Parameter(torch.zeros(params), requires_grad=center)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _to_keras_layout(x)
+        mean = y.mean(dim=self.axes, keepdim=True)
+        var = y.var(dim=self.axes, unbiased=False, keepdim=True)
+        y = (y - mean) * torch.rsqrt(var + self.eps)
+        y = y * self.weight.reshape(self._broadcast) + self.bias.reshape(self._broadcast)
+        return _from_keras_layout(y)
+
+    def extra_repr(self) -> str:
+        return f"axes={self.axes}, eps={self.eps}"
+
+
 class KerasNormalization(nn.Module):
     """Normalization (Keras preprocessing layer): ``(x - mean) / max(sqrt(variance), 1e-7)``, or
     ``mean + x * max(sqrt(variance), 1e-7)`` with ``invert``, computed in Keras's layout.
@@ -259,17 +299,28 @@ def _align(value: torch.Tensor, keep: tuple[int, ...], broadcast: tuple[int, ...
 
 
 class KerasMerge(nn.Module):
-    """Add, Subtract, Multiply, Average, Maximum, Minimum and Concatenate."""
+    """Add, Subtract, Multiply, Average, Maximum, Minimum and Concatenate, and Keras 3's arithmetic
+    operations (``x + 3.0``, ``x * (1 / 6)``, ``x / 6``: Add, Multiply, (True)Divide nodes whose
+    operands may be numbers, ``constants``: operand position -> number)."""
 
-    def __init__(self, op: str, axis: int = -1):
+    def __init__(self, op: str, axis: int = -1, constants: dict[int, float] | None = None):
         super().__init__()
         self.op, self.axis = op, axis
+        self.constants = dict(constants or {})
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        if self.constants:
+            tensors = iter(xs)
+            n = len(xs) + len(self.constants)
+            like = xs[0]
+            xs = tuple(torch.tensor(self.constants[i], dtype=like.dtype, device=like.device)
+                       if i in self.constants else next(tensors) for i in range(n))
         if self.op == "concatenate":
             return torch.cat(xs, dim=_torch_axis(self.axis, xs[0].dim()))
         if self.op == "subtract":
             return xs[0] - xs[1]
+        if self.op == "divide":
+            return xs[0] / xs[1]
         out = xs[0]
         for x in xs[1:]:
             out = {"add": torch.add, "multiply": torch.mul, "average": torch.add,
@@ -277,7 +328,8 @@ class KerasMerge(nn.Module):
         return out / len(xs) if self.op == "average" else out
 
     def extra_repr(self) -> str:
-        return self.op + (f", axis={self.axis}" if self.op == "concatenate" else "")
+        return self.op + (f", axis={self.axis}" if self.op == "concatenate" else "") + \
+            (f", constants={self.constants}" if self.constants else "")
 
 
 class KerasActivation(nn.Module):

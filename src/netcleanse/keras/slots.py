@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import NetcleanseError
-from .layers import KerasDepthwiseConv2d, KerasNormalization
+from .layers import KerasDepthwiseConv2d, KerasLayerNorm, KerasNormalization, KerasSeparableConv2d
 
 
 def _var_name(weight_name: str) -> str:
@@ -37,6 +37,17 @@ def _depthwise_to_torch(k: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(k)).reshape(kh, kw, cin * mult).permute(2, 0, 1).unsqueeze(1)
 
 
+def _depthwise_slot(module: KerasDepthwiseConv2d) -> "Slot":
+    mult = module.depth_multiplier
+    return ("depthwise_kernel", module.weight, _depthwise_to_torch,
+            lambda w, m=mult: w.squeeze(1).permute(1, 2, 0).reshape(w.shape[2], w.shape[3], -1, m))
+
+
+# other names a file may give a variable: Keras 3's legacy .h5 writer calls DepthwiseConv2D's
+# depthwise kernel "kernel"
+_VAR_ALIASES = {"depthwise_kernel": ("kernel",)}
+
+
 def _identity(t):
     # np.array, not np.ascontiguousarray: the latter turns a 0-d weight (Normalization's count) into 1-d
     return t if isinstance(t, torch.Tensor) else torch.from_numpy(np.array(t))
@@ -48,10 +59,12 @@ Slot = tuple[str, torch.Tensor, Callable, Callable]  # (Keras var name, torch te
 def _leaf_slots(module: nn.Module) -> list[Slot]:
     """The Keras weights of one leaf module, in Keras's order."""
     slots: list[Slot] = []
-    if isinstance(module, KerasDepthwiseConv2d):
-        mult = module.depth_multiplier
-        slots.append(("depthwise_kernel", module.weight, _depthwise_to_torch,
-                      lambda w, m=mult: w.squeeze(1).permute(1, 2, 0).reshape(w.shape[2], w.shape[3], -1, m)))
+    if isinstance(module, KerasSeparableConv2d):
+        slots += [_depthwise_slot(module.depthwise),
+                  ("pointwise_kernel", module.pointwise.weight, _conv_to_torch, _conv_to_keras)]
+        module = module.pointwise  # its bias is the layer's
+    elif isinstance(module, KerasDepthwiseConv2d):
+        slots.append(_depthwise_slot(module))
     elif isinstance(module, nn.Conv2d):
         slots.append(("kernel", module.weight, _conv_to_torch, _conv_to_keras))
     elif isinstance(module, nn.Linear):
@@ -61,6 +74,9 @@ def _leaf_slots(module: nn.Module) -> list[Slot]:
             return slots
         return [("mean", module.mean, _identity, _identity), ("variance", module.variance, _identity, _identity),
                 ("count", module.count, _identity, lambda t: t.to(torch.int64))]
+    elif isinstance(module, KerasLayerNorm):
+        return ([("gamma", module.weight, _identity, _identity)] if module.keras_scale else []) + \
+            ([("beta", module.bias, _identity, _identity)] if module.keras_center else [])
     elif isinstance(module, _BatchNorm):
         if getattr(module, "keras_scale", True):
             slots.append(("gamma", module.weight, _identity, _identity))
@@ -88,7 +104,7 @@ def _assign(layer: str, slots: list[tuple[str, Slot]], weights: list[tuple[str, 
     with torch.no_grad():
         for (inner, (var, tensor, to_torch, to_keras)), (weight_name, array) in zip(slots, weights):
             where = f"layer {layer!r}" + (f" (inner layer {inner!r})" if inner and inner != layer else "")
-            if _var_name(weight_name) != var:
+            if _var_name(weight_name) != var and _var_name(weight_name) not in _VAR_ALIASES.get(var, ()):
                 raise NetcleanseError(f"{where}: file weight {weight_name!r} where {what} expects {var!r}")
             expected = tuple(to_keras(tensor.detach()).shape)
             if tuple(array.shape) != expected:

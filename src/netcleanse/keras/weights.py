@@ -27,14 +27,20 @@ def keras_weights_to_module(weights_root: h5py.Group, net: nn.Module, arch: str 
     """
     what = f"architecture {arch!r}" if arch else "the model"
     modules = dict(net.named_modules())
+    # a rebuilt Keras model names its modules after the Keras layers, dots made underscores
+    path_of = net.module_name if isinstance(net, KerasGraph) else (lambda layer: layer)
     filled: set[str] = set()
     for layer, weights in _file_layers(weights_root):
         if not weights:
             continue
-        module = modules.get(layer)
+        module = modules.get(path_of(layer))
+        if isinstance(module, KerasGraph):
+            _assign_nested(layer, module, weights, what)
+            filled.add(path_of(layer))
+            continue
         if module is not None:
             _assign(layer, _module_slots(module), weights, what)
-            filled.add(layer)
+            filled.add(path_of(layer))
             continue
         by_inner: dict[str, list] = {}
         for weight_name, array in weights:
@@ -49,6 +55,24 @@ def keras_weights_to_module(weights_root: h5py.Group, net: nn.Module, arch: str 
         if path and not list(module.children()) and _leaf_slots(module) and path not in filled \
                 and not any(path.startswith(done + ".") for done in filled):
             raise NetcleanseError(f"{what} has layer {path!r} but the file holds no weights for it")
+
+
+def _assign_nested(layer: str, graph: KerasGraph, weights: list, what: str) -> None:
+    """The weights of a nested model (named ``<inner layer>/<variable>``) into its layers, by inner
+    layer name: Keras lists a nested model's trainable weights of all its layers before their
+    moving statistics, so the file's order is not the layers' order; within a layer it is."""
+    leaves = graph.leaf_layers()
+    by_inner: dict[str, list] = {}
+    for weight_name, array in weights:
+        parts = weight_name.split("/")
+        if len(parts) < 2 or parts[-2] not in leaves:
+            raise NetcleanseError(f"the file has weight {weight_name!r} for the nested model {layer!r}, which has "
+                                  f"no such layer in {what}")
+        by_inner.setdefault(parts[-2], []).append((weight_name, array))
+    for inner, module in leaves.items():
+        slots = [(inner, slot) for slot in _leaf_slots(module)]
+        if slots or inner in by_inner:
+            _assign(inner, slots, by_inner.get(inner, []), what)
 
 
 def _output_classes(layers: list[tuple[str, list]]) -> int:
@@ -92,7 +116,7 @@ def _keras3_weights_to_graph(graph: "KerasGraph", h5: h5py.Group, where: str, pa
         count = seen.get(key)
         seen[key] = 0 if count is None else count + 1
         key = key if count is None else f"{key}_{count + 1}"
-        module = graph._modules.get(layer)
+        module = graph.module_of(layer)
         group_path = f"{where}/{key}"
         if isinstance(module, KerasGraph):
             inner = h5[group_path] if group_path in h5 else None
