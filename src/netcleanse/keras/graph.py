@@ -102,8 +102,9 @@ class KerasGraph(nn.Module):
             offset = 1 if entry.get("class_name") in MODEL_CLASSES and _has_input_spec(entry) else 0
             for index, node in enumerate(entry.get("inbound_nodes") or []):
                 pending.append((name, index + offset, _node_refs(node)))
-                if _node_constants(node):
-                    self._constants[(name, index + offset)] = _node_constants(node)
+                constants = _node_constants(node)
+                if constants:
+                    self._constants[(name, index + offset)] = constants
         # Topological order of call nodes (config order is usually one already).
         done = {(self._input_name, 0)}
         self._nodes = []
