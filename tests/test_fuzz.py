@@ -660,6 +660,9 @@ LAYER_FIELDS = {
                "groups": _mostly(st.integers(1, 3)), "data_format": _FORMAT},
     "DepthwiseConv2D": {"kernel_size": _PAIR, "depth_multiplier": _sizes(3), "strides": _PAIR, "padding": _PADDING,
                         "activation": _ACTIVATION, "use_bias": st.booleans()},
+    "SeparableConv2D": {"filters": _sizes(), "kernel_size": _PAIR, "depth_multiplier": _sizes(3), "strides": _PAIR,
+                        "padding": _PADDING, "activation": _ACTIVATION, "use_bias": st.booleans(),
+                        "dilation_rate": _PAIR},
     "Dense": {"units": _sizes(16), "activation": _ACTIVATION, "use_bias": st.booleans()},
     "MaxPooling2D": {"pool_size": _PAIR, "strides": st.one_of(st.none(), _PAIR), "padding": _PADDING},
     "AveragePooling2D": {"pool_size": _PAIR, "strides": st.one_of(st.none(), _PAIR), "padding": _PADDING},
@@ -676,6 +679,8 @@ LAYER_FIELDS = {
     "Softmax": {"axis": _AXIS},
     "BatchNormalization": {"axis": _AXIS, "epsilon": _FLOAT, "momentum": _FLOAT, "center": st.booleans(),
                            "scale": st.booleans()},
+    "LayerNormalization": {"axis": st.one_of(_AXIS, st.lists(_AXIS, max_size=3)), "epsilon": _FLOAT,
+                           "center": st.booleans(), "scale": st.booleans(), "rms_scaling": _mostly(st.just(False))},
     "ZeroPadding2D": {"padding": _PADS},
     "Cropping2D": {"cropping": _PADS},
     "UpSampling2D": {"size": _PAIR, "interpolation": _mostly(st.sampled_from(["nearest", "bilinear"]))},
@@ -688,7 +693,8 @@ LAYER_FIELDS = {
 UNKNOWN_LAYERS = {"Lambda": {"function": st.text(max_size=8)}, "TFOpLambda": {"function": st.text(max_size=8)},
                   "LSTM": {"units": _sizes()}, "Conv3D": {"filters": _sizes()}, "MyCustomLayer": {"units": _sizes()}}
 # the fields a layer cannot do without (left out one time in twenty)
-REQUIRED = {"Conv2D": ("filters", "kernel_size"), "DepthwiseConv2D": ("kernel_size",), "Dense": ("units",),
+REQUIRED = {"Conv2D": ("filters", "kernel_size"), "DepthwiseConv2D": ("kernel_size",),
+            "SeparableConv2D": ("filters", "kernel_size"), "Dense": ("units",),
             "Reshape": ("target_shape",), "Permute": ("dims",)}
 _MERGE = {"Add", "Concatenate", "Multiply", "Average", "Maximum", "Subtract"}
 # the layers of a plain convolutional classifier, drawn more often so that many models build
