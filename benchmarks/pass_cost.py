@@ -83,6 +83,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    for name in ("threads", "labels", "batch", "reps", "rounds", "search_steps"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 1 <= args.search_labels <= args.labels:
+        ap.error(f"--search-labels must be between 1 and --labels ({args.labels})")
     if not args.model.exists():
         print(f"model not found: {args.model}", file=sys.stderr)
         return 2
