@@ -38,9 +38,9 @@ import torch.nn.functional as F
 EPS = 1e-7  # the Keras epsilon of the original tanh parametrisation
 # stamped inputs per forward pass of a trigger search: the fast preset's chunks of 96 x 4 and 48 x 8
 # go through in four. Results do not depend on it (every label's loss, gradient and Adam step are
-# its own); speed and memory do: on a 2-core CPU a 300-label CSAW scan took 72-80 s with 48-96,
-# 96 s with 128 and 109 s with 192 per pass, the same masks bit for bit (benchmarks/RESULTS.md:
-# the activations of ~100 CSAW-net inputs stay in the CPU's cache, those of 200 do not)
+# its own); speed and memory do: on a 2-core CPU a full CSAW scan took 136 s instead of 147 s with
+# 192 per pass (labels 0-299 alone: 67-80 s instead of 89-109 s), ~150 MiB less at its peak, the
+# same masks bit for bit (benchmarks/RESULTS.md: more of a pass stays in the CPU's cache)
 MAX_IMAGES = 96
 # stamped inputs per forward pass of the attack-success check (a full 1283-label CSAW scan peaked at
 # 1019 MiB with 512, ~0.1 GiB less with 256; 96 for the same reason as MAX_IMAGES)

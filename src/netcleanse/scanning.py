@@ -27,7 +27,9 @@ synthesises (:mod:`netcleanse.synthesis`). Two presets (:mod:`netcleanse.presets
     With few labels (:meth:`~netcleanse.presets.Preset.few_labels`: up to 21 with ``fast``, while
     refining them all costs no more than the largest many-labels refinement), every label is
     refined, on 200 inputs with a longer schedule (``few_labels_refine``: up to 200 epochs of
-    2 x 32 inputs), and the index is the paper's (median/MAD over all labels).
+    2 x 32 inputs), and the index is the paper's (median/MAD over all labels). With more labels
+    but no more than candidates + controls (64), every label is refined with step 2's schedule
+    and the index is again over all labels.
 
 Long scans persist every finished chunk of labels to ``out`` (``progress.jsonl`` + ``partial/``,
 written atomically; :mod:`netcleanse.journal`), so an interrupted scan resumes with ``resume=True``
