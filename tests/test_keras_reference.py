@@ -13,6 +13,8 @@ random weights and non-trivial normalisation statistics:
   constant operand), ``LayerNormalization``;
 - a transfer-learning model: a base model with ``BatchNormalization`` (its name holding a dot, as
   Keras's applications' do) nested in a Sequential;
+- a Sequential and a functional model nested in a functional graph (Keras 3 numbers their calls
+  differently from Keras 2), with ``LayerNormalization`` and gelu;
 
 each as a Keras 3 ``.keras`` archive and as a legacy ``.h5`` whole-model file, plus Keras's
 ``predict`` on random inputs. netcleanse must load every file (its own PyTorch rebuild, no Keras
@@ -107,7 +109,18 @@ nested = keras.Sequential([keras.Input((32, 32, 3)), layers.Rescaling(1 / 127.5,
                            layers.GlobalAveragePooling2D(), layers.Dense(5, activation="softmax")],
                           name="nested_base")
 
-for model, scale in ((cifar, 1.0), (gtsrb, 255.0), (mobile, 1.0), (nested, 255.0)):
+# nested models called inside a functional graph (Keras 3 numbers their calls from 0), as Keras's
+# ConvNeXt does with its stem; with LayerNormalization over the channels and gelu
+f_in = keras.Input((32, 32, 3))
+stem = keras.Sequential([keras.Input((32, 32, 3)), layers.Conv2D(8, 4, strides=4), layers.LayerNormalization()],
+                        name="stem")
+y = stem(f_in)
+y = layers.Add()([y, layers.Dense(8, activation="gelu")(y)])
+head_in = keras.Input((8, 8, 8))
+head = keras.Model(head_in, layers.GlobalAveragePooling2D()(head_in), name="head")
+functional_nested = keras.Model(f_in, layers.Dense(4, activation="softmax")(head(y)), name="functional_nested")
+
+for model, scale in ((cifar, 1.0), (gtsrb, 255.0), (mobile, 1.0), (nested, 255.0), (functional_nested, 1.0)):
     randomise_batchnorm(model)
     x = rng.random((6, 32, 32, 3)).astype("float32")  # pixels in [0, 1]
     np.save(f"{out}/{model.name}_x.npy", x)
@@ -121,7 +134,8 @@ lam.save(f"{out}/with_lambda.keras")
 lam.save(f"{out}/with_lambda.h5")
 '''
 
-NETS = {"cifar_normalization": 1.0, "gtsrb_batchnorm_after_dense": 255.0, "mobile_blocks": 1.0, "nested_base": 255.0}
+NETS = {"cifar_normalization": 1.0, "gtsrb_batchnorm_after_dense": 255.0, "mobile_blocks": 1.0, "nested_base": 255.0,
+        "functional_nested": 1.0}
 
 
 @pytest.fixture(scope="module")

@@ -53,15 +53,15 @@ from .config import MAX_INPUT_VALUES, check_config
 from .export import EXPORT_KERAS_VERSION, keras_layer_weights, save_keras_weights
 from .graph import KerasGraph, graph_from_config
 from .layers import (KerasActivation, KerasBatchNorm, KerasConv2d, KerasCropping2d, KerasDense, KerasDepthwiseConv2d,
-                     KerasFlatten, KerasGlobalPool2d, KerasLayerNorm, KerasMerge, KerasNormalization, KerasPermute,
-                     KerasPool2d, KerasReshape, KerasRescaling, KerasSeparableConv2d, KerasUpSampling2d)
+                     KerasFlatten, KerasGlobalPool2d, KerasLayerNorm, KerasLayerScale, KerasMerge, KerasNormalization,
+                     KerasPermute, KerasPool2d, KerasReshape, KerasRescaling, KerasSeparableConv2d, KerasUpSampling2d)
 from .load import load_keras
 from .weights import _snake_case, keras_weights_to_module  # noqa: F401 (_snake_case: for the tests)
 
 __all__ = ["BUILDERS", "EXPORT_KERAS_VERSION", "KerasActivation", "KerasBatchNorm", "KerasConv2d", "KerasCropping2d",
            "KerasDense", "KerasDepthwiseConv2d", "KerasFlatten", "KerasGlobalPool2d", "KerasGraph", "KerasLayerNorm",
-           "KerasMerge", "KerasNormalization", "KerasPermute", "KerasPool2d", "KerasReshape", "KerasRescaling",
-           "KerasSeparableConv2d", "KerasUpSampling2d", "LayerCall", "MAX_ARCHIVE_MEMBERS", "MAX_CONFIG_BYTES",
-           "MAX_INPUT_VALUES", "MAX_LAYER_WEIGHTS", "MAX_WEIGHTS_BYTES", "MODEL_CLASSES", "SUPPORTED_LAYERS", "build_layer", "builds",
-           "check_config", "graph_from_config", "keras_layer_weights", "keras_weights_to_module", "load_keras",
-           "load_keras_archive", "save_keras_weights"]
+           "KerasLayerScale", "KerasMerge", "KerasNormalization", "KerasPermute", "KerasPool2d", "KerasReshape",
+           "KerasRescaling", "KerasSeparableConv2d", "KerasUpSampling2d", "LayerCall", "MAX_ARCHIVE_MEMBERS",
+           "MAX_CONFIG_BYTES", "MAX_INPUT_VALUES", "MAX_LAYER_WEIGHTS", "MAX_WEIGHTS_BYTES", "MODEL_CLASSES",
+           "SUPPORTED_LAYERS", "build_layer", "builds", "check_config", "graph_from_config", "keras_layer_weights",
+           "keras_weights_to_module", "load_keras", "load_keras_archive", "save_keras_weights"]

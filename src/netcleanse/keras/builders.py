@@ -20,7 +20,7 @@ from .. import limits
 from ..crosscheck import check_layer
 from ..errors import NetcleanseError
 from .layers import (_ACTIVATIONS, KerasActivation, KerasBatchNorm, KerasConv2d, KerasCropping2d, KerasDense,
-                     KerasDepthwiseConv2d, KerasFlatten, KerasGlobalPool2d, KerasLayerNorm, KerasMerge,
+                     KerasDepthwiseConv2d, KerasFlatten, KerasGlobalPool2d, KerasLayerNorm, KerasLayerScale, KerasMerge,
                      KerasNormalization, KerasPermute, KerasPool2d, KerasReshape, KerasRescaling,
                      KerasSeparableConv2d, KerasUpSampling2d, _pair, _to_keras_layout)
 
@@ -309,6 +309,16 @@ def _layer_norm(c: LayerCall):
     _check_layer_size(c.name, 2 * int(np.prod([shape[d] for d in axes], dtype=object)))
     return KerasLayerNorm(axes, shape, float(cfg.get("epsilon", 1e-3)), bool(cfg.get("center", True)),
                           bool(cfg.get("scale", True))), "linear"
+
+
+@builds("LayerScale")
+def _layer_scale(c: LayerCall):
+    channels = int(c.x.shape[1] if c.rank == 4 else c.x.shape[-1])
+    if int(c.cfg.get("projection_dim", channels)) != channels:
+        raise NetcleanseError(f"layer {c.name!r}: LayerScale of {c.cfg.get('projection_dim')} channels on a "
+                              f"tensor of {channels}")
+    _check_layer_size(c.name, channels)
+    return KerasLayerScale(channels), "linear"
 
 
 @builds("ZeroPadding2D")

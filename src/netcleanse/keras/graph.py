@@ -98,9 +98,12 @@ class KerasGraph(nn.Module):
             entry = self._entries[name]
             if entry.get("class_name") == "InputLayer":
                 continue
-            # A nested model already owns node 0 (its own input), so the config numbers its calls from 1.
-            offset = 1 if entry.get("class_name") in MODEL_CLASSES and _has_input_spec(entry) else 0
-            for index, node in enumerate(entry.get("inbound_nodes") or []):
+            # A nested model already owns node 0 (its own input), so a Keras 2 config numbers its calls
+            # from 1; Keras 3 (dict-form nodes) numbers them from 0.
+            nodes = entry.get("inbound_nodes") or []
+            offset = 1 if entry.get("class_name") in MODEL_CLASSES and _has_input_spec(entry) and \
+                not (nodes and isinstance(nodes[0], dict)) else 0
+            for index, node in enumerate(nodes):
                 pending.append((name, index + offset, _node_refs(node)))
                 constants = _node_constants(node)
                 if constants:

@@ -249,6 +249,17 @@ class KerasLayerNorm(nn.Module):
         return f"axes={self.axes}, eps={self.eps}"
 
 
+class KerasLayerScale(nn.Module):
+    """LayerScale (of Keras's ConvNeXt): every channel (Keras's last axis) times its own weight."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _from_keras_layout(_to_keras_layout(x) * self.weight)
+
+
 class KerasNormalization(nn.Module):
     """Normalization (Keras preprocessing layer): ``(x - mean) / max(sqrt(variance), 1e-7)``, or
     ``mean + x * max(sqrt(variance), 1e-7)`` with ``invert``, computed in Keras's layout.

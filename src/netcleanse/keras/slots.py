@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import NetcleanseError
-from .layers import KerasDepthwiseConv2d, KerasLayerNorm, KerasNormalization, KerasSeparableConv2d
+from .layers import KerasDepthwiseConv2d, KerasLayerNorm, KerasLayerScale, KerasNormalization, KerasSeparableConv2d
 
 
 def _var_name(weight_name: str) -> str:
@@ -48,6 +48,14 @@ def _depthwise_slot(module: KerasDepthwiseConv2d) -> "Slot":
 _VAR_ALIASES = {"depthwise_kernel": ("kernel",)}
 
 
+def _names_match(file_name: str, var: str) -> bool:
+    """Whether a file's variable name is the slot's: equal, an alias, or (for a weight Keras made
+    without a name, as LayerScale's) "variable" with Keras's counter ("variable_3", tf's "Variable")."""
+    if file_name == var or file_name in _VAR_ALIASES.get(var, ()):
+        return True
+    return var == "variable" and file_name.lower().split("_")[0] == "variable"
+
+
 def _identity(t):
     # np.array, not np.ascontiguousarray: the latter turns a 0-d weight (Normalization's count) into 1-d
     return t if isinstance(t, torch.Tensor) else torch.from_numpy(np.array(t))
@@ -74,6 +82,8 @@ def _leaf_slots(module: nn.Module) -> list[Slot]:
             return slots
         return [("mean", module.mean, _identity, _identity), ("variance", module.variance, _identity, _identity),
                 ("count", module.count, _identity, lambda t: t.to(torch.int64))]
+    elif isinstance(module, KerasLayerScale):
+        return [("variable", module.weight, _identity, _identity)]
     elif isinstance(module, KerasLayerNorm):
         return ([("gamma", module.weight, _identity, _identity)] if module.keras_scale else []) + \
             ([("beta", module.bias, _identity, _identity)] if module.keras_center else [])
@@ -104,7 +114,7 @@ def _assign(layer: str, slots: list[tuple[str, Slot]], weights: list[tuple[str, 
     with torch.no_grad():
         for (inner, (var, tensor, to_torch, to_keras)), (weight_name, array) in zip(slots, weights):
             where = f"layer {layer!r}" + (f" (inner layer {inner!r})" if inner and inner != layer else "")
-            if _var_name(weight_name) != var and _var_name(weight_name) not in _VAR_ALIASES.get(var, ()):
+            if not _names_match(_var_name(weight_name), var):
                 raise NetcleanseError(f"{where}: file weight {weight_name!r} where {what} expects {var!r}")
             expected = tuple(to_keras(tensor.detach()).shape)
             if tuple(array.shape) != expected:
