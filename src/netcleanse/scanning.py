@@ -513,7 +513,8 @@ def label_margins(work, labels, seed: int, plan: Preset, device, channels_last: 
     return out
 
 
-MARGIN_IMAGES = 96  # inputs per forward pass of the margin search (max_margins' max_images; see neural_cleanse.MAX_IMAGES)
+# inputs per forward pass of the margin search (max_margins' max_images; why 96: neural_cleanse.MAX_IMAGES)
+MARGIN_IMAGES = 96
 
 
 def _margin_chunk(shared: "_ScanShared", job, progress) -> np.ndarray:

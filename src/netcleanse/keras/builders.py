@@ -20,8 +20,8 @@ from .. import limits
 from ..crosscheck import check_layer
 from ..errors import NetcleanseError
 from .layers import (_ACTIVATIONS, KerasActivation, KerasBatchNorm, KerasConv2d, KerasCropping2d, KerasDense,
-                     KerasDepthwiseConv2d, KerasFlatten, KerasGlobalPool2d, KerasLayerNorm, KerasLayerScale, KerasMerge,
-                     KerasNormalization, KerasPermute, KerasPool2d, KerasReshape, KerasRescaling,
+                     KerasDepthwiseConv2d, KerasFlatten, KerasGlobalPool2d, KerasLayerNorm, KerasLayerScale,
+                     KerasMerge, KerasNormalization, KerasPermute, KerasPool2d, KerasReshape, KerasRescaling,
                      KerasSeparableConv2d, KerasUpSampling2d, _pair, _to_keras_layout)
 
 MODEL_CLASSES = {"Model", "Functional", "Sequential"}
@@ -113,6 +113,11 @@ class LayerCall:
     def rank(self) -> int:
         return self.x.dim()
 
+    @property
+    def channels(self) -> int:
+        """The size of Keras's channel (last) axis: dim 1 of an NCHW image tensor, else the last."""
+        return int(self.x.shape[1] if self.rank == 4 else self.x.shape[-1])
+
     def image_input(self) -> None:
         if self.rank != 4:
             raise NetcleanseError(f"layer {self.name!r} ({self.class_name}) expects an image tensor, "
@@ -198,7 +203,7 @@ def _separable_conv2d(c: LayerCall):
 
 @builds("Dense")
 def _dense(c: LayerCall):
-    in_features = c.x.shape[1] if c.rank == 4 else c.x.shape[-1]
+    in_features = c.channels
     _check_layer_size(c.name, int(in_features) * int(c.cfg["units"]), (int(in_features), int(c.cfg["units"])))
     return KerasDense(in_features, int(c.cfg["units"]), bool(c.cfg.get("use_bias", True))), c.activation()
 
@@ -291,8 +296,7 @@ def _batch_norm(c: LayerCall):
     if not isinstance(axis, int) or axis % rank != rank - 1:
         raise NetcleanseError(f"layer {c.name!r}: BatchNormalization over axis {axis} is not supported "
                               "(only the channel axis, -1)")
-    channels = c.x.shape[1] if rank == 4 else c.x.shape[-1]
-    return KerasBatchNorm(channels, float(cfg.get("epsilon", 1e-3)), float(cfg.get("momentum", 0.99)),
+    return KerasBatchNorm(c.channels, float(cfg.get("epsilon", 1e-3)), float(cfg.get("momentum", 0.99)),
                           bool(cfg.get("center", True)), bool(cfg.get("scale", True))), "linear"
 
 
@@ -313,7 +317,7 @@ def _layer_norm(c: LayerCall):
 
 @builds("LayerScale")
 def _layer_scale(c: LayerCall):
-    channels = int(c.x.shape[1] if c.rank == 4 else c.x.shape[-1])
+    channels = c.channels
     if int(c.cfg.get("projection_dim", channels)) != channels:
         raise NetcleanseError(f"layer {c.name!r}: LayerScale of {c.cfg.get('projection_dim')} channels on a "
                               f"tensor of {channels}")

@@ -49,8 +49,9 @@ def check_config(model_config: dict) -> None:
                 problems.append((0, f"layer {name!r} is a Keras {class_name} layer (serialized Python code); "
                                     "netcleanse refuses to run code from a model file"))
             elif class_name in ("TFOpLambda", "SlicingOpLambda"):
+                function = str(cfg.get("function", "?"))[:80]
                 problems.append((0, f"layer {name!r} is a tf.keras {class_name} layer (a TensorFlow operation "
-                                    f"named {str(cfg.get('function', '?'))[:80]!r}), which netcleanse does not rebuild"))
+                                    f"named {function!r}), which netcleanse does not rebuild"))
             elif not module.startswith(("keras", "tf_keras", "tensorflow")) or \
                     (registered not in (None, class_name) and not str(registered).startswith("keras")):
                 problems.append((1, f"layer {name!r} has custom class {registered or class_name!r} "
