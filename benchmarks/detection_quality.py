@@ -204,6 +204,18 @@ def _pct(k: int, n: int) -> str:
     return f"{100 * k / n:.1f} %" if n else "n/a"
 
 
+def goal_variant(preset, goal: float):
+    """``preset`` with the attack-success goal of every stage's trigger search set to ``goal``."""
+    if not 0 < goal <= 1:
+        raise NetcleanseError(f"an attack-success goal is in (0, 1], got {goal}")
+    plan = plan_of(preset)
+
+    def stage(s):
+        return None if s is None else replace(s, schedule=replace(s.schedule, attack_threshold=goal))
+    return replace(plan, coarse=stage(plan.coarse), refine=stage(plan.refine),
+                   few_labels_refine=stage(plan.few_labels_refine))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("zoo", type=Path)
@@ -221,6 +233,9 @@ def main(argv=None) -> int:
                     help="off: models with few labels take the many-labels plan's refinement (warm-started "
                          "from the coarse pass, 300 steps of 8 on the preset's inputs) instead of their own "
                          "(a variant of the preset: use its own --out folder)")
+    ap.add_argument("--attack-goal", type=float, default=None,
+                    help="scan with every trigger search's attack-success goal (the preset's 0.99) set to this "
+                         "value, with data and data-free (a variant of the preset: use its own --out folder)")
     ap.add_argument("--seed", type=int, default=0, help="scan seed")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--shard", type=parse_shard, default=(0, 1))
@@ -249,6 +264,8 @@ def main(argv=None) -> int:
         preset = inversion_variant(args.preset, args.inversion_confidence)
         if args.few_labels_plan == "off":
             preset = replace(plan_of(preset), few_labels_refine=None, few_labels_n_opt=None)
+        if args.attack_goal is not None:
+            preset = goal_variant(preset, args.attack_goal)
         if not args.summary_only:  # the summary needs only the rows (each holds its model's entry)
             entries = [e for e in read_zoo(args.zoo) if chosen(e)]
             torch.set_num_threads(args.threads)
@@ -277,7 +294,8 @@ def main(argv=None) -> int:
         if other:
             raise NetcleanseError(f"{len(other)} rows in {args.out} (e.g. {other[0]}) were scanned with another "
                                   f"inversion confidence or refinement than --inversion-confidence "
-                                  f"{args.inversion_confidence} --few-labels-plan {args.few_labels_plan}: "
+                                  f"{args.inversion_confidence} --few-labels-plan {args.few_labels_plan} "
+                                  f"--attack-goal {args.attack_goal}: "
                                   "one folder per variant")
         print(f"{len(rows)} scans of the {args.split} half{planned}; calibrated rule at alpha "
               f"{args.alpha:g}, null {args.family}{'' if args.family == 'normal' else f'({args.df:g})'}, "

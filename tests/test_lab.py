@@ -287,3 +287,39 @@ def test_traffic_sign_architecture_trains_in_the_lab_and_scans(tmp_path, monkeyp
     assert exit_.value.code == 0
     scanned = json.loads((tmp_path / "scan" / "scan.json").read_text())
     assert [r["label"] for r in scanned["labels"]] == [0, 7, 9] and scanned["model"]["arch"] == "gtsrb-cnn"
+
+
+def test_detection_quality_attack_goal_variant_changes_every_stage(benchmark_module):
+    dq = benchmark_module("detection_quality")
+    from netcleanse.errors import NetcleanseError
+    from netcleanse.presets import PRESETS
+    variant = dq.goal_variant("fast", 0.75)
+    stages = [variant.coarse, variant.refine, variant.few_labels_refine]
+    assert [s.schedule.attack_threshold for s in stages] == [0.75] * 3
+    # nothing else of the preset changes, and the preset itself is untouched
+    assert variant.refine.schedule.max_epochs == PRESETS["fast"].refine.schedule.max_epochs
+    assert PRESETS["fast"].refine.schedule.attack_threshold == 0.99
+    with pytest.raises(NetcleanseError, match="attack-success goal"):
+        dq.goal_variant("fast", 0.0)
+
+
+def test_data_free_flips_reports_every_variant_and_refuses_a_zoo_without_learned_backdoors(benchmark_module, tmp_path,
+                                                                                          capsys):
+    flips = benchmark_module("data_free_flips")
+    zoo = benchmark_module("zoo")
+    assert zoo.main(["--n", "1", "--out", str(tmp_path / "zoo"), "--datasets", "digits", "--epochs", "2"]) == 0
+    entry_path = tmp_path / "zoo" / "digits-badnet_000" / "entry.json"
+    entry = json.loads(entry_path.read_text())
+    args = [str(tmp_path / "zoo"), "--split", "all", "--datasets", "digits", "--n", "16"]
+    if not entry["attack_learned"]:  # two epochs rarely teach the attack: one clear error line
+        assert flips.main(args) == 2
+        assert "no learned backdoors" in capsys.readouterr().err
+        entry_path.write_text(json.dumps(dict(entry, attack_learned=True)))  # to run the measurement itself
+    assert flips.main(args) == 0
+    out = capsys.readouterr().out
+    table = out.split("logit margin\n")[1].splitlines()
+    assert [line[:16].strip() for line in table] == ["real images", *flips.VARIANTS]
+    for line in table:  # every input left on the target's class (possible for a weak inversion): n/a
+        median = line[16:].split()[0]
+        assert median == "n/a" or 0.0 <= float(median) <= 1.0
+    assert table[0][16:].split()[0] != "n/a"  # real images: the model gives most of them another class
