@@ -25,7 +25,7 @@ import torch
 import netcleanse
 from netcleanse.calibrated import calibrated_test
 from netcleanse.errors import NetcleanseError
-from netcleanse.presets import inversion_variant, plan_of
+from netcleanse.presets import goal_variant, inversion_variant, plan_of
 from netcleanse.scanning import ScanResult, calibrated_inputs, record_margins, tested_margins
 from netcleanse import scan_folder
 from netcleanse.utils import write_json_atomic
@@ -44,20 +44,28 @@ def main(argv=None) -> int:
     ap.add_argument("--inversion-confidence", default=None,
                     help="scan with the fast preset's data-free inversion stopped at this confidence, or 'off' "
                          "(a variant of the preset: use its own --out folder; default: the preset's own)")
+    ap.add_argument("--attack-goal", type=float, default=None,
+                    help="scan with every trigger search's attack-success goal (the preset's 0.99) set to this "
+                         "value (a variant of the preset: use its own --out folder)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     try:
         preset = inversion_variant("fast", args.inversion_confidence)
+        if args.attack_goal is not None:
+            preset = goal_variant(preset, args.attack_goal)
         for net in args.nets.split(","):
             out = args.out / net
             path = args.shared / "csaw" / "models" / f"{net}_bd_weights.h5"
             if (out / "scan.json").is_file():
                 result = ScanResult.load(out)
-                wanted = plan_of(preset).for_labels(len(result.labels)).inversion_confidence
-                if result.settings["plan"].get("inversion_confidence") != wanted:
-                    raise NetcleanseError(f"{out} holds a scan with another inversion confidence than "
-                                          f"--inversion-confidence {args.inversion_confidence}: one folder per variant")
+                plan = plan_of(preset).for_labels(len(result.labels))
+                wanted = plan.inversion_confidence, plan.coarse.schedule.attack_threshold
+                recorded = result.settings["plan"]
+                if (recorded.get("inversion_confidence"), recorded["coarse"]["schedule"]["attack_threshold"]) != wanted:
+                    raise NetcleanseError(f"{out} holds a scan with another inversion confidence or attack-success "
+                                          f"goal than --inversion-confidence {args.inversion_confidence} "
+                                          f"--attack-goal {args.attack_goal}: one folder per variant")
                 if tested_margins(result.labels, result.settings["detection"]) is None:
                     _add_margins(out, netcleanse.load_model(path, arch="csaw-deepid"), result, args.seed)
                     result = ScanResult.load(out)

@@ -42,7 +42,7 @@ import torch
 import netcleanse
 from netcleanse.calibrated import DF, FAMILY, SCALE_FLOOR, calibrated_test
 from netcleanse.errors import NetcleanseError
-from netcleanse.presets import inversion_variant, plan_of
+from netcleanse.presets import goal_variant, inversion_variant, plan_of
 from netcleanse.scanning import calibrated_inputs, record_margins, tested_margins
 from netcleanse.utils import write_json_atomic
 from zoo import add_executor_arguments, executor_from_args, load_member, parse_shard, read_zoo  # noqa: E402
@@ -202,18 +202,6 @@ def summarise(rows: list[dict], alpha: float, family: str, df: float, scale: str
 
 def _pct(k: int, n: int) -> str:
     return f"{100 * k / n:.1f} %" if n else "n/a"
-
-
-def goal_variant(preset, goal: float):
-    """``preset`` with the attack-success goal of every stage's trigger search set to ``goal``."""
-    if not 0 < goal <= 1:
-        raise NetcleanseError(f"an attack-success goal is in (0, 1], got {goal}")
-    plan = plan_of(preset)
-
-    def stage(s):
-        return None if s is None else replace(s, schedule=replace(s.schedule, attack_threshold=goal))
-    return replace(plan, coarse=stage(plan.coarse), refine=stage(plan.refine),
-                   few_labels_refine=stage(plan.few_labels_refine))
 
 
 def main(argv=None) -> int:

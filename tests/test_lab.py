@@ -289,18 +289,17 @@ def test_traffic_sign_architecture_trains_in_the_lab_and_scans(tmp_path, monkeyp
     assert [r["label"] for r in scanned["labels"]] == [0, 7, 9] and scanned["model"]["arch"] == "gtsrb-cnn"
 
 
-def test_detection_quality_attack_goal_variant_changes_every_stage(benchmark_module):
-    dq = benchmark_module("detection_quality")
+def test_attack_goal_variant_changes_every_stage():
     from netcleanse.errors import NetcleanseError
-    from netcleanse.presets import PRESETS
-    variant = dq.goal_variant("fast", 0.75)
+    from netcleanse.presets import PRESETS, goal_variant
+    variant = goal_variant("fast", 0.75)
     stages = [variant.coarse, variant.refine, variant.few_labels_refine]
     assert [s.schedule.attack_threshold for s in stages] == [0.75] * 3
     # nothing else of the preset changes, and the preset itself is untouched
     assert variant.refine.schedule.max_epochs == PRESETS["fast"].refine.schedule.max_epochs
     assert PRESETS["fast"].refine.schedule.attack_threshold == 0.99
     with pytest.raises(NetcleanseError, match="attack-success goal"):
-        dq.goal_variant("fast", 0.0)
+        goal_variant("fast", 0.0)
 
 
 def test_data_free_flips_reports_every_variant_and_refuses_a_zoo_without_learned_backdoors(benchmark_module, tmp_path,
