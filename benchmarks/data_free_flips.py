@@ -16,7 +16,6 @@ out from clean labels' triggers. Nothing here is a detection figure: it explains
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
