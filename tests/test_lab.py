@@ -298,6 +298,7 @@ def test_attack_goal_variant_changes_every_stage():
     # nothing else of the preset changes, and the preset itself is untouched
     assert variant.refine.schedule.max_epochs == PRESETS["fast"].refine.schedule.max_epochs
     assert PRESETS["fast"].refine.schedule.attack_threshold == 0.99
+    assert goal_variant("fast", 0.99) == "fast"  # the preset's own goal: the preset, recorded by name
     with pytest.raises(NetcleanseError, match="attack-success goal"):
         goal_variant("fast", 0.0)
 

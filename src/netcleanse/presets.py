@@ -166,17 +166,18 @@ def inversion_variant(name: str, confidence: str | float | None) -> "str | Prese
     return preset_variant(name, inversion_confidence=value, few_labels_inversion_confidence=value)
 
 
-def goal_variant(preset: "str | Preset", goal: float) -> Preset:
+def goal_variant(preset: "str | Preset", goal: float) -> "str | Preset":
     """``preset`` with the attack-success goal (``Schedule.attack_threshold``) of every stage's
-    trigger search set to ``goal`` (the benchmarks' ``--attack-goal``)."""
+    trigger search set to ``goal`` (the benchmarks' ``--attack-goal``); ``preset`` itself when every
+    stage already has that goal (as :func:`preset_variant`, so a scan still records the name)."""
     if not 0 < goal <= 1:
         raise NetcleanseError(f"an attack-success goal is in (0, 1], got {goal}")
     plan = plan_of(preset)
-
-    def stage(s: Stage | None) -> Stage | None:
-        return None if s is None else replace(s, schedule=replace(s.schedule, attack_threshold=goal))
-    return replace(plan, coarse=stage(plan.coarse), refine=stage(plan.refine),
-                   few_labels_refine=stage(plan.few_labels_refine))
+    stages = {"coarse": plan.coarse, "refine": plan.refine, "few_labels_refine": plan.few_labels_refine}
+    if all(s is None or s.schedule.attack_threshold == goal for s in stages.values()):
+        return preset
+    return replace(plan, **{name: None if s is None else replace(s, schedule=replace(s.schedule, attack_threshold=goal))
+                            for name, s in stages.items()})
 
 
 def plan_of(preset: "str | Preset") -> Preset:
