@@ -42,8 +42,8 @@ import torch
 import netcleanse
 from netcleanse.calibrated import DF, FAMILY, SCALE_FLOOR, calibrated_test
 from netcleanse.errors import NetcleanseError
-from netcleanse.presets import goal_variant, inversion_variant, plan_of
-from netcleanse.scanning import calibrated_inputs, record_margins, tested_margins
+from netcleanse.presets import goal_variant, inversion_variant, plan_of, preset_variant
+from netcleanse.scanning import calibrated_inputs, record_margins, tested_margins, tested_transfer
 from netcleanse.utils import write_json_atomic
 from zoo import add_executor_arguments, executor_from_args, load_member, parse_shard, read_zoo  # noqa: E402
 # (benchmarks/ is on sys.path when run as a script)
@@ -125,10 +125,12 @@ RULES = ("calibrated", "size-only", "mad")
 
 
 def decide(row: dict, rule: str, alpha: float, family: str, df: float, scale: str = "qn",
-           min_scale: float = SCALE_FLOOR) -> dict:
+           min_scale: float = SCALE_FLOOR, transfer_threshold: str | float | None = None) -> dict:
     """One scan's verdict under ``rule``, re-decided from its stored per-label results: "calibrated"
-    (trigger size and, where the row has them, maximum margins), "size-only" (the calibrated rule on
-    the trigger size alone, as before the second signal) or "mad" (the paper's)."""
+    (trigger size and, where the row has them, maximum margins and transferability), "size-only" (the
+    calibrated rule on the trigger size alone, as before the second signal) or "mad" (the paper's).
+    ``transfer_threshold``: None, the scan's own; "off", without the transferable labels' stage; or a
+    number, that threshold on the row's recorded transferability."""
     scan = row["scan"]
     if rule == "mad":
         flagged = sorted(scan["mad_flagged"])
@@ -138,8 +140,13 @@ def decide(row: dict, rule: str, alpha: float, family: str, df: float, scale: st
     else:
         l1, reference, n_labels = calibrated_inputs(scan["labels"], scan["settings"]["detection"])
         margins = tested_margins(scan["labels"], scan["settings"]["detection"]) if rule == "calibrated" else None
+        transfer = tested_transfer(scan["labels"], scan["settings"]["detection"]) if rule == "calibrated" else {}
+        if transfer_threshold == "off":
+            transfer = {}
+        elif transfer_threshold is not None and transfer:
+            transfer["transfer_threshold"] = float(transfer_threshold)
         test = calibrated_test(l1, reference, n_labels, alpha=alpha, family=family, df=df, scale=scale,
-                               min_scale=min_scale, margins=margins)
+                               min_scale=min_scale, margins=margins, **transfer)
         flagged = sorted(test.flagged)
         score = -math.log10(test.p_value) if test.p_value else 0.0
         inconclusive = test.inconclusive and not flagged
@@ -149,7 +156,7 @@ def decide(row: dict, rule: str, alpha: float, family: str, df: float, scale: st
 
 
 def summarise(rows: list[dict], alpha: float, family: str, df: float, scale: str = "qn",
-              min_scale: float = SCALE_FLOOR, log=print) -> dict:
+              min_scale: float = SCALE_FLOOR, log=print, transfer_threshold: str | float | None = None) -> dict:
     from sklearn.metrics import roc_auc_score
     summary = {}
     groups = sorted({(r["mode"], r["entry"]["num_classes"]) for r in rows})
@@ -160,8 +167,8 @@ def summarise(rows: list[dict], alpha: float, family: str, df: float, scale: str
         neg = [r for r in scored if not r["entry"]["backdoored"]]
         times = [r["time_s"] for r in group]
         for rule in RULES:
-            d_pos = [decide(r, rule, alpha, family, df, scale, min_scale) for r in pos]
-            d_neg = [decide(r, rule, alpha, family, df, scale, min_scale) for r in neg]
+            d_pos = [decide(r, rule, alpha, family, df, scale, min_scale, transfer_threshold) for r in pos]
+            d_neg = [decide(r, rule, alpha, family, df, scale, min_scale, transfer_threshold) for r in neg]
             fp, tp = sum(d["detected"] for d in d_neg), sum(d["hit"] for d in d_pos)
             exact = sum(d["exact"] for d in d_pos)
             auroc = (roc_auc_score([1] * len(d_pos) + [0] * len(d_neg), [d["score"] for d in d_pos + d_neg])
@@ -224,6 +231,13 @@ def main(argv=None) -> int:
     ap.add_argument("--attack-goal", type=float, default=None,
                     help="scan with every trigger search's attack-success goal (the preset's 0.99) set to this "
                          "value, with data and data-free (a variant of the preset: use its own --out folder)")
+    ap.add_argument("--few-labels-data-free", choices=("on", "off"), default="on",
+                    help="off: data-free scans of models with few labels keep the preset's attack-success goal and "
+                         "measure no transferability (the plan before they were added; a variant of the preset: "
+                         "use its own --out folder)")
+    ap.add_argument("--transfer-threshold", default=None,
+                    help="summary: re-decide with this transferability threshold, or 'off' for the test without "
+                         "the transferable labels' stage (default: each scan's own)")
     ap.add_argument("--seed", type=int, default=0, help="scan seed")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--shard", type=parse_shard, default=(0, 1))
@@ -254,6 +268,14 @@ def main(argv=None) -> int:
             preset = replace(plan_of(preset), few_labels_refine=None, few_labels_n_opt=None)
         if args.attack_goal is not None:
             preset = goal_variant(preset, args.attack_goal)
+        if args.few_labels_data_free == "off":
+            preset = preset_variant(preset, few_labels_data_free_goal=None, few_labels_data_free_transfer=None)
+        transfer_threshold = args.transfer_threshold
+        if transfer_threshold not in (None, "off"):
+            try:
+                transfer_threshold = float(transfer_threshold)
+            except ValueError:
+                raise NetcleanseError(f"--transfer-threshold is a number or 'off', not {transfer_threshold!r}") from None
         if not args.summary_only:  # the summary needs only the rows (each holds its model's entry)
             entries = [e for e in read_zoo(args.zoo) if chosen(e)]
             torch.set_num_threads(args.threads)
@@ -270,25 +292,29 @@ def main(argv=None) -> int:
             raise NetcleanseError(f"no scans of the {args.split} half in {args.out}")
         # the confidence and refinement each row's scan should have used (they differ with the label count)
         def expected(row):
-            plan = plan_of(preset).for_labels(len(row["scan"]["labels"]))
+            plan = plan_of(preset).for_labels(len(row["scan"]["labels"]), data_free=row["mode"] == "data-free")
             schedule = json.loads(json.dumps(plan.refine.to_dict()["schedule"])) if plan.refine else None
-            return plan.inversion_confidence, schedule  # as scan.json records it (lists, not tuples)
+            # as scan.json records it (lists, not tuples)
+            return plan.inversion_confidence, schedule, plan.transfer_threshold
 
         def recorded(row):
             plan = row["scan"]["settings"]["plan"]
-            return plan.get("inversion_confidence"), plan["refine"]["schedule"] if plan["refine"] else None
+            return (plan.get("inversion_confidence"), plan["refine"]["schedule"] if plan["refine"] else None,
+                    plan.get("transfer_threshold"))
 
         other = [r["model"] for r in rows if recorded(r) != expected(r)]
         if other:
             raise NetcleanseError(f"{len(other)} rows in {args.out} (e.g. {other[0]}) were scanned with another "
                                   f"inversion confidence or refinement than --inversion-confidence "
                                   f"{args.inversion_confidence} --few-labels-plan {args.few_labels_plan} "
-                                  f"--attack-goal {args.attack_goal}: "
+                                  f"--attack-goal {args.attack_goal} --few-labels-data-free "
+                                  f"{args.few_labels_data_free}: "
                                   "one folder per variant")
         print(f"{len(rows)} scans of the {args.split} half{planned}; calibrated rule at alpha "
               f"{args.alpha:g}, null {args.family}{'' if args.family == 'normal' else f'({args.df:g})'}, "
               f"scale {args.scale} (floor {args.min_scale:g})")
-        summary = summarise(rows, args.alpha, args.family, args.df, args.scale, args.min_scale)
+        summary = summarise(rows, args.alpha, args.family, args.df, args.scale, args.min_scale,
+                            transfer_threshold=transfer_threshold)
     except NetcleanseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

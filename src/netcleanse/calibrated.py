@@ -51,6 +51,26 @@ reference is refitted without it, and the next most anomalous label is tested ag
 the remaining K - 1 labels; this repeats until a label's p-value exceeds ``alpha`` (each step's
 p-value is made no smaller than the previous step's, as in Holm's procedure).
 
+**Transferable labels (data-free scans of models with few labels).** With 10 labels, two or three
+planted targets sit in the reference that defines a normal size and hide each other: the fit's
+median and scale move towards them, and the t null of 10 labels needs an index the second and third
+target no longer reach. A second property tells targets from easy labels without looking at sizes:
+a planted trigger is universal, so per-input triggers towards a target transfer to other inputs
+(:mod:`netcleanse.transferability`). When ``transfer`` is given (all labels in the reference),
+the labels whose expected transferability is at least ``transfer_threshold`` (the set E) are tested
+first, against a reference of the other labels alone: label t in E gets the index of its size (and
+margin) against the median and scale of the labels outside E, and a step-down runs over E with the
+null :func:`null_selected_index` (the largest index of |E| labels against K - |E| others, all draws
+of the family, E chosen independently of their sizes; each step's null has one label fewer in E).
+The step-down then goes on over the labels outside E as above, refitted without the labels already
+flagged. When E is not empty (and at least 3 labels are outside it) the test is two tests, so every
+p-value of both stages is doubled (Bonferroni) and the model's p-value is the smaller of the two
+stages' first: a model without a backdoor is flagged with probability at most ``alpha`` whether or
+not some of its labels are transferable, as long as transferability says nothing about the sizes of
+its clean labels (an easy label that also transferred would break that). On the data-free inputs of
+the 30 clean 10-label development models no label reached 0.03 (the presets' threshold is 0.05;
+benchmarks/RESULTS.md), so there E was always empty and the test was the one above.
+
 **Inconclusive.** When even an empty mask (``x = log FLOOR``) would not reach ``alpha`` (very few
 labels, or no spread at all among the reference labels), the test has no power and says so.
 
@@ -197,6 +217,44 @@ def _null_combined(n_labels: int, n_reference: int | None, family: str, df: floa
     return out
 
 
+@lru_cache(maxsize=256)
+def null_selected_index(n_selected: int, n_reference: int, family: str = FAMILY, df: float = DF,
+                        draws: int = DRAWS, scale: str = "qn", signals: int = 1,
+                        rho: float = MARGIN_RHO) -> np.ndarray:
+    """Simulated null distribution (sorted) of the largest index among ``n_selected`` labels scored
+    against a reference of ``n_reference`` *other* labels (the transferable labels' stage of
+    :func:`calibrated_test`): all ``n_selected + n_reference`` labels i.i.d. draws of the family
+    (two signals correlated ``rho``), the selection made without looking at their sizes."""
+    _check_family(family, df)
+    if n_selected < 1 or n_reference < 1:
+        raise NetcleanseError(f"bad null: {n_selected} selected labels, reference {n_reference}")
+    if signals not in (1, 2):
+        raise NetcleanseError(f"the test combines one or two signals, not {signals}")
+    rng = np.random.default_rng(zlib.crc32(
+        f"selected/{signals}/{n_selected}/{n_reference}/{family}/{df}/{draws}/{rho}".encode()))
+    n = n_selected + n_reference
+    pairs = n_reference * (n_reference - 1) // 2 if scale == "qn" and n_reference <= QN_MAX else n_reference
+    chunk = max(1, min(4_000_000 // (2 * n), 2_000_000 // max(pairs, 1)))
+    out = np.empty(draws)
+    for start in range(0, draws, chunk):
+        m = min(chunk, draws - start)
+        g = rng.standard_normal((signals, m, n))
+        if signals == 2:
+            g[1] = rho * g[0] + math.sqrt(1 - rho * rho) * g[1]
+        if family == "t":
+            g /= np.sqrt(rng.chisquare(df, (m, n)) / df)
+        z = []
+        for x in g:  # each oriented so that large values are anomalous
+            ref = x[:, :n_reference]
+            s = robust_scale(ref, scale)[:, None]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z.append(np.where(s > 0, (x[:, n_reference:] - np.median(ref, axis=1, keepdims=True)) / s, 0.0))
+        index = z[0] if signals == 1 else np.maximum(z[0], (z[0] + z[1]) / math.sqrt(2))
+        out[start:start + m] = index.max(axis=1)
+    out.sort()
+    return out
+
+
 def critical_index(n_labels: int, n_reference: int | None = None, alpha: float = 0.05, family: str = FAMILY,
                    df: float = DF, draws: int = DRAWS, scale: str = "qn", signals: int = 1) -> float:
     """The index above which :func:`max_index_pvalue` is <= ``alpha`` (inf if it never is)."""
@@ -238,7 +296,8 @@ class TestResult:
 def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int | None = None,
                     alpha: float = 0.05, family: str = FAMILY, df: float = DF, draws: int = DRAWS,
                     scale: str = "qn", min_scale: float = SCALE_FLOOR, margins: dict | None = None,
-                    min_margin_scale: float = MARGIN_SCALE_FLOOR) -> TestResult:
+                    min_margin_scale: float = MARGIN_SCALE_FLOOR, transfer: dict | None = None,
+                    transfer_threshold: float | None = None) -> TestResult:
     """The model-level test of the module doc.
 
     ``l1``: label -> mask L1 of every label that can be flagged (searched with the same budget as
@@ -247,7 +306,11 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
     labels the most anomalous one was picked from (default ``len(l1)``); with a reference sample,
     labels not in ``l1`` are taken to be no more extreme than those in it. ``margins``: label ->
     maximum logit margin (:mod:`netcleanse.margin`) for every label of ``l1``; with it the index is
-    the combined one (module doc), without it the size's alone.
+    the combined one (module doc), without it the size's alone. ``transfer`` and
+    ``transfer_threshold``: each label's expected transferability (:mod:`netcleanse.transferability`)
+    and the level at which a label counts as transferable; with them, and an all-label reference,
+    the transferable labels are first tested against the others alone (module doc, "Transferable
+    labels").
     """
     if not 0 < alpha < 1:
         raise NetcleanseError(f"alpha must be between 0 and 1, got {alpha}")
@@ -316,14 +379,57 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
     result.size_indices, result.margin_indices = size_idx, margin_idx
     if spread == 0:
         return result
-    remaining, ref_now, k_now, previous = list(labels), list(ref), k, 0.0
+    # the transferable labels' stage (module doc): with it, both stages' p-values are doubled (Bonferroni)
+    factor, remaining, ref_now, k_now, previous, first = 1.0, list(labels), list(ref), k, 0.0, None
+    if transfer is not None and transfer_threshold is not None and not sample and not inconclusive:
+        selected = [t for t in labels if float(transfer.get(t, 0.0)) >= transfer_threshold]
+        result.reference.update(transfer_threshold=float(transfer_threshold), transferable=selected)
+        others = [t for t in labels if t not in selected]
+        size_sel, margin_sel, index_sel, fit_sel = score(others) if selected and len(others) >= 3 else (0, 0, 0, {})
+        if fit_sel.get("scale", 0) > 0:
+            factor = 2.0
+            result.reference["stages"] = 2
+            result.p_values = {t: min(1.0, factor * v) for t, v in result.p_values.items()}
+
+            def selected_p(z: float, m: int) -> float:
+                null = null_selected_index(m, len(others), family, df, draws, scale, signals)
+                return min(1.0, factor * float((1 + len(null) - np.searchsorted(null, z, side="left")) / (len(null) + 1)))
+            for t in selected:
+                result.indices[t], result.p_values[t] = index_sel[t], selected_p(index_sel[t], len(selected))
+                result.size_indices[t] = size_sel[t]
+                if signals == 2:
+                    result.margin_indices[t] = margin_sel[t]
+            left = list(selected)
+            while left:
+                t = max(left, key=lambda u: (index_sel[u], -u))
+                p = max(previous, selected_p(index_sel[t], len(left)))
+                flag = p <= alpha
+                step = {"step": len(result.steps) + 1, "stage": "transferable", "label": t, "index": index_sel[t],
+                        "p_value": p, "n_labels": len(left), "n_reference": len(others), "flagged": flag}
+                if signals == 2:
+                    step.update(size_index=size_sel[t], margin_index=margin_sel[t])
+                result.steps.append(step)
+                if result.p_value is None:
+                    result.p_value = p
+                if not flag:
+                    break
+                result.flagged.append(t)
+                left.remove(t)
+                previous = p
+            # the step-down goes on over the other labels, refitted without those flagged
+            remaining = [t for t in labels if t not in result.flagged]
+            ref_now = [t for t in ref if t not in result.flagged]
+            k_now = k - len(result.flagged)
+            if not result.flagged:
+                first = result.p_value
+                result.p_value = None  # set below to the smaller of the two stages' first p-values
     while remaining and len(ref_now) >= 3:
         size_now, margin_now, index_now, fit_now = score(ref_now)
         if fit_now["scale"] == 0:
             break
         t = max(remaining, key=lambda u: (index_now[u], -u))
         z = index_now[t]
-        p = max(previous, pvalue(z, k_now, ref_now))
+        p = max(previous, min(1.0, factor * pvalue(z, k_now, ref_now)))
         flag = p <= alpha and not inconclusive
         step = {"step": len(result.steps) + 1, "label": t, "index": z, "p_value": p,
                 "n_labels": k_now, "n_reference": len(ref_now), "flagged": flag}
@@ -340,4 +446,6 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
             ref_now.remove(t)
         k_now -= 1
         previous = p
+    if first is not None:  # the transferable stage flagged nothing: the model's p-value is the smaller stage's
+        result.p_value = first if result.p_value is None else min(first, result.p_value)
     return result

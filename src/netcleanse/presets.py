@@ -69,6 +69,21 @@ class Preset:
     # net with a blended trigger, 98 of 100 coarse searches failed and a target whose failed search
     # reached 76 % attack success (2nd of 100) ranked 57th by its mask and was never refined
     rank_failed: str = "mask"
+    # data-free scans of models with few labels (:meth:`for_labels`): every stage's attack-success goal
+    # (None: the stages' own), and the expected transferability (:mod:`netcleanse.transferability`)
+    # at which a label is kept out of the test's reference (None: not computed). Data-free inputs are
+    # unnatural: a planted trigger flips only about half of them (real images: 99 %), so a search held
+    # to 99 % attack success on them inflates the targets' triggers; and with 10 labels two or three
+    # targets hide each other in the reference. Chosen on the development half (benchmarks/RESULTS.md)
+    few_labels_data_free_goal: float | None = None
+    few_labels_data_free_transfer: float | None = None
+    # the transferability's budget: per label, ``transfer_sources`` per-input triggers of
+    # ``transfer_steps`` steps, each tried on ``transfer_pool`` other inputs
+    transfer_sources: int = 8
+    transfer_pool: int = 64
+    transfer_steps: int = 150
+    # set by :meth:`for_labels` for the scan at hand: the transferability threshold it uses (None: off)
+    transfer_threshold: float | None = None
 
     def __post_init__(self):
         if self.rank_failed not in ("mask", "success"):
@@ -88,14 +103,22 @@ class Preset:
         return n_labels * self.few_labels_refine.schedule.max_passes() <= \
             (self.max_candidates + self.controls) * self.refine.schedule.max_passes()
 
-    def for_labels(self, n_labels: int) -> "Preset":
+    def for_labels(self, n_labels: int, data_free: bool = False) -> "Preset":
         """The plan a scan of ``n_labels`` labels follows: with few labels (:meth:`few_labels`) the
-        ``few_labels_*`` settings replace their counterparts, else the preset itself."""
+        ``few_labels_*`` settings replace their counterparts (data-free, also the
+        ``few_labels_data_free_*`` ones), else the preset itself."""
         if not self.few_labels(n_labels):
             return self
         confidence = self.few_labels_inversion_confidence
-        return replace(self, refine=self.few_labels_refine, n_opt=self.few_labels_n_opt or self.n_opt,
+        plan = replace(self, refine=self.few_labels_refine, n_opt=self.few_labels_n_opt or self.n_opt,
                        inversion_confidence=self.inversion_confidence if confidence is None else confidence)
+        if not data_free:
+            return plan
+        goal = self.few_labels_data_free_goal
+        if goal is not None:
+            plan = replace(plan, **{name: replace(stage, schedule=replace(stage.schedule, attack_threshold=goal))
+                                    for name, stage in (("coarse", plan.coarse), ("refine", plan.refine))})
+        return replace(plan, transfer_threshold=self.few_labels_data_free_transfer)
 
     def to_dict(self) -> dict:
         return {"coarse": self.coarse.to_dict(), "refine": None if self.refine is None else self.refine.to_dict(),
@@ -108,7 +131,14 @@ class Preset:
                 **({} if self.inversion_confidence is None else {"inversion_confidence": self.inversion_confidence}),
                 **({} if self.few_labels_inversion_confidence is None else
                    {"few_labels_inversion_confidence": self.few_labels_inversion_confidence}),
-                **({} if self.rank_failed == "mask" else {"rank_failed": self.rank_failed})}
+                **({} if self.rank_failed == "mask" else {"rank_failed": self.rank_failed}),
+                **({} if self.few_labels_data_free_goal is None else
+                   {"few_labels_data_free_goal": self.few_labels_data_free_goal}),
+                **({} if self.few_labels_data_free_transfer is None else
+                   {"few_labels_data_free_transfer": self.few_labels_data_free_transfer,
+                    "transfer": {"sources": self.transfer_sources, "pool": self.transfer_pool,
+                                 "steps": self.transfer_steps}}),
+                **({} if self.transfer_threshold is None else {"transfer_threshold": self.transfer_threshold})}
 
 
 PRESETS: dict[str, Preset] = {
@@ -134,6 +164,8 @@ PRESETS: dict[str, Preset] = {
         # 2 with 256; held-back attack success of the controls' triggers 41 % -> 79 %)
         n_opt=256, n_val=128,
         few_labels_n_opt=200,
+        few_labels_data_free_goal=0.5,
+        few_labels_data_free_transfer=0.05,
     ),
 }
 

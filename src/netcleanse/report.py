@@ -508,7 +508,8 @@ def decision_inputs(scan: dict, rows: list[dict], roles: dict[int, str]) -> Deci
     steps = [{"step": _as_int(s.get("step")), "label": _as_int(s.get("label")), "index": _as_float(s.get("index")),
               "size_index": _as_float(s.get("size_index")), "margin_index": _as_float(s.get("margin_index")),
               "p_value": _as_float(s.get("p_value")), "n_labels": _as_int(s.get("n_labels")),
-              "n_reference": _as_int(s.get("n_reference")), "flagged": bool(s.get("flagged"))}
+              "n_reference": _as_int(s.get("n_reference")), "flagged": bool(s.get("flagged")),
+              "stage": s.get("stage") if isinstance(s.get("stage"), str) else None}
              for s in test.get("steps", []) if isinstance(s, dict)]
     return DecisionInputs(str(reference.get("statistic") or "log mask L1"), family, df, median, scale, raw, estimator,
                           n_labels, n_reference, alpha, ref, tested, steps,

@@ -27,7 +27,10 @@ synthesises (:mod:`netcleanse.synthesis`). Two presets (:mod:`netcleanse.presets
     With few labels (:meth:`~netcleanse.presets.Preset.few_labels`: up to 21 with ``fast``, while
     refining them all costs no more than the largest many-labels refinement), every label is
     refined, on 200 inputs with a longer schedule (``few_labels_refine``: up to 200 epochs of
-    2 x 32 inputs), and the index is the paper's (median/MAD over all labels). With more labels
+    2 x 32 inputs), and the index is the paper's (median/MAD over all labels); data-free, every
+    trigger search stops at attack success 0.5 (``few_labels_data_free_goal``) and each label's
+    expected transferability (:mod:`netcleanse.transferability`) is measured on the scan's
+    inputs for the test (``few_labels_data_free_transfer``). With more labels
     but no more than candidates + controls (64), every label is refined with step 2's schedule
     and the index is again over all labels.
 
@@ -71,6 +74,7 @@ from .neural_cleanse import Schedule, attack_success, reverse_engineer
 from .presets import PRESETS, Preset, Stage, plan_of  # PRESETS, Preset, Stage: still importable from here
 from .progress import progress_bar
 from .synthesis import INVERSION_STEPS, INVERT_IMAGES, smooth_noise, synthesize_inputs  # noqa: F401 (they lived here)
+from .transferability import expected_transferability
 from .trigger import Trigger
 from .utils import resolve_device
 
@@ -247,7 +251,7 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
     labels = list(range(model.num_classes)) if labels is None else sorted({int(t) for t in labels})
     if not labels:
         raise NetcleanseError("no labels to scan")
-    plan = plan.for_labels(len(labels))
+    plan = plan.for_labels(len(labels), data_free=data is None)
     bad = [t for t in labels if not 0 <= t < model.num_classes]
     if bad:
         raise NetcleanseError(f"label {bad[0]} is out of range: the model has labels 0..{model.num_classes - 1}")
@@ -330,11 +334,17 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
             for t, (rec, m, p, _, _) in fine.items():
                 results[t], masks[t], patterns[t] = rec, m, p
 
+        transfer_passes = None
         # the second signal, for every label the verdict tests (all, or the refined ones)
         tested = refined if refined and len(refined) < len(labels) else labels
         margins = label_margins(work, tested, seed, plan, dev, channels_last, journal, bar, executor)
         for t in tested:
             results[t] = dict(results[t], max_margin=margins[t])
+        if plan.transfer_threshold is not None:  # few labels, data-free: every label is tested
+            transfer, transfer_passes = label_transferability(work, labels, torch.cat([x_opt, x_val]), seed, plan,
+                                                              journal, bar)
+            for t in labels:
+                results[t] = dict(results[t], transferability=transfer[t])
 
     # detection
     l1_all = np.array([results[t]["mask_l1"] for t in labels])
@@ -362,13 +372,17 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         index = anomaly_indices(l1_all)
         med, mad = median_and_mad(l1_all)
         settings["detection"] = {"scheme": "all labels", "median": med, "mad": mad}
+        if plan.transfer_threshold is not None:
+            settings["detection"]["transfer_threshold"] = plan.transfer_threshold
         ceiling = index_ceiling(l1_all)
         median_for = {t: med for t in labels}
     settings["passes"] = image_passes(plan, labels, coarse, {t: results[t] for t in refined}, tested,
-                                      n_opt=len(x_opt), n_val=len(x_val), data_free=data is None)
+                                      n_opt=len(x_opt), n_val=len(x_val), data_free=data is None,
+                                      transfer=transfer_passes)
     mad_flagged = flag_labels(labels, index, threshold)
     test = calibrated_test(*calibrated_inputs([results[t] for t in labels], settings["detection"]), alpha=alpha,
-                           margins=tested_margins([results[t] for t in labels], settings["detection"]))
+                           margins=tested_margins([results[t] for t in labels], settings["detection"]),
+                           **tested_transfer([results[t] for t in labels], settings["detection"]))
     flagged = test.flagged if rule == "calibrated" else mad_flagged
     records = []
     for t, a in zip(labels, index):
@@ -398,13 +412,14 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
 
 
 def image_passes(plan: Preset, labels, coarse: dict, refined: dict, tested, *, n_opt: int, n_val: int,
-                 data_free: bool) -> dict[str, int]:
+                 data_free: bool, transfer: dict | None = None) -> dict[str, int]:
     """What a scan cost, in images through the network (a machine-independent measure of its work):
     per stage, the forward + input-gradient passes (one image of one label's search, or of one
     margin start, per step) and the forward-only passes of the held-back attack-success check.
 
     coarse: label -> (record, ...) of the first stage; refined: label -> record after refinement
-    (its ``steps`` include the first stage's); tested: the labels whose margins were computed."""
+    (its ``steps`` include the first stage's); tested: the labels whose margins were computed;
+    transfer: the transferability's own count (``backward``, ``forward``), if it was measured."""
     def batch(stage: Stage) -> int:
         return min(stage.schedule.batch_size, n_opt)
 
@@ -414,10 +429,14 @@ def image_passes(plan: Preset, labels, coarse: dict, refined: dict, tested, *, n
     if refined:
         out[plan.refine.name] = sum(int(rec["steps"]) - first[t] for t, rec in refined.items()) * batch(plan.refine)
     out["margin"] = len(tested) * plan.margin_restarts * plan.margin_steps
+    if transfer is not None:
+        out["transfer"] = int(transfer["backward"])
     out["backward_total"] = sum(out.values())
     # the attack-success checks, and the margin search's last look at its inputs
     held_back = min(n_val, plan.coarse.held_back or n_val)
     out["forward_only"] = len(labels) * held_back + len(refined) * n_val + len(tested) * plan.margin_restarts
+    if transfer is not None:
+        out["forward_only"] += int(transfer["forward"])
     return out
 
 
@@ -439,6 +458,36 @@ def tested_margins(records: list[dict], detection: dict) -> dict[int, float] | N
     tested = calibrated_inputs(records, detection)[0]
     margins = {r["label"]: r.get("max_margin") for r in records if r["label"] in tested}
     return None if any(v is None for v in margins.values()) else margins
+
+
+def tested_transfer(records: list[dict], detection: dict) -> dict:
+    """The transferability arguments of :func:`netcleanse.calibrated.calibrated_test` for a scan
+    (``transfer``, ``transfer_threshold``): empty when the scan did not measure it."""
+    threshold = detection.get("transfer_threshold")
+    if threshold is None or any("transferability" not in r for r in records):
+        return {}
+    return {"transfer": {r["label"]: r["transferability"] for r in records}, "transfer_threshold": threshold}
+
+
+def label_transferability(work, labels, x: torch.Tensor, seed: int, plan: Preset, journal: Journal | None = None,
+                          bar=None) -> tuple[dict[int, float], dict]:
+    """Each label's expected transferability (:mod:`netcleanse.transferability`) on inputs ``x``,
+    with the preset's budget, and the image passes it took; one journal entry (``transfer``), so a
+    resumed scan does not redo it."""
+    memory = journal if journal is not None else Journal(None)
+    if not memory.has("transfer"):
+        task = bar.add_task(f"transferability: {len(labels)} labels", total=1) if bar is not None else None
+        gen = torch.Generator().manual_seed(_chunk_seed(seed, "transfer", 0))
+        passes: dict = {}
+        with torch.enable_grad():
+            values = expected_transferability(work, x, labels, sources=plan.transfer_sources, pool=plan.transfer_pool,
+                                              steps=plan.transfer_steps, generator=gen, passes=passes)
+        memory.put("transfer", {"stage": "transfer", "labels": list(labels), "passes": passes},
+                   {"transferability": np.array([values[t] for t in labels])})
+        if task is not None:
+            bar.update(task, completed=1)
+    entry, arrays = memory.get("transfer")
+    return dict(zip(entry["labels"], arrays["transferability"].tolist())), entry["passes"]
 
 
 def _working_copy(model, dev: torch.device):

@@ -116,4 +116,6 @@ def _describe(record: dict) -> str:
     ratio = record.get("mask_l1_vs_median")
     size = f", {100 * ratio:.0f} % of the median" if isinstance(ratio, (int, float)) else ""
     p = f"p {_p(record['p_value'])}, " if record.get("p_value") is not None else ""
-    return f"{record['label']} ({p}index {record['anomaly_index']:.2f}, mask L1 {record['mask_l1']:.1f}{size})"
+    transfer = record.get("transferability")
+    moved = f", transferability {transfer:.2f}" if isinstance(transfer, (int, float)) else ""
+    return f"{record['label']} ({p}index {record['anomaly_index']:.2f}, mask L1 {record['mask_l1']:.1f}{size}{moved})"

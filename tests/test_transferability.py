@@ -1,0 +1,125 @@
+"""Expected transferability (netcleanse.transferability), the plan that measures it (data-free scans
+of models with few labels) and the calibrated test's transferable labels' stage."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TARGET, make_data
+from netcleanse.calibrated import calibrated_test, null_selected_index
+from netcleanse.presets import PRESETS
+from netcleanse.transferability import expected_transferability
+
+
+def _clean_model(rng, k, spread=0.4, median=50.0):
+    return dict(enumerate(np.exp(np.log(median) + spread * rng.standard_t(10, k))))
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return make_data(160, torch.Generator().manual_seed(5))[0]
+
+
+def test_the_planted_target_transfers_and_no_clean_label_does(one_thread, badnet, inputs):
+    from conftest import train_tiny
+    labels = list(range(badnet.num_classes))
+    bad = expected_transferability(badnet, inputs, labels, generator=torch.Generator().manual_seed(0))
+    clean = expected_transferability(train_tiny(False), inputs, labels, generator=torch.Generator().manual_seed(0))
+    assert max(bad, key=bad.get) == TARGET
+    # the tiny net's own templates are near-universal too; the shipped threshold still separates them
+    assert bad[TARGET] >= PRESETS["fast"].few_labels_data_free_transfer > max(clean.values())
+    assert bad[TARGET] > 2 * max(v for t, v in bad.items() if t != TARGET)
+    assert bad[TARGET] > 2 * max(clean.values())
+    assert all(0.0 <= v <= 1.0 for v in list(bad.values()) + list(clean.values()))
+
+
+def test_transferability_is_reproducible_and_a_label_without_sources_gets_zero(one_thread, badnet, inputs):
+    a = expected_transferability(badnet, inputs, [TARGET, 1], steps=40, generator=torch.Generator().manual_seed(3))
+    b = expected_transferability(badnet, inputs, [TARGET, 1], steps=40, generator=torch.Generator().manual_seed(3))
+    assert a == b
+    one = inputs[:1]  # a single input: no other input to try a trigger on
+    assert expected_transferability(badnet, one, [0, 1], steps=5, generator=torch.Generator()) == {0: 0.0, 1: 0.0}
+
+
+def test_only_data_free_scans_of_models_with_few_labels_take_the_goal_and_measure_transferability():
+    fast = PRESETS["fast"]
+    free = fast.for_labels(10, data_free=True)
+    assert free.transfer_threshold == fast.few_labels_data_free_transfer is not None
+    assert free.coarse.schedule.attack_threshold == free.refine.schedule.attack_threshold == fast.few_labels_data_free_goal
+    data = fast.for_labels(10)
+    assert data.transfer_threshold is None and data.refine.schedule.attack_threshold == 0.99
+    many = fast.for_labels(1283, data_free=True)
+    assert many is fast and many.transfer_threshold is None
+    off = replace(fast, few_labels_data_free_goal=None, few_labels_data_free_transfer=None).for_labels(10, data_free=True)
+    assert off.transfer_threshold is None and off.refine.schedule.attack_threshold == 0.99
+    assert "transfer_threshold" in free.to_dict() and "transfer_threshold" not in data.to_dict()
+
+
+def test_a_data_free_scan_of_few_labels_records_each_labels_transferability(one_thread, badnet):
+    import netcleanse
+    result = netcleanse.scan(badnet, data_free=True, progress=False)
+    assert all(0.0 <= r["transferability"] <= 1.0 for r in result.labels)
+    assert result.settings["detection"]["transfer_threshold"] == PRESETS["fast"].few_labels_data_free_transfer
+    assert result.settings["passes"]["transfer"] > 0
+    assert result.flagged == [TARGET]
+
+
+# a development-half row (10-label MNIST BadNet, targets 5 and 8, data-free, attack-success goal 0.5):
+# mask L1s and maximum margins as the scan recorded them
+DEV_L1 = {8: 5.0, 5: 6.0, 2: 30.0, 3: 36.0, 1: 36.0, 7: 76.0, 6: 78.0, 0: 88.0, 4: 105.0, 9: 158.0}
+DEV_MARGIN = {8: 56.6, 5: 61.6, 2: 40.8, 3: 40.0, 1: 39.3, 7: 41.8, 6: 25.9, 0: 27.0, 4: 30.5, 9: 21.8}
+
+
+def test_transferable_targets_no_longer_hide_each_other():
+    alone = calibrated_test(DEV_L1, margins=DEV_MARGIN)
+    assert alone.flagged == []  # each target sits in the other's reference
+    transfer = {t: (0.3 if t in (5, 8) else 0.01) for t in DEV_L1}
+    both = calibrated_test(DEV_L1, margins=DEV_MARGIN, transfer=transfer, transfer_threshold=0.05)
+    assert sorted(both.flagged) == [5, 8]
+    assert [s.get("stage") for s in both.steps[:2]] == ["transferable"] * 2
+    assert not both.steps[-1]["flagged"]  # then the size test over the others, which flags none
+    assert both.reference["transferable"] == [5, 8] and both.p_value <= 0.05
+    # no label transferable: the test as without it
+    none = calibrated_test(DEV_L1, margins=DEV_MARGIN, transfer={t: 0.0 for t in DEV_L1}, transfer_threshold=0.05)
+    assert none.flagged == alone.flagged and none.p_value == alone.p_value
+
+
+def test_an_untransferable_stage_falls_back_to_the_size_test_at_half_the_level():
+    l1 = dict(enumerate([48.0, 55.0, 3.0, 40.0, 62.0, 51.0, 44.0, 30.0, 58.0, 46.0]))
+    transfer = {t: (0.2 if t == 7 else 0.0) for t in l1}  # a transferable label of ordinary size
+    alone = calibrated_test(l1)
+    res = calibrated_test(l1, transfer=transfer, transfer_threshold=0.05)
+    assert res.flagged == alone.flagged == [2]  # found by the size test after the transferable stage
+    assert res.steps[0]["stage"] == "transferable" and res.steps[0]["flagged"] is False
+    size_steps = [s for s in res.steps if "stage" not in s]
+    assert size_steps[0]["p_value"] == pytest.approx(min(1.0, 2 * alone.steps[0]["p_value"]))
+    assert res.p_value == min(res.steps[0]["p_value"], size_steps[0]["p_value"])
+
+
+def test_after_the_transferable_labels_the_step_down_goes_on_over_the_others():
+    # targets 0 and 1 transfer, target 2 does not (a weak third target): all three flagged
+    l1 = dict(enumerate([4.0, 5.0, 6.0, 60.0, 75.0, 90.0, 110.0, 70.0, 85.0, 100.0]))
+    transfer = {t: (0.3 if t in (0, 1) else 0.0) for t in l1}
+    res = calibrated_test(l1, transfer=transfer, transfer_threshold=0.05)
+    assert res.flagged[:2] == [0, 1] and sorted(res.flagged) == [0, 1, 2]
+    assert [s.get("stage") for s in res.steps[:2]] == ["transferable"] * 2 and "stage" not in res.steps[2]
+
+
+def test_the_test_holds_its_level_when_transferability_is_unrelated_to_size():
+    rng = np.random.default_rng(11)
+    flagged = 0
+    for _ in range(400):
+        l1 = _clean_model(rng, 10)
+        chosen = rng.choice(10, rng.integers(1, 4), replace=False)
+        transfer = {t: (0.5 if t in chosen else 0.0) for t in l1}
+        flagged += bool(calibrated_test(l1, transfer=transfer, transfer_threshold=0.05, draws=4000).flagged)
+    # the clean labels' log sizes are t(10) draws, the null's own family: at most alpha, up to noise
+    assert flagged / 400 < 0.075
+
+
+def test_the_selected_labels_null_grows_with_the_number_selected():
+    one = null_selected_index(1, 7, draws=4000)
+    three = null_selected_index(3, 7, draws=4000)
+    assert np.quantile(three, 0.95) > np.quantile(one, 0.95) > 0
