@@ -57,9 +57,15 @@ def test_only_data_free_scans_of_models_with_few_labels_take_the_goal_and_measur
     assert "transfer_threshold" in free.to_dict() and "transfer_threshold" not in data.to_dict()
 
 
-def test_a_data_free_scan_of_few_labels_records_each_labels_transferability(one_thread, badnet):
+def test_a_data_free_scan_of_few_labels_records_each_labels_transferability(one_thread, badnet, tmp_path):
     import netcleanse
-    result = netcleanse.scan(badnet, data_free=True, progress=False)
+    from netcleanse.report import render_report
+    result = netcleanse.scan(badnet, data_free=True, progress=False, out=tmp_path / "scan")
+    html = render_report(tmp_path / "scan").read_text()
+    assert result.test["reference"]["stages"] == 2  # the target transfers: tested first
+    assert result.test["reference"]["transferable"] == [TARGET]
+    assert "(transferable)" in html and "the size test's own level here" in html
+    assert "decided with another version of the null" not in html
     assert all(0.0 <= r["transferability"] <= 1.0 for r in result.labels)
     assert result.settings["detection"]["transfer_threshold"] == PRESETS["fast"].few_labels_data_free_transfer
     assert result.settings["passes"]["transfer"] > 0
@@ -96,6 +102,10 @@ def test_an_untransferable_stage_falls_back_to_the_size_test_at_half_the_level()
     size_steps = [s for s in res.steps if "stage" not in s]
     assert size_steps[0]["p_value"] == pytest.approx(min(1.0, 2 * alone.steps[0]["p_value"]))
     assert res.p_value == min(res.steps[0]["p_value"], size_steps[0]["p_value"])
+    # the size test's critical index is its half of alpha's
+    from netcleanse.calibrated import critical_index
+    assert res.reference["critical_index"] == pytest.approx(critical_index(10, None, 0.025))
+    assert res.reference["critical_index"] > alone.reference["critical_index"]
 
 
 def test_after_the_transferable_labels_the_step_down_goes_on_over_the_others():

@@ -333,6 +333,12 @@ class DecisionInputs:
     margin_scale: float | None = None
     rho: float | None = None  # the null's correlation between the two signals
     combination: str | None = None  # two signals: "sum" or "max" (see above)
+    stages: int = 1  # 2: transferable labels were tested first, each stage at alpha / 2
+
+    @property
+    def size_alpha(self) -> float:
+        """The level of the size test this figure draws: alpha, or its half with two stages."""
+        return self.alpha / self.stages
 
     @property
     def combined(self) -> bool:
@@ -383,7 +389,7 @@ class DecisionInputs:
         :func:`netcleanse.calibrated.critical_index` takes it); None without a null."""
         if self.null is None or not len(self.null):
             return None
-        i = max(1, math.ceil((len(self.null) + 1) * (1 - self.alpha) - 1e-9))
+        i = max(1, math.ceil((len(self.null) + 1) * (1 - self.size_alpha) - 1e-9))
         return float(self.null[i - 1]) if i <= len(self.null) else None
 
     @property
@@ -498,13 +504,15 @@ def decision_inputs(scan: dict, rows: list[dict], roles: dict[int, str]) -> Deci
     if estimator in cal.SCALES and len(ref) >= 2:
         raw = float(cal.robust_scale(cal.log_size([r["mask_l1"] for r in rows if r["label"] in ref]), estimator))
     null, critical = None, _as_float(reference.get("critical_index"))
+    stages = 2 if _as_int(reference.get("stages")) == 2 else 1
     if len(ref) >= 3:
         try:
             null = cal.null_max_index(n_labels, n_reference, family, df, cal.DRAWS, estimator, signals)
         except NetcleanseError:
             null = None
         if critical is None and null is not None:
-            critical = cal.critical_index(n_labels, n_reference, alpha, family, df, cal.DRAWS, estimator, signals)
+            critical = cal.critical_index(n_labels, n_reference, alpha / stages, family, df, cal.DRAWS, estimator,
+                                          signals)
     steps = [{"step": _as_int(s.get("step")), "label": _as_int(s.get("label")), "index": _as_float(s.get("index")),
               "size_index": _as_float(s.get("size_index")), "margin_index": _as_float(s.get("margin_index")),
               "p_value": _as_float(s.get("p_value")), "n_labels": _as_int(s.get("n_labels")),
@@ -516,7 +524,7 @@ def decision_inputs(scan: dict, rows: list[dict], roles: dict[int, str]) -> Deci
                           critical if critical is not None and math.isfinite(critical) else None, null,
                           scan.get("rule") == "calibrated", signals, size, margin,
                           margin_median if signals == 2 else None, margin_scale if signals == 2 else None,
-                          cal.MARGIN_RHO if signals == 2 else None, combination)
+                          cal.MARGIN_RHO if signals == 2 else None, combination, stages)
 
 
 def _combination(statistic: Any, rows: list[dict]) -> str:

@@ -22,13 +22,15 @@ sources (a source whose search never reached t counts 0):
     ET_t = (1 / S) * sum_i  mean_{x in pool} 1[ f((1 - m_i) * x + m_i * p_i) = t ] .
 
 How the verdict uses it (:mod:`netcleanse.calibrated`, data-free scans of models with few labels):
-labels whose ET is at least a threshold are kept out of the reference that defines a normal trigger
-size, so that two or three planted targets no longer hide each other among ten labels.
+labels whose ET is at least a threshold are tested first, against a reference of the other labels
+alone, so that two or three planted targets no longer hide each other among ten labels.
 
 On the data-free inputs of the development half of the benchmark zoo (10-label MNIST nets), the
-largest ET of any label of 30 clean models was 0.025, while 90 % of 43 planted targets were at 0.1 or
-above (benchmarks/RESULTS.md). With real images easy labels transfer more (up to 0.35 on clean
-models), which is why the verdict uses it data-free only.
+largest ET of any label of 30 clean models was 0.027, while 39 of 43 planted targets were at 0.05 or
+above; on nets of scikit-learn's blurry 8x8 digits clean labels reached 0.07-0.32, so the threshold
+is not a universal boundary, and the test does not rely on it for its level (benchmarks/RESULTS.md,
+"Data-free, few labels"). With real images easy labels transfer more, which is why the verdict uses
+it data-free only.
 """
 
 from __future__ import annotations
