@@ -202,20 +202,29 @@ def _null_combined(n_labels: int, n_reference: int | None, family: str, df: floa
     chunk = max(1, min(4_000_000 // (2 * n_labels), 2_000_000 // max(pairs, 1)))
     for start in range(0, draws, chunk):
         m = min(chunk, draws - start)
-        g = rng.standard_normal((2, m, n_labels))
-        g[1] = rho * g[0] + math.sqrt(1 - rho * rho) * g[1]
-        if family == "t":
-            g /= np.sqrt(rng.chisquare(df, (m, n_labels)) / df)
-        z = []
-        for x in g:  # each oriented so that large values are anomalous
-            ref = x[:, :n]
-            s = robust_scale(ref, scale)[:, None]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                z.append(np.where(s > 0, (x - np.median(ref, axis=1, keepdims=True)) / s, 0.0))
-        size, combined = z[0], (z[0] + z[1]) / math.sqrt(2)
-        out[start:start + m] = np.maximum(size, combined).max(axis=1)
+        out[start:start + m] = _label_indices(rng, m, n_labels, n, family, df, scale, 2, rho).max(axis=1)
     out.sort()
     return out
+
+
+def _label_indices(rng: np.random.Generator, m: int, n: int, n_reference: int, family: str, df: float,
+                   scale: str, signals: int, rho: float) -> np.ndarray:
+    """(m, n) indices of ``m`` simulated models of ``n`` i.i.d. labels (for two signals, pairs of
+    the bivariate family correlated ``rho``; for the t family one chi-square per label), each scored
+    against its first ``n_reference`` labels: the size's index, or ``max(z_size, (z_size +
+    z_margin) / sqrt(2))``. Each signal is oriented so that large values are anomalous."""
+    g = rng.standard_normal((signals, m, n))
+    if signals == 2:
+        g[1] = rho * g[0] + math.sqrt(1 - rho * rho) * g[1]
+    if family == "t":
+        g /= np.sqrt(rng.chisquare(df, (m, n)) / df)
+    z = []
+    for x in g:
+        ref = x[:, :n_reference]
+        s = robust_scale(ref, scale)[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z.append(np.where(s > 0, (x - np.median(ref, axis=1, keepdims=True)) / s, 0.0))
+    return z[0] if signals == 1 else np.maximum(z[0], (z[0] + z[1]) / math.sqrt(2))
 
 
 @lru_cache(maxsize=256)
@@ -239,19 +248,8 @@ def null_selected_index(n_selected: int, n_reference: int, family: str = FAMILY,
     out = np.empty(draws)
     for start in range(0, draws, chunk):
         m = min(chunk, draws - start)
-        g = rng.standard_normal((signals, m, n))
-        if signals == 2:
-            g[1] = rho * g[0] + math.sqrt(1 - rho * rho) * g[1]
-        if family == "t":
-            g /= np.sqrt(rng.chisquare(df, (m, n)) / df)
-        z = []
-        for x in g:  # each oriented so that large values are anomalous
-            ref = x[:, :n_reference]
-            s = robust_scale(ref, scale)[:, None]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                z.append(np.where(s > 0, (x[:, n_reference:] - np.median(ref, axis=1, keepdims=True)) / s, 0.0))
-        index = z[0] if signals == 1 else np.maximum(z[0], (z[0] + z[1]) / math.sqrt(2))
-        out[start:start + m] = index.max(axis=1)
+        index = _label_indices(rng, m, n, n_reference, family, df, scale, signals, rho)
+        out[start:start + m] = index[:, n_reference:].max(axis=1)
     out.sort()
     return out
 
@@ -380,6 +378,21 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
     result.size_indices, result.margin_indices = size_idx, margin_idx
     if spread == 0:
         return result
+    def record_step(t: int, z: float, p: float, n_now: int, n_ref: int, size: dict, margin: dict,
+                    stage: str | None = None, powered: bool = True) -> bool:
+        """One step-down test, recorded; whether it flagged ``t`` (then added to the flags)."""
+        flag = p <= alpha and powered
+        step = {"step": len(result.steps) + 1, **({"stage": stage} if stage else {}), "label": t, "index": z,
+                "p_value": p, "n_labels": n_now, "n_reference": n_ref, "flagged": flag}
+        if signals == 2:
+            step.update(size_index=size[t], margin_index=margin[t])
+        result.steps.append(step)
+        if result.p_value is None:
+            result.p_value = p
+        if flag:
+            result.flagged.append(t)
+        return flag
+
     # the transferable labels' stage (module doc): with it, both stages' p-values are doubled (Bonferroni)
     factor, remaining, ref_now, k_now, previous, first = 1.0, list(labels), list(ref), k, 0.0, None
     if transfer is not None and transfer_threshold is not None and not sample and not inconclusive:
@@ -408,17 +421,8 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
             while left:
                 t = max(left, key=lambda u: (index_sel[u], -u))
                 p = max(previous, selected_p(index_sel[t], len(left)))
-                flag = p <= alpha
-                step = {"step": len(result.steps) + 1, "stage": "transferable", "label": t, "index": index_sel[t],
-                        "p_value": p, "n_labels": len(left), "n_reference": len(others), "flagged": flag}
-                if signals == 2:
-                    step.update(size_index=size_sel[t], margin_index=margin_sel[t])
-                result.steps.append(step)
-                if result.p_value is None:
-                    result.p_value = p
-                if not flag:
+                if not record_step(t, index_sel[t], p, len(left), len(others), size_sel, margin_sel, "transferable"):
                     break
-                result.flagged.append(t)
                 left.remove(t)
                 previous = p
             # the step-down goes on over the other labels, refitted without those flagged
@@ -435,17 +439,8 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
         t = max(remaining, key=lambda u: (index_now[u], -u))
         z = index_now[t]
         p = max(previous, min(1.0, factor * pvalue(z, k_now, ref_now)))
-        flag = p <= alpha and not inconclusive
-        step = {"step": len(result.steps) + 1, "label": t, "index": z, "p_value": p,
-                "n_labels": k_now, "n_reference": len(ref_now), "flagged": flag}
-        if signals == 2:
-            step.update(size_index=size_now[t], margin_index=margin_now[t])
-        result.steps.append(step)
-        if result.p_value is None:
-            result.p_value = p
-        if not flag:
+        if not record_step(t, z, p, k_now, len(ref_now), size_now, margin_now, powered=not inconclusive):
             break
-        result.flagged.append(t)
         remaining.remove(t)
         if t in ref_now:
             ref_now.remove(t)
