@@ -340,3 +340,46 @@ def test_keras_archive_with_arch_is_refused(tmp_path):
     path = write_keras(tmp_path / "m.keras", keras3_sequential(), gtsrb_keras3_variables())
     with pytest.raises(NetcleanseError, match="records its own architecture"):
         load_model(path, arch="mnist-cnn")
+
+
+# ---- tf.keras TFOpLambda layers: TensorFlow operations recorded by name -------------------------------
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+
+
+def test_tf_keras_operations_are_rebuilt_and_match_tf_keras():
+    # a real tf-keras 2.21 file (tests/fixtures/README.md): x * 0.5 + 1.0, tf.nn.relu, a sum of two
+    # tensors, / 2.0, - 0.25 and tf.math.sigmoid, each a TFOpLambda layer
+    model = load_model(FIXTURES / "tfop_lambda_tfkeras221.h5")
+    ref = np.load(FIXTURES / "tfop_lambda_tfkeras221_reference.npz")
+    with torch.no_grad():
+        got = model.predict_proba(torch.from_numpy(ref["x"]).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(got, ref["y"], atol=1e-5)
+    ops = sorted(type(m).__name__ for name, m in model.net.named_children() if name.startswith("tf_"))
+    assert ops == ["KerasActivation"] * 2 + ["KerasMerge"] * 5
+
+
+@pytest.mark.parametrize("function", ["image.resize", "reshape", "__operators__.getitem", "math.reduce_mean"])
+def test_other_tf_keras_operations_are_refused_naming_the_layer(tmp_path, function):
+    path = tmp_path / "model.h5"
+    path.write_bytes((FIXTURES / "tfop_lambda_tfkeras221.h5").read_bytes())
+    with h5py.File(path, "r+") as f:
+        config = json.loads(f.attrs["model_config"])
+        op = next(layer for layer in config["config"]["layers"] if layer["class_name"] == "TFOpLambda")
+        op["config"]["function"] = function
+        f.attrs["model_config"] = json.dumps(config)
+    with pytest.raises(NetcleanseError, match=rf"layer '{op['name']}' is a tf.keras TFOpLambda layer .*"
+                                              "does not rebuild"):
+        load_model(path)
+
+
+def test_a_tf_keras_operation_on_something_else_than_a_tensor_or_a_number_is_refused(tmp_path):
+    path = tmp_path / "model.h5"
+    path.write_bytes((FIXTURES / "tfop_lambda_tfkeras221.h5").read_bytes())
+    with h5py.File(path, "r+") as f:
+        config = json.loads(f.attrs["model_config"])
+        op = next(layer for layer in config["config"]["layers"] if layer["config"].get("function") == "math.multiply")
+        op["inbound_nodes"][0][3]["y"] = "half"
+        f.attrs["model_config"] = json.dumps(config)
+    with pytest.raises(NetcleanseError, match="neither a tensor nor a number"):
+        load_model(path)

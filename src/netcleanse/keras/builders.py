@@ -151,7 +151,7 @@ def build_layer(class_name: str, cfg: dict, name: str, inputs: list[torch.Tensor
 
     Returns (module, fused activation name applied after it, "linear" for none).
     """
-    if constants and class_name not in _MERGES:
+    if constants and class_name not in _MERGES and class_name != "TFOpLambda":
         raise NetcleanseError(f"layer {name!r} ({class_name}) is called on a constant; netcleanse only "
                               "rebuilds arithmetic (Add, Subtract, Multiply, Divide) with constants")
     call = LayerCall(class_name, cfg, name, inputs[0], keras_major, constants)
@@ -247,6 +247,32 @@ def _identity_layer(c: LayerCall):
 @builds(*_MERGES)
 def _merge(c: LayerCall):
     return KerasMerge(_MERGES[c.class_name], int(c.cfg.get("axis", -1)), c.constants), "linear"
+
+
+# tf.keras TFOpLambda layers: a TensorFlow operation recorded by its name (``config["function"]``,
+# never code). Only elementwise arithmetic (with a number or a second tensor) and activations are
+# rebuilt; any other operation is refused by check_config.
+TF_OPS: dict[str, tuple[str, str]] = {
+    **{f: ("merge", "Add") for f in ("math.add", "__operators__.add")},
+    **{f: ("merge", "Subtract") for f in ("math.subtract", "__operators__.sub")},
+    **{f: ("merge", "Multiply") for f in ("math.multiply", "__operators__.mul")},
+    **{f: ("merge", "Divide") for f in ("math.truediv", "math.divide", "__operators__.truediv")},
+    **{f: ("activation", "relu") for f in ("nn.relu", "math.relu")},
+    "nn.relu6": ("activation", "relu6"),
+    **{f: ("activation", "sigmoid") for f in ("math.sigmoid", "nn.sigmoid")},
+    **{f: ("activation", "tanh") for f in ("math.tanh", "nn.tanh")},
+    **{f: ("activation", "silu") for f in ("nn.silu", "nn.swish")},
+}
+
+
+@builds("TFOpLambda")
+def _tf_op(c: LayerCall):
+    kind, what = TF_OPS[str(c.cfg.get("function"))]
+    if kind == "merge":
+        return KerasMerge(_MERGES[what], constants=c.constants), "linear"
+    if c.constants:
+        raise NetcleanseError(f"layer {c.name!r} (tf.{c.cfg.get('function')}) is called on a constant")
+    return KerasActivation(what, c.keras_major), "linear"
 
 
 @builds("Activation")

@@ -8,7 +8,7 @@ import numpy as np
 
 from .. import limits
 from ..errors import NetcleanseError
-from .builders import MODEL_CLASSES, SUPPORTED_LAYERS
+from .builders import MODEL_CLASSES, SUPPORTED_LAYERS, TF_OPS
 
 # the default of the largest input a Keras config may declare per image (limits.INPUT_VALUES)
 MAX_INPUT_VALUES = limits.INPUT_VALUES.default
@@ -48,10 +48,14 @@ def check_config(model_config: dict) -> None:
             if class_name == "Lambda":
                 problems.append((0, f"layer {name!r} is a Keras {class_name} layer (serialized Python code); "
                                     "netcleanse refuses to run code from a model file"))
+            elif class_name == "TFOpLambda" and str(cfg.get("function")) in TF_OPS:
+                pass  # a TensorFlow operation named in the config (no code), rebuilt from its name
             elif class_name in ("TFOpLambda", "SlicingOpLambda"):
                 function = str(cfg.get("function", "?"))[:80]
                 problems.append((0, f"layer {name!r} is a tf.keras {class_name} layer (a TensorFlow operation "
-                                    f"named {function!r}), which netcleanse does not rebuild"))
+                                    f"named {function!r}), which netcleanse does not rebuild (it rebuilds "
+                                    "elementwise arithmetic and activations: tf.math.add/subtract/multiply/"
+                                    "truediv, tf.nn.relu, sigmoid, tanh, ...)"))
             elif not module.startswith(("keras", "tf_keras", "tensorflow")) or \
                     (registered not in (None, class_name) and not str(registered).startswith("keras")):
                 problems.append((1, f"layer {name!r} has custom class {registered or class_name!r} "
@@ -120,6 +124,25 @@ def _node_constants(node) -> dict[int, float]:
     if len(args) == 1 and isinstance(args[0], list):
         args = args[0]
     return {i: float(a) for i, a in enumerate(args) if isinstance(a, (int, float)) and not isinstance(a, bool)}
+
+
+def _tf_op_node(node) -> tuple[list[tuple[str, int, int]], dict[int, float]]:
+    """The operands of one call of a tf.keras ``TFOpLambda`` (Keras 2 form ``[[layer, node, tensor,
+    {"y": operand, ...}]]``): the tensor references (the first operand, then ``y`` when it is one)
+    and the numbers among the operands (position -> value: ``{1: y}`` for ``x * 0.5``)."""
+    if isinstance(node, dict) or not node:
+        raise NetcleanseError("a TFOpLambda call is not in tf.keras's form")
+    first = node[0] if isinstance(node[0], list) else node
+    refs = [(str(first[0]), int(first[1]), int(first[2]))]
+    kwargs = first[3] if len(first) > 3 and isinstance(first[3], dict) else {}
+    y, constants = kwargs.get("y"), {}
+    if isinstance(y, list) and len(y) >= 3 and isinstance(y[0], str):
+        refs.append((str(y[0]), int(y[1]), int(y[2])))
+    elif isinstance(y, (int, float)) and not isinstance(y, bool):
+        constants[1] = float(y)
+    elif y is not None:
+        raise NetcleanseError(f"a TFOpLambda operand {str(y)[:40]!r} is neither a tensor nor a number")
+    return refs, constants
 
 
 def _io_refs(value) -> list[tuple[str, int, int]]:

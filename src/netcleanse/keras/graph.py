@@ -12,7 +12,7 @@ from ..errors import NetcleanseError
 from ..utils import first_line
 from .builders import MODEL_CLASSES, _ALIASES, _activation_name, build_layer
 from .config import (_entry_name, _has_input_spec, _input_spec, _io_refs, _layer_entries, _node_constants, _node_refs,
-                     check_config)
+                     _tf_op_node, check_config)
 from .layers import _ACTIVATIONS, KerasMerge
 from .slots import Slot, _leaf_slots
 
@@ -104,8 +104,11 @@ class KerasGraph(nn.Module):
             offset = 1 if entry.get("class_name") in MODEL_CLASSES and _has_input_spec(entry) and \
                 not (nodes and isinstance(nodes[0], dict)) else 0
             for index, node in enumerate(nodes):
-                pending.append((name, index + offset, _node_refs(node)))
-                constants = _node_constants(node)
+                if entry.get("class_name") == "TFOpLambda":
+                    refs, constants = _tf_op_node(node)
+                else:
+                    refs, constants = _node_refs(node), _node_constants(node)
+                pending.append((name, index + offset, refs))
                 if constants:
                     self._constants[(name, index + offset)] = constants
         # Topological order of call nodes (config order is usually one already).
