@@ -71,7 +71,8 @@ class Preset:
     rank_failed: str = "mask"
     # data-free scans of models with few labels (:meth:`for_labels`): every stage's attack-success goal
     # (None: the stages' own), and the expected transferability (:mod:`netcleanse.transferability`)
-    # at which a label is kept out of the test's reference (None: not computed). Data-free inputs are
+    # at which a label is tested first, against the other labels alone (None: not computed; the
+    # transferable labels' stage of :func:`netcleanse.calibrated.calibrated_test`). Data-free inputs are
     # unnatural: a planted trigger flips only about half of them (real images: 99 %), so a search held
     # to 99 % attack success on them inflates the targets' triggers; and with 10 labels two or three
     # targets hide each other in the reference. Chosen on the development half (benchmarks/RESULTS.md)
