@@ -33,6 +33,13 @@ directions (small size, large margin) are correlated ``rho``: 0.5 (``pair-0.5``:
 where its p-values must be uniform), 0 (``pair-0``: independent signals) and 0.8 (``pair-0.8``: more
 dependence than the test assumes, where it must flag more than alpha). With ``--rows`` (rows that
 carry margins), ``observed-pairs`` is the rate on the zoo's clean scans with both signals.
+
+``--transfer`` (with ``--margins``; models that take the few-labels plan) adds the two-stage test of
+data-free scans (transferable labels tested first, Bonferroni over both stages) on the test's own
+bivariate null, with 1-3 labels of each clean model made transferable: ``transfer-random`` (chosen
+at random: transferability unrelated to size, the test's assumption, where it must flag at most
+alpha) and ``transfer-easiest`` (the labels with the smallest masks: transferability that follows
+size exactly, the worst case, which measures how far the level can be off when the assumption fails).
 """
 
 from __future__ import annotations
@@ -107,6 +114,21 @@ def two_signal_p_values(l1s: np.ndarray, margins: np.ndarray, alpha: float,
     return np.array(ps), np.array(flagged)
 
 
+def two_stage_flags(l1s: np.ndarray, margins: np.ndarray, alpha: float, rng: np.random.Generator,
+                    easiest: bool) -> np.ndarray:
+    """Whether the two-stage test (every label tested; 1-3 labels transferable: random ones, or the
+    ``easiest`` by mask size) flags each simulated model (scale floors off, as above)."""
+    flagged = []
+    for row, margin in zip(l1s, margins):
+        n = int(rng.integers(1, 4))
+        chosen = set((np.argsort(row)[:n] if easiest else rng.choice(len(row), n, replace=False)).tolist())
+        test = calibrated_test(dict(enumerate(row)), alpha=alpha, min_scale=0.0, margins=dict(enumerate(margin)),
+                               min_margin_scale=0.0, transfer={t: float(t in chosen) for t in range(len(row))},
+                               transfer_threshold=0.5)
+        flagged.append(bool(test.flagged))
+    return np.array(flagged)
+
+
 def clean_scans(rows_dir: Path, split: str) -> list[dict]:
     """The clean models' scans (scan.json dicts) among detection_quality.py's rows."""
     scans = []
@@ -127,6 +149,8 @@ def main(argv=None) -> int:
     ap.add_argument("--split", choices=("dev", "eval", "all"), default="dev", help="zoo half of --rows")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--margins", action="store_true", help="also the test with its second signal (maximum margin)")
+    ap.add_argument("--transfer", action="store_true",
+                    help="with --margins: also the two-stage test of data-free few-label scans (transferable labels)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     try:
@@ -199,6 +223,12 @@ def main(argv=None) -> int:
                                         "ks_p": float(ks_test.pvalue)}
                 print(f"K = {k:>5} pair-{rho:<5g}: two-signal calibrated {100 * flags.mean():5.1f} %; KS D "
                       f"{ks_test.statistic:.3f} (p {ks_test.pvalue:.2g})", flush=True)
+            if args.transfer and FAST.few_labels(k):
+                for easiest in (False, True):
+                    name = "transfer-easiest" if easiest else "transfer-random"
+                    flags = two_stage_flags(*pair_samples(rng, args.draws, k, MARGIN_RHO), args.alpha, rng, easiest)
+                    row[name] = {"calibrated_rate": float(flags.mean())}
+                    print(f"K = {k:>5} {name}: two-stage calibrated {100 * flags.mean():5.1f} %", flush=True)
             seen = [v for v in observed_pairs.get(k, []) if v is not None]
             if seen:
                 row["observed-pairs"] = {"clean_scans": len(seen), "calibrated": sum(seen) / len(seen)}

@@ -116,3 +116,13 @@ def test_null_benchmark_counts_false_alarms(tmp_path):
     assert mad_null.main(["--labels", "ten"]) == 2
     assert mad_null.main(["--labels", "10", "--rows", str(tmp_path / "nothing")]) == 2
     assert mad_null.main(["--labels", "10", "--rows", str(tmp_path), "--split", "eval"]) == 2
+
+
+def test_null_benchmark_measures_the_two_stage_test_with_and_without_its_assumption():
+    mad_null = _benchmark("mad_null")
+    rng = np.random.default_rng(3)
+    l1s, margins = mad_null.pair_samples(rng, 300, 10, 0.5)
+    random = mad_null.two_stage_flags(l1s, margins, 0.05, rng, easiest=False).mean()
+    easiest = mad_null.two_stage_flags(l1s, margins, 0.05, rng, easiest=True).mean()
+    # transferability unrelated to size: about alpha; following size exactly: well above it
+    assert random < 0.1 and easiest > 2 * max(random, 0.02)
