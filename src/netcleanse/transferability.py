@@ -71,13 +71,9 @@ def expected_transferability(model, x: torch.Tensor, labels, *, sources: int = 8
     src, tgt = torch.cat(src), torch.tensor(tgt, device=x.device)
     if passes is not None:
         passes["backward"] += len(src) * steps
-    masks, patterns = torch.empty(0), torch.empty(0)
-    found = []
-    for lo in range(0, len(src), MAX_IMAGES):
-        m, p, ok = _per_input_triggers(model, src[lo:lo + MAX_IMAGES], tgt[lo:lo + MAX_IMAGES], steps)
-        masks, patterns = torch.cat([masks.to(m), m]), torch.cat([patterns.to(p), p])
-        found.append(ok)
-    found = torch.cat(found)
+    parts = [_per_input_triggers(model, src[lo:lo + MAX_IMAGES], tgt[lo:lo + MAX_IMAGES], steps)
+             for lo in range(0, len(src), MAX_IMAGES)]
+    masks, patterns, found = (torch.cat(part) for part in zip(*parts))
     rates: dict[int, list[float]] = {}
     with torch.no_grad():
         for i, t in enumerate(tgt.tolist()):
