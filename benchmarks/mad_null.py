@@ -36,10 +36,11 @@ carry margins), ``observed-pairs`` is the rate on the zoo's clean scans with bot
 
 ``--transfer`` (with ``--margins``; models that take the few-labels plan) adds the two-stage test of
 data-free scans (transferable labels tested first, Bonferroni over both stages) on the test's own
-bivariate null, with 1-3 labels of each clean model made transferable: ``transfer-random`` (chosen
-at random: transferability unrelated to size, the test's assumption, where it must flag at most
-alpha) and ``transfer-easiest`` (the labels with the smallest masks: transferability that follows
-size exactly, the worst case, which measures how far the level can be off when the assumption fails).
+bivariate null, with 1-3 labels of each clean model made transferable: those of largest score
+``d * g + sqrt(1 - d^2) * e`` (``g`` the size anomaly, ``e`` noise), for dependences ``d`` of
+0 (``transfer-0``: random labels), 0.3, the test's allowance ``TRANSFER_RHO`` (0.5: up to it the
+test must flag at most alpha), 0.8 and 1 (``transfer-1``: the easiest labels, the worst case, which
+measures how far the level can be off beyond the allowance).
 """
 
 from __future__ import annotations
@@ -53,13 +54,16 @@ import numpy as np
 
 from scipy import stats
 
-from netcleanse.calibrated import DF, MARGIN_RHO, calibrated_test
+from netcleanse.calibrated import DF, MARGIN_RHO, TRANSFER_RHO, calibrated_test
 from netcleanse.detection import anomaly_indices, flag_labels
 from netcleanse.presets import PRESETS
 from netcleanse.scanning import calibrated_inputs, tested_margins
 from netcleanse.utils import write_json_atomic
 
 FAST = PRESETS["fast"]
+# the transferable labels' dependence on size simulated by --transfer: 0 (random labels), the test's
+# allowance (TRANSFER_RHO) and beyond it, up to 1 (the easiest labels)
+TRANSFER_DEPENDENCES = tuple(sorted({0.0, 0.3, TRANSFER_RHO, 0.8, 1.0}))
 
 
 def false_alarms(samples: np.ndarray, threshold: float) -> tuple[float, float]:
@@ -86,12 +90,16 @@ def calibrated_p_values(samples: np.ndarray, alpha: float, rng: np.random.Genera
     return np.array(ps), np.array(flagged)
 
 
-def pair_samples(rng: np.random.Generator, draws: int, k: int, rho: float) -> tuple[np.ndarray, np.ndarray]:
-    """(mask L1s, margins), each (draws, k): bivariate t(DF) with the anomaly directions correlated ``rho``."""
+def pair_samples(rng: np.random.Generator, draws: int, k: int, rho: float,
+                 normal: bool = False) -> tuple[np.ndarray, ...]:
+    """(mask L1s, margins), each (draws, k): bivariate t(DF) with the anomaly directions correlated
+    ``rho``; with ``normal`` also the size anomaly's normal draw (before the t family's scale)."""
     g = rng.standard_normal((2, draws, k))
     g[1] = rho * g[0] + np.sqrt(1 - rho * rho) * g[1]
+    size_normal = g[0].copy()
     g /= np.sqrt(rng.chisquare(DF, (draws, k)) / DF)
-    return np.exp(np.log(50.0) - 0.35 * g[0]), np.exp(np.log(30.0) + 0.2 * g[1])
+    out = np.exp(np.log(50.0) - 0.35 * g[0]), np.exp(np.log(30.0) + 0.2 * g[1])
+    return (*out, size_normal) if normal else out
 
 
 def two_signal_p_values(l1s: np.ndarray, margins: np.ndarray, alpha: float,
@@ -114,14 +122,17 @@ def two_signal_p_values(l1s: np.ndarray, margins: np.ndarray, alpha: float,
     return np.array(ps), np.array(flagged)
 
 
-def two_stage_flags(l1s: np.ndarray, margins: np.ndarray, alpha: float, rng: np.random.Generator,
-                    easiest: bool) -> np.ndarray:
-    """Whether the two-stage test (every label tested; 1-3 labels transferable: random ones, or the
-    ``easiest`` by mask size) flags each simulated model (scale floors off, as above)."""
+def two_stage_flags(l1s: np.ndarray, margins: np.ndarray, size_normal: np.ndarray, alpha: float,
+                    rng: np.random.Generator, dependence: float) -> np.ndarray:
+    """Whether the two-stage test (every label tested) flags each simulated model (scale floors off,
+    as above) when 1-3 of its labels are transferable: those of largest score ``dependence * g +
+    sqrt(1 - dependence^2) * e`` (``g`` the size anomaly's normal draw, ``e`` noise; 0: random
+    labels, 1: the easiest ones)."""
     flagged = []
-    for row, margin in zip(l1s, margins):
+    for row, margin, g in zip(l1s, margins, size_normal):
         n = int(rng.integers(1, 4))
-        chosen = set((np.argsort(row)[:n] if easiest else rng.choice(len(row), n, replace=False)).tolist())
+        score = dependence * g + np.sqrt(1 - dependence * dependence) * rng.standard_normal(len(row))
+        chosen = set(np.argsort(-score)[:n].tolist())
         test = calibrated_test(dict(enumerate(row)), alpha=alpha, min_scale=0.0, margins=dict(enumerate(margin)),
                                min_margin_scale=0.0, transfer={t: float(t in chosen) for t in range(len(row))},
                                transfer_threshold=0.5)
@@ -224,11 +235,12 @@ def main(argv=None) -> int:
                 print(f"K = {k:>5} pair-{rho:<5g}: two-signal calibrated {100 * flags.mean():5.1f} %; KS D "
                       f"{ks_test.statistic:.3f} (p {ks_test.pvalue:.2g})", flush=True)
             if args.transfer and FAST.few_labels(k):
-                for easiest in (False, True):
-                    name = "transfer-easiest" if easiest else "transfer-random"
-                    flags = two_stage_flags(*pair_samples(rng, args.draws, k, MARGIN_RHO), args.alpha, rng, easiest)
+                for dependence in TRANSFER_DEPENDENCES:
+                    name = f"transfer-{dependence:g}"
+                    flags = two_stage_flags(*pair_samples(rng, args.draws, k, MARGIN_RHO, normal=True), args.alpha,
+                                            rng, dependence)
                     row[name] = {"calibrated_rate": float(flags.mean())}
-                    print(f"K = {k:>5} {name}: two-stage calibrated {100 * flags.mean():5.1f} %", flush=True)
+                    print(f"K = {k:>5} {name:<14}: two-stage calibrated {100 * flags.mean():5.1f} %", flush=True)
             seen = [v for v in observed_pairs.get(k, []) if v is not None]
             if seen:
                 row["observed-pairs"] = {"clean_scans": len(seen), "calibrated": sum(seen) / len(seen)}

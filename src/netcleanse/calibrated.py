@@ -110,6 +110,10 @@ MARGIN_SCALE_FLOOR = 0.1
 # and -0.56 on the 100-label clean models of the development half); the null draws both anomaly
 # directions with this correlation
 MARGIN_RHO = 0.5
+# how strongly a clean label's transferability may follow its ease (the correlation between the
+# transferable labels' selection score and the size's anomaly that the transferable stage's null
+# allows; module doc, "Transferable labels")
+TRANSFER_RHO = 0.5
 
 
 def robust_scale(x: np.ndarray, scale: str = "qn") -> np.ndarray:
@@ -208,14 +212,22 @@ def _null_combined(n_labels: int, n_reference: int | None, family: str, df: floa
 
 
 def _label_indices(rng: np.random.Generator, m: int, n: int, n_reference: int, family: str, df: float,
-                   scale: str, signals: int, rho: float) -> np.ndarray:
+                   scale: str, signals: int, rho: float, selected: int = 0, dependence: float = 0.0) -> np.ndarray:
     """(m, n) indices of ``m`` simulated models of ``n`` i.i.d. labels (for two signals, pairs of
     the bivariate family correlated ``rho``; for the t family one chi-square per label), each scored
     against its first ``n_reference`` labels: the size's index, or ``max(z_size, (z_size +
-    z_margin) / sqrt(2))``. Each signal is oriented so that large values are anomalous."""
+    z_margin) / sqrt(2))``. Each signal is oriented so that large values are anomalous.
+
+    With ``selected`` > 0 the last ``selected`` labels of each model are the ones with the largest
+    selection score ``dependence * g + sqrt(1 - dependence^2) * e`` (``g`` the normal draw of the
+    size's anomaly, ``e`` independent noise): at 0 a random choice, at 1 the labels of smallest size
+    (before the t family's scale), and the reference is the others."""
     g = rng.standard_normal((signals, m, n))
     if signals == 2:
         g[1] = rho * g[0] + math.sqrt(1 - rho * rho) * g[1]
+    if selected and dependence > 0:  # (at 0 the last labels of i.i.d. draws are a random choice already)
+        score = dependence * g[0] + math.sqrt(max(0.0, 1 - dependence * dependence)) * rng.standard_normal((m, n))
+        g = np.take_along_axis(g, np.argsort(score, axis=1)[None], axis=2)
     if family == "t":
         g /= np.sqrt(rng.chisquare(df, (m, n)) / df)
     z = []
@@ -230,25 +242,29 @@ def _label_indices(rng: np.random.Generator, m: int, n: int, n_reference: int, f
 @lru_cache(maxsize=256)
 def null_selected_index(n_selected: int, n_reference: int, family: str = FAMILY, df: float = DF,
                         draws: int = DRAWS, scale: str = "qn", signals: int = 1,
-                        rho: float = MARGIN_RHO) -> np.ndarray:
+                        rho: float = MARGIN_RHO, dependence: float = 0.0) -> np.ndarray:
     """Simulated null distribution (sorted) of the largest index among ``n_selected`` labels scored
     against a reference of ``n_reference`` *other* labels (the transferable labels' stage of
     :func:`calibrated_test`): all ``n_selected + n_reference`` labels i.i.d. draws of the family
-    (two signals correlated ``rho``), the selection made without looking at their sizes."""
+    (two signals correlated ``rho``), the selected ones those of largest selection score, a score
+    correlated ``dependence`` with the size's anomaly (0: chosen without looking at their sizes; 1:
+    the smallest; see :func:`_label_indices`)."""
     _check_family(family, df)
     if n_selected < 1 or n_reference < 1:
         raise NetcleanseError(f"bad null: {n_selected} selected labels, reference {n_reference}")
     if signals not in (1, 2):
         raise NetcleanseError(f"the test combines one or two signals, not {signals}")
-    rng = np.random.default_rng(zlib.crc32(
-        f"selected/{signals}/{n_selected}/{n_reference}/{family}/{df}/{draws}/{rho}".encode()))
+    if not 0 <= dependence <= 1:
+        raise NetcleanseError(f"the selection's dependence on size must be between 0 and 1, got {dependence}")
+    key = f"selected/{signals}/{n_selected}/{n_reference}/{family}/{df}/{draws}/{rho}" + (f"/{dependence}" if dependence else "")
+    rng = np.random.default_rng(zlib.crc32(key.encode()))
     n = n_selected + n_reference
     pairs = n_reference * (n_reference - 1) // 2 if scale == "qn" and n_reference <= QN_MAX else n_reference
     chunk = max(1, min(4_000_000 // (2 * n), 2_000_000 // max(pairs, 1)))
     out = np.empty(draws)
     for start in range(0, draws, chunk):
         m = min(chunk, draws - start)
-        index = _label_indices(rng, m, n, n_reference, family, df, scale, signals, rho)
+        index = _label_indices(rng, m, n, n_reference, family, df, scale, signals, rho, n_selected, dependence)
         out[start:start + m] = index[:, n_reference:].max(axis=1)
     out.sort()
     return out
@@ -296,7 +312,7 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
                     alpha: float = 0.05, family: str = FAMILY, df: float = DF, draws: int = DRAWS,
                     scale: str = "qn", min_scale: float = SCALE_FLOOR, margins: dict | None = None,
                     min_margin_scale: float = MARGIN_SCALE_FLOOR, transfer: dict | None = None,
-                    transfer_threshold: float | None = None) -> TestResult:
+                    transfer_threshold: float | None = None, transfer_dependence: float = TRANSFER_RHO) -> TestResult:
     """The model-level test of the module doc.
 
     ``l1``: label -> mask L1 of every label that can be flagged (searched with the same budget as
@@ -397,7 +413,8 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
     factor, remaining, ref_now, k_now, previous, first = 1.0, list(labels), list(ref), k, 0.0, None
     if transfer is not None and transfer_threshold is not None and not sample and not inconclusive:
         selected = [t for t in labels if float(transfer.get(t, 0.0)) >= transfer_threshold]
-        result.reference.update(transfer_threshold=float(transfer_threshold), transferable=selected)
+        result.reference.update(transfer_threshold=float(transfer_threshold), transferable=selected,
+                                transfer_dependence=float(transfer_dependence))
         others = [t for t in labels if t not in selected]
         size_sel, margin_sel, index_sel, fit_sel = score(others) if selected and len(others) >= 3 else (0, 0, 0, {})
         if fit_sel.get("scale", 0) > 0:
@@ -410,7 +427,8 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
             result.p_values = {t: min(1.0, factor * v) for t, v in result.p_values.items()}
 
             def selected_p(z: float, m: int) -> float:
-                null = null_selected_index(m, len(others), family, df, draws, scale, signals)
+                null = null_selected_index(m, len(others), family, df, draws, scale, signals,
+                                           dependence=transfer_dependence)
                 return min(1.0, factor * float((1 + len(null) - np.searchsorted(null, z, side="left")) / (len(null) + 1)))
             for t in selected:
                 result.indices[t], result.p_values[t] = index_sel[t], selected_p(index_sel[t], len(selected))
