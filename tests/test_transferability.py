@@ -62,6 +62,8 @@ def test_a_data_free_scan_of_few_labels_records_each_labels_transferability(one_
     assert result.test["reference"]["stages"] == 2  # the target transfers: tested first
     assert result.test["reference"]["transferable"] == [TARGET]
     assert "(transferable)" in html and "the size test's own level here" in html
+    assert "easy labels are the likelier to transfer (correlation 0.5" in html
+    assert result.test["reference"]["transfer_dependence"] == TRANSFER_RHO
     assert "decided with another version of the null" not in html
     assert all(0.0 <= r["transferability"] <= 1.0 for r in result.labels)
     assert result.settings["detection"]["transfer_threshold"] == PRESETS["fast"].few_labels_data_free_transfer

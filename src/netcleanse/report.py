@@ -334,6 +334,8 @@ class DecisionInputs:
     rho: float | None = None  # the null's correlation between the two signals
     combination: str | None = None  # two signals: "sum" or "max" (see above)
     stages: int = 1  # 2: transferable labels were tested first, each stage at alpha / 2
+    # the first stage's allowance for easy labels that transfer (None: not recorded, a null blind to size)
+    transfer_dependence: float | None = None
 
     @property
     def size_alpha(self) -> float:
@@ -524,7 +526,8 @@ def decision_inputs(scan: dict, rows: list[dict], roles: dict[int, str]) -> Deci
                           critical if critical is not None and math.isfinite(critical) else None, null,
                           scan.get("rule") == "calibrated", signals, size, margin,
                           margin_median if signals == 2 else None, margin_scale if signals == 2 else None,
-                          cal.MARGIN_RHO if signals == 2 else None, combination, stages)
+                          cal.MARGIN_RHO if signals == 2 else None, combination, stages,
+                          _as_float(reference.get("transfer_dependence")))
 
 
 def _combination(statistic: Any, rows: list[dict]) -> str:
