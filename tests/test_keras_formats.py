@@ -359,7 +359,53 @@ def test_tf_keras_operations_are_rebuilt_and_match_tf_keras():
     assert ops == ["KerasActivation"] * 2 + ["KerasMerge"] * 5
 
 
-@pytest.mark.parametrize("function", ["image.resize", "reshape", "__operators__.getitem", "math.reduce_mean"])
+def test_tf_keras_slicing_and_bias_add_are_rebuilt_and_match_tf_keras():
+    # a real tf-keras 2.21 file (tests/fixtures/README.md): keras.applications.vgg16.preprocess_input
+    # (caffe mode: x[..., ::-1] then tf.nn.bias_add), strided slices of rows, columns and channels, a
+    # bias_add and one channel taken (a rank-3 tensor), each a SlicingOpLambda or TFOpLambda layer
+    model = load_model(FIXTURES / "tf_slicing_tfkeras221.h5")
+    ref = np.load(FIXTURES / "tf_slicing_tfkeras221_reference.npz")
+    with torch.no_grad():
+        got = model(torch.from_numpy(ref["x"]).permute(0, 3, 1, 2)).numpy()  # logits (no softmax)
+    np.testing.assert_allclose(got, ref["y"], rtol=1e-5, atol=1e-3)
+    ops = sorted(type(m).__name__ for name, m in model.net.named_children() if name.startswith("tf_"))
+    assert ops == ["KerasMerge"] + ["KerasRescaling"] * 2 + ["KerasSlice"] * 4
+
+
+def _edit_tf_op(tmp_path, function, edit):
+    """The slicing fixture with the first call of tf.``function`` edited by ``edit(kwargs)``."""
+    path = tmp_path / "model.h5"
+    path.write_bytes((FIXTURES / "tf_slicing_tfkeras221.h5").read_bytes())
+    with h5py.File(path, "r+") as f:
+        config = json.loads(f.attrs["model_config"])
+        op = next(layer for layer in config["config"]["layers"] if layer["config"].get("function") == function)
+        edit(op["inbound_nodes"][0][3])
+        f.attrs["model_config"] = json.dumps(config)
+    return path
+
+
+@pytest.mark.parametrize("function, edit, message", [
+    ("__operators__.getitem", lambda k: k.update(slice_spec=[{"start": 1, "stop": None, "step": None}]),
+     "slices the batch axis"),
+    ("__operators__.getitem", lambda k: k.update(slice_spec=[{"class_name": "__newaxis__"}]), "is not a slice"),
+    ("__operators__.getitem", lambda k: k.update(slice_spec=[{"start": "a", "stop": None, "step": None}]),
+     "is not a slice"),
+    ("__operators__.getitem", lambda k: k.update(slice_spec=[{"class_name": "__ellipsis__"}] * 2), "indexes 2 axes"),
+    ("__operators__.getitem", lambda k: k.update(slice_spec=[{"class_name": "__ellipsis__"}, 7]), "takes position 7"),
+    ("__operators__.getitem", lambda k: k.update(slice_spec=[{"class_name": "__ellipsis__"},
+                                                             {"start": 5, "stop": 2, "step": None}]), "keeps nothing"),
+    ("nn.bias_add", lambda k: k.update(data_format="NCHW"), "channels-first"),
+    ("nn.bias_add", lambda k: k.update(bias=[1.0, 2.0]), "adds 2 values to 3 channels"),
+    ("nn.bias_add", lambda k: k.update(bias=["input_1", 0, 0]), "list of numbers"),
+    ("nn.bias_add", lambda k: k.update(other=1), "argument netcleanse does not rebuild: 'other'"),
+])
+def test_tf_keras_slicing_and_bias_add_that_netcleanse_cannot_rebuild_are_refused(tmp_path, function, edit, message):
+    with pytest.raises(NetcleanseError, match=message):
+        load_model(_edit_tf_op(tmp_path, function, edit))
+
+
+@pytest.mark.parametrize("function", ["image.resize", "reshape", "__operators__.getitem", "math.reduce_mean",
+                                      "nn.conv2d"])
 def test_other_tf_keras_operations_are_refused_naming_the_layer(tmp_path, function):
     path = tmp_path / "model.h5"
     path.write_bytes((FIXTURES / "tfop_lambda_tfkeras221.h5").read_bytes())

@@ -6,7 +6,7 @@ Three kinds of Keras file are read:
   JSON config is parsed and an equivalent torch graph, :class:`KerasGraph`, is built from it.
   Sequential and Functional ("Model") configs of Keras 2.x, tf-keras and Keras 3 (dict-form
   ``inbound_nodes``) are understood, nested models included. Only the layer types listed in
-  :data:`SUPPORTED_LAYERS` are built (tf.keras ``TFOpLambda`` layers only for the TensorFlow
+  :data:`SUPPORTED_LAYERS` are built (tf.keras ``TFOpLambda`` and ``SlicingOpLambda`` layers only for the TensorFlow
   operations named in :data:`~.builders.TF_OPS`); a ``Lambda`` layer (serialized Python bytecode),
   any other TensorFlow operation, a custom or unknown layer class is refused with an error naming
   the layer. Nothing from the file is

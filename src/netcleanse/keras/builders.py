@@ -22,7 +22,7 @@ from ..errors import NetcleanseError
 from .layers import (_ACTIVATIONS, KerasActivation, KerasBatchNorm, KerasConv2d, KerasCropping2d, KerasDense,
                      KerasDepthwiseConv2d, KerasFlatten, KerasGlobalPool2d, KerasLayerNorm, KerasLayerScale,
                      KerasMerge, KerasNormalization, KerasPermute, KerasPool2d, KerasReshape, KerasRescaling,
-                     KerasSeparableConv2d, KerasUpSampling2d, _pair, _to_keras_layout)
+                     KerasSeparableConv2d, KerasSlice, KerasUpSampling2d, _pair, _to_keras_layout)
 
 MODEL_CLASSES = {"Model", "Functional", "Sequential"}
 _IDENTITY_LAYERS = {"Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
@@ -108,6 +108,8 @@ class LayerCall:
     keras_major: int
     # numbers among the operands of a Keras 3 operation node (``x + 3.0``): operand position -> value
     constants: dict[int, float] | None = None
+    # a tf.keras operation's other arguments, as data (``bias``, ``slice_spec``; :data:`TF_OPS`)
+    options: dict | None = None
 
     @property
     def rank(self) -> int:
@@ -145,16 +147,17 @@ def builds(*class_names: str) -> Callable[[Builder], Builder]:
 
 
 def build_layer(class_name: str, cfg: dict, name: str, inputs: list[torch.Tensor],
-                keras_major: int, constants: dict[int, float] | None = None) -> tuple[nn.Module, str]:
+                keras_major: int, constants: dict[int, float] | None = None,
+                options: dict | None = None) -> tuple[nn.Module, str]:
     """A torch module for one Keras layer, given the tensors it is first called on (and the
     numbers among its operands, for a Keras 3 operation such as ``x + 3.0``).
 
     Returns (module, fused activation name applied after it, "linear" for none).
     """
-    if constants and class_name not in _MERGES and class_name != "TFOpLambda":
+    if constants and class_name not in _MERGES and class_name not in TF_OP_CLASSES:
         raise NetcleanseError(f"layer {name!r} ({class_name}) is called on a constant; netcleanse only "
                               "rebuilds arithmetic (Add, Subtract, Multiply, Divide) with constants")
-    call = LayerCall(class_name, cfg, name, inputs[0], keras_major, constants)
+    call = LayerCall(class_name, cfg, name, inputs[0], keras_major, constants, options)
     builder = BUILDERS.get(class_name)
     if builder is None:
         raise NetcleanseError(f"layer {name!r} has class {class_name!r}, which netcleanse cannot rebuild")
@@ -249,9 +252,12 @@ def _merge(c: LayerCall):
     return KerasMerge(_MERGES[c.class_name], int(c.cfg.get("axis", -1)), c.constants), "linear"
 
 
-# tf.keras TFOpLambda layers: a TensorFlow operation recorded by its name (``config["function"]``,
-# never code). Only elementwise arithmetic (with a number or a second tensor) and activations are
-# rebuilt; any other operation is refused by check_config.
+# tf.keras TFOpLambda / SlicingOpLambda layers: a TensorFlow operation recorded by its name
+# (``config["function"]``, never code) with its arguments as data in the call node. Rebuilt:
+# elementwise arithmetic (with a number or a second tensor), activations, ``tf.nn.bias_add`` with a
+# vector of numbers and slicing ``x[...]`` (what keras.applications' ``preprocess_input`` writes in
+# caffe mode); any other operation is refused by check_config.
+TF_OP_CLASSES = ("TFOpLambda", "SlicingOpLambda")
 TF_OPS: dict[str, tuple[str, str]] = {
     **{f: ("merge", "Add") for f in ("math.add", "__operators__.add")},
     **{f: ("merge", "Subtract") for f in ("math.subtract", "__operators__.sub")},
@@ -262,17 +268,99 @@ TF_OPS: dict[str, tuple[str, str]] = {
     **{f: ("activation", "sigmoid") for f in ("math.sigmoid", "nn.sigmoid")},
     **{f: ("activation", "tanh") for f in ("math.tanh", "nn.tanh")},
     **{f: ("activation", "silu") for f in ("nn.silu", "nn.swish")},
+    "nn.bias_add": ("bias_add", ""),
+    "__operators__.getitem": ("slice", ""),
 }
 
 
-@builds("TFOpLambda")
+def tf_op_kind(class_name: str, function: str) -> str | None:
+    """What netcleanse rebuilds a tf.keras operation layer as ("merge", "activation", "bias_add",
+    "slice"), or None: slicing is a ``SlicingOpLambda``, every other operation a ``TFOpLambda``."""
+    kind = TF_OPS.get(function, (None,))[0]
+    return kind if kind is not None and (class_name == "SlicingOpLambda") == (kind == "slice") else None
+
+
+# the arguments each kind of operation may carry besides its tensors (anything else is refused)
+_TF_OP_ARGUMENTS = {"merge": set(), "activation": set(), "bias_add": {"bias", "data_format"}, "slice": {"slice_spec"}}
+
+
+@builds(*TF_OP_CLASSES)
 def _tf_op(c: LayerCall):
-    kind, what = TF_OPS[str(c.cfg.get("function"))]
+    function = str(c.cfg.get("function"))
+    kind, what = TF_OPS[function]
+    if tf_op_kind(c.class_name, function) is None:
+        raise NetcleanseError(f"layer {c.name!r} is a tf.keras {c.class_name} layer of tf.{function}, "
+                              "which netcleanse does not rebuild")
+    options = c.options or {}
+    unknown = sorted(set(options) - _TF_OP_ARGUMENTS[kind])
+    if unknown:
+        raise NetcleanseError(f"layer {c.name!r} (tf.{function}) has an argument netcleanse does not rebuild: "
+                              f"{unknown[0]!r}")
     if kind == "merge":
         return KerasMerge(_MERGES[what], constants=c.constants), "linear"
     if c.constants:
-        raise NetcleanseError(f"layer {c.name!r} (tf.{c.cfg.get('function')}) is called on a constant")
+        raise NetcleanseError(f"layer {c.name!r} (tf.{function}) is called on a constant")
+    if kind == "bias_add":
+        return _bias_add(c, options), "linear"
+    if kind == "slice":
+        return KerasSlice(_slice_picks(c, options.get("slice_spec"))), "linear"
     return KerasActivation(what, c.keras_major), "linear"
+
+
+def _bias_add(c: LayerCall, options: dict) -> nn.Module:
+    """``tf.nn.bias_add(x, bias)``: a vector of numbers added along the channel (last) axis."""
+    bias, data_format = options.get("bias"), options.get("data_format")
+    if data_format not in (None, "NHWC", "N...C"):
+        raise NetcleanseError(f"layer {c.name!r} (tf.nn.bias_add) adds along the channels-first axis "
+                              f"(data_format {data_format!r}); netcleanse rebuilds channels-last only")
+    if not isinstance(bias, list) or not bias or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in bias):
+        raise NetcleanseError(f"layer {c.name!r} (tf.nn.bias_add) adds something else than a list of numbers "
+                              "(a tensor operand is not rebuilt)")
+    if len(bias) != c.channels:
+        raise NetcleanseError(f"layer {c.name!r} (tf.nn.bias_add) adds {len(bias)} values to {c.channels} channels")
+    return KerasRescaling([1.0] * len(bias), [float(v) for v in bias])
+
+
+def _slice_picks(c: LayerCall, spec) -> list[tuple[int, list[int] | int]]:
+    """``x[spec]`` (tf.__operators__.getitem, the spec as tf.keras records it: ``{"class_name":
+    "__ellipsis__"}``, ``{"start", "stop", "step"}`` slices and integer positions) as, per Keras axis
+    it changes, the positions it keeps (a list, in order: negative steps reverse) or the one
+    position it takes (an int: the axis is dropped). The batch axis must be kept whole."""
+    where = f"layer {c.name!r} (tf.__operators__.getitem)"
+    if not isinstance(spec, list):
+        spec = [spec]
+    shape = tuple(_to_keras_layout(c.x).shape)
+    ellipses = [i for i, s in enumerate(spec) if isinstance(s, dict) and s.get("class_name") == "__ellipsis__"]
+    if len(ellipses) > 1 or len(spec) - len(ellipses) > len(shape):
+        raise NetcleanseError(f"{where} indexes {len(spec)} axes of a rank-{len(shape)} tensor")
+    if ellipses:
+        i = ellipses[0]
+        spec = spec[:i] + [{"start": None, "stop": None, "step": None}] * (len(shape) - len(spec) + 1) + spec[i + 1:]
+    picks = []
+    for axis, item in enumerate(spec):
+        n = shape[axis]
+        if isinstance(item, int) and not isinstance(item, bool):
+            if not -n <= item < n or axis == 0:
+                raise NetcleanseError(f"{where} takes position {item} of axis {axis} (size {n})")
+            picks.append((axis, item % n))
+            continue
+        parts = [item.get(k) for k in ("start", "stop", "step")] if isinstance(item, dict) and \
+            set(item) == {"start", "stop", "step"} else None
+        if parts is None or not all(p is None or isinstance(p, int) and not isinstance(p, bool) for p in parts):
+            raise NetcleanseError(f"{where}: index {str(item)[:60]} is not a slice of numbers, an integer or ...; "
+                                  "netcleanse rebuilds only those")
+        if parts[2] == 0:
+            raise NetcleanseError(f"{where} has a slice step of 0")
+        keep = list(range(n))[slice(*parts)]
+        if keep == list(range(n)):
+            continue
+        if axis == 0:
+            raise NetcleanseError(f"{where} slices the batch axis")
+        if not keep:
+            raise NetcleanseError(f"{where} keeps nothing of axis {axis}")
+        picks.append((axis, keep))
+    return picks
 
 
 @builds("Activation")

@@ -8,7 +8,7 @@ import numpy as np
 
 from .. import limits
 from ..errors import NetcleanseError
-from .builders import MODEL_CLASSES, SUPPORTED_LAYERS, TF_OPS
+from .builders import MODEL_CLASSES, SUPPORTED_LAYERS, TF_OP_CLASSES, tf_op_kind
 
 # the default of the largest input a Keras config may declare per image (limits.INPUT_VALUES)
 MAX_INPUT_VALUES = limits.INPUT_VALUES.default
@@ -48,14 +48,15 @@ def check_config(model_config: dict) -> None:
             if class_name == "Lambda":
                 problems.append((0, f"layer {name!r} is a Keras {class_name} layer (serialized Python code); "
                                     "netcleanse refuses to run code from a model file"))
-            elif class_name == "TFOpLambda" and str(cfg.get("function")) in TF_OPS:
+            elif class_name in TF_OP_CLASSES and tf_op_kind(class_name, str(cfg.get("function"))):
                 pass  # a TensorFlow operation named in the config (no code), rebuilt from its name
-            elif class_name in ("TFOpLambda", "SlicingOpLambda"):
+            elif class_name in TF_OP_CLASSES:
                 function = str(cfg.get("function", "?"))[:80]
                 problems.append((0, f"layer {name!r} is a tf.keras {class_name} layer (a TensorFlow operation "
                                     f"named {function!r}), which netcleanse does not rebuild (it rebuilds "
                                     "elementwise arithmetic and activations: tf.math.add/subtract/multiply/"
-                                    "truediv, tf.nn.relu, sigmoid, tanh, ...)"))
+                                    "truediv, tf.nn.relu, sigmoid, tanh, ...; tf.nn.bias_add and slicing "
+                                    "x[...])"))
             elif not module.startswith(("keras", "tf_keras", "tensorflow")) or \
                     (registered not in (None, class_name) and not str(registered).startswith("keras")):
                 problems.append((1, f"layer {name!r} has custom class {registered or class_name!r} "
@@ -126,10 +127,12 @@ def _node_constants(node) -> dict[int, float]:
     return {i: float(a) for i, a in enumerate(args) if isinstance(a, (int, float)) and not isinstance(a, bool)}
 
 
-def _tf_op_node(node) -> tuple[list[tuple[str, int, int]], dict[int, float]]:
-    """The operands of one call of a tf.keras ``TFOpLambda`` (Keras 2 form ``[[layer, node, tensor,
-    {"y": operand, ...}]]``): the tensor references (the first operand, then ``y`` when it is one)
-    and the numbers among the operands (position -> value: ``{1: y}`` for ``x * 0.5``)."""
+def _tf_op_node(node) -> tuple[list[tuple[str, int, int]], dict[int, float], dict]:
+    """The operands of one call of a tf.keras ``TFOpLambda`` or ``SlicingOpLambda`` (Keras 2 form
+    ``[[layer, node, tensor, {"y": operand, ...}]]``): the tensor references (the first operand, then
+    ``y`` when it is one), the numbers among the operands (position -> value: ``{1: y}`` for ``x *
+    0.5``) and the operation's other arguments as the config records them (data: ``bias``,
+    ``data_format``, ``slice_spec``)."""
     if isinstance(node, dict) or not node:
         raise NetcleanseError("a TFOpLambda call is not in tf.keras's form")
     first = node[0] if isinstance(node[0], list) else node
@@ -142,7 +145,8 @@ def _tf_op_node(node) -> tuple[list[tuple[str, int, int]], dict[int, float]]:
         constants[1] = float(y)
     elif y is not None:
         raise NetcleanseError(f"a TFOpLambda operand {str(y)[:40]!r} is neither a tensor nor a number")
-    return refs, constants
+    options = {k: v for k, v in kwargs.items() if k not in ("y", "name")}
+    return refs, constants, options
 
 
 def _io_refs(value) -> list[tuple[str, int, int]]:

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import NetcleanseError
 from ..utils import first_line
-from .builders import MODEL_CLASSES, _ALIASES, _activation_name, build_layer
+from .builders import MODEL_CLASSES, TF_OP_CLASSES, _ALIASES, _activation_name, build_layer
 from .config import (_entry_name, _has_input_spec, _input_spec, _io_refs, _layer_entries, _node_constants, _node_refs,
                      _tf_op_node, check_config)
 from .layers import _ACTIVATIONS, KerasMerge
@@ -45,6 +45,7 @@ class KerasGraph(nn.Module):
         self._entries = {_entry_name(e): e for e in entries}
         self._layer_order = [_entry_name(e) for e in entries]
         self._constants: dict[tuple[str, int], dict[int, float]] = {}  # call node -> its numeric operands
+        self._options: dict[tuple[str, int], dict] = {}  # tf.keras operation call -> its other arguments
         if len(self._entries) != len(entries):
             raise NetcleanseError("the model config has two layers with the same name")
         # torch module names cannot hold a dot, Keras layer names can ("mobilenetv2_1.00_224")
@@ -104,13 +105,16 @@ class KerasGraph(nn.Module):
             offset = 1 if entry.get("class_name") in MODEL_CLASSES and _has_input_spec(entry) and \
                 not (nodes and isinstance(nodes[0], dict)) else 0
             for index, node in enumerate(nodes):
-                if entry.get("class_name") == "TFOpLambda":
-                    refs, constants = _tf_op_node(node)
+                options = {}
+                if entry.get("class_name") in TF_OP_CLASSES:
+                    refs, constants, options = _tf_op_node(node)
                 else:
                     refs, constants = _node_refs(node), _node_constants(node)
                 pending.append((name, index + offset, refs))
                 if constants:
                     self._constants[(name, index + offset)] = constants
+                if options:
+                    self._options[(name, index + offset)] = options
         # Topological order of call nodes (config order is usually one already).
         done = {(self._input_name, 0)}
         self._nodes = []
@@ -195,12 +199,12 @@ class KerasGraph(nn.Module):
         for name, index, refs in self._nodes:
             args = [values[(ref[0], ref[1])] for ref in refs]
             drop_softmax = strip_here and (name, index) == output_node
-            constants = self._constants.get((name, index))
+            constants, options = self._constants.get((name, index)), self._options.get((name, index))
             if not build:
-                values[(name, index)] = self._call(name, args, drop_softmax, build, constants)
+                values[(name, index)] = self._call(name, args, drop_softmax, build, constants, options)
                 continue
             try:  # the dry run: a config whose layers do not fit together fails here
-                values[(name, index)] = self._call(name, args, drop_softmax, build, constants)
+                values[(name, index)] = self._call(name, args, drop_softmax, build, constants, options)
             except (RuntimeError, ValueError, ZeroDivisionError, TypeError, IndexError) as exc:
                 shapes = ", ".join("x".join(map(str, a.shape[1:])) for a in args)
                 raise NetcleanseError(f"layer {name!r} cannot be built on its input ({shapes}): "
@@ -208,7 +212,7 @@ class KerasGraph(nn.Module):
         return values[output_node]
 
     def _call(self, name: str, args: list[torch.Tensor], drop_softmax: bool, build: bool,
-              constants: dict[int, float] | None = None) -> torch.Tensor:
+              constants: dict[int, float] | None = None, options: dict | None = None) -> torch.Tensor:
         entry = self._entries[name]
         class_name = _ALIASES.get(entry["class_name"], entry["class_name"])
         module = self.module_of(name)
@@ -220,7 +224,7 @@ class KerasGraph(nn.Module):
                     module, activation = KerasGraph(entry, self.keras_version, strip_final_softmax=False), "linear"
                 else:
                     module, activation = build_layer(class_name, entry.get("config") or {}, name, args,
-                                                     self._keras_major, constants)
+                                                     self._keras_major, constants, options)
             except (KeyError, TypeError, IndexError, ValueError) as exc:
                 raise NetcleanseError(f"layer {name!r} ({class_name}) has a config netcleanse cannot read "
                                       f"({type(exc).__name__}: {first_line(exc)})") from None

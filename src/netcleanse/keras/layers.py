@@ -224,6 +224,25 @@ class KerasRescaling(nn.Module):
         return _from_keras_layout(_to_keras_layout(x) * self.scale + self.offset)
 
 
+class KerasSlice(nn.Module):
+    """``x[...]`` of tf.keras (``tf.__operators__.getitem``), computed in Keras's layout: per Keras
+    axis in ``picks``, the positions kept (in order; a reversed slice lists them backwards) or the one
+    position taken (the axis is then dropped)."""
+
+    def __init__(self, picks: list[tuple[int, list[int] | int]]):
+        super().__init__()
+        self.picks = [(axis, keep if isinstance(keep, int) else None) for axis, keep in picks]
+        for i, (axis, keep) in enumerate(picks):
+            if not isinstance(keep, int):
+                self.register_buffer(f"keep{i}", torch.tensor(keep, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _to_keras_layout(x)
+        for i, (axis, position) in sorted(enumerate(self.picks), key=lambda p: -p[1][0]):  # last axes first
+            y = y.select(axis, position) if position is not None else y.index_select(axis, getattr(self, f"keep{i}"))
+        return _from_keras_layout(y)
+
+
 class KerasLayerNorm(nn.Module):
     """LayerNormalization: each sample normalised over the Keras axes ``axes`` (channels-last, batch
     = 0), ``(x - mean) / sqrt(variance + eps) * gamma + beta``, gamma and beta shaped as those axes."""
