@@ -361,15 +361,17 @@ def test_tf_keras_operations_are_rebuilt_and_match_tf_keras():
 
 def test_tf_keras_slicing_and_bias_add_are_rebuilt_and_match_tf_keras():
     # a real tf-keras 2.21 file (tests/fixtures/README.md): keras.applications.vgg16.preprocess_input
-    # (caffe mode: x[..., ::-1] then tf.nn.bias_add), strided slices of rows, columns and channels, a
-    # bias_add and one channel taken (a rank-3 tensor), each a SlicingOpLambda or TFOpLambda layer
+    # (caffe mode: x[..., ::-1] then tf.nn.bias_add) and densenet's (torch mode: / 255, bias_add, / std
+    # per channel), strided slices of rows, columns and channels, a bias_add and one channel taken (a
+    # rank-3 tensor), each a SlicingOpLambda or TFOpLambda layer
     model = load_model(FIXTURES / "tf_slicing_tfkeras221.h5")
     ref = np.load(FIXTURES / "tf_slicing_tfkeras221_reference.npz")
     with torch.no_grad():
         got = model(torch.from_numpy(ref["x"]).permute(0, 3, 1, 2)).numpy()  # logits (no softmax)
     np.testing.assert_allclose(got, ref["y"], rtol=1e-5, atol=1e-3)
     ops = sorted(type(m).__name__ for name, m in model.net.named_children() if name.startswith("tf_"))
-    assert ops == ["KerasMerge"] + ["KerasRescaling"] * 2 + ["KerasSlice"] * 4
+    # x * 255 twice and / 255 (numbers); three bias_adds and / std (one number per channel); four slices
+    assert ops == ["KerasMerge"] * 3 + ["KerasRescaling"] * 4 + ["KerasSlice"] * 4
 
 
 def _edit_tf_op(tmp_path, function, edit):
@@ -398,6 +400,8 @@ def _edit_tf_op(tmp_path, function, edit):
     ("nn.bias_add", lambda k: k.update(bias=[1.0, 2.0]), "adds 2 values to 3 channels"),
     ("nn.bias_add", lambda k: k.update(bias=["input_1", 0, 0]), "list of numbers"),
     ("nn.bias_add", lambda k: k.update(other=1), "argument netcleanse does not rebuild: 'other'"),
+    ("math.truediv", lambda k: k.update(y=[1.0, 2.0]), "has 2 values for 3 channels"),
+    ("math.truediv", lambda k: k.update(y=[1.0, 0.0, 2.0]), "divides by 0"),
 ])
 def test_tf_keras_slicing_and_bias_add_that_netcleanse_cannot_rebuild_are_refused(tmp_path, function, edit, message):
     with pytest.raises(NetcleanseError, match=message):
@@ -427,5 +431,5 @@ def test_a_tf_keras_operation_on_something_else_than_a_tensor_or_a_number_is_ref
         op = next(layer for layer in config["config"]["layers"] if layer["config"].get("function") == "math.multiply")
         op["inbound_nodes"][0][3]["y"] = "half"
         f.attrs["model_config"] = json.dumps(config)
-    with pytest.raises(NetcleanseError, match="neither a tensor nor a number"):
+    with pytest.raises(NetcleanseError, match="neither a tensor, a number nor a list of numbers"):
         load_model(path)

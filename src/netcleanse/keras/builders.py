@@ -281,7 +281,7 @@ def tf_op_kind(class_name: str, function: str) -> str | None:
 
 
 # the arguments each kind of operation may carry besides its tensors (anything else is refused)
-_TF_OP_ARGUMENTS = {"merge": set(), "activation": set(), "bias_add": {"bias", "data_format"}, "slice": {"slice_spec"}}
+_TF_OP_ARGUMENTS = {"merge": {"y"}, "activation": set(), "bias_add": {"bias", "data_format"}, "slice": {"slice_spec"}}
 
 
 @builds(*TF_OP_CLASSES)
@@ -296,6 +296,8 @@ def _tf_op(c: LayerCall):
     if unknown:
         raise NetcleanseError(f"layer {c.name!r} (tf.{function}) has an argument netcleanse does not rebuild: "
                               f"{unknown[0]!r}")
+    if kind == "merge" and "y" in options:
+        return _channel_arithmetic(c, what, options["y"]), "linear"
     if kind == "merge":
         return KerasMerge(_MERGES[what], constants=c.constants), "linear"
     if c.constants:
@@ -320,6 +322,19 @@ def _bias_add(c: LayerCall, options: dict) -> nn.Module:
     if len(bias) != c.channels:
         raise NetcleanseError(f"layer {c.name!r} (tf.nn.bias_add) adds {len(bias)} values to {c.channels} channels")
     return KerasRescaling([1.0] * len(bias), [float(v) for v in bias])
+
+
+def _channel_arithmetic(c: LayerCall, what: str, y: list[float]) -> nn.Module:
+    """``x + y``, ``x - y``, ``x * y`` or ``x / y`` with ``y`` one number per channel (last axis)."""
+    if len(y) != c.channels:
+        raise NetcleanseError(f"layer {c.name!r} (tf.{c.cfg.get('function')}) has {len(y)} values for "
+                              f"{c.channels} channels")
+    ones, zeros = [1.0] * len(y), [0.0] * len(y)
+    if what == "Divide" and not all(y):
+        raise NetcleanseError(f"layer {c.name!r} (tf.{c.cfg.get('function')}) divides by 0")
+    scale, offset = {"Add": (ones, y), "Subtract": (ones, [-v for v in y]), "Multiply": (y, zeros),
+                     "Divide": ([1.0 / v for v in y], zeros)}[what]
+    return KerasRescaling(scale, offset)
 
 
 def _slice_picks(c: LayerCall, spec) -> list[tuple[int, list[int] | int]]:

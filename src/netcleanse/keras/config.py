@@ -139,13 +139,16 @@ def _tf_op_node(node) -> tuple[list[tuple[str, int, int]], dict[int, float], dic
     refs = [(str(first[0]), int(first[1]), int(first[2]))]
     kwargs = first[3] if len(first) > 3 and isinstance(first[3], dict) else {}
     y, constants = kwargs.get("y"), {}
+    options = {k: v for k, v in kwargs.items() if k not in ("y", "name")}
     if isinstance(y, list) and len(y) >= 3 and isinstance(y[0], str):
         refs.append((str(y[0]), int(y[1]), int(y[2])))
     elif isinstance(y, (int, float)) and not isinstance(y, bool):
         constants[1] = float(y)
+    elif isinstance(y, list) and y and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in y):
+        options["y"] = [float(v) for v in y]  # one number per channel (``x / std`` in preprocess_input)
     elif y is not None:
-        raise NetcleanseError(f"a TFOpLambda operand {str(y)[:40]!r} is neither a tensor nor a number")
-    options = {k: v for k, v in kwargs.items() if k not in ("y", "name")}
+        raise NetcleanseError(f"a TFOpLambda operand {str(y)[:40]!r} is neither a tensor, a number nor a list "
+                              "of numbers")
     return refs, constants, options
 
 
