@@ -433,3 +433,29 @@ def test_a_tf_keras_operation_on_something_else_than_a_tensor_or_a_number_is_ref
         f.attrs["model_config"] = json.dumps(config)
     with pytest.raises(NetcleanseError, match="neither a tensor, a number nor a list of numbers"):
         load_model(path)
+
+
+def _keras3_node(*args):
+    return {"args": list(args), "kwargs": {}}
+
+
+def test_keras3_operation_arguments_are_read_as_data_and_odd_ones_refused():
+    from netcleanse.keras.config import _node_constants, _node_options
+    tensor = {"class_name": "__keras_tensor__", "config": {"keras_history": ["input_layer", 0, 0]}}
+    mean = {"class_name": "__tensor__", "config": {"value": [[[[1.0, 2.0, 3.0]]]], "dtype": "float32"}}
+    assert _node_options(_keras3_node(tensor, mean), "Subtract") == {"y": [1.0, 2.0, 3.0]}
+    assert _node_options(_keras3_node(mean, tensor), "Add") == {"y": [1.0, 2.0, 3.0]}  # commutative
+    one = {"class_name": "__tensor__", "config": {"value": [2.5]}}
+    assert _node_options(_keras3_node(tensor, one), "Multiply") == {} and _node_constants(_keras3_node(tensor, one)) == {1: 2.5}
+    spec = [{"class_name": "__ellipsis__", "config": {}}, {"class_name": "__slice__", "config": {"start": None, "stop": None, "step": -1}}, 2]
+    assert _node_options(_keras3_node(tensor, spec), "GetItem") == {
+        "slice_spec": [{"class_name": "__ellipsis__"}, {"start": None, "stop": None, "step": -1}, 2]}
+    with pytest.raises(NetcleanseError, match="constant tensor first"):
+        _node_options(_keras3_node(mean, tensor), "Subtract")
+    grid = {"class_name": "__tensor__", "config": {"value": [[1.0, 2.0], [3.0, 4.0]]}}
+    with pytest.raises(NetcleanseError, match=r"shape \[2, 2\]; netcleanse rebuilds numbers and one number per channel"):
+        _node_options(_keras3_node(tensor, grid), "Add")
+    with pytest.raises(NetcleanseError, match="not a box of numbers"):
+        _node_options(_keras3_node(tensor, {"class_name": "__tensor__", "config": {"value": [[1.0], "x"]}}), "Add")
+    with pytest.raises(NetcleanseError, match="a tensor and an index"):
+        _node_options(_keras3_node(tensor), "GetItem")

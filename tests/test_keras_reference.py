@@ -15,6 +15,9 @@ random weights and non-trivial normalisation statistics:
   Keras's applications' do) nested in a Sequential;
 - a Sequential and a functional model nested in a functional graph (Keras 3 numbers their calls
   differently from Keras 2), with ``LayerNormalization`` and gelu;
+- ``keras.applications``' ``preprocess_input`` inside the model in its caffe, torch and tf modes
+  (Keras 3 operations: ``GetItem``, ``Stack``, arithmetic with numbers and per-channel constant
+  tensors), with strided and reversed slices;
 
 each as a Keras 3 ``.keras`` archive and as a legacy ``.h5`` whole-model file, plus Keras's
 ``predict`` on random inputs. netcleanse must load every file (its own PyTorch rebuild, no Keras
@@ -120,7 +123,20 @@ head_in = keras.Input((8, 8, 8))
 head = keras.Model(head_in, layers.GlobalAveragePooling2D()(head_in), name="head")
 functional_nested = keras.Model(f_in, layers.Dense(4, activation="softmax")(head(y)), name="functional_nested")
 
-for model, scale in ((cifar, 1.0), (gtsrb, 255.0), (mobile, 1.0), (nested, 255.0), (functional_nested, 1.0)):
+# keras.applications' preprocess_input inside the model, on 0..255 pixels: caffe mode (x[..., ::-1]
+# as GetItem + Stack, minus a per-channel mean tensor), torch mode (/ 255, - mean, / std tensors),
+# tf mode (/ 127.5 - 1); with a strided slice and a reversed channel slice after a convolution
+p_in = keras.Input((32, 32, 3))
+caffe = layers.Conv2D(4, 3, strides=2)(keras.applications.vgg16.preprocess_input(p_in))
+caffe = layers.Rescaling(1 / 100.0)(caffe)
+torch_mode = layers.Conv2D(4, 3, strides=2)(keras.applications.densenet.preprocess_input(p_in))
+tf_mode = layers.Conv2D(4, 3, strides=2)(keras.applications.mobilenet_v2.preprocess_input(p_in))[:, 1:, ::2, :]
+pooled = [layers.GlobalAveragePooling2D()(t) for t in (caffe, torch_mode, tf_mode[..., ::-1])]
+preprocess_inside = keras.Model(p_in, layers.Dense(6, activation="softmax")(layers.Concatenate()(pooled)),
+                                name="preprocess_inside")
+
+for model, scale in ((cifar, 1.0), (gtsrb, 255.0), (mobile, 1.0), (nested, 255.0), (functional_nested, 1.0),
+                     (preprocess_inside, 255.0)):
     randomise_batchnorm(model)
     x = rng.random((6, 32, 32, 3)).astype("float32")  # pixels in [0, 1]
     np.save(f"{out}/{model.name}_x.npy", x)
@@ -135,7 +151,7 @@ lam.save(f"{out}/with_lambda.h5")
 '''
 
 NETS = {"cifar_normalization": 1.0, "gtsrb_batchnorm_after_dense": 255.0, "mobile_blocks": 1.0, "nested_base": 255.0,
-        "functional_nested": 1.0}
+        "functional_nested": 1.0, "preprocess_inside": 255.0}
 
 
 @pytest.fixture(scope="module")

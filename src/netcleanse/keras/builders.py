@@ -31,6 +31,9 @@ _MERGES = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply", "Averag
            "Maximum": "maximum", "Minimum": "minimum", "Concatenate": "concatenate",
            # Keras 3 operations on tensors (``x / 6``), which its configs list among the layers
            "Divide": "divide", "TrueDivide": "divide"}
+# arithmetic with one number per channel, rebuilt as a per-channel scale and offset
+_CHANNEL_ARITHMETIC = {"Add": "Add", "Subtract": "Subtract", "Multiply": "Multiply", "Divide": "Divide",
+                       "TrueDivide": "Divide"}
 _ALIASES = {"Convolution2D": "Conv2D", "MaxPool2D": "MaxPooling2D", "AvgPool2D": "AveragePooling2D",
             "GlobalAvgPool2D": "GlobalAveragePooling2D", "GlobalMaxPool2D": "GlobalMaxPooling2D"}
 
@@ -249,7 +252,24 @@ def _identity_layer(c: LayerCall):
 
 @builds(*_MERGES)
 def _merge(c: LayerCall):
+    y = (c.options or {}).get("y")  # Keras 3 arithmetic with one number per channel (``x - mean``)
+    if y is not None and c.class_name in _CHANNEL_ARITHMETIC:
+        return _channel_arithmetic(c, _CHANNEL_ARITHMETIC[c.class_name], y), "linear"
+    if y is not None:
+        raise NetcleanseError(f"layer {c.name!r} ({c.class_name}) has a constant tensor operand")
     return KerasMerge(_MERGES[c.class_name], int(c.cfg.get("axis", -1)), c.constants), "linear"
+
+
+@builds("Stack")
+def _stack(c: LayerCall):
+    """Keras 3's ``ops.stack`` (as ``preprocess_input`` writes it): tensors stacked on a new axis."""
+    return KerasMerge("stack", int(c.cfg.get("axis", 0))), "linear"
+
+
+@builds("GetItem")
+def _get_item(c: LayerCall):
+    """Keras 3's ``x[...]`` (a GetItem operation), as tf.keras's slicing (:func:`_slice_picks`)."""
+    return KerasSlice(_slice_picks(c, (c.options or {}).get("slice_spec"))), "linear"
 
 
 # tf.keras TFOpLambda / SlicingOpLambda layers: a TensorFlow operation recorded by its name
@@ -342,7 +362,7 @@ def _slice_picks(c: LayerCall, spec) -> list[tuple[int, list[int] | int]]:
     "__ellipsis__"}``, ``{"start", "stop", "step"}`` slices and integer positions) as, per Keras axis
     it changes, the positions it keeps (a list, in order: negative steps reverse) or the one
     position it takes (an int: the axis is dropped). The batch axis must be kept whole."""
-    where = f"layer {c.name!r} (tf.__operators__.getitem)"
+    where = f"layer {c.name!r} (x[...])"
     if not isinstance(spec, list):
         spec = [spec]
     shape = tuple(_to_keras_layout(c.x).shape)

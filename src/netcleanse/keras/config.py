@@ -118,13 +118,69 @@ def _node_refs(node) -> list[tuple[str, int, int]]:
 
 def _node_constants(node) -> dict[int, float]:
     """The numbers among a Keras 3 node's operands (position -> value), as in an operation such as
-    ``x + 3.0`` (args ``[tensor, 3.0]``); empty for layer calls and Keras 2 nodes."""
+    ``x + 3.0`` (args ``[tensor, 3.0]``; a constant tensor of one value counts as that number);
+    empty for layer calls and Keras 2 nodes."""
     if not isinstance(node, dict):
         return {}
     args = node.get("args", [])
     if len(args) == 1 and isinstance(args[0], list):
         args = args[0]
-    return {i: float(a) for i, a in enumerate(args) if isinstance(a, (int, float)) and not isinstance(a, bool)}
+    out = {}
+    for i, a in enumerate(args):
+        if isinstance(a, (int, float)) and not isinstance(a, bool):
+            out[i] = float(a)
+        elif _constant_tensor(a) is not None and _constant_tensor(a).size == 1:
+            out[i] = float(_constant_tensor(a).reshape(-1)[0])
+    return out
+
+
+def _constant_tensor(arg) -> np.ndarray | None:
+    """A Keras 3 operand ``{"class_name": "__tensor__", "config": {"value": [...]}}`` as an array of
+    numbers (None for anything else; a value that is not a box of numbers is refused)."""
+    if not (isinstance(arg, dict) and arg.get("class_name") == "__tensor__"):
+        return None
+    value = (arg.get("config") or {}).get("value")
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise NetcleanseError(f"a constant tensor operand {str(value)[:40]!r} is not a box of numbers") from None
+    if array.size > limits.INPUT_VALUES():
+        raise NetcleanseError(f"a constant tensor operand has {array.size:,} values; refused")
+    return array
+
+
+def _node_options(node, class_name: str) -> dict:
+    """A Keras 3 operation node's arguments besides its tensors and numbers, in the form the tf.keras
+    operations record them (:func:`_tf_op_node`): ``slice_spec`` of a ``GetItem`` (``x[...]``) and
+    ``y``, one number per channel, of arithmetic with a constant tensor (``x - mean``, ``x / std``)."""
+    if not isinstance(node, dict):
+        return {}
+    args = node.get("args", [])
+    if class_name == "GetItem":
+        if len(args) != 2:
+            raise NetcleanseError("a GetItem call does not have a tensor and an index")
+        spec = args[1] if isinstance(args[1], list) else [args[1]]
+
+        def item(s):
+            if isinstance(s, dict) and s.get("class_name") == "__slice__":
+                cfg = s.get("config") or {}
+                return {k: cfg.get(k) for k in ("start", "stop", "step")}
+            if isinstance(s, dict) and s.get("class_name") == "__ellipsis__":
+                return {"class_name": "__ellipsis__"}
+            return s
+        return {"slice_spec": [item(s) for s in spec]}
+    tensors = [(i, _constant_tensor(a)) for i, a in enumerate(args)]
+    vectors = [(i, t) for i, t in tensors if t is not None and t.size > 1]
+    if not vectors:
+        return {}
+    position, tensor = vectors[0]
+    if len(vectors) > 1 or len(args) != 2 or any(n != 1 for n in tensor.shape[:-1]):
+        raise NetcleanseError(f"a {class_name} operation has a constant tensor operand of shape "
+                              f"{list(tensor.shape)}; netcleanse rebuilds numbers and one number per channel")
+    if position == 0 and class_name not in ("Add", "Multiply"):
+        raise NetcleanseError(f"a {class_name} operation has its constant tensor first; netcleanse rebuilds "
+                              "tensor - constant and tensor / constant only")
+    return {"y": [float(v) for v in tensor.reshape(-1)]}
 
 
 def _tf_op_node(node) -> tuple[list[tuple[str, int, int]], dict[int, float], dict]:

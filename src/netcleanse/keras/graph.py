@@ -11,8 +11,8 @@ from torch import nn
 from ..errors import NetcleanseError
 from ..utils import first_line
 from .builders import MODEL_CLASSES, TF_OP_CLASSES, _ALIASES, _activation_name, build_layer
-from .config import (_entry_name, _has_input_spec, _input_spec, _io_refs, _layer_entries, _node_constants, _node_refs,
-                     _tf_op_node, check_config)
+from .config import (_entry_name, _has_input_spec, _input_spec, _io_refs, _layer_entries, _node_constants,
+                     _node_options, _node_refs, _tf_op_node, check_config)
 from .layers import _ACTIVATIONS, KerasMerge
 from .slots import Slot, _leaf_slots
 
@@ -109,7 +109,8 @@ class KerasGraph(nn.Module):
                 if entry.get("class_name") in TF_OP_CLASSES:
                     refs, constants, options = _tf_op_node(node)
                 else:
-                    refs, constants = _node_refs(node), _node_constants(node)
+                    refs, options = _node_refs(node), _node_options(node, entry.get("class_name"))
+                    constants = {} if entry.get("class_name") == "GetItem" else _node_constants(node)
                 pending.append((name, index + offset, refs))
                 if constants:
                     self._constants[(name, index + offset)] = constants

@@ -331,7 +331,7 @@ def _align(value: torch.Tensor, keep: tuple[int, ...], broadcast: tuple[int, ...
 class KerasMerge(nn.Module):
     """Add, Subtract, Multiply, Average, Maximum, Minimum and Concatenate, and Keras 3's arithmetic
     operations (``x + 3.0``, ``x * (1 / 6)``, ``x / 6``: Add, Multiply, (True)Divide nodes whose
-    operands may be numbers, ``constants``: operand position -> number)."""
+    operands may be numbers, ``constants``: operand position -> number) and ``ops.stack`` (``stack``)."""
 
     def __init__(self, op: str, axis: int = -1, constants: dict[int, float] | None = None):
         super().__init__()
@@ -347,6 +347,8 @@ class KerasMerge(nn.Module):
                        if i in self.constants else next(tensors) for i in range(n))
         if self.op == "concatenate":
             return torch.cat(xs, dim=_torch_axis(self.axis, xs[0].dim()))
+        if self.op == "stack":  # on a new axis, in Keras's layout
+            return _from_keras_layout(torch.stack([_to_keras_layout(x) for x in xs], dim=self.axis))
         if self.op == "subtract":
             return xs[0] - xs[1]
         if self.op == "divide":
@@ -358,7 +360,7 @@ class KerasMerge(nn.Module):
         return out / len(xs) if self.op == "average" else out
 
     def extra_repr(self) -> str:
-        return self.op + (f", axis={self.axis}" if self.op == "concatenate" else "") + \
+        return self.op + (f", axis={self.axis}" if self.op in ("concatenate", "stack") else "") + \
             (f", constants={self.constants}" if self.constants else "")
 
 
