@@ -144,6 +144,26 @@ for model, scale in ((cifar, 1.0), (gtsrb, 255.0), (mobile, 1.0), (nested, 255.0
     model.save(f"{out}/{model.name}.keras")
     model.save(f"{out}/{model.name}.h5")
 
+# a tutorial-style model: augmentation layers (no-ops at inference), Resizing (bilinear, then
+# nearest), CenterCrop and PReLU (shared over the image axes, and one alpha per position)
+a_in = keras.Input((40, 36, 3))
+a = a_in
+for augment in (layers.RandomFlip("horizontal"), layers.RandomRotation(0.1), layers.RandomZoom(0.1),
+                layers.RandomTranslation(0.1, 0.1), layers.RandomContrast(0.2), layers.RandomBrightness(0.1)):
+    a = augment(a)
+a = layers.CenterCrop(28, 28)(layers.Resizing(32, 30)(a))
+a = layers.PReLU(shared_axes=[1, 2])(layers.Conv2D(6, 3)(a))
+a = layers.PReLU()(layers.Conv2D(6, 3, strides=2)(a))
+a = layers.Resizing(7, 9, interpolation="nearest")(a)
+augmented = keras.Model(a_in, layers.Dense(5, activation="softmax")(layers.Flatten()(a)), name="augment_resize")
+for layer in augmented.layers:
+    if isinstance(layer, layers.PReLU):
+        layer.set_weights([rng.uniform(0.05, 0.5, w.shape) for w in layer.get_weights()])
+x = rng.random((6, 40, 36, 3)).astype("float32")
+np.save(f"{out}/augment_resize_x.npy", x)
+np.save(f"{out}/augment_resize_y.npy", augmented.predict(x, verbose=0))
+augmented.save(f"{out}/augment_resize.keras")  # (Keras 3.15's legacy .h5 writer fails on augmentation layers)
+
 lam = keras.Sequential([keras.Input((4, 4, 1)), layers.Lambda(lambda t: t * 2.0), layers.Flatten(), layers.Dense(3)],
                        name="with_lambda")
 lam.save(f"{out}/with_lambda.keras")
@@ -174,6 +194,15 @@ def test_keras_written_models_give_keras_outputs(written, net, suffix):
     got = model.predict_proba(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
     assert np.abs(got - expected).max() < 1e-5
     assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def test_augmentation_resizing_center_crop_and_prelu_give_keras_outputs(written):
+    x = np.load(written / "augment_resize_x.npy")
+    expected = np.load(written / "augment_resize_y.npy")
+    model = load_model(written / "augment_resize.keras")
+    assert tuple(model.input_shape) == (3, 40, 36)
+    got = model.predict_proba(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    assert np.abs(got - expected).max() < 1e-5 and (got.argmax(1) == expected.argmax(1)).all()
 
 
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])

@@ -56,14 +56,15 @@ from .export import EXPORT_KERAS_VERSION, keras_layer_weights, save_keras_weight
 from .graph import KerasGraph, graph_from_config
 from .layers import (KerasActivation, KerasBatchNorm, KerasConv2d, KerasCropping2d, KerasDense, KerasDepthwiseConv2d,
                      KerasFlatten, KerasGlobalPool2d, KerasLayerNorm, KerasLayerScale, KerasMerge, KerasNormalization,
-                     KerasPermute, KerasPool2d, KerasReshape, KerasRescaling, KerasSeparableConv2d, KerasUpSampling2d)
+                     KerasPermute, KerasPool2d, KerasPReLU, KerasReshape, KerasRescaling, KerasResizing,
+                     KerasSeparableConv2d, KerasSlice, KerasUpSampling2d)
 from .load import load_keras
 from .weights import _snake_case, keras_weights_to_module  # noqa: F401 (_snake_case: for the tests)
 
 __all__ = ["BUILDERS", "EXPORT_KERAS_VERSION", "KerasActivation", "KerasBatchNorm", "KerasConv2d", "KerasCropping2d",
            "KerasDense", "KerasDepthwiseConv2d", "KerasFlatten", "KerasGlobalPool2d", "KerasGraph", "KerasLayerNorm",
-           "KerasLayerScale", "KerasMerge", "KerasNormalization", "KerasPermute", "KerasPool2d", "KerasReshape",
-           "KerasRescaling", "KerasSeparableConv2d", "KerasUpSampling2d", "LayerCall", "MAX_ARCHIVE_MEMBERS",
+           "KerasLayerScale", "KerasMerge", "KerasNormalization", "KerasPermute", "KerasPool2d", "KerasPReLU",
+           "KerasReshape", "KerasRescaling", "KerasResizing", "KerasSeparableConv2d", "KerasSlice", "KerasUpSampling2d", "LayerCall", "MAX_ARCHIVE_MEMBERS",
            "MAX_CONFIG_BYTES", "MAX_INPUT_VALUES", "MAX_LAYER_WEIGHTS", "MAX_WEIGHTS_BYTES", "MODEL_CLASSES",
            "SUPPORTED_LAYERS", "build_layer", "builds", "check_config", "graph_from_config", "keras_layer_weights",
            "keras_weights_to_module", "load_keras", "load_keras_archive", "save_keras_weights"]

@@ -21,12 +21,16 @@ from ..crosscheck import check_layer
 from ..errors import NetcleanseError
 from .layers import (_ACTIVATIONS, KerasActivation, KerasBatchNorm, KerasConv2d, KerasCropping2d, KerasDense,
                      KerasDepthwiseConv2d, KerasFlatten, KerasGlobalPool2d, KerasLayerNorm, KerasLayerScale,
-                     KerasMerge, KerasNormalization, KerasPermute, KerasPool2d, KerasReshape, KerasRescaling,
+                     KerasMerge, KerasNormalization, KerasPermute, KerasPool2d, KerasPReLU, KerasReshape, KerasRescaling,
+                     KerasResizing,
                      KerasSeparableConv2d, KerasSlice, KerasUpSampling2d, _pair, _to_keras_layout)
 
 MODEL_CLASSES = {"Model", "Functional", "Sequential"}
 _IDENTITY_LAYERS = {"Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
-                    "ActivityRegularization"}
+                    "ActivityRegularization",
+                    # image augmentation, which Keras applies only while training
+                    "RandomFlip", "RandomRotation", "RandomZoom", "RandomTranslation", "RandomContrast",
+                    "RandomBrightness", "RandomHeight", "RandomWidth"}
 _MERGES = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply", "Average": "average",
            "Maximum": "maximum", "Minimum": "minimum", "Concatenate": "concatenate",
            # Keras 3 operations on tensors (``x / 6``), which its configs list among the layers
@@ -472,6 +476,53 @@ def _layer_scale(c: LayerCall):
                               f"tensor of {channels}")
     _check_layer_size(c.name, channels)
     return KerasLayerScale(channels), "linear"
+
+
+@builds("PReLU")
+def _prelu(c: LayerCall):
+    """PReLU: ``max(x, 0) + alpha * min(x, 0)``, ``alpha`` shaped as the input (Keras layout, batch
+    left out) with size 1 along ``shared_axes``."""
+    shape = list(_to_keras_layout(c.x).shape[1:])
+    shared = c.cfg.get("shared_axes") or []
+    for axis in (shared if isinstance(shared, list) else [shared]):
+        if not isinstance(axis, int) or not 1 <= axis <= len(shape):
+            raise NetcleanseError(f"layer {c.name!r}: PReLU shares axis {axis!r} of a rank-{len(shape) + 1} tensor")
+        shape[axis - 1] = 1
+    _check_layer_size(c.name, int(np.prod(shape)))
+    return KerasPReLU(tuple(shape)), "linear"
+
+
+@builds("Resizing")
+def _resizing(c: LayerCall):
+    """Resizing to ``height`` x ``width``, bilinear or nearest (pixel centres at half-pixel offsets,
+    no antialiasing: Keras's defaults); cropping or padding to the aspect ratio is refused."""
+    c.image_input()
+    cfg = c.cfg
+    method = str(cfg.get("interpolation", "bilinear"))
+    if method not in ("bilinear", "nearest"):
+        raise NetcleanseError(f"layer {c.name!r}: Resizing with {method!r} interpolation is not supported "
+                              "(bilinear, nearest)")
+    for flag in ("crop_to_aspect_ratio", "pad_to_aspect_ratio", "antialias"):
+        if cfg.get(flag):
+            raise NetcleanseError(f"layer {c.name!r}: Resizing with {flag} is not supported")
+    size = (int(cfg["height"]), int(cfg["width"]))
+    if min(size) < 1 or size[0] * size[1] * c.channels > limits.INPUT_VALUES():
+        raise NetcleanseError(f"layer {c.name!r}: Resizing to {size[0]}x{size[1]} refused")
+    return KerasResizing(size, method), "linear"
+
+
+@builds("CenterCrop")
+def _center_crop(c: LayerCall):
+    """CenterCrop to ``height`` x ``width`` of an image at least that large (Keras resizes smaller
+    ones; not rebuilt)."""
+    c.image_input()
+    height, width = int(c.cfg["height"]), int(c.cfg["width"])
+    h, w = int(c.x.shape[2]), int(c.x.shape[3])
+    if not (0 < height <= h and 0 < width <= w):
+        raise NetcleanseError(f"layer {c.name!r}: CenterCrop to {height}x{width} of a {h}x{w} image is not "
+                              "supported (only crops of a larger image)")
+    top, left = (h - height) // 2, (w - width) // 2
+    return KerasCropping2d(top, h - height - top, left, w - width - left), "linear"
 
 
 @builds("ZeroPadding2D")

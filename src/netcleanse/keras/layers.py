@@ -205,6 +205,31 @@ class KerasUpSampling2d(nn.Module):
         return x.repeat_interleave(self.size[0], dim=2).repeat_interleave(self.size[1], dim=3)
 
 
+class KerasResizing(nn.Module):
+    """Resizing: bilinear (half-pixel centres, no antialiasing) or nearest to ``size`` (h, w)."""
+
+    def __init__(self, size: tuple[int, int], method: str):
+        super().__init__()
+        self.size, self.method = size, method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.method == "nearest":
+            return F.interpolate(x, size=self.size, mode="nearest-exact")
+        return F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=False)
+
+
+class KerasPReLU(nn.Module):
+    """PReLU: ``max(x, 0) + alpha * min(x, 0)`` in Keras's layout, ``alpha`` of Keras's shape."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _to_keras_layout(x)
+        return _from_keras_layout(torch.relu(y) - self.alpha * torch.relu(-y))
+
+
 class KerasRescaling(nn.Module):
     """Rescaling: ``x * scale + offset``; a per-channel scale or offset (a list in the config)
     broadcasts against the last axis in Keras's layout (the channels of an image)."""

@@ -15,7 +15,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import NetcleanseError
-from .layers import KerasDepthwiseConv2d, KerasLayerNorm, KerasLayerScale, KerasNormalization, KerasSeparableConv2d
+from .layers import (KerasDepthwiseConv2d, KerasLayerNorm, KerasLayerScale, KerasNormalization, KerasPReLU,
+                     KerasSeparableConv2d)
 
 
 def _var_name(weight_name: str) -> str:
@@ -84,6 +85,8 @@ def _leaf_slots(module: nn.Module) -> list[Slot]:
                 ("count", module.count, _identity, lambda t: t.to(torch.int64))]
     elif isinstance(module, KerasLayerScale):
         return [("variable", module.weight, _identity, _identity)]
+    elif isinstance(module, KerasPReLU):
+        return [("alpha", module.alpha, _identity, _identity)]
     elif isinstance(module, KerasLayerNorm):
         return ([("gamma", module.weight, _identity, _identity)] if module.keras_scale else []) + \
             ([("beta", module.bias, _identity, _identity)] if module.keras_center else [])
