@@ -374,6 +374,17 @@ def test_tf_keras_slicing_and_bias_add_are_rebuilt_and_match_tf_keras():
     assert ops == ["KerasMerge"] * 3 + ["KerasRescaling"] * 4 + ["KerasSlice"] * 4
 
 
+def test_tf_keras_augmentation_resizing_center_crop_and_prelu_match_tf_keras():
+    # a real tf-keras 2.21 file (tests/fixtures/README.md); Keras 3's are in test_keras_reference.py
+    model = load_model(FIXTURES / "tf_augment_resize_tfkeras221.h5")
+    ref = np.load(FIXTURES / "tf_augment_resize_tfkeras221_reference.npz")
+    with torch.no_grad():
+        got = model.predict_proba(torch.from_numpy(ref["x"]).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(got, ref["y"], atol=1e-5)
+    kinds = [type(m).__name__ for m in model.net.children()]
+    assert kinds.count("Identity") == 6 and kinds.count("KerasResizing") == 2 and kinds.count("KerasPReLU") == 2
+
+
 def _edit_tf_op(tmp_path, function, edit):
     """The slicing fixture with the first call of tf.``function`` edited by ``edit(kwargs)``."""
     path = tmp_path / "model.h5"
