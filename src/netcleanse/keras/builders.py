@@ -21,9 +21,9 @@ from ..crosscheck import check_layer
 from ..errors import NetcleanseError
 from .layers import (_ACTIVATIONS, KerasActivation, KerasBatchNorm, KerasConv2d, KerasCropping2d, KerasDense,
                      KerasDepthwiseConv2d, KerasFlatten, KerasGlobalPool2d, KerasLayerNorm, KerasLayerScale,
-                     KerasMerge, KerasNormalization, KerasPermute, KerasPool2d, KerasPReLU, KerasReshape, KerasRescaling,
-                     KerasResizing,
-                     KerasSeparableConv2d, KerasSlice, KerasUpSampling2d, _pair, _to_keras_layout)
+                     KerasMerge, KerasNormalization, KerasPermute, KerasPool2d, KerasPReLU, KerasReshape,
+                     KerasRescaling, KerasResizing, KerasSeparableConv2d, KerasSlice, KerasUpSampling2d, _pair,
+                     _to_keras_layout)
 
 MODEL_CLASSES = {"Model", "Functional", "Sequential"}
 _IDENTITY_LAYERS = {"Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
@@ -35,9 +35,6 @@ _MERGES = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply", "Averag
            "Maximum": "maximum", "Minimum": "minimum", "Concatenate": "concatenate",
            # Keras 3 operations on tensors (``x / 6``), which its configs list among the layers
            "Divide": "divide", "TrueDivide": "divide"}
-# arithmetic with one number per channel, rebuilt as a per-channel scale and offset
-_CHANNEL_ARITHMETIC = {"Add": "Add", "Subtract": "Subtract", "Multiply": "Multiply", "Divide": "Divide",
-                       "TrueDivide": "Divide"}
 _ALIASES = {"Convolution2D": "Conv2D", "MaxPool2D": "MaxPooling2D", "AvgPool2D": "AveragePooling2D",
             "GlobalAvgPool2D": "GlobalAveragePooling2D", "GlobalMaxPool2D": "GlobalMaxPooling2D"}
 
@@ -257,10 +254,8 @@ def _identity_layer(c: LayerCall):
 @builds(*_MERGES)
 def _merge(c: LayerCall):
     y = (c.options or {}).get("y")  # Keras 3 arithmetic with one number per channel (``x - mean``)
-    if y is not None and c.class_name in _CHANNEL_ARITHMETIC:
-        return _channel_arithmetic(c, _CHANNEL_ARITHMETIC[c.class_name], y), "linear"
     if y is not None:
-        raise NetcleanseError(f"layer {c.name!r} ({c.class_name}) has a constant tensor operand")
+        return _channel_arithmetic(c, _MERGES[c.class_name], y), "linear"
     return KerasMerge(_MERGES[c.class_name], int(c.cfg.get("axis", -1)), c.constants), "linear"
 
 
@@ -321,7 +316,7 @@ def _tf_op(c: LayerCall):
         raise NetcleanseError(f"layer {c.name!r} (tf.{function}) has an argument netcleanse does not rebuild: "
                               f"{unknown[0]!r}")
     if kind == "merge" and "y" in options:
-        return _channel_arithmetic(c, what, options["y"]), "linear"
+        return _channel_arithmetic(c, _MERGES[what], options["y"]), "linear"
     if kind == "merge":
         return KerasMerge(_MERGES[what], constants=c.constants), "linear"
     if c.constants:
@@ -348,16 +343,19 @@ def _bias_add(c: LayerCall, options: dict) -> nn.Module:
     return KerasRescaling([1.0] * len(bias), [float(v) for v in bias])
 
 
-def _channel_arithmetic(c: LayerCall, what: str, y: list[float]) -> nn.Module:
-    """``x + y``, ``x - y``, ``x * y`` or ``x / y`` with ``y`` one number per channel (last axis)."""
+def _channel_arithmetic(c: LayerCall, op: str, y: list[float]) -> nn.Module:
+    """``x + y``, ``x - y``, ``x * y`` or ``x / y`` (``op`` as :data:`_MERGES` names it) with ``y``
+    one number per channel (last axis), as a per-channel scale and offset."""
+    where = f"layer {c.name!r} ({c.cfg.get('function') or c.class_name})"
+    if op not in ("add", "subtract", "multiply", "divide"):
+        raise NetcleanseError(f"{where} has a constant tensor operand")
     if len(y) != c.channels:
-        raise NetcleanseError(f"layer {c.name!r} (tf.{c.cfg.get('function')}) has {len(y)} values for "
-                              f"{c.channels} channels")
+        raise NetcleanseError(f"{where} has {len(y)} values for {c.channels} channels")
+    if op == "divide" and not all(y):
+        raise NetcleanseError(f"{where} divides by 0")
     ones, zeros = [1.0] * len(y), [0.0] * len(y)
-    if what == "Divide" and not all(y):
-        raise NetcleanseError(f"layer {c.name!r} (tf.{c.cfg.get('function')}) divides by 0")
-    scale, offset = {"Add": (ones, y), "Subtract": (ones, [-v for v in y]), "Multiply": (y, zeros),
-                     "Divide": ([1.0 / v for v in y], zeros)}[what]
+    scale, offset = {"add": (ones, y), "subtract": (ones, [-v for v in y]), "multiply": (y, zeros),
+                     "divide": ([1.0 / v for v in y], zeros)}[op]
     return KerasRescaling(scale, offset)
 
 

@@ -127,10 +127,11 @@ def _node_constants(node) -> dict[int, float]:
         args = args[0]
     out = {}
     for i, a in enumerate(args):
+        tensor = _constant_tensor(a)
         if isinstance(a, (int, float)) and not isinstance(a, bool):
             out[i] = float(a)
-        elif _constant_tensor(a) is not None and _constant_tensor(a).size == 1:
-            out[i] = float(_constant_tensor(a).reshape(-1)[0])
+        elif tensor is not None and tensor.size == 1:
+            out[i] = float(tensor.reshape(-1)[0])
     return out
 
 
