@@ -81,16 +81,47 @@ def test_every_cli_option_is_documented():
 
 
 EXAMPLES = [(page, i, body) for page in [ROOT / "README.md", *DOCS] for i, body in enumerate(_fences(page, "python run"))]
+# examples that scan a real CSAW net (minutes each): run by the slow suite, which CI runs too
+SLOW_EXAMPLES = [(page, i, body) for page in [ROOT / "README.md", *DOCS]
+                 for i, body in enumerate(_fences(page, "python run slow"))]
+
+
+def _run_example(page: Path, index: int, code: str, tmp_path: Path, threads: int) -> str:
+    """Run one Python example as written in an empty folder beside which ``../shared`` is the
+    checkout's; it must exit cleanly, and each ``print(...)  # text`` must print a line starting with
+    that text up to its last word (the last word, a measured number, may differ in its digits)."""
+    shared = ROOT.parent / "shared"
+    if "../shared" in code and not (shared / "csaw").is_dir():
+        pytest.skip("../shared/csaw is not present")
+    (tmp_path / "shared").symlink_to(shared)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    script = f"import torch; torch.set_num_threads({threads})\n" + code
+    done = subprocess.run([sys.executable, "-c", script], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, f"{page.name} example {index} failed:\n{done.stderr[-3000:]}"
+    printed = done.stdout.splitlines()
+    for i, line in enumerate(re.findall(r"^print\(.*$", code, re.M)):  # one line printed per print(...)
+        comment = re.search(r"\)\s+# (.+)$", line)
+        if comment:
+            text = comment.group(1).rsplit(" ", 1)[0]
+            assert i < len(printed) and printed[i].startswith(text), \
+                f"{page.name} example {index}: printed {printed[i] if i < len(printed) else None!r}, the page shows {text!r}"
+    return done.stdout
 
 
 @pytest.mark.parametrize("page,index,code", EXAMPLES, ids=lambda v: v.name if isinstance(v, Path) else str(v)[:0])
 def test_python_examples_run(page, index, code, tmp_path):
     """Fences marked ``python run`` run as written, in an empty folder, and must exit cleanly."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    script = "import torch; torch.set_num_threads(1)\n" + code
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, f"{page.name} example {index} failed:\n{done.stderr[-3000:]}"
+    _run_example(page, index, code, tmp_path, threads=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page,index,code", SLOW_EXAMPLES, ids=lambda v: v.name if isinstance(v, Path) else str(v)[:0])
+def test_python_examples_that_scan_a_real_net_run(page, index, code, tmp_path):
+    """Fences marked ``python run slow`` (a full scan of a CSAW net) run as written, with 2 threads."""
+    _run_example(page, index, code, tmp_path, threads=2)
 
 
 def _transcript(body: str) -> list[tuple[str, list[str]]]:
