@@ -86,16 +86,23 @@ SLOW_EXAMPLES = [(page, i, body) for page in [ROOT / "README.md", *DOCS]
                  for i, body in enumerate(_fences(page, "python run slow"))]
 
 
-def _run_example(page: Path, index: int, code: str, tmp_path: Path, threads: int) -> str:
-    """Run one Python example as written in an empty folder beside which ``../shared`` is the
-    checkout's; it must exit cleanly, and each ``print(...)  # text`` must print a line starting with
-    that text up to its last word (the last word, a measured number, may differ in its digits)."""
+def _beside_shared(tmp_path: Path, text: str) -> Path:
+    """An empty working folder beside which ``../shared`` is the checkout's (skips the test when
+    ``text``, an example, needs ../shared/csaw and it is absent)."""
     shared = ROOT.parent / "shared"
-    if "../shared" in code and not (shared / "csaw").is_dir():
+    if "../shared" in text and not (shared / "csaw").is_dir():
         pytest.skip("../shared/csaw is not present")
     (tmp_path / "shared").symlink_to(shared)
     work = tmp_path / "work"
     work.mkdir()
+    return work
+
+
+def _run_example(page: Path, index: int, code: str, tmp_path: Path, threads: int) -> str:
+    """Run one Python example as written in an empty folder beside which ``../shared`` is the
+    checkout's; it must exit cleanly, and each ``print(...)  # text`` must print a line starting with
+    that text up to its last word (the last word, a measured number, may differ in its digits)."""
+    work = _beside_shared(tmp_path, code)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     script = f"import torch; torch.set_num_threads({threads})\n" + code
     done = subprocess.run([sys.executable, "-c", script], cwd=work, env=env, capture_output=True, text=True,
@@ -155,12 +162,7 @@ def test_console_examples_print_what_the_docs_show(page, index, body, tmp_path):
     """Fences marked ``console run`` are real sessions: each ``$`` command runs (bash, the venv's
     ``netcleanse`` first on PATH) in an empty folder beside which ``../shared`` is the checkout's, and
     prints exactly the lines shown after it (trailing spaces aside). Only cheap commands belong there."""
-    shared = ROOT.parent / "shared"
-    if "../shared" in body and not (shared / "csaw").is_dir():
-        pytest.skip("../shared/csaw is not present")
-    (tmp_path / "shared").symlink_to(shared)
-    work = tmp_path / "work"
-    work.mkdir()
+    work = _beside_shared(tmp_path, body)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "COLUMNS": "80", "NO_COLOR": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     for command, expected in _transcript(body):

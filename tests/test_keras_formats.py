@@ -347,14 +347,22 @@ def test_keras_archive_with_arch_is_refused(tmp_path):
 FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
 
 
+def _fixture_outputs(name: str, logits: bool = False):
+    """A committed tf-keras fixture loaded by netcleanse, its outputs on the fixture's inputs (NHWC
+    there), and tf-keras's own; probabilities, or the net's raw outputs with ``logits``."""
+    model = load_model(FIXTURES / f"{name}.h5")
+    ref = np.load(FIXTURES / f"{name}_reference.npz")
+    x = torch.from_numpy(ref["x"]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        got = (model(x) if logits else model.predict_proba(x)).numpy()
+    return model, got, ref["y"]
+
+
 def test_tf_keras_operations_are_rebuilt_and_match_tf_keras():
     # a real tf-keras 2.21 file (tests/fixtures/README.md): x * 0.5 + 1.0, tf.nn.relu, a sum of two
     # tensors, / 2.0, - 0.25 and tf.math.sigmoid, each a TFOpLambda layer
-    model = load_model(FIXTURES / "tfop_lambda_tfkeras221.h5")
-    ref = np.load(FIXTURES / "tfop_lambda_tfkeras221_reference.npz")
-    with torch.no_grad():
-        got = model.predict_proba(torch.from_numpy(ref["x"]).permute(0, 3, 1, 2)).numpy()
-    np.testing.assert_allclose(got, ref["y"], atol=1e-5)
+    model, got, expected = _fixture_outputs("tfop_lambda_tfkeras221")
+    np.testing.assert_allclose(got, expected, atol=1e-5)
     ops = sorted(type(m).__name__ for name, m in model.net.named_children() if name.startswith("tf_"))
     assert ops == ["KerasActivation"] * 2 + ["KerasMerge"] * 5
 
@@ -364,11 +372,8 @@ def test_tf_keras_slicing_and_bias_add_are_rebuilt_and_match_tf_keras():
     # (caffe mode: x[..., ::-1] then tf.nn.bias_add) and densenet's (torch mode: / 255, bias_add, / std
     # per channel), strided slices of rows, columns and channels, a bias_add and one channel taken (a
     # rank-3 tensor), each a SlicingOpLambda or TFOpLambda layer
-    model = load_model(FIXTURES / "tf_slicing_tfkeras221.h5")
-    ref = np.load(FIXTURES / "tf_slicing_tfkeras221_reference.npz")
-    with torch.no_grad():
-        got = model(torch.from_numpy(ref["x"]).permute(0, 3, 1, 2)).numpy()  # logits (no softmax)
-    np.testing.assert_allclose(got, ref["y"], rtol=1e-5, atol=1e-3)
+    model, got, expected = _fixture_outputs("tf_slicing_tfkeras221", logits=True)  # (the net has no softmax)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)
     ops = sorted(type(m).__name__ for name, m in model.net.named_children() if name.startswith("tf_"))
     # x * 255 twice and / 255 (numbers); three bias_adds and / std (one number per channel); four slices
     assert ops == ["KerasMerge"] * 3 + ["KerasRescaling"] * 4 + ["KerasSlice"] * 4
@@ -376,11 +381,8 @@ def test_tf_keras_slicing_and_bias_add_are_rebuilt_and_match_tf_keras():
 
 def test_tf_keras_augmentation_resizing_center_crop_and_prelu_match_tf_keras():
     # a real tf-keras 2.21 file (tests/fixtures/README.md); Keras 3's are in test_keras_reference.py
-    model = load_model(FIXTURES / "tf_augment_resize_tfkeras221.h5")
-    ref = np.load(FIXTURES / "tf_augment_resize_tfkeras221_reference.npz")
-    with torch.no_grad():
-        got = model.predict_proba(torch.from_numpy(ref["x"]).permute(0, 3, 1, 2)).numpy()
-    np.testing.assert_allclose(got, ref["y"], atol=1e-5)
+    model, got, expected = _fixture_outputs("tf_augment_resize_tfkeras221")
+    np.testing.assert_allclose(got, expected, atol=1e-5)
     kinds = [type(m).__name__ for m in model.net.children()]
     assert kinds.count("Identity") == 6 and kinds.count("KerasResizing") == 2 and kinds.count("KerasPReLU") == 2
 
