@@ -262,7 +262,8 @@ def null_selected_index(n_selected: int, n_reference: int, family: str = FAMILY,
         raise NetcleanseError(f"the test combines one or two signals, not {signals}")
     if not 0 <= dependence <= 1:
         raise NetcleanseError(f"the selection's dependence on size must be between 0 and 1, got {dependence}")
-    key = f"selected/{signals}/{n_selected}/{n_reference}/{family}/{df}/{draws}/{rho}" + (f"/{dependence}" if dependence else "")
+    key = f"selected/{signals}/{n_selected}/{n_reference}/{family}/{df}/{draws}/{rho}"
+    key += f"/{dependence}" if dependence else ""  # (the seed of the nulls blind to size is unchanged)
     rng = np.random.default_rng(zlib.crc32(key.encode()))
     n = n_selected + n_reference
     pairs = n_reference * (n_reference - 1) // 2 if scale == "qn" and n_reference <= QN_MAX else n_reference
@@ -331,12 +332,14 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
     ``transfer_threshold``: each label's expected transferability (:mod:`netcleanse.transferability`)
     and the level at which a label counts as transferable; with them, and an all-label reference,
     the transferable labels are first tested against the others alone (module doc, "Transferable
-    labels").
+    labels"); ``transfer_dependence``: how strongly that stage's null lets a clean label's
+    transferability follow its ease (0: not at all, 1: the easiest labels transfer).
     """
     if not 0 < alpha < 1:
         raise NetcleanseError(f"alpha must be between 0 and 1, got {alpha}")
     if not 0 <= transfer_dependence <= 1:
-        raise NetcleanseError(f"the transferable labels' dependence on size must be between 0 and 1, got {transfer_dependence}")
+        raise NetcleanseError("the transferable labels' dependence on size must be between 0 and 1, "
+                              f"got {transfer_dependence}")
     _check_family(family, df)
     robust_scale(np.zeros(1), scale)  # a clear error for an unknown estimator
     labels = sorted(int(t) for t in l1)
