@@ -1,11 +1,13 @@
-"""The documentation is checked like code: its runnable examples run (fences marked ``python run``,
-and ``console run`` transcripts, whose output must be what the page shows), every command-line option
-is documented in docs/cli.md, and every link between the documents resolves (files and #anchors)."""
+"""The documentation is checked like code: its examples run (fences marked ``python run`` and ``sh
+run``, in a copy of the files tests/docs_workspace.py makes, and ``console run`` transcripts, whose
+output must be what the page shows) or say why they cannot, every command-line option is documented
+in docs/cli.md, and every link between the documents resolves (files and #anchors)."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,33 +82,86 @@ def test_every_cli_option_is_documented():
     assert not missing, f"not documented in docs/cli.md: {missing}"
 
 
-EXAMPLES = [(page, i, body) for page in [ROOT / "README.md", *DOCS] for i, body in enumerate(_fences(page, "python run"))]
-# examples that scan a real CSAW net (minutes each): run by the slow suite, which CI runs too
-SLOW_EXAMPLES = [(page, i, body) for page in [ROOT / "README.md", *DOCS]
-                 for i, body in enumerate(_fences(page, "python run slow"))]
+# What a fence's info string may say. Runnable: ``python run``, ``sh run`` (each command must exit 0)
+# and ``console run`` (a transcript: the output must be what the page shows), optionally ``slow`` (run
+# by the slow suite, which CI runs too) and ``requires=a,b`` (Python modules, or ``!program``; the
+# example is skipped where one is missing). Not run, each for a stated reason: ``text`` (a synopsis
+# or an output), ``csv``/``json`` (a file's layout), ``sh setup`` (installing, make targets, starting
+# a cluster), ``sh cluster`` (needs a Ray cluster's address), ``sh long`` (a benchmark of hours).
+NOT_RUN = {"text", "csv", "json", "sh setup", "sh cluster", "sh long"}
+RUNNABLE = ("python", "sh", "console")
+EXAMPLE_PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *DOCS]
 
 
-def _beside_shared(tmp_path: Path, text: str) -> Path:
-    """An empty working folder beside which ``../shared`` is the checkout's (skips the test when
-    ``text``, an example, needs ../shared/csaw and it is absent)."""
+def _runnable(lang: str, slow: bool) -> list[tuple]:
+    """(page, index, body, requirements) of the ``LANG run`` fences with or without ``slow``."""
+    found = []
+    for page in EXAMPLE_PAGES:
+        i = 0
+        for tag, body in FENCE.findall(page.read_text()):
+            words = tag.split()
+            if words[:2] != [lang, "run"]:
+                continue
+            if ("slow" in words) == slow:
+                requires = [r for w in words if w.startswith("requires=") for r in w[9:].split(",")]
+                found.append((page, i, body, requires))
+            i += 1
+    return found
+
+
+def test_every_example_is_run_or_says_why_not():
+    """Each fence is a runnable example or one of the kinds that are not run, for a stated reason."""
+    odd = []
+    for page in EXAMPLE_PAGES:
+        text = page.read_text()
+        for match in FENCE.finditer(text):
+            tag = " ".join(match.group(1).split())
+            words = tag.split()
+            if not (words[:2] in ([k, "run"] for k in RUNNABLE) or tag in NOT_RUN):
+                odd.append(f"{page.name}:{text[:match.start()].count(chr(10)) + 1} ```{tag}")
+    assert not odd, f"fences neither run nor marked as not runnable: {odd}"
+
+
+@pytest.fixture(scope="session")
+def examples_folder(tmp_path_factory):
+    """The examples' files (tests/docs_workspace.py), built once."""
+    import docs_workspace
+    return docs_workspace.build(tmp_path_factory.mktemp("docs") / "files")
+
+
+def _beside_shared(tmp_path: Path, text: str, files: Path | None = None, requires=()) -> Path:
+    """A working folder (a copy of ``files``, or empty) beside which ``../shared`` is the checkout's;
+    skips the test when ``text``, an example, needs ../shared/csaw and it is absent, or when one of
+    ``requires`` is missing."""
+    import docs_workspace
+    missing = docs_workspace.requirement_missing(list(requires))
+    if missing:
+        pytest.skip(f"the example needs {missing}, not available here")
     shared = ROOT.parent / "shared"
     if "../shared" in text and not (shared / "csaw").is_dir():
         pytest.skip("../shared/csaw is not present")
     (tmp_path / "shared").symlink_to(shared)
     work = tmp_path / "work"
-    work.mkdir()
+    if files is None:
+        work.mkdir()
+    else:
+        shutil.copytree(files, work)
     return work
 
 
-def _run_example(page: Path, index: int, code: str, tmp_path: Path, threads: int) -> str:
-    """Run one Python example as written in an empty folder beside which ``../shared`` is the
-    checkout's; it must exit cleanly, and each ``print(...)  # text`` must print a line starting with
-    that text up to its last word (the last word, a measured number, may differ in its digits)."""
-    work = _beside_shared(tmp_path, code)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+def _env(threads: int) -> dict:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "COLUMNS": "80", "NO_COLOR": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "jax")}
+
+
+def _run_python(page: Path, index: int, code: str, work: Path, threads: int) -> str:
+    """Run one Python example as written in ``work``; it must exit cleanly, and each ``print(...)  #
+    text`` must print a line starting with that text up to its last word (the last word, a measured
+    number, may differ in its digits)."""
     script = f"import torch; torch.set_num_threads({threads})\n" + code
-    done = subprocess.run([sys.executable, "-c", script], cwd=work, env=env, capture_output=True, text=True,
-                          timeout=1200)
+    done = subprocess.run([sys.executable, "-c", script], cwd=work, env=_env(threads), capture_output=True,
+                          text=True, timeout=1200)
     assert done.returncode == 0, f"{page.name} example {index} failed:\n{done.stderr[-3000:]}"
     printed = done.stdout.splitlines()
     for i, line in enumerate(re.findall(r"^print\(.*$", code, re.M)):  # one line printed per print(...)
@@ -118,17 +173,58 @@ def _run_example(page: Path, index: int, code: str, tmp_path: Path, threads: int
     return done.stdout
 
 
-@pytest.mark.parametrize("page,index,code", EXAMPLES, ids=lambda v: v.name if isinstance(v, Path) else str(v)[:0])
-def test_python_examples_run(page, index, code, tmp_path):
-    """Fences marked ``python run`` run as written, in an empty folder, and must exit cleanly."""
-    _run_example(page, index, code, tmp_path, threads=1)
+def _commands_of(body: str) -> list[str]:
+    """The commands of a ``sh run`` fence: its lines, a trailing backslash continuing one, comment
+    and blank lines left out (a comment after a command is bash's own)."""
+    commands, current = [], ""
+    for line in body.splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        current += line
+        if line.endswith("\\"):
+            current = current[:-1] + " "
+            continue
+        commands.append(current)
+        current = ""
+    return commands
+
+
+def _run_sh(page: Path, index: int, body: str, work: Path, threads: int) -> None:
+    for command in _commands_of(body):
+        done = subprocess.run(["bash", "-c", command], cwd=work, env=_env(threads), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=1200)
+        assert done.returncode == 0, f"{page.name} sh example {index}: `{command}` failed:\n{done.stdout[-3000:]}"
+
+
+def _ids(v):
+    return v.name if isinstance(v, Path) else str(v)[:0]
+
+
+@pytest.mark.parametrize("page,index,code,requires", _runnable("python", slow=False), ids=_ids)
+def test_python_examples_run(page, index, code, requires, tmp_path, examples_folder):
+    """Fences marked ``python run`` run as written, in a copy of the examples' files, and must exit cleanly."""
+    _run_python(page, index, code, _beside_shared(tmp_path, code, examples_folder, requires), threads=1)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("page,index,code", SLOW_EXAMPLES, ids=lambda v: v.name if isinstance(v, Path) else str(v)[:0])
-def test_python_examples_that_scan_a_real_net_run(page, index, code, tmp_path):
-    """Fences marked ``python run slow`` (a full scan of a CSAW net) run as written, with 2 threads."""
-    _run_example(page, index, code, tmp_path, threads=2)
+@pytest.mark.parametrize("page,index,code,requires", _runnable("python", slow=True), ids=_ids)
+def test_slow_python_examples_run(page, index, code, requires, tmp_path, examples_folder):
+    """Fences marked ``python run slow`` (e.g. a full scan of a CSAW net) run as written, with 2 threads."""
+    _run_python(page, index, code, _beside_shared(tmp_path, code, examples_folder, requires), threads=2)
+
+
+@pytest.mark.parametrize("page,index,body,requires", _runnable("sh", slow=False), ids=_ids)
+def test_shell_examples_run(page, index, body, requires, tmp_path, examples_folder):
+    """Fences marked ``sh run``: each command runs (bash, the venv's ``netcleanse`` first on PATH) in
+    a copy of the examples' files, in order, and exits 0."""
+    _run_sh(page, index, body, _beside_shared(tmp_path, body, examples_folder, requires), threads=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page,index,body,requires", _runnable("sh", slow=True), ids=_ids)
+def test_slow_shell_examples_run(page, index, body, requires, tmp_path, examples_folder):
+    """Fences marked ``sh run slow`` (trainings, full scans) run like ``sh run``, with 2 threads."""
+    _run_sh(page, index, body, _beside_shared(tmp_path, body, examples_folder, requires), threads=2)
 
 
 def _transcript(body: str) -> list[tuple[str, list[str]]]:
@@ -153,20 +249,17 @@ def _transcript(body: str) -> list[tuple[str, list[str]]]:
     return steps
 
 
-TRANSCRIPTS = [(page, i, body) for page in [ROOT / "README.md", *DOCS]
-               for i, body in enumerate(_fences(page, "console run"))]
+TRANSCRIPTS = [(page, i, body) for page in EXAMPLE_PAGES for i, body in enumerate(_fences(page, "console run"))]
 
 
-@pytest.mark.parametrize("page,index,body", TRANSCRIPTS, ids=lambda v: v.name if isinstance(v, Path) else str(v)[:0])
+@pytest.mark.parametrize("page,index,body", TRANSCRIPTS, ids=_ids)
 def test_console_examples_print_what_the_docs_show(page, index, body, tmp_path):
     """Fences marked ``console run`` are real sessions: each ``$`` command runs (bash, the venv's
     ``netcleanse`` first on PATH) in an empty folder beside which ``../shared`` is the checkout's, and
     prints exactly the lines shown after it (trailing spaces aside). Only cheap commands belong there."""
     work = _beside_shared(tmp_path, body)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "COLUMNS": "80", "NO_COLOR": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     for command, expected in _transcript(body):
-        done = subprocess.run(["bash", "-c", command], cwd=work, env=env, stdout=subprocess.PIPE,
+        done = subprocess.run(["bash", "-c", command], cwd=work, env=_env(1), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, timeout=300)  # one stream, in order
         printed = [line.rstrip() for line in done.stdout.rstrip("\n").split("\n")] if done.stdout.strip() else []
         assert done.returncode == 0, f"{page.name} console example {index}: `{command}` failed:\n{done.stdout[-3000:]}"
