@@ -242,3 +242,22 @@ def test_two_signal_arguments():
     with pytest.raises(NetcleanseError, match="margin"):
         calibrated_test({0: 1.0, 1: 2.0, 2: 3.0}, margins={0: 1.0, 1: 2.0, 2: float("nan")})
     assert calibrated_test({0: 5.0, 1: 7.0}, margins={0: 1.0, 1: 2.0}).inconclusive  # two labels
+
+
+def test_most_anomalous_is_the_label_the_rule_ranks_first():
+    """With 1283 labels most are left at the coarse pass, whose paper's index is against the other
+    coarse masks: under the calibrated rule the label named most anomalous (and the p-value printed
+    beside it) must be the test's own first, not a coarse label with a larger paper's index."""
+    from types import SimpleNamespace
+
+    from netcleanse.calibrated import most_anomalous
+    from netcleanse.cli.scan import verdict
+    records = [{"label": 691, "mask_l1": 616.1, "anomaly_index": 1.98, "test_index": None, "p_value": None},
+               {"label": 0, "mask_l1": 89.3, "anomaly_index": 1.96, "test_index": 4.49, "p_value": 0.7},
+               {"label": 295, "mask_l1": 114.3, "anomaly_index": 1.69, "test_index": 3.22, "p_value": 0.99}]
+    assert most_anomalous(records)["label"] == 0
+    assert most_anomalous(records, calibrated=False)["label"] == 691
+    assert most_anomalous([]) is None
+    result = SimpleNamespace(labels=records, rule="calibrated", p_value=0.7, alpha=0.05, verdict="none-detected",
+                             flagged=[])
+    assert verdict(result).endswith("most anomalous label 0 (p 0.7, index 1.96, mask L1 89.3)")

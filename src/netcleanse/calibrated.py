@@ -478,3 +478,14 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
     if first is not None:  # the transferable stage flagged nothing: the model's p-value is the smaller stage's
         result.p_value = first if result.p_value is None else min(first, result.p_value)
     return result
+
+
+def most_anomalous(records: list[dict], calibrated: bool = True) -> dict | None:
+    """The scan record its rule ranks first: for the calibrated test the largest ``test_index`` (the
+    index its p-values come from; records the test did not score, e.g. labels a 1283-label scan left
+    at the coarse pass, come after every scored one), for the paper's rule the largest
+    ``anomaly_index``. None for no records."""
+    def key(r: dict) -> tuple:
+        scored = calibrated and r.get("test_index") is not None
+        return (scored, r["test_index"] if scored else -math.inf, r.get("anomaly_index") or -math.inf)
+    return max(records, key=key) if records else None

@@ -54,6 +54,7 @@ from PIL import Image, UnidentifiedImageError
 
 from . import __version__
 from . import plots
+from .calibrated import most_anomalous
 from .detection import median_and_mad
 from .errors import NetcleanseError
 from .utils import read_json_object
@@ -826,7 +827,8 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
         "index_ceiling": _as_float(scan.get("index_ceiling")),
         "flagged": flagged,
         "verdict_listed": VERDICT_LISTED,
-        "most_anomalous_clean": max(unflagged, key=lambda r: r["anomaly_index"]) if unflagged else None,
+        # the label the scan's rule ranks first (the calibrated test: its own index, not the paper's)
+        "most_anomalous_clean": most_anomalous(unflagged, calibrated),
         "n_labels": len(rows),
         "n_records": len(scan.get("labels", [])),
         "num_classes": _as_int(model.get("num_classes")),

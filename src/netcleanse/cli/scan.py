@@ -82,8 +82,9 @@ def scan(
 
 def verdict(result) -> str:
     """One line for the terminal. Flagged labels are listed most anomalous first."""
+    from ..calibrated import most_anomalous
     n = len(result.labels)
-    top = _describe(max(result.labels, key=lambda r: r["anomaly_index"]))
+    top = _describe(most_anomalous(result.labels, calibrated=result.rule == "calibrated"))
     if result.rule == "calibrated":
         test = f"model-level p = {_p(result.p_value)}, alpha {result.alpha:g}"
         if result.verdict == "inconclusive":
