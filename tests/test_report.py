@@ -979,3 +979,20 @@ def test_truth_images_outside_their_folder_are_not_read(tmp_path):
     truth["triggers"][0]["image"] = "trigger.png"  # its own folder: shown
     (tmp_path / "badnet" / "truth.json").write_text(json.dumps(truth))
     assert 'alt="planted patch trigger for target 7"' in render_report(tmp_path).read_text()
+
+
+def test_calibrated_report_names_the_tests_most_anomalous_label(tmp_path):
+    """A label the calibrated test did not score (a coarse-pass label of a many-label scan) may have
+    the largest paper's index; the verdict names the label the test ranks first, with its p-value."""
+    from netcleanse.calibrated import calibrated_test
+    scan = _with_calibrated_test(tmp_path, write_scan(tmp_path, 10, planted=()))
+    test = calibrated_test({r["label"]: r["mask_l1"] for r in scan["labels"]})
+    for r in scan["labels"]:
+        r["test_index"] = test.indices[r["label"]]
+    first = max(scan["labels"], key=lambda r: r["test_index"])
+    other = next(r for r in scan["labels"] if r is not first)
+    other.update(test_index=None, p_value=None, anomaly_index=first["anomaly_index"] + 5)
+    (tmp_path / "scan.json").write_text(json.dumps(scan))
+    text = html.unescape(page_text(render_report(tmp_path).read_text()))
+    assert f"most anomalous label is {first['label']} (anomaly index {fmt_index(first['anomaly_index'])}" in text
+    assert f"most anomalous label is {other['label']} " not in text

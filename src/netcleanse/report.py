@@ -660,11 +660,12 @@ def _on_black(image: Image.Image) -> Image.Image:
     return shown.convert("RGB")
 
 
-def _gallery(sources: ReportSources, rows: list[dict], targets: list[int]) -> tuple[list[dict], int]:
-    """Rows of the trigger gallery: flagged labels (most anomalous first), true targets the scan
-    missed, then the lowest-L1 non-flagged labels for comparison. Returns (rows, flagged not shown)."""
+def _gallery(sources: ReportSources, rows: list[dict], flagged: list[dict],
+             targets: list[int]) -> tuple[list[dict], int]:
+    """Rows of the trigger gallery: the flagged rows in the order given (the verdict's), true targets
+    the scan missed, then the lowest-L1 non-flagged labels for comparison. Returns (rows, flagged not
+    shown)."""
     by_label = {r["label"]: r for r in rows}
-    flagged = sorted((r for r in rows if r["flagged"]), key=lambda r: (-(r["anomaly_index"] or 0), r["mask_l1"]))
     hidden = max(0, len(flagged) - MAX_GALLERY_FLAGGED)
     chosen: list[tuple[dict, str]] = [(r, "flagged") for r in flagged[:MAX_GALLERY_FLAGGED]]
     chosen += [(by_label[t], "true target, not flagged") for t in targets if t in by_label and not by_label[t]["flagged"]]
@@ -813,7 +814,7 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
                      key=lambda r: (r["decision_p"] if calibrated and r["decision_p"] is not None else 0,
                                     -(r["anomaly_index"] or 0)))
     unflagged = [r for r in rows if not r["flagged"] and r["anomaly_index"] is not None]
-    gallery, hidden = _gallery(sources, rows, targets) if rows else ([], 0)
+    gallery, hidden = _gallery(sources, rows, flagged, targets) if rows else ([], 0)
     model = scan.get("model") if isinstance(scan.get("model"), dict) else {}
     data = scan.get("data")
     found = [t for t in targets if any(r["label"] == t for r in flagged)]
