@@ -25,10 +25,6 @@ FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```", re.S | re.M)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
-def _fences(page: Path, info: str) -> list[str]:
-    return [body for tag, body in FENCE.findall(page.read_text()) if tag.strip() == info]
-
-
 def _slug(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
     text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
@@ -249,7 +245,7 @@ def _transcript(body: str) -> list[tuple[str, list[str]]]:
     return steps
 
 
-TRANSCRIPTS = [(page, i, body) for page in EXAMPLE_PAGES for i, body in enumerate(_fences(page, "console run"))]
+TRANSCRIPTS = [(page, i, body) for page, i, body, _ in _runnable("console", slow=False)]
 
 
 @pytest.mark.parametrize("page,index,body", TRANSCRIPTS, ids=_ids)
