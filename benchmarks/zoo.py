@@ -55,7 +55,7 @@ from netcleanse.utils import write_json_atomic
 
 LEARNED_ASR = 0.9
 DATASETS = ("mnist", "mnist-pairs")
-NUM_CLASSES = {"mnist": 10, "digits": 10, "mnist-pairs": 100}
+NUM_CLASSES = {"mnist": 10, "digits": 10, "mnist-pairs": 100, "mnist-triples": 1000}
 EPOCHS = (8, 12, 16)
 RATES = (0.01, 0.03, 0.05, 0.1)
 SPLITS = ("dev", "eval")

@@ -323,3 +323,24 @@ def test_data_free_flips_reports_every_variant_and_refuses_a_zoo_without_learned
         median = line[16:].split()[0]
         assert median == "n/a" or 0.0 <= float(median) <= 1.0
     assert table[0][16:].split()[0] != "n/a"  # real images: the model gives most of them another class
+
+
+def test_mnist_triples_are_three_digits_of_the_label_from_the_same_split():
+    """mnist-triples (the lab's 1,000-label set): label 100a + 10b + c shows digits a, b, c, each
+    slot an MNIST digit of that split squeezed to its width; 30 / 5 / 10 triples per class."""
+    from netcleanse.datasets import TRIPLE_WIDTHS, TRIPLES_PER_CLASS, resize_images
+
+    for split in ("val", "test"):
+        tri, digits = load_builtin("mnist-triples", split), load_builtin("mnist", split)
+        assert tri.x.shape == (1000 * TRIPLES_PER_CLASS[split], 1, 28, 28)
+        assert torch.equal(torch.bincount(tri.y, minlength=1000), torch.full((1000,), TRIPLES_PER_CLASS[split]))
+        edges = np.cumsum((0,) + TRIPLE_WIDTHS)
+        for slot, width in enumerate(TRIPLE_WIDTHS):
+            squeezed = resize_images(digits.x, (28, width)).flatten(1)
+            for row in (0, 1234 % len(tri), len(tri) - 1):
+                part = tri.x[row, :, :, edges[slot]:edges[slot + 1]].flatten()
+                match = (squeezed == part).all(dim=1).nonzero().flatten()
+                assert len(match), f"slot {slot} of row {row} is no squeezed digit of the {split} split"
+                want = int(tri.y[row]) // 10 ** (2 - slot) % 10
+                assert {int(digits.y[m]) for m in match} == {want}
+    assert not torch.equal(load_builtin("mnist-triples", "val").x[:5], load_builtin("mnist-triples", "test").x[:5])

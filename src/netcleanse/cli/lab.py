@@ -41,7 +41,7 @@ def _stderr(message: str) -> None:
 @app.command(rich_help_panel="Lab")
 def badnet(
     out: Annotated[Path, typer.Option("--out", help="Folder for the model, test sets, trigger and truth.json.")],
-    dataset: Annotated[str, typer.Option("--dataset", help="Built-in dataset: mnist, digits, mnist-pairs (100 classes) or mnist-pairs-43 (43 classes, 3x32x32).")] = "mnist",
+    dataset: Annotated[str, typer.Option("--dataset", help="Built-in dataset: mnist, digits, mnist-pairs (100 classes), mnist-triples (1000 classes) or mnist-pairs-43 (43 classes, 3x32x32).")] = "mnist",
     trigger: Annotated[str, typer.Option("--trigger", help="patch, blend, or multi (one corner patch per target).")]
     = "patch",
     target: Annotated[str, typer.Option("--target", help="Target label; for multi a list like 1,4,7 "
