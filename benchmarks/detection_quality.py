@@ -23,7 +23,9 @@ without rescanning) and the paper's rule (anomaly index > 2) side by side:
   largest anomaly index for the paper's rule;
 * inconclusive scans and the median time per scan.
 
-Backdoors whose attack did not take (``attack_learned`` false) are listed but left out of the rates.
+Backdoors whose attack did not take (``attack_learned`` false) and models that did not learn their
+task (clean accuracy below ``LEARNED_ACCURACY``, e.g. a 1000-class net whose training collapsed onto
+one class) are listed but left out of the rates.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import numpy as np
 import torch
 
 import netcleanse
-from netcleanse.calibrated import DF, FAMILY, SCALE_FLOOR, TRANSFER_RHO, calibrated_test
+from netcleanse.calibrated import DF, SCALE_FLOOR, TRANSFER_RHO, calibrated_test
 from netcleanse.errors import NetcleanseError
 from netcleanse.presets import goal_variant, inversion_variant, plan_of, preset_variant
 from netcleanse.scanning import calibrated_inputs, record_margins, tested_margins, tested_transfer
@@ -122,6 +124,22 @@ def add_margins(zoo: Path, out: Path, entries: list[dict], modes, seed: int, pre
 
 
 RULES = ("calibrated", "size-only", "mad")
+# a model that classifies fewer of its clean test images right did not learn its task: no fair
+# negative (or positive) for a detector (one 1000-class development model collapsed to 0.1 %)
+LEARNED_ACCURACY = 0.5
+
+
+def null_name(family: str | None, df: float | None) -> str:
+    """How the summary names the null it re-decides with."""
+    if family is None:
+        return "the test's own for each number of labels" if df is None else f"t({df:g})"
+    return family if family == "normal" else f"t({DF if df is None else df:g})"
+
+
+def scored(row: dict) -> bool:
+    """Whether a row counts in the rates: its model learned its task and, if backdoored, its backdoor."""
+    entry = row["entry"]
+    return entry["clean_accuracy"] >= LEARNED_ACCURACY and (not entry["backdoored"] or entry["attack_learned"])
 
 
 def decide(row: dict, rule: str, alpha: float, family: str, df: float, scale: str = "qn",
@@ -167,9 +185,9 @@ def summarise(rows: list[dict], alpha: float, family: str, df: float, scale: str
     groups = sorted({(r["mode"], r["entry"]["num_classes"]) for r in rows})
     for mode, k in groups:
         group = [r for r in rows if r["mode"] == mode and r["entry"]["num_classes"] == k]
-        scored = [r for r in group if not r["entry"]["backdoored"] or r["entry"]["attack_learned"]]
-        pos = [r for r in scored if r["entry"]["backdoored"]]
-        neg = [r for r in scored if not r["entry"]["backdoored"]]
+        counted = [r for r in group if scored(r)]
+        pos = [r for r in counted if r["entry"]["backdoored"]]
+        neg = [r for r in counted if not r["entry"]["backdoored"]]
         times = [r["time_s"] for r in group]
         for rule in RULES:
             d_pos = [decide(r, rule, alpha, family, df, scale, min_scale, transfer_threshold, transfer_dependence)
@@ -184,13 +202,13 @@ def summarise(rows: list[dict], alpha: float, family: str, df: float, scale: str
                     "backdoored": len(pos), "detected": tp, "detected_ci": wilson(tp, len(pos)), "exact": exact,
                     "exact_ci": wilson(exact, len(pos)), "auroc": auroc,
                     "inconclusive": sum(d["inconclusive"] for d in d_pos + d_neg),
-                    "not_learned": len(group) - len(scored), "median_time_s": float(np.median(times))}
+                    "not_learned": len(group) - len(counted), "median_time_s": float(np.median(times))}
             summary[f"{mode}/{k}/{rule}"] = cell
             lo, hi = cell["clean_flagged_ci"]
             log(f"{mode:<9} {k:>4} labels {rule:<10}: clean flagged {fp}/{len(neg)} ({_pct(fp, len(neg))}, "
                 f"95 % CI {100 * lo:.1f}-{100 * hi:.1f} %); detected {tp}/{len(pos)} ({_pct(tp, len(pos))}); "
                 f"exact {exact}/{len(pos)} ({_pct(exact, len(pos))}); AUROC {auroc:.3f}; inconclusive "
-                f"{cell['inconclusive']}; {cell['not_learned']} backdoors not learned left out; "
+                f"{cell['inconclusive']}; {cell['not_learned']} models whose task or backdoor was not learned left out; "
                 f"median {cell['median_time_s']:.0f} s/scan")
     # per mode, every label count together (the verdict issue's criterion is per mode); AUROC stays
     # per label count (model-level scores of different label counts are not on one scale)
@@ -255,8 +273,10 @@ def main(argv=None) -> int:
     ap.add_argument("--add-margins", action="store_true",
                     help="do not scan; add the maximum margins to rows scanned before the second signal existed")
     ap.add_argument("--alpha", type=float, default=0.05)
-    ap.add_argument("--family", default=FAMILY, help="calibrated rule's null family: normal or t")
-    ap.add_argument("--df", type=float, default=DF, help="degrees of freedom of the t null")
+    ap.add_argument("--family", default=None,
+                    help="calibrated rule's null family: normal or t (default: the test's own for each model's "
+                         "number of labels, netcleanse.calibrated.null_family)")
+    ap.add_argument("--df", type=float, default=None, help="degrees of freedom of the t null (default: as --family)")
     ap.add_argument("--scale", default="qn", help="calibrated rule's scale estimator: qn or mad")
     ap.add_argument("--min-scale", type=float, default=SCALE_FLOOR, help="calibrated rule's scale floor")
     ap.add_argument("--json", type=Path, help="write the summary here")
@@ -321,7 +341,7 @@ def main(argv=None) -> int:
                                   f"{args.few_labels_data_free}: "
                                   "one folder per variant")
         print(f"{len(rows)} scans of the {args.split} half{planned}; calibrated rule at alpha "
-              f"{args.alpha:g}, null {args.family}{'' if args.family == 'normal' else f'({args.df:g})'}, "
+              f"{args.alpha:g}, null {null_name(args.family, args.df)}, "
               f"scale {args.scale} (floor {args.min_scale:g})")
         summary = summarise(rows, args.alpha, args.family, args.df, args.scale, args.min_scale,
                             transfer_threshold=transfer_threshold, transfer_dependence=args.transfer_dependence)

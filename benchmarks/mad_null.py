@@ -16,8 +16,8 @@ Null distributions:
 
 * ``normal`` (mean 50 px, sd 10: the model behind the paper's "index > 2 = 95 % confidence");
 * ``lognormal`` (median 50 px, sigma 0.35: positive and right-skewed, like mask sizes);
-* ``log-t`` (log sizes Student-t with the calibrated rule's degrees of freedom: its own null
-  model, where its p-values must be uniform);
+* ``log-t`` (log sizes drawn from the calibrated rule's null family for K labels,
+  :func:`netcleanse.calibrated.null_family`: its own null model, where its p-values must be uniform);
 * ``empirical`` (with ``--rows``, the folder of ``detection_quality.py``): the mask L1s that the
   scans actually measured on the zoo's clean models (of ``--split``; the labels the calibrated
   test compares with: every label, or the random controls), each scan divided by its own median
@@ -54,7 +54,7 @@ import numpy as np
 
 from scipy import stats
 
-from netcleanse.calibrated import DF, MARGIN_RHO, TRANSFER_RHO, calibrated_test
+from netcleanse.calibrated import MARGIN_RHO, TRANSFER_RHO, calibrated_test, null_family
 from netcleanse.detection import anomaly_indices, flag_labels
 from netcleanse.presets import PRESETS
 from netcleanse.scanning import calibrated_inputs, tested_margins
@@ -90,14 +90,23 @@ def calibrated_p_values(samples: np.ndarray, alpha: float, rng: np.random.Genera
     return np.array(ps), np.array(flagged)
 
 
+def log_family(rng: np.random.Generator, shape) -> np.ndarray:
+    """Draws of the test's own null family for models of ``shape[-1]`` labels."""
+    family, df = null_family(shape[-1])
+    return rng.standard_normal(shape) if family == "normal" else rng.standard_t(df, size=shape)
+
+
 def pair_samples(rng: np.random.Generator, draws: int, k: int, rho: float,
                  normal: bool = False) -> tuple[np.ndarray, ...]:
-    """(mask L1s, margins), each (draws, k): bivariate t(DF) with the anomaly directions correlated
-    ``rho``; with ``normal`` also the size anomaly's normal draw (before the t family's scale)."""
+    """(mask L1s, margins), each (draws, k): the bivariate family of the test's null for k labels
+    (:func:`netcleanse.calibrated.null_family`) with the anomaly directions correlated ``rho``; with
+    ``normal`` also the size anomaly's normal draw (before the t family's scale)."""
     g = rng.standard_normal((2, draws, k))
     g[1] = rho * g[0] + np.sqrt(1 - rho * rho) * g[1]
     size_normal = g[0].copy()
-    g /= np.sqrt(rng.chisquare(DF, (draws, k)) / DF)
+    family, df = null_family(k)
+    if family == "t":
+        g /= np.sqrt(rng.chisquare(df, (draws, k)) / df)
     out = np.exp(np.log(50.0) - 0.35 * g[0]), np.exp(np.log(30.0) + 0.2 * g[1])
     return (*out, size_normal) if normal else out
 
@@ -179,7 +188,7 @@ def main(argv=None) -> int:
     # mask sizes of a few dozen pixels, as on small images (the tests are scale-free above FLOOR)
     nulls = {"normal": lambda shape: np.maximum(rng.normal(50.0, 10.0, size=shape), 1e-3),
              "lognormal": lambda shape: rng.lognormal(np.log(50.0), 0.35, size=shape),
-             "log-t": lambda shape: np.exp(np.log(50.0) + 0.35 * rng.standard_t(DF, size=shape))}
+             "log-t": lambda shape: np.exp(np.log(50.0) + 0.35 * log_family(rng, shape))}
     observed = {}
     observed_pairs: dict[int, list] = {}
     if args.rows is not None:

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from netcleanse.calibrated import DF, FLOOR, calibrated_test, log_size, max_index_pvalue, null_max_index
+from netcleanse.calibrated import (DF, FLOOR, calibrated_test, log_size, max_index_pvalue, null_family,
+                                  null_max_index)
 from netcleanse.detection import median_and_mad
 from netcleanse.errors import NetcleanseError
 from netcleanse.scanning import ScanResult, calibrated_inputs
@@ -55,12 +56,13 @@ def test_null_is_sorted_reproducible_and_grows_with_labels():
 @pytest.mark.parametrize("k, controls", [(10, None), (43, None), (1283, 48)])
 def test_level_holds_and_p_values_are_uniform_on_models_without_a_backdoor(k, controls):
     """The per-model false-alarm rate is alpha whatever the number of labels, on models drawn from
-    the test's own null (log sizes t(10)); p-values uniform (no scale floor: it only makes the test
-    more conservative)."""
+    the test's own null for that many labels (log sizes t(10) up to 100 labels, normal from 1000 on);
+    p-values uniform (no scale floor: it only makes the test more conservative)."""
     rng = np.random.default_rng(k)
+    family, df = null_family(k)
     ps, flagged = [], 0
     for _ in range(600):
-        l1 = _clean_model(rng, k, df=DF)
+        l1 = _clean_model(rng, k, df=None if family == "normal" else df)
         if controls:
             ref = sorted(rng.choice(k, controls, replace=False).tolist())
             # the scan refines the 16 smallest (coarse) labels and the controls
@@ -73,6 +75,33 @@ def test_level_holds_and_p_values_are_uniform_on_models_without_a_backdoor(k, co
     assert stats.kstest(ps, "uniform").pvalue > 0.01
     assert flagged / 600 < 0.05 + 3 * np.sqrt(0.05 * 0.95 / 600)
     assert flagged / 600 > 0.01
+
+
+def test_the_default_null_depends_on_the_number_of_labels():
+    """t(10) up to 100 labels, the many-labels family from 1000 on, 1 / df linear in log K between;
+    a test without ``family`` uses the one of its model's number of labels (``n_labels``, not the
+    number of labels it was given), and records it."""
+    from netcleanse import calibrated as cal
+
+    assert null_family(10) == null_family(100) == ("t", DF)
+    many = null_family(1000)
+    assert null_family(1283) == many and null_family(100_000) == many
+    inverse = (lambda f: 0.0 if f[0] == "normal" else 1 / f[1])
+    assert inverse(many) == pytest.approx(0.0 if cal.DF_MANY == float("inf") else 1 / cal.DF_MANY)
+    mid = null_family(316)  # half-way in log K: 1 / df half-way
+    # (df is rounded to 3 significant digits)
+    assert mid[0] == "t" and 1 / mid[1] == pytest.approx((1 / DF + inverse(many)) / 2, rel=4e-3)
+    rng = np.random.default_rng(3)
+    l1 = _clean_model(rng, 64)
+    ref = sorted(range(0, 64, 2))
+    for k in (64, 316, 1283):
+        res = calibrated_test(l1, ref, n_labels=k)
+        family, df = null_family(k)
+        assert res.reference["family"] == (family if family == "normal" else f"t({df:g})")
+        explicit = calibrated_test(l1, ref, n_labels=k, family=family, df=df)
+        assert res.p_value == explicit.p_value and res.indices == explicit.indices
+    assert calibrated_test(l1, ref, n_labels=1283, family="t").reference["family"] == f"t({DF:g})"
+    assert calibrated_test(l1, ref, n_labels=1283, df=5.0).reference["family"] == "t(5)"
 
 
 def test_lighter_tailed_clean_models_are_flagged_less_often_than_alpha():

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from netcleanse.calibrated import null_family
 from netcleanse.errors import NetcleanseError
 from netcleanse.report import VERDICT_LISTED, fmt_index, fmt_number, find_sources, mad_threshold, markdown_escape, render_report
 
@@ -421,6 +422,10 @@ def test_figures_mark_how_each_label_was_searched(tmp_path, monkeypatch):
     _assert_tables_are_rectangular(md)
 
 
+# the null of the 300-label scans below, by the name the report gives it (netcleanse.calibrated.null_family)
+T300 = f"Student-t({null_family(300)[1]:g})"
+
+
 def test_decision_figure_draws_the_tests_own_inputs(tmp_path, monkeypatch):
     from netcleanse.calibrated import critical_index, log_size
     scan = write_two_stage_scan(tmp_path, 300, planted=(7, 11))
@@ -444,7 +449,8 @@ def test_decision_figure_draws_the_tests_own_inputs(tmp_path, monkeypatch):
     null = decision.null
     at = math.ceil((len(null) + 1) * (1 - scan["alpha"]) - 1e-9) - 1
     assert null[at] == pytest.approx(reference["critical_index"])
-    assert critical_index(300, 48, scan["alpha"]) == pytest.approx(reference["critical_index"])
+    # (a 300-label model's own null: null_family(300))
+    assert critical_index(300, 48, scan["alpha"], *null_family(300)) == pytest.approx(reference["critical_index"])
     # each step as recorded: label, index, p-value, decision
     assert [(s["label"], s["index"], s["p_value"], s["flagged"]) for s in decision.steps] == \
         [(s["label"], s["index"], s["p_value"], s["flagged"]) for s in test["steps"]]
@@ -507,7 +513,7 @@ def test_two_signal_decision_and_scatter_draw_the_tests_own_inputs(tmp_path, mon
     # size alone would pass the size-only test's critical index: the sum's ordinary margin keeps it
     # unflagged, the max keeps its size index
     assert records[loud]["log_index"] < 1 and loud in scan["flagged"] and 7 in scan["flagged"]
-    assert records[easy]["log_index"] > critical_index(300, 48, alpha)
+    assert records[easy]["log_index"] > critical_index(300, 48, alpha, *null_family(300))
     if kind == "sum":
         assert easy not in scan["flagged"]
     else:
@@ -529,7 +535,7 @@ def test_two_signal_decision_and_scatter_draw_the_tests_own_inputs(tmp_path, mon
         assert decision.size[label] == pytest.approx(size) and decision.margin[label] == pytest.approx(margin)
     # the null is the two-signal simulation the scan's test used: its (1 - alpha) point is the recorded critical index
     assert decision.critical_index == crit
-    assert np.array_equal(decision.null, null_max_index(300, 48, signals=2))
+    assert np.array_equal(decision.null, null_max_index(300, 48, *null_family(300), signals=2))
     at = math.ceil((len(decision.null) + 1) * (1 - alpha) - 1e-9) - 1
     assert decision.null[at] == pytest.approx(crit)
     assert [(s["label"], s["index"], s["size_index"], s["margin_index"], s["p_value"], s["flagged"])
@@ -558,7 +564,7 @@ def test_two_signal_decision_and_scatter_draw_the_tests_own_inputs(tmp_path, mon
     assert (f"label {loud}: p-value {next(s['p_value'] for s in test['steps'] if s['label'] == loud):.2g}, combined "
             f"index {fmt_index(records[loud]['test_index'])} (size index {fmt_index(records[loud]['log_index'])}, "
             f"margin index {fmt_index(records[loud]['margin_index'])}") in text
-    assert "log trigger sizes and log maximum margins vary like the test's bivariate Student-t(10) model" in text
+    assert f"log trigger sizes and log maximum margins vary like the test's bivariate {T300} model" in text
     assert f"flagged with probability ≤ {100 * alpha:g} % (α)" in text
     assert "MM-BD, Wang et al., IEEE S&P 2024" in text and "The verdict rests on these two per-label signals" in text
     assert f"= √2 × {fmt_index(crit)} = {fmt_index(math.sqrt(2) * crit)}" in text
@@ -572,7 +578,7 @@ def test_two_signal_decision_and_scatter_draw_the_tests_own_inputs(tmp_path, mon
     for s in test["steps"]:
         assert (f"| {s['step']} | {s['label']} | {fmt_index(s['size_index'])} | {fmt_index(s['margin_index'])} | "
                 f"{fmt_index(s['index'])} | {s['n_labels']} |") in md
-    assert "log trigger sizes and log maximum margins vary like the test's bivariate Student-t(10) model" in plain
+    assert f"log trigger sizes and log maximum margins vary like the test's bivariate {T300} model" in plain
     assert "MM-BD, Wang et al., IEEE S&P 2024" in plain
     _assert_tables_are_rectangular(md)
     assert not decision.null_disagrees and "another version of the null" not in text
@@ -695,10 +701,10 @@ def test_size_only_scans_keep_the_size_only_figure(tmp_path, monkeypatch):
         assert "signals_figure" not in seen
         (decision,), _ = seen["decision_figure"]
         assert decision.signals == 1 and not decision.size and decision.rho is None
-        assert np.array_equal(decision.null, null_max_index(300, 48))
+        assert np.array_equal(decision.null, null_max_index(300, 48, *null_family(300)))
         assert decision.critical_index == scan["test"]["reference"]["critical_index"]
         assert "Log-scale index" in text and "Combined index" not in text and "combined index" not in text
-        assert "provided its clean labels' log trigger sizes vary like the test's Student-t(10) model" in text
+        assert f"provided its clean labels' log trigger sizes vary like the test's {T300} model" in text
         assert "The verdict rests on this one per-label signal, the reversed trigger's mask size" in text
     assert "records carry maximum logit margins" not in before
     assert "records carry maximum logit margins, but this scan's recorded test predates them" in text

@@ -32,12 +32,20 @@ one location-scale family: Student-t with ``df`` = 10 degrees of freedom by defa
 ``DF``), or normal. Real models have a few naturally easy labels, a heavier lower tail than the
 normal's: on the development half of the benchmark zoo a normal null flagged 3-5 of 30 clean
 models per group (10 and 100 labels), t(10) none of the 120 clean scans, while detecting as
-many backdoors but one or two (benchmarks/RESULTS.md). The price is power with many labels: the
-largest of 1283 t(10) draws is far out, so on a 1283-label net a trigger must be much smaller
-than the typical label's (index about 5.9 for p = 0.05 with 48 controls) to be flagged on its
-size alone. ``T`` is invariant to location and scale, so its null distribution depends only on
-K, on how the reference is chosen (all K labels, as in the paper, or a random sample of
-``n_ref`` labels, as the fast preset's controls) and on the family, not on the model. It is
+many backdoors but one or two (benchmarks/RESULTS.md). With many labels that tail costs power: the
+largest of 1283 t(10) draws is far out (the critical index of the combined index with 48 controls
+is 7.17), while the clean 1000-label models of a lab zoo (``mnist-triples``) had model-level p-values
+of 0.58-1.0 under t(10): a scan of many labels refines only its candidates and controls (64-112
+labels), and the largest of all K labels' t(10) draws overstates what a clean model shows. So the
+family depends on the number of labels (:func:`null_family`): t(10) up to ``FEW_LABELS`` = 100
+labels, from ``MANY_LABELS`` = 1000 on t(``DF_MANY`` = 20), the lightest tail under which no clean
+model of that zoo's development half was flagged, by the combined index or by the size alone
+(normal and t(40) flagged some on size alone; critical index of the combined index for 1283 labels
+and 48 controls: 5.82), and between them the t whose 1 / df is linear in log K (an interpolation no
+zoo measured). ``T`` is invariant to
+location and scale, so its null distribution depends only on K, on how the reference is chosen (all
+K labels, as in the paper, or a random sample of ``n_ref`` labels, as the fast preset's controls)
+and on the family, not on the model. It is
 simulated (:func:`null_max_index`, fixed seed, cached), which also accounts for the noise of the
 median and scale themselves, so the test holds its level with 10 labels as with 1283.
 
@@ -102,6 +110,11 @@ FAMILIES = ("normal", "t")
 # the null family of the labels' log sizes: Student-t with 10 degrees of freedom, chosen on the
 # development half of the benchmark zoo (a normal null flagged 3-5 of 30 clean models per group there)
 FAMILY, DF = "t", 10.0
+# ... for models of up to FEW_LABELS labels; from MANY_LABELS labels on the null is t(DF_MANY)
+# (inf: normal), chosen on the development half of a 1000-label zoo; between the two 1 / df is
+# linear in log K (:func:`null_family`)
+FEW_LABELS, MANY_LABELS = 100, 1000
+DF_MANY = 20.0
 SCALES = ("qn", "mad")
 QN_MAX = 128  # larger references use the MAD
 # the smallest scale the reference's log sizes are given (chosen on the development half of the
@@ -142,6 +155,18 @@ def robust_scale(x: np.ndarray, scale: str = "qn") -> np.ndarray:
 def log_size(l1) -> np.ndarray:
     """``log(max(l1, FLOOR))``: the scale on which labels' trigger sizes are compared."""
     return np.log(np.maximum(np.asarray(l1, dtype=np.float64), FLOOR))
+
+
+def null_family(n_labels: int) -> tuple[str, float]:
+    """The default null ``(family, df)`` of a model with ``n_labels`` labels: t(``DF``) up to
+    ``FEW_LABELS`` labels, t(``DF_MANY``) from ``MANY_LABELS`` on (normal where ``DF_MANY`` is inf),
+    and between them the t whose 1 / df is linear in log K (df to 3 significant digits)."""
+    u = math.log(max(n_labels, FEW_LABELS) / FEW_LABELS) / math.log(MANY_LABELS / FEW_LABELS)
+    u = min(1.0, u)
+    inverse = (1 - u) / DF + u / DF_MANY
+    if inverse <= 0:
+        return "normal", DF
+    return "t", float(f"{1 / inverse:.3g}")
 
 
 def _check_family(family: str, df: float) -> None:
@@ -316,7 +341,7 @@ class TestResult:
 
 
 def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int | None = None,
-                    alpha: float = 0.05, family: str = FAMILY, df: float = DF, draws: int = DRAWS,
+                    alpha: float = 0.05, family: str | None = None, df: float | None = None, draws: int = DRAWS,
                     scale: str = "qn", min_scale: float = SCALE_FLOOR, margins: dict | None = None,
                     min_margin_scale: float = MARGIN_SCALE_FLOOR, transfer: dict | None = None,
                     transfer_threshold: float | None = None, transfer_dependence: float = TRANSFER_RHO) -> TestResult:
@@ -333,18 +358,25 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
     and the level at which a label counts as transferable; with them, and an all-label reference,
     the transferable labels are first tested against the others alone (module doc, "Transferable
     labels"); ``transfer_dependence``: how strongly that stage's null lets a clean label's
-    transferability follow its ease (0: not at all, 1: the easiest labels transfer).
+    transferability follow its ease (0: not at all, 1: the easiest labels transfer). ``family`` and
+    ``df``: the null; None, the default for the model's number of labels (:func:`null_family`).
     """
     if not 0 < alpha < 1:
         raise NetcleanseError(f"alpha must be between 0 and 1, got {alpha}")
     if not 0 <= transfer_dependence <= 1:
         raise NetcleanseError("the transferable labels' dependence on size must be between 0 and 1, "
                               f"got {transfer_dependence}")
-    _check_family(family, df)
     robust_scale(np.zeros(1), scale)  # a clear error for an unknown estimator
     labels = sorted(int(t) for t in l1)
     if not labels:
         raise NetcleanseError("the test needs at least one label")
+    if n_labels is not None and n_labels < len(labels):
+        raise NetcleanseError(f"n_labels {n_labels} is smaller than the {len(labels)} labels given")
+    if family is None:  # the default null for the model's number of labels (t(df) where df is given)
+        family, df = null_family(n_labels or len(labels)) if df is None else ("t", df)
+    elif df is None:
+        df = DF
+    _check_family(family, df)
     x = {t: float(log_size(l1[t])) for t in labels}
     if margins is not None:
         missing = [t for t in labels if t not in margins or not math.isfinite(margins[t])]
@@ -357,8 +389,6 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
     if any(t not in x for t in ref):
         raise NetcleanseError("every reference label needs a mask L1")
     k = n_labels or len(labels)
-    if k < len(labels):
-        raise NetcleanseError(f"n_labels {k} is smaller than the {len(labels)} labels given")
 
     def pvalue(z: float, k_now: int, ref_now: list[int]) -> float:
         return max_index_pvalue(z, k_now, len(ref_now) if sample else None, family, df, draws, scale, signals)
