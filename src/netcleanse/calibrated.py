@@ -42,12 +42,11 @@ labels, from ``MANY_LABELS`` = 1000 on t(``DF_MANY`` = 20), the lightest tail un
 model of that zoo's development half was flagged, by the combined index or by the size alone
 (normal and t(40) flagged some on size alone; critical index of the combined index for 1283 labels
 and 48 controls: 5.82), and between them the t whose 1 / df is linear in log K (an interpolation no
-zoo measured). ``T`` is invariant to
-location and scale, so its null distribution depends only on K, on how the reference is chosen (all
-K labels, as in the paper, or a random sample of ``n_ref`` labels, as the fast preset's controls)
-and on the family, not on the model. It is
-simulated (:func:`null_max_index`, fixed seed, cached), which also accounts for the noise of the
-median and scale themselves, so the test holds its level with 10 labels as with 1283.
+zoo measured). ``T`` is invariant to location and scale, so its null distribution depends only on
+K, on how the reference is chosen (all K labels, as in the paper, or a random sample of ``n_ref``
+labels, as the fast preset's controls) and on the family, not on the model. It is simulated
+(:func:`null_max_index`, fixed seed, cached), which also accounts for the noise of the median and
+scale themselves, so the test holds its level with 10 labels as with 1283 (under its null).
 
 **p-values.** Label t's p-value is ``P(T_K >= z_t)`` under the null: corrected for the K labels
 tested (a single-step max-T adjustment). The model's p-value is the p-value of its most anomalous
