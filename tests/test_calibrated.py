@@ -56,7 +56,7 @@ def test_null_is_sorted_reproducible_and_grows_with_labels():
 @pytest.mark.parametrize("k, controls", [(10, None), (43, None), (1283, 48)])
 def test_level_holds_and_p_values_are_uniform_on_models_without_a_backdoor(k, controls):
     """The per-model false-alarm rate is alpha whatever the number of labels, on models drawn from
-    the test's own null for that many labels (log sizes t(10) up to 100 labels, normal from 1000 on);
+    the test's own null for that many labels (log sizes t(10) up to 100 labels, t(20) from 1000 on);
     p-values uniform (no scale floor: it only makes the test more conservative)."""
     rng = np.random.default_rng(k)
     family, df = null_family(k)
