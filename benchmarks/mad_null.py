@@ -54,7 +54,7 @@ import numpy as np
 
 from scipy import stats
 
-from netcleanse.calibrated import MARGIN_RHO, TRANSFER_RHO, calibrated_test, null_family
+from netcleanse.calibrated import MARGIN_RHO, TRANSFER_RHO, calibrated_test, null_family, null_labels
 from netcleanse.detection import anomaly_indices, flag_labels
 from netcleanse.presets import PRESETS
 from netcleanse.scanning import calibrated_inputs, tested_margins
@@ -91,22 +91,16 @@ def calibrated_p_values(samples: np.ndarray, alpha: float, rng: np.random.Genera
 
 
 def log_family(rng: np.random.Generator, shape) -> np.ndarray:
-    """Draws of the test's own null family for models of ``shape[-1]`` labels."""
-    family, df = null_family(shape[-1])
-    return rng.standard_normal(shape) if family == "normal" else rng.standard_t(df, size=shape)
+    """Draws of the test's own null family for models of ``shape[-1]`` labels (one signal)."""
+    return null_labels(rng, shape[0], shape[1], *null_family(shape[1]))[0][0]
 
 
 def pair_samples(rng: np.random.Generator, draws: int, k: int, rho: float,
                  normal: bool = False) -> tuple[np.ndarray, ...]:
     """(mask L1s, margins), each (draws, k): the bivariate family of the test's null for k labels
-    (:func:`netcleanse.calibrated.null_family`) with the anomaly directions correlated ``rho``; with
+    (:func:`netcleanse.calibrated.null_labels`) with the anomaly directions correlated ``rho``; with
     ``normal`` also the size anomaly's normal draw (before the t family's scale)."""
-    g = rng.standard_normal((2, draws, k))
-    g[1] = rho * g[0] + np.sqrt(1 - rho * rho) * g[1]
-    size_normal = g[0].copy()
-    family, df = null_family(k)
-    if family == "t":
-        g /= np.sqrt(rng.chisquare(df, (draws, k)) / df)
+    g, size_normal = null_labels(rng, draws, k, *null_family(k), signals=2, rho=rho)
     out = np.exp(np.log(50.0) - 0.35 * g[0]), np.exp(np.log(30.0) + 0.2 * g[1])
     return (*out, size_normal) if normal else out
 

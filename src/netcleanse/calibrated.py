@@ -241,25 +241,36 @@ def _null_combined(n_labels: int, n_reference: int | None, family: str, df: floa
     return out
 
 
-def _label_indices(rng: np.random.Generator, m: int, n: int, n_reference: int, family: str, df: float,
-                   scale: str, signals: int, rho: float, selected: int = 0, dependence: float = 0.0) -> np.ndarray:
-    """(m, n) indices of ``m`` simulated models of ``n`` i.i.d. labels (for two signals, pairs of
-    the bivariate family correlated ``rho``; for the t family one chi-square per label), each scored
-    against its first ``n_reference`` labels: the size's index, or ``max(z_size, (z_size +
-    z_margin) / sqrt(2))``. Each signal is oriented so that large values are anomalous.
+def null_labels(rng: np.random.Generator, m: int, n: int, family: str, df: float, signals: int = 1,
+                rho: float = MARGIN_RHO, selected: int = 0, dependence: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels of ``m`` simulated models without a backdoor, ``n`` i.i.d. labels each: ``(draws,
+    normal)``, ``draws`` of shape (signals, m, n) from the null family (for two signals, pairs whose
+    anomaly directions are correlated ``rho``; for the t family a multivariate t, one chi-square per
+    label), oriented so that large values are anomalous, and ``normal`` (m, n) the size's normal
+    draw before the t family's scale. Every simulation of the test draws its labels here.
 
     With ``selected`` > 0 the last ``selected`` labels of each model are the ones with the largest
     selection score ``dependence * g + sqrt(1 - dependence^2) * e`` (``g`` the normal draw of the
     size's anomaly, ``e`` independent noise): at 0 a random choice, at 1 the labels of smallest size
-    (before the t family's scale), and the reference is the others."""
+    (before the t family's scale)."""
     g = rng.standard_normal((signals, m, n))
     if signals == 2:
         g[1] = rho * g[0] + math.sqrt(1 - rho * rho) * g[1]
     if selected and dependence > 0:  # (at 0 the last labels of i.i.d. draws are a random choice already)
         score = dependence * g[0] + math.sqrt(max(0.0, 1 - dependence * dependence)) * rng.standard_normal((m, n))
         g = np.take_along_axis(g, np.argsort(score, axis=1)[None], axis=2)
+    normal = g[0].copy()
     if family == "t":
         g /= np.sqrt(rng.chisquare(df, (m, n)) / df)
+    return g, normal
+
+
+def _label_indices(rng: np.random.Generator, m: int, n: int, n_reference: int, family: str, df: float,
+                   scale: str, signals: int, rho: float, selected: int = 0, dependence: float = 0.0) -> np.ndarray:
+    """(m, n) indices of ``m`` simulated models of ``n`` labels (:func:`null_labels`), each scored
+    against its first ``n_reference`` labels: the size's index, or ``max(z_size, (z_size +
+    z_margin) / sqrt(2))``; with ``selected``, the reference is the labels before the selected ones."""
+    g, _ = null_labels(rng, m, n, family, df, signals, rho, selected, dependence)
     z = []
     for x in g:
         ref = x[:, :n_reference]
