@@ -123,8 +123,16 @@ def test_cli_badnet(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["badnet", "--dataset", "digits", "--epochs", "1", "--target", "5", "--out", str(tmp_path / "b")])
     assert exit_.value.code == 0
-    assert "attack success rate, target 5" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "attack success rate, target 5" in out.out and "warning" not in out.err
     assert json.loads((tmp_path / "b" / "truth.json").read_text())["targets"] == [5]
+    # a learning rate far too large: the training collapses, and the command says so in one line
+    with pytest.raises(SystemExit) as exit_:
+        main(["badnet", "--dataset", "digits", "--epochs", "1", "--lr", "5", "--out", str(tmp_path / "d")])
+    assert exit_.value.code == 0
+    err = capsys.readouterr().err
+    assert json.loads((tmp_path / "d" / "truth.json").read_text())["clean_accuracy"] < 0.2
+    assert err.startswith("warning: the model did not learn its task") and "--lr" in err and err.count("\n") == 1
     with pytest.raises(SystemExit) as exit_:
         main(["badnet", "--dataset", "digits", "--trigger", "sparkle", "--out", str(tmp_path / "c")])
     assert exit_.value.code == 2

@@ -75,6 +75,18 @@ class BadNet:
     def backdoored(self) -> bool:
         return bool(self.triggers)
 
+    def training_warning(self) -> str | None:
+        """One line when the model did not learn its task, else None: clean accuracy below twice
+        chance (2 / number of classes), as when a training collapses onto one class (with the
+        lab's lr 2e-3 it happened to 3 of 25 clean 1000-class ``mnist-triples`` models, each of
+        which trained with lr 1e-3)."""
+        accuracy, k = self.truth["clean_accuracy"], self.model.num_classes
+        if accuracy >= 2 / k:
+            return None
+        return (f"the model did not learn its task: clean accuracy {100 * accuracy:.1f}% against chance "
+                f"{100 / k:.1f}% (the training collapsed); train again with a lower learning rate "
+                f"(e.g. --lr 1e-3) or another --seed")
+
 
 def check_out_dir(out, force: bool) -> Path:
     """``out`` as a Path; refuse a non-empty folder (or a file) unless ``force``."""

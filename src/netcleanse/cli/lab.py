@@ -53,6 +53,9 @@ def badnet(
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Training epochs (default per arch).")]
     = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the trigger, the poisoned rows and training.")] = 0,
+    lr: Annotated[Optional[float], typer.Option("--lr",
+                                                help="Adam learning rate of the training (default: the lab's, 2e-3).")]
+    = None,
     patch_size: Annotated[int, typer.Option("--patch-size", min=1, help="Side of the square patch, pixels.")] = 4,
     position: Annotated[str, typer.Option("--position", help="Patch corner (bottom-right, top-left, ...), center, "
                                                              "or ROW,COL of its top-left pixel.")] = "bottom-right",
@@ -67,10 +70,13 @@ def badnet(
 ):
     """Train a BadNet with a known backdoor on built-in data and write it with its ground truth."""
     from ..lab import make_badnet
+    from ..sanity import warn
 
     result = make_badnet(dataset, trigger, _targets(target), rate=rate, arch=arch, epochs=epochs, seed=seed, out=out,
                          force=force, clean_baseline=clean_baseline, patch_size=patch_size,
-                         position=_position(position), pattern=pattern, alpha=alpha, device=device)
+                         position=_position(position), pattern=pattern, alpha=alpha, device=device,
+                         **({} if lr is None else {"lr": lr}))
+    warn(result.training_warning())
     truth = result.truth
     if as_json:
         print(json.dumps(truth, indent=2))
