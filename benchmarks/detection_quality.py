@@ -64,6 +64,16 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def threshold_arg(text: str, option: str) -> float | None:
+    """A transferability threshold given on the command line: a number, or 'off' (None)."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise NetcleanseError(f"{option} is a number or 'off', not {text!r}") from None
+
+
 def row_path(out: Path, entry: dict, mode: str, seed: int) -> Path:
     return out / "rows" / f"{entry['folder']}__{mode}__seed{seed}.json"
 
@@ -260,6 +270,10 @@ def main(argv=None) -> int:
                     help="off: data-free scans of models with few labels keep the preset's attack-success goal and "
                          "measure no transferability (the plan before they were added; a variant of the preset: "
                          "use its own --out folder)")
+    ap.add_argument("--few-labels-data-transfer", default=None,
+                    help="scans WITH data of models with few labels measure each label's transferability and "
+                         "test labels at or above this threshold first, or 'off' (a variant of the preset: use "
+                         "its own --out folder; default: the preset's own)")
     ap.add_argument("--transfer-threshold", default=None,
                     help="summary: re-decide with this transferability threshold, or 'off' for the test without "
                          "the transferable labels' stage (default: each scan's own)")
@@ -300,12 +314,12 @@ def main(argv=None) -> int:
             preset = goal_variant(preset, args.attack_goal)
         if args.few_labels_data_free == "off":
             preset = preset_variant(preset, few_labels_data_free_goal=None, few_labels_data_free_transfer=None)
+        if args.few_labels_data_transfer is not None:
+            preset = preset_variant(preset, few_labels_data_transfer=threshold_arg(args.few_labels_data_transfer,
+                                                                                    "--few-labels-data-transfer"))
         transfer_threshold = args.transfer_threshold
         if transfer_threshold not in (None, "off"):
-            try:
-                transfer_threshold = float(transfer_threshold)
-            except ValueError:
-                raise NetcleanseError(f"--transfer-threshold is a number or 'off', not {transfer_threshold!r}") from None
+            transfer_threshold = threshold_arg(transfer_threshold, "--transfer-threshold")
         if not args.summary_only:  # the summary needs only the rows (each holds its model's entry)
             entries = [e for e in read_zoo(args.zoo) if chosen(e)]
             torch.set_num_threads(args.threads)
@@ -338,7 +352,7 @@ def main(argv=None) -> int:
                                   f"inversion confidence or refinement than --inversion-confidence "
                                   f"{args.inversion_confidence} --few-labels-plan {args.few_labels_plan} "
                                   f"--attack-goal {args.attack_goal} --few-labels-data-free "
-                                  f"{args.few_labels_data_free}: "
+                                  f"{args.few_labels_data_free} --few-labels-data-transfer {args.few_labels_data_transfer}: "
                                   "one folder per variant")
         print(f"{len(rows)} scans of the {args.split} half{planned}; calibrated rule at alpha "
               f"{args.alpha:g}, null {null_name(args.family, args.df)}, "

@@ -52,6 +52,12 @@ def test_only_data_free_scans_of_models_with_few_labels_take_the_goal_and_measur
     off = replace(fast, few_labels_data_free_goal=None, few_labels_data_free_transfer=None).for_labels(10, data_free=True)
     assert off.transfer_threshold is None and off.refine.schedule.attack_threshold == 0.99
     assert "transfer_threshold" in free.to_dict() and "transfer_threshold" not in data.to_dict()
+    # the variant that measures it with data too (not in the presets): few labels only, search unchanged
+    with_data = replace(fast, few_labels_data_transfer=0.25)
+    assert with_data.for_labels(10).transfer_threshold == 0.25
+    assert with_data.for_labels(10).refine == data.refine
+    assert with_data.for_labels(1283).transfer_threshold is None
+    assert with_data.for_labels(10, data_free=True).transfer_threshold == fast.few_labels_data_free_transfer
 
 
 def test_a_data_free_scan_of_few_labels_records_each_labels_transferability(one_thread, badnet, tmp_path):

@@ -340,7 +340,7 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         margins = label_margins(work, tested, seed, plan, dev, channels_last, journal, bar, executor)
         for t in tested:
             results[t] = dict(results[t], max_margin=margins[t])
-        if plan.transfer_threshold is not None:  # few labels, data-free: every label is tested
+        if plan.transfer_threshold is not None:  # few labels (data-free, or with data if set): every label is tested
             transfer, transfer_passes = label_transferability(work, labels, torch.cat([x_opt, x_val]), seed, plan,
                                                               journal, bar)
             for t in labels:
