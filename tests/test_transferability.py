@@ -58,6 +58,8 @@ def test_only_data_free_scans_of_models_with_few_labels_take_the_goal_and_measur
     assert with_data.for_labels(10).refine == data.refine
     assert with_data.for_labels(1283).transfer_threshold is None
     assert with_data.for_labels(10, data_free=True).transfer_threshold == fast.few_labels_data_free_transfer
+    only_data = replace(with_data, few_labels_data_free_transfer=None).to_dict()
+    assert only_data["few_labels_data_transfer"] == 0.25 and only_data["transfer"]["sources"] == fast.transfer_sources
 
 
 def test_a_data_free_scan_of_few_labels_records_each_labels_transferability(one_thread, badnet, tmp_path):

@@ -128,6 +128,7 @@ class Preset:
         return replace(plan, transfer_threshold=self.few_labels_data_free_transfer)
 
     def to_dict(self) -> dict:
+        budget = {"sources": self.transfer_sources, "pool": self.transfer_pool, "steps": self.transfer_steps}
         return {"coarse": self.coarse.to_dict(), "refine": None if self.refine is None else self.refine.to_dict(),
                 "candidates": self.candidates, "max_candidates": self.max_candidates, "controls": self.controls, "n_opt": self.n_opt,
                 "n_val": self.n_val, "data_free_inputs": self.data_free_inputs,
@@ -143,10 +144,11 @@ class Preset:
                    {"few_labels_data_free_goal": self.few_labels_data_free_goal}),
                 **({} if self.few_labels_data_free_transfer is None else
                    {"few_labels_data_free_transfer": self.few_labels_data_free_transfer,
-                    "transfer": {"sources": self.transfer_sources, "pool": self.transfer_pool,
-                                 "steps": self.transfer_steps}}),
+                    "transfer": budget}),
                 **({} if self.few_labels_data_transfer is None else
-                   {"few_labels_data_transfer": self.few_labels_data_transfer}),
+                   {"few_labels_data_transfer": self.few_labels_data_transfer,
+                    # (the budget once, where the data-free threshold has not recorded it already)
+                    **({} if self.few_labels_data_free_transfer is not None else {"transfer": budget})}),
                 **({} if self.transfer_threshold is None else {"transfer_threshold": self.transfer_threshold})}
 
 
