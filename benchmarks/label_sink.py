@@ -38,7 +38,7 @@ from netcleanse.synthesis import synthesize_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from csaw_transferability import TARGETS  # noqa: E402
-from detection_quality import LEARNED_ACCURACY  # noqa: E402
+from detection_quality import scored  # noqa: E402
 from zoo import load_member, read_zoo  # noqa: E402
 
 STATISTICS = ("logit", "topk")
@@ -85,9 +85,7 @@ def zoo_rows(zoo: Path, split: str, n_inputs: int, seed: int, done: set):
                 x = data.x[pick]
             else:
                 x = synthesize_inputs(model, n_inputs, "inversion", torch.Generator().manual_seed(seed))
-            learned = entry["clean_accuracy"] >= LEARNED_ACCURACY and (
-                not entry["backdoored"] or entry["attack_learned"])
-            yield {"model": entry["folder"], "mode": mode, "labels": model.num_classes, "learned": learned,
+            yield {"model": entry["folder"], "mode": mode, "labels": model.num_classes, "learned": scored({"entry": entry}),
                    "targets": entry["targets"] if entry["backdoored"] else [], **measure(model, x)}
 
 
