@@ -247,7 +247,9 @@ def null_labels(rng: np.random.Generator, m: int, n: int, family: str, df: float
     normal)``, ``draws`` of shape (signals, m, n) from the null family (for two signals, pairs whose
     anomaly directions are correlated ``rho``; for the t family a multivariate t, one chi-square per
     label), oriented so that large values are anomalous, and ``normal`` (m, n) the size's normal
-    draw before the t family's scale. Every simulation of the test draws its labels here.
+    draw before the t family's scale. The two-signal and selected-label nulls and the benchmarks'
+    simulated models draw their labels here; the one-signal :func:`null_max_index` draws its own
+    (``_draw``, unchanged so that its simulated nulls, and the verdicts decided with them, stay as recorded).
 
     With ``selected`` > 0 the last ``selected`` labels of each model are the ones with the largest
     selection score ``dependence * g + sqrt(1 - dependence^2) * e`` (``g`` the normal draw of the
