@@ -30,12 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from netcleanse.calibrated import calibrated_test, max_index_pvalue, null_family, robust_scale
+from netcleanse.calibrated import max_index_pvalue, null_family, robust_scale
 from netcleanse.errors import NetcleanseError
-from netcleanse.scanning import calibrated_inputs, tested_margins
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from detection_quality import scored  # noqa: E402
+from detection_quality import decide, scored  # noqa: E402
 
 FLOOR = 0.01  # transferabilities below it (or above 1 - it) are not told apart
 
@@ -66,12 +65,9 @@ def transferability_test(transfer: dict, alpha: float, min_scale: float, draws: 
     return flagged, 1.0 if first is None else first
 
 
-def size_test(scan: dict, alpha: float, draws: int):
-    """The shipped test (trigger size and margin, no transferable labels' stage) at ``alpha``."""
-    detection = scan["settings"]["detection"]
-    l1, reference, n_labels = calibrated_inputs(scan["labels"], detection)
-    return calibrated_test(l1, reference, n_labels, alpha=alpha, draws=draws,
-                           margins=tested_margins(scan["labels"], detection))
+def size_test(row: dict, alpha: float) -> list[int]:
+    """The shipped test's flags (trigger size and margin, no transferable labels' stage) at ``alpha``."""
+    return decide(row, "calibrated", alpha, None, None, transfer_threshold="off")["flagged"]
 
 
 def auroc(neg: list[float], pos: list[float]) -> float:
@@ -112,11 +108,11 @@ def summarise(rows: list[dict], alpha: float, scales: list[float], draws: int, l
             exact = sum(f == sorted(r["entry"]["targets"]) for f, r in zip(flags, pos))
             return fp, tp, exact
 
-        shipped = counts(lambda r: size_test(r["scan"], alpha, draws).flagged)
+        shipped = counts(lambda r: size_test(r, alpha))
         cell["shipped"] = shipped
         log(f"  shipped test (size and margin) at alpha {alpha:g}: clean flagged / detected / exact "
             f"{shipped[0]}/{len(neg)}, {shipped[1]}/{len(pos)}, {shipped[2]}/{len(pos)}")
-        halves = {r["model"]: size_test(r["scan"], alpha / 2, draws).flagged for r in group}
+        halves = {r["model"]: size_test(r, alpha / 2) for r in group}
         for s0 in scales:
             own = {r["model"]: transferability_test(et[r["model"]], alpha / 2, s0, draws)[0] for r in group}
             alone = counts(lambda r: own[r["model"]])
@@ -136,7 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="data")
     ap.add_argument("--alpha", type=float, default=0.05)
     ap.add_argument("--min-scale", default="0.5,1.0", help="the transferability test's scale floors (logit scale)")
-    ap.add_argument("--draws", type=int, default=20000, help="simulated models per null")
+    ap.add_argument("--draws", type=int, default=20000, help="simulated models per null of the transferability test")
     ap.add_argument("--json", type=Path, help="write the summary here")
     args = ap.parse_args(argv)
     try:
