@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 import netcleanse
-from netcleanse.calibrated import DF, SCALE_FLOOR, TRANSFER_RHO, calibrated_test
+from netcleanse.calibrated import DF, SCALE_FLOOR, TRANSFER_ORDERED, TRANSFER_RHO, calibrated_test
 from netcleanse.errors import NetcleanseError
 from netcleanse.presets import goal_variant, inversion_variant, plan_of, preset_variant
 from netcleanse.scanning import calibrated_inputs, record_margins, tested_margins, tested_transfer
@@ -154,13 +154,15 @@ def scored(row: dict) -> bool:
 
 def decide(row: dict, rule: str, alpha: float, family: str, df: float, scale: str = "qn",
            min_scale: float = SCALE_FLOOR, transfer_threshold: str | float | None = None,
-           transfer_dependence: float = TRANSFER_RHO) -> dict:
+           transfer_dependence: float = TRANSFER_RHO, transfer_ordered: bool = TRANSFER_ORDERED) -> dict:
     """One scan's verdict under ``rule``, re-decided from its stored per-label results: "calibrated"
     (trigger size and, where the row has them, maximum margins and transferability), "size-only" (the
     calibrated rule on the trigger size alone, as before the second signal) or "mad" (the paper's).
     ``transfer_threshold``: None, the scan's own; "off", without the transferable labels' stage; or a
     number, that threshold on the row's recorded transferability. ``transfer_dependence``: the first
-    stage's allowance for easy labels that transfer (:data:`netcleanse.calibrated.TRANSFER_RHO`)."""
+    stage's allowance for easy labels that transfer (:data:`netcleanse.calibrated.TRANSFER_RHO`);
+    ``transfer_ordered``: its first step tests the transferable labels together by their ordered
+    indices, or (False) the most anomalous alone (:data:`netcleanse.calibrated.TRANSFER_ORDERED`)."""
     scan = row["scan"]
     if rule == "mad":
         flagged = sorted(scan["mad_flagged"])
@@ -176,7 +178,7 @@ def decide(row: dict, rule: str, alpha: float, family: str, df: float, scale: st
         elif transfer_threshold is not None and transfer:
             transfer["transfer_threshold"] = float(transfer_threshold)
         if transfer:
-            transfer["transfer_dependence"] = transfer_dependence
+            transfer.update(transfer_dependence=transfer_dependence, transfer_ordered=transfer_ordered)
         test = calibrated_test(l1, reference, n_labels, alpha=alpha, family=family, df=df, scale=scale,
                                min_scale=min_scale, margins=margins, **transfer)
         flagged = sorted(test.flagged)
@@ -189,7 +191,7 @@ def decide(row: dict, rule: str, alpha: float, family: str, df: float, scale: st
 
 def summarise(rows: list[dict], alpha: float, family: str, df: float, scale: str = "qn",
               min_scale: float = SCALE_FLOOR, log=print, transfer_threshold: str | float | None = None,
-              transfer_dependence: float = TRANSFER_RHO) -> dict:
+              transfer_dependence: float = TRANSFER_RHO, transfer_ordered: bool = TRANSFER_ORDERED) -> dict:
     from sklearn.metrics import roc_auc_score
     summary = {}
     groups = sorted({(r["mode"], r["entry"]["num_classes"]) for r in rows})
@@ -200,9 +202,11 @@ def summarise(rows: list[dict], alpha: float, family: str, df: float, scale: str
         neg = [r for r in counted if not r["entry"]["backdoored"]]
         times = [r["time_s"] for r in group]
         for rule in RULES:
-            d_pos = [decide(r, rule, alpha, family, df, scale, min_scale, transfer_threshold, transfer_dependence)
+            d_pos = [decide(r, rule, alpha, family, df, scale, min_scale, transfer_threshold, transfer_dependence,
+                          transfer_ordered)
                      for r in pos]
-            d_neg = [decide(r, rule, alpha, family, df, scale, min_scale, transfer_threshold, transfer_dependence)
+            d_neg = [decide(r, rule, alpha, family, df, scale, min_scale, transfer_threshold, transfer_dependence,
+                          transfer_ordered)
                      for r in neg]
             fp, tp = sum(d["detected"] for d in d_neg), sum(d["hit"] for d in d_pos)
             exact = sum(d["exact"] for d in d_pos)
@@ -280,6 +284,10 @@ def main(argv=None) -> int:
     ap.add_argument("--transfer-dependence", type=float, default=TRANSFER_RHO,
                     help="summary: the transferable labels' stage's allowance for easy labels that transfer "
                          "(0: a null blind to size, the test before it; default: the shipped one)")
+    ap.add_argument("--transfer-statistic", choices=("ordered", "max"),
+                    default="ordered" if TRANSFER_ORDERED else "max",
+                    help="summary: the transferable labels' stage's first step: all of them by their ordered indices, "
+                         "or the most anomalous alone (max: the test until 2026-12-04); default: the shipped one")
     ap.add_argument("--seed", type=int, default=0, help="scan seed")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--shard", type=parse_shard, default=(0, 1))
@@ -358,7 +366,8 @@ def main(argv=None) -> int:
               f"{args.alpha:g}, null {null_name(args.family, args.df)}, "
               f"scale {args.scale} (floor {args.min_scale:g})")
         summary = summarise(rows, args.alpha, args.family, args.df, args.scale, args.min_scale,
-                            transfer_threshold=transfer_threshold, transfer_dependence=args.transfer_dependence)
+                            transfer_threshold=transfer_threshold, transfer_dependence=args.transfer_dependence,
+                            transfer_ordered=args.transfer_statistic == "ordered")
     except NetcleanseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

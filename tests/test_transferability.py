@@ -70,8 +70,9 @@ def test_a_data_free_scan_of_few_labels_records_each_labels_transferability(one_
     assert result.test["reference"]["stages"] == 2  # the target transfers: tested first
     assert result.test["reference"]["transferable"] == [TARGET]
     assert "(transferable)" in html and "the size test's own level here" in html
-    assert "easy labels are the likelier to transfer (correlation 0.5" in html
+    assert f"easy labels are the likelier to transfer (correlation {TRANSFER_RHO:g}" in html
     assert result.test["reference"]["transfer_dependence"] == TRANSFER_RHO
+    assert "Its first step tested them together" in html
     assert "decided with another version of the null" not in html
     assert all(0.0 <= r["transferability"] <= 1.0 for r in result.labels)
     assert result.settings["detection"]["transfer_threshold"] == PRESETS["fast"].few_labels_data_free_transfer
@@ -93,11 +94,16 @@ def test_transferable_targets_no_longer_hide_each_other():
     free = calibrated_test(DEV_L1, margins=DEV_MARGIN, transfer=transfer, transfer_threshold=0.05,
                            transfer_dependence=0.0)
     assert sorted(free.flagged) == [5, 8]
-    # the shipped allowance for easy clean labels that transfer costs this row: p 0.12 (a price paid
-    # for the level); two targets of 2 px against the same clean labels are found
+    # with the allowance for easy clean labels that transfer, the first stage that tests the most
+    # anomalous transferable label alone (the test until 2026-12-04) missed this row: p 0.12
+    one_by_one = calibrated_test(DEV_L1, margins=DEV_MARGIN, transfer=transfer, transfer_threshold=0.05,
+                                 transfer_dependence=0.5, transfer_ordered=False)
+    assert one_by_one.flagged == [] and free.p_value < 0.05 < one_by_one.p_value < alone.p_value
+    # the shipped first stage tests both together by their ordered indices: found, under a larger allowance
     guarded = calibrated_test(DEV_L1, margins=DEV_MARGIN, transfer=transfer, transfer_threshold=0.05)
-    assert guarded.flagged == [] and free.p_value < 0.05 < guarded.p_value < alone.p_value
-    assert guarded.reference["transfer_dependence"] == TRANSFER_RHO > 0
+    assert sorted(guarded.flagged) == [5, 8] and guarded.p_value <= 0.05
+    assert guarded.reference["transfer_dependence"] == TRANSFER_RHO > 0.5
+    assert guarded.reference["transfer_statistic"] == "ordered"
     both = calibrated_test({**DEV_L1, 5: 2.0, 8: 2.0}, margins=DEV_MARGIN, transfer=transfer, transfer_threshold=0.05)
     assert calibrated_test({**DEV_L1, 5: 2.0, 8: 2.0}, margins=DEV_MARGIN).flagged == []
     assert sorted(both.flagged) == [5, 8]
@@ -175,3 +181,39 @@ def test_the_selected_labels_null_grows_with_the_number_selected():
     one = null_selected_index(1, 7, draws=4000)
     three = null_selected_index(3, 7, draws=4000)
     assert np.quantile(three, 0.95) > np.quantile(one, 0.95) > 0
+
+
+def test_the_ordered_test_of_one_selected_label_is_the_max_test():
+    from netcleanse.calibrated import ordered_selected_pvalue
+    null = null_selected_index(1, 9, draws=4000, dependence=0.5)
+    for z in (1.0, 3.0, 6.0):
+        p, j = ordered_selected_pvalue([z], 9, draws=4000, dependence=0.5)
+        assert j == 1 and p == pytest.approx((1 + len(null) - np.searchsorted(null, z, side="left")) / (len(null) + 1))
+
+
+def test_the_ordered_test_is_uniform_on_its_own_null():
+    # P(p <= a) <= a for simulated selected sets drawn from the null the test was calibrated on
+    from netcleanse.calibrated import _label_indices, ordered_selected_pvalue
+    rng = np.random.default_rng(3)
+    z = _label_indices(rng, 1200, 10, 7, "t", 10.0, "qn", 2, 0.5, 3, 0.5)[:, 7:]
+    ps = np.array([ordered_selected_pvalue(row, 7, signals=2, dependence=0.5, draws=4000)[0] for row in z])
+    for a in (0.05, 0.2, 0.5):  # (binomial noise of 1200 models: 0.006, 0.012, 0.014)
+        assert (ps <= a).mean() < a + 0.035
+
+
+def test_three_transferable_targets_of_similar_size_are_found_together():
+    # a 3-target development-like row: each target sits in the others' shadow for the max test, but
+    # all three are far below the seven clean labels; only the ordered test sees them together
+    l1 = dict(enumerate([138.0, 47.0, 76.0, 6.2, 4.2, 57.0, 114.0, 111.0, 75.0, 8.7]))
+    transfer = {t: (0.2 if t in (3, 4, 9) else 0.01) for t in l1}
+    one_by_one = calibrated_test(l1, transfer=transfer, transfer_threshold=0.05, transfer_ordered=False)
+    together = calibrated_test(l1, transfer=transfer, transfer_threshold=0.05, transfer_ordered=True)
+    assert one_by_one.flagged == []
+    assert sorted(together.flagged) == [3, 4, 9] and together.reference["transfer_statistic"] == "ordered"
+    assert [s["stage"] for s in together.steps[:3]] == ["transferable"] * 3
+    assert len({s["p_value"] for s in together.steps[:3]}) == 1  # one test flagged the three
+    assert all(together.p_values[t] <= 0.05 for t in (3, 4, 9))
+    # one transferable target and two transferable clean labels of ordinary size: flagged alone
+    mixed = calibrated_test({**l1, 3: 60.0, 9: 70.0}, transfer=transfer, transfer_threshold=0.05,
+                            transfer_ordered=True)
+    assert mixed.flagged == [4]

@@ -66,12 +66,20 @@ a planted trigger is universal, so per-input triggers towards a target transfer 
 (:mod:`netcleanse.transferability`). When ``transfer`` is given (all labels in the reference),
 the labels whose expected transferability is at least ``transfer_threshold`` (the set E) are tested
 first, against a reference of the other labels alone: label t in E gets the index of its size (and
-margin) against the median and scale of the labels outside E, and a step-down runs over E with the
-null :func:`null_selected_index` (the largest index of |E| labels against K - |E| others, all draws
-of the family; each step's null has one label fewer in E). The step-down then goes on over the
-labels outside E as above, refitted without the labels already flagged. When E is not empty (and at
-least 3 labels are outside it) the test is two tests, so every p-value of both stages is doubled
-(Bonferroni) and the model's p-value is the smaller of the two stages' first.
+margin) against the median and scale of the labels outside E. The first step tests E as a whole
+(``transfer_ordered``, :func:`ordered_selected_pvalue`): with E's indices sorted, z_(1) >= ... >=
+z_(|E|), each order j has its p-value ``p_j = P(Z_(j) >= z_(j))`` under the null of |E| selected
+labels against K - |E| others (all draws of the family), and the statistic is ``P* = min_j p_j``,
+itself calibrated on the same simulated models; when its p-value is <= alpha, the j* most anomalous
+labels of E are flagged (j* the order that reached the minimum). Two or three planted targets of
+similar size are thus judged together: one by one, each is only as extreme as the largest of |E|
+labels must be, which the null of a few selected labels against 7 others puts far out. A single
+transferable label is tested as before. A step-down then runs over the rest of E with the null
+:func:`null_selected_index` (the largest index of the labels left in E; each step's null has one
+label fewer) and goes on over the labels outside E as above, refitted without the labels already
+flagged. When E is not empty (and at least 3 labels are outside it) the test is two tests, so every
+p-value of both stages is doubled (Bonferroni) and the model's p-value is the smaller of the two
+stages' first.
 
 Which clean labels transfer is not independent of their sizes: an easy label's per-input triggers
 transfer a little more (rank correlation between a clean label's transferability and its size
@@ -79,11 +87,14 @@ anomaly: 0.20 on average over the 30 clean 10-label MNIST development models, 0.
 nets of scikit-learn's digits, where the most transferable label was the easiest in 18 of 20). The
 null therefore picks E as the labels of largest score ``TRANSFER_RHO * g + sqrt(1 - TRANSFER_RHO^2)
 * e`` (``g`` a label's size anomaly, ``e`` noise; ``transfer_dependence``): 0 would be a choice
-blind to size, 1 the easiest labels. With ``TRANSFER_RHO`` = 0.5 a model without a backdoor is
+blind to size, 1 the easiest labels. With ``TRANSFER_RHO`` = 0.7 a model without a backdoor is
 flagged with probability at most ``alpha`` when its transferable labels follow ease up to that
-correlation, and about 6-7 % at alpha 0.05 (simulated, 8-21 labels) when they are exactly its
-easiest labels (a null blind to size: 13-31 %). 0.5 and 0.3 detected the same development models
-(26 of 28; 27 with 0, 22 with 0.7); ``benchmarks/mad_null.py --margins --transfer``.
+correlation, and about 6 % at alpha 0.05 (simulated, 8-21 labels: 5.6-6.1 %) when they are exactly
+its easiest labels (a null blind to size: 13-31 %). Chosen on the development half with the ordered
+first step, as the allowance whose simulated worst case stays at or below the one-by-one test's at
+0.5 (6.4-7.2 %): 0.5 would have detected one development model more, but reached 8.5-10.9 % in that
+worst case; 0.6, 8.1 % at 21 labels (``benchmarks/mad_null.py --margins --transfer``,
+``benchmarks/RESULTS.md``).
 
 **Inconclusive.** When even an empty mask (``x = log FLOOR``) would not reach ``alpha`` (very few
 labels, or no spread at all among the reference labels), the test has no power and says so.
@@ -131,7 +142,10 @@ MARGIN_RHO = 0.5
 # how strongly a clean label's transferability may follow its ease (the correlation between the
 # transferable labels' selection score and the size's anomaly that the transferable stage's null
 # allows; module doc, "Transferable labels")
-TRANSFER_RHO = 0.5
+TRANSFER_RHO = 0.7
+# the transferable stage's first step tests its labels together by their ordered indices (False: the
+# most anomalous alone, the test until 2026-12-04, with TRANSFER_RHO 0.5)
+TRANSFER_ORDERED = True
 
 
 def robust_scale(x: np.ndarray, scale: str = "qn") -> np.ndarray:
@@ -282,16 +296,11 @@ def _label_indices(rng: np.random.Generator, m: int, n: int, n_reference: int, f
     return z[0] if signals == 1 else np.maximum(z[0], (z[0] + z[1]) / math.sqrt(2))
 
 
-@lru_cache(maxsize=256)
-def null_selected_index(n_selected: int, n_reference: int, family: str = FAMILY, df: float = DF,
-                        draws: int = DRAWS, scale: str = "qn", signals: int = 1,
-                        rho: float = MARGIN_RHO, dependence: float = 0.0) -> np.ndarray:
-    """Simulated null distribution (sorted) of the largest index among ``n_selected`` labels scored
-    against a reference of ``n_reference`` *other* labels (the transferable labels' stage of
-    :func:`calibrated_test`): all ``n_selected + n_reference`` labels i.i.d. draws of the family
-    (two signals correlated ``rho``), the selected ones those of largest selection score, a score
-    correlated ``dependence`` with the size's anomaly (0: chosen without looking at their sizes; 1:
-    the smallest; see :func:`_label_indices`)."""
+@lru_cache(maxsize=64)
+def _selected_order(n_selected: int, n_reference: int, family: str, df: float, draws: int, scale: str,
+                    signals: int, rho: float, dependence: float) -> np.ndarray:
+    """(draws, n_selected): each simulated model's indices of its selected labels, largest first
+    (the draws of :func:`null_selected_index`; read-only)."""
     _check_family(family, df)
     if n_selected < 1 or n_reference < 1:
         raise NetcleanseError(f"bad null: {n_selected} selected labels, reference {n_reference}")
@@ -305,13 +314,54 @@ def null_selected_index(n_selected: int, n_reference: int, family: str = FAMILY,
     n = n_selected + n_reference
     pairs = n_reference * (n_reference - 1) // 2 if scale == "qn" and n_reference <= QN_MAX else n_reference
     chunk = max(1, min(4_000_000 // (2 * n), 2_000_000 // max(pairs, 1)))
-    out = np.empty(draws)
+    out = np.empty((draws, n_selected))
     for start in range(0, draws, chunk):
         m = min(chunk, draws - start)
         index = _label_indices(rng, m, n, n_reference, family, df, scale, signals, rho, n_selected, dependence)
-        out[start:start + m] = index[:, n_reference:].max(axis=1)
-    out.sort()
+        out[start:start + m] = -np.sort(-index[:, n_reference:], axis=1)
+    out.setflags(write=False)
     return out
+
+
+@lru_cache(maxsize=256)
+def null_selected_index(n_selected: int, n_reference: int, family: str = FAMILY, df: float = DF,
+                        draws: int = DRAWS, scale: str = "qn", signals: int = 1,
+                        rho: float = MARGIN_RHO, dependence: float = 0.0) -> np.ndarray:
+    """Simulated null distribution (sorted) of the largest index among ``n_selected`` labels scored
+    against a reference of ``n_reference`` *other* labels (the transferable labels' stage of
+    :func:`calibrated_test`): all ``n_selected + n_reference`` labels i.i.d. draws of the family
+    (two signals correlated ``rho``), the selected ones those of largest selection score, a score
+    correlated ``dependence`` with the size's anomaly (0: chosen without looking at their sizes; 1:
+    the smallest; see :func:`_label_indices`)."""
+    return np.sort(_selected_order(n_selected, n_reference, family, df, draws, scale, signals, rho, dependence)[:, 0])
+
+
+@lru_cache(maxsize=64)
+def _ordered_null(n_selected: int, n_reference: int, family: str, df: float, draws: int, scale: str,
+                  signals: int, rho: float, dependence: float) -> tuple[np.ndarray, np.ndarray]:
+    """The ordered test's null: per order j the sorted j-th largest selected index (columns), and
+    the sorted smallest marginal p-value ``min_j P(Z_(j) >= z_(j))`` of every simulated model."""
+    order = _selected_order(n_selected, n_reference, family, df, draws, scale, signals, rho, dependence)
+    columns = np.sort(order, axis=0)
+    p = np.stack([(1 + draws - np.searchsorted(columns[:, j], order[:, j], side="left")) / (draws + 1)
+                  for j in range(n_selected)], axis=1)
+    return columns, np.sort(p.min(axis=1))
+
+
+def ordered_selected_pvalue(indices, n_reference: int, family: str = FAMILY, df: float = DF, draws: int = DRAWS,
+                            scale: str = "qn", signals: int = 1, rho: float = MARGIN_RHO,
+                            dependence: float = 0.0) -> tuple[float, int]:
+    """The ordered test of a selected set: its labels' indices sorted, largest first, z_(1) >= ...
+    >= z_(m); per order j the marginal p-value ``p_j = P(Z_(j) >= z_(j))`` under the selected-label
+    null (:func:`null_selected_index`'s draws); the statistic ``P* = min_j p_j``, whose own null is
+    simulated from the same draws. Returns ``(P(P*_null <= P*), j*)``, j* the largest order at
+    which the minimum is reached: the j* most anomalous labels of the set are the ones it flags.
+    With one label it is the max test."""
+    z = -np.sort(-np.asarray(indices, dtype=float))
+    columns, null = _ordered_null(len(z), n_reference, family, df, draws, scale, signals, rho, dependence)
+    p = (1 + draws - np.array([np.searchsorted(columns[:, j], z[j], side="left") for j in range(len(z))])) / (draws + 1)
+    j = int(np.flatnonzero(p == p.min())[-1]) + 1
+    return float((1 + np.searchsorted(null, p.min(), side="right")) / (draws + 1)), j
 
 
 def critical_index(n_labels: int, n_reference: int | None = None, alpha: float = 0.05, family: str = FAMILY,
@@ -356,7 +406,8 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
                     alpha: float = 0.05, family: str | None = None, df: float | None = None, draws: int = DRAWS,
                     scale: str = "qn", min_scale: float = SCALE_FLOOR, margins: dict | None = None,
                     min_margin_scale: float = MARGIN_SCALE_FLOOR, transfer: dict | None = None,
-                    transfer_threshold: float | None = None, transfer_dependence: float = TRANSFER_RHO) -> TestResult:
+                    transfer_threshold: float | None = None, transfer_dependence: float = TRANSFER_RHO,
+                    transfer_ordered: bool = TRANSFER_ORDERED) -> TestResult:
     """The model-level test of the module doc.
 
     ``l1``: label -> mask L1 of every label that can be flagged (searched with the same budget as
@@ -370,7 +421,9 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
     and the level at which a label counts as transferable; with them, and an all-label reference,
     the transferable labels are first tested against the others alone (module doc, "Transferable
     labels"); ``transfer_dependence``: how strongly that stage's null lets a clean label's
-    transferability follow its ease (0: not at all, 1: the easiest labels transfer). ``family`` and
+    transferability follow its ease (0: not at all, 1: the easiest labels transfer). ``transfer_ordered``:
+    that stage's first step tests its labels together by their ordered indices (module doc), or
+    (False) the most anomalous alone. ``family`` and
     ``df``: the null; None, the default for the model's number of labels (:func:`null_family`).
     """
     if not 0 < alpha < 1:
@@ -467,7 +520,8 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
     if transfer is not None and transfer_threshold is not None and not sample and not inconclusive:
         selected = [t for t in labels if float(transfer.get(t, 0.0)) >= transfer_threshold]
         result.reference.update(transfer_threshold=float(transfer_threshold), transferable=selected,
-                                transfer_dependence=float(transfer_dependence))
+                                transfer_dependence=float(transfer_dependence),
+                                transfer_statistic="ordered" if transfer_ordered else "max")
         others = [t for t in labels if t not in selected]
         size_sel, margin_sel, index_sel, fit_sel = score(others) if selected and len(others) >= 3 else (0, 0, 0, {})
         if fit_sel.get("scale", 0) > 0:
@@ -489,6 +543,20 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
                 if signals == 2:
                     result.margin_indices[t] = margin_sel[t]
             left = list(selected)
+            if transfer_ordered and len(left) > 1:  # the first step tests the set by its ordered indices
+                ranked = sorted(left, key=lambda u: (-index_sel[u], u))
+                p, j = ordered_selected_pvalue([index_sel[t] for t in ranked], len(others), family, df, draws,
+                                               scale, signals, dependence=transfer_dependence)
+                p = min(1.0, factor * p)
+                for t in ranked[:j] if p <= alpha else ranked[:1]:
+                    if not record_step(t, index_sel[t], p, len(left), len(others), size_sel, margin_sel,
+                                       "transferable"):
+                        break
+                    result.p_values[t] = min(result.p_values[t], p)
+                    left.remove(t)
+                    previous = p
+                if not result.flagged:
+                    left = []
             while left:
                 t = max(left, key=lambda u: (index_sel[u], -u))
                 p = max(previous, selected_p(index_sel[t], len(left)))

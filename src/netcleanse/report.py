@@ -337,6 +337,8 @@ class DecisionInputs:
     stages: int = 1  # 2: transferable labels were tested first, each stage at alpha / 2
     # the first stage's allowance for easy labels that transfer (None: not recorded, a null blind to size)
     transfer_dependence: float | None = None
+    # the first stage's first step tested the transferable labels together by their ordered indices
+    transfer_ordered: bool = False
 
     @property
     def size_alpha(self) -> float:
@@ -528,7 +530,8 @@ def decision_inputs(scan: dict, rows: list[dict], roles: dict[int, str]) -> Deci
                           scan.get("rule") == "calibrated", signals, size, margin,
                           margin_median if signals == 2 else None, margin_scale if signals == 2 else None,
                           cal.MARGIN_RHO if signals == 2 else None, combination, stages,
-                          _as_float(reference.get("transfer_dependence")))
+                          _as_float(reference.get("transfer_dependence")),
+                          reference.get("transfer_statistic") == "ordered")
 
 
 def _combination(statistic: Any, rows: list[dict]) -> str:
