@@ -50,6 +50,10 @@ def test_scan_flags_planted_target_with_data(badnet, clean_data, tmp_path):
     assert info["flagged"] == [TARGET] and info["data"] == "tiny-clean" and len(info["labels"]) == N_CLASSES
     assert set(info["labels"][0]) >= {"label", "mask_l1", "attack_success", "anomaly_index", "flagged", "steps"}
     assert info["verdict"] == "backdoor-detected"
+    # few labels: each label's transferability on the clean images, the planted target's the largest
+    transfer = {r["label"]: r["transferability"] for r in info["labels"]}
+    assert info["settings"]["detection"]["transfer_threshold"] == PRESETS["fast"].few_labels_data_transfer
+    assert max(transfer, key=transfer.get) == TARGET and info["settings"]["passes"]["transfer"] > 0
     # mask_l1_vs_median: the same median the index is measured from
     assert rec["mask_l1_vs_median"] == pytest.approx(rec["mask_l1"] / info["settings"]["detection"]["median"])
     assert rec["mask_l1_vs_median"] < 1

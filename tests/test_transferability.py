@@ -40,26 +40,29 @@ def test_transferability_is_reproducible_and_a_label_without_sources_gets_zero(o
     assert expected_transferability(badnet, one, [0, 1], steps=5, generator=torch.Generator()) == {0: 0.0, 1: 0.0}
 
 
-def test_only_data_free_scans_of_models_with_few_labels_take_the_goal_and_measure_transferability():
+def test_scans_of_models_with_few_labels_measure_transferability_and_only_data_free_ones_take_the_goal():
     fast = PRESETS["fast"]
     free = fast.for_labels(10, data_free=True)
     assert free.transfer_threshold == fast.few_labels_data_free_transfer is not None
     assert free.coarse.schedule.attack_threshold == free.refine.schedule.attack_threshold == fast.few_labels_data_free_goal
+    # with data: the threshold of its own, the search the plan's own (its goal untouched)
     data = fast.for_labels(10)
-    assert data.transfer_threshold is None and data.refine.schedule.attack_threshold == 0.99
-    many = fast.for_labels(1283, data_free=True)
-    assert many is fast and many.transfer_threshold is None
+    assert data.transfer_threshold == fast.few_labels_data_transfer is not None
+    assert data.transfer_threshold != free.transfer_threshold
+    assert data.refine.schedule.attack_threshold == 0.99 and data.refine == fast.few_labels_refine
+    for data_free in (False, True):  # many labels: never measured
+        many = fast.for_labels(1283, data_free=data_free)
+        assert many is fast and many.transfer_threshold is None
     off = replace(fast, few_labels_data_free_goal=None, few_labels_data_free_transfer=None).for_labels(10, data_free=True)
     assert off.transfer_threshold is None and off.refine.schedule.attack_threshold == 0.99
-    assert "transfer_threshold" in free.to_dict() and "transfer_threshold" not in data.to_dict()
-    # the variant that measures it with data too (not in the presets): few labels only, search unchanged
-    with_data = replace(fast, few_labels_data_transfer=0.25)
-    assert with_data.for_labels(10).transfer_threshold == 0.25
-    assert with_data.for_labels(10).refine == data.refine
-    assert with_data.for_labels(1283).transfer_threshold is None
-    assert with_data.for_labels(10, data_free=True).transfer_threshold == fast.few_labels_data_free_transfer
-    only_data = replace(with_data, few_labels_data_free_transfer=None).to_dict()
-    assert only_data["few_labels_data_transfer"] == 0.25 and only_data["transfer"]["sources"] == fast.transfer_sources
+    no_data_transfer = replace(fast, few_labels_data_transfer=None)
+    assert no_data_transfer.for_labels(10).transfer_threshold is None
+    assert "transfer_threshold" not in no_data_transfer.for_labels(10).to_dict()
+    assert free.to_dict()["transfer_threshold"] != data.to_dict()["transfer_threshold"]
+    # the budget is recorded once, whichever threshold is set
+    only_data = replace(fast, few_labels_data_free_transfer=None).to_dict()
+    assert only_data["few_labels_data_transfer"] == fast.few_labels_data_transfer
+    assert only_data["transfer"]["sources"] == fast.transfer_sources
 
 
 def test_a_data_free_scan_of_few_labels_records_each_labels_transferability(one_thread, badnet, tmp_path):

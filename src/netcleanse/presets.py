@@ -79,9 +79,12 @@ class Preset:
     few_labels_data_free_goal: float | None = None
     few_labels_data_free_transfer: float | None = None
     # the same threshold for scans of models with few labels WITH data (None: transferability not
-    # computed; the search is the plan's own either way). Off in the presets: on the 10-label
-    # development half, thresholds 0.2-0.3 detected 27 of 28 backdoors instead of 26, exact sets
-    # unchanged (benchmarks/RESULTS.md, "With data, transferable labels first")
+    # computed; the search is the plan's own either way). 0.25 in ``fast``: chosen on the 10-label
+    # development half (27 of 28 backdoors detected and exact instead of 26 and 25, clean 0 of 30),
+    # then on the fresh evaluation half 49 of 52 detected and 47 exact instead of 46 and 45, clean 0
+    # of 60 (benchmarks/RESULTS.md, "With data, transferable labels first"). Clean images are
+    # natural inputs: a planted trigger transfers across most of them (0.24-0.81 on the weak-target
+    # nets' targets), a clean label's per-input triggers seldom (at most 0.15 there)
     few_labels_data_transfer: float | None = None
     # the transferability's budget: per label, ``transfer_sources`` per-input triggers of
     # ``transfer_steps`` steps, each tried on ``transfer_pool`` other inputs
@@ -177,6 +180,7 @@ PRESETS: dict[str, Preset] = {
         few_labels_n_opt=200,
         few_labels_data_free_goal=0.5,
         few_labels_data_free_transfer=0.05,
+        few_labels_data_transfer=0.25,
     ),
 }
 

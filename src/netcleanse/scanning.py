@@ -27,10 +27,11 @@ synthesises (:mod:`netcleanse.synthesis`). Two presets (:mod:`netcleanse.presets
     With few labels (:meth:`~netcleanse.presets.Preset.few_labels`: up to 21 with ``fast``, while
     refining them all costs no more than the largest many-labels refinement), every label is
     refined, on 200 inputs with a longer schedule (``few_labels_refine``: up to 200 epochs of
-    2 x 32 inputs), and the index is the paper's (median/MAD over all labels); data-free, every
-    trigger search stops at attack success 0.5 (``few_labels_data_free_goal``) and each label's
+    2 x 32 inputs), and the index is the paper's (median/MAD over all labels); each label's
     expected transferability (:mod:`netcleanse.transferability`) is measured on the scan's
-    inputs for the test (``few_labels_data_free_transfer``). With more labels
+    inputs for the test (threshold ``few_labels_data_transfer``, data-free
+    ``few_labels_data_free_transfer``), and data-free every trigger search stops at attack
+    success 0.5 (``few_labels_data_free_goal``). With more labels
     but no more than candidates + controls (64), every label is refined with step 2's schedule
     and the index is again over all labels.
 
