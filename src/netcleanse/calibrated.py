@@ -343,8 +343,7 @@ def _ordered_null(n_selected: int, n_reference: int, family: str, df: float, dra
     the sorted smallest marginal p-value ``min_j P(Z_(j) >= z_(j))`` of every simulated model."""
     order = _selected_order(n_selected, n_reference, family, df, draws, scale, signals, rho, dependence)
     columns = np.sort(order, axis=0)
-    p = np.stack([(1 + draws - np.searchsorted(columns[:, j], order[:, j], side="left")) / (draws + 1)
-                  for j in range(n_selected)], axis=1)
+    p = np.stack([_survival(columns[:, j], order[:, j]) for j in range(n_selected)], axis=1)
     return columns, np.sort(p.min(axis=1))
 
 
@@ -359,7 +358,7 @@ def ordered_selected_pvalue(indices, n_reference: int, family: str = FAMILY, df:
     With one label it is the max test."""
     z = -np.sort(-np.asarray(indices, dtype=float))
     columns, null = _ordered_null(len(z), n_reference, family, df, draws, scale, signals, rho, dependence)
-    p = (1 + draws - np.array([np.searchsorted(columns[:, j], z[j], side="left") for j in range(len(z))])) / (draws + 1)
+    p = np.array([_survival(columns[:, j], z[j]) for j in range(len(z))])
     j = int(np.flatnonzero(p == p.min())[-1]) + 1
     return float((1 + np.searchsorted(null, p.min(), side="right")) / (draws + 1)), j
 
@@ -377,8 +376,13 @@ def critical_index(n_labels: int, n_reference: int | None = None, alpha: float =
 def max_index_pvalue(index: float, n_labels: int, n_reference: int | None = None, family: str = FAMILY,
                      df: float = DF, draws: int = DRAWS, scale: str = "qn", signals: int = 1) -> float:
     """``P(T >= index)`` under the null: (1 + simulated models at least as extreme) / (draws + 1)."""
-    null = null_max_index(n_labels, n_reference, family, df, draws, scale, signals)
-    return float((1 + len(null) - np.searchsorted(null, index, side="left")) / (len(null) + 1))
+    return float(_survival(null_max_index(n_labels, n_reference, family, df, draws, scale, signals), index))
+
+
+def _survival(null: np.ndarray, z):
+    """``P(T >= z)`` under a simulated null of ``n`` sorted draws: (1 + draws at least ``z``) / (n + 1)
+    (never 0: the observed model counts as one of the draws); ``z`` a number or an array."""
+    return (1 + len(null) - np.searchsorted(null, z, side="left")) / (len(null) + 1)
 
 
 @dataclass
@@ -536,7 +540,7 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
             def selected_p(z: float, m: int) -> float:
                 null = null_selected_index(m, len(others), family, df, draws, scale, signals,
                                            dependence=transfer_dependence)
-                return min(1.0, factor * float((1 + len(null) - np.searchsorted(null, z, side="left")) / (len(null) + 1)))
+                return min(1.0, factor * float(_survival(null, z)))
             for t in selected:
                 result.indices[t], result.p_values[t] = index_sel[t], selected_p(index_sel[t], len(selected))
                 result.size_indices[t] = size_sel[t]
