@@ -91,8 +91,10 @@ def test_scan_on_ray_equals_local_even_after_a_worker_dies(ray_instance, badnet,
     assert np.array_equal(on_ray.masks, local.masks) and np.array_equal(on_ray.patterns, local.patterns)
     saved = json.loads((tmp_path / "ray" / "scan.json").read_text())
     assert saved["settings"]["executor"] == "ray" and saved["settings"]["ray_cpus"] == 2
-    # every chunk journalled: 3 coarse, 3 refinement, 1 of margins (8 labels: one margin chunk)
-    assert len((tmp_path / "ray" / "progress.jsonl").read_text().splitlines()) == 7
+    # every chunk journalled: 3 coarse, 3 refinement, 1 of margins (8 labels: one margin chunk) and
+    # the transferability (few labels: measured with data too, in this process)
+    stages = [json.loads(line)["stage"] for line in (tmp_path / "ray" / "progress.jsonl").read_text().splitlines()]
+    assert len(stages) == 8 and stages.count("transfer") == 1
 
     marker = tmp_path / "killed"
     killed = scan(badnet, clean_data, seed=5, progress=False, executor=KillOneWorker(marker, max_retries=2))
