@@ -7,7 +7,8 @@ For each built-in dataset (default: 10-class ``mnist`` and 100-class ``mnist-pai
 ``--n`` clean models and ``--n`` backdoored ones, in pairs ``<dataset>-clean_<i>`` /
 ``<dataset>-badnet_<i>``; each is a BadNet-lab folder (``model.pt``, test sets, ``truth.json``; see
 :mod:`netcleanse.lab`) plus ``entry.json``, its line in the zoo's index. The default 60 per
-dataset gives 240 models.
+dataset gives 240 models. Also known: ``digits`` (10 classes), ``mnist-triples`` (1000) and
+``mnist-pairs-43`` (43 classes at 3x32x32, for ``--arch gtsrb-cnn``, Neural Cleanse's traffic-sign net).
 
 What pair ``i`` of a dataset looks like is drawn from ``(seed, dataset, i)`` alone, so a model's
 plan never depends on ``--n`` or on which other models were built:
@@ -55,7 +56,7 @@ from netcleanse.utils import write_json_atomic
 
 LEARNED_ASR = 0.9
 DATASETS = ("mnist", "mnist-pairs")
-NUM_CLASSES = {"mnist": 10, "digits": 10, "mnist-pairs": 100, "mnist-triples": 1000}
+NUM_CLASSES = {"mnist": 10, "digits": 10, "mnist-pairs-43": 43, "mnist-pairs": 100, "mnist-triples": 1000}
 EPOCHS = (8, 12, 16)
 RATES = (0.01, 0.03, 0.05, 0.1)
 SPLITS = ("dev", "eval")
