@@ -270,6 +270,10 @@ def main(argv=None) -> int:
     ap.add_argument("--attack-goal", type=float, default=None,
                     help="scan with every trigger search's attack-success goal (the preset's 0.99) set to this "
                          "value, with data and data-free (a variant of the preset: use its own --out folder)")
+    ap.add_argument("--refine-steps", type=int, default=None,
+                    help="scan with the many-labels refinement's step limit (the preset's 300; models with few "
+                         "labels keep their own refinement) set to this (a variant of the preset: use its own "
+                         "--out folder)")
     ap.add_argument("--few-labels-data-free", choices=("on", "off"), default="on",
                     help="off: data-free scans of models with few labels keep the preset's attack-success goal and "
                          "measure no transferability (the plan before they were added; a variant of the preset: "
@@ -320,6 +324,14 @@ def main(argv=None) -> int:
             preset = replace(plan_of(preset), few_labels_refine=None, few_labels_n_opt=None)
         if args.attack_goal is not None:
             preset = goal_variant(preset, args.attack_goal)
+        if args.refine_steps is not None:
+            if args.refine_steps < 1:
+                raise NetcleanseError(f"--refine-steps is a positive number of steps, not {args.refine_steps}")
+            plan = plan_of(preset)
+            if plan.refine is None:
+                raise NetcleanseError(f"--refine-steps: preset {args.preset!r} has no refinement stage")
+            preset = replace(plan, refine=replace(plan.refine, schedule=replace(plan.refine.schedule,
+                                                                                max_epochs=args.refine_steps)))
         if args.few_labels_data_free == "off":
             preset = preset_variant(preset, few_labels_data_free_goal=None, few_labels_data_free_transfer=None)
         if args.few_labels_data_transfer is not None:
@@ -359,7 +371,7 @@ def main(argv=None) -> int:
             raise NetcleanseError(f"{len(other)} rows in {args.out} (e.g. {other[0]}) were scanned with another "
                                   f"inversion confidence or refinement than --inversion-confidence "
                                   f"{args.inversion_confidence} --few-labels-plan {args.few_labels_plan} "
-                                  f"--attack-goal {args.attack_goal} --few-labels-data-free "
+                                  f"--attack-goal {args.attack_goal} --refine-steps {args.refine_steps} --few-labels-data-free "
                                   f"{args.few_labels_data_free} --few-labels-data-transfer {args.few_labels_data_transfer}: "
                                   "one folder per variant")
         print(f"{len(rows)} scans of the {args.split} half{planned}; calibrated rule at alpha "

@@ -255,6 +255,10 @@ def test_detection_quality_scans_resumably_and_scores_both_rules(benchmark_modul
         assert dq.main(args + ["--summary-only", *variant]) == 2
         assert "one folder per variant" in capsys.readouterr().err
     assert dq.main(args + ["--summary-only", "--inversion-confidence", "off"]) == 0  # the preset itself
+    # --refine-steps changes the many-labels refinement only: 10-label rows keep their own, so they fit
+    assert dq.main(args + ["--summary-only", "--refine-steps", "150"]) == 0
+    assert dq.main(args + ["--summary-only", "--refine-steps", "0"]) == 2
+    assert "positive number of steps" in capsys.readouterr().err
 
 def test_traffic_sign_architecture_trains_in_the_lab_and_scans(tmp_path, monkeypatch):
     """gtsrb-cnn (Neural Cleanse's traffic-sign net) on the 43-class 3x32x32 mnist-pairs-43: the lab
