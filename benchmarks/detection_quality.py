@@ -271,9 +271,9 @@ def main(argv=None) -> int:
                     help="scan with every trigger search's attack-success goal (the preset's 0.99) set to this "
                          "value, with data and data-free (a variant of the preset: use its own --out folder)")
     ap.add_argument("--refine-steps", type=int, default=None,
-                    help="scan with the refinement's step limit for models with more than few labels (the "
-                         "preset's 300, or 150 when every label is refined, 22-64 labels; models with few labels "
-                         "keep their own refinement) set to this (a variant of the preset: use its own --out folder)")
+                    help="scan with the many-labels refinement's step limit (the preset's 300; models with few "
+                         "labels keep their own refinement) set to this (a variant of the preset: use its own "
+                         "--out folder)")
     ap.add_argument("--few-labels-data-free", choices=("on", "off"), default="on",
                     help="off: data-free scans of models with few labels keep the preset's attack-success goal and "
                          "measure no transferability (the plan before they were added; a variant of the preset: "
@@ -331,8 +331,7 @@ def main(argv=None) -> int:
             if plan.refine is None:
                 raise NetcleanseError(f"--refine-steps: preset {args.preset!r} has no refinement stage")
             preset = replace(plan, refine=replace(plan.refine, schedule=replace(plan.refine.schedule,
-                                                                                max_epochs=args.refine_steps)),
-                             all_refined_steps=None if plan.all_refined_steps is None else args.refine_steps)
+                                                                                max_epochs=args.refine_steps)))
         if args.few_labels_data_free == "off":
             preset = preset_variant(preset, few_labels_data_free_goal=None, few_labels_data_free_transfer=None)
         if args.few_labels_data_transfer is not None:

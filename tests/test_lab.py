@@ -255,8 +255,7 @@ def test_detection_quality_scans_resumably_and_scores_both_rules(benchmark_modul
         assert dq.main(args + ["--summary-only", *variant]) == 2
         assert "one folder per variant" in capsys.readouterr().err
     assert dq.main(args + ["--summary-only", "--inversion-confidence", "off"]) == 0  # the preset itself
-    # --refine-steps changes the refinement of models with more than few labels only: 10-label rows keep
-    # their own, so they fit
+    # --refine-steps changes the many-labels refinement only: 10-label rows keep their own, so they fit
     assert dq.main(args + ["--summary-only", "--refine-steps", "150"]) == 0
     assert dq.main(args + ["--summary-only", "--refine-steps", "0"]) == 2
     assert "positive number of steps" in capsys.readouterr().err

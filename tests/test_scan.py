@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -136,24 +135,6 @@ def test_the_few_labels_plan_costs_no_more_than_the_largest_many_labels_refineme
     assert (len(few) + 1) * fast.few_labels_refine.schedule.max_passes() > cap  # 43 labels: not
 
 
-def test_scans_that_refine_every_label_stop_the_refinement_at_their_own_step_limit():
-    # more labels than few, no more than candidates + controls (22-64 with fast): every label is
-    # refined on the many-labels schedule, stopped at all_refined_steps; beyond, the preset's own
-    fast = PRESETS["fast"]
-    few = max(n for n in range(1, 200) if fast.few_labels(n))
-    for n in (few + 1, 43, fast.candidates + fast.controls):
-        refine = fast.for_labels(n).refine
-        assert refine.schedule.max_epochs == fast.all_refined_steps < fast.refine.schedule.max_epochs
-        assert refine == replace(fast.refine, schedule=replace(fast.refine.schedule, max_epochs=fast.all_refined_steps))
-        assert fast.for_labels(n, data_free=True).refine == refine
-    for n in (fast.candidates + fast.controls + 1, 100, 1283):
-        assert fast.for_labels(n) is fast
-    assert fast.for_labels(few).refine == fast.few_labels_refine
-    assert replace(fast, all_refined_steps=None).for_labels(43).refine == fast.refine
-    assert fast.to_dict()["all_refined_steps"] == fast.all_refined_steps
-    assert "all_refined_steps" not in PRESETS["reference"].to_dict()
-
-
 def test_mid_size_label_counts_refine_every_label_on_the_many_labels_schedule():
     # 30 labels: beyond the few-labels plan, no more than candidates + controls: every label is
     # refined on the many-labels schedule and scored against all labels
@@ -162,8 +143,7 @@ def test_mid_size_label_counts_refine_every_label_on_the_many_labels_schedule():
     x, y = make_data(300, torch.Generator().manual_seed(98), n_classes)
     result = scan(model, Dataset(x, y, source="tiny-30"), progress=False)
     assert result.settings["detection"]["scheme"] == "all labels"
-    assert result.settings["plan"]["refine"] == PRESETS["fast"].for_labels(n_classes).refine.to_dict()
-    assert result.settings["plan"]["refine"]["schedule"]["max_epochs"] == PRESETS["fast"].all_refined_steps
+    assert result.settings["plan"]["refine"] == PRESETS["fast"].refine.to_dict()
     assert result.settings["plan"]["n_opt"] == PRESETS["fast"].n_opt
     assert {rec["stage"] for rec in result.labels} == {"refine"}
     assert max(result.labels, key=lambda r: r["anomaly_index"])["label"] == TARGET

@@ -67,7 +67,7 @@ def test_a_scan_takes_a_preset_variant_and_records_it(badnet):
 def test_the_few_labels_plan_takes_its_own_inversion_confidence():
     fast = PRESETS["fast"]
     variant = replace(fast, few_labels_inversion_confidence=0.9)
-    few, many = 10, 100
+    few, many = 10, 43
     assert variant.for_labels(few).inversion_confidence == 0.9
     assert variant.for_labels(few).refine == fast.few_labels_refine
     assert variant.for_labels(many) is variant and variant.for_labels(many).inversion_confidence is None

@@ -93,14 +93,6 @@ class Preset:
     transfer_steps: int = 150
     # set by :meth:`for_labels` for the scan at hand: the transferability threshold it uses (None: off)
     transfer_threshold: float | None = None
-    # models with more labels than few but no more than ``candidates + controls``, every one of them
-    # refined with ``refine``: that refinement's step limit (None: the stage's own). 150 in ``fast``:
-    # chosen on a development half of ten 43-label pairs (traffic-sign architecture), where every
-    # verdict at 150 steps was the one at 300 in both modes at ~0.63 of the refinement's passes;
-    # their clean labels' masks keep shrinking slowly for hundreds of steps while planted triggers
-    # converge by step 50-100, so the longer search only narrows the targets' lead. The many-labels
-    # scans (random controls) keep 300: their controls need it (benchmarks/RESULTS.md, 43 labels)
-    all_refined_steps: int | None = None
 
     def __post_init__(self):
         if self.rank_failed not in ("mask", "success"):
@@ -123,13 +115,9 @@ class Preset:
     def for_labels(self, n_labels: int, data_free: bool = False) -> "Preset":
         """The plan a scan of ``n_labels`` labels follows: with few labels (:meth:`few_labels`) the
         ``few_labels_*`` settings replace their counterparts (data-free, also the
-        ``few_labels_data_free_*`` ones); with every label refined but not few, the preset with
-        its refinement stopped at ``all_refined_steps``; else the preset itself."""
+        ``few_labels_data_free_*`` ones), else the preset itself."""
         if not self.few_labels(n_labels):
-            if self.all_refined_steps is None or self.refine is None or n_labels > self.candidates + self.controls:
-                return self
-            return replace(self, refine=replace(self.refine, schedule=replace(self.refine.schedule,
-                                                                              max_epochs=self.all_refined_steps)))
+            return self
         confidence = self.few_labels_inversion_confidence
         plan = replace(self, refine=self.few_labels_refine, n_opt=self.few_labels_n_opt or self.n_opt,
                        inversion_confidence=self.inversion_confidence if confidence is None else confidence)
@@ -164,8 +152,7 @@ class Preset:
                    {"few_labels_data_transfer": self.few_labels_data_transfer,
                     # (the budget once, where the data-free threshold has not recorded it already)
                     **({} if self.few_labels_data_free_transfer is not None else {"transfer": budget})}),
-                **({} if self.transfer_threshold is None else {"transfer_threshold": self.transfer_threshold}),
-                **({} if self.all_refined_steps is None else {"all_refined_steps": self.all_refined_steps})}
+                **({} if self.transfer_threshold is None else {"transfer_threshold": self.transfer_threshold})}
 
 
 PRESETS: dict[str, Preset] = {
@@ -194,7 +181,6 @@ PRESETS: dict[str, Preset] = {
         few_labels_data_free_goal=0.5,
         few_labels_data_free_transfer=0.05,
         few_labels_data_transfer=0.25,
-        all_refined_steps=150,
     ),
 }
 
