@@ -38,7 +38,7 @@ carry margins), ``observed-pairs`` is the rate on the zoo's clean scans with bot
 data-free scans (transferable labels tested first, Bonferroni over both stages) on the test's own
 bivariate null, with 1-3 labels of each clean model made transferable: those of largest score
 ``d * g + sqrt(1 - d^2) * e`` (``g`` the size anomaly, ``e`` noise), for dependences ``d`` of
-0 (``transfer-0``: random labels), 0.3, the test's allowance ``TRANSFER_RHO`` (0.5: up to it the
+0 (``transfer-0``: random labels), 0.3, the test's allowance ``TRANSFER_RHO`` (0.7: up to it the
 test must flag at most alpha), 0.8 and 1 (``transfer-1``: the easiest labels, the worst case, which
 measures how far the level can be off beyond the allowance).
 """

@@ -71,11 +71,12 @@ from .errors import NetcleanseError
 from .executor import Executor, LocalExecutor
 from .journal import Journal, data_digest, lock_folder, prepare_out, weights_digest
 from .margin import max_margins
-from .neural_cleanse import Schedule, attack_success, reverse_engineer
+from .neural_cleanse import MAX_IMAGES, Schedule, attack_success, reverse_engineer
+from .passes import MEASURE_IMAGES, images_per_pass
 from .presets import PRESETS, Preset, Stage, plan_of  # PRESETS, Preset, Stage: still importable from here
 from .progress import progress_bar
 from .synthesis import INVERSION_STEPS, INVERT_IMAGES, smooth_noise, synthesize_inputs  # noqa: F401 (they lived here)
-from .transferability import expected_transferability
+from .transferability import MAX_IMAGES as TRANSFER_IMAGES, expected_transferability
 from .trigger import Trigger
 from .utils import resolve_device
 
@@ -281,11 +282,14 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
     journal = Journal(out_dir)
 
     work, channels_last = _working_copy(model, dev)
+    # how many images a gradient pass may hold (memory only; :mod:`netcleanse.passes`)
+    per_pass = images_per_pass(work, model.input_shape, dev, channels_last)
+    settings["images_per_pass"] = min(MAX_IMAGES, per_pass)
 
     gen = torch.Generator().manual_seed(int(seed))
     if data is None:
         x_all = synthesize_inputs(work, plan.n_opt + plan.n_val, plan.data_free_inputs, gen, dev,
-                                  confidence=plan.inversion_confidence)
+                                  confidence=plan.inversion_confidence, max_images=min(INVERT_IMAGES, per_pass))
         n_opt = plan.n_opt
     else:
         order = torch.randperm(len(data), generator=gen)
@@ -302,7 +306,7 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
     bar = progress_bar(disable=None if progress else True)
     with bar:
         coarse = _run_stage(work, plan.coarse, labels, x_opt, x_val, journal, seed, bar, channels_last, dev,
-                            executor=executor)
+                            executor=executor, per_pass=per_pass)
         for t, (rec, m, p, _, _) in coarse.items():
             results[t], masks[t], patterns[t] = rec, m, p
 
@@ -331,19 +335,19 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
             init = {t: (coarse[t][3], coarse[t][4], coarse[t][0]["cost"], coarse[t][0]["steps"],
                         coarse[t][0]["time_s"]) for t in refined}
             fine = _run_stage(work, plan.refine, refined, x_opt, x_val, journal, seed, bar, channels_last, dev,
-                              init=init, executor=executor)
+                              init=init, executor=executor, per_pass=per_pass)
             for t, (rec, m, p, _, _) in fine.items():
                 results[t], masks[t], patterns[t] = rec, m, p
 
         transfer_passes = None
         # the second signal, for every label the verdict tests (all, or the refined ones)
         tested = refined if refined and len(refined) < len(labels) else labels
-        margins = label_margins(work, tested, seed, plan, dev, channels_last, journal, bar, executor)
+        margins = label_margins(work, tested, seed, plan, dev, channels_last, journal, bar, executor, per_pass)
         for t in tested:
             results[t] = dict(results[t], max_margin=margins[t])
         if plan.transfer_threshold is not None:  # few labels (data-free, or with data if set): every label is tested
             transfer, transfer_passes = label_transferability(work, labels, torch.cat([x_opt, x_val]), seed, plan,
-                                                              journal, bar)
+                                                              journal, bar, per_pass)
             for t in labels:
                 results[t] = dict(results[t], transferability=transfer[t])
 
@@ -379,7 +383,7 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         median_for = {t: med for t in labels}
     settings["passes"] = image_passes(plan, labels, coarse, {t: results[t] for t in refined}, tested,
                                       n_opt=len(x_opt), n_val=len(x_val), data_free=data is None,
-                                      transfer=transfer_passes)
+                                      transfer=transfer_passes, probe=MEASURE_IMAGES)
     mad_flagged = flag_labels(labels, index, threshold)
     test = calibrated_test(*calibrated_inputs([results[t] for t in labels], settings["detection"]), alpha=alpha,
                            margins=tested_margins([results[t] for t in labels], settings["detection"]),
@@ -413,14 +417,16 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
 
 
 def image_passes(plan: Preset, labels, coarse: dict, refined: dict, tested, *, n_opt: int, n_val: int,
-                 data_free: bool, transfer: dict | None = None) -> dict[str, int]:
+                 data_free: bool, transfer: dict | None = None, probe: int = 0) -> dict[str, int]:
     """What a scan cost, in images through the network (a machine-independent measure of its work):
     per stage, the forward + input-gradient passes (one image of one label's search, or of one
     margin start, per step) and the forward-only passes of the held-back attack-success check.
 
     coarse: label -> (record, ...) of the first stage; refined: label -> record after refinement
     (its ``steps`` include the first stage's); tested: the labels whose margins were computed;
-    transfer: the transferability's own count (``backward``, ``forward``), if it was measured."""
+    transfer: the transferability's own count (``backward``, ``forward``), if it was measured; probe: the
+    images of the forward pass that measured the memory of a gradient pass (:mod:`netcleanse.passes`;
+    built with autograd on, no backward)."""
     def batch(stage: Stage) -> int:
         return min(stage.schedule.batch_size, n_opt)
 
@@ -432,6 +438,8 @@ def image_passes(plan: Preset, labels, coarse: dict, refined: dict, tested, *, n
     out["margin"] = len(tested) * plan.margin_restarts * plan.margin_steps
     if transfer is not None:
         out["transfer"] = int(transfer["backward"])
+    if probe:
+        out["memory_probe"] = int(probe)
     out["backward_total"] = sum(out.values())
     # the attack-success checks, and the margin search's last look at its inputs
     held_back = min(n_val, plan.coarse.held_back or n_val)
@@ -471,7 +479,7 @@ def tested_transfer(records: list[dict], detection: dict) -> dict:
 
 
 def label_transferability(work, labels, x: torch.Tensor, seed: int, plan: Preset, journal: Journal | None = None,
-                          bar=None) -> tuple[dict[int, float], dict]:
+                          bar=None, per_pass: int = TRANSFER_IMAGES) -> tuple[dict[int, float], dict]:
     """Each label's expected transferability (:mod:`netcleanse.transferability`) on inputs ``x``,
     with the preset's budget, and the image passes it took; one journal entry (``transfer``), so a
     resumed scan does not redo it."""
@@ -482,7 +490,8 @@ def label_transferability(work, labels, x: torch.Tensor, seed: int, plan: Preset
         passes: dict = {}
         with torch.enable_grad():
             values = expected_transferability(work, x, labels, sources=plan.transfer_sources, pool=plan.transfer_pool,
-                                              steps=plan.transfer_steps, generator=gen, passes=passes)
+                                              steps=plan.transfer_steps, generator=gen, passes=passes,
+                                              max_images=min(TRANSFER_IMAGES, per_pass))
         memory.put("transfer", {"stage": "transfer", "labels": list(labels), "passes": passes},
                    {"transferability": np.array([values[t] for t in labels])})
         if task is not None:
@@ -520,8 +529,12 @@ def record_margins(model, scans: list[dict], seed: int, preset: str = "fast") ->
     return margins
 
 
+# inputs per forward pass of the margin search (max_margins' max_images; why 96: neural_cleanse.MAX_IMAGES)
+MARGIN_IMAGES = 96
+
+
 def label_margins(work, labels, seed: int, plan: Preset, device, channels_last: bool, journal: Journal | None = None,
-                  bar=None, executor: Executor | None = None) -> dict[int, float]:
+                  bar=None, executor: Executor | None = None, per_pass: int = MARGIN_IMAGES) -> dict[int, float]:
     """Each label's maximum logit margin (:func:`netcleanse.margin.max_margins`) with the preset's
     budget; a label's value depends on the model, ``seed`` and the label only, so a scan and a later
     computation on the same model agree. The labels go in the chunks :func:`max_margins` forms itself
@@ -550,7 +563,7 @@ def label_margins(work, labels, seed: int, plan: Preset, device, channels_last: 
 
     show()
     jobs = [(chunks[ci], seed, plan.margin_restarts, plan.margin_steps, str(device)) for ci in todo]
-    shared = _ScanShared(work, None, None, channels_last)
+    shared = _ScanShared(work, None, None, channels_last, per_pass)
     for j, values in executor.map(_margin_chunk, shared, jobs, on_progress):
         memory.put(keys[todo[j]], {"stage": "margin", "labels": chunks[todo[j]]}, {"margins": values})
         running.pop(j, None)
@@ -563,20 +576,18 @@ def label_margins(work, labels, seed: int, plan: Preset, device, channels_last: 
     return out
 
 
-# inputs per forward pass of the margin search (max_margins' max_images; why 96: neural_cleanse.MAX_IMAGES)
-MARGIN_IMAGES = 96
-
-
 def _margin_chunk(shared: "_ScanShared", job, progress) -> np.ndarray:
     """The margins of one chunk of labels (one forward pass of :func:`max_margins`), wherever it runs."""
     labels, seed, restarts, steps, device = job
     return max_margins(shared.model, labels, shared.model.input_shape, seed=seed, restarts=restarts, steps=steps,
-                       device=torch.device(device), max_images=MARGIN_IMAGES, channels_last=shared.channels_last,
+                       device=torch.device(device), channels_last=shared.channels_last,
+                       max_images=min(MARGIN_IMAGES, shared.per_pass),
                        on_chunk=progress)
 
 
 def _run_stage(work, stage: Stage, labels: list[int], x_opt, x_val, journal: Journal, seed: int, bar,
-               channels_last: bool, dev, init: dict | None = None, executor: Executor | None = None) -> dict:
+               channels_last: bool, dev, init: dict | None = None, executor: Executor | None = None,
+               per_pass: int = MAX_IMAGES) -> dict:
     """Search every label of ``labels`` in chunks; returns label -> (record, mask, pattern, last mask,
     last pattern), reading finished chunks from the journal. The chunks not yet in the journal go
     through ``executor`` (default: this process); each is journalled as soon as it comes back, in
@@ -604,7 +615,7 @@ def _run_stage(work, stage: Stage, labels: list[int], x_opt, x_val, journal: Jou
                      [init[t][2] for t in chunk], {t: (init[t][3], init[t][4]) for t in chunk})
         jobs.append(_ChunkJob(stage.name, stage.schedule, chunk, _chunk_seed(seed, stage.name, ci), start,
                               stage.held_back))
-    shared = _ScanShared(work, x_opt, x_val, channels_last)
+    shared = _ScanShared(work, x_opt, x_val, channels_last, per_pass)
     for j, (entry, arrays) in executor.map(_search_chunk, shared, jobs, on_progress):
         journal.put(keys[todo[j]], entry, arrays)
         running.pop(j, None)
@@ -636,8 +647,9 @@ class _ScanShared:
     can ship it to workers once; a TorchScript network travels as ``torch.jit.save`` bytes (a
     ScriptModule cannot be pickled) and comes back in the same memory format."""
 
-    def __init__(self, model, x_opt, x_val, channels_last: bool):
+    def __init__(self, model, x_opt, x_val, channels_last: bool, per_pass: int = MAX_IMAGES):
         self.model, self.x_opt, self.x_val, self.channels_last = model, x_opt, x_val, channels_last
+        self.per_pass = per_pass  # images a gradient pass may hold (:func:`netcleanse.passes.images_per_pass`)
 
     def __getstate__(self):
         state = dict(self.__dict__, scripted=None)
@@ -683,7 +695,8 @@ def _search_chunk(shared: _ScanShared, job: _ChunkJob, progress) -> tuple[dict, 
         init_pair = (torch.from_numpy(np.array(init[0])), torch.from_numpy(np.array(init[1])))  # writable copies
         init_cost = torch.tensor([max(c, s.init_cost) for c in init[2]])
     found = reverse_engineer(work, x_opt, chunk, s, generator=gen, init=init_pair, init_cost=init_cost,
-                             on_epoch=on_epoch, channels_last=channels_last)
+                             on_epoch=on_epoch, channels_last=channels_last,
+                             max_images=min(MAX_IMAGES, shared.per_pass))
     asr = attack_success(work, x_val[:job.held_back], torch.stack([r.mask for r in found]),
                          torch.stack([r.pattern for r in found]), chunk, channels_last=channels_last)
     # a refined label's steps and time include its coarse search

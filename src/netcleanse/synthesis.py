@@ -46,14 +46,19 @@ def smooth_noise(input_shape, n: int, generator: torch.Generator, coarseness: in
     return x.clamp(0, 1)
 
 
+INVERSION_STEPS = 30  # gradient steps of the data-free input inversion
+INVERT_IMAGES = 96  # inputs per forward pass of the inversion (bounds its autograd graph's memory)
+
+
 def synthesize_inputs(model, n: int, kind: str, generator: torch.Generator, device=None,
-                      confidence: float | None = None) -> torch.Tensor:
+                      confidence: float | None = None, max_images: int = INVERT_IMAGES) -> torch.Tensor:
     """Inputs for a data-free scan, (n, C, H, W) in [0, 1].
 
     ``uniform``: i.i.d. uniform pixels. ``smooth``: uniform noise on a 5x coarser grid,
     bilinearly upsampled (image-like low-frequency blobs). ``inversion``: smooth noise optimised
     to be classified confidently as n different random classes, with a total-variation prior;
     with ``confidence``, each input kept at the first step its class reaches that probability.
+    ``max_images``: inputs per gradient pass of the inversion (memory only, :mod:`netcleanse.passes`).
     """
     if confidence is not None and not (0 < confidence < 1 and kind == "inversion"):
         raise NetcleanseError(f"an inversion confidence must be between 0 and 1 (and needs kind inversion), "
@@ -64,14 +69,10 @@ def synthesize_inputs(model, n: int, kind: str, generator: torch.Generator, devi
     elif kind in ("smooth", "inversion"):
         x = smooth_noise(model.input_shape, n, generator)
         if kind == "inversion":
-            x = _invert(model, x, generator, device, confidence=confidence)
+            x = _invert(model, x, generator, device, confidence=confidence, max_images=max_images)
     else:
         raise NetcleanseError(f"unknown data-free input kind {kind!r}; use uniform, smooth or inversion")
     return x.float()
-
-
-INVERSION_STEPS = 30  # gradient steps of the data-free input inversion
-INVERT_IMAGES = 96  # inputs per forward pass of the inversion (bounds its autograd graph's memory)
 
 
 def _invert(model, x0: torch.Tensor, generator: torch.Generator, device, steps: int = INVERSION_STEPS,

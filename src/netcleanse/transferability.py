@@ -44,12 +44,14 @@ MAX_IMAGES = 256  # per-input triggers optimised in one forward pass
 
 
 def expected_transferability(model, x: torch.Tensor, labels, *, sources: int = 8, pool: int = 64,
-                             steps: int = 150, generator: torch.Generator, passes: dict | None = None) -> dict[int, float]:
+                             steps: int = 150, generator: torch.Generator, passes: dict | None = None,
+                             max_images: int = MAX_IMAGES) -> dict[int, float]:
     """ET of each label in ``labels`` (module doc) on inputs ``x`` (N, C, H, W) in [0, 1], each label's
     sources and pool drawn from the inputs ``model`` does not classify as it (``generator`` fixes
     which). A label with no such inputs, or fewer than two, gets ET 0. ``passes``, if given, is
     filled with the images that went through the network: ``backward`` (forward + gradient) and
-    ``forward`` (forward only)."""
+    ``forward`` (forward only). ``max_images``: per-input triggers per gradient pass (memory only,
+    :mod:`netcleanse.passes`)."""
     model.eval()
     if passes is not None:
         passes.update(backward=0, forward=len(x))
@@ -71,8 +73,8 @@ def expected_transferability(model, x: torch.Tensor, labels, *, sources: int = 8
     src, tgt = torch.cat(src), torch.tensor(tgt, device=x.device)
     if passes is not None:
         passes["backward"] += len(src) * steps
-    parts = [_per_input_triggers(model, src[lo:lo + MAX_IMAGES], tgt[lo:lo + MAX_IMAGES], steps)
-             for lo in range(0, len(src), MAX_IMAGES)]
+    parts = [_per_input_triggers(model, src[lo:lo + max_images], tgt[lo:lo + max_images], steps)
+             for lo in range(0, len(src), max_images)]
     masks, patterns, found = (torch.cat(part) for part in zip(*parts))
     rates: dict[int, list[float]] = {}
     with torch.no_grad():

@@ -1,0 +1,63 @@
+"""How many images one gradient pass of a scan may hold: its memory bound.
+
+Every search of a scan (the triggers, the margins, the data-free inputs, the transferability) takes
+its gradients a group of images at a time. The groups change no number a search computes (each
+image's loss, gradient and Adam step are its own; only the rounding of batched kernels could
+differ), but they bound the memory of the autograd graph: it holds the activations the backward
+pass needs, for every image of the group at once. That is a few hundred KiB per image for the
+CSAW net or a 32x32 net, and ~105-125 MiB for a ResNet-50 at 224x224 (96 images: ~12 GiB, more than a
+laptop or a consumer GPU has).
+
+So a group holds at most a search's own number of images (``cap``: 96 for the trigger, margin and
+input searches, :data:`netcleanse.neural_cleanse.MAX_IMAGES`; 256 per-input triggers for the
+transferability) and fewer where that many of this model's images would keep more than
+``NETCLEANSE_PASS_MIB`` (default 2048) MiB of activations:
+
+    images per pass = min( cap, max(1, floor(budget / b)) ) ,
+
+with ``b`` the bytes of the tensors autograd saves for one image, measured on the scan's own
+working copy of the model (one forward pass of two images, parameters and buffers not counted).
+The budget is a setting, not the free memory of the moment, so a scan's groups depend on the model
+and the setting only; raise it on a large GPU (fewer, larger passes), lower it on a small machine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .limits import Limit
+
+PASS_MIB = Limit("NETCLEANSE_PASS_MIB", 2048,
+                 "MiB of activations one gradient pass of a scan may keep for its backward pass")
+MEASURE_IMAGES = 2  # images of the one measuring forward pass
+
+
+def graph_bytes_per_image(model, input_shape, device=None, channels_last: bool = False) -> int:
+    """Bytes of the tensors autograd saves for one image of ``input_shape`` (C, H, W) when the
+    gradient is taken with respect to the input (module doc); each storage counted once, the
+    model's own parameters and buffers not at all."""
+    device = device or torch.device("cpu")
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = torch.rand(MEASURE_IMAGES, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    del out
+    return max(1, -(-sum(seen.values()) // MEASURE_IMAGES))
+
+
+def images_per_pass(model, input_shape, device=None, channels_last: bool = False) -> int:
+    """How many images of ``input_shape`` one gradient pass through ``model`` may hold under
+    ``NETCLEANSE_PASS_MIB`` (at least 1); each search takes the smaller of this and its own number
+    (module doc)."""
+    return max(1, (PASS_MIB() << 20) // graph_bytes_per_image(model, input_shape, device, channels_last))
