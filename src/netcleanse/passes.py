@@ -1,12 +1,13 @@
 """How many images one gradient pass of a scan may hold: its memory bound.
 
 Every search of a scan (the triggers, the margins, the data-free inputs, the transferability) takes
-its gradients a group of images at a time. The groups change no number a search computes (each
-image's loss, gradient and Adam step are its own; only the rounding of batched kernels could
-differ), but they bound the memory of the autograd graph: it holds the activations the backward
-pass needs, for every image of the group at once. That is a few hundred KiB per image for the
-CSAW net or a 32x32 net, and ~105-125 MiB for a ResNet-50 at 224x224 (96 images: ~12 GiB, more than a
-laptop or a consumer GPU has).
+its gradients a group of images at a time. The groups change no number a search computes beyond
+the rounding of batched kernels (each image's loss, gradient and Adam step are its own; the
+data-free inversion's 30 steps can carry that rounding into the searches, ~0.1 % of a mask's size);
+what they bound is the memory of the autograd graph, which holds the activations the backward pass
+needs for every image of the group at once. That is about half a MiB per image for the CSAW net or a 32x32
+net, and 82 MiB for a ResNet-50 at 224x224, one of whose search steps peaked at 8.8 GiB with 96
+images per pass (``benchmarks/pass_memory.py``): more than a laptop or a consumer GPU has.
 
 So a group holds at most a search's own number of images (``cap``: 96 for the trigger, margin and
 input searches, :data:`netcleanse.neural_cleanse.MAX_IMAGES`; 256 per-input triggers for the
