@@ -20,10 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _frozen(net: nn.Module) -> nn.Module:
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
+    return net.eval().requires_grad_(False)
 
 
 def _conv_net(channels: int = 16) -> nn.Module:
