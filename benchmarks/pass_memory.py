@@ -1,7 +1,7 @@
-"""Memory of a scan's gradient passes: the bounded pass (netcleanse.passes) against the fixed 96 images.
+"""Memory of a gradient pass: the bounded pass (netcleanse.passes) against the whole group of images.
 
     python benchmarks/pass_memory.py [--net resnet50|csaw-deepid|gtsrb-cnn] [--input 3x224x224]
-                                     [--threads 2] [--labels 12]
+                                     [--threads 2] [--labels 12] [--step search|train]
 
 One trigger-search step of the refinement's shape (``--labels`` labels x 8 inputs, stamped, forward,
 input gradient, Adam step), each setting in a fresh child process so that its peak RSS is its own:
@@ -9,6 +9,11 @@ input gradient, Adam step), each setting in a fresh child process so that its pe
 * baseline: every pass holds up to 96 stamped images (the fixed bound before netcleanse.passes);
 * bounded: up to ``images_per_pass`` images, as a scan sets it under ``NETCLEANSE_PASS_MIB``
   (default 2048 MiB of activations).
+
+``--step train``: one training step of a repair instead (fine-tuning and unlearning: a mini-batch of
+64 labelled images, weight gradients, one Adam step, :func:`netcleanse.training.train`); baseline:
+the whole mini-batch in one pass (``NETCLEANSE_PASS_MIB`` set out of reach), bounded: the parts of
+:func:`netcleanse.training.images_per_step`, their gradients summed.
 
 Prints, for each: images per pass, peak RSS, wall time of the step, and the ratios bounded/baseline,
 plus the per-image activation bytes :func:`netcleanse.passes.graph_bytes_per_image` measured. The
@@ -67,6 +72,28 @@ def build(net: str, input_shape):
     return Classifier(module, input_shape=input_shape, num_classes=num_classes), tuple(input_shape)
 
 
+def train_child(net: str, input_shape, bounded: bool, threads: int) -> dict:
+    """One fine-tuning step (a mini-batch of 64) in this (fresh) process."""
+    import os
+    from netcleanse.data import Dataset
+    from netcleanse.passes import graph_bytes_per_image
+    from netcleanse.pruning import FINE_TUNE_BATCH
+    from netcleanse.training import images_per_step, train
+    if not bounded:
+        os.environ["NETCLEANSE_PASS_MIB"] = str(1 << 30)
+    model, shape = build(net, input_shape)
+    per_image = graph_bytes_per_image(model, shape, training=True)
+    per_pass = images_per_step(model, FINE_TUNE_BATCH)
+    gen = torch.Generator().manual_seed(0)
+    data = Dataset(torch.rand(FINE_TUNE_BATCH, *shape, generator=gen),
+                   torch.randint(0, model.num_classes, (FINE_TUNE_BATCH,), generator=gen), "random")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t = time.perf_counter()
+    train(model, data, epochs=1, batch_size=FINE_TUNE_BATCH, progress=False, threads=threads)
+    return {"images_per_pass": per_pass, "step_s": time.perf_counter() - t, "before_mib": before,
+            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "activation_mib_per_image": per_image / 2**20}
+
+
 def child(net: str, input_shape, labels: int, bounded: bool, threads: int) -> dict:
     """One search step in this (fresh) process: images per pass, peak RSS, wall time."""
     from netcleanse.neural_cleanse import MAX_IMAGES, Schedule, reverse_engineer
@@ -92,16 +119,22 @@ def main(argv=None) -> int:
     ap.add_argument("--input", default="3x224x224", help="CxHxW of the resnet50")
     ap.add_argument("--labels", type=int, default=12, help="labels searched together (x 8 inputs: 96 images)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--step", choices=("search", "train"), default="search",
+                    help="a scan's trigger-search step (default) or a repair's training step")
     ap.add_argument("--child", choices=("baseline", "bounded"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     shape = tuple(int(v) for v in args.input.lower().split("x"))
     if args.child:
-        print(json.dumps(child(args.net, shape, args.labels, args.child == "bounded", args.threads)))
+        if args.step == "train":
+            print(json.dumps(train_child(args.net, shape, args.child == "bounded", args.threads)))
+        else:
+            print(json.dumps(child(args.net, shape, args.labels, args.child == "bounded", args.threads)))
         return 0
     out = {}
+    what = f"{args.labels} labels x 8 inputs" if args.step == "search" else "a 64-image mini-batch"
     for setting in ("baseline", "bounded"):
         done = subprocess.run([sys.executable, __file__, "--net", args.net, "--input", args.input, "--labels",
-                               str(args.labels), "--threads", str(args.threads), "--child", setting],
+                               str(args.labels), "--threads", str(args.threads), "--step", args.step, "--child", setting],
                               capture_output=True, text=True, check=False)
         if done.returncode != 0:
             print(f"{setting}: the child failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -109,7 +142,7 @@ def main(argv=None) -> int:
         out[setting] = json.loads(done.stdout.strip().splitlines()[-1])
         r = out[setting]
         print(f"{setting:<8}: {r['images_per_pass']:>3} images per pass, peak RSS {r['peak_mib']:7.0f} MiB "
-              f"(model loaded: {r['before_mib']:.0f}), one step of {args.labels} labels x 8 inputs {r['step_s']:.1f} s",
+              f"(model loaded: {r['before_mib']:.0f}), one step of {what} {r['step_s']:.1f} s",
               flush=True)
     b, n = out["baseline"], out["bounded"]
     print(f"activations per image: {n['activation_mib_per_image']:.2f} MiB; bounded / baseline: peak RSS "

@@ -77,3 +77,52 @@ def test_smaller_passes_change_no_verdict(badnet, clean_data, monkeypatch, data_
         assert np.allclose(stamp(small), stamp(default), rtol=0, atol=1e-4)
     margins = lambda r: np.array([rec["max_margin"] for rec in r.labels])  # noqa: E731
     assert np.allclose(margins(small), margins(default), rtol=1e-4)
+
+
+def test_measuring_a_training_step_leaves_the_model_as_it_was():
+    """The training-mode probe runs batch-norm and dropout in train mode; the model's mode, its
+    batch-norm statistics and the random number generator must come back untouched."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    buffers = [b.clone() for b in net.buffers()]
+    rng = torch.get_rng_state()
+    training = graph_bytes_per_image(net, (3, 32, 32), training=True)
+    assert not net.training
+    assert all(torch.equal(a, b) for a, b in zip(buffers, net.buffers()))
+    assert torch.equal(rng, torch.get_rng_state())
+    # train mode saves at least the conv's input, the batch-norm's input and the dropout's mask
+    assert training >= 3 * 8 * 32 * 32 * 4 // 2 and training > graph_bytes_per_image(net, (3, 32, 32)) // 2
+
+
+def _train_twice(monkeypatch, budget_mib: str):
+    """The same training with the default budget and with ``budget_mib``: (images per step, the largest
+    batch the net saw, the trained model) for each."""
+    from netcleanse.classifier import Classifier
+    from netcleanse.data import Dataset
+    from netcleanse.training import images_per_step, train
+    gen = torch.Generator().manual_seed(3)
+    data = Dataset(torch.rand(40, 3, 64, 64, generator=gen), torch.randint(0, 5, (40,), generator=gen), "random")
+    runs = []
+    for setting in (None, budget_mib):
+        if setting is not None:
+            monkeypatch.setenv("NETCLEANSE_PASS_MIB", setting)
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+        model = Classifier(net, (3, 64, 64), 5)
+        per_step = images_per_step(model, 16)
+        seen = []
+        net[0].register_forward_pre_hook(lambda module, args: seen.append(len(args[0])) if module.training else None)
+        trained = train(model, data, epochs=2, batch_size=16, progress=False)
+        runs.append((per_step, max(seen or [0]), trained))
+    return runs
+
+
+def test_a_training_step_in_parts_is_the_whole_mini_batch_step(monkeypatch):
+    """Under a small NETCLEANSE_PASS_MIB a mini-batch's gradient is summed over parts that the net sees
+    one at a time: the same optimiser steps up to rounding (a net without batch-norm)."""
+    (whole_step, whole_seen, whole), (part_step, part_seen, parts) = _train_twice(monkeypatch, "4")
+    assert whole_step == whole_seen == 16
+    assert 2 < part_step < 16 and part_seen == part_step  # (the measuring pass holds 2 images)
+    for a, b in zip(whole.state_dict().values(), parts.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)

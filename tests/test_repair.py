@@ -163,6 +163,21 @@ def test_repair_filter_result_saves_one_guarded_artefact(tmp_path):
     assert netcleanse.load_model(tmp_path / "other" / "guarded.pt").poison_label == 10
 
 
+def test_training_repairs_record_their_passes_and_obey_the_memory_bound(tmp_path, monkeypatch):
+    """Unlearning (and fine-pruning's fine-tuning) takes 64-image mini-batches, in parts where the
+    activations would exceed NETCLEANSE_PASS_MIB (netcleanse.passes); repair.json records the parts."""
+    model, val, scanned = _model(), _self_labelled(_model(), 64), _scan_dir(tmp_path)
+    whole = repair(model, scanned, "unlearn", val, epochs=1, progress=False)
+    assert whole.settings["images_per_pass"] == 64
+    monkeypatch.setenv("NETCLEANSE_PASS_MIB", "1")  # mnist-cnn keeps ~0.1 MiB per training image
+    parts = repair(model, scanned, "unlearn", val, epochs=1, progress=False)
+    assert 1 <= parts.settings["images_per_pass"] < 64
+    for a, b in zip(whole.model.state_dict().values(), parts.model.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)  # the same steps, up to rounding
+    pruned = repair(model, scanned, "fine-prune", val, layer="conv_1", drops=(4,), fine_tune_epochs=1, progress=False)
+    assert pruned.settings["images_per_pass"] == parts.settings["images_per_pass"]
+
+
 def test_repair_needs_clean_data_for_weight_methods():
     for method in ("fine-prune", "unlearn", "disagree"):
         with pytest.raises(NetcleanseError, match="needs labelled clean data"):

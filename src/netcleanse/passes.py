@@ -20,6 +20,12 @@ with ``b`` the bytes of the tensors autograd saves for one image, measured on th
 working copy of the model (one forward pass of two images, parameters and buffers not counted).
 The budget is a setting, not the free memory of the moment, so a scan's groups depend on the model
 and the setting only; raise it on a large GPU (fewer, larger passes), lower it on a small machine.
+
+Training steps (the repairs' fine-tuning and unlearning, the lab) obey the same budget: a
+mini-batch whose images would keep more than it takes its gradient in parts (gradient
+accumulation, :func:`netcleanse.training.train`), measured in train mode with the weights'
+gradients. The mini-batch stays the unit of the optimiser, so the parts change no step beyond
+rounding, except through batch-norm layers, which normalise each part by its own statistics.
 """
 
 from __future__ import annotations
@@ -33,10 +39,19 @@ PASS_MIB = Limit("NETCLEANSE_PASS_MIB", 2048,
 MEASURE_IMAGES = 2  # images of the one measuring forward pass
 
 
-def graph_bytes_per_image(model, input_shape, device=None, channels_last: bool = False) -> int:
+def graph_bytes_per_image(model, input_shape, device=None, channels_last: bool = False,
+                          training: bool = False, input_grad: bool = True) -> int:
     """Bytes of the tensors autograd saves for one image of ``input_shape`` (C, H, W) when the
     gradient is taken with respect to the input (module doc); each storage counted once, the
-    model's own parameters and buffers not at all."""
+    model's own parameters and buffers not at all.
+
+    ``training``: measure a training step instead (:func:`netcleanse.training.train`): the model in
+    train mode (batch-norm and dropout save what they save there), the gradient taken for the
+    weights that require one and not for the input. The model is left as it was: its mode, its
+    buffers (batch-norm statistics) and the random number generators (dropout draws).
+    ``input_grad=False``: the input needs no gradient (only the weights' gradients are taken)."""
+    if training:
+        return _training_bytes_per_image(model, input_shape, device, channels_last)
     device = device or torch.device("cpu")
     own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     seen: dict[int, int] = {}
@@ -50,15 +65,31 @@ def graph_bytes_per_image(model, input_shape, device=None, channels_last: bool =
     x = torch.rand(MEASURE_IMAGES, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_(True)
+    x.requires_grad_(input_grad)
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(x)
     del out
     return max(1, -(-sum(seen.values()) // MEASURE_IMAGES))
 
 
-def images_per_pass(model, input_shape, device=None, channels_last: bool = False) -> int:
+def _training_bytes_per_image(model, input_shape, device, channels_last: bool) -> int:
+    was_training = model.training
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    cuda = [device] if device is not None and torch.device(device).type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            model.train()
+            return graph_bytes_per_image(model, input_shape, device, channels_last, input_grad=False)
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+
+
+def images_per_pass(model, input_shape, device=None, channels_last: bool = False, training: bool = False) -> int:
     """How many images of ``input_shape`` one gradient pass through ``model`` may hold under
     ``NETCLEANSE_PASS_MIB`` (at least 1); each search takes the smaller of this and its own number
-    (module doc)."""
-    return max(1, (PASS_MIB() << 20) // graph_bytes_per_image(model, input_shape, device, channels_last))
+    (module doc). ``training``: for a training step (:func:`graph_bytes_per_image`)."""
+    per_image = graph_bytes_per_image(model, input_shape, device, channels_last, training=training)
+    return max(1, (PASS_MIB() << 20) // per_image)

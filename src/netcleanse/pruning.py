@@ -91,7 +91,10 @@ def pruned_channels(model: Classifier, layer: str) -> list[int]:
     return dead.nonzero().flatten().tolist()
 
 
-def fine_tune(model: Classifier, data: Dataset, epochs: int = 5, lr: float = 1e-3, batch_size: int = 64,
+FINE_TUNE_BATCH = 64  # images per mini-batch of fine-tuning (and unlearning)
+
+
+def fine_tune(model: Classifier, data: Dataset, epochs: int = 5, lr: float = 1e-3, batch_size: int = FINE_TUNE_BATCH,
               seed: int = 0, frozen: dict[str, list[int]] | None = None, progress: bool = True,
               description: str = "fine-tuning", device: str = "cpu") -> Classifier:
     """Train ``model`` further on labelled clean ``data`` (Adam), in place, on ``device``.

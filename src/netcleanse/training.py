@@ -9,6 +9,13 @@ mini-batches are overhead-bound: on a busy 2-core machine two threads were measu
 slower than one (threads spin waiting for each other), and one thread also makes the result
 independent of the machine's core count.
 
+A mini-batch whose activations would exceed the memory bound of a gradient pass
+(``NETCLEANSE_PASS_MIB``, :mod:`netcleanse.passes`; a ResNet-50 at 224x224 keeps about 80 MiB per
+image) takes its gradient in parts of :func:`images_per_step` images, summed before the one
+optimiser step of the mini-batch (gradient accumulation): the same step up to rounding, except
+that batch-norm layers normalise each part by its own statistics. Small nets take whole
+mini-batches, exactly as before.
+
 ``device="cuda"`` trains on a GPU: the model moves there for the training and back afterwards,
 mini-batches are drawn in the same order (the shuffling generator stays on the CPU), but the
 weights differ slightly from a CPU run (other kernels, other dropout draws).
@@ -27,8 +34,9 @@ from .data import Dataset
 from .errors import NetcleanseError
 from .evaluate import evaluate
 from .classifier import Classifier
+from .passes import images_per_pass
 from .progress import progress_bar
-from .utils import on_device, resolve_device, seed_everything
+from .utils import module_device, on_device, resolve_device, seed_everything
 
 
 def build_classifier(arch: str, num_classes: int | None = None, name: str | None = None) -> Classifier:
@@ -37,6 +45,13 @@ def build_classifier(arch: str, num_classes: int | None = None, name: str | None
     num_classes = num_classes or spec.default_classes
     return Classifier(build_architecture(arch, num_classes), spec.input_shape, num_classes, name=name or arch,
                       arch=arch)
+
+
+def images_per_step(model: Classifier, batch_size: int) -> int:
+    """How many images of a ``batch_size`` mini-batch one gradient pass of :func:`train` takes:
+    the whole mini-batch, or fewer where its activations would exceed ``NETCLEANSE_PASS_MIB``
+    (module doc; measured where ``model`` is, in train mode, and left as it was)."""
+    return min(batch_size, images_per_pass(model, model.input_shape, module_device(model), training=True))
 
 
 @contextmanager
@@ -98,6 +113,7 @@ def _fit(model: Classifier, train: Dataset, val: Dataset | None, epochs: int, ba
          generator: torch.Generator, progress: bool, history: list | None,
          after_step: Callable[[], None] | None, description: str, dev: torch.device) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    per_step = images_per_step(model, batch_size)
     batches_per_epoch = (len(train) + batch_size - 1) // batch_size
     with progress_bar(disable=None if progress else True) as bar:
         task = bar.add_task(description, total=epochs * batches_per_epoch)
@@ -107,9 +123,18 @@ def _fit(model: Classifier, train: Dataset, val: Dataset | None, epochs: int, ba
             total_loss = 0.0
             for start in range(0, len(train), batch_size):
                 rows = order[start:start + batch_size]
-                loss = F.cross_entropy(model(train.x[rows].to(dev)), train.y[rows].to(dev))
-                optimizer.zero_grad()
-                loss.backward()
+                if len(rows) <= per_step:
+                    loss = F.cross_entropy(model(train.x[rows].to(dev)), train.y[rows].to(dev))
+                    optimizer.zero_grad()
+                    loss.backward()
+                else:  # the mini-batch's mean loss, its gradient summed over parts (module doc)
+                    optimizer.zero_grad()
+                    loss = torch.zeros((), device=dev)
+                    for part in rows.split(per_step):
+                        part_loss = F.cross_entropy(model(train.x[part].to(dev)), train.y[part].to(dev),
+                                                    reduction="sum") / len(rows)
+                        part_loss.backward()
+                        loss += part_loss.detach()
                 optimizer.step()
                 if after_step is not None:
                     after_step()

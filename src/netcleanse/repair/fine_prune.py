@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..classifier import Classifier
-from ..pruning import FinePruning, fine_prune
+from ..pruning import FINE_TUNE_BATCH, FinePruning, fine_prune
+from ..training import images_per_step
 from .base import MethodOutput, RepairJob, method
 
 
@@ -38,6 +39,8 @@ def prune(job: RepairJob, name: str) -> Pruned:
     curve = [dict(pruning.baseline, channel=None)] + pruning.curve
     settings = dict(layer=pruning.layer, drops=sorted(float(d) for d in options.drops), select_drop=chosen,
                     fine_tune_epochs=options.fine_tune_epochs, lr=lr, pruning_order=pruning.order)
+    if options.fine_tune_epochs > 0:
+        settings["images_per_pass"] = images_per_step(job.model, FINE_TUNE_BATCH)
     return Pruned(pruning, chosen, pruned, curve, settings)
 
 

@@ -4,6 +4,8 @@ its true labels."""
 
 from __future__ import annotations
 
+from ..pruning import FINE_TUNE_BATCH
+from ..training import images_per_step
 from ..unlearning import unlearn
 from .base import MethodOutput, RepairJob, method
 
@@ -17,4 +19,6 @@ def run(job: RepairJob) -> MethodOutput:
     model.name = f"{job.model.name}_unlearned"
     table = [job.original, job.row("unlearned", model)]
     table[1]["clean_val_accuracy"] = None  # trained on it: its accuracy there says nothing
-    return MethodOutput(model, table, settings=dict(fraction=options.fraction, epochs=options.epochs, lr=lr))
+    return MethodOutput(model, table, settings=dict(
+        fraction=options.fraction, epochs=options.epochs, lr=lr,
+        images_per_pass=images_per_step(job.model, FINE_TUNE_BATCH)))
