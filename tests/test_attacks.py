@@ -90,6 +90,9 @@ def test_trigger_from_images(tmp_path):
     assert small.mask[2:4, 5:7].eq(1).all() and small.l1 == 4
     with pytest.raises(NetcleanseError, match="empty"):
         trigger_from_images(np.zeros((5, 5)), pattern)
+    (tmp_path / "notes.png").write_text("not an image")  # one error line, not PIL's traceback
+    with pytest.raises(NetcleanseError, match="cannot read image .*notes.png"):
+        trigger_from_images(tmp_path / "mask.png", tmp_path / "notes.png")
 
 
 # ---------------------------------------------------------------- poisoning

@@ -104,7 +104,7 @@ def test_command_line_mistakes_are_one_line_errors(tiny, capsys):
     assert code == 0 and "--data-free" in out and err == ""
 
 
-def test_ctrl_c_exits_130_with_one_word(tiny, capsys, monkeypatch, tmp_path):
+def test_ctrl_c_exits_130_with_one_line(tiny, capsys, monkeypatch, tmp_path):
     import netcleanse.scanning
 
     def interrupted(*args, **kwargs):
@@ -112,7 +112,12 @@ def test_ctrl_c_exits_130_with_one_word(tiny, capsys, monkeypatch, tmp_path):
 
     monkeypatch.setattr(netcleanse.scanning, "scan", interrupted)
     code, out, err = cli(capsys, "scan", tiny, "--arch", "mnist-cnn", "--data-free", "--out", tmp_path / "s")
-    assert code == 130 and err.strip() == "interrupted" and "Traceback" not in err
+    assert code == 130 and "Traceback" not in err
+    assert err.strip() == "interrupted; run it again with --resume to continue where it stopped"
+    import netcleanse.cli.models
+    monkeypatch.setattr(netcleanse.cli.models, "load_model_from_cli", interrupted)
+    code, out, err = cli(capsys, "info", tiny, "--arch", "mnist-cnn")
+    assert code == 130 and err.strip() == "interrupted"  # nothing to resume
 
 
 # --- info -----------------------------------------------------------------------------------

@@ -246,6 +246,58 @@ def test_cli_refuses_missing_inputs(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_repair_options_refuse_settings_no_method_can_use():
+    """Each bad setting is named; none is quietly replaced by a default (lr 0 once became 3e-3)."""
+    for setting, name in ((dict(lr=0.0), "lr must be > 0"), (dict(select_drop=-1.0), "select_drop must be >= 0"),
+                          (dict(quantile=1.5), "quantile must be in"), (dict(top_fraction=0.0), "top_fraction"),
+                          (dict(fraction=1.0), "fraction must be in"), (dict(drops=(2, -4)), "drops must be"),
+                          (dict(epochs=0), "epochs must be >= 1")):
+        with pytest.raises(NetcleanseError, match=name):
+            RepairOptions(**setting)
+    assert RepairOptions(lr=1e-4).lr_or(3e-3) == 1e-4 and RepairOptions().lr_or(3e-3) == 3e-3
+
+
+def test_repair_refuses_a_scan_of_another_model(tmp_path):
+    """The reversed triggers of another model's scan must not repair this one: classes, input shape and,
+    where the scan folder recorded it, the weights' SHA-256 are compared."""
+    from netcleanse.journal import weights_digest
+    from netcleanse.repair.inputs import check_scan_model
+    model, other = _model(0), _model(1)
+    folder = _scan_dir(tmp_path)
+    record = json.loads((folder / "scan.json").read_text())
+    record["model"] = {"num_classes": 10, "input_shape": [1, 28, 28]}
+    (folder / "scan.json").write_text(json.dumps(record))
+    check_scan_model(folder, model)  # nothing recorded beyond classes and shape: they match
+    (folder / "scan_settings.json").write_text(json.dumps({"settings": {}, "model": {"weights_sha256": weights_digest(model)}}))
+    check_scan_model(folder, model)
+    with pytest.raises(NetcleanseError, match="other weights"):
+        repair(other, folder, "filter", None, progress=False)
+    record["model"]["num_classes"] = 43
+    (folder / "scan.json").write_text(json.dumps(record))
+    with pytest.raises(NetcleanseError, match="num classes 43, not this model's 10"):
+        repair(model, folder, "filter", None, progress=False)
+
+
+def test_cli_repair_keeps_other_files_and_scans_out_of_its_folder(tmp_path):
+    """--out must be empty (or --force), and never another scan's folder: its report would show that scan
+    beside this repair."""
+    model_path = save_model(_model(), tmp_path / "model.pt")
+    scan = _scan_dir(tmp_path)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    runner = CliRunner()
+    args = ["repair", str(model_path), "--scan", str(scan), "--method", "filter"]
+    result = runner.invoke(app, args + ["--out", str(busy)])
+    assert result.exit_code != 0 and "is not empty" in str(result.exception)
+    other_scan = tmp_path / "other"
+    other_scan.mkdir()
+    (other_scan / "scan.json").write_text("{}")
+    result = runner.invoke(app, args + ["--out", str(other_scan), "--force"])
+    assert result.exit_code != 0 and "holds another scan" in str(result.exception)
+    assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"] and not (other_scan / "guarded.pt").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Ground truth: the lab's patch BadNet, scanned, then repaired from the scan's findings only.
 # --------------------------------------------------------------------------------------------

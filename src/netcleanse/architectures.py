@@ -138,7 +138,8 @@ def get_architecture(name: str) -> Architecture:
         return ARCHITECTURES[name]
     except KeyError:
         known = ", ".join(sorted(ARCHITECTURES))
-        raise NetcleanseError(f"unknown architecture {name!r}; known: {known}") from None
+        raise NetcleanseError(f"unknown architecture {name!r}; known: {known} (your own module: "
+                              "--arch FILE.py:CLASS)") from None
 
 
 def build_architecture(name: str, num_classes: int | None = None) -> nn.Module:

@@ -109,7 +109,8 @@ def _image_array(image, channels: int | None, size: tuple[int, int] | None) -> t
     if isinstance(image, (str, Path)):
         if not Path(image).exists():
             raise NetcleanseError(f"trigger image not found: {image}")
-        image = Image.open(image)
+        from .data import read_image  # the one image reader: a file that is no image is one error line
+        image = torch.from_numpy(read_image(image, channels or 3).astype(np.float32) / 255.0)
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("L" if channels == 1 else "RGB"))
     if isinstance(image, torch.Tensor):

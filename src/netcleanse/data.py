@@ -306,14 +306,14 @@ def _pick_key(keys, candidates, chosen, path, what, required=True) -> str | None
     return None
 
 
-def _channels_last(shape, expect_shape) -> bool:
+def _channels_last(shape, expect_shape, path) -> bool:
     """Whether an N x A x B x C image array is NHWC, judged by which axis holds 1 or 3 channels."""
     first, last = shape[1] in (1, 3), shape[3] in (1, 3)
     if first and last and expect_shape is not None:
         return tuple(shape[1:]) != tuple(expect_shape) and (shape[3], shape[1], shape[2]) == tuple(expect_shape)
     if first or last:
         return not first
-    raise NetcleanseError(f"images shaped {tuple(shape)}: cannot tell the channel axis "
+    raise NetcleanseError(f"{path}: images shaped {tuple(shape)}: cannot tell the channel axis "
                           "(expected 1 or 3 channels first, NCHW, or last, NHWC)")
 
 
@@ -331,7 +331,7 @@ def _images_to_tensor(array, expect_shape, path) -> tuple[torch.Tensor, dict]:
         raise NetcleanseError(f"{path}: images must be integers 0..255 or floats, got dtype {dtype}")
     if len(shape) == 3:
         layout, out_shape = "NHW", (shape[0], 1, shape[1], shape[2])
-    elif _channels_last(shape, expect_shape):
+    elif _channels_last(shape, expect_shape, path):
         layout, out_shape = "NHWC", (shape[0], shape[3], shape[1], shape[2])
     else:
         layout, out_shape = "NCHW", shape

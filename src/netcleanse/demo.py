@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Callable
 
 from .evaluate import Evaluation, evaluate
-from .lab import BadNet, check_out_dir, make_badnet
+from .lab import BadNet, make_badnet
 from .repair import repair
 from .report import render_report
 from .scanning import scan
 from .training import torch_threads
-from .utils import resolve_device
+from .utils import check_out_dir, resolve_device
 
 DEFAULT_OUT = "netcleanse-demo"
 DEFAULT_REPAIR = "unlearn"

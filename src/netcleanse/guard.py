@@ -79,8 +79,11 @@ def trigger_filter(model: Classifier, triggers: dict[int, Trigger], data: Datase
     """
     if not triggers:
         raise NetcleanseError("the scan flagged no label, so there is no reversed trigger to build a filter from")
-    if not 0 < top_fraction <= 1 or not 0 <= quantile <= 1 or not 0 <= genuine_quantile <= 1:
-        raise NetcleanseError("top_fraction must be in (0, 1] and the quantiles in [0, 1]")
+    for name, value, ok in (("top_fraction", top_fraction, 0 < top_fraction <= 1),
+                            ("quantile", quantile, 0 <= quantile <= 1),
+                            ("genuine_quantile", genuine_quantile, 0 <= genuine_quantile <= 1)):
+        if not ok:
+            raise NetcleanseError(f"{name} must be in {'(0, 1]' if name == 'top_fraction' else '[0, 1]'} (got {value!r})")
     labels_known = None
     if data is not None and len(data):
         generator = torch.Generator().manual_seed(seed)

@@ -40,7 +40,7 @@ from .classifier import Classifier
 from .torch_io import save_model
 from .training import train
 from .trigger import Trigger
-from .utils import resolve_device, write_json_atomic
+from .utils import check_out_dir, resolve_device, write_json_atomic
 
 TRIGGER_KINDS = ("patch", "blend", "multi")
 DEFAULT_ARCH = "mnist-cnn"
@@ -86,16 +86,6 @@ class BadNet:
         return (f"the model did not learn its task: clean accuracy {100 * accuracy:.1f}% against chance "
                 f"{100 / k:.1f}% (the training collapsed); train again with a lower learning rate "
                 f"(e.g. --lr 1e-3) or another --seed")
-
-
-def check_out_dir(out, force: bool) -> Path:
-    """``out`` as a Path; refuse a non-empty folder (or a file) unless ``force``."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise NetcleanseError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise NetcleanseError(f"{out} is not empty; choose another folder or pass --force to overwrite")
-    return out
 
 
 def _split_for(dataset: str, split: str, input_shape) -> Dataset:

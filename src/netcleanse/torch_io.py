@@ -108,9 +108,9 @@ def load_torch(path, arch=None, input_scale: float = 1.0, name: str | None = Non
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
-        raise NetcleanseError(f"{path} holds pickled Python objects, not just weights; netcleanse loads only "
-                              "state_dicts, netcleanse checkpoints and TorchScript files "
-                              f"({first_line(exc)})") from None
+        raise NetcleanseError(f"{path} holds pickled Python objects (e.g. a whole nn.Module), not just weights, "
+                              "and netcleanse never unpickles code; save the model's state_dict "
+                              "(torch.save(model.state_dict(), PATH)) and name its class with --arch FILE.py:CLASS") from None
     except MemoryError:
         raise NetcleanseError(f"{path} declares tensors too large for this machine's memory") from None
     except Exception as exc:  # weights_only: nothing ran, so any other failure is a corrupt file

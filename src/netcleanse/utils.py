@@ -170,3 +170,13 @@ def check_declared_size(shape, dtype, stored: int, path, key: str) -> None:
         raise NetcleanseError(f"{path}: {key} declares {tuple(int(n) for n in shape)} ({declared:,} bytes) but the "
                               f"file stores only {int(stored):,} bytes of it; refused "
                               f"({limits.EXPANSION.hint})")
+
+
+def check_out_dir(out, force: bool) -> Path:
+    """``out`` as a Path; refuse a non-empty folder (or a file) unless ``force``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NetcleanseError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise NetcleanseError(f"{out} is not empty; choose another folder or pass --force to overwrite")
+    return out

@@ -65,5 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     if code == 130:
-        print("interrupted", file=sys.stderr)
+        command = next((str(a) for a in (argv if argv is not None else sys.argv[1:]) if not str(a).startswith("-")), "")
+        hint = "; run it again with --resume to continue where it stopped" if command in ("scan", "screen") else ""
+        print(f"interrupted{hint}", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)

@@ -46,7 +46,7 @@ ModelArgument = Annotated[Path, typer.Argument(help="Model file: Keras .h5/.kera
                                                      "checkpoint.",
                                                 metavar="MODEL", show_default=False)]
 ArchOption = Annotated[Optional[str], typer.Option(
-    "--arch", help="Architecture of a weights-only file: a registered name (csaw-deepid, mnist-cnn), "
+    "--arch", help="Architecture of a weights-only file: a registered name (csaw-deepid, gtsrb-cnn, mnist-cnn), "
                    "torchvision:NAME, timm:NAME, FILE.py:CLASS or package.module:CLASS (naming Python code "
                    "runs it).")]
 ArchKwargsOption = Annotated[Optional[str], typer.Option(

@@ -97,6 +97,8 @@ def repair(
     """Repair a backdoored model after a scan; write repair.json, .pt and Keras .h5 (or a guarded .pt)."""
     from ..data import load_data
     from ..repair import METHODS, RepairOptions, repair as run_repair, scan_triggers
+    from ..repair.inputs import check_scan_model
+    from ..utils import check_out_dir
 
     if method not in METHODS:
         raise NetcleanseError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
@@ -104,6 +106,10 @@ def repair(
         raise NetcleanseError("give an output folder with --out DIR")
     if (out / "repair.json").exists() and not force:
         raise NetcleanseError(f"{out} already holds a repair (repair.json); choose another --out or use --force")
+    check_out_dir(out, force)
+    if (out / "scan.json").exists() and (scan is None or out.resolve() != scan.resolve()):
+        # the report of this folder would show that scan beside this repair
+        raise NetcleanseError(f"{out} holds another scan (scan.json); choose another --out")
     if method in ("filter", "unlearn") and scan is None:
         raise NetcleanseError(f"--method {method} needs the scan's reversed triggers: give --scan DIR")
     drop_values = _drops(drops)
@@ -111,6 +117,8 @@ def repair(
                                 input_shape=input_shape, mean=mean, std=std)
     if model.poison_label is not None:
         raise NetcleanseError(f"{model_path} is already a guarded model; repair the original model")
+    if scan is not None:
+        check_scan_model(scan, model)
     triggers = scan_triggers(scan) if scan is not None else {}
     shape, classes = model.input_shape, model.num_classes
     clean = load_data(data, expect_shape=shape, num_classes=classes) if data is not None else None

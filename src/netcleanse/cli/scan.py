@@ -10,7 +10,7 @@ import typer
 from . import app
 from ..errors import NetcleanseError
 from .models import (ArchKwargsOption, ArchOption, DeviceOption, InputScaleOption, InputShapeOption, MeanOption,
-                     NumClassesOption, StdOption)
+                     ModelArgument, NumClassesOption, StdOption)
 
 
 ExecutorOption = typer.Option("local", "--executor", help="Where the work runs: local (this process) or ray "
@@ -29,7 +29,7 @@ def executor_from_cli(name: str, address: str | None, device: str = "cpu"):
 
 @app.command()
 def scan(
-    model_path: Path = typer.Argument(..., metavar="MODEL", help="Model file (.h5 or .pt)."),
+    model_path: ModelArgument,
     arch: ArchOption = None,
     input_scale: InputScaleOption = 1.0,
     arch_kwargs: ArchKwargsOption = None,

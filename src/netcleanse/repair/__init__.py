@@ -25,7 +25,7 @@ from ..data import Dataset
 from ..errors import NetcleanseError
 from ..classifier import Classifier
 from .base import REGISTRY, MethodOutput, RepairJob, RepairOptions, method as register_method
-from .inputs import concat, scan_triggers
+from .inputs import check_scan_model, concat, scan_triggers
 from .result import RepairResult
 from ..utils import resolve_device
 
@@ -72,6 +72,8 @@ def repair(model: Classifier, scan_result, method: str, clean: Dataset | None = 
     resolve_device(options.device)
     started = time.perf_counter()
     test_poisoned = concat(test_poisoned)
+    if scan_result is not None:
+        check_scan_model(scan_result, model)
     triggers = scan_triggers(scan_result) if scan_result is not None else {}
     job = RepairJob(model, triggers, clean, options, test_clean, test_poisoned, target)
     job.original = job.row("original", model, clean)

@@ -26,7 +26,7 @@ class Pruned:
 def prune(job: RepairJob, name: str) -> Pruned:
     """Fine-prune ``job.model`` on the clean data and pick the result (shared with ``disagree``)."""
     clean, options = job.need_clean(name), job.options
-    lr = options.lr or 1e-3
+    lr = options.lr_or(1e-3)
     pruning = fine_prune(job.model, clean, layer=options.layer, drops=options.drops, test_clean=job.test_clean,
                          test_poisoned=job.test_poisoned, target=job.target,
                          fine_tune_epochs=options.fine_tune_epochs, lr=lr, seed=options.seed,

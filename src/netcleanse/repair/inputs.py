@@ -11,6 +11,7 @@ from .. import scan_folder
 from ..data import Dataset
 from ..errors import NetcleanseError
 from ..trigger import Trigger
+from ..utils import read_json_object
 
 
 def scan_triggers(scan) -> dict[int, Trigger]:
@@ -26,6 +27,38 @@ def scan_triggers(scan) -> dict[int, Trigger]:
     if hasattr(scan, "flagged") and hasattr(scan, "trigger"):
         return {int(label): scan.trigger(int(label)) for label in scan.flagged}
     raise NetcleanseError("a scan must be a scan result, a scan output folder or a {label: Trigger} dict")
+
+
+def check_scan_model(scan, model) -> None:
+    """Refuse a scan of another model: its reversed triggers would repair this one against a backdoor
+    it may not have. Checked where the scan recorded them: the number of classes and the input
+    shape (scan.json's ``model``), and for a scan folder the weights' SHA-256 (``scan_settings.json``,
+    written when the scan started; the same weights loaded from another file format match)."""
+    from ..journal import weights_digest
+    if isinstance(scan, dict):
+        return  # ready triggers: nothing recorded to compare
+    where, recorded, digest = "the scan", getattr(scan, "model", None) or {}, None
+    if isinstance(scan, (str, Path)):
+        folder = Path(scan)
+        where = str(folder)
+        recorded = scan_folder.read_scan_json(folder / scan_folder.SCAN_JSON).get("model") or {}
+        started = folder / "scan_settings.json"
+        if started.is_file():
+            try:
+                digest = (read_json_object(started).get("model") or {}).get("weights_sha256")
+            except NetcleanseError:
+                digest = None  # an unreadable settings file decides nothing; scan.json was checked
+    if not isinstance(recorded, dict):
+        return
+    ours = {"num_classes": model.num_classes, "input_shape": list(model.input_shape)}
+    for key, value in ours.items():
+        theirs = recorded.get(key)
+        if theirs is not None and (list(theirs) if key == "input_shape" else theirs) != value:
+            raise NetcleanseError(f"{where} is a scan of a model with {key.replace('_', ' ')} {theirs}, not this "
+                                  f"model's {value}; scan this model first")
+    if isinstance(digest, str) and digest != weights_digest(model):
+        raise NetcleanseError(f"{where} is a scan of other weights or preprocessing than this model's (its "
+                              "scan_settings.json records another SHA-256); scan this model first")
 
 
 def _triggers_from_folder(folder: Path) -> dict[int, Trigger]:

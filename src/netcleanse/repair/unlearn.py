@@ -13,7 +13,7 @@ from .base import MethodOutput, RepairJob, method
 @method("unlearn")
 def run(job: RepairJob) -> MethodOutput:
     clean, options = job.need_clean("unlearn"), job.options
-    lr = options.lr or 3e-3
+    lr = options.lr_or(3e-3)
     model = unlearn(job.model, job.triggers, clean, fraction=options.fraction, epochs=options.epochs, lr=lr,
                     seed=options.seed, progress=options.progress, device=options.device)
     model.name = f"{job.model.name}_unlearned"
