@@ -893,12 +893,26 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
 def test_cli_report(tmp_path, capsys):
     from netcleanse.cli import main
 
+    def main_code(argv) -> int:
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        return done.value.code
+
     scan = write_scan(tmp_path / "scan", 10)
     with pytest.raises(SystemExit) as done:
         main(["report", str(tmp_path), "--format", "md", "--out", str(tmp_path / "paper.md")])
     assert done.value.code == 0
     assert str(tmp_path / "paper.md") in capsys.readouterr().out
     assert f"{len(scan['flagged'])} of 10 labels flagged" in (tmp_path / "paper.md").read_text()
+    # the format follows --out's suffix; a suffix naming the other format is refused; a new name
+    # without a suffix is a folder
+    assert main_code(["report", str(tmp_path), "--out", str(tmp_path / "notes.md")]) == 0
+    assert (tmp_path / "notes.md").read_text().lstrip().startswith("#")
+    assert main_code(["report", str(tmp_path), "--format", "html", "--out", str(tmp_path / "wrong.md")]) == 2
+    assert "names a Markdown file but the format asked for is html" in capsys.readouterr().err
+    assert not (tmp_path / "wrong.md").exists()
+    assert main_code(["report", str(tmp_path), "--format", "md", "--out", str(tmp_path / "pages")]) == 0
+    assert (tmp_path / "pages" / "report.md").is_file()
     with pytest.raises(SystemExit) as done:
         main(["report", str(tmp_path / "nowhere")])
     assert done.value.code == 2

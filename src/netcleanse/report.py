@@ -965,10 +965,33 @@ def _environment(fmt: str) -> Environment:
 # The entry point
 # ----------------------------------------------------------------------------------------------
 
+_SUFFIXES = {".html": "html", ".htm": "html", ".md": "md", ".markdown": "md"}
+
+
+def _report_format(format: str | None, out: str | Path | None) -> str:  # noqa: A002
+    """The format asked for, else the one ``out``'s suffix names, else html; a suffix that names the
+    other format is refused rather than written (an HTML page in ``report.md``)."""
+    named = _SUFFIXES.get(Path(out).suffix.lower()) if out is not None and not Path(out).is_dir() else None
+    if format is None:
+        return named or "html"
+    format = format.lower()  # noqa: A001
+    if format not in FORMATS:
+        raise NetcleanseError(f"unknown report format {format!r}; choose one of {', '.join(FORMATS)}")
+    if named is not None and named != format:
+        kind = {"html": "an HTML", "md": "a Markdown"}
+        raise NetcleanseError(f"--out {out} names {kind[named]} file but the format asked for is {format}; "
+                              f"give --format {named} or another --out")
+    return format
+
+
 def _output_path(root: Path, fmt: str, out: str | Path | None) -> Path:
     if out is None:
         return root / f"report.{fmt}"
     out = Path(out)
+    if not out.exists() and not out.suffix:  # a new name without a suffix: a folder for report.<fmt>
+        if not out.parent.is_dir():
+            raise NetcleanseError(f"cannot write the report to {out}: directory {out.parent} does not exist")
+        out.mkdir()
     if out.is_dir():
         return out / f"report.{fmt}"
     if not out.parent.is_dir():
@@ -976,18 +999,19 @@ def _output_path(root: Path, fmt: str, out: str | Path | None) -> Path:
     return out
 
 
-def render_report(directory: str | Path, format: str = "html", out: str | Path | None = None,  # noqa: A002
+def render_report(directory: str | Path, format: str | None = None, out: str | Path | None = None,  # noqa: A002
                   force: bool = False) -> Path:
     """Render the report of a scan (and its truth and repairs) found in ``directory``.
 
     Writes ``report.html`` (or ``report.md``) into ``directory`` unless ``out`` names another file
-    or directory, and the plots as ``<report stem>_<plot>.png`` beside it; Markdown's trigger
-    images go to ``<report stem>_triggers/``. Returns the report's path. Inputs are only read.
+    or directory (a new name without a suffix is made a directory), and the plots as
+    ``<report stem>_<plot>.png`` beside it; Markdown's trigger images go to
+    ``<report stem>_triggers/``. Returns the report's path. Inputs are only read. ``format``:
+    "html" or "md"; by default the one ``out``'s suffix names (.html, .md), else html.
     The default report in ``directory`` is netcleanse's own and is replaced; a file named with
     ``out`` that exists (or one of its plots) is replaced only with ``force``.
     """
-    if format not in FORMATS:
-        raise NetcleanseError(f"unknown report format {format!r}; choose one of {', '.join(FORMATS)}")
+    format = _report_format(format, out)  # noqa: A001
     sources = find_sources(directory)
     path = _output_path(sources.root, format, out)
     context, plot_pictures = build_context(sources)

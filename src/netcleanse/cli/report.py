@@ -17,13 +17,15 @@ def report(
         help="A scan directory (scan.json, masks.npz), or a directory whose immediate subdirectories hold "
              "the scan and optionally truth.json and repair.json (as `netcleanse demo` writes).",
         show_default=False)],
-    format: Annotated[str, typer.Option(  # noqa: A002
-        "--format", help="html (one self-contained file) or md (Markdown + PNG files).")] = "html",
+    format: Annotated[Optional[str], typer.Option(  # noqa: A002
+        "--format", help="html (one self-contained file) or md (Markdown + PNG files) [default: the one "
+                         "--out's suffix names, else html].", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(
-        "--out", help="Report file or directory to write to [default: DIR/report.html or DIR/report.md].",
+        "--out", help="Report file or directory to write to (a new name without a suffix becomes a directory) "
+                      "[default: DIR/report.html or DIR/report.md].",
         show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
 ) -> None:
     """Write the report of a scan (and of its ground truth and repairs): verdict, plots, triggers, settings."""
-    path = render_report(directory, format=format.lower(), out=out, force=force)
+    path = render_report(directory, format=format, out=out, force=force)
     typer.echo(f"report written to {path}")
