@@ -225,7 +225,8 @@ def parse_input_shape(value) -> tuple[int, int, int]:
     except (TypeError, ValueError):
         shape = ()
     if len(shape) != 3 or min(shape) <= 0 or max(shape) > 1 << 14:
-        raise NetcleanseError(f"input shape must be CxHxW with positive sizes (e.g. 3x224x224), got {value!r}")
+        raise NetcleanseError(f"input shape must be CxHxW with positive sizes of at most {1 << 14} "
+                              f"(e.g. 3x224x224), got {value!r}")
     return shape
 
 
