@@ -257,6 +257,16 @@ def test_repair_options_refuse_settings_no_method_can_use():
     assert RepairOptions(lr=1e-4).lr_or(3e-3) == 1e-4 and RepairOptions().lr_or(3e-3) == 3e-3
 
 
+def test_training_on_clean_data_of_few_classes_is_warned_about(tmp_path):
+    """Unlearning on images of 3 of 10 classes can erase the other 7: repair.json says so."""
+    model, scanned = _model(), _scan_dir(tmp_path)
+    x = torch.rand(40, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    few = repair(model, scanned, "unlearn", Dataset(x, torch.arange(40) % 3, "three"), epochs=1, progress=False)
+    assert few.settings["clean_classes"] == 3 and "3 of the model's 10 classes" in few.settings["warnings"][0]
+    every = repair(model, scanned, "unlearn", Dataset(x, torch.arange(40) % 10, "ten"), epochs=1, progress=False)
+    assert every.settings["clean_classes"] == 10 and "warnings" not in every.settings
+
+
 def test_repair_refuses_a_scan_of_another_model(tmp_path):
     """The reversed triggers of another model's scan must not repair this one: classes, input shape and,
     where the scan folder recorded it, the weights' SHA-256 are compared."""

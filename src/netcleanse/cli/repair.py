@@ -98,6 +98,7 @@ def repair(
     from ..data import load_data
     from ..repair import METHODS, RepairOptions, repair as run_repair, scan_triggers
     from ..repair.inputs import check_scan_model
+    from ..sanity import warn
     from ..utils import check_out_dir
 
     if method not in METHODS:
@@ -131,6 +132,8 @@ def repair(
     result.settings.update(model=str(model_path), scan=str(scan) if scan else None,
                            data=str(data) if data else None)
     result.save(out, force=force)
+    for message in result.settings.get("warnings", []):
+        warn(message)
     if json_output:
         typer.echo(json.dumps(json.loads((out / "repair.json").read_text()), indent=2))
         return

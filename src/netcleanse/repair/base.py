@@ -87,6 +87,11 @@ class RepairJob:
                                                         "false_positive") if measured[key] is not None})
         return row
 
+    def clean_classes(self) -> int:
+        """How many of the model's classes the clean data holds images of (a training repair's
+        coverage: a class it never sees can be forgotten)."""
+        return 0 if self.clean is None or self.clean.y is None else int(self.clean.y.unique().numel())
+
     def need_clean(self, method: str) -> Dataset:
         if self.clean is None or self.clean.y is None or len(self.clean) == 0:
             raise NetcleanseError(f"--method {method} needs labelled clean data (--data)")

@@ -41,6 +41,7 @@ def prune(job: RepairJob, name: str) -> Pruned:
                     fine_tune_epochs=options.fine_tune_epochs, lr=lr, pruning_order=pruning.order)
     if options.fine_tune_epochs > 0:
         settings["images_per_pass"] = images_per_step(job.model, FINE_TUNE_BATCH)
+        settings["clean_classes"] = job.clean_classes()
     return Pruned(pruning, chosen, pruned, curve, settings)
 
 

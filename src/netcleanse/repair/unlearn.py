@@ -21,4 +21,4 @@ def run(job: RepairJob) -> MethodOutput:
     table[1]["clean_val_accuracy"] = None  # trained on it: its accuracy there says nothing
     return MethodOutput(model, table, settings=dict(
         fraction=options.fraction, epochs=options.epochs, lr=lr,
-        images_per_pass=images_per_step(job.model, FINE_TUNE_BATCH)))
+        images_per_pass=images_per_step(job.model, FINE_TUNE_BATCH), clean_classes=job.clean_classes()))
