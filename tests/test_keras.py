@@ -144,9 +144,14 @@ def test_hdf5_that_is_not_a_keras_file(tmp_path):
     path = tmp_path / "data.h5"
     with h5py.File(path, "w") as h5:
         h5.create_dataset("data", data=np.zeros((2, 3)))
-    with pytest.raises(NetcleanseError, match="layer_names"):
+    # neither a config nor Keras's layer_names: a data file, named as one, with or without --arch
+    with pytest.raises(NetcleanseError, match=r"arrays \(data\), a data file perhaps .* not a Keras model"):
         load_model(path, arch="csaw-deepid")
-    with pytest.raises(NetcleanseError, match="--arch"):
+    with pytest.raises(NetcleanseError, match="not a Keras model"):
+        load_model(path)
+    with h5py.File(path, "w") as h5:
+        h5.create_group("layers").create_group("dense")
+    with pytest.raises(NetcleanseError, match="Keras 3's weights alone"):
         load_model(path)
 
 

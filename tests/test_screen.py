@@ -4,6 +4,7 @@ Tiny TorchScript nets (the planted BadNet of test_scan and a clean twin), 8 labe
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -49,6 +50,15 @@ def zoo(tmp_path_factory):
     return write_zoo(tmp_path_factory.mktemp("zoo"))
 
 
+def test_entries_are_checked_before_any_scan(tmp_path):
+    """A bad label list or a data object that is not a file is refused at once, not per model."""
+    with pytest.raises(NetcleanseError, match="bad label list '3-x'"):
+        make_entries(["a.pt"], data_free=True, labels="3-x")
+    with pytest.raises(NetcleanseError, match="a clean-data file or folder .* got a Dataset"):
+        make_entries(["a.pt"], data=Dataset(torch.zeros(2, 1, 4, 4), None, "d"))
+    assert make_entries(["a.pt"], data_free=True, labels=[3, 4])[0].labels == "3,4"
+
+
 def test_manifest_csv_and_json(tmp_path):
     (tmp_path / "m.csv").write_text("model,name,arch,input_scale,data,data_free,labels\n"
                                     "a.pt,first,,255,d.npz,,0-3\n"
@@ -76,6 +86,7 @@ def test_manifest_csv_and_json(tmp_path):
     ("model\n", "lists no models"),
     ('[{"model": "a.pt"', "not valid JSON"),
     ('{"models": 3}', "a list of objects"),
+    ("model,labels,data_free\na.pt,3-x,1\n", r"row 1: bad label list '3-x'"),
 ])
 def test_bad_manifests_are_one_error(tmp_path, text, message):
     path = tmp_path / ("m.json" if text.startswith(("[", "{")) else "m.csv")
@@ -116,8 +127,11 @@ def test_screen_scans_each_model_and_a_bad_file_is_an_error_row(zoo, tmp_path):
     assert [r["verdict"] for r in again.rows] == [r["verdict"] for r in result.rows]
     with pytest.raises(NetcleanseError, match=r"different settings \(seed\)"):
         screen(entries, tmp_path / "s", seed=2, resume=True, progress=False)
-    with pytest.raises(NetcleanseError, match="different models"):
+    with pytest.raises(NetcleanseError, match=r"different settings \(models\)"):
         screen(entries[:2], tmp_path / "s", seed=1, resume=True, progress=False)
+    relabelled = [dataclasses.replace(e, labels="0-5") for e in entries]
+    with pytest.raises(NetcleanseError, match=r"different settings \(labels\)"):
+        screen(relabelled, tmp_path / "s", seed=1, resume=True, progress=False)
 
 
 def test_summary_page_escapes_what_comes_from_files(zoo, tmp_path):

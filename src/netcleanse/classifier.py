@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -168,9 +169,22 @@ class Classifier(nn.Module):
             x = (x - self._mean) / self._std
         return self.net(x)
 
+    def _images(self, x) -> torch.Tensor:
+        """``x`` as an N x C x H x W float tensor that fits this model (a NumPy array is taken as it
+        is: pixels in [0, 1]), else a one-line error."""
+        if isinstance(x, np.ndarray):
+            if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+                raise NetcleanseError(f"images must be numbers, got a NumPy array of {x.dtype}")
+            x = torch.from_numpy(np.asarray(x, dtype=np.float32))
+        if not isinstance(x, torch.Tensor):
+            raise NetcleanseError(f"images must be a tensor (N x C x H x W, pixels in [0, 1]), got {type(x).__name__}")
+        self.check_input(x)
+        return x
+
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         """Softmax probabilities, computed in batches in eval mode on the model's device; a CPU tensor."""
+        x = self._images(x)
         dev = module_device(self)
         return torch.cat([torch.softmax(self.logits(x[i:i + batch_size].to(dev)), dim=1).cpu()
                           for i in range(0, len(x), batch_size)]) if len(x) else torch.empty(0, self.num_classes)
@@ -178,6 +192,7 @@ class Classifier(nn.Module):
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         """Predicted labels (int64), computed in batches in eval mode on the model's device; a CPU tensor."""
+        x = self._images(x)
         dev = module_device(self)
         return torch.cat([self.logits(x[i:i + batch_size].to(dev)).argmax(dim=1).cpu()
                           for i in range(0, len(x), batch_size)]) if len(x) else torch.empty(0, dtype=torch.long)

@@ -397,8 +397,8 @@ def _list_images(sources) -> list[tuple[Path, int | None]]:
         if path.is_dir():
             items.extend(_folder_images(path))
         elif _file_kind(path) != "image":
-            raise NetcleanseError(f"{path} is a dataset file; give dataset files on their own, "
-                                  "not in a list of images")
+            raise NetcleanseError(f"{path} is a dataset file; give one dataset file on its own, "
+                                  "not beside other files or images")
         else:
             items.append((path, _label_from_name(path)))
     return items
@@ -486,7 +486,7 @@ def save_data(dataset: Dataset, path, *, overwrite: bool = False) -> Path:
     if suffix not in (".npz", ".h5", ".hdf5"):
         raise NetcleanseError(f"cannot save data as {path}: use a .npz or .h5 file name")
     if path.exists() and not overwrite:
-        raise NetcleanseError(f"{path} already exists (use --force to overwrite)")
+        raise NetcleanseError(f"{path} already exists (--force on the command line, overwrite=True in Python)")
     path.parent.mkdir(parents=True, exist_ok=True)
     scaled = dataset.x * 255.0
     whole = torch.round(scaled)

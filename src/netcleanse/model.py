@@ -20,7 +20,7 @@ from .classifier import (Classifier, checked_channels, checked_preprocessing, ch
 from .errors import NetcleanseError
 from .keras import load_keras, load_keras_archive
 from .onnx_io import load_onnx
-from .sniff import HDF5_MAGIC, ZIP_MAGIC, sniff  # noqa: F401 (the magic bytes: re-exported, as before)
+from .sniff import HDF5_MAGIC, ZIP_MAGIC, is_npz, sniff  # noqa: F401 (the magic bytes: re-exported, as before)
 from .torch_io import load_safetensors, load_torch
 
 __all__ = ["Classifier", "check_finite", "checked_channels", "checked_preprocessing", "checked_scale", "load_model",
@@ -72,6 +72,8 @@ def load_model(path, arch=None, input_scale: float = 1.0, name: str | None = Non
                 raise NetcleanseError(f"{path} is a Keras 3 .keras archive, which records its own architecture; "
                                       "drop --arch")
             model = load_keras_archive(path, input_scale=input_scale, name=name)
+        elif kind == "zip" and is_npz(path):
+            raise NetcleanseError(f"{path} is a NumPy .npz of arrays, a data file, not a model")
         elif kind == "zip":
             model = load_torch(path, arch=arch, input_scale=input_scale, name=name, input_shape=input_shape)
         elif kind == "safetensors":

@@ -175,14 +175,12 @@ class ScanResult:
 # inputs
 
 
-def parse_labels(text: str | None, num_classes: int) -> list[int] | None:
-    """``"0,5,7-9"`` -> [0, 5, 7, 8, 9] (sorted, unique, checked against ``num_classes``); None
-    (all labels) when no list is given. An empty list is an error, not "all labels"."""
-    if text is None:
-        return None
+def label_ranges(text) -> list[tuple[int, int]]:
+    """The ranges of a label list ``"0,5,7-9"`` -> [(0, 0), (5, 5), (7, 9)], its syntax checked (no
+    model needed: a screen checks every entry's list before the first scan)."""
     if str(text).strip() == "":
         raise NetcleanseError("--labels is empty: give labels like 0,5,7-9, or leave the option out to scan all")
-    out: set[int] = set()
+    ranges = []
     for part in str(text).split(","):
         part = part.strip()
         try:
@@ -195,6 +193,17 @@ def parse_labels(text: str | None, num_classes: int) -> list[int] | None:
                 lo = hi = int(part)
         except ValueError:
             raise NetcleanseError(f"bad label list {text!r}: use numbers and ranges like 0,5,7-9") from None
+        ranges.append((lo, hi))
+    return ranges
+
+
+def parse_labels(text: str | None, num_classes: int) -> list[int] | None:
+    """``"0,5,7-9"`` -> [0, 5, 7, 8, 9] (sorted, unique, checked against ``num_classes``); None
+    (all labels) when no list is given. An empty list is an error, not "all labels"."""
+    if text is None:
+        return None
+    out: set[int] = set()
+    for lo, hi in label_ranges(text):
         # checked before a range is expanded, so that a huge one is refused, not allocated
         bad = lo if not 0 <= lo < num_classes else hi if not 0 <= hi < num_classes else None
         if bad is not None:

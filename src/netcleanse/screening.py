@@ -79,10 +79,19 @@ FIELDS = tuple(f.name for f in fields(ScreenEntry))
 
 
 def make_entries(models, *, arch: str | None = None, input_scale: float = 1.0, data=None, data_free: bool = False,
-                 labels: str | None = None, **model_options) -> list[ScreenEntry]:
+                 labels=None, **model_options) -> list[ScreenEntry]:
     """Entries for model files that share one set of options (``netcleanse screen MODEL...``);
+    ``data``: a clean-data file or folder; ``labels``: "0,5,7-9" or a list of label numbers;
     ``model_options``: mean, std, arch_kwargs, num_classes, input_shape."""
     scale = _number(input_scale, "--input-scale")
+    if data is not None and not isinstance(data, (str, Path)):
+        raise NetcleanseError("a screen's data is a clean-data file or folder (each model's scan reads it); "
+                              f"got a {type(data).__name__}")
+    if labels is not None and not isinstance(labels, str):
+        try:
+            labels = ",".join(str(int(t)) for t in labels)  # a list of labels, as scan() takes
+        except (TypeError, ValueError):
+            raise NetcleanseError(f"labels must be a list like \"0,5,7-9\" or of label numbers, got {labels!r}") from None
     return [_checked(ScreenEntry(str(m), None, arch, scale, None if data is None else str(data), data_free, labels,
                                  **model_options), f"model {m}") for m in models]
 
@@ -184,8 +193,14 @@ def _boolean(value, where: str) -> bool:
 
 
 def _checked(entry: ScreenEntry, where: str) -> ScreenEntry:
+    from .scanning import label_ranges
     if (entry.data is None) == (not entry.data_free):
         raise NetcleanseError(f"{where}: give exactly one of data (a clean-data file or folder) and data_free")
+    if entry.labels is not None:
+        try:
+            label_ranges(entry.labels)  # the syntax, before any scan (the range needs each model)
+        except NetcleanseError as exc:
+            raise NetcleanseError(f"{where}: {exc}") from None
     return entry
 
 
@@ -293,9 +308,14 @@ def _prepare(out: Path, resume: bool, settings: dict) -> None:
             raise NetcleanseError(f"{out} does not hold a screen to resume (no screen_settings.json)")
         before = json.loads(started.read_text())
         if before != key:
-            what = [k for k in key if before.get(k) != key[k]]
-            raise NetcleanseError(f"cannot resume {out}: it was started with different "
-                                  f"{'models' if what == ['entries'] else 'settings (' + ', '.join(what) + ')'}")
+            what = [k for k in key if k != "entries" and before.get(k) != key[k]]
+            if "entries" in key and before.get("entries") != key["entries"]:
+                old, new = before.get("entries") or [], key["entries"]
+                if len(old) != len(new) or [e.get("model") for e in old] != [e.get("model") for e in new]:
+                    what.append("models")
+                else:  # the same models with other per-model settings: name them
+                    what += sorted({f for a, b in zip(old, new) for f in set(a) | set(b) if a.get(f) != b.get(f)})
+            raise NetcleanseError(f"cannot resume {out}: it was started with different settings ({', '.join(what)})")
         return
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(started, key, indent=1)

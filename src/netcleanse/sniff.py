@@ -55,6 +55,16 @@ def is_keras_archive(path: Path) -> bool:
     return "config.json" in names and "model.weights.h5" in names
 
 
+def is_npz(path: Path) -> bool:
+    """A zip whose every member is a ``.npy`` array: NumPy's ``.npz`` (data, not a model)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError):
+        return False
+    return bool(names) and all(name.endswith(".npy") for name in names)
+
+
 def is_safetensors(path: Path) -> bool:
     """True when ``path`` starts like a safetensors file: an 8-byte little-endian header length,
     then a JSON object."""

@@ -63,7 +63,7 @@ def screen(
         result = run_screen(entries, out, preset=preset, rule=rule, alpha=alpha, threshold=threshold, seed=seed,
                             resume=resume, device=device, executor=runner)
     counts = ", ".join(f"{n} {verdict}" for verdict, n in sorted(result.counts.items()))
-    typer.echo(f"{len(result.rows)} models screened ({counts}) in {result.elapsed_s:.1f} s; "
+    typer.echo(f"{len(result.rows)} model{'' if len(result.rows) == 1 else 's'} screened ({counts}) in {result.elapsed_s:.1f} s; "
                f"summary {out / 'screen.csv'}, page {out / 'index.html'}")
     for row in result.rows:
         if row["verdict"] == "backdoor-detected":

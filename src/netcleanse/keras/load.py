@@ -34,6 +34,14 @@ def load_keras(path, arch: str | None = None, input_scale: float = 1.0, name: st
         with h5:
             check_self_contained_h5(h5, path)
             weights_root = h5["model_weights"] if "model_weights" in h5 else h5
+            if "layer_names" not in weights_root.attrs and "layer_names0" not in weights_root.attrs \
+                    and _model_config(h5) is None:
+                arrays = sorted(k for k in h5 if isinstance(h5[k], h5py.Dataset))
+                what = (f"an HDF5 file of arrays ({', '.join(arrays[:4])}), a data file perhaps (give it as data)"
+                        if arrays else "Keras 3's weights alone (load the .keras archive they came from)"
+                        if "layers" in h5 and isinstance(h5["layers"], h5py.Group) else "an HDF5 file")
+                raise NetcleanseError(f"{path} is {what}, not a Keras model: it has neither a model config nor "
+                                      "Keras's layer_names")
             if arch is not None:
                 spec = resolve_arch(arch)
                 layers_in_file = _file_layers(weights_root)
