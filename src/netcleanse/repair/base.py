@@ -38,23 +38,17 @@ class RepairOptions:
 
     def __post_init__(self):
         """Refuse a setting no method can use, naming it (one error line in the CLI)."""
-        problems = [
-            (not self.drops or min(float(d) for d in self.drops) <= 0, "drops must be positive percentage points"),
-            (self.select_drop < 0, "select_drop must be >= 0"),
-            (self.fine_tune_epochs < 0, "fine_tune_epochs must be >= 0"),
-            (self.lr is not None and not self.lr > 0, "lr must be > 0"),
-            (self.epochs < 1, "epochs must be >= 1"),
-            (not 0 < self.fraction < 1, "fraction must be in (0, 1)"),
-            (not 0 <= self.quantile <= 1, "quantile must be in [0, 1]"),
-            (not 0 < self.top_fraction <= 1, "top_fraction must be in (0, 1]"),
-        ]
-        values = dict(drops=self.drops, select_drop=self.select_drop, fine_tune_epochs=self.fine_tune_epochs,
-                      lr=self.lr, epochs=self.epochs, fraction=self.fraction, quantile=self.quantile,
-                      top_fraction=self.top_fraction)
-        for bad, message in problems:
+        for name, bad, rule in (
+                ("drops", not self.drops or min(float(d) for d in self.drops) <= 0, "must be positive percentage points"),
+                ("select_drop", self.select_drop < 0, "must be >= 0"),
+                ("fine_tune_epochs", self.fine_tune_epochs < 0, "must be >= 0"),
+                ("lr", self.lr is not None and not self.lr > 0, "must be > 0"),
+                ("epochs", self.epochs < 1, "must be >= 1"),
+                ("fraction", not 0 < self.fraction < 1, "must be in (0, 1)"),
+                ("quantile", not 0 <= self.quantile <= 1, "must be in [0, 1]"),
+                ("top_fraction", not 0 < self.top_fraction <= 1, "must be in (0, 1]")):
             if bad:
-                name = message.split()[0]
-                raise NetcleanseError(f"{message} (got {values[name]!r})")
+                raise NetcleanseError(f"{name} {rule} (got {getattr(self, name)!r})")
 
     def lr_or(self, default: float) -> float:
         """The learning rate set, else the method's ``default``."""
