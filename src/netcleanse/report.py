@@ -988,14 +988,10 @@ def _output_path(root: Path, fmt: str, out: str | Path | None) -> Path:
     if out is None:
         return root / f"report.{fmt}"
     out = Path(out)
-    if not out.exists() and not out.suffix:  # a new name without a suffix: a folder for report.<fmt>
-        if not out.parent.is_dir():
-            raise NetcleanseError(f"cannot write the report to {out}: directory {out.parent} does not exist")
-        out.mkdir()
-    if out.is_dir():
-        return out / f"report.{fmt}"
     if not out.parent.is_dir():
         raise NetcleanseError(f"cannot write the report to {out}: directory {out.parent} does not exist")
+    if out.is_dir() or (not out.exists() and not out.suffix):  # a new name without a suffix: a folder
+        return out / f"report.{fmt}"
     return out
 
 
@@ -1021,6 +1017,7 @@ def render_report(directory: str | Path, format: str | None = None, out: str | P
         if taken:
             raise NetcleanseError(f"{taken[0]} exists; choose another --out or use --force to replace it")
 
+    path.parent.mkdir(exist_ok=True)  # a new folder named by --out (its parent exists)
     for picture in plot_pictures:
         plot_path = path.with_name(f"{path.stem}_{picture.name}.png")
         plot_path.write_bytes(picture.png)
