@@ -40,7 +40,7 @@ MEASURE_IMAGES = 2  # images of the one measuring forward pass
 
 
 def graph_bytes_per_image(model, input_shape, device=None, channels_last: bool = False,
-                          training: bool = False, input_grad: bool = True) -> int:
+                          training: bool = False) -> int:
     """Bytes of the tensors autograd saves for one image of ``input_shape`` (C, H, W) when the
     gradient is taken with respect to the input (module doc); each storage counted once, the
     model's own parameters and buffers not at all.
@@ -48,10 +48,13 @@ def graph_bytes_per_image(model, input_shape, device=None, channels_last: bool =
     ``training``: measure a training step instead (:func:`netcleanse.training.train`): the model in
     train mode (batch-norm and dropout save what they save there), the gradient taken for the
     weights that require one and not for the input. The model is left as it was: its mode, its
-    buffers (batch-norm statistics) and the random number generators (dropout draws).
-    ``input_grad=False``: the input needs no gradient (only the weights' gradients are taken)."""
+    buffers (batch-norm statistics) and the random number generators (dropout draws)."""
     if training:
         return _training_bytes_per_image(model, input_shape, device, channels_last)
+    return _saved_bytes_per_image(model, input_shape, device, channels_last, input_grad=True)
+
+
+def _saved_bytes_per_image(model, input_shape, device, channels_last: bool, input_grad: bool) -> int:
     device = device or torch.device("cpu")
     own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     seen: dict[int, int] = {}
@@ -79,7 +82,7 @@ def _training_bytes_per_image(model, input_shape, device, channels_last: bool) -
     try:
         with torch.random.fork_rng(devices=cuda):
             model.train()
-            return graph_bytes_per_image(model, input_shape, device, channels_last, input_grad=False)
+            return _saved_bytes_per_image(model, input_shape, device, channels_last, input_grad=False)
     finally:
         model.train(was_training)
         with torch.no_grad():
