@@ -93,7 +93,10 @@ def test_command_line_mistakes_are_one_line_errors(tiny, capsys):
     for args, fragment in ((("info", tiny, "--input-scale", "abc"), "Invalid value for '--input-scale'"),
                            (("scan",), "Missing argument 'MODEL'"),
                            (("scan", tiny, "--frobnicate"), "No such option: --frobnicate"),
-                           (("bogus",), "No such command 'bogus'")):
+                           (("bogus",), "No such command 'bogus'"),
+                           # click would keep the last of a repeated single-value option silently
+                           (("eval", tiny, "--clean", tiny, "--clean", tiny), "--clean is given more than once"),
+                           (("scan", tiny, "--seed", "1", "--seed", "2"), "--seed is given more than once")):
         code, out, err = cli(capsys, *args)
         assert_one_line_error(code, err, fragment)
         assert out == ""

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from netcleanse import NetcleanseError
+from netcleanse import NetcleanseError, NetcleanseWarning
 from netcleanse.data import Dataset, check_dataset, label_from_name, load_data, save_data
 
 from conftest import CSAW
@@ -174,8 +174,21 @@ def test_folder_labels_from_subfolders_and_names(tmp_path):
 def test_folder_with_an_unlabeled_image_loads_unlabeled(tmp_path):
     write_png(tmp_path / "a_label=1.png", IMAGES_NCHW[0].transpose(1, 2, 0))
     write_png(tmp_path / "b.png", IMAGES_NCHW[1].transpose(1, 2, 0))
-    ds = load_data(tmp_path)
+    with pytest.warns(NetcleanseWarning, match=r"1 of 2 images carry no label \(e.g. .*b.png"):
+        ds = load_data(tmp_path)
     assert ds.y is None and ds.info["unlabeled"] == 1 and len(ds) == 2
+
+
+def test_empty_label_folder_is_named(tmp_path, recwarn):
+    write_png(tmp_path / "0" / "a.png", IMAGES_NCHW[0].transpose(1, 2, 0))
+    write_png(tmp_path / "3" / "2" / "b.png", IMAGES_NCHW[1].transpose(1, 2, 0))
+    load_data(tmp_path)  # every label folder holds an image (3's in its sub-folder 2): nothing to say
+    assert not [w for w in recwarn if issubclass(w.category, NetcleanseWarning)]
+    (tmp_path / "1").mkdir()
+    (tmp_path / "misc").mkdir()  # not a label folder
+    with pytest.warns(NetcleanseWarning, match=r"1 label folder\(s\) hold no images \(1\)"):
+        ds = load_data(tmp_path)
+    assert ds.y.tolist() == [0, 2]
 
 
 def test_label_from_name():

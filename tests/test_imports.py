@@ -82,7 +82,9 @@ def test_below_the_workflows(module):
 
 
 @pytest.mark.parametrize("module, names", [
-    ("netcleanse", "Classifier load_model save_model scan NetcleanseError build_architecture register_architecture"),
+    ("netcleanse", "Classifier load_model save_model scan NetcleanseError build_architecture register_architecture "
+                   "NetcleanseWarning Dataset load_data save_data Trigger ScanResult RepairResult Evaluation "
+                   "screen ScreenResult"),
     ("netcleanse.model", "Classifier load_model checked_scale parse_input_shape output_classes HDF5_MAGIC ZIP_MAGIC"),
     ("netcleanse.keras", "KerasGraph load_keras load_keras_archive save_keras_weights graph_from_config "
                          "check_config keras_weights_to_module keras_layer_weights SUPPORTED_LAYERS _snake_case"),

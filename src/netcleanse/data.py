@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 import torch
 
-from .errors import NetcleanseError
+from .errors import NetcleanseError, NetcleanseWarning
 from .sniff import sniff
 from .utils import atomic_write, check_declared_size, check_self_contained_h5, first_line
 
@@ -385,6 +385,13 @@ def _folder_images(folder: Path) -> list[tuple[Path, int | None]]:
                    key=lambda p: p.relative_to(folder).as_posix())
     if not files:
         raise NetcleanseError(f"no images (.png, .jpg, .jpeg) in folder {folder}")
+    # a label folder left empty (a failed copy) would drop that class without a word
+    occupied = {parent for f in files for parent in f.parents}
+    empty = sorted(p for p in folder.rglob("*") if p.is_dir() and p.name.isdigit() and p not in occupied)
+    if empty:
+        shown = ", ".join(str(p.relative_to(folder)) for p in empty[:5]) + (", ..." if len(empty) > 5 else "")
+        warnings.warn(f"{folder}: {len(empty)} label folder(s) hold no images ({shown}); "
+                      "those classes are missing from the data", NetcleanseWarning, stacklevel=2)
     return [(p, _label_from_name(p, folder)) for p in files]
 
 
@@ -465,6 +472,10 @@ def _load_images(items: list[tuple[Path, int | None]], channels, expect_shape, s
     info = {"format": "images", "layout": "NCHW", "dtype": "uint8", "scale": 255}
     if y is None and any(label is not None for label in labels):
         info["unlabeled"] = sum(label is None for label in labels)
+        first = next(path for path, label in items if label is None)
+        warnings.warn(f"{source}: {info['unlabeled']} of {len(items)} images carry no label (e.g. {first}; "
+                      "labels come from label=N in the name or an integer folder), so the set is loaded "
+                      "unlabeled", NetcleanseWarning, stacklevel=2)
     return Dataset(x, y, source=source, names=[str(path) for path, _ in items], info=info)
 
 

@@ -8,10 +8,11 @@ and exit with status 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 
-from ..errors import NetcleanseError
+from ..errors import NetcleanseError, NetcleanseWarning
 
 app = typer.Typer(name="netcleanse", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False,
@@ -34,13 +35,42 @@ from . import report as _report  # noqa: E402,F401
 from . import screen as _screen  # noqa: E402,F401
 
 
+class _OnceCommand(typer.core.TyperCommand):
+    """A command whose single-value options may be given once: click keeps the last of
+    ``--clean A --clean B`` silently, so a user would evaluate B believing A was included."""
+
+    def parse_args(self, ctx, args):
+        seen = set()
+        _, _, order = self.make_parser(ctx).parse_args(args=list(args))
+        for param in order:
+            if param.param_type_name != "option" or param.multiple or param.is_flag or param.count:
+                continue
+            if param.name in seen:
+                ctx.fail(f"{param.opts[0]} is given more than once; give it once")
+            seen.add(param.name)
+        return super().parse_args(ctx, args)
+
+
+for _info in app.registered_commands:
+    if _info.cls in (None, typer.core.TyperCommand):
+        _info.cls = _OnceCommand
+
+
 # typer re-exports only BadParameter; its base is click's UsageError (vendored inside typer since
 # 0.2x, a separate package before), the class of every command-line mistake: missing argument,
 # unknown option, a value that does not parse
 _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _python=warnings.showwarning):
+    if issubclass(category, NetcleanseWarning):
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+    else:
+        _python(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> None:
+    warnings.showwarning = _show_warning
     try:
         # not standalone: typer would print its usage errors as a multi-line box; we print one line
         code = app(args=argv, prog_name="netcleanse", standalone_mode=False)
