@@ -323,7 +323,10 @@ def test_netcleanse_checkpoint_needs_no_arch(tmp_path, capsys):
     path = save_model(Classifier(brightness_net(), (1, 28, 28), 10, name="tiny", arch="mnist-cnn"),
                       tmp_path / "tiny.pt")
     code, out, _ = cli(capsys, "info", path, "--json")
-    assert code == 0 and json.loads(out)["format"] == "PyTorch checkpoint"
+    assert code == 0 and json.loads(out)["format"] == "netcleanse checkpoint"
+    torch.save(brightness_net().state_dict(), tmp_path / "weights.pt")
+    code, out, _ = cli(capsys, "info", tmp_path / "weights.pt", "--arch", "mnist-cnn", "--json")
+    assert code == 0 and json.loads(out)["format"] == "PyTorch state_dict"
     Image.fromarray(digit_image(6)).save(tmp_path / "six.png")
     code, out, _ = cli(capsys, "predict", path, tmp_path / "six.png")
     assert code == 0 and out.split("\t")[1] == "6"

@@ -58,8 +58,10 @@ def test_h5_alternative_keys_and_unlabeled(tmp_path):
     assert ds.y.tolist() == LABELS.tolist()
     ds = load_data(write_h5(tmp_path / "nolabel.h5", IMAGES_NCHW))
     assert ds.y is None and len(ds) == 7
-    ds = load_data(write_h5(tmp_path / "custom.h5", IMAGES_NCHW, LABELS[::-1].copy(), label_key="target"),
-                   label_key="target")
+    custom = write_h5(tmp_path / "custom.h5", IMAGES_NCHW, LABELS[::-1].copy(), label_key="target")
+    with pytest.warns(NetcleanseWarning, match="no labels under 'label' or 'y'.* other keys: target"):
+        assert load_data(custom).y is None
+    ds = load_data(custom, label_key="target")
     assert ds.y.tolist() == LABELS[::-1].tolist()
 
 

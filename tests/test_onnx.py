@@ -199,7 +199,9 @@ def test_bad_onnx_files_are_one_line_errors(tmp_path, capsys):
     # with the shape given, the flatten-only graph is a 48-class "classifier"
     assert load_model(dynamic, input_shape="3x4x4").num_classes == 48
     with pytest.raises(NetcleanseError, match="drop --arch"):
-        load_model(dynamic, arch="mnist-cnn")
+        load_model(dynamic, arch="mnist-cnn", input_shape="3x4x4")
+    with pytest.raises(NetcleanseError, match="not a readable ONNX model"):  # the file's fault comes first
+        load_model(garbage, arch="mnist-cnn")
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

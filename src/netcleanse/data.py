@@ -303,6 +303,12 @@ def _pick_key(keys, candidates, chosen, path, what, required=True) -> str | None
     if required:
         raise NetcleanseError(f"{path}: no {what} found (looked for {' or '.join(map(repr, candidates))}); "
                               f"keys: {', '.join(keys) or 'none'}")
+    others = [k for k in keys if k not in (*IMAGE_KEYS, "names", "true_labels")]
+    if others:  # labels stored under a name of the file's own, most likely
+        warnings.warn(f"{path}: no {what} under {' or '.join(map(repr, candidates))}, so it loads without them; "
+                      f"its other keys: {', '.join(others)} (rename the labels' key to {candidates[0]!r}, or in Python "
+                      "load_data(..., label_key=KEY))",
+                      NetcleanseWarning, stacklevel=3)
     return None
 
 

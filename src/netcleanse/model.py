@@ -82,9 +82,9 @@ def load_model(path, arch=None, input_scale: float = 1.0, name: str | None = Non
                                       "architecture with --arch")
             model = load_safetensors(path, arch=arch, input_scale=input_scale, name=name)
         elif path.suffix.lower() == ".onnx":
+            model = load_onnx(path, input_scale=input_scale, name=name, input_shape=input_shape)  # a corrupt file says so first
             if arch is not None:
                 raise NetcleanseError(f"{path} is an ONNX model, which records its own architecture; drop --arch")
-            model = load_onnx(path, input_scale=input_scale, name=name, input_shape=input_shape)
         else:
             raise NetcleanseError(f"{path} is not a model file netcleanse can read (expected a Keras .h5/.keras, "
                                   "a PyTorch .pt/TorchScript, a .safetensors or an .onnx file)")

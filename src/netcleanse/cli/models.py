@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 
 import h5py
 import numpy as np
+import torch
 import typer
 
 from . import app
@@ -98,7 +99,12 @@ def model_format(path: Path, model: Classifier) -> str:
             names = archive.namelist()
         if any(name.split("/", 1)[-1].startswith("code/") for name in names):
             return "TorchScript"
-        return "netcleanse guarded checkpoint" if model.poison_label is not None else "PyTorch checkpoint"
+        if model.poison_label is not None:
+            return "netcleanse guarded checkpoint"
+        from ..torch_io import FORMAT
+        ckpt = torch.load(path, weights_only=True, map_location="cpu", mmap=True)  # loaded once already
+        return ("netcleanse checkpoint" if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT
+                else "PyTorch state_dict")
     if kind == "safetensors":
         return "safetensors state_dict"
     if path.suffix.lower() == ".onnx":
