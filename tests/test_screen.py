@@ -185,3 +185,15 @@ def test_ray_missing_is_one_error_line(zoo, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error: the ray executor needs Ray") and err.count("\n") == 1
     assert not (tmp_path / "o").exists()  # nothing started
+
+
+def test_model_folders_stay_inside_the_screen(tmp_path):
+    """A manifest's name is the model's folder under models/: never `..`, `.` or a hidden name."""
+    from netcleanse.utils import file_stem
+    assert [file_stem(n) for n in ("..", ".", "../../evil", ".hidden", "a b/c", "")] == [
+        "model", "model", "_.._evil", "hidden", "a_b_c", "model"]
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a model")
+    result = screen([ScreenEntry(str(broken), name=name, data_free=True) for name in ("..", ".", "../x")],
+                    tmp_path / "s", progress=False)
+    assert [r["name"] for r in result.rows] == ["model", "model_2", "_x"]

@@ -73,8 +73,9 @@ def write_npz_atomic(path, **arrays) -> None:
 
 
 def file_stem(name: str) -> str:
-    """``name`` with every character but letters, digits and ``-_.`` replaced by ``_`` ("model" if empty)."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "model"
+    """``name`` with every character but letters, digits and ``-_.`` replaced by ``_`` and leading dots
+    dropped ("model" if nothing is left): a plain name inside its folder, never ``..``, ``.`` or a hidden file."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).lstrip(".") or "model"
 
 
 def resolve_device(name: str) -> torch.device:

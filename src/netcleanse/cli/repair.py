@@ -62,7 +62,9 @@ def _print_table(rows: list[dict]) -> None:
 @app.command()
 def repair(
     model_path: ModelArgument,
-    scan: Annotated[Optional[Path], typer.Option("--scan", help="Scan output folder (scan.json + masks.npz).")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Output folder (repair.json + model files).")],
+    scan: Annotated[Optional[Path], typer.Option(
+        "--scan", help="Scan output folder (scan.json + masks.npz); needed by unlearn and filter.")] = None,
     method: Annotated[str, typer.Option("--method", help=METHOD_HELP)] = "fine-prune",
     data: Annotated[Optional[Path], typer.Option("--data", help="Labelled clean validation data.")] = None,
     test_clean: Annotated[Optional[Path], typer.Option("--test-clean", help="Clean test set for the table.")] = None,
@@ -82,7 +84,6 @@ def repair(
     fraction: Annotated[float, typer.Option("--fraction", help="Unlearning: fraction stamped with triggers.")] = 0.5,
     quantile: Annotated[float, typer.Option("--quantile", help="Filter: threshold quantile of trigger-free scores.")] = 0.5,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (repair.json + model files).")] = None,
     force: ForceOption = False,
     arch: ArchOption = None,
     input_scale: InputScaleOption = 1.0,
@@ -103,8 +104,6 @@ def repair(
 
     if method not in METHODS:
         raise NetcleanseError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
-    if out is None:
-        raise NetcleanseError("give an output folder with --out DIR")
     if (out / "repair.json").exists() and not force:
         raise NetcleanseError(f"{out} already holds a repair (repair.json); choose another --out or use --force")
     check_out_dir(out, force)
