@@ -32,7 +32,8 @@ scan_module = importlib.import_module("netcleanse.scanning")
 def ray_instance():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as every Ray task runs (one CPU, one thread): same arithmetic
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # a fresh local instance, never a cluster another program started on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     # the killing wrapper below lives in this test module, which workers cannot import by name
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.cloudpickle.register_pickle_by_value(sys.modules["conftest"])  # TinyNet's module
@@ -148,6 +149,18 @@ def test_executor_names():
         make_executor("dask")
     with pytest.raises(NetcleanseError, match="--ray-address is for --executor ray"):
         make_executor("local", "127.0.0.1:6379")
+
+
+def test_without_an_address_the_instance_is_private(monkeypatch):
+    """The default (no --ray-address) is a private local instance, as the docs say, even on a machine
+    where a Ray cluster already runs: ray.init() alone would join that cluster (and refuse num_cpus)."""
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    RayExecutor(num_cpus=1)
+    RayExecutor("auto")
+    assert [c["address"] for c in calls] == ["local", "auto"] and calls[0]["num_cpus"] == 1
+    assert "num_cpus" not in calls[1]
 
 
 @pytest.fixture(scope="module")

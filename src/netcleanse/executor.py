@@ -110,7 +110,9 @@ class RayExecutor(Executor):
             if address is None:
                 kwargs["num_cpus"] = num_cpus
             try:
-                ray.init(address=address, **kwargs)
+                # "local": a private instance even where a cluster runs on this machine (ray.init()
+                # alone would join that one, and refuse num_cpus); a cluster only when named
+                ray.init(address=address or "local", **kwargs)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = f"the Ray cluster at {address}" if address else "a local Ray instance"
                 raise NetcleanseError(f"cannot connect to {where}: {first_line(exc)}") from None
