@@ -56,6 +56,8 @@ def test_h5_layouts_and_scales_load_identically(tmp_path, layout, dtype):
 def test_h5_alternative_keys_and_unlabeled(tmp_path):
     ds = load_data(write_h5(tmp_path / "xy.h5", IMAGES_NCHW, LABELS, "x", "y"))
     assert ds.y.tolist() == LABELS.tolist()
+    ds = load_data(write_h5(tmp_path / "plural.h5", IMAGES_NCHW, LABELS, "images", "labels"))
+    assert ds.y.tolist() == LABELS.tolist()
     ds = load_data(write_h5(tmp_path / "nolabel.h5", IMAGES_NCHW))
     assert ds.y is None and len(ds) == 7
     custom = write_h5(tmp_path / "custom.h5", IMAGES_NCHW, LABELS[::-1].copy(), label_key="target")

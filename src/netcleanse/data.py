@@ -5,8 +5,10 @@ Loaders convert on the way in (uint8 -> /255, NHWC -> NCHW), so nothing downstre
 
 Formats :func:`load_data` reads (chosen by the file's content, not its name):
 
-- CSAW HDF5 (``.h5``): images under ``data`` (or ``x``), labels under ``label`` (or ``y``), optional.
-- NumPy ``.npz``: images under ``x`` (or ``data``), labels under ``y`` (or ``label``), optional;
+- CSAW HDF5 (``.h5``): images under ``data`` (or ``x``, ``images``), labels under ``label`` (or ``y``,
+  ``labels``), optional.
+- NumPy ``.npz``: images under ``x`` (or ``data``, ``images``), labels under ``y`` (or ``label``,
+  ``labels``), optional;
   netcleanse also writes ``names`` and ``true_labels`` there and reads them back.
 - PNG / JPEG files, lists of them, and folders of them (searched recursively, sorted by path).
   A file's label is the ``label=N`` in its name (``cl_0_label=43.png``), else the name of the
@@ -80,8 +82,8 @@ class Dataset:
 # Loading
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-IMAGE_KEYS = ("data", "x")
-LABEL_KEYS = ("label", "y")
+IMAGE_KEYS = ("data", "x", "images")  # CSAW's names first; .npz files try x, data, images
+LABEL_KEYS = ("label", "y", "labels")
 # Float arrays whose maximum is above this are taken as 0..255 rather than [0, 1].
 FLOAT_255_THRESHOLD = 1.001
 # Rows converted at a time, so a 12k-image float64 file never exists twice in memory.
@@ -271,8 +273,8 @@ def _load_npz(path: Path, expect_shape, label_key) -> Dataset:
         keys = list(archive.files)
         for key in keys:
             _check_npz_member(archive.zip, f"{key}.npy", path, key)
-        image_key = _pick_key(keys, ("x", "data"), None, path, "images")
-        label_name = _pick_key(keys, ("y", "label"), label_key, path, "labels", required=label_key is not None)
+        image_key = _pick_key(keys, ("x", "data", "images"), None, path, "images")
+        label_name = _pick_key(keys, ("y", "label", "labels"), label_key, path, "labels", required=label_key is not None)
         try:
             array = archive[image_key]
             labels = archive[label_name] if label_name else None
