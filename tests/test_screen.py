@@ -197,3 +197,29 @@ def test_model_folders_stay_inside_the_screen(tmp_path):
     result = screen([ScreenEntry(str(broken), name=name, data_free=True) for name in ("..", ".", "../x")],
                     tmp_path / "s", progress=False)
     assert [r["name"] for r in result.rows] == ["model", "model_2", "_x"]
+
+
+def test_paths_are_kept_absolute_so_resume_and_workers_find_the_same_files(tmp_path, monkeypatch):
+    """Entries name their model, data and FILE.py architecture relative to the caller's folder; the
+    screen keeps them absolute, so a resume from another folder (or a Ray worker started elsewhere,
+    which would read another FILE.py) sees the same files."""
+    from netcleanse.archspec import absolute_arch
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "net.py").write_text("import torch\nclass Net(torch.nn.Linear):\n    def __init__(self):\n"
+                                 "        super().__init__(4, 2)\n")
+    (work / "broken.pt").write_bytes(b"not a model")
+    monkeypatch.chdir(work)
+    assert absolute_arch("net.py:Net") == f"{work / 'net.py'}:Net"
+    assert absolute_arch("mnist-cnn") == "mnist-cnn" and absolute_arch("timm:resnet18") == "timm:resnet18"
+    assert absolute_arch("package.module:Net") == "package.module:Net"
+    entries = [ScreenEntry("broken.pt", arch="net.py:Net", data_free=True)]
+    screen(entries, tmp_path / "s", progress=False)
+    saved = json.loads((tmp_path / "s" / "screen_settings.json").read_text())["entries"][0]
+    assert saved["model"] == str(work / "broken.pt") and saved["arch"] == f"{work / 'net.py'}:Net"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    again = screen([ScreenEntry("../work/broken.pt", arch="../work/net.py:Net", data_free=True)],
+                   tmp_path / "s", resume=True, progress=False)
+    assert "not a" in again.rows[0]["error"] and "no such Python file" not in again.rows[0]["error"]

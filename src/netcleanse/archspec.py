@@ -205,6 +205,17 @@ def _import_module(name: str, spec: str):
                               f"{first_line(exc)})") from None
 
 
+def absolute_arch(spec: str) -> str:
+    """``spec`` with the path of a ``FILE.py:NAME`` made absolute (other specs as they are), so that it
+    names the same file from any folder: a Ray worker's, or a later resume's."""
+    if not isinstance(spec, str) or ":" not in spec:
+        return spec
+    where, _, target = spec.strip().rpartition(":")
+    if where in ZOOS or not where.endswith(".py"):
+        return spec
+    return f"{Path(where).expanduser().resolve()}:{target}"
+
+
 def resolve_arch(spec: str, kwargs: dict | str | None = None, num_classes: int | None = None,
                  input_shape=None) -> ArchSpec:
     """Resolve an architecture spec (see the module doc) into an :class:`ArchSpec`.

@@ -244,6 +244,10 @@ def screen(entries: list[ScreenEntry], out, *, preset: str = "fast", rule: str =
         raise NetcleanseError(f"unknown preset {preset!r}; use one of: {', '.join(PRESETS)}")
     if rule not in RULES:
         raise NetcleanseError(f"unknown rule {rule!r}; use one of: {', '.join(RULES)}")
+    # the work and the resume key name the files by absolute paths (the model, its data, an
+    # architecture's FILE.py): workers run in other folders (a Ray worker would read FILE.py from its
+    # own), and a resume may start elsewhere; the summary shows them as given
+    placed = [_absolute(e) for e in entries]
     out = Path(out)
     folders, taken = [], set()
     for entry in entries:
@@ -254,7 +258,7 @@ def screen(entries: list[ScreenEntry], out, *, preset: str = "fast", rule: str =
         taken.add(folder.lower())
         folders.append(folder)
     settings = {"preset": preset, "rule": rule, "alpha": float(alpha), "threshold": float(threshold),
-                "seed": int(seed), "entries": [asdict(e) for e in entries]}
+                "seed": int(seed), "entries": [asdict(e) for e in placed]}
     _prepare(out, resume, settings)
     lock = lock_folder(out)
     executor = executor or LocalExecutor()
@@ -271,8 +275,7 @@ def screen(entries: list[ScreenEntry], out, *, preset: str = "fast", rule: str =
         todo.append(i)
     shared = {"preset": preset, "rule": rule, "alpha": float(alpha), "threshold": float(threshold), "seed": int(seed),
               "device": device, "out": str(out.resolve()) if in_process else None}
-    # absolute paths: workers (and a later resume) may run in another folder
-    jobs = [(_absolute(entries[i]), folders[i]) for i in todo]
+    jobs = [(placed[i], folders[i]) for i in todo]
     bar = progress_bar(disable=None if progress else True)
     try:
         with bar:
@@ -291,8 +294,10 @@ def screen(entries: list[ScreenEntry], out, *, preset: str = "fast", rule: str =
 
 def _absolute(entry: ScreenEntry) -> ScreenEntry:
     from dataclasses import replace
+    from .archspec import absolute_arch
     return replace(entry, model=str(Path(entry.model).expanduser().resolve()),
-                   data=None if entry.data is None else str(Path(entry.data).expanduser().resolve()))
+                   data=None if entry.data is None else str(Path(entry.data).expanduser().resolve()),
+                   arch=None if entry.arch is None else absolute_arch(entry.arch))
 
 
 def _prepare(out: Path, resume: bool, settings: dict) -> None:
