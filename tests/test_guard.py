@@ -90,6 +90,29 @@ def test_trigger_filter_finds_the_backdoor_neuron_data_free():
     assert (guarded.predict(_corner_trigger().apply(clean)) == 3).all()
 
 
+class HeadFirst(Detector):
+    """The Detector with its output layer defined before the hidden one, and an auxiliary Linear
+    layer (never run) defined last: the order of definition says nothing about which layer computes
+    the logits."""
+
+    def __init__(self):
+        super().__init__()
+        output, hidden = self.output, self.hidden
+        del self.output, self.hidden
+        self.output, self.hidden = output, hidden
+        self.aux = nn.Linear(64, 5)
+
+
+def test_filter_looks_into_the_layer_that_computes_the_logits():
+    base = Classifier(HeadFirst(), (2, 4, 4), 3, name="toy", arch=None)
+    assert [name for name, m in base.net.named_modules() if isinstance(m, nn.Linear)] == ["output", "hidden", "aux"]
+    x = torch.rand(3, 2, 4, 4)
+    logits, features = logits_and_features(base, x)
+    assert features.shape == (3, 8) and torch.equal(logits, _model()(x))  # the same net, other definition order
+    guarded = trigger_filter(base, {0: _corner_trigger()}, top_fraction=1 / 8, n_synthetic=64, seed=1)
+    assert guarded.detector.neurons == [[3]]  # the backdoor neuron of the penultimate layer, as in the Detector
+
+
 def test_filter_needs_flagged_labels_and_an_open_network():
     with pytest.raises(NetcleanseError, match="flagged no label"):
         trigger_filter(_model(), {})

@@ -35,7 +35,7 @@ from .data import Dataset
 from .errors import NetcleanseError
 # the guarded model noun, re-exported: netcleanse.guard is where users meet it
 from .guarded import (POISON_MARGIN, Disagreement, GuardedClassifier, TriggerFilter,  # noqa: F401
-                      _last_linear, logits_and_features)
+                      logits_and_features, output_linear)
 from .synthesis import smooth_noise
 from .trigger import Trigger
 from .utils import module_device, on_device

@@ -6,11 +6,14 @@ by :mod:`netcleanse.torch_io`)."""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 from .classifier import Classifier
 from .errors import NetcleanseError
+from .utils import module_device
 
 # Gap between the poison column and the other logits: softmax gives the poison class ~1 for
 # flagged inputs and ~e^-20 otherwise, so probabilities stay meaningful.
@@ -70,18 +73,48 @@ class TriggerFilter(nn.Module):
         return self.scores(features, labels) > self.threshold[labels]
 
 
-def _last_linear(net: nn.Module) -> nn.Linear:
-    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    if not linears or isinstance(net, torch.jit.ScriptModule):
-        raise NetcleanseError("the trigger filter needs a network whose last layer is a Linear (Dense) layer "
-                              "it can look into; TorchScript models are opaque")
-    return linears[-1]
+_OUTPUT_LAYERS: "weakref.WeakKeyDictionary[nn.Module, nn.Linear]" = weakref.WeakKeyDictionary()
+
+
+def output_linear(model: Classifier) -> nn.Linear:
+    """The Linear (Dense) layer that computes ``model``'s logits: of the Linear layers a forward pass
+    runs, the last one run with one output per class (else the last one run). Found by running two
+    blank images through the model once (then remembered), not by the order in which the layers
+    were defined: a head defined before the hidden layers, or an unused auxiliary layer defined last,
+    would otherwise be taken for it."""
+    net = model.net
+    if isinstance(net, torch.jit.ScriptModule):
+        raise NetcleanseError("the trigger filter needs to look into the network's last Linear (Dense) layer; "
+                              "TorchScript models are opaque")
+    if net in _OUTPUT_LAYERS:
+        return _OUTPUT_LAYERS[net]
+    ran: list[nn.Linear] = []
+    handles = [m.register_forward_hook(lambda module, inputs, output: ran.append(module))
+               for m in net.modules() if isinstance(m, nn.Linear)]
+    try:
+        with torch.no_grad():
+            training = net.training
+            net.eval()
+            try:
+                model(torch.zeros((2,) + tuple(model.input_shape), device=module_device(net)))
+            finally:
+                net.train(training)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not ran:
+        raise NetcleanseError("the trigger filter needs a network whose logits come from a Linear (Dense) "
+                              "layer it can look into; this one runs none")
+    heads = [m for m in ran if m.out_features == model.num_classes]
+    _OUTPUT_LAYERS[net] = layer = (heads or ran)[-1]
+    return layer
 
 
 def logits_and_features(model: Classifier, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's logits and its penultimate activations (the input of its last Linear layer)."""
+    """The model's logits and its penultimate activations (the input of the Linear layer that
+    computes the logits, :func:`output_linear`)."""
     captured = {}
-    handle = _last_linear(model.net).register_forward_pre_hook(
+    handle = output_linear(model).register_forward_pre_hook(
         lambda module, inputs: captured.__setitem__("h", inputs[0].flatten(1)))
     try:
         logits = model(x)

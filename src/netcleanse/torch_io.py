@@ -53,7 +53,7 @@ from .archspec import ArchSpec, ZOOS, resolve_arch
 from .errors import NetcleanseError
 from .classifier import Classifier, checked_preprocessing, checked_scale, output_classes, parse_input_shape
 from .sniff import is_safetensors  # noqa: F401 (it lived here)
-from .guarded import Disagreement, GuardedClassifier, TriggerFilter, _last_linear
+from .guarded import Disagreement, GuardedClassifier, TriggerFilter, output_linear
 from .utils import atomic_write, first_line
 
 FORMAT = "netcleanse"
@@ -408,7 +408,7 @@ def guarded_from_checkpoint(ckpt: dict) -> GuardedClassifier:
     elif kind == "filter":
         try:
             labels, neurons = [int(t) for t in ckpt["labels"]], [[int(c) for c in n] for n in ckpt["neurons"]]
-            width = _last_linear(base.net).in_features
+            width = output_linear(base).in_features
             # indices come from the file: checked against the network before any is used
             if any(not 0 <= t < base.num_classes for t in labels) or \
                     any(not 0 <= c < width for cells in neurons for c in cells):
