@@ -246,3 +246,37 @@ def test_shared_value_is_loaded_once_per_worker_not_per_task(ray_instance, tmp_p
     assert len(pids) == 12 and set(loads) <= set(map(str, pids.values()))
     # every worker process that ran a task loaded the value once, not once per task
     assert len(loads) == len(set(loads)) == len(set(pids.values())) < 12
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's ONNX exporter
+def test_models_of_user_code_and_onnx_scan_on_ray(ray_instance, tmp_path, monkeypatch):
+    """A FILE.py architecture (imported under a name no worker can import) and an ONNX model (made of
+    onnx2torch's modules, which need the torchvision stand-in where torchvision does not import)
+    travel to the workers; the scans equal the local ones."""
+    from typer.testing import CliRunner
+    from netcleanse.cli import app
+    (tmp_path / "tinynet.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)\n"
+        "        self.fc = torch.nn.Linear(4 * 8 * 8, 4)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(torch.relu(self.conv(x)).flatten(1))\n")
+    import runpy
+    monkeypatch.chdir(tmp_path)  # the FILE.py is named relative to the caller's folder
+    torch.manual_seed(0)
+    net = runpy.run_path(str(tmp_path / "tinynet.py"))["Net"]().eval()
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    torch.onnx.export(net, torch.zeros(1, 1, 8, 8), str(tmp_path / "net.onnx"), dynamo=False,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    for model in (["net.pt", "--arch", "tinynet.py:Net", "--input-shape", "1x8x8"], ["net.onnx"]):
+        masks = {}
+        for executor in ("ray", "local"):
+            out = tmp_path / f"{model[0]}_{executor}"
+            res = CliRunner().invoke(app, ["scan", str(tmp_path / model[0]), *model[1:], "--data-free",
+                                           "--labels", "0-1", "--out", str(out), "--executor", executor])
+            assert res.exit_code == 0, res.output
+            masks[executor] = [r["mask_l1"] for r in json.loads((out / "scan.json").read_text())["labels"]]
+        assert masks["ray"] == masks["local"]

@@ -40,6 +40,9 @@ from .classifier import parse_input_shape
 from .utils import first_line
 
 ZOOS = ("torchvision", "timm")
+# the module name a FILE.py architecture is imported under (never importable elsewhere by that name:
+# Ray workers get such modules by value, netcleanse.executor)
+USER_MODULE_PREFIX = "netcleanse_user_arch_"
 # keyword arguments of zoo constructors that would load weights or configs from elsewhere
 # (weights, weights_backbone, pretrained, pretrained_cfg, checkpoint_path, file, url, hf_hub_id, ...)
 _FETCHING_WORDS = ("weight", "pretrained", "checkpoint", "path", "file", "url", "hub", "cache")
@@ -158,7 +161,7 @@ def _load_file(path: Path, spec: str):
     if not path.is_file():
         raise NetcleanseError(f"--arch {spec}: no such Python file {path}")
     digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-    module_name = f"netcleanse_user_arch_{path.stem}_{digest}"
+    module_name = f"{USER_MODULE_PREFIX}{path.stem}_{digest}"
     if module_name in sys.modules:
         return sys.modules[module_name]
     loader_spec = importlib.util.spec_from_file_location(module_name, path)

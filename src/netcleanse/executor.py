@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, Callable, Iterable, Iterator
 
 from .errors import NetcleanseError
@@ -128,13 +129,21 @@ class RayExecutor(Executor):
 
     def map(self, fn, shared, items, on_progress=None):
         ray = self._ray
+        from .archspec import USER_MODULE_PREFIX
+        for name, module in list(sys.modules.items()):
+            if name.startswith(USER_MODULE_PREFIX):  # a FILE.py architecture: workers cannot import it by name
+                ray.cloudpickle.register_pickle_by_value(module)
+        # a model read from .onnx is made of onnx2torch's modules, which a worker imports as it reads
+        # the work; where torchvision does not import it needs the stand-in the reader used here
+        prepare = ("onnx",) if "onnx2torch" in sys.modules else ()
         try:
             ref = ray.put(shared)
         except Exception as exc:  # noqa: BLE001 - whatever the serialiser raised: one line
             raise NetcleanseError(f"cannot send the work to Ray workers ({first_line(exc)})") from None
         # the reference travels inside a list so that Ray hands the task the reference, not the
         # value: the worker then deserialises it once and reuses it (see _shared_value)
-        pending = {self._remote.remote(fn, [ref], item, self.cpus_per_task): i for i, item in enumerate(items)}
+        pending = {self._remote.remote(fn, [ref], item, self.cpus_per_task, prepare): i
+                   for i, item in enumerate(items)}
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
@@ -205,8 +214,11 @@ def _shared_value(ref):
     return _CACHE[key]
 
 
-def _run_task(fn, boxed_ref, item, threads):
+def _run_task(fn, boxed_ref, item, threads, prepare=()):
     import torch
     torch.set_num_threads(max(1, int(threads)))
+    if "onnx" in prepare:
+        from .onnx_io import _import_onnx2torch
+        _import_onnx2torch()
     os.environ.setdefault("NETCLEANSE_NO_PROGRESS", "1")
     return fn(_shared_value(boxed_ref[0]), item, _ignore)
