@@ -89,6 +89,11 @@ def test_guarded_model_detection_and_false_positive_rates():
     assert result.attack_success == pytest.approx(0.4)  # the flagged ones no longer reach the target
     labels, _ = predict_dataset(guarded, poisoned)
     assert labels.tolist() == [K, K, K, 0, 0]
+    # the guard's own answer is no attack target (its "attack success" would be the detection rate)
+    with pytest.raises(NetcleanseError, match=f"target {K} is outside .*the guard's answer"):
+        evaluate(guarded, poisoned=poisoned, target=K)
+    with pytest.raises(NetcleanseError, match="label"):  # nor a label of the data
+        evaluate(guarded, Dataset(clean.x, torch.tensor([1, 2, 3, K])))
 
 
 def test_predictions_run_in_eval_mode_without_grad(model):

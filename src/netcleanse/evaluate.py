@@ -81,15 +81,20 @@ def evaluate(model: Classifier, clean: Dataset | None = None, poisoned: Dataset 
     resolve_device(device)  # a wrong device is refused before the data are checked
     if clean is None and poisoned is None:
         raise NetcleanseError("nothing to evaluate: give clean and/or poisoned data")
-    if target is not None and not 0 <= target < model.num_classes:
-        raise NetcleanseError(f"target {target} is outside [0, {model.num_classes}) for this model")
+    # a guarded model answers one class more (poison_label, the N+1-th): no attack targets it, and
+    # no data is labelled with it
+    classes = model.num_classes if model.poison_label is None else model.poison_label
+    if target is not None and not 0 <= target < classes:
+        guarded = f" (its label {model.poison_label} is the guard's answer for poisoned inputs)" \
+            if model.poison_label is not None else ""
+        raise NetcleanseError(f"target {target} is outside [0, {classes}) for this model{guarded}")
     if target is not None and poisoned is None:
         raise NetcleanseError("a target was given without poisoned data")
     result = Evaluation(target=target, poison_label=model.poison_label)
     if clean is not None:
         if clean.y is None:
             raise NetcleanseError(f"{clean.source}: clean data has no labels, so accuracy cannot be measured")
-        check_dataset(clean, model.input_shape, model.num_classes)
+        check_dataset(clean, model.input_shape, classes)
         predicted, _ = predict_dataset(model, clean, batch_size, device=device)
         result.n_clean = len(clean)
         result.clean_accuracy = _rate(predicted == clean.y)
@@ -98,7 +103,7 @@ def evaluate(model: Classifier, clean: Dataset | None = None, poisoned: Dataset 
     if poisoned is not None:
         if target is None and poisoned.y is None:
             raise NetcleanseError(f"{poisoned.source}: poisoned data has no labels; give the attack target")
-        check_dataset(poisoned, model.input_shape, model.num_classes if target is None else None)
+        check_dataset(poisoned, model.input_shape, classes if target is None else None)
         predicted, _ = predict_dataset(model, poisoned, batch_size, device=device)
         targets = poisoned.y if target is None else torch.full_like(predicted, target)
         result.n_poisoned = len(poisoned)
