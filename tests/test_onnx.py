@@ -89,6 +89,10 @@ def test_final_softmax_is_stripped_and_preprocessing_applies(tmp_path, capsys):
     assert info["format"].startswith("ONNX") and info["mean"] == pytest.approx([0.485, 0.456, 0.406])
     back = load_model(save_model(model, tmp_path / "model.pt"))
     assert back.mean == model.mean and torch.allclose(back.logits(x), model.logits(x), atol=1e-6)
+    # no Keras layout exists for onnx2torch's graph: a weights-only .h5 of it could never be read back
+    with pytest.raises(NetcleanseError, match="read from ONNX has no Keras layout"):
+        save_model(model, tmp_path / "model.h5")
+    assert not (tmp_path / "model.h5").exists()
 
 
 def nhwc_model(tmp_path, external=None):

@@ -138,8 +138,10 @@ def repair(
         return
     typer.echo(f"method {method}; flagged labels from the scan: {result.flagged or 'none'}")
     _print_table(result.table)
-    main_file = "guarded.pt" if result.model.poison_label is not None else "repaired.pt (and repaired.h5)"
-    typer.echo(f"wrote {out / 'repair.json'} and {main_file} in {out}")
+    record = json.loads((out / "repair.json").read_text())
+    stem = "guarded" if result.model.poison_label is not None else "repaired"
+    typer.echo(f"wrote {out / 'repair.json'} and {' and '.join(record['files'][stem])} in {out}"
+               + (f" ({record['notes'][stem]})" if stem in record.get("notes", {}) else ""))
     if scan is not None:  # the report needs the scan; repair.json names it
         from ..report import render_report
         typer.echo(f"report {render_report(out)}")

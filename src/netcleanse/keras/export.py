@@ -86,6 +86,9 @@ def save_keras_weights(model, path) -> Path:
     net = model.net if isinstance(model, Classifier) else model
     if isinstance(net, torch.jit.ScriptModule):
         raise NetcleanseError("a TorchScript model cannot be exported to Keras (its layers are not known)")
+    from ..onnx_io import OnnxNet
+    if isinstance(net, OnnxNet):  # onnx2torch's graph: no architecture could read such weights back
+        raise NetcleanseError("a model read from ONNX has no Keras layout; its .pt holds the weights")
     layers = keras_layer_weights(net)
     if not any(weights for _, weights in layers):
         raise NetcleanseError("the model has no weights to export")
