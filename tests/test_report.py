@@ -913,6 +913,8 @@ def test_cli_report(tmp_path, capsys):
     assert not (tmp_path / "wrong.md").exists()
     assert main_code(["report", str(tmp_path), "--format", "md", "--out", str(tmp_path / "pages")]) == 0
     assert (tmp_path / "pages" / "report.md").is_file()
+    assert main_code(["report", str(tmp_path), "--out", str(tmp_path / "r.json")]) == 2  # no JSON report
+    assert "a report is an .html or .md file" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
     with pytest.raises(SystemExit) as done:
         main(["report", str(tmp_path / "nowhere")])
     assert done.value.code == 2

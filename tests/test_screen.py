@@ -73,6 +73,13 @@ def test_manifest_csv_and_json(tmp_path):
     # a row may inherit the data from the defaults
     (tmp_path / "plain.csv").write_text("model\nc.pt\n")
     assert read_manifest(tmp_path / "plain.csv", data="x.npz")[0].data == "x.npz"
+    # data_free=false asks for data: the default's; a JSON label list is a label list
+    (tmp_path / "with.csv").write_text("model,data_free\nc.pt,false\n")
+    assert read_manifest(tmp_path / "with.csv", data="x.npz")[0].data == "x.npz"
+    with pytest.raises(NetcleanseError, match="row 1: give exactly one of data"):
+        read_manifest(tmp_path / "with.csv")
+    (tmp_path / "list.json").write_text('[{"model": "c.pt", "data_free": true, "labels": [0, 1, 5]}]')
+    assert read_manifest(tmp_path / "list.json")[0].labels == "0,1,5"
 
 
 @pytest.mark.parametrize("text, message", [

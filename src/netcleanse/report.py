@@ -972,6 +972,9 @@ def _report_format(format: str | None, out: str | Path | None) -> str:  # noqa: 
     """The format asked for, else the one ``out``'s suffix names, else html; a suffix that names the
     other format is refused rather than written (an HTML page in ``report.md``)."""
     named = _SUFFIXES.get(Path(out).suffix.lower()) if out is not None and not Path(out).is_dir() else None
+    if out is not None and not Path(out).is_dir() and Path(out).suffix and named is None:
+        raise NetcleanseError(f"--out {out}: a report is an .html or .md file (or a folder); the results "
+                              "for programs are the scan's scan.json and a repair's repair.json")
     if format is None:
         return named or "html"
     format = format.lower()  # noqa: A001

@@ -133,7 +133,11 @@ def read_manifest(path, *, arch: str | None = None, input_scale: float | None = 
         value = {k: v for k, v in value.items() if v not in (None, "")}
         if "model" not in value:
             raise NetcleanseError(f"{where}: no model file given")
-        own_data = "data" in value or "data_free" in value
+        # a row's data, or data_free=true, replaces the defaults; data_free=false alone asks for
+        # the default data (an error without one)
+        own_data = "data" in value or ("data_free" in value and _boolean(value["data_free"], where))
+        if isinstance(value.get("labels"), list):  # JSON: [0, 1, 5] as "0,1,5"
+            value["labels"] = ",".join(str(v) for v in value["labels"])
         entry = ScreenEntry(
             model=str(_relative_to(path, value["model"])),
             name=str(value["name"]) if "name" in value else None,
