@@ -221,11 +221,15 @@ def test_cli_fine_prune_writes_table_and_exports(tmp_path):
     runner = CliRunner()
     out = tmp_path / "rep"
     args = ["repair", str(model_path), "--scan", str(_scan_dir(tmp_path)), "--method", "fine-prune",
-            "--data", str(data), "--drops", "2,4", "--layer", "conv_1", "--out", str(out)]
+            "--data", str(data), "--drops", "2,4", "--layer", "conv_1", "--out", str(out), "--test-clean", str(data)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     record = json.loads((out / "repair.json").read_text())
     assert [row["drop_threshold"] for row in record["table"]] == [0.0, 2.0, 4.0]
+    # before -> after: the original's row and the returned (4-point) model's, for the report's verdict box
+    assert record["before"] == {"clean_accuracy": record["table"][0]["clean_accuracy"]} == {"clean_accuracy": 1.0}
+    assert record["after"] == {"clean_accuracy": record["table"][2]["clean_accuracy"]}
+    assert "clean accuracy 100.0 % &rarr;" in (out / "report.html").read_text()
     assert len(record["curve"]) == 17 and record["settings"]["layer"] == "conv_1"
     assert (out / "repaired.pt").exists() and (out / "repaired.h5").exists()  # the 4-point model
     assert (out / "pruned_drop2.pt").exists() and (out / "pruned_drop2.h5").exists()

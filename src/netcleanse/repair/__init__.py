@@ -87,4 +87,5 @@ def repair(model: Classifier, scan_result, method: str, clean: Dataset | None = 
                 "test_sets": {"clean": getattr(test_clean, "source", None),
                               "poisoned": getattr(test_poisoned, "source", None), "target": target}}
     return RepairResult(out.model, method, out.table, out.curve, sorted(triggers), recorded, out.saved,
-                        round(time.perf_counter() - started, 3))
+                        round(time.perf_counter() - started, 3),
+                        result_row=out.row or (out.table[-1].get("model") if out.table else None))

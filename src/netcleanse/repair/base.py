@@ -102,6 +102,7 @@ class MethodOutput:
     curve: list[dict] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     saved: dict[str, Classifier] = field(default_factory=dict)
+    row: str | None = None  # the table row (its "model") that measures ``model``; None: the last row
 
 
 Method = Callable[[RepairJob], MethodOutput]

@@ -52,4 +52,4 @@ def run(job: RepairJob) -> MethodOutput:
              if threshold != pruned.chosen}
     table = [dict(job.original, drop_threshold=0.0, channels_pruned=0, fraction_pruned=0.0)] + \
         [dict(row, model=f"pruned_drop{row['drop_threshold']:g}") for row in pruned.pruning.table]
-    return MethodOutput(pruned.model, table, pruned.curve, pruned.settings, saved)
+    return MethodOutput(pruned.model, table, pruned.curve, pruned.settings, saved, row=f"pruned_drop{pruned.chosen:g}")

@@ -21,12 +21,29 @@ class RepairResult:
     settings: dict = field(default_factory=dict)
     saved: dict[str, Classifier] = field(default_factory=dict)  # extra models to write (file stem -> model)
     elapsed_s: float = 0.0
+    result_row: str | None = None  # the table row (its "model") that measures ``model``
+
+    def before_after(self) -> tuple[dict, dict] | None:
+        """The test-set measurements (clean accuracy, attack success, and for a guard the detection
+        and false-positive rates) of the original model and of the result: the table's "original"
+        row and ``result_row``; None without test sets."""
+        rows = {row.get("model"): row for row in self.table}
+        keys = ("clean_accuracy", "attack_success", "poison_detection", "false_positive")
+        before, after = rows.get("original"), rows.get(self.result_row)
+        if before is None or after is None or not any(after.get(k) is not None for k in keys[:2]):
+            return None
+        return ({k: before[k] for k in keys if before.get(k) is not None},
+                {k: after[k] for k in keys if after.get(k) is not None})
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "flagged": self.flagged, "settings": self.settings,
-                "model": {"name": self.model.name, "num_classes": self.model.num_classes,
-                          "poison_label": self.model.poison_label},
-                "table": self.table, "curve": self.curve, "elapsed_s": self.elapsed_s}
+        record = {"method": self.method, "flagged": self.flagged, "settings": self.settings,
+                  "model": {"name": self.model.name, "num_classes": self.model.num_classes,
+                            "poison_label": self.model.poison_label},
+                  "table": self.table, "curve": self.curve, "elapsed_s": self.elapsed_s}
+        measured = self.before_after()
+        if measured is not None:  # the report's "before -> after" line
+            record["before"], record["after"] = measured
+        return record
 
     def save(self, folder, force: bool = False) -> Path:
         """Write ``repair.json`` and the model files into ``folder``; refuse to overwrite unless ``force``."""
