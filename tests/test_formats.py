@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import netcleanse
 from netcleanse import Classifier, NetcleanseError, load_model, save_model
 from netcleanse.cli import main
 from netcleanse.data import Dataset
@@ -337,6 +338,19 @@ def test_cli_prints_the_sanity_warning(tmp_path, capsys):
     assert err.startswith("warning: ") and len(err.strip().splitlines()) == 1 and "--input-scale 1" in err
     code, out, err = cli(capsys, "eval", weights, "--arch", f"{path}:Sharp", "--clean", data)
     assert code == 0 and err == "" and "100.00%" in out
+
+
+def test_a_softmax_output_is_warned_about(tmp_path, capsys):
+    """A network of the user's own that ends in softmax answers probabilities: the scan says so."""
+    from netcleanse.errors import NetcleanseWarning
+    from netcleanse.sanity import check_outputs
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    assert check_outputs(Classifier.wrap(net, (1, 4, 4))) is None
+    assert check_outputs(Classifier.wrap(nn.Sequential(net, nn.LogSoftmax(dim=1)), (1, 4, 4))) is None  # logits up to a constant
+    probabilities = Classifier.wrap(nn.Sequential(net, nn.Softmax(dim=1)), (1, 4, 4))
+    assert "look like probabilities" in check_outputs(probabilities)
+    with pytest.warns(NetcleanseWarning, match="remove its final softmax"):
+        netcleanse.scan(probabilities, Dataset(torch.rand(8, 1, 4, 4), None), labels=[0], progress=False)
 
 
 def test_torchscript_without_a_record_takes_input_shape(tmp_path):

@@ -56,6 +56,7 @@ import copy
 import math
 import shutil
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -67,7 +68,7 @@ from . import scan_folder
 from .data import Dataset
 from .calibrated import calibrated_test
 from .detection import anomaly_indices, flag_labels, index_ceiling, median_and_mad
-from .errors import NetcleanseError
+from .errors import NetcleanseError, NetcleanseWarning
 from .executor import Executor, LocalExecutor
 from .journal import Journal, data_digest, lock_folder, prepare_out, weights_digest
 from .margin import max_margins
@@ -271,6 +272,10 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         if len(data) < 2:
             raise NetcleanseError(f"{data.source}: a scan needs at least 2 clean images, got {len(data)}")
     data_desc = "data-free" if data is None else (data_name or data.source)
+    from .sanity import check_outputs
+    softmax = check_outputs(model)
+    if softmax:
+        warnings.warn(softmax, NetcleanseWarning, stacklevel=2)
 
     settings = {"preset": preset, "plan": plan.to_dict(), "seed": int(seed), "threshold": float(threshold),
                 "rule": rule, "alpha": float(alpha),
