@@ -113,6 +113,19 @@ def test_transferable_targets_no_longer_hide_each_other():
     assert [s.get("stage") for s in both.steps[:2]] == ["transferable"] * 2
     assert not both.steps[-1]["flagged"]  # then the size test over the others, which flags none
     assert both.reference["transferable"] == [5, 8] and both.p_value <= 0.05
+    # every step records the reference its index came from: the transferable ones the labels outside
+    # the set, the next the refitted all-label one; the recorded index follows from it
+    import math
+    from netcleanse.calibrated import log_size
+    assert sorted(both.reference["transferable_reference"]["labels"]) == sorted(t for t in DEV_L1 if t not in (5, 8))
+    for step in both.steps:
+        fit, t = step["reference"], step["label"]
+        assert step["size_index"] == pytest.approx((fit["median"] - float(log_size(({**DEV_L1, 5: 2.0, 8: 2.0})[t])))
+                                                   / fit["scale"])
+        assert step["margin_index"] == pytest.approx((math.log(DEV_MARGIN[t]) - fit["margin_median"])
+                                                     / fit["margin_scale"])
+    assert both.steps[0]["reference"] == {k: v for k, v in both.reference["transferable_reference"].items()
+                                          if k != "labels"}
     # no label transferable: the test as without it
     none = calibrated_test(DEV_L1, margins=DEV_MARGIN, transfer={t: 0.0 for t in DEV_L1}, transfer_threshold=0.05)
     assert none.flagged == alone.flagged and none.p_value == alone.p_value

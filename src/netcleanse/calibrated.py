@@ -505,11 +505,12 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
     if spread == 0:
         return result
     def record_step(t: int, z: float, p: float, n_now: int, n_ref: int, size: dict, margin: dict,
-                    stage: str | None = None, powered: bool = True) -> bool:
-        """One step-down test, recorded; whether it flagged ``t`` (then added to the flags)."""
+                    fit: dict, stage: str | None = None, powered: bool = True) -> bool:
+        """One step-down test, recorded with the reference fit its index came from; whether it
+        flagged ``t`` (then added to the flags)."""
         flag = p <= alpha and powered
         step = {"step": len(result.steps) + 1, **({"stage": stage} if stage else {}), "label": t, "index": z,
-                "p_value": p, "n_labels": n_now, "n_reference": n_ref, "flagged": flag}
+                "p_value": p, "n_labels": n_now, "n_reference": n_ref, "flagged": flag, "reference": dict(fit)}
         if signals == 2:
             step.update(size_index=size[t], margin_index=margin[t])
         result.steps.append(step)
@@ -531,6 +532,8 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
         if fit_sel.get("scale", 0) > 0:
             factor = 2.0
             result.reference["stages"] = 2
+            # the transferable labels' indices are against the labels outside their set
+            result.reference["transferable_reference"] = {**fit_sel, "labels": others}
             # the size test's critical index at its half of alpha
             crit = critical_index(k, None, alpha / factor, family, df, draws, scale, signals)
             result.reference.update(critical_index=crit if math.isfinite(crit) else None,
@@ -553,7 +556,7 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
                                                scale, signals, dependence=transfer_dependence)
                 p = min(1.0, factor * p)
                 for t in ranked[:j] if p <= alpha else ranked[:1]:
-                    if not record_step(t, index_sel[t], p, len(left), len(others), size_sel, margin_sel,
+                    if not record_step(t, index_sel[t], p, len(left), len(others), size_sel, margin_sel, fit_sel,
                                        "transferable"):
                         break
                     result.p_values[t] = min(result.p_values[t], p)
@@ -564,7 +567,8 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
             while left:
                 t = max(left, key=lambda u: (index_sel[u], -u))
                 p = max(previous, selected_p(index_sel[t], len(left)))
-                if not record_step(t, index_sel[t], p, len(left), len(others), size_sel, margin_sel, "transferable"):
+                if not record_step(t, index_sel[t], p, len(left), len(others), size_sel, margin_sel, fit_sel,
+                                   "transferable"):
                     break
                 left.remove(t)
                 previous = p
@@ -582,7 +586,7 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
         t = max(remaining, key=lambda u: (index_now[u], -u))
         z = index_now[t]
         p = max(previous, min(1.0, factor * pvalue(z, k_now, ref_now)))
-        if not record_step(t, z, p, k_now, len(ref_now), size_now, margin_now, powered=not inconclusive):
+        if not record_step(t, z, p, k_now, len(ref_now), size_now, margin_now, fit_now, powered=not inconclusive):
             break
         remaining.remove(t)
         if t in ref_now:

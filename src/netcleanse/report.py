@@ -339,6 +339,9 @@ class DecisionInputs:
     transfer_dependence: float | None = None
     # the first stage's first step tested the transferable labels together by their ordered indices
     transfer_ordered: bool = False
+    # that stage's reference (the labels outside the transferable set): its size median on the L1
+    # scale, its scale, and how many labels (None: not recorded, scans before it was)
+    transfer_reference: dict | None = None
 
     @property
     def size_alpha(self) -> float:
@@ -531,7 +534,17 @@ def decision_inputs(scan: dict, rows: list[dict], roles: dict[int, str]) -> Deci
                           margin_median if signals == 2 else None, margin_scale if signals == 2 else None,
                           cal.MARGIN_RHO if signals == 2 else None, combination, stages,
                           _as_float(reference.get("transfer_dependence")),
-                          reference.get("transfer_statistic") == "ordered")
+                          reference.get("transfer_statistic") == "ordered", _transfer_reference(reference))
+
+
+def _transfer_reference(reference: dict) -> dict | None:
+    """The transferable stage's reference as the report states it (see :class:`DecisionInputs`)."""
+    fit = reference.get("transferable_reference")
+    if not isinstance(fit, dict) or _as_float(fit.get("median")) is None or _as_float(fit.get("scale")) is None:
+        return None
+    labels = fit.get("labels") if isinstance(fit.get("labels"), list) else []
+    return {"median_l1": math.exp(_as_float(fit["median"])), "scale": _as_float(fit["scale"]), "n": len(labels),
+            "transferable": [t for t in reference.get("transferable", []) if isinstance(t, int)]}
 
 
 def _combination(statistic: Any, rows: list[dict]) -> str:
