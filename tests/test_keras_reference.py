@@ -135,8 +135,15 @@ pooled = [layers.GlobalAveragePooling2D()(t) for t in (caffe, torch_mode, tf_mod
 preprocess_inside = keras.Model(p_in, layers.Dense(6, activation="softmax")(layers.Concatenate()(pooled)),
                                 name="preprocess_inside")
 
+# the commonest hand-written normalisation: NumPy arrays in the model's code (Keras 3 records them as
+# "__numpy__" operands, not "__tensor__")
+n_in = keras.Input((32, 32, 3))
+n = (n_in / 255.0 - np.array([0.5, 0.4, 0.3], "float32")) / np.array([0.2, 0.25, 0.3], "float32")
+numpy_constants = keras.Model(n_in, layers.Dense(3, activation="softmax")(layers.Flatten()(layers.Conv2D(4, 3)(n))),
+                              name="numpy_constants")
+
 for model, scale in ((cifar, 1.0), (gtsrb, 255.0), (mobile, 1.0), (nested, 255.0), (functional_nested, 1.0),
-                     (preprocess_inside, 255.0)):
+                     (preprocess_inside, 255.0), (numpy_constants, 255.0)):
     randomise_batchnorm(model)
     x = rng.random((6, 32, 32, 3)).astype("float32")  # pixels in [0, 1]
     np.save(f"{out}/{model.name}_x.npy", x)
@@ -171,7 +178,7 @@ lam.save(f"{out}/with_lambda.h5")
 '''
 
 NETS = {"cifar_normalization": 1.0, "gtsrb_batchnorm_after_dense": 255.0, "mobile_blocks": 1.0, "nested_base": 255.0,
-        "functional_nested": 1.0, "preprocess_inside": 255.0}
+        "functional_nested": 1.0, "preprocess_inside": 255.0, "numpy_constants": 255.0}
 
 
 @pytest.fixture(scope="module")

@@ -137,8 +137,9 @@ def _node_constants(node) -> dict[int, float]:
 
 def _constant_tensor(arg) -> np.ndarray | None:
     """A Keras 3 operand ``{"class_name": "__tensor__", "config": {"value": [...]}}`` as an array of
-    numbers (None for anything else; a value that is not a box of numbers is refused)."""
-    if not (isinstance(arg, dict) and arg.get("class_name") == "__tensor__"):
+    numbers, or the same with ``"__numpy__"`` (a NumPy array in the model's code: ``x -
+    np.array(mean)``); None for anything else; a value that is not a box of numbers is refused."""
+    if not (isinstance(arg, dict) and arg.get("class_name") in ("__tensor__", "__numpy__")):
         return None
     value = (arg.get("config") or {}).get("value")
     try:
