@@ -340,6 +340,18 @@ def test_cli_prints_the_sanity_warning(tmp_path, capsys):
     assert code == 0 and err == "" and "100.00%" in out
 
 
+def test_a_one_output_model_is_refused(tmp_path, capsys):
+    """A binary sigmoid head has one output: read as the one class's logit, every answer would be
+    class 0 with confidence 1. Refused at load, saying what to give instead."""
+    source, _ = user_net(tmp_path)
+    namespace = {}
+    exec(compile(USER_FILE, str(source), "exec"), namespace)
+    torch.save(namespace["Net"](4, num_classes=1).state_dict(), tmp_path / "binary.pt")
+    code, out, err = cli(capsys, "info", tmp_path / "binary.pt", "--arch", f"{source}:Net",
+                         "--arch-kwargs", '{"num_classes": 1}')
+    assert code == 2 and "one output (a binary sigmoid head?)" in err and "2-way head" in err
+
+
 def test_a_softmax_output_is_warned_about(tmp_path, capsys):
     """A network of the user's own that ends in softmax answers probabilities: the scan says so."""
     from netcleanse.errors import NetcleanseWarning

@@ -94,6 +94,9 @@ def load_model(path, arch=None, input_scale: float = 1.0, name: str | None = Non
         raise NetcleanseError(f"{path}: declares a model too large for this machine's memory") from None
     if model.num_classes < 1:  # e.g. a Keras Dense(units=0) output: every answer would be an IndexError
         raise NetcleanseError(f"{path}: the model answers {model.num_classes} classes; a classifier needs at least one")
+    if model.num_classes == 1:  # a binary sigmoid head: its one score would be read as the only class's logit
+        raise NetcleanseError(f"{path}: the model has one output (a binary sigmoid head?); netcleanse needs one "
+                              "output per class: give it a 2-way head (logits [0, z] for a sigmoid's z)")
     if mean is not None or std is not None:
         target = model.net if model.poison_label is not None else model  # a guard's base does the preprocessing
         target.set_preprocessing(mean=mean, std=std)
