@@ -107,6 +107,19 @@ def test_command_line_mistakes_are_one_line_errors(tiny, capsys):
     assert code == 0 and "--data-free" in out and err == ""
 
 
+def test_a_read_only_or_full_disk_is_one_line(tiny, capsys, monkeypatch, tmp_path):
+    import errno
+    import netcleanse.scanning
+
+    for code_, what in ((errno.EROFS, "Read-only file system"), (errno.ENOSPC, "No space left on device")):
+        def failing(*args, **kwargs):
+            raise OSError(code_, what, str(tmp_path / "s"))
+
+        monkeypatch.setattr(netcleanse.scanning, "scan", failing)
+        code, out, err = cli(capsys, "scan", tiny, "--arch", "mnist-cnn", "--data-free", "--out", tmp_path / "s")
+        assert_one_line_error(code, err, what, str(tmp_path / "s"))
+
+
 def test_ctrl_c_exits_130_with_one_line(tiny, capsys, monkeypatch, tmp_path):
     import netcleanse.scanning
 

@@ -57,7 +57,7 @@ from . import plots
 from .calibrated import most_anomalous
 from .detection import median_and_mad
 from .errors import NetcleanseError
-from .utils import read_json_object
+from .utils import atomic_write, read_json_object
 from .scan_folder import MASKS_NPZ, SCAN_JSON, TriggerArrays, read_masks, read_scan_json
 
 FORMATS = ("html", "md")
@@ -1054,7 +1054,8 @@ def render_report(directory: str | Path, format: str | None = None, out: str | P
             picture.src = Markup(picture.src)
 
     text = _environment(format).get_template(f"report.{format}.j2").render(**context)
-    path.write_text(text, encoding="utf-8")
+    with atomic_write(path) as tmp:  # a full disk leaves the previous report, never half of one
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 

@@ -1,7 +1,8 @@
 """The ``netcleanse`` command: a thin shell over the Python API.
 
 Each group of commands lives in its own module and registers itself on :data:`app`.
-Errors that are the user's (:class:`NetcleanseError`, missing files) print one line to stderr
+Errors that are the user's (:class:`NetcleanseError`, and OSError: a missing file, a read-only or
+full disk) print one line to stderr
 and exit with status 2; ``--debug`` shows the traceback instead.
 """
 
@@ -89,10 +90,10 @@ def main(argv: list[str] | None = None) -> None:
         where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         print(f"error: {' '.join(exc.format_message().split())}{where}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except (NetcleanseError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except (NetcleanseError, OSError) as exc:  # OSError: a missing file, a read-only or full disk
         if _state["debug"] or "--debug" in (argv or sys.argv):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         sys.exit(2)
     if code == 130:
         command = next((str(a) for a in (argv if argv is not None else sys.argv[1:]) if not str(a).startswith("-")), "")
