@@ -201,6 +201,10 @@ def test_resume_after_interruption_gives_same_result(badnet, clean_data, tmp_pat
         next(other.parameters()).add_(0.01)
     with pytest.raises(NetcleanseError, match="the model's weights"):
         scan(other, clean_data, seed=5, out=tmp_path / "cut", resume=True, progress=False)
+    rescaled = scan_module.copy.deepcopy(badnet)
+    rescaled.input_scale = 255.0  # the weights' digest covers the preprocessing: it is named for what it is
+    with pytest.raises(NetcleanseError, match=r"the model's preprocessing: input_scale\)"):
+        scan(rescaled, clean_data, seed=5, out=tmp_path / "cut", resume=True, progress=False)
     shifted = Dataset(clean_data.x.flip(0), clean_data.y.flip(0), source=clean_data.source)
     with pytest.raises(NetcleanseError, match="the data's content"):
         scan(badnet, shifted, seed=5, out=tmp_path / "cut", resume=True, progress=False)

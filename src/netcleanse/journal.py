@@ -134,8 +134,12 @@ def prepare_out(out_dir: Path, resume: bool, settings: dict, model_info: dict) -
             before = json.loads(started.read_text())
             if before != key:
                 diff = [k for k in key["settings"] if before.get("settings", {}).get(k) != key["settings"][k]]
-                changed = [k for k in key["model"] if before.get("model", {}).get(k) != key["model"][k]]
+                old_model = before.get("model", {})
+                changed = [k for k in {**old_model, **key["model"]} if old_model.get(k) != key["model"].get(k)]
+                # the weights' digest covers the preprocessing too: name that when it is what changed
+                preprocessing = [k for k in ("input_scale", "mean", "std") if k in changed]
                 what = (", ".join(diff) if diff else "the data's content" if changed == ["data_sha256"]
+                        else f"the model's preprocessing: {', '.join(preprocessing)}" if preprocessing
                         else "the model's weights" if "weights_sha256" in changed else "the model")
                 raise NetcleanseError(f"cannot resume {out_dir}: it was started with different settings ({what})")
             return
