@@ -193,6 +193,9 @@ def test_empty_label_folder_is_named(tmp_path, recwarn):
     with pytest.warns(NetcleanseWarning, match=r"1 label folder\(s\) hold no images \(1\)"):
         ds = load_data(tmp_path)
     assert ds.y.tolist() == [0, 2]
+    Image.fromarray(IMAGES_NCHW[2].transpose(1, 2, 0)).save(tmp_path / "0" / "c.bmp")
+    with pytest.warns(NetcleanseWarning, match=r"1 image file\(s\) of other formats \(.bmp, e.g. .*c.bmp\) are skipped"):
+        assert len(load_data(tmp_path)) == 2
 
 
 def test_label_from_name():

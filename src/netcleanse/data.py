@@ -82,6 +82,8 @@ class Dataset:
 # Loading
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# image formats a folder may hold that are not read (a warning names them)
+OTHER_IMAGE_SUFFIXES = (".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 IMAGE_KEYS = ("data", "x", "images")  # CSAW's names first; .npz files try x, data, images
 LABEL_KEYS = ("label", "y", "labels")
 # Float arrays whose maximum is above this are taken as 0..255 rather than [0, 1].
@@ -389,8 +391,13 @@ def _is_image_name(path: Path) -> bool:
 
 
 def _folder_images(folder: Path) -> list[tuple[Path, int | None]]:
-    files = sorted((p for p in folder.rglob("*") if p.is_file() and _is_image_name(p)),
-                   key=lambda p: p.relative_to(folder).as_posix())
+    everything = [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    files = sorted((p for p in everything if _is_image_name(p)), key=lambda p: p.relative_to(folder).as_posix())
+    others = sorted(p for p in everything if p.suffix.lower() in OTHER_IMAGE_SUFFIXES)
+    if others:  # images netcleanse does not read: the set would shrink without a word
+        kinds = ", ".join(sorted({p.suffix.lower() for p in others}))
+        warnings.warn(f"{folder}: {len(others)} image file(s) of other formats ({kinds}, e.g. {others[0]}) are "
+                      "skipped; netcleanse reads .png, .jpg and .jpeg", NetcleanseWarning, stacklevel=2)
     if not files:
         raise NetcleanseError(f"no images (.png, .jpg, .jpeg) in folder {folder}")
     # a label folder left empty (a failed copy) would drop that class without a word
