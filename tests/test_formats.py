@@ -467,3 +467,13 @@ def test_one_sniffer_tells_model_and_data_files_apart(tmp_path):
     assert load_data(tmp_path / "d.png").x.shape == (2, 1, 4, 4)
     with pytest.raises(NetcleanseError, match="not a model file netcleanse can read"):
         load_model(write("image.pt", (tmp_path / "a.png").read_bytes()))
+
+
+def test_input_shape_is_refused_for_a_keras_file(capsys):
+    """A Keras file records its input shape: --input-shape there was silently ignored."""
+    from conftest import CSAW
+    whole = CSAW / "reference" / "sunglasses_bd_net_tfkeras.h5"
+    if not whole.exists():
+        pytest.skip(f"CSAW whole-model file not available at {whole}")
+    code, out, err = cli(capsys, "info", whole, "--input-shape", "3x32x32")
+    assert code == 2 and "records its input shape" in err

@@ -64,6 +64,9 @@ def load_model(path, arch=None, input_scale: float = 1.0, name: str | None = Non
     elif arch_kwargs or num_classes is not None:
         raise NetcleanseError("--arch-kwargs and --num-classes describe an architecture: give it with --arch")
     kind = sniff(path)
+    if kind in ("hdf5", "keras-archive") and input_shape is not None and arch is None:
+        raise NetcleanseError(f"{path} is a Keras file, which records its input shape; --input-shape is for "
+                              "files that do not (TorchScript, ONNX) and for --arch")
     try:
         if kind == "hdf5":
             model = load_keras(path, arch=arch, input_scale=input_scale, name=name)
