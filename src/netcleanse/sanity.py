@@ -128,10 +128,19 @@ def warn(message: str | None) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def check_outputs(model, n: int = 16, seed: int = 0) -> str | None:
+OUTPUT_CHECK_IMAGES = 16
+
+
+def output_check_runs(model) -> bool:
+    """Whether :func:`check_outputs` looks at ``model`` (not at a guarded one, whose N+1 answers are
+    its own, nor at fewer than 2 classes)."""
+    return getattr(model, "poison_label", None) is None and model.num_classes >= 2
+
+
+def check_outputs(model, n: int = OUTPUT_CHECK_IMAGES, seed: int = 0) -> str | None:
     """One warning line when ``model`` answers probabilities (every row of its outputs on ``n``
     synthetic images non-negative and summing to 1), else ``None`` (see the module doc)."""
-    if getattr(model, "poison_label", None) is not None or model.num_classes < 2:
+    if not output_check_runs(model):
         return None
     from .guard import synthetic_inputs
     from .utils import module_device

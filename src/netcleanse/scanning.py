@@ -76,6 +76,7 @@ from .neural_cleanse import MAX_IMAGES, Schedule, attack_success, reverse_engine
 from .passes import MEASURE_IMAGES, images_per_pass
 from .presets import PRESETS, Preset, Stage, plan_of  # PRESETS, Preset, Stage: still importable from here
 from .progress import progress_bar
+from .sanity import OUTPUT_CHECK_IMAGES, check_outputs, output_check_runs
 from .synthesis import INVERSION_STEPS, INVERT_IMAGES, smooth_noise, synthesize_inputs  # noqa: F401 (they lived here)
 from .transferability import MAX_IMAGES as TRANSFER_IMAGES, expected_transferability
 from .trigger import Trigger
@@ -272,8 +273,8 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         if len(data) < 2:
             raise NetcleanseError(f"{data.source}: a scan needs at least 2 clean images, got {len(data)}")
     data_desc = "data-free" if data is None else (data_name or data.source)
-    from .sanity import check_outputs
-    softmax = check_outputs(model)
+    softmax = check_outputs(model, OUTPUT_CHECK_IMAGES)
+    checked = OUTPUT_CHECK_IMAGES if output_check_runs(model) else 0
     if softmax:
         warnings.warn(softmax, NetcleanseWarning, stacklevel=2)
 
@@ -397,7 +398,7 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         median_for = {t: med for t in labels}
     settings["passes"] = image_passes(plan, labels, coarse, {t: results[t] for t in refined}, tested,
                                       n_opt=len(x_opt), n_val=len(x_val), data_free=data is None,
-                                      transfer=transfer_passes, probe=MEASURE_IMAGES)
+                                      transfer=transfer_passes, probe=MEASURE_IMAGES, checks=checked)
     mad_flagged = flag_labels(labels, index, threshold)
     test = calibrated_test(*calibrated_inputs([results[t] for t in labels], settings["detection"]), alpha=alpha,
                            margins=tested_margins([results[t] for t in labels], settings["detection"]),
@@ -431,7 +432,7 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
 
 
 def image_passes(plan: Preset, labels, coarse: dict, refined: dict, tested, *, n_opt: int, n_val: int,
-                 data_free: bool, transfer: dict | None = None, probe: int = 0) -> dict[str, int]:
+                 data_free: bool, transfer: dict | None = None, probe: int = 0, checks: int = 0) -> dict[str, int]:
     """What a scan cost, in images through the network (a machine-independent measure of its work):
     per stage, the forward + input-gradient passes (one image of one label's search, or of one
     margin start, per step) and the forward-only passes of the held-back attack-success check.
@@ -440,7 +441,8 @@ def image_passes(plan: Preset, labels, coarse: dict, refined: dict, tested, *, n
     (its ``steps`` include the first stage's); tested: the labels whose margins were computed;
     transfer: the transferability's own count (``backward``, ``forward``), if it was measured; probe: the
     images of the forward pass that measured the memory of a gradient pass (:mod:`netcleanse.passes`;
-    built with autograd on, no backward)."""
+    built with autograd on, no backward); checks: the forward-only images of the check that the model
+    answers logits (:func:`netcleanse.sanity.check_outputs`)."""
     def batch(stage: Stage) -> int:
         return min(stage.schedule.batch_size, n_opt)
 
@@ -460,6 +462,7 @@ def image_passes(plan: Preset, labels, coarse: dict, refined: dict, tested, *, n
     out["forward_only"] = len(labels) * held_back + len(refined) * n_val + len(tested) * plan.margin_restarts
     if transfer is not None:
         out["forward_only"] += int(transfer["forward"])
+    out["forward_only"] += int(checks)
     return out
 
 
