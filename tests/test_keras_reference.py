@@ -142,8 +142,13 @@ n = (n_in / 255.0 - np.array([0.5, 0.4, 0.3], "float32")) / np.array([0.2, 0.25,
 numpy_constants = keras.Model(n_in, layers.Dense(3, activation="softmax")(layers.Flatten()(layers.Conv2D(4, 3)(n))),
                               name="numpy_constants")
 
+# a softmax that is not the last layer: only inference no-ops (Dropout, noise) follow it
+d_in = keras.Input((32, 32, 3))
+d = layers.Dense(4, activation="softmax")(layers.Flatten()(layers.Conv2D(4, 3, strides=4)(d_in)))
+softmax_then_dropout = keras.Model(d_in, layers.GaussianNoise(0.1)(layers.Dropout(0.5)(d)), name="softmax_then_dropout")
+
 for model, scale in ((cifar, 1.0), (gtsrb, 255.0), (mobile, 1.0), (nested, 255.0), (functional_nested, 1.0),
-                     (preprocess_inside, 255.0), (numpy_constants, 255.0)):
+                     (preprocess_inside, 255.0), (numpy_constants, 255.0), (softmax_then_dropout, 1.0)):
     randomise_batchnorm(model)
     x = rng.random((6, 32, 32, 3)).astype("float32")  # pixels in [0, 1]
     np.save(f"{out}/{model.name}_x.npy", x)
@@ -178,7 +183,7 @@ lam.save(f"{out}/with_lambda.h5")
 '''
 
 NETS = {"cifar_normalization": 1.0, "gtsrb_batchnorm_after_dense": 255.0, "mobile_blocks": 1.0, "nested_base": 255.0,
-        "functional_nested": 1.0, "preprocess_inside": 255.0, "numpy_constants": 255.0}
+        "functional_nested": 1.0, "preprocess_inside": 255.0, "numpy_constants": 255.0, "softmax_then_dropout": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +206,8 @@ def test_keras_written_models_give_keras_outputs(written, net, suffix):
     got = model.predict_proba(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
     assert np.abs(got - expected).max() < 1e-5
     assert (got.argmax(1) == expected.argmax(1)).all()
+    if net == "softmax_then_dropout":  # the softmax is found behind the no-ops and left out of the logits
+        assert model.net.final_activation == "softmax"
 
 
 def test_augmentation_resizing_center_crop_and_prelu_give_keras_outputs(written):

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import NetcleanseError
 from ..utils import first_line
-from .builders import MODEL_CLASSES, TF_OP_CLASSES, _ALIASES, _activation_name, build_layer
+from .builders import _IDENTITY_LAYERS, MODEL_CLASSES, TF_OP_CLASSES, _ALIASES, _activation_name, build_layer
 from .config import (_entry_name, _has_input_spec, _input_spec, _io_refs, _layer_entries, _node_constants,
                      _node_options, _node_refs, _tf_op_node, check_config)
 from .layers import _ACTIVATIONS, KerasMerge
@@ -60,6 +60,7 @@ class KerasGraph(nn.Module):
         self.input_shape = self._image_shape()
         self._activations: dict[str, str] = {}
         self._strip = strip_final_softmax
+        self._last_node = self._activation_node()
         self.final_activation = self._final_activation()
         with torch.no_grad():
             out = self._execute(torch.zeros((1,) + self.input_shape), strip=False, build=True)
@@ -148,8 +149,20 @@ class KerasGraph(nn.Module):
             raise NetcleanseError(f"the model's input shape {tuple(dims)} is not a valid image size")
         return channels, height, width
 
+    def _activation_node(self) -> tuple[str, int]:
+        """The call that computes the output, looking through layers that do nothing at inference
+        (a ``Dropout`` after the softmax): the final activation is that call's."""
+        refs_of = {(name, index): refs for name, index, refs in self._nodes}
+        node = (self._output_ref[0], self._output_ref[1])
+        while True:
+            entry = self._entries.get(node[0]) or {}
+            refs = refs_of.get(node, [])
+            if _ALIASES.get(entry.get("class_name"), entry.get("class_name")) not in _IDENTITY_LAYERS or len(refs) != 1:
+                return node
+            node = (refs[0][0], refs[0][1])
+
     def _final_activation(self) -> str:
-        name = self._output_ref[0]
+        name = self._last_node[0]
         entry = self._entries[name]
         class_name = _ALIASES.get(entry["class_name"], entry["class_name"])
         cfg = entry.get("config") or {}
@@ -199,7 +212,7 @@ class KerasGraph(nn.Module):
         strip_here = strip and self.final_activation == "softmax"
         for name, index, refs in self._nodes:
             args = [values[(ref[0], ref[1])] for ref in refs]
-            drop_softmax = strip_here and (name, index) == output_node
+            drop_softmax = strip_here and (name, index) == self._last_node
             constants, options = self._constants.get((name, index)), self._options.get((name, index))
             if not build:
                 values[(name, index)] = self._call(name, args, drop_softmax, build, constants, options)
