@@ -228,3 +228,17 @@ def test_a_keras_written_lambda_layer_is_refused(written, suffix, capsys):
     assert stopped.value.code != 0
     err = capsys.readouterr().err.strip()
     assert "Lambda" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("net", ["gtsrb_batchnorm_after_dense", "nested_base"])
+def test_a_first_rescaling_by_1_over_255_asks_for_input_scale_255(written, net):
+    """Rescaling(1/255) (or 1/127.5 - 1) first: the network was fed 0..255 pixels; loaded at scale 1
+    it would see x/255, so the loader says to give --input-scale 255."""
+    from netcleanse.errors import NetcleanseWarning
+    with pytest.warns(NetcleanseWarning, match="give --input-scale 255"):
+        load_model(written / f"{net}.keras")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NetcleanseWarning)
+        load_model(written / f"{net}.keras", input_scale=255)
+        load_model(written / "cifar_normalization.keras")  # Normalization first: [0, 1] pixels, nothing to say

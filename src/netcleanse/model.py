@@ -10,6 +10,7 @@ Classifier, load_model`` keeps working.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from .archspec import resolve_arch
 from .classifier import (Classifier, checked_channels, checked_preprocessing, checked_scale, output_classes,
                          parse_input_shape)
-from .errors import NetcleanseError
+from .errors import NetcleanseError, NetcleanseWarning
 from .keras import load_keras, load_keras_archive
 from .onnx_io import load_onnx
 from .sniff import HDF5_MAGIC, ZIP_MAGIC, is_npz, sniff  # noqa: F401 (the magic bytes: re-exported, as before)
@@ -97,6 +98,10 @@ def load_model(path, arch=None, input_scale: float = 1.0, name: str | None = Non
         raise NetcleanseError(f"{path}: declares a model too large for this machine's memory") from None
     if model.num_classes < 1:  # e.g. a Keras Dense(units=0) output: every answer would be an IndexError
         raise NetcleanseError(f"{path}: the model answers {model.num_classes} classes; a classifier needs at least one")
+    if kind in ("hdf5", "keras-archive") and input_scale == 1.0 and hasattr(model.net, "expects_raw_pixels") \
+            and model.net.expects_raw_pixels():
+        warnings.warn(f"{path}: the model's first layer rescales by 1/255, so it was fed 0..255 pixels; netcleanse's "
+                      "pixels are in [0, 1]: give --input-scale 255 (input_scale=255)", NetcleanseWarning, stacklevel=2)
     if model.num_classes == 1:  # a binary sigmoid head: its one score would be read as the only class's logit
         raise NetcleanseError(f"{path}: the model has one output (a binary sigmoid head?); netcleanse needs one "
                               "output per class: give it a 2-way head (logits [0, z] for a sigmoid's z)")

@@ -289,6 +289,17 @@ class KerasGraph(nn.Module):
         """The torch module name of the Keras layer ``name`` (its dots made underscores)."""
         return self._torch_names.get(name, name)
 
+    def expects_raw_pixels(self) -> bool:
+        """Whether the first layer rescales the image by 1/255 (or 1/127.5, offset -1): a network
+        that was fed 0..255 pixels, which netcleanse's [0, 1] pixels reach with input scale 255."""
+        from .layers import KerasRescaling
+        first = [name for name, _, refs in self._nodes if refs and all(r[0] == self._input_name for r in refs)]
+        module = self.module_of(first[0]) if len(first) == 1 else None
+        if not isinstance(module, KerasRescaling) or module.per_channel:
+            return False
+        return (abs(module.scale * 255 - 1) < 1e-3 and abs(module.offset) < 1e-6) or \
+            (abs(module.scale * 127.5 - 1) < 1e-3 and abs(module.offset + 1) < 1e-3)
+
     def module_of(self, name: str) -> nn.Module | None:
         """The torch module of the Keras layer ``name`` (None before it is built, or for an input)."""
         return self._modules.get(self.module_name(name))
