@@ -88,6 +88,9 @@ def test_grayscale_three_dim_arrays(tmp_path):
     gray = rng.integers(0, 256, size=(4, 6, 5), dtype=np.uint8)
     ds = load_data(write_h5(tmp_path / "g.h5", gray))
     assert ds.image_shape == (1, 6, 5) and torch.equal(ds.x[:, 0], torch.from_numpy(gray).float() / 255)
+    # for a colour model, gray arrays become RGB as gray image files do
+    rgb = load_data(tmp_path / "g.h5", expect_shape=(3, 6, 5))
+    assert rgb.image_shape == (3, 6, 5) and all(torch.equal(rgb.x[:, c], ds.x[:, 0]) for c in range(3))
 
 
 def test_large_h5_is_converted_in_chunks(tmp_path, monkeypatch):

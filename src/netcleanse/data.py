@@ -136,6 +136,9 @@ def load_data(source, *, expect_shape: Shape | None = None, num_classes: int | N
                 raise NetcleanseError(f"{path} holds more data than this machine's memory") from None
             except RecursionError:  # groups nested without end
                 raise NetcleanseError(f"{path}: its layout is nested too deeply to be a data file") from None
+            if kind in ("hdf5", "npz") and channels == 3 and dataset.x.shape[1] == 1:
+                # grayscale arrays for a colour model, as grayscale image files are: gray -> RGB loses nothing
+                dataset.x = dataset.x.expand(-1, 3, -1, -1).contiguous()
     check_dataset(dataset, expect_shape, num_classes)
     return dataset
 
