@@ -88,6 +88,11 @@ def test_grayscale_three_dim_arrays(tmp_path):
     gray = rng.integers(0, 256, size=(4, 6, 5), dtype=np.uint8)
     ds = load_data(write_h5(tmp_path / "g.h5", gray))
     assert ds.image_shape == (1, 6, 5) and torch.equal(ds.x[:, 0], torch.from_numpy(gray).float() / 255)
+    # one image without its batch axis is one image when the model's shape says so
+    one = rng.integers(0, 256, size=(6, 5, 3), dtype=np.uint8)
+    np.savez(tmp_path / "one.npz", x=one)
+    single = load_data(tmp_path / "one.npz", expect_shape=(3, 6, 5))
+    assert len(single) == 1 and torch.equal(single.x[0], torch.from_numpy(one).permute(2, 0, 1).float() / 255)
     # for a colour model, gray arrays become RGB as gray image files do
     rgb = load_data(tmp_path / "g.h5", expect_shape=(3, 6, 5))
     assert rgb.image_shape == (3, 6, 5) and all(torch.equal(rgb.x[:, c], ds.x[:, 0]) for c in range(3))

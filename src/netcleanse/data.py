@@ -333,6 +333,11 @@ def _channels_last(shape, expect_shape, path) -> bool:
 def _images_to_tensor(array, expect_shape, path) -> tuple[torch.Tensor, dict]:
     """Convert an image array (NumPy or an h5py dataset, read a chunk at a time) to float32 NCHW [0, 1]."""
     shape, dtype = tuple(array.shape), np.dtype(array.dtype)
+    if len(shape) == 3 and expect_shape is not None:
+        c, h, w = (int(v) for v in expect_shape)
+        if shape in ((h, w, c), (c, h, w)) and (c == 3 or shape == (h, w, c)):  # one image, without its batch axis
+            array = np.asarray(array)[None]
+            shape = tuple(array.shape)
     if len(shape) not in (3, 4):
         raise NetcleanseError(f"{path}: images must be a N x C x H x W, N x H x W x C or N x H x W array, "
                               f"got shape {shape}")
