@@ -65,7 +65,8 @@ _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Usage
 
 def _show_warning(message, category, filename, lineno, file=None, line=None, _python=warnings.showwarning):
     if issubclass(category, NetcleanseWarning):
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        from ..sanity import warn
+        warn(str(message))  # the one "warning:" line, as the commands' own checks print theirs
     else:
         _python(message, category, filename, lineno, file, line)
 
