@@ -98,6 +98,20 @@ def test_grayscale_three_dim_arrays(tmp_path):
     assert rgb.image_shape == (3, 6, 5) and all(torch.equal(rgb.x[:, c], ds.x[:, 0]) for c in range(3))
 
 
+def test_rgba_arrays_drop_their_alpha_channel_as_rgba_files_do(tmp_path):
+    rgba = rng.integers(0, 256, size=(3, 6, 5, 4), dtype=np.uint8)
+    np.savez(tmp_path / "rgba.npz", x=rgba)
+    with pytest.warns(NetcleanseWarning, match="alpha channel is dropped"):
+        ds = load_data(tmp_path / "rgba.npz", expect_shape=(3, 6, 5))
+    assert ds.info["layout"] == "NHWC"
+    assert torch.equal(ds.x, torch.from_numpy(rgba[..., :3].transpose(0, 3, 1, 2)).float() / 255)
+    with pytest.warns(NetcleanseWarning):  # channels first, and without a model
+        first = load_data(write_h5(tmp_path / "rgba.h5", rgba.transpose(0, 3, 1, 2)))
+    assert torch.equal(first.x, ds.x)
+    with pytest.raises(NetcleanseError, match="cannot tell the channel axis"):
+        load_data(write_h5(tmp_path / "five.h5", np.zeros((2, 5, 6, 5), np.uint8)))
+
+
 def test_large_h5_is_converted_in_chunks(tmp_path, monkeypatch):
     import netcleanse.data as data_module
     monkeypatch.setattr(data_module, "CHUNK_ROWS", 3)  # 7 rows -> chunks of 3, 3, 1

@@ -320,14 +320,16 @@ def _pick_key(keys, candidates, chosen, path, what, required=True) -> str | None
 
 
 def _channels_last(shape, expect_shape, path) -> bool:
-    """Whether an N x A x B x C image array is NHWC, judged by which axis holds 1 or 3 channels."""
+    """Whether an N x A x B x C image array is NHWC, judged by which axis holds 1, 3 or 4 (RGBA) channels."""
     first, last = shape[1] in (1, 3), shape[3] in (1, 3)
+    if not (first or last):  # RGBA, read as RGB below (as RGBA image files are)
+        first, last = shape[1] == 4, shape[3] == 4
     if first and last and expect_shape is not None:
         return tuple(shape[1:]) != tuple(expect_shape) and (shape[3], shape[1], shape[2]) == tuple(expect_shape)
     if first or last:
         return not first
     raise NetcleanseError(f"{path}: images shaped {tuple(shape)}: cannot tell the channel axis "
-                          "(expected 1 or 3 channels first, NCHW, or last, NHWC)")
+                          "(expected 1, 3 or 4 (RGBA) channels first, NCHW, or last, NHWC)")
 
 
 def _images_to_tensor(array, expect_shape, path) -> tuple[torch.Tensor, dict]:
@@ -353,11 +355,18 @@ def _images_to_tensor(array, expect_shape, path) -> tuple[torch.Tensor, dict]:
         layout, out_shape = "NHWC", (shape[0], shape[3], shape[1], shape[2])
     else:
         layout, out_shape = "NCHW", shape
+    alpha = out_shape[1] == 4 and (expect_shape is None or int(expect_shape[0]) != 4)
+    if alpha:  # RGBA: the alpha channel is dropped, as for RGBA image files (PIL's RGBA -> RGB)
+        warnings.warn(f"{path}: images have 4 channels, read as RGBA: the alpha channel is dropped",
+                      NetcleanseWarning, stacklevel=3)
+        out_shape = (out_shape[0], 3, *out_shape[2:])
     out = torch.empty(out_shape, dtype=torch.float32)
     low, high = np.inf, -np.inf
     for start in range(0, shape[0], CHUNK_ROWS):
         chunk = np.asarray(array[start:start + CHUNK_ROWS])
         chunk = chunk[:, None] if layout == "NHW" else chunk.transpose(0, 3, 1, 2) if layout == "NHWC" else chunk
+        if alpha:
+            chunk = chunk[:, :3]
         if np.issubdtype(dtype, np.floating):
             bad = _first_nonfinite_row(chunk)
             if bad is not None:
