@@ -82,6 +82,24 @@ def test_manifest_csv_and_json(tmp_path):
     assert read_manifest(tmp_path / "list.json")[0].labels == "0,1,5"
 
 
+def test_a_default_input_shape_passes_over_keras_files(tmp_path):
+    """Keras files record their input shape (an --input-shape with one is refused): a default
+    --input-shape for a zoo of Keras and ONNX models concerns only the ONNX ones."""
+    import h5py
+    with h5py.File(tmp_path / "k.h5", "w"):
+        pass
+    (tmp_path / "o.onnx").write_bytes(b"\x08\x07")
+    (tmp_path / "m.csv").write_text("model,data_free\nk.h5,1\no.onnx,1\nown.h5,1\n")
+    keras, onnx, missing = read_manifest(tmp_path / "m.csv", input_shape="3x8x8")
+    assert keras.input_shape is None and onnx.input_shape == "3x8x8" and missing.input_shape == "3x8x8"
+    (tmp_path / "k2.csv").write_text("model,data_free,input_shape\nk.h5,1,1x4x4\n")  # a row's own stays (refused at load)
+    assert read_manifest(tmp_path / "k2.csv", input_shape="3x8x8")[0].input_shape == "1x4x4"
+    entries = make_entries([tmp_path / "k.h5", tmp_path / "o.onnx"], data_free=True, input_shape="3x8x8")
+    assert [e.input_shape for e in entries] == [None, "3x8x8"]
+    with pytest.raises(NetcleanseError, match="--input-shape concerns none of the models"):
+        make_entries([tmp_path / "k.h5"], data_free=True, input_shape="3x8x8")
+
+
 @pytest.mark.parametrize("text, message", [
     ("model,colour\na.pt,red\n", "row 1: unknown field 'colour'"),
     ("model,data_free\n,true\n", "row 1: no model file given"),

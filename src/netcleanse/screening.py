@@ -92,8 +92,31 @@ def make_entries(models, *, arch: str | None = None, input_scale: float = 1.0, d
             labels = ",".join(str(int(t)) for t in labels)  # a list of labels, as scan() takes
         except (TypeError, ValueError):
             raise NetcleanseError(f"labels must be a list like \"0,5,7-9\" or of label numbers, got {labels!r}") from None
-    return [_checked(ScreenEntry(str(m), None, arch, scale, None if data is None else str(data), data_free, labels,
-                                 **model_options), f"model {m}") for m in models]
+    entries = [_checked(ScreenEntry(str(m), None, arch, scale, None if data is None else str(data), data_free, labels,
+                                    **_shared_options(m, arch, model_options)), f"model {m}") for m in models]
+    _check_shape_used(entries, model_options.get("input_shape"))
+    return entries
+
+
+def _shared_options(model, arch, options: dict) -> dict:
+    """The model options given for many models, less an ``input_shape`` for a Keras file without
+    an architecture: it records its own, so one default ``--input-shape`` serves a zoo of Keras
+    and ONNX/TorchScript models."""
+    options = dict(options)
+    if arch is None and options.get("input_shape") is not None:
+        from .sniff import sniff
+        try:
+            keras = sniff(model) in ("hdf5", "keras-archive")
+        except OSError:  # a missing file: its row reports that
+            keras = False
+        if keras:
+            options["input_shape"] = None
+    return options
+
+
+def _check_shape_used(entries: list[ScreenEntry], input_shape) -> None:
+    if input_shape is not None and entries and all(e.input_shape is None for e in entries):
+        raise NetcleanseError("--input-shape concerns none of the models: Keras files record their own input shape")
 
 
 def read_manifest(path, *, arch: str | None = None, input_scale: float | None = None, data=None,
@@ -138,22 +161,31 @@ def read_manifest(path, *, arch: str | None = None, input_scale: float | None = 
         own_data = "data" in value or ("data_free" in value and _boolean(value["data_free"], where))
         if isinstance(value.get("labels"), list):  # JSON: [0, 1, 5] as "0,1,5"
             value["labels"] = ",".join(str(v) for v in value["labels"])
+        model = _relative_to(path, value["model"])
+        row_arch = str(value.get("arch", arch)) if value.get("arch", arch) is not None else None
         entry = ScreenEntry(
-            model=str(_relative_to(path, value["model"])),
+            model=str(model),
             name=str(value["name"]) if "name" in value else None,
-            arch=str(value.get("arch", arch)) if value.get("arch", arch) is not None else None,
+            arch=row_arch,
             input_scale=_number(value.get("input_scale", 1.0 if input_scale is None else input_scale), where),
             data=(str(_relative_to(path, value["data"])) if "data" in value
                   else None if own_data or data is None else str(data)),
             data_free=(_boolean(value["data_free"], where) if "data_free" in value
                        else False if own_data else data_free),
             labels=str(value.get("labels", labels)) if value.get("labels", labels) is not None else None,
-            **{k: _model_option(k, value.get(k, model_options.get(k)), where) for k in _MODEL_OPTIONS})
+            **{k: _model_option(k, v, where) for k, v in _row_options(value, model, row_arch, model_options).items()})
         entries.append(_checked(entry, where))
+    _check_shape_used(entries, model_options.get("input_shape"))
     return entries
 
 
 _MODEL_OPTIONS = ("mean", "std", "arch_kwargs", "num_classes", "input_shape")
+
+
+def _row_options(row: dict, model, arch, defaults: dict) -> dict:
+    """A manifest row's model options: its own, else the defaults that concern its model."""
+    shared = _shared_options(model, arch, {k: defaults.get(k) for k in _MODEL_OPTIONS})
+    return {k: row[k] if k in row else shared[k] for k in _MODEL_OPTIONS}
 
 
 def _model_option(key: str, value, where: str):
