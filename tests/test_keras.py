@@ -486,13 +486,29 @@ def test_model_without_fixed_input_shape_is_refused(tmp_path):
         load_model(write_model_h5(tmp_path / "v.h5", config, functional_weights()))
 
 
-def test_non_softmax_output_is_returned_as_is(tmp_path, synthetic_input):
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+def test_a_final_sigmoid_or_tanh_is_left_out_of_the_logits(tmp_path, synthetic_input, activation):
+    """One squashed score per class: the logits are the scores before it (same labels; a scan on
+    scores bounded to [0, 1] finds less), as for a final softmax."""
     config = functional_config()
-    config["config"]["layers"][-1]["config"]["activation"] = "sigmoid"
+    config["config"]["layers"][-1]["config"]["activation"] = activation
     model = load_model(write_model_h5(tmp_path / "s.h5", config, functional_weights()))
-    assert model.net.final_activation == "sigmoid"
+    assert model.net.final_activation == activation
+    x = torch.from_numpy(synthetic_input).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        logits, keras_out = model.net(x), model.net.run(x, strip_final_softmax=False)
+    squash = torch.sigmoid if activation == "sigmoid" else torch.tanh
+    assert torch.allclose(squash(logits), keras_out, atol=1e-6)
+    assert logits.abs().max() > 1 and torch.equal(logits.argmax(1), keras_out.argmax(1))
+
+
+def test_other_outputs_are_returned_as_is(tmp_path, synthetic_input):
+    config = functional_config()
+    config["config"]["layers"][-1]["config"]["activation"] = "relu"
+    model = load_model(write_model_h5(tmp_path / "s.h5", config, functional_weights()))
+    assert model.net.final_activation == "relu"
     out = model.logits(torch.from_numpy(synthetic_input).permute(0, 3, 1, 2)).detach()
-    assert out.min() >= 0 and out.max() <= 1
+    assert out.min() >= 0
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch warns about zero-size layers some mutations make

@@ -31,8 +31,10 @@ Keras stores conv kernels HWIO and dense kernels (in, out); torch wants OIHW and
 Output contract: the module returns **logits**. When the network ends in a softmax (a final
 Dense/Conv2D with ``activation="softmax"``, an ``Activation("softmax")`` or a ``Softmax`` layer,
 also inside a nested final model) that softmax is left out, so ``softmax(module(x))`` equals
-Keras's output. A network whose output is not a softmax is returned as it is (its output then
-is whatever Keras's was; :attr:`KerasGraph.final_activation` says what it ends in).
+Keras's output. A final sigmoid or tanh (one squashed score per class) is left out the same way,
+the logits being the scores before it (same argmax; ``softmax(module(x))`` is then not Keras's
+output). Any other output is returned as it is (:attr:`KerasGraph.final_activation` says what
+the network ends in).
 
 Export: :func:`save_keras_weights` writes a Keras-compatible ``.h5`` with the same layer and
 dataset names (``<layer>/<layer>/kernel:0``, ``bias:0``, BatchNormalization ``gamma``, ``beta``,

@@ -17,6 +17,11 @@ from .layers import _ACTIVATIONS, KerasMerge
 from .slots import Slot, _leaf_slots
 
 
+#: Final activations left out of the logits: the softmax, and the per-class squashing functions
+#: (a sigmoid or tanh per class: the same labels, and a scan needs the unbounded scores before them).
+STRIPPED = ("softmax", "sigmoid", "tanh")
+
+
 class KerasGraph(nn.Module):
     """A Keras Sequential or Functional model, rebuilt as a torch module from its JSON config.
 
@@ -26,7 +31,8 @@ class KerasGraph(nn.Module):
     rebuild the net (netcleanse ``.pt`` checkpoints store the config, not code).
 
     Attributes: ``input_shape`` (C, H, W); ``final_activation`` (what the network ends in,
-    e.g. "softmax", which the forward pass leaves out: it returns logits); ``prune_layer`` (the
+    e.g. "softmax"; a squashing one, :data:`STRIPPED`, is left out of the forward pass, which
+    returns logits: the scores before it); ``prune_layer`` (the
     last convolution every path to the output goes through, for fine-pruning; None if none);
     ``model_config`` (the Keras config dict); ``keras_version``.
     """
@@ -209,7 +215,7 @@ class KerasGraph(nn.Module):
     def _execute(self, x: torch.Tensor, strip: bool, build: bool = False) -> torch.Tensor:
         values = {(self._input_name, 0): x}
         output_node = (self._output_ref[0], self._output_ref[1])
-        strip_here = strip and self.final_activation == "softmax"
+        strip_here = strip and self.final_activation in STRIPPED
         for name, index, refs in self._nodes:
             args = [values[(ref[0], ref[1])] for ref in refs]
             drop_softmax = strip_here and (name, index) == self._last_node
@@ -261,7 +267,7 @@ class KerasGraph(nn.Module):
                 raise NetcleanseError(f"layer {name!r} ({class_name}) is called on {len(args)} inputs")
             out = module(args[0])
         activation = self._activations[name]
-        if activation != "linear" and not (drop_softmax and activation == "softmax"):
+        if activation != "linear" and not (drop_softmax and activation in STRIPPED):
             out = _ACTIVATIONS[activation](out, self._keras_major)
         return out
 
