@@ -23,11 +23,11 @@ from netcleanse.cli import main  # noqa: E402
 MEAN, STD = "0.485,0.456,0.406", "0.229,0.224,0.225"
 
 
-def small_net(seed=0, softmax=False):
+def small_net(seed=0, softmax=False, last=None):
     torch.manual_seed(seed)
     layers = [nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
               nn.Linear(6 * 4 * 4, 10)]
-    net = nn.Sequential(*layers, *([nn.Softmax(dim=1)] if softmax else [])).eval()
+    net = nn.Sequential(*layers, *([nn.Softmax(dim=1)] if softmax else []), *([last] if last else [])).eval()
     with torch.no_grad():
         net[1].running_mean.uniform_(-0.3, 0.3)
         net[1].running_var.uniform_(0.5, 2)
@@ -93,6 +93,15 @@ def test_final_softmax_is_stripped_and_preprocessing_applies(tmp_path, capsys):
     with pytest.raises(NetcleanseError, match="read from ONNX has no Keras layout"):
         save_model(model, tmp_path / "model.h5")
     assert not (tmp_path / "model.h5").exists()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("last", [nn.Sigmoid(), nn.Tanh()], ids=["sigmoid", "tanh"])
+def test_a_final_sigmoid_or_tanh_is_stripped_too(tmp_path, last):
+    net = small_net(last=last)
+    model = load_model(export(net, tmp_path / "squashed.onnx"))
+    x = torch.rand(4, 3, 8, 8)
+    assert torch.allclose(model.logits(x), net[:-1](x), atol=1e-5)  # the scores before it
 
 
 def nhwc_model(tmp_path, external=None):

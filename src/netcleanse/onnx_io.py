@@ -134,19 +134,18 @@ def _check_external_data(model, path: Path) -> bool:
 
 
 def _strip_final_softmax(model) -> str:
-    """Remove a Softmax that produces the graph's output (the module then returns logits); returns
-    what the graph ends in."""
+    """Remove a Softmax over the classes, or a per-class Sigmoid or Tanh, that produces the graph's
+    output (the module then returns logits, as for Keras files); returns what the graph ends in."""
     graph = model.graph
     out = graph.output[0].name
     producer = next((node for node in graph.node if out in node.output), None)
-    if producer is None or producer.op_type != "Softmax":
+    if producer is None or producer.op_type not in ("Softmax", "Sigmoid", "Tanh"):
         return producer.op_type if producer is not None else "input"
-    axis = next((a.i for a in producer.attribute if a.name == "axis"), -1)
-    if axis not in (-1, 1):
+    if producer.op_type == "Softmax" and next((a.i for a in producer.attribute if a.name == "axis"), -1) not in (-1, 1):
         return "Softmax"
     graph.node.remove(producer)
     graph.output[0].name = producer.input[0]
-    return "softmax"
+    return producer.op_type.lower()
 
 
 class OnnxNet(nn.Module):
