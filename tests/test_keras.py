@@ -479,11 +479,38 @@ def test_config_and_weights_that_disagree(tmp_path):
         load_model(write_model_h5(tmp_path / "b.h5", functional_config(), weights))
 
 
-def test_model_without_fixed_input_shape_is_refused(tmp_path):
+def test_model_with_an_open_input_size_takes_input_shape(tmp_path, synthetic_input):
+    """A fully convolutional model (input None x None x 3) needs the size to work at: refused
+    without one, the same net as the fixed-size file with one (also nested, and from a checkpoint)."""
+    from netcleanse import save_model
+    from netcleanse.keras.load import input_size_open
+    fixed = write_model_h5(tmp_path / "fixed.h5", functional_config(), functional_weights())
     config = functional_config()
     config["config"]["layers"][0]["config"]["batch_input_shape"] = [None, None, None, 3]
-    with pytest.raises(NetcleanseError, match="fixed"):
-        load_model(write_model_h5(tmp_path / "v.h5", config, functional_weights()))
+    path = write_model_h5(tmp_path / "v.h5", config, functional_weights())
+    assert input_size_open(path) and not input_size_open(fixed)
+    with pytest.raises(NetcleanseError, match="not a fixed image size; give the size to work at with --input-shape"):
+        load_model(path)
+    x = torch.from_numpy(synthetic_input).permute(0, 3, 1, 2)
+    model = load_model(path, input_shape="3x9x8")
+    assert model.input_shape == (3, 9, 8) and torch.equal(model.logits(x), load_model(fixed).logits(x))
+    back = load_model(save_model(model, tmp_path / "v.pt"))
+    assert back.input_shape == (3, 9, 8) and torch.equal(back.logits(x), model.logits(x))
+    with pytest.raises(NetcleanseError, match="records its input shape"):  # a size the file records: its own
+        load_model(fixed, input_shape="3x9x8")
+    with pytest.raises(NetcleanseError, match="does not fit --input-shape 1x9x8"):
+        load_model(path, input_shape="1x9x8")
+    # nested: the inner model's open input is what the outer one feeds it
+    inner = functional_config()
+    inner["name"] = inner["config"]["name"] = "inner"
+    inner["config"]["layers"][0]["config"]["batch_input_shape"] = [None, None, None, 3]
+    inner["inbound_nodes"] = [[["outer_in", 0, 0, {}]]]
+    outer = {"class_name": "Functional", "config": {
+        "name": "outer", "input_layers": [["outer_in", 0, 0]], "output_layers": [["inner", 1, 0]],
+        "layers": [layer("InputLayer", "outer_in", None, batch_input_shape=[None, None, None, 3]), inner]}}
+    nested = load_model(write_model_h5(tmp_path / "nested.h5", outer, functional_weights(), nested="inner"),
+                        input_shape="3x9x8")
+    assert torch.equal(nested.logits(x), model.logits(x))
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh"])

@@ -98,6 +98,11 @@ def test_a_default_input_shape_passes_over_keras_files(tmp_path):
     assert [e.input_shape for e in entries] == [None, "3x8x8"]
     with pytest.raises(NetcleanseError, match="--input-shape concerns none of the models"):
         make_entries([tmp_path / "k.h5"], data_free=True, input_shape="3x8x8")
+    # a fully convolutional Keras model (input None x None) takes it
+    with h5py.File(tmp_path / "open.h5", "w") as h5:
+        h5.attrs["model_config"] = json.dumps({"class_name": "Functional", "config": {"layers": [
+            {"class_name": "InputLayer", "config": {"batch_input_shape": [None, None, None, 3]}}]}})
+    assert make_entries([tmp_path / "open.h5"], data_free=True, input_shape="3x8x8")[0].input_shape == "3x8x8"
 
 
 @pytest.mark.parametrize("text, message", [

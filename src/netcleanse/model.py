@@ -44,7 +44,7 @@ def load_model(path, arch=None, input_scale: float = 1.0, name: str | None = Non
     ``torchvision:NAME``, ``timm:NAME``, ``FILE.py:NAME`` or ``package.module:NAME``; the last two
     run the user's code) with ``arch_kwargs`` (dict or JSON text), ``num_classes`` and
     ``input_shape`` ((C, H, W) or "CxHxW"; also the input shape of an ONNX or TorchScript model
-    that does not record one). ``input_scale``, ``mean``, ``std``: the preprocessing the network
+    that does not record one, or of a Keras model whose input size is left open). ``input_scale``, ``mean``, ``std``: the preprocessing the network
     expects (see the module doc); given values win over those a file records (for the scale:
     when not 1).
 
@@ -65,17 +65,16 @@ def load_model(path, arch=None, input_scale: float = 1.0, name: str | None = Non
     elif arch_kwargs or num_classes is not None:
         raise NetcleanseError("--arch-kwargs and --num-classes describe an architecture: give it with --arch")
     kind = sniff(path)
-    if kind in ("hdf5", "keras-archive") and input_shape is not None and arch is None:
-        raise NetcleanseError(f"{path} is a Keras file, which records its input shape; --input-shape is for "
-                              "files that do not (TorchScript, ONNX) and for --arch")
+    keras_shape = parse_input_shape(input_shape) if kind in ("hdf5", "keras-archive") and arch is None \
+        and input_shape is not None else None
     try:
         if kind == "hdf5":
-            model = load_keras(path, arch=arch, input_scale=input_scale, name=name)
+            model = load_keras(path, arch=arch, input_scale=input_scale, name=name, input_shape=keras_shape)
         elif kind == "keras-archive":
             if arch is not None:
                 raise NetcleanseError(f"{path} is a Keras 3 .keras archive, which records its own architecture; "
                                       "drop --arch")
-            model = load_keras_archive(path, input_scale=input_scale, name=name)
+            model = load_keras_archive(path, input_scale=input_scale, name=name, input_shape=keras_shape)
         elif kind == "zip" and is_npz(path):
             raise NetcleanseError(f"{path} is a NumPy .npz of arrays, a data file, not a model")
         elif kind == "zip":

@@ -100,23 +100,24 @@ def make_entries(models, *, arch: str | None = None, input_scale: float = 1.0, d
 
 def _shared_options(model, arch, options: dict) -> dict:
     """The model options given for many models, less an ``input_shape`` for a Keras file without
-    an architecture: it records its own, so one default ``--input-shape`` serves a zoo of Keras
-    and ONNX/TorchScript models."""
+    an architecture that records its input size: one default ``--input-shape`` serves a zoo of
+    Keras and ONNX/TorchScript models (and fully convolutional Keras ones)."""
     options = dict(options)
     if arch is None and options.get("input_shape") is not None:
+        from .keras.load import input_size_open
         from .sniff import sniff
         try:
             keras = sniff(model) in ("hdf5", "keras-archive")
         except OSError:  # a missing file: its row reports that
             keras = False
-        if keras:
+        if keras and not input_size_open(model):
             options["input_shape"] = None
     return options
 
 
 def _check_shape_used(entries: list[ScreenEntry], input_shape) -> None:
     if input_shape is not None and entries and all(e.input_shape is None for e in entries):
-        raise NetcleanseError("--input-shape concerns none of the models: Keras files record their own input shape")
+        raise NetcleanseError("--input-shape concerns none of the models: their Keras files record their input shape")
 
 
 def read_manifest(path, *, arch: str | None = None, input_scale: float | None = None, data=None,

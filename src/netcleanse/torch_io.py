@@ -180,7 +180,9 @@ def _classifier_from_checkpoint(ckpt: dict, path: Path, arch) -> Classifier:
         return Classifier(net, shape, int(ckpt.get("num_classes")), arch=None)
     if ckpt.get("keras_config") is not None and recorded_arch is None and given is None:
         from .keras import graph_from_config
-        net = graph_from_config(ckpt["keras_config"], str(ckpt.get("keras_version", "2")))
+        shape = ckpt.get("input_shape")  # fills a fully convolutional config's open input size
+        shape = tuple(shape) if isinstance(shape, list) and len(shape) == 3 else None
+        net = graph_from_config(ckpt["keras_config"], str(ckpt.get("keras_version", "2")), shape)
         _load_state(net, state_dict, path, "the Keras model stored in the checkpoint")
         return Classifier(net, net.input_shape, net.output_shape[0], arch=None)
     if recorded_arch is None and arch is None:

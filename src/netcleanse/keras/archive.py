@@ -13,7 +13,7 @@ from ..classifier import Classifier
 from ..errors import NetcleanseError
 from ..utils import check_declared_size, check_self_contained_h5, first_line
 from .builders import MODEL_CLASSES
-from .graph import graph_from_config
+from .graph import check_open_input, graph_from_config
 from .hdf5 import _H5_ERRORS
 from .weights import _count_datasets, _keras3_weights_to_graph
 
@@ -40,12 +40,14 @@ def _read_member(archive, info, limit: int, path: Path) -> bytes:
     return data
 
 
-def load_keras_archive(path, input_scale: float = 1.0, name: str | None = None) -> Classifier:
+def load_keras_archive(path, input_scale: float = 1.0, name: str | None = None,
+                       input_shape: tuple[int, int, int] | None = None) -> Classifier:
     """Load a Keras 3 ``.keras`` archive into a :class:`Classifier` returning logits.
 
     The config (``config.json``) is rebuilt as for a whole-model ``.h5`` (Lambda and custom layers
-    refused); the weights (``model.weights.h5``) are matched to the layers in Keras 3's layout (see
-    the module doc), checking every shape. Nothing is extracted to disk or executed."""
+    refused; ``input_shape`` as for :func:`~netcleanse.keras.load_keras`); the weights
+    (``model.weights.h5``) are matched to the layers in Keras 3's layout (see the module doc),
+    checking every shape. Nothing is extracted to disk or executed."""
     import io
     import zipfile
     import zlib
@@ -84,7 +86,8 @@ def load_keras_archive(path, input_scale: float = 1.0, name: str | None = None) 
         raise NetcleanseError(f"{path}: its config.json does not describe a Keras Sequential or Functional "
                               "model (a subclassed model is Python code, which netcleanse does not run)")
     version = metadata.get("keras_version") if isinstance(metadata, dict) else None
-    graph = graph_from_config(config, str(version or "3"))
+    graph = graph_from_config(config, str(version or "3"), input_shape)
+    check_open_input(graph, input_shape, path)
     try:
         with h5py.File(io.BytesIO(weights), "r") as h5:
             check_self_contained_h5(h5, path)

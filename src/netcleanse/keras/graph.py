@@ -34,11 +34,14 @@ class KerasGraph(nn.Module):
     e.g. "softmax"; a squashing one, :data:`STRIPPED`, is left out of the forward pass, which
     returns logits: the scores before it); ``prune_layer`` (the
     last convolution every path to the output goes through, for fine-pruning; None if none);
-    ``model_config`` (the Keras config dict); ``keras_version``.
+    ``model_config`` (the Keras config dict); ``keras_version``. ``image_shape`` (C, H, W) fills
+    the input dimensions the config leaves open (a fully convolutional model's None x None).
     """
 
-    def __init__(self, model_config: dict, keras_version: str = "2", strip_final_softmax: bool = True):
+    def __init__(self, model_config: dict, keras_version: str = "2", strip_final_softmax: bool = True,
+                 image_shape: tuple[int, int, int] | None = None):
         super().__init__()
+        self._given_shape = None if image_shape is None else tuple(int(v) for v in image_shape)
         check_config(model_config)
         self.model_config = model_config
         self.keras_version = str(keras_version)
@@ -147,9 +150,17 @@ class KerasGraph(nn.Module):
         if shape is None:
             raise NetcleanseError("the model config does not record its input shape")
         dims = list(shape[1:])
-        if len(dims) != 3 or any(d is None for d in dims):
-            raise NetcleanseError(f"the model's input shape {tuple(dims)} is not a fixed HxWxC image; "
-                                  "netcleanse needs a fixed image size")
+        if self._given_shape is not None and len(dims) == 3 and None in dims:  # (a recorded size stays)
+            given = (self._given_shape[1], self._given_shape[2], self._given_shape[0])  # H, W, C
+            if any(d is not None and int(d) != g for d, g in zip(dims, given)):
+                raise NetcleanseError(f"the model's input shape is {_hwc(dims)} (HxWxC), which does not fit "
+                                      f"--input-shape {'x'.join(map(str, self._given_shape))} (CxHxW)")
+            dims = list(given)
+        if len(dims) != 3:
+            raise NetcleanseError(f"the model's input shape {_hwc(dims)} is not an HxWxC image")
+        if any(d is None for d in dims):
+            raise NetcleanseError(f"the model's input shape {_hwc(dims)} (HxWxC) is not a fixed image size; "
+                                  "give the size to work at with --input-shape CxHxW")
         height, width, channels = (int(d) for d in dims)
         if min(height, width, channels) <= 0:
             raise NetcleanseError(f"the model's input shape {tuple(dims)} is not a valid image size")
@@ -240,8 +251,10 @@ class KerasGraph(nn.Module):
             if not build:
                 raise RuntimeError(f"layer {name} was not built")
             try:
-                if class_name in MODEL_CLASSES:
-                    module, activation = KerasGraph(entry, self.keras_version, strip_final_softmax=False), "linear"
+                if class_name in MODEL_CLASSES:  # its open input dimensions are those of what it is given
+                    fed = tuple(args[0].shape[1:]) if len(args) == 1 and args[0].dim() == 4 else None
+                    module = KerasGraph(entry, self.keras_version, strip_final_softmax=False, image_shape=fed)
+                    activation = "linear"
                 else:
                     module, activation = build_layer(class_name, entry.get("config") or {}, name, args,
                                                      self._keras_major, constants, options)
@@ -355,8 +368,22 @@ def _module_slots(module: nn.Module) -> list[tuple[str, Slot]]:
     return [("", slot) for slot in _leaf_slots(module)]
 
 
-def graph_from_config(config_json: str | dict, keras_version: str = "2") -> KerasGraph:
-    """Rebuild a :class:`KerasGraph` from a Keras model config (JSON text or parsed)."""
+def check_open_input(graph: KerasGraph, input_shape, path) -> None:
+    """Refuse an ``input_shape`` for a Keras model that records its own input size."""
+    if input_shape is not None and not any(d is None for d in graph._batch_shape[1:]):
+        raise NetcleanseError(f"{path} is a Keras file, which records its input shape; --input-shape is for "
+                              "files that do not (TorchScript, ONNX, a Keras model whose input size is left "
+                              "open) and for --arch")
+
+
+def _hwc(dims) -> str:
+    return "x".join("None" if d is None else str(d) for d in dims)
+
+
+def graph_from_config(config_json: str | dict, keras_version: str = "2",
+                      image_shape: tuple[int, int, int] | None = None) -> KerasGraph:
+    """Rebuild a :class:`KerasGraph` from a Keras model config (JSON text or parsed);
+    ``image_shape`` (C, H, W) fills the input dimensions the config leaves open."""
     if isinstance(config_json, str):
         try:
             config_json = json.loads(config_json)
@@ -365,7 +392,7 @@ def graph_from_config(config_json: str | dict, keras_version: str = "2") -> Kera
     if not isinstance(config_json, dict) or str(config_json.get("class_name")) not in MODEL_CLASSES:
         raise NetcleanseError("the Keras config does not describe a Sequential or Functional model")
     try:
-        return KerasGraph(config_json, keras_version)
+        return KerasGraph(config_json, keras_version, image_shape=image_shape)
     except (KeyError, TypeError, IndexError, ValueError, AttributeError) as exc:
         raise NetcleanseError(f"the Keras model config is malformed ({type(exc).__name__}: "
                               f"{first_line(exc)})") from None

@@ -12,18 +12,54 @@ from ..crosscheck import file_weights
 from ..errors import NetcleanseError
 from ..utils import check_self_contained_h5, first_line
 from .builders import MODEL_CLASSES
-from .graph import graph_from_config
+from .graph import check_open_input, graph_from_config
 from .hdf5 import _H5_ERRORS, _file_layers, _keras_version, _model_config
 from .weights import _output_classes, keras_weights_to_module
 
 
-def load_keras(path, arch: str | None = None, input_scale: float = 1.0, name: str | None = None) -> Classifier:
+def input_size_open(path) -> bool:
+    """Whether the Keras file at ``path`` (``.h5`` or ``.keras``) leaves an input image dimension
+    open (a fully convolutional model's None x None), read from its config alone; False for
+    anything unreadable (loading it says why)."""
+    import json
+    import zipfile
+
+    from .. import limits
+    from ..sniff import sniff
+    from .archive import _read_member
+    try:
+        kind = sniff(path)
+        if kind == "hdf5":
+            with h5py.File(path, "r") as h5:
+                config = _model_config(h5)
+        elif kind == "keras-archive":
+            with zipfile.ZipFile(path) as archive:
+                config = json.loads(_read_member(archive, archive.getinfo("config.json"), limits.CONFIG_BYTES(), path))
+        else:
+            return False
+    except (NetcleanseError, OSError, ValueError, KeyError, zipfile.BadZipFile, *_H5_ERRORS):
+        return False
+
+    def open_dims(node) -> bool:
+        if isinstance(node, dict):
+            for key in ("batch_input_shape", "batch_shape"):
+                shape = node.get(key)
+                if isinstance(shape, list) and len(shape) == 4 and None in shape[1:]:
+                    return True
+            return any(open_dims(v) for v in node.values())
+        return isinstance(node, list) and any(open_dims(v) for v in node)
+    return open_dims(config)
+
+
+def load_keras(path, arch: str | None = None, input_scale: float = 1.0, name: str | None = None,
+               input_shape: tuple[int, int, int] | None = None) -> Classifier:
     """Load a Keras ``.h5`` into a :class:`Classifier` returning logits (see the module doc).
 
     Without ``arch`` a whole-model file is rebuilt from its ``model_config``; with ``arch`` the
     file's weights (whole-model or weights-only) go into that registered architecture and any
     ``model_config`` is ignored. A weights-only file needs ``arch``; its number of classes is
-    read from the weights.
+    read from the weights. ``input_shape`` (C, H, W) is for a config whose input size is left
+    open (a fully convolutional model); a config that records its size is refused one.
     """
     path = Path(path)
     try:
@@ -60,7 +96,8 @@ def load_keras(path, arch: str | None = None, input_scale: float = 1.0, name: st
                 raise NetcleanseError(f"{path}: model class {config.get('class_name')!r} is not a Keras "
                                       "Sequential or Functional model")
             with file_weights(weights_root, config, path):  # layers checked against the file's weights
-                graph = graph_from_config(config, _keras_version(h5))
+                graph = graph_from_config(config, _keras_version(h5), input_shape)
+                check_open_input(graph, input_shape, path)
             keras_weights_to_module(weights_root, graph)
     except _H5_ERRORS as exc:
         raise NetcleanseError(f"{path}: cannot read the Keras file, it may be truncated or corrupt "
