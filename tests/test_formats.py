@@ -363,6 +363,9 @@ def test_a_softmax_output_is_warned_about(tmp_path, capsys):
     assert "look like probabilities" in check_outputs(probabilities)
     with pytest.warns(NetcleanseWarning, match="remove its final softmax"):
         netcleanse.scan(probabilities, Dataset(torch.rand(8, 1, 4, 4), None), labels=[0], progress=False)
+    sigmoid = Classifier.wrap(nn.Sequential(net, nn.Sigmoid()), (1, 4, 4))
+    assert "remove its final sigmoid" in check_outputs(sigmoid)
+    assert check_outputs(Classifier.wrap(nn.Sequential(net, nn.ReLU()), (1, 4, 4))) is None  # zeros: not a sigmoid
 
 
 def test_torchscript_without_a_record_takes_input_shape(tmp_path):
