@@ -140,6 +140,11 @@ def test_poison_errors():
     tiny = Dataset(data.x[:10], torch.full((10,), 7))
     with pytest.raises(NetcleanseError, match="only 0 samples"):
         poison_dataset(tiny, [(trigger, 7)], 0.5)
+    # a rate that rounds to no image (for one trigger of several) would plant nothing
+    with pytest.raises(NetcleanseError, match="poisons 0 of 50 training images, none of"):
+        poison_dataset(data, [(trigger, 7)], 0.001)
+    with pytest.raises(NetcleanseError, match="poisons 2 of 50 training images, none for some of the 3"):
+        poison_dataset(data, [(trigger, 1), (trigger, 2), (trigger, 3)], 0.04)
 
 
 def test_poisoned_test_set_excludes_the_target_class():

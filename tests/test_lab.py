@@ -117,6 +117,12 @@ def test_lab_input_errors():
         make_badnet("imagenet", progress=False)
     with pytest.raises(NetcleanseError, match="differ"):
         make_badnet("digits", "multi", target=[3, 3], progress=False)
+    # a setting the trigger kind does not use is refused, not ignored
+    for kind, setting, name in (("patch", dict(alpha=0.3), "alpha"), ("blend", dict(position="top-left"), "position"),
+                                ("blend", dict(patch_size=6), "patch_size"), ("multi", dict(pattern="white"), "pattern"),
+                                ("multi", dict(position="center"), "position")):
+        with pytest.raises(NetcleanseError, match=f"the {kind} trigger does not use {name}"):
+            make_badnet("digits", kind, progress=False, **setting)
 
 
 def test_cli_badnet(tmp_path, capsys):

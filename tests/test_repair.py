@@ -111,6 +111,38 @@ def test_fine_prune_refuses_bad_input():
         fine_prune(model, _self_labelled(model, 8), drops=(0,), progress=False)
 
 
+def test_fine_prune_that_reaches_no_threshold_says_so():
+    model = _model()
+    with pytest.raises(NetcleanseError, match=r"pruning all \d+ channels of conv_1 lowered the validation accuracy by "
+                                              r"at most [\d.]+ points, less than the smallest threshold \(101\)"):
+        fine_prune(model, _self_labelled(model, 20), layer="conv_1", drops=(101,), progress=False)
+
+
+def test_select_drop_records_the_request_and_the_choice():
+    model = _model()
+    val = _self_labelled(model, 40)
+    chosen = repair(model, {}, "fine-prune", val, drops=[2, 30], select_drop=30, layer="conv_1", progress=False)
+    assert chosen.settings["select_drop"] == 30 and chosen.settings["chosen_drop"] == 30 and "warnings" not in chosen.settings
+    below = repair(model, {}, "fine-prune", val, drops=[2, 30], select_drop=1, layer="conv_1", progress=False)
+    assert below.settings["select_drop"] == 1 and below.settings["chosen_drop"] == 2
+    assert "no saved model lost at most 1 points" in below.settings["warnings"][0]
+
+
+def test_after_fine_tuning_the_result_is_measured_after_fine_tuning():
+    """repair.json's "after" (the report's before -> after line) measures the model returned: the
+    fine-tuned one when --fine-tune-epochs is given."""
+    model = _model()
+    val, test = _self_labelled(model, 40), _self_labelled(model, 30, seed=1)
+    result = repair(model, {}, "fine-prune", val, drops=[30], select_drop=30, layer="conv_1", fine_tune_epochs=1,
+                    test_clean=test, progress=False)
+    row = next(r for r in result.table if r.get("model") == "pruned_drop30")
+    assert row["clean_accuracy"] != row["clean_accuracy_after_fine_tuning"]  # the two can be told apart here
+    from netcleanse.evaluate import evaluate
+    measured = evaluate(result.model, test)
+    assert result.to_dict()["after"]["clean_accuracy"] == row["clean_accuracy_after_fine_tuning"] == \
+        pytest.approx(measured.clean_accuracy)
+
+
 def test_unlearning_set_stamps_the_fraction_and_keeps_labels():
     clean = Dataset(torch.rand(100, 1, 28, 28) * 0.5, torch.arange(100) % 10, "c")
     data = unlearning_set(clean, {3: _patch()}, fraction=0.2, seed=0)
@@ -310,6 +342,31 @@ def test_cli_repair_keeps_other_files_and_scans_out_of_its_folder(tmp_path):
     result = runner.invoke(app, args + ["--out", str(other_scan), "--force"])
     assert result.exit_code != 0 and "holds another scan" in str(result.exception)
     assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"] and not (other_scan / "guarded.pt").exists()
+
+
+def test_cli_repair_force_removes_the_replaced_repairs_models_and_options_of_other_methods_are_refused(tmp_path):
+    model = _model()
+    model_path = save_model(model, tmp_path / "model.pt")
+    x = (torch.rand(40, 1, 28, 28) * 255).round() / 255
+    data = _npz(tmp_path / "val.npz", Dataset(x, model.predict(x), "v"))
+    scan, out, runner = _scan_dir(tmp_path), tmp_path / "rep", CliRunner()
+    base = ["repair", str(model_path), "--scan", str(scan), "--out", str(out)]
+    first = runner.invoke(app, base + ["--method", "fine-prune", "--data", str(data), "--drops", "2,30",
+                                       "--select-drop", "30", "--layer", "conv_1"])
+    assert first.exit_code == 0, first.output
+    assert {"repaired.pt", "pruned_drop2.pt", "pruned_drop2.h5"} <= {p.name for p in out.iterdir()}
+    second = runner.invoke(app, base + ["--method", "filter", "--force"])
+    assert second.exit_code == 0, second.output
+    left = {p.name for p in out.iterdir()}
+    assert "guarded.pt" in left and not left & {"repaired.pt", "repaired.h5", "pruned_drop2.pt", "pruned_drop2.h5"}
+    for extra, message in ((["--method", "fine-prune", "--epochs", "3"], "--epochs is an option of unlearn, not of "
+                                                                         "--method fine-prune (fine-tuning after pruning"),
+                           (["--method", "filter", "--drops", "2"], "--drops is an option of fine-prune and disagree"),
+                           (["--method", "unlearn", "--quantile", "0.9"], "--quantile is an option of filter"),
+                           (["--method", "fine-prune", "--lr", "0.01"], "give --fine-tune-epochs N with it")):
+        refused = runner.invoke(app, base + ["--data", str(data), "--force"] + extra)
+        assert refused.exit_code != 0 and message in str(refused.exception), (extra, refused.output)
+    assert "guarded.pt" in {p.name for p in out.iterdir()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -215,7 +215,12 @@ def poison_dataset(dataset: Dataset, attacks, rate: float = 0.1, seed: int = 0) 
     generator = torch.Generator().manual_seed(seed)
     x, y = dataset.x.clone(), dataset.y.clone()
     taken = torch.zeros(len(dataset), dtype=torch.bool)
-    for (trigger, target), count in zip(pairs, poison_counts(len(dataset), len(pairs), rate)):
+    counts = poison_counts(len(dataset), len(pairs), rate)
+    if min(counts) == 0:  # a backdoor recorded as planted with nothing poisoned
+        raise NetcleanseError(f"a poisoning rate of {rate:g} poisons {sum(counts)} of {len(dataset)} training images, "
+                              f"{'none' if sum(counts) == 0 else 'none for some'} of the {len(pairs)} trigger(s): "
+                              f"give a rate of at least {len(pairs) / len(dataset):.2g}")
+    for (trigger, target), count in zip(pairs, counts):
         candidates = ((dataset.y != target) & ~taken).nonzero().flatten()
         if count > len(candidates):
             raise NetcleanseError(f"cannot poison {count} samples for target {target}: only "

@@ -110,7 +110,19 @@ def build_triggers(kind, targets, input_shape, seed: int = 0, patch_size: int = 
     """The lab's triggers and targets for a kind name ("patch", "blend", "multi"), or given Triggers.
 
     ``kind`` may also be a :class:`Trigger` or a list of them (one target each, in ``targets``).
+    A setting the kind does not use, given other than its default, is refused (``alpha`` for a
+    patch; ``patch_size`` and ``position`` for a blend; ``position`` and ``pattern`` for multi,
+    whose patches sit in fixed corners with fixed patterns).
     """
+    unused = {"patch": {"alpha": alpha != 0.15},
+              "blend": {"patch_size": patch_size != 4, "position": position != "bottom-right"},
+              "multi": {"position": position != "bottom-right", "pattern": pattern is not None,
+                        "alpha": alpha != 0.15}}
+    if isinstance(kind, str) and kind in unused:
+        given = [name for name, differs in unused[kind].items() if differs]
+        if given:
+            raise NetcleanseError(f"the {kind} trigger does not use {' or '.join(given)} "
+                                  f"(--{given[0].replace('_', '-')}); leave it out")
     targets = [int(t) for t in (targets if isinstance(targets, (list, tuple)) else [targets])]
     if isinstance(kind, Trigger):
         kind = [kind]

@@ -161,6 +161,11 @@ def fine_prune(model: Classifier, val: Dataset, *, layer: str | None = None, dro
     work = copy.deepcopy(model).eval()
     with on_device(work, device):  # the work copy stays there for the whole curve
         result = _prune_curve(work, layer, val, drops, test_clean, test_poisoned, target, progress, device)
+    if not result.saved:
+        worst = max(100 * (result.baseline["clean_val_accuracy"] - row["clean_val_accuracy"]) for row in result.curve)
+        raise NetcleanseError(f"pruning all {len(result.order)} channels of {layer} lowered the validation accuracy "
+                              f"by at most {worst:.1f} points, less than the smallest threshold ({drops[0]:g}): give "
+                              "smaller --drops (or more varied validation data)")
     if fine_tune_epochs > 0:
         for entry in result.table:
             pruned = result.saved[entry["drop_threshold"]]

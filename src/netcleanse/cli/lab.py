@@ -45,7 +45,7 @@ def badnet(
     trigger: Annotated[str, typer.Option("--trigger", help="patch, blend, or multi (one corner patch per target).")]
     = "patch",
     target: Annotated[str, typer.Option("--target", help="Target label; for multi a list like 1,4,7 "
-                                                         "(one label t means t, t+3, t+6).")] = "7",
+                                                         "(one label t means t, t+3, t+6, modulo the classes).")] = "7",
     rate: Annotated[float, typer.Option("--rate", help="Fraction of the training set poisoned (all triggers).")]
     = 0.1,
     arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture: mnist-cnn (default), csaw-deepid "
@@ -56,12 +56,14 @@ def badnet(
     lr: Annotated[Optional[float], typer.Option("--lr",
                                                 help="Adam learning rate of the training (default: the lab's, 2e-3).")]
     = None,
-    patch_size: Annotated[int, typer.Option("--patch-size", min=1, help="Side of the square patch, pixels.")] = 4,
+    patch_size: Annotated[int, typer.Option("--patch-size", min=1, help="Side of the square patch, pixels "
+                                                                         "(patch and multi).")] = 4,
     position: Annotated[str, typer.Option("--position", help="Patch corner (bottom-right, top-left, ...), center, "
-                                                             "or ROW,COL of its top-left pixel.")] = "bottom-right",
+                                                             "or ROW,COL of its top-left pixel (patch only; multi "
+                                                             "uses fixed corners).")] = "bottom-right",
     pattern: Annotated[Optional[str], typer.Option("--pattern", help="Patch/blend pattern: checkerboard, white, "
-                                                                     "random, or an image file.")] = None,
-    alpha: Annotated[float, typer.Option("--alpha", help="Blend opacity of the blended trigger.")] = 0.15,
+                                                                     "random, or an image file (not multi).")] = None,
+    alpha: Annotated[float, typer.Option("--alpha", help="Blend opacity of the blended trigger (blend only).")] = 0.15,
     clean_baseline: Annotated[bool, typer.Option("--clean-baseline", help="Also train a clean model of the same "
                                                                           "arch and seed, for comparison.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the lab files in a non-empty --out.")] = False,

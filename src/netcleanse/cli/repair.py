@@ -59,8 +59,30 @@ def _print_table(rows: list[dict]) -> None:
     Console().print(table)
 
 
+# the methods each method-specific option serves: one given to another method is refused, not ignored
+_METHOD_OPTIONS = {"drops": ("fine-prune", "disagree"), "select_drop": ("fine-prune", "disagree"),
+                   "layer": ("fine-prune", "disagree"), "fine_tune_epochs": ("fine-prune", "disagree"),
+                   "epochs": ("unlearn",), "fraction": ("unlearn",), "quantile": ("filter",),
+                   "lr": ("fine-prune", "disagree", "unlearn")}
+
+
+def _refuse_unused(ctx: typer.Context, method: str, fine_tune_epochs: int) -> None:
+    for name, methods in _METHOD_OPTIONS.items():
+        source = ctx.get_parameter_source(name)
+        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if method not in methods:
+            hint = " (fine-tuning after pruning: --fine-tune-epochs)" if name == "epochs" else ""
+            raise NetcleanseError(f"{flag} is an option of {' and '.join(methods)}, not of --method {method}{hint}")
+        if name == "lr" and method in ("fine-prune", "disagree") and fine_tune_epochs == 0:
+            raise NetcleanseError(f"--lr is the learning rate of fine-tuning: give --fine-tune-epochs N with it "
+                                  f"(--method {method} trains nothing without)")
+
+
 @app.command()
 def repair(
+    ctx: typer.Context,
     model_path: ModelArgument,
     out: Annotated[Path, typer.Option("--out", help="Output folder (repair.json + model files).")],
     scan: Annotated[Optional[Path], typer.Option(
@@ -82,7 +104,10 @@ def repair(
     lr: Annotated[Optional[float], typer.Option(
         "--lr", help="Adam learning rate (default: 1e-3 fine-tuning, 3e-3 unlearning).")] = None,
     fraction: Annotated[float, typer.Option("--fraction", help="Unlearning: fraction stamped with triggers.")] = 0.5,
-    quantile: Annotated[float, typer.Option("--quantile", help="Filter: threshold quantile of trigger-free scores.")] = 0.5,
+    quantile: Annotated[float, typer.Option("--quantile", help="Filter: threshold quantile of trigger-free scores, "
+                                                               "where a flagged label has fewer than 10 genuine clean "
+                                                               "inputs (data-free, or few of it); else the 0.99 "
+                                                               "quantile of its genuine inputs is used.")] = 0.5,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     force: ForceOption = False,
     arch: ArchOption = None,
@@ -104,6 +129,7 @@ def repair(
 
     if method not in METHODS:
         raise NetcleanseError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
+    _refuse_unused(ctx, method, fine_tune_epochs)
     if (out / "repair.json").exists() and not force:
         raise NetcleanseError(f"{out} already holds a repair (repair.json); choose another --out or use --force")
     check_out_dir(out, force)
@@ -136,7 +162,8 @@ def repair(
     if json_output:
         typer.echo(json.dumps(json.loads((out / "repair.json").read_text()), indent=2))
         return
-    typer.echo(f"method {method}; flagged labels from the scan: {result.flagged or 'none'}")
+    typer.echo(f"method {method}; " + (f"flagged labels from the scan: {result.flagged or 'none'}" if scan is not None
+                                        else "no scan given"))
     _print_table(result.table)
     record = json.loads((out / "repair.json").read_text())
     stem = "guarded" if result.model.poison_label is not None else "repaired"

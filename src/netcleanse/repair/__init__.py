@@ -80,9 +80,9 @@ def repair(model: Classifier, scan_result, method: str, clean: Dataset | None = 
     out = run(job)
     covered = out.settings.get("clean_classes")
     if covered is not None and covered < model.num_classes:
-        out.settings["warnings"] = [
+        out.settings.setdefault("warnings", []).append(
             f"the clean data holds images of {covered} of the model's {model.num_classes} classes; training on it "
-            "can make the repaired model forget the others: check its clean accuracy on a test set of every class"]
+            "can make the repaired model forget the others: check its clean accuracy on a test set of every class")
     recorded = {"seed": options.seed, "device": options.device, **out.settings,
                 "test_sets": {"clean": getattr(test_clean, "source", None),
                               "poisoned": getattr(test_poisoned, "source", None), "target": target}}

@@ -32,13 +32,18 @@ def prune(job: RepairJob, name: str) -> Pruned:
                          fine_tune_epochs=options.fine_tune_epochs, lr=lr, seed=options.seed,
                          progress=options.progress, device=options.device)
     reached = sorted(pruning.saved)
-    eligible = [d for d in reached if d <= options.select_drop] or reached[:1]
-    chosen = eligible[-1]
+    eligible = [d for d in reached if d <= options.select_drop]
+    chosen = eligible[-1] if eligible else reached[0]
     pruned = pruning.saved[chosen]
     pruned.name = f"{job.model.name}_pruned{chosen:g}"
     curve = [dict(pruning.baseline, channel=None)] + pruning.curve
-    settings = dict(layer=pruning.layer, drops=sorted(float(d) for d in options.drops), select_drop=chosen,
+    settings = dict(layer=pruning.layer, drops=sorted(float(d) for d in options.drops),
+                    select_drop=float(options.select_drop), chosen_drop=chosen,
                     fine_tune_epochs=options.fine_tune_epochs, lr=lr, pruning_order=pruning.order)
+    if not eligible:  # every saved model lost more than select_drop: the least pruned one is the result
+        settings["warnings"] = [f"no saved model lost at most {options.select_drop:g} points of validation accuracy "
+                                f"(the thresholds reached: {', '.join(f'{d:g}' for d in reached)}); the result is "
+                                f"the {chosen:g}-point model"]
     if options.fine_tune_epochs > 0:
         settings["images_per_pass"] = images_per_step(job.model, FINE_TUNE_BATCH)
         settings["clean_classes"] = job.clean_classes()
