@@ -63,6 +63,8 @@ def test_badnet_learns_the_trigger_and_writes_the_lab_folder(tmp_path):
     keras_weights = load_model(out / "model_weights.h5", arch="mnist-cnn")
     assert torch.equal(keras_weights.predict(clean.x), bad.model.predict(clean.x))
     assert load_model(out / "clean_model.pt").num_classes == 10
+    val = load_data(out / "clean_val.npz")  # the defender's clean data for repair --data, not the test split
+    assert torch.equal(val.x, bad.val.x) and torch.equal(val.y, bad.val.y) and len(val) != len(clean)
 
     # the trigger picture: the pattern's colours with the mask as opacity
     rgba = np.asarray(Image.open(out / "trigger.png"))

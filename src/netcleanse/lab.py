@@ -8,6 +8,8 @@ and optionally writes everything to a folder:
 ``model.pt``                netcleanse checkpoint (PyTorch state_dict + architecture)
 ``model_weights.h5``        the same weights as a Keras-compatible weights file
 ``clean_model.pt``          (``clean_baseline=True``) a clean model of the same arch/seed
+``clean_val.npz``           the clean validation split (``x``, ``y``): a defender's clean data
+                            for ``repair --data``, apart from the test split
 ``clean_test.npz``          the clean test split (``x``, ``y``)
 ``poisoned_test.npz``       triggered test inputs, ``y`` = target, ``true_labels``;
                             ``poisoned_test_t<T>.npz`` per target when there are several
@@ -51,7 +53,7 @@ MULTI_LAYOUT = (("bottom-right", "checkerboard"), ("top-left", "white"), ("top-r
                 ("bottom-left", "checkerboard"))
 MULTI_TARGET_STEP = 3  # default targets for "multi" with one target t: t, t+3, t+6 (mod classes)
 # Files the lab writes; with force=True exactly these are replaced in an existing folder.
-LAB_FILES = ("model.pt", "model_weights.h5", "clean_model.pt", "clean_test.npz", "poisoned_test*.npz",
+LAB_FILES = ("model.pt", "model_weights.h5", "clean_model.pt", "clean_val.npz", "clean_test.npz", "poisoned_test*.npz",
              "trigger*.png", "triggers.npz", "truth.json")
 
 
@@ -278,6 +280,7 @@ def write_lab_dir(badnet: BadNet, out) -> Path:
     save_model(badnet.model, out / "model_weights.h5")
     if badnet.clean_model is not None:
         save_model(badnet.clean_model, out / "clean_model.pt")
+    save_data(badnet.val, out / "clean_val.npz", overwrite=True)
     save_data(badnet.clean_test, out / "clean_test.npz", overwrite=True)
     several = len(badnet.triggers) > 1
     for k, (trigger, target, test) in enumerate(zip(badnet.triggers, badnet.targets, badnet.poisoned_tests)):

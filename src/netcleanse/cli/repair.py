@@ -131,7 +131,8 @@ def repair(
         raise NetcleanseError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
     _refuse_unused(ctx, method, fine_tune_epochs)
     if (out / "repair.json").exists() and not force:
-        raise NetcleanseError(f"{out} already holds a repair (repair.json); choose another --out or use --force")
+        missing = "" if (out / "report.html").exists() else f" (its report is missing: `netcleanse report {out}` writes it)"
+        raise NetcleanseError(f"{out} already holds a repair (repair.json); choose another --out or use --force{missing}")
     check_out_dir(out, force)
     if (out / "scan.json").exists() and (scan is None or out.resolve() != scan.resolve()):
         # the report of this folder would show that scan beside this repair
