@@ -215,6 +215,19 @@ def test_wrapped_module_scans_and_repairs_like_a_loaded_model(tmp_path):
     assert (tmp_path / "repair" / "repaired.pt").exists()
 
 
+def test_a_wrapped_module_stays_in_eval_mode():
+    """Predictions must not put a wrapped net back in train mode (dropout on, BatchNorm's running
+    statistics moved by the next plain call)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Dropout(0.5), nn.Linear(144, 3))
+    model = Classifier.wrap(net, (1, 8, 8))
+    x = torch.rand(4, 1, 8, 8)
+    model.predict(x)
+    assert not model.training and not net.training
+    running = net[1].running_mean.clone()
+    assert torch.equal(model(x), model(x)) and torch.equal(net[1].running_mean, running)
+
+
 # ---------------------------------------------------------------------------------------------
 # safetensors
 

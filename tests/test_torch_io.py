@@ -97,6 +97,90 @@ def test_plain_state_dicts_need_and_use_arch(tmp_path):
         load_model(tmp_path / "state0.pt", arch="csaw-deepid")
 
 
+WRAPPED_FILE = """
+import torch
+from torch import nn
+
+class Inner(nn.Module):
+    input_shape = (1, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Linear(108, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+class Wrapper(nn.Module):
+    input_shape = (1, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.net = Inner()
+
+    def forward(self, x):
+        return self.net(x)
+"""
+
+
+def test_checkpoint_layouts_of_other_toolkits(tmp_path):
+    """Wrapper keys (pytorch-cifar's "net", BackdoorBench's "model" beside NumPy arrays), prefixes
+    (torch.compile's "_orig_mod.", Lightning's "model."), the legacy torch.save format and files
+    without BatchNorm's num_batches_tracked load; a class whose one child is self.net keeps it."""
+    import numpy as np
+    source = tmp_path / "nets.py"
+    source.write_text(WRAPPED_FILE)
+    torch.manual_seed(0)
+    namespace = {}
+    exec(compile(WRAPPED_FILE, str(source), "exec"), namespace)
+    net = namespace["Inner"]().eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-0.2, 0.2)
+    state = net.state_dict()
+    x = torch.rand(5, 1, 8, 8)
+    expected = net(x)
+    no_counter = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    layouts = {"net.pt": {"net": state, "acc": 91.5, "epoch": 200},
+               "attack_result.pt": {"model": state, "model_name": "inner", "num_classes": 4,
+                                    "bd_test": {"poison_indicator": np.zeros(10, np.int8),
+                                                "original_index_array": np.arange(10)}},
+               "compiled.pt": {f"_orig_mod.{k}": v for k, v in state.items()},
+               "lightning.pt": {"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 3},
+               "old_bn.pt": no_counter}
+    for name, content in layouts.items():
+        torch.save(content, tmp_path / name)
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for name in [*layouts, "legacy.pt"]:
+        model = load_model(tmp_path / name, arch=f"{source}:Inner")
+        assert torch.allclose(model.logits(x), expected, atol=1e-6), name
+    wrapper = namespace["Wrapper"]().eval()
+    wrapper.net.load_state_dict(state)
+    torch.save(wrapper.state_dict(), tmp_path / "wrapper.pt")  # keys net.conv.weight ...: its own
+    assert torch.allclose(load_model(tmp_path / "wrapper.pt", arch=f"{source}:Wrapper").logits(x), expected, atol=1e-6)
+    with pytest.raises(NetcleanseError, match=r"a dict of epoch, weights: none of them a dict of tensors"):
+        torch.save({"epoch": 3, "weights": [1, 2]}, tmp_path / "odd.pt")
+        load_model(tmp_path / "odd.pt", arch=f"{source}:Inner")
+
+
+def test_numpy_beside_weights_never_opens_the_unpickler(tmp_path):
+    """Only NumPy's array, dtype and scalar builders are let through: object arrays (which could
+    hold anything) and any other global stay refused, and nothing in the file runs."""
+    import os
+
+    import numpy as np
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    for name, extra in (("objects.pt", np.array([{"a": 1}], dtype=object)), ("evil.pt", np.array([Evil()], dtype=object)),
+                        ("evil2.pt", Evil())):
+        torch.save({"model": digits_model().net.state_dict(), "extra": extra}, tmp_path / name)
+        with pytest.raises(NetcleanseError, match="pickled Python objects"):
+            load_model(tmp_path / name, arch="mnist-cnn")
+    assert not (tmp_path / "ran").exists()
+
+
 def test_state_dict_with_missing_or_misshapen_weights(tmp_path):
     state = digits_model().net.state_dict()
     del state["fc_1.bias"]

@@ -111,6 +111,9 @@ class Classifier(nn.Module):
         self.source = source
         self.arch_kwargs: dict = {}  # the keyword arguments ``arch`` was built with (see archspec)
         self.set_preprocessing(mean=mean, std=std)
+        # the net's mode is the model's (a wrapped net in eval mode must not be put back in train
+        # mode after each prediction: dropout on, BatchNorm statistics updated by plain calls)
+        self.training = net.training
 
     @classmethod
     def wrap(cls, module: nn.Module, input_shape, *, num_classes: int | None = None, input_scale: float = 1.0,

@@ -77,7 +77,7 @@ def load_model(path, arch=None, input_scale: float = 1.0, name: str | None = Non
             model = load_keras_archive(path, input_scale=input_scale, name=name, input_shape=keras_shape)
         elif kind == "zip" and is_npz(path):
             raise NetcleanseError(f"{path} is a NumPy .npz of arrays, a data file, not a model")
-        elif kind == "zip":
+        elif kind in ("zip", "torch-legacy"):
             model = load_torch(path, arch=arch, input_scale=input_scale, name=name, input_shape=input_shape)
         elif kind == "safetensors":
             if arch is None:

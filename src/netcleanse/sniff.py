@@ -3,7 +3,8 @@
 Formats are recognised by content, never by suffix (a suffix only words the error when the content
 is not recognised): HDF5 (Keras ``.h5``, CSAW data), zip (Keras 3 ``.keras`` archives, which hold
 ``config.json`` and ``model.weights.h5``; PyTorch ``.pt`` and TorchScript; ``.npz``), safetensors
-(an 8-byte little-endian header length, then a JSON object), PNG and JPEG. ONNX files (protocol
+(an 8-byte little-endian header length, then a JSON object), PNG, JPEG, and PyTorch's legacy
+(before 1.6) ``torch.save`` format (a pickle opening with torch's magic number). ONNX files (protocol
 buffers) have no magic bytes; :func:`netcleanse.model.load_model` takes them by suffix once
 nothing else matched.
 """
@@ -17,8 +18,10 @@ HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 ZIP_MAGIC = b"PK\x03\x04"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
+# pickle protocol 2, then torch's magic number 0x1950a86a20f9469cfc6c as a 10-byte long
+TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
-KINDS = ("hdf5", "keras-archive", "zip", "safetensors", "png", "jpeg", "unknown")
+KINDS = ("hdf5", "keras-archive", "zip", "torch-legacy", "safetensors", "png", "jpeg", "unknown")
 
 
 def head(path, n: int = 9) -> bytes:
@@ -31,7 +34,9 @@ def sniff(path) -> str:
     """One of :data:`KINDS` for the file at ``path``, from its first bytes (and, for a zip, whether
     its directory names the two members of a Keras 3 archive). Nothing in the file is run."""
     path = Path(path)
-    magic = head(path)
+    magic = head(path, len(TORCH_LEGACY_MAGIC))
+    if magic.startswith(TORCH_LEGACY_MAGIC):
+        return "torch-legacy"
     if magic.startswith(HDF5_MAGIC):
         return "hdf5"
     if magic.startswith(ZIP_MAGIC):

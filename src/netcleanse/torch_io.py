@@ -22,10 +22,14 @@ Formats read by :func:`load_torch`:
   "guarded" (a :class:`netcleanse.guarded.GuardedClassifier`: its base and repaired models are
   nested classifier checkpoints, its trigger filter lists of numbers) is read by
   :func:`guarded_from_checkpoint`.
-- **plain state_dicts** (also the ``state_dict`` / ``model_state_dict`` entry of a training
-  checkpoint dict) for an architecture named with ``arch`` (any form of
-  :mod:`netcleanse.archspec`); ``net.`` (a netcleanse Classifier's own keys) and ``module.``
-  (DataParallel) prefixes are removed; the number of classes is read from the weights.
+- **plain state_dicts** (also the ``state_dict`` / ``model_state_dict`` / ``model`` / ``net``
+  entry of a training checkpoint dict: PyTorch's examples, BackdoorBench's ``attack_result.pt``,
+  the pytorch-cifar layout) for an architecture named with ``arch`` (any form of
+  :mod:`netcleanse.archspec`); a prefix every key carries (``net.``: a netcleanse Classifier's
+  own keys, ``module.``: DataParallel, ``_orig_mod.``: ``torch.compile``, ``model.``: Lightning)
+  is removed where that makes the keys fit the architecture; BatchNorm's ``num_batches_tracked``
+  counters may be missing (old files, converters), as ``load_state_dict`` allows; the number of
+  classes is read from the weights.
 - **safetensors** files (``.safetensors``) holding a state_dict, read by the ``safetensors``
   library (a JSON header and raw tensor bytes: nothing in the file can run), treated as above.
 - **TorchScript** files (``torch.jit.save``). A TorchScript file is a program by nature: its
@@ -52,7 +56,7 @@ from torch import nn
 from .archspec import ArchSpec, ZOOS, resolve_arch
 from .errors import NetcleanseError
 from .classifier import Classifier, checked_preprocessing, checked_scale, output_classes, parse_input_shape
-from .sniff import is_safetensors  # noqa: F401 (it lived here)
+from .sniff import is_safetensors, sniff  # noqa: F401 (is_safetensors lived here)
 from .guarded import Disagreement, GuardedClassifier, TriggerFilter, output_linear
 from .utils import atomic_write, first_line
 
@@ -101,12 +105,12 @@ def load_torch(path, arch=None, input_scale: float = 1.0, name: str | None = Non
     """
     path = Path(path)
     name = name or path.stem
-    if _is_torchscript(path):
+    if sniff(path) == "zip" and _is_torchscript(path):  # (else a legacy, pre-1.6 torch.save pickle)
         if arch is None and input_shape is not None:
             arch = ArchSpec("(given input shape)", "none", "", given_shape=parse_input_shape(input_shape))
         return _load_torchscript(path, arch, input_scale, name)
     try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
+        obj = load_weights_only(path)
     except pickle.UnpicklingError as exc:
         raise NetcleanseError(f"{path} holds pickled Python objects (e.g. a whole nn.Module), not just weights, "
                               "and netcleanse never unpickles code; save the model's state_dict "
@@ -122,6 +126,40 @@ def load_torch(path, arch=None, input_scale: float = 1.0, name: str | None = Non
         return _from_state_dict(obj, path, arch, input_scale, name)
     except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:  # fields of the wrong kind
         raise NetcleanseError(f"{path}: the checkpoint's fields are malformed ({first_line(exc)})") from None
+
+
+def _numpy_global(name: str):
+    """The NumPy object a pickle names, where it is one that only builds arrays, dtypes and scalars
+    from data (an array's elements go through the same restricted unpickler); else None."""
+    import importlib
+
+    module, _, attr = name.rpartition(".")
+    allowed = (name in ("numpy.ndarray", "numpy.dtype") or attr in ("_reconstruct", "scalar")
+               and module in ("numpy.core.multiarray", "numpy._core.multiarray")
+               or module == "numpy.dtypes" and attr.endswith("DType") and attr != "ObjectDType")
+    if not allowed:
+        return None
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None
+
+
+def load_weights_only(path: Path):
+    """``torch.load`` with ``weights_only=True``; a file that also holds NumPy arrays beside its
+    weights (BackdoorBench's ``attack_result.pt`` keeps poisoned-index arrays there) is read with
+    NumPy's array, dtype and scalar builders allowed, and nothing else."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        allowed = [_numpy_global(n) for n in names]
+        if not names or any(obj is None for obj in allowed):
+            raise
+        import numpy.dtypes  # the dtype classes arrays are rebuilt with (not listed before they are met)
+        allowed += [_numpy_global(f"numpy.dtypes.{n}") for n in dir(numpy.dtypes) if n.endswith("DType")]
+        with torch.serialization.safe_globals([obj for obj in allowed if obj is not None]):
+            return torch.load(path, weights_only=True, map_location="cpu")
 
 
 def _scale(recorded, given: float):
@@ -210,6 +248,7 @@ def from_arch(arch, state_dict: dict, path, num_classes=None, fallback_shape=Non
     what = f"architecture {spec.spec!r}"
     if spec.runs_user_code:
         net = spec.build()
+        state_dict = _aligned(state_dict, net.state_dict())
         _load_state(net, state_dict, path, what)
         shape = spec.given_shape or (parse_input_shape(fallback_shape) if fallback_shape else spec.input_shape(net))
         found = output_classes(net, shape, str(path))
@@ -217,6 +256,7 @@ def from_arch(arch, state_dict: dict, path, num_classes=None, fallback_shape=Non
             raise NetcleanseError(f"{path} records {num_classes} classes but the model answers {found}")
     else:
         template = spec.build(spec.given_classes or spec.default_classes)
+        state_dict = _aligned(state_dict, template.state_dict())
         found = _classes_from_state_dict(template, state_dict, path, spec.spec)
         if num_classes is not None and num_classes != found:
             raise NetcleanseError(f"{path} records {num_classes} classes but its weights have {found}")
@@ -240,6 +280,9 @@ def _classes_from_state_dict(template: nn.Module, state_dict: dict, path: Path, 
 
 def _load_state(net: nn.Module, state_dict: dict, path: Path, what: str) -> None:
     own = net.state_dict()
+    # BatchNorm's counter of batches seen (unused in eval): absent from old files, as torch allows
+    state_dict = {**{k: v for k, v in own.items() if k.endswith(".num_batches_tracked") and k not in state_dict},
+                  **state_dict}
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     if missing or unexpected:
@@ -258,25 +301,42 @@ def _load_state(net: nn.Module, state_dict: dict, path: Path, what: str) -> None
     net.eval()
 
 
-def _strip_prefixes(state_dict: dict) -> dict:
-    for prefix in ("net.", "module."):
-        if state_dict and all(k.startswith(prefix) for k in state_dict):
-            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+#: Prefixes a wrapper adds to every key: a netcleanse Classifier, DataParallel, torch.compile, Lightning.
+WRAPPER_PREFIXES = ("net.", "module.", "_orig_mod.", "model.")
+
+
+def _aligned(state_dict: dict, own: dict) -> dict:
+    """``state_dict`` with the wrapper prefixes every key carries removed, as long as each removal
+    makes more of the architecture's keys (``own``) found (a class whose one child is ``self.net``
+    keeps its ``net.``)."""
+    def fit(candidate):
+        return sum(k in candidate for k in own)
+    while state_dict:
+        stripped = next(({k[len(p):]: v for k, v in state_dict.items()} for p in WRAPPER_PREFIXES
+                         if all(k.startswith(p) for k in state_dict)
+                         and fit({k[len(p):] for k in state_dict}) > fit(state_dict)), None)
+        if stripped is None:
+            return state_dict
+        state_dict = stripped
     return state_dict
 
 
 def _from_state_dict(obj, path: Path, arch, input_scale: float, name: str) -> Classifier:
+    top = obj
     if isinstance(obj, dict):
-        for key in ("state_dict", "model_state_dict", "model"):
+        for key in ("state_dict", "model_state_dict", "model", "net"):
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                         for k, v in obj.items()):
-        raise NetcleanseError(f"{path} is neither a state_dict, a netcleanse checkpoint nor a TorchScript file")
+        keys = [str(k) for k in top][:8] if isinstance(top, dict) else []
+        raise NetcleanseError(f"{path} is neither a state_dict, a netcleanse checkpoint nor a TorchScript file"
+                              + (f" (a dict of {', '.join(keys)}{', ...' if len(top) > 8 else ''}: none of them "
+                                 "a dict of tensors)" if keys else ""))
     if arch is None:
         raise NetcleanseError(f"{path} holds a state_dict (weights only); name its architecture with --arch")
-    model = from_arch(arch, _strip_prefixes(dict(obj)), path)
+    model = from_arch(arch, dict(obj), path)
     model.input_scale, model.name, model.source = checked_scale(input_scale), name, str(path)
     return model.eval()
 

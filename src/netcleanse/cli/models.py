@@ -101,10 +101,12 @@ def model_format(path: Path, model: Classifier) -> str:
             return "TorchScript"
         if model.poison_label is not None:
             return "netcleanse guarded checkpoint"
-        from ..torch_io import FORMAT
-        ckpt = torch.load(path, weights_only=True, map_location="cpu", mmap=True)  # loaded once already
+        from ..torch_io import FORMAT, load_weights_only
+        ckpt = load_weights_only(path)  # loaded once already
         return ("netcleanse checkpoint" if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT
                 else "PyTorch state_dict")
+    if kind == "torch-legacy":
+        return "PyTorch state_dict (legacy torch.save format)"
     if kind == "safetensors":
         return "safetensors state_dict"
     if path.suffix.lower() == ".onnx":
