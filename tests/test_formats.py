@@ -333,6 +333,22 @@ def test_sanity_warns_when_another_scale_is_far_better():
     assert wrong.input_scale == 255  # the model is left as it was
 
 
+def test_sanity_suggests_the_best_alternative_not_the_first(monkeypatch):
+    import netcleanse.sanity as sanity
+    y = torch.cat([torch.zeros(30), torch.ones(30), torch.full((6,), 2)]).long()
+    x = torch.rand(66, 1, 4, 4, generator=torch.Generator().manual_seed(0)) / 3 + y.view(-1, 1, 1, 1) / 3
+    wrong = Classifier.wrap(Sharp(), (1, 4, 4), input_scale=255)  # everything lands on class 2: 9 % right
+    # std 1.3 gets classes 0 and 1 right (91 %: passes the bar), the right preprocessing all of them
+    monkeypatch.setattr(sanity, "_alternatives", lambda model: [("a wrong std", 1.0, (0.0,), (1.3,)),
+                                                               ("the right one", 1.0, None, None)])
+    with sanity._preprocessing(wrong, 1.0, (0.0,), (1.3,)):
+        assert 0.85 < float((wrong.predict(x) == y).float().mean()) < 1
+    message = check_preprocessing(wrong, Dataset(x, y))
+    assert message and "100% with the right one" in message
+    message = check_preprocessing(wrong, Dataset(x, None))
+    assert message and "on one class with the right one" in message
+
+
 def test_cli_prints_the_sanity_warning(tmp_path, capsys):
     path = tmp_path / "sharp.py"
     path.write_text("import torch\nfrom torch import nn\n\nclass Sharp(nn.Module):\n"
