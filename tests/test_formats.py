@@ -156,8 +156,22 @@ def test_arch_file_class_with_kwargs_matches_the_module(tmp_path, capsys):
     saved = save_model(model, tmp_path / "saved.pt")
     with pytest.raises(NetcleanseError, match="does not run on a file's word; name it with --arch"):
         load_model(saved)
+    with pytest.raises(NetcleanseError, match=r"has shape .*the checkpoint records --arch-kwargs '\{\"width\": 6\}'"):
+        load_model(saved, arch=f"{source}:Net")
     back = load_model(saved, arch=f"{source}:Net", arch_kwargs={"width": 6})
     assert torch.allclose(back(x), net(x), atol=1e-6)
+    # --num-classes for a factory that takes none (make_net: 3 classes) is refused, not ignored
+    small = tmp_path / "small.pt"
+    torch.save(make_net_state(source), small)
+    assert load_model(small, arch=f"{source}:make_net").num_classes == 3
+    with pytest.raises(NetcleanseError, match="--num-classes 10, but .*make_net answers 3 classes"):
+        load_model(small, arch=f"{source}:make_net", num_classes=10)
+
+
+def make_net_state(source):
+    namespace = {}
+    exec(compile(USER_FILE, str(source), "exec"), namespace)
+    return namespace["make_net"]().state_dict()
 
 
 def test_arch_package_module(tmp_path, monkeypatch):

@@ -231,7 +231,14 @@ def _classifier_from_checkpoint(ckpt: dict, path: Path, arch) -> Classifier:
         arch = resolve_arch(recorded_arch, kwargs, input_shape=shape)
     recorded_shape = ckpt.get("input_shape")
     recorded_shape = tuple(recorded_shape) if isinstance(recorded_shape, list) and len(recorded_shape) == 3 else None
-    return from_arch(arch, state_dict, path, ckpt.get("num_classes"), recorded_shape)
+    try:
+        return from_arch(arch, state_dict, path, ckpt.get("num_classes"), recorded_shape)
+    except NetcleanseError as exc:
+        recorded_kwargs = ckpt.get("arch_kwargs")
+        if recorded_kwargs and isinstance(recorded_kwargs, dict) and not resolve_arch(arch).kwargs:
+            raise NetcleanseError(f"{exc} (the checkpoint records --arch-kwargs '{json.dumps(recorded_kwargs)}': "
+                                  "give them with the architecture)") from None
+        raise
 
 
 def from_arch(arch, state_dict: dict, path, num_classes=None, fallback_shape=None) -> Classifier:
@@ -254,6 +261,9 @@ def from_arch(arch, state_dict: dict, path, num_classes=None, fallback_shape=Non
         found = output_classes(net, shape, str(path))
         if num_classes is not None and num_classes != found:
             raise NetcleanseError(f"{path} records {num_classes} classes but the model answers {found}")
+        if spec.given_classes is not None and spec.given_classes != found:  # a factory without num_classes
+            raise NetcleanseError(f"--num-classes {spec.given_classes}, but {spec.spec} answers {found} classes "
+                                  "(it takes no num_classes argument, or ignores it): drop --num-classes")
     else:
         template = spec.build(spec.given_classes or spec.default_classes)
         state_dict = _aligned(state_dict, template.state_dict())
