@@ -211,6 +211,8 @@ def test_bad_onnx_files_are_one_line_errors(tmp_path, capsys):
         assert stopped.value.code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
     # with the shape given, the flatten-only graph is a 48-class "classifier"
     assert load_model(dynamic, input_shape="3x4x4").num_classes == 48
+    with pytest.raises(NetcleanseError, match=r"input is \?x3x\?x\?, which --input-shape 1x4x4 \(CxHxW\) does not fit"):
+        load_model(dynamic, input_shape="1x4x4")  # the graph fixes 3 channels
     with pytest.raises(NetcleanseError, match="drop --arch"):
         load_model(dynamic, arch="mnist-cnn", input_shape="3x4x4")
     with pytest.raises(NetcleanseError, match="not a readable ONNX model"):  # the file's fault comes first

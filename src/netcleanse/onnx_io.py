@@ -177,7 +177,16 @@ def _input_layout(model, input_shape) -> tuple[tuple[int, int, int], bool]:
     nhwc = len(dims) == 4 and dims[3] in (1, 3, 4) and dims[1] not in (1, 3, 4)
     if input_shape is not None:
         shape = parse_input_shape(input_shape)
-        return shape, nhwc and tuple(dims[1:]) == (shape[1], shape[2], shape[0])
+        if len(dims) == 4:
+            def fits(order):  # the graph's fixed dimensions agree with the given shape in this layout
+                return all(d is None or d <= 0 or d == shape[k] for d, k in zip(dims[1:], order))
+            as_nchw, as_nhwc = fits((0, 1, 2)), fits((1, 2, 0))
+            if not (as_nchw or as_nhwc):
+                shown = "x".join("?" if d is None else str(d) for d in dims)
+                raise NetcleanseError(f"the ONNX model's input is {shown}, which --input-shape "
+                                      f"{'x'.join(map(str, shape))} (CxHxW) does not fit")
+            return shape, as_nhwc and (nhwc or not as_nchw)
+        return shape, False
     if len(dims) != 4 or any(d is None or d <= 0 for d in dims[1:]):
         shown = "x".join("?" if d is None else str(d) for d in dims)
         raise NetcleanseError(f"the ONNX model's input is {shown or 'of unknown shape'}, not a fixed-size image; "
