@@ -229,6 +229,9 @@ def test_torchscript_with_and_without_recorded_shape(tmp_path):
     back = load_model(path)
     assert (back.num_classes, back.input_shape, back.input_scale) == (6, (1, 28, 28), 255.0)
     assert same_outputs(model, back)
+    from netcleanse.pruning import prune_layer_name
+    with pytest.raises(NetcleanseError, match="TorchScript program, whose layers netcleanse cannot prune"):
+        prune_layer_name(back)
     bare = tmp_path / "bare.pt"
     torch.jit.save(torch.jit.trace(model.net, torch.zeros(1, 1, 28, 28)), str(bare))
     with pytest.raises(NetcleanseError, match="input shape.*--arch"):

@@ -32,6 +32,9 @@ from .utils import on_device, resolve_device
 
 def prune_layer_name(model: Classifier, layer: str | None = None) -> str:
     """The layer to prune: ``layer`` if given, else the architecture's ``prune_layer``, else the last Conv2d."""
+    if isinstance(model.net, torch.jit.ScriptModule):  # its layers are compiled code, not Conv2d modules
+        raise NetcleanseError(f"model {model.name!r} is a TorchScript program, whose layers netcleanse cannot prune; "
+                              "load its weights into the architecture instead (a state_dict with --arch)")
     convs = [name for name, m in model.net.named_modules() if isinstance(m, nn.Conv2d)]
     if layer is not None:
         if layer not in convs:
