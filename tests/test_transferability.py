@@ -233,3 +233,29 @@ def test_three_transferable_targets_of_similar_size_are_found_together():
     mixed = calibrated_test({**l1, 3: 60.0, 9: 70.0}, transfer=transfer, transfer_threshold=0.05,
                             transfer_ordered=True)
     assert mixed.flagged == [4]
+
+
+def test_each_labels_p_value_is_its_steps_and_never_below_the_models():
+    """A label can be tested in both stages (transferable, then the others): the p-value a scan
+    records and reports is its deciding step's (the step-down's), never its single-step one, and
+    none is below the model's."""
+    transfer = {t: (0.3 if t in (5, 8, 2) else 0.01) for t in DEV_L1}
+    cases = [calibrated_test(DEV_L1, margins=DEV_MARGIN, transfer=transfer, transfer_threshold=0.05, **extra)
+             for extra in ({}, {"transfer_ordered": False, "transfer_dependence": 0.5})]
+    cases += [calibrated_test(DEV_L1, margins=DEV_MARGIN),
+              calibrated_test({**DEV_L1, 5: 2.0, 8: 2.0}, margins=DEV_MARGIN, transfer={**transfer, 2: 0.01},
+                              transfer_threshold=0.05)]
+    for res in cases:
+        tested = {}
+        for step in res.steps:
+            tested[step["label"]] = min(tested.get(step["label"], 1.0), step["p_value"])
+        assert set(res.adjusted_p_values) == set(res.p_values)
+        for t, p in res.adjusted_p_values.items():
+            assert p >= res.p_value - 1e-12
+            assert p == tested[t] if t in tested else p >= max(res.p_values[t], max(tested.values()))
+            assert (p <= res.alpha) == (t in res.flagged)
+    twice = cases[0]  # label 8 stopped the transferable stage, then the others' step-down tested it again
+    assert [s["label"] for s in twice.steps] == [8, 8] and twice.steps[0]["p_value"] < twice.steps[1]["p_value"]
+    assert twice.adjusted_p_values[8] == twice.steps[0]["p_value"] == twice.p_value
+    flagged = cases[3]  # flagged in the transferable stage: its p is that step's
+    assert flagged.flagged and all(flagged.adjusted_p_values[t] <= 0.05 for t in flagged.flagged)

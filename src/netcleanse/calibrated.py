@@ -388,7 +388,12 @@ def _survival(null: np.ndarray, z):
 @dataclass
 class TestResult:
     """The outcome of :func:`calibrated_test`. ``steps``: one dict per step-down test (label,
-    index, p_value, flagged); ``p_values``: every testable label's single-step p-value."""
+    index, p_value, flagged); ``p_values``: every testable label's single-step p-value;
+    ``adjusted_p_values``: its step-down (Holm) p-value, the one a scan records and reports: that of
+    the step that tested the label (the step that flagged it, or the one that stopped at it; the
+    smaller of two for a label tested in both stages), and for a label no step reached the larger
+    of its own and the last stage's steps'; so no label's is below the model's, and past the step
+    that stopped the test (p above alpha) none is at most alpha."""
 
     flagged: list[int]
     p_value: float | None  # the model's: its most anomalous label's
@@ -398,6 +403,7 @@ class TestResult:
     p_values: dict[int, float] = field(default_factory=dict)
     indices: dict[int, float] = field(default_factory=dict)
     reference: dict = field(default_factory=dict)  # median, scale (log scale), labels, n_labels
+    adjusted_p_values: dict[int, float] = field(default_factory=dict)
     size_indices: dict[int, float] = field(default_factory=dict)  # the size's own index per label
     margin_indices: dict[int, float] = field(default_factory=dict)  # the margin's (empty: size only)
 
@@ -503,6 +509,7 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
                                    "family": family if family == "normal" else f"t({df:g})"})
     result.size_indices, result.margin_indices = size_idx, margin_idx
     if spread == 0:
+        result.adjusted_p_values = dict(result.p_values)
         return result
     def record_step(t: int, z: float, p: float, n_now: int, n_ref: int, size: dict, margin: dict,
                     fit: dict, stage: str | None = None, powered: bool = True) -> bool:
@@ -595,7 +602,19 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
         previous = p
     if first is not None:  # the transferable stage flagged nothing: the model's p-value is the smaller stage's
         result.p_value = first if result.p_value is None else min(first, result.p_value)
+    result.adjusted_p_values = _adjusted(result)
     return result
+
+
+def _adjusted(result: TestResult) -> dict[int, float]:
+    """Every label's step-down p-value (:class:`TestResult`)."""
+    decided: dict[int, float] = {}
+    for step in result.steps:  # tested in both stages (each at its half of alpha): the smaller
+        decided[step["label"]] = min(decided.get(step["label"], 1.0), float(step["p_value"]))
+    # a label no step reached was left in the last stage's step-down, past its stopping step
+    last_stage = [s for s in result.steps if s.get("stage") is None] or result.steps
+    floor = max((float(s["p_value"]) for s in last_stage), default=0.0)
+    return {t: decided[t] if t in decided else max(float(p), floor) for t, p in result.p_values.items()}
 
 
 def most_anomalous(records: list[dict], calibrated: bool = True) -> dict | None:

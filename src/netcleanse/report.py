@@ -786,15 +786,23 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
     at_median = " at the median margin" if two_signals else ""
     rule_line = ((calibrated_l1, f"calibrated threshold{at_median}: L1 < {calibrated_l1:.4g} (p <= {alpha:g})")
                  if calibrated_l1 is not None else None)
-    step_p = {s["label"]: s["p_value"] for s in (decision.steps if decision else []) if s["p_value"] is not None}
-    for r in rows:  # the p-value that decided a label: its step-down step's, else its single-step one
-        r["decision_p"] = step_p.get(r["label"], r["p_value"])
+    # the step-down step that decided a label (tested in both stages: the one of the smaller p-value)
+    deciding: dict[int, dict] = {}
+    for s in (decision.steps if decision else []):
+        if s["p_value"] is not None and (s["label"] not in deciding or s["p_value"] < deciding[s["label"]]["p_value"]):
+            deciding[s["label"]] = s
+    for r in rows:  # the p-value that decided a label: its step's, else the record's
+        step = deciding.get(r["label"])
+        r["decision_p"] = step["p_value"] if step else r["p_value"]
         r["role"] = roles.get(r["label"])
-        # the two signals' indices as the test computed them (its first step), for the verdict's lines
-        r["size_index"] = decision.size.get(r["label"]) if two_signals else None
-        r["margin_index"] = decision.margin.get(r["label"]) if two_signals else None
-        r["combined_index"] = (decision.reference.get(r["label"], decision.tested.get(r["label"]))
-                               if two_signals else None)
+        # the two signals' indices as the test computed them: at that step, else at the first fit
+        r["size_index"] = (step["size_index"] if step and step["size_index"] is not None
+                           else decision.size.get(r["label"])) if two_signals else None
+        r["margin_index"] = (step["margin_index"] if step and step["margin_index"] is not None
+                             else decision.margin.get(r["label"])) if two_signals else None
+        r["combined_index"] = (step["index"] if step and step["index"] is not None
+                               else decision.reference.get(r["label"], decision.tested.get(r["label"]))) \
+            if two_signals else None
     plots_out: list[Picture] = []
     if rows:
         plots_out.append(Picture("mask_l1", plots.figure_png(plots.mask_l1_figure(

@@ -413,7 +413,7 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         rec["log_index"] = test.size_indices.get(t)  # the size's index (log scale); None: not testable
         rec["margin_index"] = test.margin_indices.get(t)  # the margin's index; None: not testable
         rec["test_index"] = test.indices.get(t)  # the index the calibrated test decides on
-        rec["p_value"] = test.p_values.get(t)
+        rec["p_value"] = test.adjusted_p_values.get(t)  # the step-down's: never below the model's
         rec["flagged"] = t in flagged
         records.append(rec)
 
