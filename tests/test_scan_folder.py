@@ -80,8 +80,18 @@ def test_a_corrupted_masks_file_gives_one_error_from_scan_report_and_repair(tmp_
     assert "masks.npz" in messages[0] and "\n" not in messages[0]
 
 
-@pytest.mark.parametrize("text, message", [("{not json", "cannot read"), ("[1, 2]", "does not hold a JSON object"),
-                                           ('{"labels": 3}', "'labels' must be a list")])
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "cannot read"), ("[1, 2]", "does not hold a JSON object"),
+    ('{"labels": 3}', "'labels' must be a non-empty list"), ("{}", "'labels' must be a non-empty list"),
+    # a lab's truth.json saved as scan.json: not a scan's record (it showed a green "no backdoor")
+    ('{"backdoored": true, "targets": [7], "triggers": [], "flagged": []}', "'labels' must be a non-empty list"),
+    ('{"labels": [{"label": 0}], "flagged": []}', "label 0 has no finite mask_l1"),
+    ('{"labels": [{"label": 0, "mask_l1": NaN}], "flagged": []}', "label 0 has no finite mask_l1"),
+    ('{"labels": [{"label": 0, "mask_l1": 3.0}, {"label": 0, "mask_l1": 4.0}], "flagged": []}', "listed twice"),
+    ('{"labels": [{"label": 0, "mask_l1": 3.0}], "flagged": [42]}', "flagged label 42 was not scanned"),
+    ('{"labels": [{"label": 0, "mask_l1": 3.0}], "flagged": "0"}', "'flagged' must be a list"),
+    ('{"labels": [{"label": 0, "mask_l1": 3.0}], "flagged": [], "test": []}', "'test' must be an object"),
+    ('{"labels": [0, 1, 2], "flagged": []}', "labels\\[0\\] has no integer 'label'")])
 def test_a_corrupted_scan_json_gives_one_error_from_scan_report_and_repair(tmp_path, text, message):
     _result().save(tmp_path)
     (tmp_path / "scan.json").write_text(text)

@@ -65,11 +65,43 @@ def require_scan_folder(directory) -> Path:
 
 
 def read_scan_json(path: Path) -> dict:
-    """A ``scan.json``'s record; its ``labels``, when present, must be a list."""
+    """A ``scan.json``'s record, checked to be one (:func:`check_scan_record`)."""
     record = read_json_object(path)
-    if not isinstance(record.get("labels", []), list):
-        raise NetcleanseError(f"{path}: 'labels' must be a list of per-label records")
+    check_scan_record(record, path)
     return record
+
+
+def check_scan_record(record: dict, path) -> None:
+    """Refuse a record that is not a scan's, in one line: it needs ``labels`` (a non-empty list of
+    records, each with an integer ``label``, no label twice, and a finite ``mask_l1`` >= 0) and
+    ``flagged`` (a list of scanned labels); ``model``, ``settings`` and ``test``, where present,
+    are objects. A report or repair must never read another file's numbers
+    (a lab's truth.json saved as scan.json, say) as a verdict."""
+    def bad(what: str) -> NetcleanseError:
+        return NetcleanseError(f"{path} is not a scan's record: {what}")
+    labels = record.get("labels")
+    if not isinstance(labels, list) or not labels:
+        raise bad("'labels' must be a non-empty list of per-label records")
+    seen = set()
+    for i, rec in enumerate(labels):
+        label = rec.get("label") if isinstance(rec, dict) else None
+        if not isinstance(label, int) or isinstance(label, bool):
+            raise bad(f"labels[{i}] has no integer 'label'")
+        if label in seen:
+            raise bad(f"label {label} is listed twice")
+        seen.add(label)
+        l1 = rec.get("mask_l1")
+        if not isinstance(l1, (int, float)) or isinstance(l1, bool) or not math.isfinite(l1) or l1 < 0:
+            raise bad(f"label {label} has no finite mask_l1 >= 0 (got {l1!r})")
+    flagged = record.get("flagged")
+    if not isinstance(flagged, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in flagged):
+        raise bad("'flagged' must be a list of labels")
+    outside = [t for t in flagged if t not in seen]
+    if outside:
+        raise bad(f"flagged label {outside[0]} was not scanned")
+    for key in ("model", "settings", "test"):
+        if record.get(key) is not None and not isinstance(record[key], dict):
+            raise bad(f"'{key}' must be an object")
 
 
 def flagged_labels(record: dict, path: Path) -> list[int]:

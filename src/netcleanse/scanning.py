@@ -166,9 +166,10 @@ class ScanResult:
             rows = [arrays.row[int(r["label"])] for r in info["labels"]]
         except KeyError:
             raise NetcleanseError(f"{d}: scan.json and masks.npz do not list the same labels") from None
-        return cls(labels=info["labels"], flagged=info["flagged"], threshold=info["threshold"],
-                   preset=info["preset"], data=info["data"], elapsed_s=info["elapsed_s"], model=info["model"],
-                   settings=info["settings"], masks=masks[rows], patterns=patterns[rows],
+        return cls(labels=info["labels"], flagged=info["flagged"], threshold=float(info.get("threshold", 2.0)),
+                   preset=info.get("preset"), data=info.get("data"), elapsed_s=float(info.get("elapsed_s") or 0.0),
+                   model=info.get("model") or {},
+                   settings=info.get("settings") or {}, masks=masks[rows], patterns=patterns[rows],
                    index_ceiling=info.get("index_ceiling"), rule=info.get("rule", "mad"), alpha=info.get("alpha"),
                    test=info.get("test"), mad_flagged=info.get("mad_flagged", info["flagged"]))
 
