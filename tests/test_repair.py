@@ -158,8 +158,9 @@ def _scan_dir(tmp_path, flagged=(3,), labels=(1, 3)):
     """A stand-in scan output folder in the agreed layout (scan.json + masks.npz)."""
     folder = tmp_path / "scan"
     folder.mkdir()
-    (folder / "scan.json").write_text(json.dumps({"flagged": list(flagged), "labels": []}))
     masks = np.stack([np.full((28, 28), 0.01, np.float32), _patch().mask.numpy()])
+    records = [{"label": int(t), "mask_l1": float(m.sum()), "flagged": int(t) in flagged} for t, m in zip(labels, masks)]
+    (folder / "scan.json").write_text(json.dumps({"flagged": list(flagged), "labels": records}))
     patterns = np.stack([np.zeros((1, 28, 28), np.float32), _patch().pattern.numpy()])
     np.savez(folder / "masks.npz", labels=np.array(labels), masks=masks, patterns=patterns)
     return folder

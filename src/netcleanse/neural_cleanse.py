@@ -321,8 +321,9 @@ def reverse_engineer(model, x: torch.Tensor, labels, schedule: Schedule, *, gene
     results = []
     for i, t in enumerate(labels):
         ok = bool(torch.isfinite(st.best_l1[i]))
-        mask = (best_mask[i] if ok else last_mask[i]).detach().cpu().clone()
-        pattern = (best_pattern[i] if ok else last_pattern[i]).detach().cpu().clone()
+        # tanh(w) / (2 - eps) + 0.5 reaches -3e-8 in float32 where tanh saturates: a pixel is in [0, 1]
+        mask = (best_mask[i] if ok else last_mask[i]).detach().cpu().clamp(0, 1)
+        pattern = (best_pattern[i] if ok else last_pattern[i]).detach().cpu().clamp(0, 1)
         results.append(LabelSearch(
             label=t, mask=mask, pattern=pattern, mask_l1=float(mask.sum()), succeeded=ok,
             epochs=int(finished_epochs[i]), steps=int(steps[i]), time_s=elapsed * int(steps[i]) / total_steps,

@@ -91,7 +91,8 @@ def check_scan_record(record: dict, path) -> None:
             raise bad(f"label {label} is listed twice")
         seen.add(label)
         l1 = rec.get("mask_l1")
-        if not isinstance(l1, (int, float)) or isinstance(l1, bool) or not math.isfinite(l1) or l1 < 0:
+        # (scans before 2026-12-05 could record -4e-5: float32 rounding of a saturated mask)
+        if not isinstance(l1, (int, float)) or isinstance(l1, bool) or not math.isfinite(l1) or l1 < -0.01:
             raise bad(f"label {label} has no finite mask_l1 >= 0 (got {l1!r})")
     flagged = record.get("flagged")
     if not isinstance(flagged, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in flagged):
