@@ -132,7 +132,8 @@ def test_clean_labels_spread_widely_are_not_flagged():
 
 
 def test_inconclusive_when_nothing_could_be_flagged():
-    assert calibrated_test({0: 5.0, 1: 7.0}).inconclusive  # two labels
+    two = calibrated_test({0: 5.0, 1: 7.0})  # two labels: no test, so no threshold to state
+    assert two.inconclusive and two.reference["critical_index"] is None and two.reference["threshold_l1"] is None
     # no spread at all: without a floor nothing can be told apart; with it, a much smaller mask can
     assert calibrated_test({t: 9.0 for t in range(10)}, min_scale=0.0).inconclusive
     res = calibrated_test({t: 9.0 for t in range(10)} | {10: 1.0}, min_scale=0.0)

@@ -63,6 +63,21 @@ def test_widely_spread_labels_cannot_flag_even_a_tiny_trigger():
     assert flag_labels(range(10), anomaly_indices(l1)) == []
 
 
+def test_the_ceiling_of_labels_scored_against_themselves_moves_their_median_too():
+    """With the labels as their own reference, an empty mask in a label's place changes the median
+    and MAD: two labels always score +-0.6745, however small one mask is, so none can pass 2."""
+    for l1 in ([36.3, 29.0], [36.3, 0.5], [10.0, 11.0, 12.0, 0.0]):
+        ceiling = index_ceiling(l1, includes_labels=True)
+        for i in range(len(l1)):
+            emptied = list(l1[:i]) + [0.0] + list(l1[i + 1:])
+            assert anomaly_indices(emptied)[i] <= ceiling + 1e-12
+        assert any(anomaly_indices(list(l1[:i]) + [0.0] + list(l1[i + 1:]))[i] == pytest.approx(ceiling)
+                   for i in range(len(l1)))
+    assert index_ceiling([36.3, 0.5], includes_labels=True) == pytest.approx(1 / MAD_CONSISTENCY)
+    assert index_ceiling([36.3, 29.0]) > 2  # against a fixed reference an empty mask would pass
+    assert index_ceiling([7.0], includes_labels=True) == 0
+
+
 def test_zero_mad_flags_nothing():
     assert np.all(anomaly_indices([5, 5, 5, 1]) == 0)
     assert index_ceiling([5, 5, 5, 1]) == 0

@@ -771,6 +771,12 @@ def test_scan_that_could_not_flag_anything_says_inconclusive(tmp_path):
         text = page_text(text) if fmt == "html" else re.sub(r"\s+", " ", text)
         assert "mask L1 < -10 (median 40, 1.4826·MAD 25): below zero, so no mask, not even an empty one, can pass" in text
         assert "(below zero: drawn at 0, and no label can reach it)" in text
+    # a threshold above zero that a label still cannot reach (its own mask is in the median and MAD)
+    scan["settings"] = {"detection": {"median": 40.0, "mad": 5.0}}
+    scan.update(index_ceiling=0.67)
+    (tmp_path / "scan.json").write_text(json.dumps(scan))
+    text = page_text(render_report(tmp_path).read_text())
+    assert "mask L1 < 30 (median 40, 1.4826·MAD 5): out of reach, since a label's own mask is in the median" in text
     # a ceiling above the threshold is an ordinary "nothing found"
     scan.pop("settings")
     scan.update(verdict="none-detected", index_ceiling=3.0)

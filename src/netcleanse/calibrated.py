@@ -496,9 +496,10 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
     # median margin) a mask L1 below ``threshold_l1`` (the first step of the step-down; later steps
     # refit without flagged labels)
     crit = (critical_index(k, len(ref) if sample else None, alpha, family, df, draws, scale, signals)
-            if spread > 0 else math.inf)
+            if spread > 0 and len(ref) >= 3 else math.inf)  # (fewer reference labels: no test, no threshold)
     # (with two signals a label of median margin is flagged by its size index alone: max(z, z / sqrt 2) = z)
-    threshold_l1 = math.exp(fitted["median"] - crit * spread) if math.isfinite(crit) else 0.0
+    threshold_l1 = (math.exp(fitted["median"] - crit * spread) if math.isfinite(crit)
+                    else None if len(ref) < 3 else 0.0)
     result = TestResult([], None, inconclusive, alpha, p_values=p_values, indices=indices,
                         reference={**fitted, "labels": ref, "n_labels": k,
                                    "critical_index": crit if math.isfinite(crit) else None,

@@ -52,11 +52,24 @@ def anomaly_indices(l1, reference=None) -> np.ndarray:
     return (med - l1) / mad
 
 
-def index_ceiling(reference) -> float:
+def index_ceiling(reference, includes_labels: bool = False) -> float:
     """The largest anomaly index any label can get against ``reference``: that of an empty mask
-    (L1 0), ``median / (1.4826 * MAD)``; 0 when the MAD is 0 (every index is then 0)."""
-    med, mad = median_and_mad(reference)
-    return med / mad if mad > 0 else 0.0
+    (L1 0), ``median / (1.4826 * MAD)``; 0 when the MAD is 0 (every index is then 0).
+
+    ``includes_labels``: the reference is the labels themselves (the paper's scheme), so a label
+    whose mask shrank to nothing would move the median and MAD too: the ceiling is then the largest,
+    over the labels, of the index of an empty mask in its place (with two labels every index is
+    +-0.6745 whatever the masks, so none can ever pass 2)."""
+    v = np.asarray(reference, dtype=np.float64)
+    if not includes_labels:
+        med, mad = median_and_mad(v)
+        return med / mad if mad > 0 else 0.0
+    best = 0.0
+    for i in range(v.size):
+        med, mad = median_and_mad(np.concatenate([v[:i], [0.0], v[i + 1:]]))
+        if mad > 0:
+            best = max(best, med / mad)
+    return best
 
 
 def flag_labels(labels, indices, threshold: float = 2.0) -> list[int]:

@@ -884,6 +884,10 @@ def build_context(sources: ReportSources) -> tuple[dict, list[Picture]]:
         "median_l1": median, "mad": mad, "threshold_l1": threshold_l1,
         # an inconclusive scan's threshold can lie below zero, where no mask can get
         "threshold_unreachable": threshold_l1 is not None and threshold_l1 <= 0,
+        # or above zero but out of reach: a label's own mask is in the median and MAD (two labels: +-0.67)
+        "ceiling_below": (_as_float(scan.get("index_ceiling"))
+                          if threshold_l1 is not None and threshold_l1 > 0
+                          and (_as_float(scan.get("index_ceiling")) or math.inf) <= threshold else None),
         "model": model,
         "model_name": str(model.get("name") or "unnamed model"),
         "data": "data-free" if data in (None, "data-free") else str(data),

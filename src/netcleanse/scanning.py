@@ -395,7 +395,7 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         settings["detection"] = {"scheme": "all labels", "median": med, "mad": mad}
         if plan.transfer_threshold is not None:
             settings["detection"]["transfer_threshold"] = plan.transfer_threshold
-        ceiling = index_ceiling(l1_all)
+        ceiling = index_ceiling(l1_all, includes_labels=True)
         median_for = {t: med for t in labels}
     settings["passes"] = image_passes(plan, labels, coarse, {t: results[t] for t in refined}, tested,
                                       n_opt=len(x_opt), n_val=len(x_val), data_free=data is None,
