@@ -208,6 +208,12 @@ def test_resume_after_interruption_gives_same_result(badnet, clean_data, tmp_pat
     shifted = Dataset(clean_data.x.flip(0), clean_data.y.flip(0), source=clean_data.source)
     with pytest.raises(NetcleanseError, match="the data's content"):
         scan(badnet, shifted, seed=5, out=tmp_path / "cut", resume=True, progress=False)
+    # the same images named by another path (resumed from another folder): their digest decides
+    with ctrl_c_at_search(3), pytest.raises(KeyboardInterrupt):
+        scan(badnet, clean_data, seed=5, out=tmp_path / "cut2", progress=False)
+    moved = Dataset(clean_data.x, clean_data.y, source="../elsewhere/" + str(clean_data.source))
+    again = scan(badnet, moved, seed=5, out=tmp_path / "cut2", resume=True, progress=False)
+    assert np.array_equal(again.masks, whole.masks)
 
 
 def test_parse_labels():

@@ -142,5 +142,20 @@ def test_an_interrupted_save_keeps_the_previous_scan_json(tmp_path, monkeypatch)
 
     monkeypatch.setattr(scan_folder, "write_json_atomic", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        _result(flagged=(0, 3)).save(tmp_path)
+        _result(flagged=(0, 3)).save(tmp_path, force=True)
     assert (tmp_path / "scan.json").read_bytes() == before
+
+
+def test_saving_over_a_scan_needs_force_and_leaves_none_of_its_files(tmp_path):
+    _result(flagged=(0, 3)).save(tmp_path)
+    (tmp_path / "scan_settings.json").write_text("{}")  # the earlier run's resume key
+    with pytest.raises(NetcleanseError, match="already holds a scan"):
+        _result(flagged=(3,)).save(tmp_path)
+    again = _result(flagged=(0, 3))
+    again.save(tmp_path, force=True)  # the same scan saved again keeps its run's files
+    assert (tmp_path / "scan_settings.json").exists()
+    _result(flagged=(7,)).save(tmp_path, force=True)
+    triggers = sorted(p.name for p in (tmp_path / "triggers").iterdir())
+    assert triggers and all(name.startswith("label_7_") for name in triggers)
+    assert not any("label_0" in p.name or "label_3" in p.name for p in tmp_path.glob("*.png"))
+    assert not (tmp_path / "scan_settings.json").exists() and ScanResult.load(tmp_path).flagged == [7]

@@ -118,6 +118,16 @@ _NOT_IN_RESUME_KEY = ("device", "torch_threads", "executor", "ray_address", "ray
                       "gpus_per_task")
 
 
+def _same_but_data_path(before: dict, key: dict) -> bool:
+    """Whether two resume keys differ only in the data's path, the data's SHA-256 being recorded
+    and equal (a scan resumed from another folder names its data file another way)."""
+    digest = key.get("model", {}).get("data_sha256")
+    if digest is None or before.get("model") != key.get("model"):
+        return False
+    strip = lambda k: {**k.get("settings", {}), "data": None}  # noqa: E731
+    return strip(before) == strip(key)
+
+
 def prepare_out(out_dir: Path, resume: bool, settings: dict, model_info: dict) -> None:
     if out_dir.is_symlink() and not out_dir.exists():
         raise NetcleanseError(f"--out {out_dir} is a link to nothing; choose a folder")
@@ -132,6 +142,8 @@ def prepare_out(out_dir: Path, resume: bool, settings: dict, model_info: dict) -
                 raise NetcleanseError(f"{out_dir} does not hold a scan to resume (no scan_settings.json)")
         else:
             before = json.loads(started.read_text())
+            if _same_but_data_path(before, key):  # the same images named by another path: their digest decides
+                return
             if before != key:
                 diff = [k for k in key["settings"] if before.get("settings", {}).get(k) != key["settings"][k]]
                 old_model = before.get("model", {})

@@ -133,6 +133,22 @@ def read_scan(directory) -> tuple[dict, TriggerArrays]:
     return read_scan_json(d / SCAN_JSON), read_masks(d / MASKS_NPZ)
 
 
+def clear_scan(directory, keep_run: bool = False) -> None:
+    """Remove a finished scan's files from ``directory`` before another is saved there: its trigger
+    PNGs and (unless ``keep_run``) its run's resume key and journal. scan.json and masks.npz stay
+    until :func:`write_scan` replaces them (atomically: an interrupted save keeps the old record)."""
+    import shutil
+
+    d = Path(directory)
+    names = [] if keep_run else ["scan_settings.json", "progress.jsonl", "elapsed.json"]
+    for name in names:
+        (d / name).unlink(missing_ok=True)
+    for png in list(d.glob("*_visualize_*_label_*.png")) + list((d / "triggers").glob("label_*_*.png")):
+        png.unlink()
+    if not keep_run and (d / "partial").is_dir():
+        shutil.rmtree(d / "partial")
+
+
 def write_scan_json(directory, record: dict) -> Path:
     """Write (or rewrite) ``record`` as the folder's ``scan.json``; the path written."""
     path = Path(directory) / SCAN_JSON

@@ -53,6 +53,7 @@ The verdict comes from one of two rules, both always computed and recorded:
 from __future__ import annotations
 
 import copy
+import json
 import math
 import shutil
 import time
@@ -149,12 +150,19 @@ class ScanResult:
                 "mad_flagged": self.mad_flagged, "preset": self.preset, "data": self.data,
                 "elapsed_s": self.elapsed_s, "model": self.model, "settings": self.settings, "labels": self.labels}
 
-    def save(self, directory, all_images: bool = False) -> Path:
+    def save(self, directory, all_images: bool = False, force: bool = False) -> Path:
         """Write the scan folder (:func:`netcleanse.scan_folder.write_scan`): masks.npz, the PNGs of
         the flagged labels (all with ``all_images``), ``triggers/`` (flagged labels) and, last,
         scan.json: a folder with scan.json holds a finished scan, and a scan interrupted while
-        saving resumes instead."""
-        return scan_folder.write_scan(directory, self.to_dict(), self.masks, self.patterns, all_images)
+        saving resumes instead. A folder that already holds a scan is refused unless ``force``;
+        then the earlier scan's trigger images go (and its run files, unless it is this scan)."""
+        d = Path(directory)
+        if (d / scan_folder.SCAN_JSON).exists():
+            if not force:
+                raise NetcleanseError(f"{d} already holds a scan (scan.json); choose another folder or "
+                                      "save(..., force=True) to replace it")
+            scan_folder.clear_scan(d, keep_run=_same_record(d / scan_folder.SCAN_JSON, self.to_dict()))
+        return scan_folder.write_scan(d, self.to_dict(), self.masks, self.patterns, all_images)
 
     @classmethod
     def load(cls, directory) -> "ScanResult":
@@ -172,6 +180,14 @@ class ScanResult:
                    settings=info.get("settings") or {}, masks=masks[rows], patterns=patterns[rows],
                    index_ceiling=info.get("index_ceiling"), rule=info.get("rule", "mad"), alpha=info.get("alpha"),
                    test=info.get("test"), mad_flagged=info.get("mad_flagged", info["flagged"]))
+
+
+def _same_record(path: Path, record: dict) -> bool:
+    """Whether the scan.json at ``path`` records ``record`` (the same scan saved again)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) == json.loads(json.dumps(record))
+    except (OSError, ValueError):
+        return False
 
 
 # ----------------------------------------------------------------------------------------------

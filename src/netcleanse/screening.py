@@ -399,7 +399,7 @@ def _row(entry: ScreenEntry, folder: str, out: Path, result, error, seconds, sav
     target = out / "models" / folder
     try:
         if not saved:
-            result.save(target)
+            result.save(target, force=True)  # the screen's own folder for this model
     except NetcleanseError as exc:
         row["error"] = first_line(exc)
         return row
