@@ -211,6 +211,11 @@ def test_resume_after_interruption_gives_same_result(badnet, clean_data, tmp_pat
     # the same images named by another path (resumed from another folder): their digest decides
     with ctrl_c_at_search(3), pytest.raises(KeyboardInterrupt):
         scan(badnet, clean_data, seed=5, out=tmp_path / "cut2", progress=False)
+    import gc
+    gc.collect()  # the interrupted scan's journal is gone: its time, chunks in flight too, is on record
+    record = json.loads((tmp_path / "cut2" / "elapsed.json").read_text())
+    chunks = [json.loads(line) for line in (tmp_path / "cut2" / "progress.jsonl").read_text().splitlines()]
+    assert record["elapsed_s"] > 0 and len(chunks) == 2
     moved = Dataset(clean_data.x, clean_data.y, source="../elsewhere/" + str(clean_data.source))
     again = scan(badnet, moved, seed=5, out=tmp_path / "cut2", resume=True, progress=False)
     assert np.array_equal(again.masks, whole.masks)
@@ -432,3 +437,23 @@ def test_a_stage_measures_attack_success_on_its_share_of_the_held_back_inputs(ba
                                                                             [0, TARGET])
     assert [r["attack_success"] for r in part["records"]] != [r["attack_success"] for r in entry["records"]]
     assert PRESETS["fast"].coarse.held_back == 32 and PRESETS["fast"].refine.held_back is None
+
+
+def test_an_interrupted_runs_time_is_recorded_in_flight_chunks_included(tmp_path, monkeypatch):
+    import gc
+
+    import netcleanse.journal as journal_module
+    clock = [1000.0]
+    monkeypatch.setattr(journal_module.time, "perf_counter", lambda: clock[0])
+    (tmp_path / "elapsed.json").write_text('{"elapsed_s": 40.0}')  # an earlier run's
+    journal = journal_module.Journal(tmp_path)
+    clock[0] += 25.0  # work on a chunk that never finished
+    del journal
+    gc.collect()
+    assert json.loads((tmp_path / "elapsed.json").read_text())["elapsed_s"] == 65.0
+    finished = journal_module.Journal(tmp_path)
+    finished.close()  # a finished scan records its time in its result, not here
+    clock[0] += 5.0
+    del finished
+    gc.collect()
+    assert json.loads((tmp_path / "elapsed.json").read_text())["elapsed_s"] == 65.0

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,16 @@ class Journal:
                 self.previous_elapsed = float(json.loads((out / "elapsed.json").read_text())["elapsed_s"])
             except (ValueError, KeyError):
                 pass
+        # an interrupted run's time counts too, chunks in flight included: written when the journal
+        # goes (the interrupted scan's frame is dropped, or the process exits); a finished scan
+        # calls close() first
+        self._finalizer = (weakref.finalize(self, _write_elapsed, out, self.previous_elapsed, self.started)
+                           if out is not None else None)
+
+    def close(self) -> None:
+        """The scan finished: its own elapsed time is in its result, not left to the journal."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
 
     def get(self, key: str):
         if key in self.memory:
@@ -80,6 +91,14 @@ class Journal:
                           {"elapsed_s": self.previous_elapsed + time.perf_counter() - self.started})
         # reload through disk so interrupted and uninterrupted scans continue from the same bits
         self.memory.pop(key, None)
+
+
+def _write_elapsed(out: Path, previous: float, started: float) -> None:
+    try:
+        if out.is_dir():
+            write_json_atomic(out / "elapsed.json", {"elapsed_s": previous + time.perf_counter() - started})
+    except OSError:
+        pass  # (a folder gone or read-only: only the time record is lost)
 
 
 def lock_folder(out_dir: Path):

@@ -441,6 +441,7 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
                         index_ceiling=float(ceiling), rule=rule, alpha=float(alpha), test=test.to_dict(),
                         mad_flagged=mad_flagged)
     result.elapsed_s = round(journal.previous_elapsed + time.perf_counter() - start, 3)
+    journal.close()
     if out_dir is not None:
         result.save(out_dir, all_images=save_all_images)
         shutil.rmtree(out_dir / "partial", ignore_errors=True)
