@@ -261,7 +261,7 @@ def test_bad_inputs_give_one_line_errors(tiny, tmp_path, capsys):
     wrong = tmp_path / "face.png"
     Image.fromarray(np.zeros((55, 47, 3), np.uint8)).save(wrong)
     assert_one_line_error(*cli(capsys, "predict", tiny, "--arch", "mnist-cnn", wrong)[::2],
-                          str(wrong), "1x55x47", "expects 1x28x28")
+                          str(wrong), "55x47 (HxW)", "expects 28x28")
     assert_one_line_error(*cli(capsys, "predict", tiny, "--arch", "mnist-cnn", tmp_path / "nope.png")[::2],
                           "not found")
 
@@ -287,7 +287,7 @@ def test_real_subprocess_error_is_one_line(tiny, tmp_path):
     done = subprocess.run([str(NETCLEANSE), "predict", str(tiny), "--arch", "mnist-cnn", str(wrong)],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.splitlines() == [f"error: image {wrong} is 1x30x30 (CxHxW) but the model expects 1x28x28"]
+    assert done.stderr.splitlines() == [f"error: image {wrong} is 30x30 (HxW) but the model expects 28x28 (its input is 1x28x28, CxHxW)"]
 
 
 # --- the real CSAW sunglasses BadNet -----------------------------------------------------------

@@ -96,6 +96,8 @@ def test_grayscale_three_dim_arrays(tmp_path):
     # for a colour model, gray arrays become RGB as gray image files do
     rgb = load_data(tmp_path / "g.h5", expect_shape=(3, 6, 5))
     assert rgb.image_shape == (3, 6, 5) and all(torch.equal(rgb.x[:, c], ds.x[:, 0]) for c in range(3))
+    with pytest.raises(NetcleanseError, match=r"images are 1x6x5 \(CxHxW\) but the model expects 3x7x5"):
+        load_data(tmp_path / "g.h5", expect_shape=(3, 7, 5))  # the file's own shape, not a converted one
 
 
 def test_rgba_arrays_drop_their_alpha_channel_as_rgba_files_do(tmp_path):
@@ -297,7 +299,7 @@ def test_shape_mismatch_names_the_file_and_both_shapes(tmp_path):
     with pytest.raises(NetcleanseError, match=r"d.h5: images are 3x5x4 \(CxHxW\) but the model expects 3x55x47"):
         load_data(write_h5(tmp_path / "d.h5", IMAGES_NCHW), expect_shape=(3, 55, 47))
     png = write_png(tmp_path / "small.png", np.zeros((28, 28, 3), np.uint8))
-    with pytest.raises(NetcleanseError, match=r"image .*small.png is 3x28x28 \(CxHxW\) but the model expects 3x55x47"):
+    with pytest.raises(NetcleanseError, match=r"image .*small.png is 28x28 \(HxW\) but the model expects 55x47"):
         load_data(png, expect_shape=(3, 55, 47))
     other = write_png(tmp_path / "big.png", np.zeros((30, 28, 3), np.uint8))
     with pytest.raises(NetcleanseError, match="images differ in size"):

@@ -136,7 +136,8 @@ def load_data(source, *, expect_shape: Shape | None = None, num_classes: int | N
                 raise NetcleanseError(f"{path} holds more data than this machine's memory") from None
             except RecursionError:  # groups nested without end
                 raise NetcleanseError(f"{path}: its layout is nested too deeply to be a data file") from None
-            if kind in ("hdf5", "npz") and channels == 3 and dataset.x.shape[1] == 1:
+            if kind in ("hdf5", "npz") and channels == 3 and dataset.x.shape[1] == 1 \
+                    and (expect_shape is None or tuple(dataset.x.shape[2:]) == tuple(expect_shape)[1:]):
                 # grayscale arrays for a colour model, as grayscale image files are: gray -> RGB loses nothing
                 dataset.x = dataset.x.expand(-1, 3, -1, -1).contiguous()
     check_dataset(dataset, expect_shape, num_classes)
@@ -488,8 +489,9 @@ def _load_images(items: list[tuple[Path, int | None]], channels, expect_shape, s
         for path, _ in items:
             array = read_image(path, channels)
             if expect_shape is not None and array.shape[1:] != tuple(expect_shape)[1:]:
-                raise NetcleanseError(f"image {path} is {_chw(array.shape)} (CxHxW) but the model "
-                                      f"expects {_chw(expect_shape)}")
+                # (its channels are converted to the model's: the size is what does not fit)
+                raise NetcleanseError(f"image {path} is {_chw(array.shape[1:])} (HxW) but the model "
+                                      f"expects {_chw(tuple(expect_shape)[1:])} (its input is {_chw(expect_shape)}, CxHxW)")
             if arrays and array.shape[1:] != arrays[0].shape[1:]:
                 raise NetcleanseError(f"images differ in size: {items[0][0]} is {_chw(arrays[0].shape)} "
                                       f"but {path} is {_chw(array.shape)}")
