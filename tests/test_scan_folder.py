@@ -103,6 +103,14 @@ def test_a_corrupted_scan_json_gives_one_error_from_scan_report_and_repair(tmp_p
     assert len(set(messages)) == 1 and "\n" not in messages[0]
 
 
+def test_an_unfinished_scan_folder_says_to_resume(tmp_path):
+    (tmp_path / "scan_settings.json").write_text("{}")
+    (tmp_path / "progress.jsonl").write_text("")
+    for read in (ScanResult.load, find_sources, scan_triggers):
+        with pytest.raises(NetcleanseError, match="holds a scan that did not finish; rerun the same scan command with --resume"):
+            read(tmp_path)
+
+
 def test_a_folder_without_masks_is_not_a_scan_folder(tmp_path):
     _result().save(tmp_path)
     (tmp_path / "masks.npz").unlink()

@@ -138,6 +138,10 @@ def find_sources(directory: str | Path) -> ReportSources:
         sources.truth_dir, sources.truth = truth_json.parent, read_json_object(truth_json)
 
     if sources.scan is None and not sources.repairs:
+        from .scan_folder import unfinished
+        if unfinished(root):
+            raise NetcleanseError(f"{root} holds a scan that did not finish; rerun the same scan command with "
+                                  "--resume, and its report is written at the end")
         raise NetcleanseError(f"no scan.json or repair.json in {root} or its immediate subdirectories; "
                               "run `netcleanse scan MODEL --out DIR` first")
     return sources

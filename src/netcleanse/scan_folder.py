@@ -59,9 +59,17 @@ def require_scan_folder(directory) -> Path:
     """``directory`` as a Path; an error if it lacks ``scan.json`` or ``masks.npz``."""
     d = Path(directory)
     if not is_scan_folder(d):
+        if unfinished(d):
+            raise NetcleanseError(f"{d} holds a scan that did not finish; rerun the same scan command with --resume")
         raise NetcleanseError(f"{d} is not a scan output folder (it needs scan.json and masks.npz; "
                               "run `netcleanse scan ... --out DIR` first)")
     return d
+
+
+def unfinished(directory) -> bool:
+    """Whether ``directory`` holds a scan that started (its resume key) but wrote no scan.json."""
+    d = Path(directory)
+    return (d / "scan_settings.json").is_file() and not (d / SCAN_JSON).is_file()
 
 
 def read_scan_json(path: Path) -> dict:
