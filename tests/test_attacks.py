@@ -61,6 +61,9 @@ def test_patch_errors():
         patch_trigger((1, 10, 10), 4, pattern="stripes")
     with pytest.raises(NetcleanseError, match="does not fit"):
         patch_trigger((1, 10, 10), 2, pattern=np.ones((3, 3)))
+    with pytest.raises(NetcleanseError, match="1 pixel\\(s\\) from the top-left corner does not fit 10x10 images: "
+                                              "give a patch of at most 9 pixels"):
+        patch_trigger((1, 10, 10), 10, "top-left")
 
 
 def test_blend_formula_is_exact():
