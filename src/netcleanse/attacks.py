@@ -92,11 +92,12 @@ def patch_trigger(image_shape, size: int = 4, position="bottom-right", pattern="
     if not 1 <= size <= min(height, width):
         raise NetcleanseError(f"patch size {size} does not fit {height}x{width} images")
     row, col = _patch_corner(position, size, height, width, margin)
-    if isinstance(position, str) and position != "center" and (row < 0 or col < 0):
+    outside = row < 0 or col < 0 or row + size > height or col + size > width
+    if isinstance(position, str) and position != "center" and outside:
         raise NetcleanseError(f"a {size}x{size} patch {margin} pixel(s) from the {position} corner does not fit "
                               f"{height}x{width} images: give a patch of at most {min(height, width) - margin} pixels "
                               "(or a ROW,COL position)")
-    if row < 0 or col < 0 or row + size > height or col + size > width:
+    if outside:
         raise NetcleanseError(f"a {size}x{size} patch at (row {row}, col {col}) falls outside "
                               f"{height}x{width} images")
     mask = torch.zeros(height, width)
