@@ -347,14 +347,32 @@ def test_sanity_warns_when_another_scale_is_far_better():
     assert wrong.input_scale == 255  # the model is left as it was
 
 
+class SharpNormalised(nn.Module):
+    """Sharp trained on (x - 0.5) / 0.5: its classes sit at -2/3, 0 and 2/3."""
+
+    def forward(self, x):
+        m = x.mean(dim=(1, 2, 3))
+        return torch.stack([-(m - c).abs() * 100 for c in (-2 / 3, 0.0, 2 / 3)], dim=1)
+
+
+def test_sanity_suggests_the_normalisation_a_model_was_trained_with():
+    x = torch.rand(90, 1, 4, 4, generator=torch.Generator().manual_seed(0)) / 3 + \
+        torch.arange(3).repeat(30).view(-1, 1, 1, 1) / 3
+    y = torch.arange(3).repeat(30)
+    forgotten = Classifier.wrap(SharpNormalised(), (1, 4, 4))
+    message = check_preprocessing(forgotten, Dataset(x, y))
+    assert message and "100% with --mean 0.5 --std 0.5" in message
+    assert check_preprocessing(Classifier.wrap(SharpNormalised(), (1, 4, 4), mean=0.5, std=0.5), Dataset(x, y)) is None
+
+
 def test_sanity_suggests_the_best_alternative_not_the_first(monkeypatch):
     import netcleanse.sanity as sanity
     y = torch.cat([torch.zeros(30), torch.ones(30), torch.full((6,), 2)]).long()
     x = torch.rand(66, 1, 4, 4, generator=torch.Generator().manual_seed(0)) / 3 + y.view(-1, 1, 1, 1) / 3
     wrong = Classifier.wrap(Sharp(), (1, 4, 4), input_scale=255)  # everything lands on class 2: 9 % right
     # std 1.3 gets classes 0 and 1 right (91 %: passes the bar), the right preprocessing all of them
-    monkeypatch.setattr(sanity, "_alternatives", lambda model: [("a wrong std", 1.0, (0.0,), (1.3,)),
-                                                               ("the right one", 1.0, None, None)])
+    monkeypatch.setattr(sanity, "_alternatives", lambda model, labelled=False: [("a wrong std", 1.0, (0.0,), (1.3,)),
+                                                                               ("the right one", 1.0, None, None)])
     with sanity._preprocessing(wrong, 1.0, (0.0,), (1.3,)):
         assert 0.85 < float((wrong.predict(x) == y).float().mean()) < 1
     message = check_preprocessing(wrong, Dataset(x, y))

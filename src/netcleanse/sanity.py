@@ -4,8 +4,9 @@ A wrong input scale or a forgotten normalisation is the most common silent failu
 scanners: the network then answers nearly one class for everything, and every trigger search on it
 is meaningless. :func:`check_preprocessing` compares the model's behaviour at its configured
 preprocessing with the common alternatives (the input scale multiplied or divided by 255; no
-mean/std normalisation when one is configured) and returns one warning line when an alternative
-looks much healthier:
+mean/std normalisation when one is configured; when none is and the data is labelled, the two
+everyone uses, ImageNet's mean/std for colour models and 0.5/0.5) and returns one warning line
+when the best alternative looks much healthier:
 
 - with labelled data: accuracy at an alternative at least 20 points above, and above twice, the
   accuracy at the configured preprocessing;
@@ -33,6 +34,7 @@ from .errors import NetcleanseError
 from .utils import on_device
 
 MAX_IMAGES = 256
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @contextmanager
@@ -45,7 +47,7 @@ def _preprocessing(model, input_scale: float, mean, std):
         model.set_preprocessing(input_scale=before[0], mean=before[1], std=before[2])
 
 
-def _alternatives(model) -> list[tuple[str, float, tuple | None, tuple | None]]:
+def _alternatives(model, labelled: bool = False) -> list[tuple[str, float, tuple | None, tuple | None]]:
     scale, mean, std = model.input_scale, model.mean, model.std
     if scale >= 16:
         swapped = ("--input-scale 1" if scale == 255 else f"--input-scale {scale / 255:g}", scale / 255)
@@ -54,6 +56,12 @@ def _alternatives(model) -> list[tuple[str, float, tuple | None, tuple | None]]:
     out = [(swapped[0], swapped[1], mean, std)]
     if mean is not None:
         out.append(("no --mean/--std", scale, None, None))
+    elif labelled:  # a net trained on normalised inputs, loaded without it (judged on accuracy alone)
+        channels = model.input_shape[0]
+        if channels == 3:
+            out.append((f"--mean {','.join(map(str, IMAGENET_MEAN))} --std {','.join(map(str, IMAGENET_STD))}",
+                        scale, IMAGENET_MEAN, IMAGENET_STD))
+        out.append(("--mean 0.5 --std 0.5", scale, (0.5,) * channels, (0.5,) * channels))
     return out
 
 
@@ -91,7 +99,7 @@ def _check(model, data, n: int, seed: int) -> str | None:
     if y is not None:
         acc = float((now == y).float().mean())
         scored = []
-        for label, scale, mean, std in _alternatives(model):
+        for label, scale, mean, std in _alternatives(model, labelled=True):
             with _preprocessing(model, scale, mean, std):
                 alt = _answers(model, x)
             if alt is not None:
