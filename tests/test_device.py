@@ -67,7 +67,8 @@ def files(tmp_path_factory):
     np.savez(root / "data.npz", x=(data.x.numpy() * 255).round().astype(np.uint8), y=data.y.numpy())
     scan = root / "scan"
     scan.mkdir()
-    (scan / "scan.json").write_text(json.dumps({"flagged": [3], "labels": []}))
+    (scan / "scan.json").write_text(json.dumps({"flagged": [3], "labels": [
+        {"label": 3, "mask_l1": float(_patch().mask.sum()), "flagged": True}]}))
     np.savez(scan / "masks.npz", labels=np.array([3]), masks=_patch().mask.numpy()[None],
              patterns=_patch().pattern.numpy()[None])
     return {"model": save_model(model, root / "model.pt"), "data": root / "data.npz", "scan": scan, "root": root}
