@@ -229,6 +229,19 @@ def test_wrapped_module_scans_and_repairs_like_a_loaded_model(tmp_path):
     assert (tmp_path / "repair" / "repaired.pt").exists()
 
 
+def test_a_model_returning_logits_and_features_is_refused_with_the_way_round():
+    class WithFeatures(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1)), x.flatten(1)
+
+    with pytest.raises(NetcleanseError, match=r"one score per class \(N x classes\), got tuple; .*returns only the logits"):
+        Classifier.wrap(WithFeatures(), (1, 4, 4))
+
+
 def test_a_wrapped_module_stays_in_eval_mode():
     """Predictions must not put a wrapped net back in train mode (dropout on, BatchNorm's running
     statistics moved by the next plain call)."""

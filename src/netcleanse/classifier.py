@@ -263,5 +263,7 @@ def output_classes(net: nn.Module, input_shape, what: str) -> int:
         net.train(was_training)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise NetcleanseError(f"{what}: the model must return one score per class (N x classes), got {shape}")
+        hint = ("; for a model that also returns features, name a subclass whose forward returns only the "
+                "logits (e.g. `return super().forward(x)[0]`)" if isinstance(out, (tuple, list, dict)) else "")
+        raise NetcleanseError(f"{what}: the model must return one score per class (N x classes), got {shape}{hint}")
     return int(out.shape[1])
