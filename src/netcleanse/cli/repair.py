@@ -56,7 +56,11 @@ def _print_table(rows: list[dict]) -> None:
             else:
                 cells.append(_percent(value))
         table.add_row(*cells)
-    Console().print(table)
+    console = Console()
+    natural = console.measure(table, options=console.options.update_width(10_000)).maximum
+    if natural > console.width:  # a narrow terminal (or a pipe's 80 columns) must not cut names or numbers
+        console = Console(width=natural)
+    console.print(table)
 
 
 # the methods each method-specific option serves: one given to another method is refused, not ignored
