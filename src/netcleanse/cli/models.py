@@ -162,7 +162,16 @@ def info(model_path: ModelArgument, arch: ArchOption = None, input_scale: InputS
     table.add_column("parameters", justify="right")
     for name, kind, count in layers:
         table.add_row(name, kind, f"{count:,}")
-    console.print(table)
+    print_table(table)
+
+
+def print_table(table) -> None:
+    """Print a rich table at its full width, wider than the terminal (or a pipe's 80 columns) where
+    it must: names and numbers are never cut short."""
+    from rich.console import Console
+    console = Console()
+    natural = console.measure(table, options=console.options.update_width(10_000)).maximum
+    (Console(width=natural) if natural > console.width else console).print(table)
 
 
 def _write_predictions(path: Path, data: Dataset, labels, confidence, force: bool) -> None:

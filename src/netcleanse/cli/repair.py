@@ -11,7 +11,8 @@ import typer
 from . import app
 from ..errors import NetcleanseError
 from .models import (ArchKwargsOption, ArchOption, DeviceOption, ForceOption, InputScaleOption, InputShapeOption,
-                     JsonOption, MeanOption, ModelArgument, NumClassesOption, StdOption, load_model_from_cli)
+                     JsonOption, MeanOption, ModelArgument, NumClassesOption, StdOption, load_model_from_cli,
+                     print_table)
 
 METHOD_HELP = ("fine-prune (Liu et al. 2018; needs --data), unlearn (Neural Cleanse; needs --data), "
                "filter (guarded N+1 model from the reversed triggers; data-free), "
@@ -33,7 +34,6 @@ def _percent(value) -> str:
 
 
 def _print_table(rows: list[dict]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     columns = [("model", "model"), ("drop_threshold", "drop"), ("fraction_pruned", "pruned %"),
@@ -56,11 +56,7 @@ def _print_table(rows: list[dict]) -> None:
             else:
                 cells.append(_percent(value))
         table.add_row(*cells)
-    console = Console()
-    natural = console.measure(table, options=console.options.update_width(10_000)).maximum
-    if natural > console.width:  # a narrow terminal (or a pipe's 80 columns) must not cut names or numbers
-        console = Console(width=natural)
-    console.print(table)
+    print_table(table)
 
 
 # the methods each method-specific option serves: one given to another method is refused, not ignored
