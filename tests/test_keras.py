@@ -488,7 +488,9 @@ def test_model_with_an_open_input_size_takes_input_shape(tmp_path, synthetic_inp
     config = functional_config()
     config["config"]["layers"][0]["config"]["batch_input_shape"] = [None, None, None, 3]
     path = write_model_h5(tmp_path / "v.h5", config, functional_weights())
-    assert input_size_open(path) and not input_size_open(fixed)
+    assert input_size_open(path) is True and input_size_open(fixed) is False
+    (tmp_path / "w.pt").write_bytes(b"PK\x03\x04 not keras")
+    assert input_size_open(tmp_path / "w.pt") is None and input_size_open(tmp_path / "missing.h5") is None
     with pytest.raises(NetcleanseError, match="not a fixed image size; give the size to work at with --input-shape"):
         load_model(path)
     x = torch.from_numpy(synthetic_input).permute(0, 3, 1, 2)

@@ -105,12 +105,7 @@ def _shared_options(model, arch, options: dict) -> dict:
     options = dict(options)
     if arch is None and options.get("input_shape") is not None:
         from .keras.load import input_size_open
-        from .sniff import sniff
-        try:
-            keras = sniff(model) in ("hdf5", "keras-archive")
-        except OSError:  # a missing file: its row reports that
-            keras = False
-        if keras and not input_size_open(model):
+        if input_size_open(model) is False:  # (None: not a Keras file)
             options["input_shape"] = None
     return options
 

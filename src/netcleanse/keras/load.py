@@ -17,10 +17,11 @@ from .hdf5 import _H5_ERRORS, _file_layers, _keras_version, _model_config
 from .weights import _output_classes, keras_weights_to_module
 
 
-def input_size_open(path) -> bool:
+def input_size_open(path) -> bool | None:
     """Whether the Keras file at ``path`` (``.h5`` or ``.keras``) leaves an input image dimension
-    open (a fully convolutional model's None x None), read from its config alone; False for
-    anything unreadable (loading it says why)."""
+    open (a fully convolutional model's None x None), read from its config alone; False for a
+    Keras file that records its size or is unreadable (loading it says why); None for a file that
+    is not Keras's."""
     import json
     import zipfile
 
@@ -36,8 +37,10 @@ def input_size_open(path) -> bool:
             with zipfile.ZipFile(path) as archive:
                 config = json.loads(_read_member(archive, archive.getinfo("config.json"), limits.CONFIG_BYTES(), path))
         else:
-            return False
-    except (NetcleanseError, OSError, ValueError, KeyError, zipfile.BadZipFile, *_H5_ERRORS):
+            return None
+    except OSError:  # a missing file: not known to be Keras's (its row reports it)
+        return None
+    except (NetcleanseError, ValueError, KeyError, zipfile.BadZipFile, *_H5_ERRORS):
         return False
 
     def open_dims(node) -> bool:
