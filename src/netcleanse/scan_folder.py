@@ -113,14 +113,6 @@ def check_scan_record(record: dict, path) -> None:
             raise bad(f"'{key}' must be an object")
 
 
-def flagged_labels(record: dict, path: Path) -> list[int]:
-    """The ``flagged`` labels of a ``scan.json`` record read from ``path``, as ints."""
-    try:
-        return [int(label) for label in record["flagged"]]
-    except (ValueError, KeyError, TypeError):
-        raise NetcleanseError(f"{path} is not a valid scan summary (no 'flagged' list)") from None
-
-
 def read_masks(path: Path) -> TriggerArrays:
     """A ``masks.npz``'s arrays, their shapes checked (pickled objects are refused)."""
     try:

@@ -65,7 +65,7 @@ def check_scan_model(scan, model) -> None:
 
 def _triggers_from_folder(folder: Path) -> dict[int, Trigger]:
     record, arrays = scan_folder.read_scan(folder)
-    flagged = scan_folder.flagged_labels(record, folder / scan_folder.SCAN_JSON)
+    flagged = record["flagged"]  # a list of scanned labels (scan_folder.check_scan_record)
     missing = [label for label in flagged if arrays.get(label) is None]
     if missing:
         raise NetcleanseError(f"{folder / scan_folder.MASKS_NPZ} has no reversed trigger for flagged label(s) {missing}")
