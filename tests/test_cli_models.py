@@ -197,6 +197,12 @@ def test_predict_dataset_summary_and_out_files(tiny, tmp_path, capsys):
     code, _, _ = cli(capsys, "predict", tiny, "--arch", "mnist-cnn", tmp_path / "set.npz", "--out", out_npz,
                      "--force")
     assert code == 0
+    (tmp_path / "folder.csv").mkdir()
+    assert_one_line_error(*cli(capsys, "predict", tiny, "--arch", "mnist-cnn", tmp_path / "set.npz", "--out",
+                               tmp_path / "folder.csv", "--force")[::2], "folder.csv is a folder")
+    np.savez(tmp_path / "outside.npz", x=x, y=np.array([1, 2, 10, -1]))  # labels the model cannot answer
+    assert_one_line_error(*cli(capsys, "predict", tiny, "--arch", "mnist-cnn", tmp_path / "outside.npz")[::2],
+                          "label 10 is outside [0, 10)")
 
 
 # --- eval -------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Data loading: every format into one Dataset (float32 NCHW in [0,1], int64 labels), and clear errors."""
 
+import warnings
 from pathlib import Path
 
 import h5py
@@ -216,7 +217,7 @@ def test_empty_label_folder_is_named(tmp_path, recwarn):
     (tmp_path / "misc").mkdir()  # not a label folder
     with pytest.warns(NetcleanseWarning, match=r"1 label folder\(s\) hold no images \(1\)"):
         ds = load_data(tmp_path)
-    assert ds.y.tolist() == [0, 2]
+    assert ds.y.tolist() == [0, 3]  # the outermost integer folder: 3/2/b.png is class 3 (ImageFolder's level)
     Image.fromarray(IMAGES_NCHW[2].transpose(1, 2, 0)).save(tmp_path / "0" / "c.bmp")
     with pytest.warns(NetcleanseWarning, match=r"1 image file\(s\) of other formats \(.bmp, e.g. .*c.bmp\) are skipped"):
         assert len(load_data(tmp_path)) == 2
@@ -227,6 +228,88 @@ def test_label_from_name():
     assert label_from_name("root/12/a.png", root="root") == 12
     assert label_from_name("root/a.png", root="root") is None
     assert label_from_name("root/12/b_label=4.png", root="root") == 4  # the name is more specific
+    assert label_from_name("root/12/3/a.png", root="root") == 12  # class folder, then e.g. sessions
+    assert label_from_name("root/test/12/a.png", root="root") == 12  # a wrapper folder above the classes
+    assert label_from_name("root/\u00b2/a.png", root="root") is None  # '²'.isdigit() is true; not a label
+    with pytest.raises(NetcleanseError, match="label 99999999999999999999 .* is not a class index"):
+        label_from_name("root/a_label=99999999999999999999.png")
+
+
+def test_folder_links_followed_and_hidden_folders_skipped(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    write_png(elsewhere / "b.png", IMAGES_NCHW[1].transpose(1, 2, 0))
+    root = tmp_path / "data"
+    write_png(root / "5" / "a.png", IMAGES_NCHW[0].transpose(1, 2, 0))
+    (root / "3").symlink_to(elsewhere, target_is_directory=True)  # a folder of links to a data set
+    (root / "loop").mkdir()
+    (root / "loop" / "back").symlink_to(root, target_is_directory=True)  # a cycle ends
+    write_png(root / ".ipynb_checkpoints" / "c.png", IMAGES_NCHW[2].transpose(1, 2, 0))
+    write_png(root / "__MACOSX" / "4" / "._a.png", IMAGES_NCHW[2].transpose(1, 2, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NetcleanseWarning)  # no "class 4 missing", no unlabeled image
+        ds = load_data(root)
+    names = [Path(n).relative_to(root).as_posix() for n in ds.names]
+    assert names[:2] == ["3/b.png", "5/a.png"] and ds.y.tolist()[:2] == [3, 5]
+    assert all(not n.startswith((".", "__MACOSX")) for n in names)
+
+
+def test_word_class_folders_load_unlabeled_with_a_warning(tmp_path):
+    write_png(tmp_path / "cat" / "a.png", IMAGES_NCHW[0].transpose(1, 2, 0))
+    write_png(tmp_path / "dog" / "b.png", IMAGES_NCHW[1].transpose(1, 2, 0))
+    with pytest.warns(NetcleanseWarning, match=r"sub-folders \(cat, dog\) are not integer labels"):
+        assert load_data(tmp_path).y is None
+
+
+def test_only_png_and_jpeg_are_decoded_whatever_the_name(tmp_path):
+    eps = tmp_path / "a_label=3.png"  # PostScript: PIL's EPS decoder would start Ghostscript
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 4 5\nshowpage\n")
+    with pytest.raises(NetcleanseError, match="a_label=3.png: not a valid PNG/JPEG file"):
+        load_data(tmp_path)
+    eps.unlink()
+    Image.fromarray(IMAGES_NCHW[0].transpose(1, 2, 0)).save(tmp_path / "b.png", format="BMP")
+    with pytest.raises(NetcleanseError, match="b.png: not a valid PNG/JPEG file"):  # as the single file is
+        load_data(tmp_path)
+
+
+def test_exif_orientation_is_not_applied_and_is_said(tmp_path):
+    image = Image.fromarray(IMAGES_NCHW[0].transpose(1, 2, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 3  # shown turned by 180 degrees
+    image.save(tmp_path / "t.jpg", exif=exif, quality=100)
+    with pytest.warns(NetcleanseWarning, match="1 of 1 images carry an EXIF orientation tag"):
+        turned = load_data(tmp_path / "t.jpg")
+    image.save(tmp_path / "u.jpg", quality=100)
+    assert torch.equal(turned.x, load_data(tmp_path / "u.jpg").x)  # the pixels as stored
+    exif[0x0112] = 6
+    image.save(tmp_path / "s.jpg", exif=exif, quality=100)
+    with pytest.raises(NetcleanseError, match="is 5x4 .* expects 4x5 .* EXIF orientation tag"):
+        load_data(tmp_path / "s.jpg", expect_shape=(3, 4, 5))
+
+
+def test_floats_a_little_above_one_are_clipped_not_read_as_0_255(tmp_path):
+    x = EXPECTED.numpy().copy()
+    x[0, 0, 0, 0] = 1.002  # unclipped brightness jitter
+    np.savez(tmp_path / "j.npz", x=x)
+    with pytest.warns(NetcleanseWarning, match="float pixels reach 1.002, a little above 1: read as \\[0, 1\\]"):
+        ds = load_data(tmp_path / "j.npz")
+    assert ds.info["scale"] == 1 and float(ds.x.max()) == 1.0
+    assert torch.equal(ds.x.flatten()[1:], torch.from_numpy(x).clamp(0, 1).flatten()[1:])
+    np.savez(tmp_path / "k.npz", x=EXPECTED.numpy() * 255)
+    assert load_data(tmp_path / "k.npz").info["scale"] == 255
+
+
+def test_a_3xhxw_array_for_a_colour_model_is_one_image_said_so(tmp_path):
+    np.savez(tmp_path / "g.npz", x=IMAGES_NCHW[0])
+    with pytest.warns(NetcleanseWarning, match="read as one colour image .* store it as 3 x 1 x 5 x 4"):
+        assert len(load_data(tmp_path / "g.npz", expect_shape=(3, 5, 4))) == 1
+
+
+def test_an_hdf5_group_where_labels_belong_is_named(tmp_path):
+    with h5py.File(tmp_path / "g.h5", "w") as h5:
+        h5.create_dataset("data", data=IMAGES_NCHW)
+        h5.create_group("label").create_dataset("y", data=LABELS)
+    with pytest.raises(NetcleanseError, match="'label' is an HDF5 group, not an array"):
+        load_data(tmp_path / "g.h5")
 
 
 def test_real_csaw_images():

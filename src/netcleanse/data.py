@@ -11,15 +11,19 @@ Formats :func:`load_data` reads (chosen by the file's content, not its name):
   ``labels``), optional;
   netcleanse also writes ``names`` and ``true_labels`` there and reads them back.
 - PNG / JPEG files, lists of them, and folders of them (searched recursively, sorted by path).
-  A file's label is the ``label=N`` in its name (``cl_0_label=43.png``), else the name of the
-  sub-folder it sits in when that is an integer (``faces/43/a.png``); a set in which some image
-  has no label is loaded unlabeled.
+  Links are followed; hidden files and folders (``.name``) and ``__MACOSX`` are skipped. A
+  file's label is the ``label=N`` in its name (``cl_0_label=43.png``), else the name of the
+  outermost integer-named folder on its path below the given folder (``faces/43/a.png``,
+  ``faces/43/session2/a.png``, ``data/test/43/a.png``: 43); a set in which some image has no
+  label is loaded unlabeled. Pixels are read as stored: an EXIF orientation tag is not applied
+  (as Keras's and torchvision's loaders do not), and a warning counts the files that carry one.
 
 Arrays may be N x C x H x W (NCHW) or N x H x W x C (NHWC) with C = 1 or 3, or N x H x W
 (one channel); the layout is read from the axis that holds 1 or 3 channels (when both could, the
 model's expected shape decides, else NCHW). Pixel scale: uint8 and other integer arrays are
-0..255; float arrays are taken as [0, 1] unless their maximum exceeds 1.001, in which case they
-are 0..255 (CSAW's own files store floats 0..255); either way they are divided by 255.
+0..255; float arrays are taken as 0..255 when their maximum exceeds 2 (CSAW's own files store
+floats 0..255) and divided by 255, else as [0, 1]: a maximum a little above 1 (unclipped
+brightness jitter) is clipped to 1 with a warning.
 """
 
 from __future__ import annotations
@@ -86,12 +90,17 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 OTHER_IMAGE_SUFFIXES = (".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 IMAGE_KEYS = ("data", "x", "images")  # CSAW's names first; .npz files try x, data, images
 LABEL_KEYS = ("label", "y", "labels")
-# Float arrays whose maximum is above this are taken as 0..255 rather than [0, 1].
-FLOAT_255_THRESHOLD = 1.001
+# Float arrays whose maximum is above this are taken as 0..255 rather than [0, 1]; up to it, values
+# above FLOAT_ONE_TOLERANCE are clipped to 1 with a warning (a [0, 1] set a little overshot).
+FLOAT_255_THRESHOLD = 2.0
+FLOAT_ONE_TOLERANCE = 1.001
 # Rows converted at a time, so a 12k-image float64 file never exists twice in memory.
 CHUNK_ROWS = 2048
 
-_LABEL_IN_NAME = re.compile(r"label=(\d+)")
+_LABEL_IN_NAME = re.compile(r"label=([0-9]+)")
+_INTEGER_NAME = re.compile(r"[0-9]+")  # ASCII digits ('²'.isdigit() is true, int('²') fails)
+_SKIPPED_FOLDERS = ("__MACOSX",)  # macOS zip metadata: '._name' copies of every file
+LARGEST_LABEL = 2 ** 31 - 1
 
 Shape = tuple[int, int, int]
 
@@ -170,11 +179,14 @@ def label_from_name(path, root=None) -> int | None:
 
 def _label_from_name(path: Path, root: Path | None = None) -> int | None:
     match = _LABEL_IN_NAME.search(path.stem)
-    if match:
-        return int(match.group(1))
-    if root is not None and path.parent != root and path.parent.name.isdigit():
-        return int(path.parent.name)
-    return None
+    text = match.group(1) if match else None
+    if text is None and root is not None:  # the outermost integer folder below root (ImageFolder's class level)
+        text = next((part for part in path.relative_to(root).parts[:-1] if _INTEGER_NAME.fullmatch(part)), None)
+    if text is None:
+        return None
+    if int(text) > LARGEST_LABEL:
+        raise NetcleanseError(f"{path}: label {text} (from its {'name' if match else 'folder'}) is not a class index")
+    return int(text)
 
 
 def _chw(shape) -> str:
@@ -239,6 +251,9 @@ def _read_hdf5(h5, path: Path, expect_shape, label_key) -> Dataset:
     keys = list(h5.keys())
     image_key = _pick_key(keys, IMAGE_KEYS, None, path, "images")
     label_name = _pick_key(keys, LABEL_KEYS, label_key, path, "labels", required=label_key is not None)
+    for key in (image_key, label_name, "names", "true_labels"):
+        if key in keys and not isinstance(h5[key], h5py.Dataset):
+            raise NetcleanseError(f"{path}: {key!r} is an HDF5 group, not an array")
     for key in keys:
         if isinstance(h5[key], h5py.Dataset):
             check_declared_size(h5[key].shape, h5[key].dtype, h5[key].id.get_storage_size(), path, key)
@@ -339,6 +354,9 @@ def _images_to_tensor(array, expect_shape, path) -> tuple[torch.Tensor, dict]:
     if len(shape) == 3 and expect_shape is not None:
         c, h, w = (int(v) for v in expect_shape)
         if shape in ((h, w, c), (c, h, w)) and (c == 3 or shape == (h, w, c)):  # one image, without its batch axis
+            if shape == (c, h, w):  # as well N x H x W, three grayscale images
+                warnings.warn(f"{path}: a {_chw(shape)} array is read as one colour image (C x H x W); if it holds "
+                              f"three grayscale images, store it as 3 x 1 x {h} x {w}", NetcleanseWarning, stacklevel=3)
             array = np.asarray(array)[None]
             shape = tuple(array.shape)
     if len(shape) not in (3, 4):
@@ -382,6 +400,10 @@ def _images_to_tensor(array, expect_shape, path) -> tuple[torch.Tensor, dict]:
     if is_255:
         out.div_(255.0)
         out.clamp_(0.0, 1.0)
+    elif high > FLOAT_ONE_TOLERANCE:
+        warnings.warn(f"{path}: float pixels reach {high:g}, a little above 1: read as [0, 1] and clipped to 1 "
+                      f"(0..255 data would reach far more than {FLOAT_255_THRESHOLD:g})", NetcleanseWarning, stacklevel=3)
+        out.clamp_(0.0, 1.0)
     info = {"layout": layout, "dtype": str(dtype), "scale": 255 if is_255 else 1}
     return out, info
 
@@ -408,8 +430,24 @@ def _is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
+def _walk(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The files and folders below ``folder``, links followed (each real folder once: a link
+    cycle ends), hidden ones (``.name``) and ``__MACOSX`` left out."""
+    files, folders, seen = [], [], set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _SKIPPED_FOLDERS)
+        folders.extend(Path(top) / d for d in dirs)
+        files.extend(p for p in (Path(top) / n for n in names if not n.startswith(".")) if p.is_file())
+    return files, folders
+
+
 def _folder_images(folder: Path) -> list[tuple[Path, int | None]]:
-    everything = [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    everything, folders = _walk(folder)
     files = sorted((p for p in everything if _is_image_name(p)), key=lambda p: p.relative_to(folder).as_posix())
     others = sorted(p for p in everything if p.suffix.lower() in OTHER_IMAGE_SUFFIXES)
     if others:  # images netcleanse does not read: the set would shrink without a word
@@ -420,12 +458,20 @@ def _folder_images(folder: Path) -> list[tuple[Path, int | None]]:
         raise NetcleanseError(f"no images (.png, .jpg, .jpeg) in folder {folder}")
     # a label folder left empty (a failed copy) would drop that class without a word
     occupied = {parent for f in files for parent in f.parents}
-    empty = sorted(p for p in folder.rglob("*") if p.is_dir() and p.name.isdigit() and p not in occupied)
+    empty = sorted(p for p in folders if p not in occupied and _INTEGER_NAME.fullmatch(p.name)
+                   and not any(_INTEGER_NAME.fullmatch(q) for q in p.relative_to(folder).parts[:-1]))
     if empty:
         shown = ", ".join(str(p.relative_to(folder)) for p in empty[:5]) + (", ..." if len(empty) > 5 else "")
         warnings.warn(f"{folder}: {len(empty)} label folder(s) hold no images ({shown}); "
                       "those classes are missing from the data", NetcleanseWarning, stacklevel=2)
-    return [(p, _label_from_name(p, folder)) for p in files]
+    items = [(p, _label_from_name(p, folder)) for p in files]
+    classes = sorted({p.relative_to(folder).parts[0] for p in files if p.parent != folder})
+    if classes and all(label is None for _, label in items):  # ImageFolder's layout, with class names
+        shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+        warnings.warn(f"{folder}: its sub-folders ({shown}) are not integer labels, so the images load unlabeled; "
+                      "netcleanse reads a label from an integer folder name (the model's class index) or label=N "
+                      "in a file name", NetcleanseWarning, stacklevel=2)
+    return items
 
 
 def _list_images(sources) -> list[tuple[Path, int | None]]:
@@ -444,21 +490,32 @@ def _list_images(sources) -> list[tuple[Path, int | None]]:
     return items
 
 
+IMAGE_FORMATS = ("PNG", "JPEG")  # the only decoders opened: PIL's others include EPS, which runs Ghostscript
+EXIF_ORIENTATION = 0x0112
+
+
 def read_image(path, channels: int | None = None) -> np.ndarray:
-    """One PNG/JPEG file as a uint8 C x H x W array; grayscale stays 1 channel unless ``channels=3``."""
+    """One PNG/JPEG file as a uint8 C x H x W array; grayscale stays 1 channel unless ``channels=3``.
+    A file of another format, whatever its name, is refused; pixels are read as stored (an EXIF
+    orientation tag is not applied)."""
+    return _read_image(Path(path), channels)[0]
+
+
+def _read_image(path: Path, channels: int | None) -> tuple[np.ndarray, bool]:
+    """:func:`read_image`, and whether the file carries an EXIF orientation other than upright."""
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
     limit = max_image_pixels()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(path, formats=IMAGE_FORMATS) as image:
                 width, height = image.size  # from the header: checked before any pixel is decoded
                 if width * height > limit:
                     raise NetcleanseError(f"image {path} is {width} x {height} pixels, more than netcleanse reads "
                                           f"({limit:,}; set NETCLEANSE_MAX_IMAGE_PIXELS to change)")
                 image.load()
+                turned = image.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
                 gray = image.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
                 wanted = channels or (1 if gray else 3)
                 if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: scale, do not clip
@@ -467,10 +524,11 @@ def read_image(path, channels: int | None = None) -> np.ndarray:
                         array = np.repeat(array[..., None], 3, axis=2)
                 else:
                     array = np.asarray(image.convert("L" if wanted == 1 else "RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+    except UnidentifiedImageError:
+        raise NetcleanseError(f"cannot read image {path}: not a valid PNG/JPEG file") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise NetcleanseError(f"cannot read image {path}: {exc}") from None
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return (array[None] if array.ndim == 2 else array.transpose(2, 0, 1)), turned
 
 
 def max_image_pixels() -> int:
@@ -483,15 +541,19 @@ def max_image_pixels() -> int:
 def _load_images(items: list[tuple[Path, int | None]], channels, expect_shape, source: str) -> Dataset:
     from .progress import progress_bar
 
-    arrays = []
+    arrays, turned = [], []
     with progress_bar(disable=True if len(items) < 2000 else None) as progress:
         task = progress.add_task("reading images", total=len(items))
         for path, _ in items:
-            array = read_image(path, channels)
+            array, rotated = _read_image(path, channels)
+            if rotated:
+                turned.append(path)
             if expect_shape is not None and array.shape[1:] != tuple(expect_shape)[1:]:
                 # (its channels are converted to the model's: the size is what does not fit)
                 raise NetcleanseError(f"image {path} is {_chw(array.shape[1:])} (HxW) but the model "
-                                      f"expects {_chw(tuple(expect_shape)[1:])} (its input is {_chw(expect_shape)}, CxHxW)")
+                                      f"expects {_chw(tuple(expect_shape)[1:])} (its input is {_chw(expect_shape)}, CxHxW)"
+                                      + ("; it carries an EXIF orientation tag, and its pixels are read as stored, "
+                                         "not turned" if rotated else ""))
             if arrays and array.shape[1:] != arrays[0].shape[1:]:
                 raise NetcleanseError(f"images differ in size: {items[0][0]} is {_chw(arrays[0].shape)} "
                                       f"but {path} is {_chw(array.shape)}")
@@ -500,6 +562,9 @@ def _load_images(items: list[tuple[Path, int | None]], channels, expect_shape, s
     if channels is None and len({a.shape[0] for a in arrays}) > 1:
         # A mix of grayscale and color files: gray -> RGB loses nothing.
         arrays = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in arrays]
+    if turned:  # a viewer shows these turned; a model trained through Keras's or torchvision's loaders saw them as stored
+        warnings.warn(f"{source}: {len(turned)} of {len(items)} images carry an EXIF orientation tag (e.g. {turned[0]}); "
+                      "their pixels are read as stored, not turned as a viewer shows them", NetcleanseWarning, stacklevel=2)
     x = torch.from_numpy(np.stack(arrays)).float().div_(255.0)
     labels = [label for _, label in items]
     y = torch.tensor(labels, dtype=torch.int64) if all(label is not None for label in labels) else None

@@ -56,6 +56,7 @@ from . import __version__
 from . import plots
 from .calibrated import most_anomalous
 from .detection import median_and_mad
+from .data import IMAGE_FORMATS
 from .errors import NetcleanseError
 from .utils import atomic_write, read_json_object
 from .scan_folder import MASKS_NPZ, SCAN_JSON, TriggerArrays, read_masks, read_scan_json
@@ -661,7 +662,7 @@ def _real_trigger_pictures(sources: ReportSources) -> dict[int, list[Picture]]:
         if Path(image).is_absolute() or not path.is_relative_to(folder):
             continue
         try:
-            with Image.open(path) as im:
+            with Image.open(path, formats=IMAGE_FORMATS) as im:  # never PIL's other decoders (EPS runs Ghostscript)
                 png = plots.image_png(_on_black(im))
         except (OSError, UnidentifiedImageError, ValueError):
             continue  # a missing picture must not hide the rest of the report

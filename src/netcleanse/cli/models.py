@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import zipfile
 from pathlib import Path
 from typing import Annotated, Optional
@@ -26,7 +25,7 @@ from ..errors import NetcleanseError
 from ..evaluate import evaluate, predict_dataset
 from ..model import Classifier, checked_scale, load_model
 from ..sniff import sniff
-from ..utils import resolve_device
+from ..utils import atomic_write, resolve_device
 
 
 def _device(value: str) -> str:
@@ -174,17 +173,20 @@ def print_table(table) -> None:
     (Console(width=natural) if natural > console.width else console).print(table)
 
 
-def _write_predictions(path: Path, data: Dataset, labels, confidence, force: bool) -> None:
-    """Per-sample predictions to .csv (index,name,label,confidence[,true_label]) or .npz."""
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".npz"):
+def _check_predictions_out(path: Path, force: bool) -> None:
+    """Refuse a --out for predictions before the work, not after it."""
+    if path.suffix.lower() not in (".csv", ".npz"):
         raise NetcleanseError(f"--out {path}: use a .csv or .npz file name")
+    if path.is_dir():
+        raise NetcleanseError(f"--out {path} is a folder; give a .csv or .npz file name")
     if path.exists() and not force:
         raise NetcleanseError(f"{path} already exists (use --force to overwrite)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.partial{os.getpid()}")
-    try:
-        if suffix == ".npz":
+
+
+def _write_predictions(path: Path, data: Dataset, labels, confidence) -> None:
+    """Per-sample predictions to .csv (index,name,label,confidence[,true_label]) or .npz."""
+    with atomic_write(path) as temporary:
+        if path.suffix.lower() == ".npz":
             arrays = {"labels": labels.numpy(), "confidence": confidence.numpy()}
             if data.y is not None:
                 arrays["true_labels"] = data.y.numpy()
@@ -199,10 +201,6 @@ def _write_predictions(path: Path, data: Dataset, labels, confidence, force: boo
                 for i, (label, conf) in enumerate(zip(labels.tolist(), confidence.tolist())):
                     name = data.names[i] if data.names is not None else ""
                     writer.writerow([i, name, label, f"{conf:.6f}"] + ([int(data.y[i])] if data.y is not None else []))
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 @app.command()
@@ -220,14 +218,14 @@ def predict(model_path: ModelArgument,
     summary (and accuracy when it has labels) with per-sample labels written to --out."""
     model = load_model_from_cli(model_path, arch, input_scale, arch_kwargs=arch_kwargs, num_classes=num_classes,
                                 input_shape=input_shape, mean=mean, std=std)
-    data = load_data(list(inputs), expect_shape=model.input_shape)
-    if out is not None and out.exists() and not force:  # refuse before the work, not after
-        raise NetcleanseError(f"{out} already exists (use --force to overwrite)")
+    if out is not None:
+        _check_predictions_out(out, force)
+    data = load_data(list(inputs), expect_shape=model.input_shape, num_classes=model.num_classes)
     labels, confidence = predict_dataset(model, data, batch_size, device=device)
     is_dataset_file = data.info.get("format") in ("hdf5", "npz")
     accuracy = int((labels == data.y).sum()) / len(data) if data.y is not None else None
     if out is not None:
-        _write_predictions(out, data, labels, confidence, force)
+        _write_predictions(out, data, labels, confidence)
     if json_output:
         payload = {"model": model.name, "source": data.source, "n": len(data), "accuracy": accuracy,
                    "out": None if out is None else str(out)}
