@@ -176,6 +176,36 @@ np.save(f"{out}/augment_resize_x.npy", x)
 np.save(f"{out}/augment_resize_y.npy", augmented.predict(x, verbose=0))
 augmented.save(f"{out}/augment_resize.keras")  # (Keras 3.15's legacy .h5 writer fails on augmentation layers)
 
+# layouts of tutorials and transfer learning: a nested head ending in softmax + Dropout; a softmax
+# followed by a linear Activation and a Flatten; a head model on feature vectors; the tutorials'
+# nested data_augmentation block before a Rescaling(1/255); grey H x W inputs without a channel axis
+h_in = keras.Input((32, 32, 3))
+soft_head = keras.Sequential([keras.Input((8, 8, 4)), layers.Flatten(), layers.Dense(5), layers.Softmax(),
+                              layers.Dropout(0.1)], name="soft_head")
+nested_softmax_head = keras.Model(h_in, soft_head(layers.Conv2D(4, 3, strides=4, padding="same")(h_in)),
+                                  name="nested_softmax_head")
+s_in = keras.Input((32, 32, 3))
+s = layers.Dense(4, activation="softmax")(layers.Flatten()(layers.Conv2D(4, 3, strides=4)(s_in)))
+softmax_then_noops = keras.Model(s_in, layers.Flatten()(layers.Activation("linear")(s)), name="softmax_then_noops")
+v_in = keras.Input((32, 32, 3))
+vector_base = keras.Sequential([keras.Input((32, 32, 3)), layers.Conv2D(8, 3, strides=4)], name="vector_base")
+vector_head = keras.Sequential([keras.Input((8,)), layers.Dense(6, activation="softmax")], name="vector_head")
+head_on_vectors = keras.Model(v_in, vector_head(layers.GlobalAveragePooling2D()(vector_base(v_in))),
+                              name="head_on_vectors")
+augmenting = keras.Sequential([layers.RandomFlip("horizontal"), layers.RandomRotation(0.1)], name="data_augmentation")
+tutorial = keras.Sequential([keras.Input((32, 32, 3)), augmenting, layers.Rescaling(1 / 255.0),
+                             layers.Conv2D(4, 3, strides=2, activation="relu"), layers.Flatten(), layers.Dense(5)],
+                            name="tutorial_augmentation")
+grey_hw = keras.Sequential([keras.Input((28, 28)), layers.Reshape((28, 28, 1)), layers.Conv2D(4, 3, strides=2),
+                            layers.Flatten(), layers.Dense(10, activation="softmax")], name="grey_hw")
+for model, scale, shape in ((nested_softmax_head, 1.0, (32, 32, 3)), (softmax_then_noops, 1.0, (32, 32, 3)),
+                            (head_on_vectors, 1.0, (32, 32, 3)), (tutorial, 255.0, (32, 32, 3)),
+                            (grey_hw, 1.0, (28, 28))):
+    x = rng.random((6,) + shape).astype("float32")
+    np.save(f"{out}/{model.name}_x.npy", x)
+    np.save(f"{out}/{model.name}_y.npy", model.predict(x * scale, verbose=0))
+    model.save(f"{out}/{model.name}.keras")
+
 lam = keras.Sequential([keras.Input((4, 4, 1)), layers.Lambda(lambda t: t * 2.0), layers.Flatten(), layers.Dense(3)],
                        name="with_lambda")
 lam.save(f"{out}/with_lambda.keras")
@@ -210,6 +240,26 @@ def test_keras_written_models_give_keras_outputs(written, net, suffix):
         assert model.net.final_activation == "softmax"
 
 
+MORE_NETS = {"nested_softmax_head": (1.0, "softmax"), "softmax_then_noops": (1.0, "softmax"),
+             "head_on_vectors": (1.0, "softmax"), "tutorial_augmentation": (255.0, "linear"),
+             "grey_hw": (1.0, "softmax")}
+
+
+@pytest.mark.parametrize("net", sorted(MORE_NETS))
+def test_tutorial_and_transfer_learning_layouts_give_keras_outputs(written, net):
+    """A softmax behind no-ops or inside a nested head is left out of the logits (so probabilities
+    are Keras's, not a softmax of them); a nested head on feature vectors, a nested block of
+    augmentation layers and grey H x W inputs (fed as 1 x H x W) load."""
+    scale, final = MORE_NETS[net]
+    x, expected = np.load(written / f"{net}_x.npy"), np.load(written / f"{net}_y.npy")
+    model = load_model(written / f"{net}.keras", input_scale=scale)
+    images = torch.from_numpy(x)[:, None] if x.ndim == 3 else torch.from_numpy(x).permute(0, 3, 1, 2)
+    assert tuple(model.input_shape) == tuple(images.shape[1:]) and model.net.final_activation == final
+    with torch.no_grad():
+        got = (model.predict_proba(images) if final == "softmax" else model(images)).numpy()
+    assert np.abs(got - expected).max() < 1e-5
+
+
 def test_augmentation_resizing_center_crop_and_prelu_give_keras_outputs(written):
     x = np.load(written / "augment_resize_x.npy")
     expected = np.load(written / "augment_resize_y.npy")
@@ -230,7 +280,7 @@ def test_a_keras_written_lambda_layer_is_refused(written, suffix, capsys):
     assert "Lambda" in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
-@pytest.mark.parametrize("net", ["gtsrb_batchnorm_after_dense", "nested_base"])
+@pytest.mark.parametrize("net", ["gtsrb_batchnorm_after_dense", "nested_base", "tutorial_augmentation"])
 def test_a_first_rescaling_by_1_over_255_asks_for_input_scale_255(written, net):
     """Rescaling(1/255) (or 1/127.5 - 1) first: the network was fed 0..255 pixels; loaded at scale 1
     it would see x/255, so the loader says to give --input-scale 255."""

@@ -239,3 +239,78 @@ def test_same_model_from_state_dict_safetensors_and_onnx(tmp_path):
     outs = [m.logits(x) for m in models]
     assert all(torch.allclose(o, outs[0], atol=1e-5) for o in outs[1:])
     assert isinstance(models[2], Classifier) and models[2].input_shape == (3, 8, 8)
+
+
+def dynamo_like_model(path, approximate="none", then="Identity"):
+    """What torch.onnx.export's default (dynamo) exporter writes for Flatten -> Linear -> GELU ->
+    Linear -> Softmax: Reshape(allowzero=1) and Gelu at opset 20 (onnx2torch 1.5 converts neither)."""
+    rng = np.random.default_rng(0)
+    w1, b1 = rng.normal(0, 0.3, (16, 48)).astype(np.float32), rng.normal(0, 0.1, 16).astype(np.float32)
+    w2 = rng.normal(0, 0.5, (5, 16)).astype(np.float32)
+    inits = [numpy_helper.from_array(np.array([-1, 48], dtype=np.int64), "shape"),
+             numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"), numpy_helper.from_array(w2, "w2")]
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"], allowzero=1),
+             helper.make_node("Gemm", ["r", "w1", "b1"], ["h"], transB=1),
+             helper.make_node("Gelu", ["h"], ["g"], approximate=approximate),
+             helper.make_node("Gemm", ["g", "w2"], ["z"], transB=1),
+             helper.make_node("Softmax", ["z"], ["p"], axis=-1),
+             helper.make_node(then, ["p"], ["y"])]
+    graph = helper.make_graph(nodes, "dynamo", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])], inits)
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(path))
+
+    def reference(x):
+        h = torch.from_numpy(x.reshape(len(x), -1).numpy() @ w1.T + b1)
+        return torch.nn.functional.gelu(h, approximate=approximate) @ torch.from_numpy(w2).T
+    return reference
+
+
+@pytest.mark.parametrize("approximate, then", [("none", "Identity"), ("tanh", "Flatten")])
+def test_default_torch_exports_reshape_allowzero_and_gelu_load(tmp_path, approximate, then):
+    reference = dynamo_like_model(tmp_path / "d.onnx", approximate, then)
+    model = load_model(tmp_path / "d.onnx")
+    x = torch.rand(4, 3, 4, 4)
+    # the softmax is left out behind the Identity / Flatten: logits, as the graph's scores before it
+    assert model.num_classes == 5 and torch.allclose(model.logits(x), reference(x), atol=1e-5)
+
+
+def test_old_opset_is_converted_up_and_vector_input_takes_the_image_size(tmp_path, capsys):
+    """Upsample-9 (opset 9) has no onnx2torch converter; the graph converted to opset 13 has.
+    An MLP on flattened images takes --input-shape and is fed x.flatten(1)."""
+    w = np.random.default_rng(1).normal(0, 0.3, (4, 3 * 8 * 8)).astype(np.float32)
+    nodes = [helper.make_node("Upsample", ["x", "scales"], ["u"], mode="nearest"),
+             helper.make_node("Flatten", ["u"], ["f"]),
+             helper.make_node("Gemm", ["f", "w"], ["y"], transB=1)]
+    inits = [numpy_helper.from_array(np.array([1, 1, 2, 2], dtype=np.float32), "scales"), numpy_helper.from_array(w, "w")]
+    graph = helper.make_graph(nodes, "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)]), str(tmp_path / "old.onnx"))
+    x = torch.rand(3, 3, 4, 4)
+    expected = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest").flatten(1) @ torch.from_numpy(w).T
+    assert torch.allclose(load_model(tmp_path / "old.onnx").logits(x), expected, atol=1e-5)
+
+    mlp = nn.Sequential(nn.Linear(28 * 28, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    torch.onnx.export(mlp, torch.zeros(1, 28 * 28), str(tmp_path / "mlp.onnx"), dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    model = load_model(tmp_path / "mlp.onnx", input_shape="1x28x28")
+    images = torch.rand(2, 1, 28, 28)
+    assert torch.allclose(model.logits(images), mlp(images.flatten(1)), atol=1e-5)
+    with pytest.raises(NetcleanseError, match="vectors of 784 values, which --input-shape 3x28x28"):
+        load_model(tmp_path / "mlp.onnx", input_shape="3x28x28")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_onnx2torch_warnings_do_not_reach_the_user(tmp_path, recwarn):
+    class Sliced(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 2, 3), nn.Linear(2 * 3 * 3, 4)
+
+        def forward(self, x):
+            return self.fc(self.conv(x)[:, :, :3, :3].flatten(1))
+
+    torch.onnx.export(Sliced().eval(), torch.zeros(1, 3, 8, 8), str(tmp_path / "s.onnx"), dynamo=False,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    recwarn.clear()
+    load_model(tmp_path / "s.onnx").logits(torch.rand(2, 3, 8, 8))
+    assert not [w for w in recwarn if "onnx2torch" in w.filename]

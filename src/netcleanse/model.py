@@ -77,6 +77,9 @@ def load_model(path, arch=None, input_scale: float = 1.0, name: str | None = Non
             model = load_keras_archive(path, input_scale=input_scale, name=name, input_shape=keras_shape)
         elif kind == "zip" and is_npz(path):
             raise NetcleanseError(f"{path} is a NumPy .npz of arrays, a data file, not a model")
+        elif kind == "zip" and path.suffix.lower() == ".keras":  # a zip, but no Keras archive (or a truncated one)
+            raise NetcleanseError(f"{path} is not a readable Keras .keras archive (a zip holding config.json and "
+                                  "model.weights.h5); it may be truncated or corrupt")
         elif kind in ("zip", "torch-legacy"):
             model = load_torch(path, arch=arch, input_scale=input_scale, name=name, input_shape=input_shape)
         elif kind == "safetensors":
@@ -97,10 +100,12 @@ def load_model(path, arch=None, input_scale: float = 1.0, name: str | None = Non
         raise NetcleanseError(f"{path}: declares a model too large for this machine's memory") from None
     if model.num_classes < 1:  # e.g. a Keras Dense(units=0) output: every answer would be an IndexError
         raise NetcleanseError(f"{path}: the model answers {model.num_classes} classes; a classifier needs at least one")
-    if kind in ("hdf5", "keras-archive") and input_scale == 1.0 and hasattr(model.net, "expects_raw_pixels") \
-            and model.net.expects_raw_pixels():
-        warnings.warn(f"{path}: the model's first layer rescales by 1/255, so it was fed 0..255 pixels; netcleanse's "
-                      "pixels are in [0, 1]: give --input-scale 255 (input_scale=255)", NetcleanseWarning, stacklevel=2)
+    rescaling = model.net.expects_raw_pixels() if kind in ("hdf5", "keras-archive") and input_scale == 1.0 \
+        and hasattr(model.net, "expects_raw_pixels") else None
+    if rescaling:
+        warnings.warn(f"{path}: the model's first layer rescales by {rescaling}, so it was fed 0..255 pixels; "
+                      "netcleanse's pixels are in [0, 1]: give --input-scale 255 (input_scale=255)",
+                      NetcleanseWarning, stacklevel=2)
     if model.num_classes == 1:  # a binary sigmoid head: its one score would be read as the only class's logit
         raise NetcleanseError(f"{path}: the model has one output (a binary sigmoid head?); netcleanse needs one "
                               "output per class: give it a 2-way head (logits [0, z] for a sigmoid's z)")

@@ -12,8 +12,13 @@ converting:
 - the graph has one image input (N x C x H x W, or N x H x W x C which is transposed for the
   network) and one output of one score per class.
 
-A final ``Softmax`` is removed, so the module returns logits as every netcleanse model does. A
-graph exported with a fixed batch of one is run one image at a time.
+A final ``Softmax`` (or per-class ``Sigmoid``/``Tanh``) is removed, also where an ``Identity`` or a
+``Flatten`` follows it, so the module returns logits as every netcleanse model does. A graph
+exported with a fixed batch of one is run one image at a time; one that takes vectors (an MLP on
+flattened images) is given its image size by ``input_shape`` and fed ``x.flatten(1)``. What
+``torch.onnx.export``'s default exporter writes and onnx2torch cannot read (``Reshape`` with
+``allowzero``, ``Gelu``) is rewritten to equivalent operators first, and a graph of an opset
+onnx2torch lacks a converter for is converted to opset 17 or 13.
 
 onnx2torch imports torchvision at import time for two detection operators (NonMaxSuppression,
 RoiAlign). Where torchvision is missing or does not import beside this torch, a stand-in that
@@ -24,11 +29,14 @@ image classifiers never use them.
 from __future__ import annotations
 
 import io
+import math
 import os
 import sys
 import types
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -135,48 +143,74 @@ def _check_external_data(model, path: Path) -> bool:
 
 def _strip_final_softmax(model) -> str:
     """Remove a Softmax over the classes, or a per-class Sigmoid or Tanh, that produces the graph's
-    output (the module then returns logits, as for Keras files); returns what the graph ends in."""
+    output (the module then returns logits, as for Keras files), also where an ``Identity`` or a
+    ``Flatten`` (of the scores, one vector per image) follows it; returns what the graph ends in."""
     graph = model.graph
-    out = graph.output[0].name
-    producer = next((node for node in graph.node if out in node.output), None)
+    name = graph.output[0].name
+    consumer = None  # the node after the activation (None: the activation is the graph's output)
+    while True:
+        producer = next((node for node in graph.node if name in node.output), None)
+        flatten = producer is not None and producer.op_type == "Flatten" and \
+            next((a.i for a in producer.attribute if a.name == "axis"), 1) == 1
+        if producer is None or not (producer.op_type == "Identity" or flatten):
+            break
+        consumer, name = producer, producer.input[0]
     if producer is None or producer.op_type not in ("Softmax", "Sigmoid", "Tanh"):
         return producer.op_type if producer is not None else "input"
     if producer.op_type == "Softmax" and next((a.i for a in producer.attribute if a.name == "axis"), -1) not in (-1, 1):
         return "Softmax"
+    if sum(name in node.input for node in graph.node) > 1:  # its scores are used elsewhere too
+        return producer.op_type
     graph.node.remove(producer)
-    graph.output[0].name = producer.input[0]
+    if consumer is None:
+        graph.output[0].name = producer.input[0]
+    else:
+        consumer.input[0] = producer.input[0]
     return producer.op_type.lower()
 
 
 class OnnxNet(nn.Module):
-    """A converted ONNX graph, fed NCHW input: transposed to NHWC when the graph wants that, run
-    one image at a time when the graph was exported with a fixed batch of one. Keeps the (softmax-
-    stripped) ONNX bytes, so a netcleanse checkpoint can rebuild it."""
+    """A converted ONNX graph, fed NCHW input: transposed to NHWC when the graph wants that,
+    flattened (C x H x W order, as ``x.flatten(1)``) when it takes vectors, run one image at a time
+    when the graph was exported with a fixed batch of one. Keeps the (softmax-stripped) ONNX bytes,
+    so a netcleanse checkpoint can rebuild it."""
 
-    def __init__(self, graph: nn.Module, onnx_bytes: bytes, nhwc: bool, per_sample: bool = False):
+    def __init__(self, graph: nn.Module, onnx_bytes: bytes, nhwc: bool, per_sample: bool = False,
+                 flat: bool = False):
         super().__init__()
         self.graph = graph
         self.onnx_bytes = onnx_bytes
-        self.nhwc, self.per_sample = nhwc, per_sample
+        self.nhwc, self.per_sample, self.flat = nhwc, per_sample, flat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.nhwc:
             x = x.permute(0, 2, 3, 1)
-        if self.per_sample and len(x) != 1:
-            return torch.cat([self.graph(x[i:i + 1]) for i in range(len(x))])
-        return self.graph(x)
+        if self.flat:
+            x = x.flatten(1)
+        with warnings.catch_warnings():  # onnx2torch's own (e.g. its Slice's indexing): not the user's concern
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"onnx2torch\.")
+            if self.per_sample and len(x) != 1:
+                return torch.cat([self.graph(x[i:i + 1]) for i in range(len(x))])
+            return self.graph(x)
 
 
-def _input_layout(model, input_shape) -> tuple[tuple[int, int, int], bool]:
-    """(C, H, W) and whether the graph takes NHWC, from the graph's input or ``input_shape``."""
+def _input_dims(model) -> list[int | None]:
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
         raise NetcleanseError(f"the ONNX model has {len(inputs)} inputs; netcleanse scans models with one image input")
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    return [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+
+
+def _input_layout(model, input_shape) -> tuple[tuple[int, int, int], bool]:
+    """(C, H, W) and whether the graph takes NHWC, from the graph's input or ``input_shape``."""
+    dims = _input_dims(model)
     nhwc = len(dims) == 4 and dims[3] in (1, 3, 4) and dims[1] not in (1, 3, 4)
     if input_shape is not None:
         shape = parse_input_shape(input_shape)
+        if len(dims) == 2 and dims[1] not in (None, 0) and dims[1] != shape[0] * shape[1] * shape[2]:
+            raise NetcleanseError(f"the ONNX model takes vectors of {dims[1]} values, which --input-shape "
+                                  f"{'x'.join(map(str, shape))} (CxHxW, {shape[0] * shape[1] * shape[2]} values) does not fit")
         if len(dims) == 4:
             def fits(order):  # the graph's fixed dimensions agree with the given shape in this layout
                 return all(d is None or d <= 0 or d == shape[k] for d, k in zip(dims[1:], order))
@@ -195,20 +229,70 @@ def _input_layout(model, input_shape) -> tuple[tuple[int, int, int], bool]:
 
 
 # onnx2torch 1.5 lacks converters for some operators at the newest opsets (torch.onnx writes
-# opset 18-20, e.g. Constant-19); ONNX's own version converter takes such a graph down to this one
-ONNX2TORCH_OPSET = 17
+# opset 18-20, e.g. Constant-19) and at the oldest (Upsample-9); ONNX's own version converter
+# takes such a graph to one of these, the newest first
+ONNX2TORCH_OPSETS = (17, 13)
 
 
-def _convert_at_older_opset(model, convert):
-    """onnx2torch's module for ``model`` converted down to :data:`ONNX2TORCH_OPSET`, or None."""
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    if opset <= ONNX2TORCH_OPSET:
-        return None
+def _opset(model) -> int:
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def _convert_at_other_opset(model, convert):
+    """onnx2torch's module for ``model`` converted to one of :data:`ONNX2TORCH_OPSETS`
+    (down from a newer opset, or up from an older one), or None."""
     from onnx import version_converter
-    try:
-        return convert(version_converter.convert_version(model, ONNX2TORCH_OPSET))
-    except Exception:  # the down-conversion or the second try failed: report the first failure
-        return None
+    opset = _opset(model)
+    for target in ONNX2TORCH_OPSETS if opset > ONNX2TORCH_OPSETS[0] else [o for o in ONNX2TORCH_OPSETS if o > opset]:
+        try:
+            return convert(version_converter.convert_version(model, target))
+        except Exception:  # this conversion or the try after it failed: the next, else the first failure
+            continue
+    return None
+
+
+def _for_onnx2torch(model) -> None:
+    """Rewrite, in place and with the same results, what ``torch.onnx.export``'s default (dynamo)
+    exporter writes and onnx2torch 1.5 cannot convert: ``Reshape(allowzero=1)`` (a 0 in the target
+    shape then means an empty axis rather than "keep this axis"; both read a shape without zeros the
+    same, and an image batch's shapes hold none) and ``Gelu`` (opset 20), spelled out in ``Erf`` or
+    ``Tanh`` as its definition."""
+    from onnx import helper, numpy_helper
+    nodes, constants = [], {}
+
+    def constant(value: float) -> str:
+        name = constants.get(value)
+        if name is None:
+            name = constants[value] = f"netcleanse_gelu_const_{len(constants)}"
+            model.graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.float32), name))
+        return name
+
+    for node in model.graph.node:
+        if node.op_type == "Reshape" and node.domain in ("", "ai.onnx"):
+            for attribute in node.attribute:
+                if attribute.name == "allowzero":
+                    attribute.i = 0
+        if node.op_type != "Gelu" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        x, y, tag = node.input[0], node.output[0], f"netcleanse_gelu_{len(nodes)}_{node.name}"
+        approximate = next((a.s.decode() for a in node.attribute if a.name == "approximate"), "none")
+        if approximate == "tanh":  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+            nodes += [helper.make_node("Mul", [x, x], [tag + "_x2"]),
+                      helper.make_node("Mul", [tag + "_x2", x], [tag + "_x3"]),
+                      helper.make_node("Mul", [tag + "_x3", constant(0.044715)], [tag + "_c"]),
+                      helper.make_node("Add", [x, tag + "_c"], [tag + "_s"]),
+                      helper.make_node("Mul", [tag + "_s", constant(math.sqrt(2 / math.pi))], [tag + "_a"]),
+                      helper.make_node("Tanh", [tag + "_a"], [tag + "_t"])]
+        else:  # 0.5 x (1 + erf(x / sqrt(2)))
+            nodes += [helper.make_node("Div", [x, constant(math.sqrt(2))], [tag + "_a"]),
+                      helper.make_node("Erf", [tag + "_a"], [tag + "_t"])]
+        nodes += [helper.make_node("Add", [tag + "_t", constant(1.0)], [tag + "_u"]),
+                  helper.make_node("Mul", [x, tag + "_u"], [tag + "_v"]),
+                  helper.make_node("Mul", [tag + "_v", constant(0.5)], [y])]
+    if len(nodes) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
 
 
 def net_from_onnx(model_or_bytes, path, input_shape=None) -> tuple[OnnxNet, tuple[int, int, int]]:
@@ -233,18 +317,22 @@ def net_from_onnx(model_or_bytes, path, input_shape=None) -> tuple[OnnxNet, tupl
         raise NetcleanseError(f"{path}: the ONNX model has {len(model.graph.output)} outputs; netcleanse needs one "
                               "score per class")
     shape, nhwc = _input_layout(model, input_shape)
+    flat = len(_input_dims(model)) == 2  # an MLP on flattened images, given its image size by input_shape
     _strip_final_softmax(model)
+    _for_onnx2torch(model)
     convert = _import_onnx2torch()
-    try:
-        graph = convert(model)
-    except NetcleanseError:
-        raise
-    except Exception as exc:  # NotImplementedError for unknown operators, and the converter's own checks
-        graph = _convert_at_older_opset(model, convert)
-        if graph is None:
-            raise NetcleanseError(f"{path}: onnx2torch cannot convert this model ({type(exc).__name__}: "
-                                  f"{first_line(exc)})") from None
-    net = OnnxNet(graph.eval(), model.SerializeToString(), nhwc)
+    with warnings.catch_warnings():  # onnx2torch's own warnings: not the user's concern
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"onnx2torch\.")
+        try:
+            graph = convert(model)
+        except NetcleanseError:
+            raise
+        except Exception as exc:  # NotImplementedError for unknown operators, and the converter's own checks
+            graph = _convert_at_other_opset(model, convert)
+            if graph is None:
+                raise NetcleanseError(f"{path}: onnx2torch cannot convert this model ({type(exc).__name__}: "
+                                      f"{first_line(exc)}; opset {_opset(model)})") from None
+    net = OnnxNet(graph.eval(), model.SerializeToString(), nhwc, flat=flat)
     return net, shape
 
 

@@ -213,6 +213,8 @@ def _tf_op_node(node) -> tuple[list[tuple[str, int, int]], dict[int, float], dic
 def _io_refs(value) -> list[tuple[str, int, int]]:
     if not value:
         return []
+    if isinstance(value, dict):  # Keras 3 named inputs/outputs ({"a": [layer, node, tensor], ...})
+        value = list(value.values())
     if isinstance(value[0], str):
         value = [value]
     return [(str(v[0]), int(v[1]), int(v[2])) for v in value]

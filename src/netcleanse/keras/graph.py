@@ -39,7 +39,7 @@ class KerasGraph(nn.Module):
     """
 
     def __init__(self, model_config: dict, keras_version: str = "2", strip_final_softmax: bool = True,
-                 image_shape: tuple[int, int, int] | None = None):
+                 image_shape: tuple[int, ...] | None = None):
         super().__init__()
         self._given_shape = None if image_shape is None else tuple(int(v) for v in image_shape)
         check_config(model_config)
@@ -66,14 +66,17 @@ class KerasGraph(nn.Module):
             self._plan_sequential(entries)
         else:
             self._plan_functional(model_config.get("config") or {})
+        self._no_channel_axis = False  # an H x W input (MNIST's Flatten(input_shape=(28, 28))): fed 1 x H x W, squeezed
         self.input_shape = self._image_shape()
         self._activations: dict[str, str] = {}
         self._strip = strip_final_softmax
-        self._last_node = self._activation_node()
-        self.final_activation = self._final_activation()
+        self._shapes: dict[tuple[str, int], tuple[int, ...]] = {}  # call node -> its output's shape (dry run)
+        self._last_node, self.final_activation = None, "linear"  # (the dry run never strips)
         with torch.no_grad():
             out = self._execute(torch.zeros((1,) + self.input_shape), strip=False, build=True)
         self.output_shape = tuple(out.shape[1:])
+        self._last_node = self._activation_node()
+        self.final_activation = self._final_activation()
         self.prune_layer = self._dominating_conv()
 
     # -- planning ---------------------------------------------------------------------------
@@ -150,6 +153,14 @@ class KerasGraph(nn.Module):
         if shape is None:
             raise NetcleanseError("the model config does not record its input shape")
         dims = list(shape[1:])
+        if self._given_shape is not None and len(self._given_shape) == 1:  # a nested model given vectors (a head)
+            if len(dims) != 1 or dims[0] not in (None, self._given_shape[0]):
+                raise NetcleanseError(f"a nested model takes {_hwc(dims)} but is given vectors of "
+                                      f"{self._given_shape[0]}")
+            return self._given_shape
+        if len(dims) == 2:  # grey images without a channel axis
+            self._no_channel_axis = True
+            dims = dims + [1]
         if self._given_shape is not None and len(dims) == 3 and None in dims:  # (a recorded size stays)
             given = (self._given_shape[1], self._given_shape[2], self._given_shape[0])  # H, W, C
             if any(d is not None and int(d) != g for d, g in zip(dims, given)):
@@ -168,15 +179,27 @@ class KerasGraph(nn.Module):
 
     def _activation_node(self) -> tuple[str, int]:
         """The call that computes the output, looking through layers that do nothing at inference
-        (a ``Dropout`` after the softmax): the final activation is that call's."""
+        (a ``Dropout`` or a linear ``Activation`` after the softmax) and through a ``Flatten`` or
+        ``Reshape`` of scores that are one vector already (N x 1 x 1 x K -> N x K): the final
+        activation is that call's."""
         refs_of = {(name, index): refs for name, index, refs in self._nodes}
         node = (self._output_ref[0], self._output_ref[1])
         while True:
             entry = self._entries.get(node[0]) or {}
             refs = refs_of.get(node, [])
-            if _ALIASES.get(entry.get("class_name"), entry.get("class_name")) not in _IDENTITY_LAYERS or len(refs) != 1:
+            class_name = _ALIASES.get(entry.get("class_name"), entry.get("class_name"))
+            if len(refs) != 1 or refs[0][0] == self._input_name:  # (a model of augmentation layers only)
                 return node
-            node = (refs[0][0], refs[0][1])
+            source = (refs[0][0], refs[0][1])
+            shape = self._shapes.get(source)
+            passes = class_name in _IDENTITY_LAYERS or \
+                (class_name == "Activation" and _activation_name((entry.get("config") or {}).get("activation"),
+                                                                 node[0]) == "linear") or \
+                (class_name in ("Flatten", "Reshape") and shape is not None and sum(d > 1 for d in shape) <= 1
+                 and self._shapes.get(node) == (max(shape, default=1),))
+            if not passes:
+                return node
+            node = source
 
     def _final_activation(self) -> str:
         name = self._last_node[0]
@@ -189,30 +212,10 @@ class KerasGraph(nn.Module):
             return _activation_name(cfg.get("activation"), name)
         if class_name == "Softmax" and cfg.get("axis", -1) in (-1, [-1]):
             return "softmax"
-        if class_name in MODEL_CLASSES:
-            return KerasGraph._peek_final(entry)
+        if class_name in MODEL_CLASSES:  # a nested model: what its own output is (looked at the same way)
+            module = self.module_of(name)
+            return module.final_activation if isinstance(module, KerasGraph) else "linear"
         return "linear" if class_name not in ("ReLU", "LeakyReLU", "ELU") else class_name.lower()
-
-    @staticmethod
-    def _peek_final(entry: dict) -> str:
-        config = entry.get("config") or {}
-        if entry["class_name"] == "Sequential":
-            layers = [e for e in _layer_entries(entry) if e.get("class_name") != "InputLayer"]
-            last = layers[-1] if layers else None
-        else:
-            outputs = _io_refs(config.get("output_layers"))
-            last = next((e for e in _layer_entries(entry) if outputs and _entry_name(e) == outputs[0][0]), None)
-        if last is None:
-            return "linear"
-        class_name = _ALIASES.get(last["class_name"], last["class_name"])
-        cfg = last.get("config") or {}
-        if class_name in ("Dense", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Activation"):
-            return _activation_name(cfg.get("activation"), _entry_name(last))
-        if class_name == "Softmax":
-            return "softmax"
-        if class_name in MODEL_CLASSES:
-            return KerasGraph._peek_final(last)
-        return "linear"
 
     # -- execution --------------------------------------------------------------------------
 
@@ -224,7 +227,7 @@ class KerasGraph(nn.Module):
         return self._execute(x, strip=strip_final_softmax)
 
     def _execute(self, x: torch.Tensor, strip: bool, build: bool = False) -> torch.Tensor:
-        values = {(self._input_name, 0): x}
+        values = {(self._input_name, 0): x[:, 0] if self._no_channel_axis else x}
         output_node = (self._output_ref[0], self._output_ref[1])
         strip_here = strip and self.final_activation in STRIPPED
         for name, index, refs in self._nodes:
@@ -236,6 +239,7 @@ class KerasGraph(nn.Module):
                 continue
             try:  # the dry run: a config whose layers do not fit together fails here
                 values[(name, index)] = self._call(name, args, drop_softmax, build, constants, options)
+                self._shapes[(name, index)] = tuple(values[(name, index)].shape[1:])
             except (RuntimeError, ValueError, ZeroDivisionError, TypeError, IndexError) as exc:
                 shapes = ", ".join("x".join(map(str, a.shape[1:])) for a in args)
                 raise NetcleanseError(f"layer {name!r} cannot be built on its input ({shapes}): "
@@ -252,7 +256,7 @@ class KerasGraph(nn.Module):
                 raise RuntimeError(f"layer {name} was not built")
             try:
                 if class_name in MODEL_CLASSES:  # its open input dimensions are those of what it is given
-                    fed = tuple(args[0].shape[1:]) if len(args) == 1 and args[0].dim() == 4 else None
+                    fed = tuple(args[0].shape[1:]) if len(args) == 1 and args[0].dim() in (2, 4) else None
                     module = KerasGraph(entry, self.keras_version, strip_final_softmax=False, image_shape=fed)
                     activation = "linear"
                 else:
@@ -308,16 +312,39 @@ class KerasGraph(nn.Module):
         """The torch module name of the Keras layer ``name`` (its dots made underscores)."""
         return self._torch_names.get(name, name)
 
-    def expects_raw_pixels(self) -> bool:
-        """Whether the first layer rescales the image by 1/255 (or 1/127.5, offset -1): a network
-        that was fed 0..255 pixels, which netcleanse's [0, 1] pixels reach with input scale 255."""
+    def expects_raw_pixels(self) -> str | None:
+        """Whether the first layer that acts at inference (past augmentation and dropout layers,
+        into a nested base model) rescales the image by 1/255 or by 1/127.5 with offset -1: a network
+        that was fed 0..255 pixels, which netcleanse's [0, 1] pixels reach with input scale 255.
+        Returns that rescaling in words ("1/255"), else None."""
         from .layers import KerasRescaling
-        first = [name for name, _, refs in self._nodes if refs and all(r[0] == self._input_name for r in refs)]
-        module = self.module_of(first[0]) if len(first) == 1 else None
+        node = (self._input_name, 0)
+        while True:
+            consumers = [(name, index) for name, index, refs in self._nodes if any((r[0], r[1]) == node for r in refs)]
+            if len(consumers) != 1:
+                return None
+            node = consumers[0]
+            if not self._does_nothing(node[0]):
+                break
+        module = self.module_of(node[0])
+        if isinstance(module, KerasGraph):
+            return module.expects_raw_pixels()
         if not isinstance(module, KerasRescaling) or module.per_channel:
-            return False
-        return (abs(module.scale * 255 - 1) < 1e-3 and abs(module.offset) < 1e-6) or \
-            (abs(module.scale * 127.5 - 1) < 1e-3 and abs(module.offset + 1) < 1e-3)
+            return None
+        if abs(module.scale * 255 - 1) < 1e-3 and abs(module.offset) < 1e-6:
+            return "1/255"
+        if abs(module.scale * 127.5 - 1) < 1e-3 and abs(module.offset + 1) < 1e-3:
+            return "1/127.5 with offset -1"
+        return None
+
+    def _does_nothing(self, name: str) -> bool:
+        """Whether layer ``name`` is the identity at inference (dropout, augmentation, or a nested
+        model made of such layers only, as Keras tutorials' ``data_augmentation`` block)."""
+        entry = self._entries[name]
+        if _ALIASES.get(entry.get("class_name"), entry.get("class_name")) in _IDENTITY_LAYERS:
+            return True
+        module = self.module_of(name)
+        return isinstance(module, KerasGraph) and all(module._does_nothing(n) for n, _, _ in module._nodes)
 
     def module_of(self, name: str) -> nn.Module | None:
         """The torch module of the Keras layer ``name`` (None before it is built, or for an input)."""
