@@ -296,6 +296,26 @@ def test_real_subprocess_error_is_one_line(tiny, tmp_path):
     assert done.stderr.splitlines() == [f"error: image {wrong} is 30x30 (HxW) but the model expects 28x28 (its input is 1x28x28, CxHxW)"]
 
 
+def test_sigterm_stops_a_scan_as_ctrl_c_does(tiny, tmp_path):
+    """A scheduler's SIGTERM: the scan stops cleanly, says it can be resumed, exits 143 (128 + 15)."""
+    if not NETCLEANSE.exists():
+        pytest.skip(f"console script not installed at {NETCLEANSE}")
+    import signal
+    import time
+    out = tmp_path / "scan"
+    env = {**os.environ, "NETCLEANSE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([str(NETCLEANSE), "scan", str(tiny), "--arch", "mnist-cnn", "--data-free",
+                                "--preset", "reference", "--out", str(out)], stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (out / "scan_settings.json").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)  # the scan has begun (the handler is in place long before)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "terminated; run it again with --resume to continue where it stopped"
+    assert "Traceback" not in err
+
+
 # --- the real CSAW sunglasses BadNet -----------------------------------------------------------
 
 @pytest.fixture

@@ -75,8 +75,8 @@ class KillOneWorker(RayExecutor):
         super().__init__(**options)
         self.marker = str(marker)
 
-    def map(self, fn, shared, items, on_progress=None):
-        return super().map(_KillFirst(fn, self.marker), shared, items, on_progress)
+    def map(self, fn, shared, items, on_progress=None, failures=False):
+        return super().map(_KillFirst(fn, self.marker), shared, items, on_progress, failures)
 
 
 def _strip(records):
@@ -109,8 +109,58 @@ def _die(shared, item, progress):
 
 
 class AlwaysDie(RayExecutor):
-    def map(self, fn, shared, items, on_progress=None):
-        return super().map(_die, shared, items, on_progress)
+    def map(self, fn, shared, items, on_progress=None, failures=False):
+        return super().map(_die, shared, items, on_progress, failures)
+
+
+def _die_on_crasher(shared, job, progress):
+    from netcleanse.screening import _screen_one
+    if job[1] == "crasher":
+        os._exit(1)  # as a worker killed for its memory, every time
+    return _screen_one(shared, job, progress)
+
+
+class CrasherDies(RayExecutor):
+    def map(self, fn, shared, items, on_progress=None, failures=False):
+        return super().map(_die_on_crasher, shared, items, on_progress, failures)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TorchScript files
+def test_a_screen_model_whose_worker_always_dies_is_an_error_row(ray_instance, zoo, tmp_path):
+    from netcleanse.screening import ScreenEntry, screen
+    entries = [ScreenEntry(str(zoo["clean"]), name="crasher", data_free=True, labels="0-2"),
+               ScreenEntry(str(zoo["badnet"]), name="good", data_free=True, labels="0-2")]
+    result = screen(entries, tmp_path / "s", progress=False, report=False, executor=CrasherDies(max_retries=1))
+    assert "failed 2 times (its worker or node died)" in result.rows[0]["error"]
+    assert result.rows[1]["error"] is None and result.rows[1]["verdict"] is not None
+
+
+def _warn(shared, item, progress):
+    import warnings
+    from netcleanse.errors import NetcleanseWarning
+    warnings.warn(f"item {item} looks odd", NetcleanseWarning)
+    return item
+
+
+def test_task_warnings_reach_the_caller_and_a_closed_executor_is_refused(ray_instance):
+    from netcleanse.errors import NetcleanseWarning
+    executor = RayExecutor()
+    with pytest.warns(NetcleanseWarning, match="item 7 looks odd"):  # not the worker's log, as a local run
+        assert dict(executor.map(_warn, None, [7])) == {0: 7}
+    executor.close()
+    with pytest.raises(NetcleanseError, match="this Ray executor is closed"):
+        list(executor.map(_double, 1, [1]))
+
+
+def test_an_address_where_nothing_answers_is_one_error_not_a_hang(monkeypatch):
+    import socket
+    with socket.socket() as probe:  # a free port: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init would retry for minutes"))
+    with pytest.raises(NetcleanseError, match=f"cannot connect to the Ray cluster at 127.0.0.1:{port}: nothing answers"):
+        RayExecutor(f"127.0.0.1:{port}")
 
 
 def test_worker_dying_every_time_is_one_error(ray_instance, badnet, clean_data):

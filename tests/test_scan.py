@@ -243,7 +243,7 @@ def test_two_scans_never_write_one_folder(badnet, clean_data, tmp_path):
     first = lock_folder(tmp_path)
     (tmp_path / "scan_settings.json").write_text("{}")
     try:
-        with pytest.raises(NetcleanseError, match="another scan is writing"):
+        with pytest.raises(NetcleanseError, match="another netcleanse process is writing"):
             lock_folder(tmp_path)
     finally:
         first.close()

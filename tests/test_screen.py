@@ -19,6 +19,7 @@ from netcleanse.errors import NetcleanseError
 from netcleanse.model import Classifier, load_model
 from netcleanse.torch_io import save_model
 from netcleanse.scanning import ScanResult, scan
+from netcleanse.executor import LocalExecutor
 from netcleanse.screening import ScreenEntry, make_entries, read_manifest, screen
 
 from conftest import SIZE, TARGET, make_data, train_tiny  # noqa: E402
@@ -253,3 +254,63 @@ def test_paths_are_kept_absolute_so_resume_and_workers_find_the_same_files(tmp_p
     again = screen([ScreenEntry("../work/broken.pt", arch="../work/net.py:Net", data_free=True)],
                    tmp_path / "s", resume=True, progress=False)
     assert "not a" in again.rows[0]["error"] and "no such Python file" not in again.rows[0]["error"]
+
+
+def test_settings_no_model_could_use_are_refused_once(zoo, tmp_path):
+    """Not a row per model (exit 0, and the folder then occupied): one error, nothing written."""
+    entries = make_entries([zoo["clean"]], data_free=True)
+    for kwargs, message in [(dict(alpha=2.0), "alpha must be a number between 0 and 1"),
+                            (dict(threshold=-1.0), "threshold must be a positive number")]:
+        with pytest.raises(NetcleanseError, match=message):
+            screen(entries, tmp_path / "s", progress=False, **kwargs)
+    with pytest.raises(NetcleanseError, match="data not found"):
+        screen(make_entries([zoo["clean"]], data=tmp_path / "missing.npz"), tmp_path / "s", progress=False)
+    with pytest.raises(NetcleanseError, match="a list of model files, got the single path"):
+        make_entries(str(zoo["clean"]), data_free=True)  # would be one entry per character
+    with pytest.raises(NetcleanseError, match="takes a list of ScreenEntry"):
+        screen([str(zoo["clean"])], tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+class OneTaskFails(LocalExecutor):
+    """As a Ray worker that dies on one model: the executor reports that item as failed."""
+
+    def map(self, fn, shared, items, on_progress=None, failures=False):
+        for i, item in enumerate(items):
+            if item[1] == "crasher":
+                assert failures  # a screen asks for failures as results, not as the end of everything
+                yield i, NetcleanseError("a Ray task failed 4 times (its worker or node died)")
+            else:
+                yield i, fn(shared, item, lambda amount: None)
+
+
+def test_a_failed_task_is_a_row_and_an_interrupted_screen_keeps_its_summary(zoo, tmp_path, monkeypatch):
+    import netcleanse.screening as screening
+    entries = [ScreenEntry(str(zoo["clean"]), name="crasher", data_free=True, labels="0-2"),
+               ScreenEntry(str(zoo["badnet"]), name="good", data_free=True, labels="0-2"),
+               ScreenEntry(str(zoo["clean"]), name="later", data_free=True, labels="0-2")]
+    render = screening._render
+    monkeypatch.setattr(screening, "_render", lambda target, out: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C while the first finished model's report is rendered
+        screen(entries, tmp_path / "s", executor=OneTaskFails(), progress=False)
+    info = json.loads((tmp_path / "s" / "screen.json").read_text())
+    assert [r["name"] for r in info["rows"]] == ["crasher", "good"]  # the summary holds every finished model
+    assert "worker or node died" in info["rows"][0]["error"] and info["rows"][1]["verdict"] is not None
+    page = (tmp_path / "s" / "index.html").read_text()
+    assert "<td>later</td>" in page and "not yet scanned" in page  # a pending row named as its folder will be
+    monkeypatch.setattr(screening, "_render", render)
+    again = screen(entries, tmp_path / "s", executor=OneTaskFails(), resume=True, progress=False)
+    assert [r["error"] is None for r in again.rows] == [False, True, True]
+    assert again.rows[1]["report"] == "models/good/report.html" and (tmp_path / "s" / "models/good/report.html").is_file()
+
+
+def test_an_unreadable_finished_scan_is_scanned_again_and_long_names_are_cut(zoo, tmp_path):
+    name = "模" * 150  # 450 bytes of UTF-8: more than a file name may hold
+    entries = [ScreenEntry(str(zoo["clean"]), name=name, data_free=True, labels="0-2")]
+    first = screen(entries, tmp_path / "s", progress=False)
+    folder = tmp_path / "s" / "models" / first.rows[0]["name"]
+    assert first.rows[0]["error"] is None and len(folder.name.encode()) <= 100 and folder.is_dir()
+    (folder / "scan.json").write_text('{"format": "netcleanse-scan", "trunc')
+    again = screen(entries, tmp_path / "s", resume=True, progress=False)
+    assert again.rows[0]["error"] is None and again.rows[0]["verdict"] == first.rows[0]["verdict"]
+    assert ScanResult.load(folder).verdict == first.rows[0]["verdict"]

@@ -17,8 +17,10 @@ one Ray task: ``shared`` is put into Ray's object store once (``ray.put``) and e
 reference to it, which each worker process deserialises once and keeps for the following tasks
 of the same map. A task whose worker process dies is retried by Ray (``max_retries``); an
 exception raised by ``fn`` is not retried and reaches the caller as itself (a
-:class:`NetcleanseError` stays one line). Ctrl-C (or any exception in the caller's loop) cancels
-the tasks still pending. Ray is an optional dependency (``pip install netcleanse[ray]``); this
+:class:`NetcleanseError` stays one line), or, with ``map(..., failures=True)``, is yielded as that
+item's result (a screen makes it the model's error row and goes on). Ctrl-C (or any exception in
+the caller's loop) cancels the tasks still pending. A :class:`NetcleanseWarning` a task raises
+reaches the caller's warnings (one line on the command line), not the worker's log. Ray is an optional dependency (``pip install netcleanse[ray]``); this
 module imports it only when a :class:`RayExecutor` is made.
 """
 
@@ -26,10 +28,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
+import warnings
 from typing import Any, Callable, Iterable, Iterator
 
-from .errors import NetcleanseError
+from .errors import NetcleanseError, NetcleanseWarning
 from .utils import first_line
 
 EXECUTORS = ("local", "ray")
@@ -40,8 +44,10 @@ class Executor:
 
     name = "executor"
 
-    def map(self, fn: Callable, shared: Any, items: Iterable, on_progress: Callable | None = None
-            ) -> Iterator[tuple[int, Any]]:
+    def map(self, fn: Callable, shared: Any, items: Iterable, on_progress: Callable | None = None,
+            failures: bool = False) -> Iterator[tuple[int, Any]]:
+        """(index, result) of every item; with ``failures``, an item whose work raised an
+        ``Exception`` yields it (a :class:`NetcleanseError`) as its result instead of ending the map."""
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -63,10 +69,21 @@ class LocalExecutor(Executor):
 
     name = "local"
 
-    def map(self, fn, shared, items, on_progress=None):
+    def map(self, fn, shared, items, on_progress=None, failures=False):
         for i, item in enumerate(items):
             report = (lambda amount, i=i: on_progress(i, amount)) if on_progress is not None else _ignore
-            yield i, fn(shared, item, report)
+            if not failures:
+                yield i, fn(shared, item, report)
+                continue
+            try:
+                value = fn(shared, item, report)
+            except Exception as exc:  # noqa: BLE001 - this item's failure, as its result
+                value = _as_error(exc)
+            yield i, value
+
+
+def _as_error(exc: Exception) -> NetcleanseError:
+    return exc if isinstance(exc, NetcleanseError) else NetcleanseError(f"{type(exc).__name__}: {first_line(exc)}")
 
 
 def _ignore(amount) -> None:
@@ -101,7 +118,7 @@ class RayExecutor(Executor):
                  gpus_per_task: float = 0, max_retries: int = 3, pickle_by_value=()):
         ray = _import_ray()
         self._ray = ray
-        self._owns = False
+        self._owns, self._closed = False, False
         self.address = address
         self.cpus_per_task, self.gpus_per_task, self.max_retries = cpus_per_task, gpus_per_task, int(max_retries)
         for module in pickle_by_value:
@@ -110,6 +127,8 @@ class RayExecutor(Executor):
             kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, configure_logging=True)
             if address is None:
                 kwargs["num_cpus"] = num_cpus
+            else:
+                _check_reachable(address)
             try:
                 # "local": a private instance even where a cluster runs on this machine (ray.init()
                 # alone would join that one, and refuse num_cpus); a cluster only when named
@@ -127,8 +146,10 @@ class RayExecutor(Executor):
                 "ray_gpus": resources.get("GPU", 0), "cpus_per_task": self.cpus_per_task,
                 "gpus_per_task": self.gpus_per_task}
 
-    def map(self, fn, shared, items, on_progress=None):
+    def map(self, fn, shared, items, on_progress=None, failures=False):
         ray = self._ray
+        if self._closed:  # ray.put would start a new instance of its own, with other resources
+            raise NetcleanseError("this Ray executor is closed; make a new one")
         from .archspec import USER_MODULE_PREFIX
         for name, module in list(sys.modules.items()):
             if name.startswith(USER_MODULE_PREFIX):  # a FILE.py architecture: workers cannot import it by name
@@ -149,7 +170,16 @@ class RayExecutor(Executor):
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for task in done:
                     i = pending.pop(task)
-                    yield i, self._result(task)
+                    try:
+                        value, caught = self._result(task)
+                    except Exception as exc:  # noqa: BLE001 - with failures, this item's result
+                        if not failures:
+                            raise
+                        yield i, _as_error(exc)
+                        continue
+                    for message in caught:  # the task's warnings, as a local run shows them
+                        warnings.warn(message, NetcleanseWarning, stacklevel=2)
+                    yield i, value
         finally:
             for task in pending:  # Ctrl-C, or the caller stopped early: nothing left running for us
                 ray.cancel(task, force=True)
@@ -183,7 +213,21 @@ class RayExecutor(Executor):
     def close(self) -> None:
         if self._owns and self._ray.is_initialized():
             self._ray.shutdown()
-        self._owns = False
+        self._owns, self._closed = False, True
+
+
+def _check_reachable(address: str, seconds: float = 5.0) -> None:
+    """Refuse a cluster address where nothing answers (``ray.init`` would keep retrying for
+    minutes); "auto" and addresses without a port are left to Ray."""
+    host_port = address.split("://", 1)[-1]
+    host, _, port = host_port.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=seconds).close()
+    except OSError as exc:
+        raise NetcleanseError(f"cannot connect to the Ray cluster at {address}: nothing answers there "
+                              f"({first_line(exc)}); is `ray start --head` running, and is the address right?") from None
 
 
 def make_executor(name: str = "local", address: str | None = None, **options) -> Executor:
@@ -215,10 +259,15 @@ def _shared_value(ref):
 
 
 def _run_task(fn, boxed_ref, item, threads, prepare=()):
+    """``fn``'s result and the messages of the :class:`NetcleanseWarning` it raised (the driver
+    shows them; other libraries' warnings stay in the worker)."""
     import torch
     torch.set_num_threads(max(1, int(threads)))
     if "onnx" in prepare:
         from .onnx_io import _import_onnx2torch
         _import_onnx2torch()
     os.environ.setdefault("NETCLEANSE_NO_PROGRESS", "1")
-    return fn(_shared_value(boxed_ref[0]), item, _ignore)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NetcleanseWarning)
+        value = fn(_shared_value(boxed_ref[0]), item, _ignore)
+    return value, [str(w.message) for w in caught if issubclass(w.category, NetcleanseWarning)]

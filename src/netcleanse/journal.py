@@ -110,7 +110,8 @@ def lock_folder(out_dir: Path):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
-        raise NetcleanseError(f"another scan is writing to {out_dir}; wait for it, or choose another --out") from None
+        raise NetcleanseError(f"another netcleanse process is writing to {out_dir}; wait for it, or choose another "
+                              "--out") from None
     return handle
 
 
@@ -172,7 +173,8 @@ def prepare_out(out_dir: Path, resume: bool, settings: dict, model_info: dict) -
                 what = (", ".join(diff) if diff else "the data's content" if changed == ["data_sha256"]
                         else f"the model's preprocessing: {', '.join(preprocessing)}" if preprocessing
                         else "the model's weights" if "weights_sha256" in changed else "the model")
-                raise NetcleanseError(f"cannot resume {out_dir}: it was started with different settings ({what})")
+                raise NetcleanseError(f"cannot resume {out_dir}: it was started with different settings ({what}); "
+                                      f"to start afresh, remove that folder or choose another --out")
             return
     elif out_dir.exists() and any(out_dir.iterdir()):
         raise NetcleanseError(f"{out_dir} is not empty; use --resume to continue a scan there, "

@@ -247,6 +247,17 @@ def _model_info(model) -> dict:
     return info
 
 
+def check_decision(rule: str, alpha: float, threshold: float) -> None:
+    """Refuse a decision setting no scan can use (an unknown rule, alpha outside (0, 1), a
+    threshold that is not a positive number)."""
+    if rule not in RULES:
+        raise NetcleanseError(f"unknown rule {rule!r}; use one of: {', '.join(RULES)}")
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise NetcleanseError(f"threshold must be a positive number, got {threshold}")
+    if not (math.isfinite(alpha) and 0 < alpha < 1):
+        raise NetcleanseError(f"alpha must be a number between 0 and 1, got {alpha}")
+
+
 def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=None, preset: str | Preset = "fast",
          rule: str = "calibrated", alpha: float = 0.05, threshold: float = 2.0, seed: int = 0, out=None,
          resume: bool = False, device: str = "cpu", progress: bool = True, save_all_images: bool = False,
@@ -271,12 +282,7 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         preset = "custom"
     if (data is None) == (not data_free):
         raise NetcleanseError("give exactly one of clean data or data_free=True")
-    if rule not in RULES:
-        raise NetcleanseError(f"unknown rule {rule!r}; use one of: {', '.join(RULES)}")
-    if not (math.isfinite(threshold) and threshold > 0):
-        raise NetcleanseError(f"threshold must be a positive number, got {threshold}")
-    if not (math.isfinite(alpha) and 0 < alpha < 1):
-        raise NetcleanseError(f"alpha must be a number between 0 and 1, got {alpha}")
+    check_decision(rule, alpha, threshold)
     dev = resolve_device(device)
     labels = list(range(model.num_classes)) if labels is None else sorted({int(t) for t in labels})
     if not labels:

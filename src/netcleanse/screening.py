@@ -83,6 +83,9 @@ def make_entries(models, *, arch: str | None = None, input_scale: float = 1.0, d
     """Entries for model files that share one set of options (``netcleanse screen MODEL...``);
     ``data``: a clean-data file or folder; ``labels``: "0,5,7-9" or a list of label numbers;
     ``model_options``: mean, std, arch_kwargs, num_classes, input_shape."""
+    if isinstance(models, (str, Path)):  # one path would be read as its characters
+        raise NetcleanseError(f"models is a list of model files, got the single path {str(models)!r}: "
+                              "give [path]")
     scale = _number(input_scale, "--input-scale")
     if data is not None and not isinstance(data, (str, Path)):
         raise NetcleanseError("a screen's data is a clean-data file or folder (each model's scan reads it); "
@@ -267,15 +270,21 @@ def screen(entries: list[ScreenEntry], out, *, preset: str = "fast", rule: str =
     other entries is refused. ``report``: also render each model's report.html."""
     from .journal import lock_folder
     from .presets import PRESETS
-    from .scanning import RULES
+    from .scanning import check_decision
     started = time.perf_counter()
+    if isinstance(entries, (str, Path)) or not all(isinstance(e, ScreenEntry) for e in entries):
+        raise NetcleanseError("screen() takes a list of ScreenEntry (make_entries([...]) or read_manifest(...) "
+                              "make them)")
     if not entries:
         raise NetcleanseError("no models to screen")
-    resolve_device(device)  # checked here, as a scan checks it, not once per model
+    # settings every model would refuse are refused once, here, not as a row per model
+    resolve_device(device)
     if preset not in PRESETS:
         raise NetcleanseError(f"unknown preset {preset!r}; use one of: {', '.join(PRESETS)}")
-    if rule not in RULES:
-        raise NetcleanseError(f"unknown rule {rule!r}; use one of: {', '.join(RULES)}")
+    check_decision(rule, alpha, threshold)
+    missing = next((e.data for e in entries if e.data is not None and not Path(e.data).exists()), None)
+    if missing is not None:
+        raise NetcleanseError(f"data not found: {missing}")
     # the work and the resume key name the files by absolute paths (the model, its data, an
     # architecture's FILE.py): workers run in other folders (a Ray worker would read FILE.py from its
     # own), and a resume may start elsewhere; the summary shows them as given
@@ -283,7 +292,7 @@ def screen(entries: list[ScreenEntry], out, *, preset: str = "fast", rule: str =
     out = Path(out)
     folders, taken = [], set()
     for entry in entries:
-        base = file_stem(entry.name or Path(entry.model).stem)
+        base = _short(file_stem(entry.name or Path(entry.model).stem))
         folder, k = base, 2
         while folder.lower() in taken:  # deterministic: the same entries always get the same folders
             folder, k = f"{base}_{k}", k + 1
@@ -302,8 +311,8 @@ def screen(entries: list[ScreenEntry], out, *, preset: str = "fast", rule: str =
             try:
                 rows[i] = _finished_row(entry, folder, out, report)
                 continue
-            except NetcleanseError:
-                pass  # unreadable: scan it again
+            except NetcleanseError:  # unreadable: scan it again, in a cleared folder
+                _clear_unreadable(out / "models" / folder)
         todo.append(i)
     shared = {"preset": preset, "rule": rule, "alpha": float(alpha), "threshold": float(threshold), "seed": int(seed),
               "device": device, "out": str(out.resolve()) if in_process else None}
@@ -311,17 +320,35 @@ def screen(entries: list[ScreenEntry], out, *, preset: str = "fast", rule: str =
     bar = progress_bar(disable=None if progress else True)
     try:
         with bar:
-            task = bar.add_task(f"screen: {len(entries)} models", total=len(entries),
-                                completed=len(entries) - len(todo))
-            for j, (result, error, seconds) in executor.map(_screen_one, shared, jobs):
+            task = bar.add_task(f"screen: {len(entries)} model{'' if len(entries) == 1 else 's'}",
+                                total=len(entries), completed=len(entries) - len(todo))
+            for j, outcome in executor.map(_screen_one, shared, jobs, failures=True):
                 i = todo[j]
-                rows[i] = _row(entries[i], folders[i], out, result, error, seconds, in_process, report)
-                _write_summary(out, rows, settings)
+                # a task that failed in the executor (its worker died, say) is that model's error row
+                result, error, seconds = (None, first_line(outcome), None) if isinstance(outcome, Exception) \
+                    else outcome
+                rows[i] = _row(entries[i], folders[i], out, result, error, seconds, in_process)
+                if report and rows[i]["verdict"] is not None:  # (the row stands before: an interrupted
+                    # rendering leaves it in the summary, and a resume renders the report)
+                    rows[i]["report"], rows[i]["error"] = _render(out / "models" / folders[i], out)
+                _write_summary(out, rows, settings, folders, [e.model for e in entries])
                 bar.advance(task)
-        _write_summary(out, rows, settings)
     finally:
-        lock.close()
+        try:  # also when interrupted: the summary shows every model finished so far
+            _write_summary(out, rows, settings, folders, [e.model for e in entries])
+        finally:
+            lock.close()
     return ScreenResult(rows=rows, out=out, elapsed_s=round(time.perf_counter() - started, 3))
+
+
+FOLDER_BYTES = 100  # a model's folder name at most (file systems allow 255 bytes; the suffix _2 and links need room)
+
+
+def _short(name: str) -> str:
+    """``name`` cut to at most :data:`FOLDER_BYTES` bytes of UTF-8 (a whole character at a time)."""
+    while len(name.encode("utf-8")) > FOLDER_BYTES:
+        name = name[:-1]
+    return name
 
 
 def _absolute(entry: ScreenEntry) -> ScreenEntry:
@@ -386,23 +413,28 @@ def _screen_one(shared: dict, job, progress) -> tuple:
     return result, None, time.perf_counter() - t
 
 
-def _row(entry: ScreenEntry, folder: str, out: Path, result, error, seconds, saved: bool, report: bool) -> dict:
+def _row(entry: ScreenEntry, folder: str, out: Path, result, error, seconds, saved: bool) -> dict:
     row = {"name": folder, "model": entry.model, "verdict": None, "flagged": [], "p_value": None, "labels": None,
-           "time_s": round(float(seconds), 3), "report": None, "error": error}
+           "time_s": None if seconds is None else round(float(seconds), 3), "report": None, "error": error}
     if result is None:
         return row
     target = out / "models" / folder
     try:
         if not saved:
             result.save(target, force=True)  # the screen's own folder for this model
-    except NetcleanseError as exc:
+    except (NetcleanseError, OSError) as exc:
         row["error"] = first_line(exc)
         return row
     row.update(verdict=result.verdict, flagged=list(result.flagged), p_value=result.p_value,
                labels=len(result.labels))
-    if report:
-        row["report"], row["error"] = _render(target, out)
     return row
+
+
+def _clear_unreadable(folder: Path) -> None:
+    """Remove a model folder whose scan.json cannot be read, so that its scan starts again (its
+    journal would resume into a broken record; the scan writes everything anew)."""
+    import shutil
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _finished_row(entry: ScreenEntry, folder: str, out: Path, report: bool) -> dict:
@@ -428,7 +460,7 @@ def _render(target: Path, out: Path) -> tuple[str | None, str | None]:
         return None, f"report: {first_line(exc)}"
 
 
-def _write_summary(out: Path, rows: list, settings: dict) -> None:
+def _write_summary(out: Path, rows: list, settings: dict, folders: list[str], models: list[str]) -> None:
     done = [r for r in rows if r is not None]
     write_json_atomic(out / "screen.json", {"format": "netcleanse-screen", "version": 1, "models": len(rows),
                                             "finished": len(done), "settings": {k: v for k, v in settings.items()
@@ -443,7 +475,7 @@ def _write_summary(out: Path, rows: list, settings: dict) -> None:
                            p_value="" if r["p_value"] is None else f"{r['p_value']:.4g}", error=r["error"] or "")
                 writer.writerow({k: spreadsheet_safe(row[k]) if k in _TEXT_FIELDS else row[k] for k in ROW_FIELDS})
     with atomic_write(out / "index.html") as tmp:
-        tmp.write_text(_page(rows, settings), encoding="utf-8")
+        tmp.write_text(_page(rows, settings, folders, models), encoding="utf-8")
 
 
 _PAGE = """<!doctype html>
@@ -468,13 +500,12 @@ padding:.3em .6em;text-align:left}.backdoor-detected{background:#fdd}.error{back
 """
 
 
-def _page(rows: list, settings: dict) -> str:
+def _page(rows: list, settings: dict, folders: list[str], models: list[str]) -> str:
     """The summary page; every string is HTML-escaped (names and errors come from users' files)."""
     from jinja2 import Environment
-    shown = [r if r is not None else {"name": Path(e["model"]).stem if not e.get("name") else e["name"],
-                                      "model": e["model"], "verdict": None, "flagged": [], "p_value": None,
+    shown = [r if r is not None else {"name": folder, "model": model, "verdict": None, "flagged": [], "p_value": None,
                                       "labels": None, "time_s": None, "report": None, "error": None}
-             for r, e in zip(rows, settings["entries"])]
+             for r, folder, model in zip(rows, folders, models)]
     counts: dict[str, int] = {}
     for r in rows:
         if r is not None:

@@ -8,7 +8,9 @@ and exit with status 2; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import warnings
 
 import typer
@@ -71,8 +73,34 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _py
         _python(message, category, filename, lineno, file, line)
 
 
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (a scheduler's or `kill`'s) stop a command as Ctrl-C does: its work cancelled
+    and closed (Ray tasks too), an unfinished scan said to be resumable; exit status 143. Installed
+    by :func:`main`, and again once Ray has started, which sets a handler of its own (that one aborts
+    the process with a stack dump)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def terminated(signum, frame):
+        _state["terminated"] = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
+
+
 def main(argv: list[str] | None = None) -> None:
     warnings.showwarning = _show_warning
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    _state["terminated"] = False
+    stop_on_sigterm()
+    try:
+        _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         # not standalone: typer would print its usage errors as a multi-line box; we print one line
         code = app(args=argv, prog_name="netcleanse", standalone_mode=False)
@@ -99,5 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     if code == 130:
         command = next((str(a) for a in (argv if argv is not None else sys.argv[1:]) if not str(a).startswith("-")), "")
         hint = "; run it again with --resume to continue where it stopped" if command in ("scan", "screen") else ""
-        print(f"interrupted{hint}", file=sys.stderr)
+        print(f"{'terminated' if _state.get('terminated') else 'interrupted'}{hint}", file=sys.stderr)
+        if _state.get("terminated"):
+            code = 143  # 128 + SIGTERM, as the shell reports a process SIGTERM ended
     sys.exit(code if isinstance(code, int) else 0)

@@ -23,7 +23,10 @@ def executor_from_cli(name: str, address: str | None, device: str = "cpu"):
     """The executor the command line asks for; Ray tasks ask for a GPU each with ``--device cuda``."""
     from ..executor import make_executor
     if name == "ray":
-        return make_executor(name, address, gpus_per_task=1 if device == "cuda" else 0)
+        from . import stop_on_sigterm
+        executor = make_executor(name, address, gpus_per_task=1 if device == "cuda" else 0)
+        stop_on_sigterm()  # Ray's start replaced the handler with one that aborts the process
+        return executor
     return make_executor(name, address)
 
 
