@@ -431,15 +431,16 @@ def _is_image_name(path: Path) -> bool:
 
 
 def _walk(folder: Path) -> tuple[list[Path], list[Path]]:
-    """The files and folders below ``folder``, links followed (each real folder once: a link
-    cycle ends), hidden ones (``.name``) and ``__MACOSX`` left out."""
-    files, folders, seen = [], [], set()
+    """The files and folders below ``folder``, links followed (a link back to a folder above it
+    ends there: no cycle), hidden ones (``.name``) and ``__MACOSX`` left out."""
+    files, folders = [], []
     for top, dirs, names in os.walk(folder, followlinks=True):
-        real = os.path.realpath(top)
-        if real in seen:
-            dirs[:] = []
+        here = Path(top)
+        real = os.path.realpath(here)
+        above = here.relative_to(folder).parents  # the folders between ``folder`` and this one
+        if any(os.path.realpath(folder / part) == real for part in above):
+            dirs[:] = []  # a link to a folder it sits in: walked already
             continue
-        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _SKIPPED_FOLDERS)
         folders.extend(Path(top) / d for d in dirs)
         files.extend(p for p in (Path(top) / n for n in names if not n.startswith(".")) if p.is_file())
