@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from netcleanse.cli import app
 from netcleanse.data import Dataset, load_data, save_data
-from netcleanse.errors import NetcleanseError
+from netcleanse.errors import NetcleanseError, NetcleanseWarning
 from netcleanse.model import Classifier, load_model
 from netcleanse.torch_io import save_model
 from netcleanse.scanning import ScanResult, scan
@@ -311,6 +311,8 @@ def test_an_unreadable_finished_scan_is_scanned_again_and_long_names_are_cut(zoo
     folder = tmp_path / "s" / "models" / first.rows[0]["name"]
     assert first.rows[0]["error"] is None and len(folder.name.encode()) <= 100 and folder.is_dir()
     (folder / "scan.json").write_text('{"format": "netcleanse-scan", "trunc')
-    again = screen(entries, tmp_path / "s", resume=True, progress=False)
+    with pytest.warns(NetcleanseWarning, match="cannot be read .* kept as .*unreadable-1 and the model is scanned again"):
+        again = screen(entries, tmp_path / "s", resume=True, progress=False)
+    assert (folder.parent / f"{folder.name}.unreadable-1" / "scan.json").read_text().endswith("trunc")  # nothing lost
     assert again.rows[0]["error"] is None and again.rows[0]["verdict"] == first.rows[0]["verdict"]
     assert ScanResult.load(folder).verdict == first.rows[0]["verdict"]

@@ -20,8 +20,9 @@ exception raised by ``fn`` is not retried and reaches the caller as itself (a
 :class:`NetcleanseError` stays one line), or, with ``map(..., failures=True)``, is yielded as that
 item's result (a screen makes it the model's error row and goes on). Ctrl-C (or any exception in
 the caller's loop) cancels the tasks still pending. A :class:`NetcleanseWarning` a task raises
-reaches the caller's warnings (one line on the command line), not the worker's log. Ray is an optional dependency (``pip install netcleanse[ray]``); this
-module imports it only when a :class:`RayExecutor` is made.
+reaches the caller's warnings (one line on the command line), not the worker's log. Ray is an
+optional dependency (``pip install netcleanse[ray]``); this module imports it only when a
+:class:`RayExecutor` is made.
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ def _shared_value(ref):
 
 def _run_task(fn, boxed_ref, item, threads, prepare=()):
     """``fn``'s result and the messages of the :class:`NetcleanseWarning` it raised (the driver
-    shows them; other libraries' warnings stay in the worker)."""
+    shows them; other libraries' warnings go to the worker's log, as before)."""
     import torch
     torch.set_num_threads(max(1, int(threads)))
     if "onnx" in prepare:
@@ -270,4 +271,7 @@ def _run_task(fn, boxed_ref, item, threads, prepare=()):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", NetcleanseWarning)
         value = fn(_shared_value(boxed_ref[0]), item, _ignore)
+    for w in caught:
+        if not issubclass(w.category, NetcleanseWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return value, [str(w.message) for w in caught if issubclass(w.category, NetcleanseWarning)]

@@ -311,8 +311,8 @@ def screen(entries: list[ScreenEntry], out, *, preset: str = "fast", rule: str =
             try:
                 rows[i] = _finished_row(entry, folder, out, report)
                 continue
-            except NetcleanseError:  # unreadable: scan it again, in a cleared folder
-                _clear_unreadable(out / "models" / folder)
+            except NetcleanseError as exc:  # unreadable: scan it again, its folder kept aside
+                _set_aside(out / "models" / folder, first_line(exc))
         todo.append(i)
     shared = {"preset": preset, "rule": rule, "alpha": float(alpha), "threshold": float(threshold), "seed": int(seed),
               "device": device, "out": str(out.resolve()) if in_process else None}
@@ -430,11 +430,17 @@ def _row(entry: ScreenEntry, folder: str, out: Path, result, error, seconds, sav
     return row
 
 
-def _clear_unreadable(folder: Path) -> None:
-    """Remove a model folder whose scan.json cannot be read, so that its scan starts again (its
-    journal would resume into a broken record; the scan writes everything anew)."""
-    import shutil
-    shutil.rmtree(folder, ignore_errors=True)
+def _set_aside(folder: Path, why: str) -> None:
+    """Rename a model folder whose scan.json cannot be read to ``<name>.unreadable-N`` (nothing is
+    deleted), so that the model is scanned again in a fresh folder, and say so."""
+    import warnings
+    from .errors import NetcleanseWarning
+    n = 1
+    while (aside := folder.with_name(f"{folder.name}.unreadable-{n}")).exists():
+        n += 1
+    folder.rename(aside)
+    warnings.warn(f"{folder}: its scan.json cannot be read ({why}); the folder is kept as {aside.name} and the "
+                  "model is scanned again", NetcleanseWarning, stacklevel=3)
 
 
 def _finished_row(entry: ScreenEntry, folder: str, out: Path, report: bool) -> dict:

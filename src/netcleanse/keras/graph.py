@@ -39,8 +39,9 @@ class KerasGraph(nn.Module):
     """
 
     def __init__(self, model_config: dict, keras_version: str = "2", strip_final_softmax: bool = True,
-                 image_shape: tuple[int, ...] | None = None):
+                 image_shape: tuple[int, ...] | None = None, nested: bool = False):
         super().__init__()
+        self._nested = nested  # inside another model: fed that model's tensors as they are
         self._given_shape = None if image_shape is None else tuple(int(v) for v in image_shape)
         check_config(model_config)
         self.model_config = model_config
@@ -158,7 +159,7 @@ class KerasGraph(nn.Module):
                 raise NetcleanseError(f"a nested model takes {_hwc(dims)} but is given vectors of "
                                       f"{self._given_shape[0]}")
             return self._given_shape
-        if len(dims) == 2:  # grey images without a channel axis
+        if len(dims) == 2 and not self._nested:  # grey images without a channel axis
             self._no_channel_axis = True
             dims = dims + [1]
         if self._given_shape is not None and len(dims) == 3 and None in dims:  # (a recorded size stays)
@@ -257,7 +258,8 @@ class KerasGraph(nn.Module):
             try:
                 if class_name in MODEL_CLASSES:  # its open input dimensions are those of what it is given
                     fed = tuple(args[0].shape[1:]) if len(args) == 1 and args[0].dim() in (2, 4) else None
-                    module = KerasGraph(entry, self.keras_version, strip_final_softmax=False, image_shape=fed)
+                    module = KerasGraph(entry, self.keras_version, strip_final_softmax=False, image_shape=fed,
+                                        nested=True)
                     activation = "linear"
                 else:
                     module, activation = build_layer(class_name, entry.get("config") or {}, name, args,
