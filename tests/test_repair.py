@@ -345,6 +345,15 @@ def test_cli_repair_keeps_other_files_and_scans_out_of_its_folder(tmp_path):
     assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"] and not (other_scan / "guarded.pt").exists()
 
 
+def test_cli_repair_of_a_scan_that_flagged_nothing_is_refused_before_the_data_is_read(tmp_path):
+    model_path = save_model(_model(), tmp_path / "model.pt")
+    nothing = _scan_dir(tmp_path, flagged=())
+    for method in ("unlearn", "filter"):
+        result = CliRunner().invoke(app, ["repair", str(model_path), "--scan", str(nothing), "--method", method,
+                                          "--data", str(tmp_path / "not_read.npz"), "--out", str(tmp_path / method)])
+        assert result.exit_code != 0 and "the scan flagged no label" in str(result.exception), result.output
+
+
 def test_cli_repair_force_removes_the_replaced_repairs_models_and_options_of_other_methods_are_refused(tmp_path):
     model = _model()
     model_path = save_model(model, tmp_path / "model.pt")
