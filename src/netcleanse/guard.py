@@ -37,7 +37,7 @@ from .errors import NetcleanseError
 from .guarded import (POISON_MARGIN, Disagreement, GuardedClassifier, TriggerFilter,  # noqa: F401
                       logits_and_features, output_linear)
 from .synthesis import smooth_noise
-from .trigger import Trigger
+from .trigger import Trigger, need_triggers
 from .utils import module_device, on_device
 
 
@@ -77,8 +77,7 @@ def trigger_filter(model: Classifier, triggers: dict[int, Trigger], data: Datase
     ``device``: where the calibration inputs go through the model, "cpu" or "cuda"; the guard is
     built on the CPU (the model is moved back).
     """
-    if not triggers:
-        raise NetcleanseError("the scan flagged no label, so there is no reversed trigger to build a filter from")
+    need_triggers(triggers, "build a filter from")
     for name, value, ok in (("top_fraction", top_fraction, 0 < top_fraction <= 1),
                             ("quantile", quantile, 0 <= quantile <= 1),
                             ("genuine_quantile", genuine_quantile, 0 <= genuine_quantile <= 1)):

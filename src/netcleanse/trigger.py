@@ -43,3 +43,10 @@ class Trigger:
     def fusion(self) -> torch.Tensor:
         """mask * pattern, the image Neural Cleanse shows as the trigger."""
         return self.mask * self.pattern
+
+
+def need_triggers(triggers: dict, goal: str) -> None:
+    """Refuse an empty ``{label: Trigger}`` (a scan that flagged nothing) for a repair that needs the
+    reversed triggers to ``goal`` ("unlearn", "build a filter from")."""
+    if not triggers:
+        raise NetcleanseError(f"the scan flagged no label, so there is no reversed trigger to {goal}")

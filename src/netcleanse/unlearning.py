@@ -15,7 +15,7 @@ from .data import Dataset
 from .errors import NetcleanseError
 from .classifier import Classifier
 from .pruning import fine_tune
-from .trigger import Trigger
+from .trigger import Trigger, need_triggers
 from .utils import resolve_device
 
 
@@ -24,8 +24,7 @@ def unlearning_set(clean: Dataset, triggers: dict[int, Trigger], fraction: float
     between the flagged labels), every row keeping its true label."""
     if clean.y is None:
         raise NetcleanseError(f"{clean.source}: unlearning needs labelled clean data")
-    if not triggers:
-        raise NetcleanseError("the scan flagged no label, so there is no reversed trigger to unlearn")
+    need_triggers(triggers, "unlearn")
     if not 0 < fraction < 1:
         raise NetcleanseError(f"the stamped fraction must be in (0, 1), got {fraction}")
     generator = torch.Generator().manual_seed(seed)

@@ -147,9 +147,9 @@ def repair(
     if scan is not None:
         check_scan_model(scan, model)
     triggers = scan_triggers(scan) if scan is not None else {}
-    if method in ("filter", "unlearn") and not triggers:  # said before the data is read (minutes for a big set)
-        goal = "unlearn" if method == "unlearn" else "build a filter from"
-        raise NetcleanseError(f"the scan flagged no label, so there is no reversed trigger to {goal}")
+    if method in ("filter", "unlearn"):  # said before the data is read (minutes for a big set)
+        from ..trigger import need_triggers
+        need_triggers(triggers, "unlearn" if method == "unlearn" else "build a filter from")
     shape, classes = model.input_shape, model.num_classes
     clean = load_data(data, expect_shape=shape, num_classes=classes) if data is not None else None
     tests_clean = load_data(test_clean, expect_shape=shape, num_classes=classes) if test_clean is not None else None
