@@ -81,7 +81,7 @@ def test_label_groups_and_inversion_chunks_change_no_bit(badnet, clean_data):
     everything gives; the data-free inversion a few inputs per pass gives the same inputs up to
     float rounding (a forward pass over 7 inputs need not round as the same inputs inside a pass of
     40 do: on some CPUs the kernels differ by batch size, by about 1e-6 per pass)."""
-    from netcleanse.synthesis import _invert, smooth_noise
+    from netcleanse.synthesis import inversion_start, invert
 
     labels, x = list(range(8)), clean_data.x[:64]
 
@@ -97,8 +97,8 @@ def test_label_groups_and_inversion_chunks_change_no_bit(badnet, clean_data):
     m, p = whole[0], whole[1]
     assert attack_success(badnet, x, m, p, labels, max_images=64) == attack_success(badnet, x, m, p, labels,
                                                                                      max_images=4096)
-    x0 = smooth_noise((1, SIZE, SIZE), 40, torch.Generator().manual_seed(0))
-    inverted = [_invert(badnet, x0, torch.Generator().manual_seed(1), None, steps=5, max_images=k) for k in (40, 16, 7)]
+    x0, targets = inversion_start(badnet, 40, torch.Generator().manual_seed(0))
+    inverted = [invert(badnet, x0, targets, 40, steps=5, max_images=k) for k in (40, 16, 7)]
     for other in inverted[1:]:
         assert torch.allclose(inverted[0], other, rtol=0, atol=1e-2)
         assert (inverted[0] - other).abs().mean() < 1e-4

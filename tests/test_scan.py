@@ -457,3 +457,41 @@ def test_an_interrupted_runs_time_is_recorded_in_flight_chunks_included(tmp_path
     del finished
     gc.collect()
     assert json.loads((tmp_path / "elapsed.json").read_text())["elapsed_s"] == 65.0
+
+
+def test_an_interrupted_data_free_scan_keeps_its_inverted_inputs(badnet, tmp_path, monkeypatch, capsys):
+    # the inversion goes in parts, each journalled: a resumed scan inverts only the parts not yet
+    # finished, and ends with the bits of an uninterrupted scan; the progress shows the inversion
+    fast = PRESETS["fast"]
+    plan = scan_module.replace(fast, n_opt=24, n_val=8, few_labels_n_opt=24, margin_restarts=1, margin_steps=5,
+                               few_labels_refine=scan_module.replace(
+                                   fast.few_labels_refine, schedule=scan_module.replace(
+                                       fast.few_labels_refine.schedule, max_epochs=3)))
+    monkeypatch.setattr(scan_module, "INVERT_IMAGES", 8)  # 32 inputs: four parts
+    whole = scan(badnet, data_free=True, labels=[0, 1, TARGET], preset=plan, seed=2, out=tmp_path / "whole",
+                 progress=False)
+    real, calls = scan_module.invert, []
+
+    def counted(*args, **kwargs):
+        if len(calls) == limit[0]:
+            raise KeyboardInterrupt
+        calls.append(len(args[1]))
+        return real(*args, **kwargs)
+
+    limit = [2]
+    monkeypatch.setattr(scan_module, "invert", counted)
+    with pytest.raises(KeyboardInterrupt):
+        scan(badnet, data_free=True, labels=[0, 1, TARGET], preset=plan, seed=2, out=tmp_path / "cut", progress=False)
+    entries = [json.loads(line) for line in (tmp_path / "cut" / "progress.jsonl").read_text().splitlines()]
+    assert [(e["lo"], e["hi"]) for e in entries] == [(0, 8), (8, 16)]
+    calls.clear()
+    limit[0] = None
+    monkeypatch.setenv("NETCLEANSE_PROGRESS_EVERY", "1000")
+    monkeypatch.delenv("NETCLEANSE_NO_PROGRESS", raising=False)
+    resumed = scan(badnet, data_free=True, labels=[0, 1, TARGET], preset=plan, seed=2, out=tmp_path / "cut",
+                   resume=True, progress=True)
+    assert calls == [8, 8]  # only the two parts left
+    assert "inputs: inverting 32: 120/120 (100 %)" in capsys.readouterr().err  # 4 parts x 30 steps, 2 done
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "time_s"} for r in recs]  # noqa: E731
+    assert strip(resumed.labels) == strip(whole.labels)
+    assert np.array_equal(resumed.masks, whole.masks)

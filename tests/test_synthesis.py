@@ -8,7 +8,7 @@ import torch
 import netcleanse
 from netcleanse.errors import NetcleanseError
 from netcleanse.presets import PRESETS
-from netcleanse.synthesis import _invert, smooth_noise, synthesize_inputs
+from netcleanse.synthesis import inversion_parts, invert, smooth_noise, synthesize_inputs
 
 from conftest import SIZE
 
@@ -22,9 +22,9 @@ def _targets(model, n, seed):
 
 def test_each_input_is_kept_at_the_first_confident_step(badnet):
     x0 = smooth_noise((1, SIZE, SIZE), 40, torch.Generator().manual_seed(0))
-    full = _invert(badnet, x0, torch.Generator().manual_seed(1), None, steps=30)
-    stopped = _invert(badnet, x0, torch.Generator().manual_seed(1), None, steps=30, confidence=0.6)
     targets = _targets(badnet, 40, 1)
+    full = invert(badnet, x0, targets, 40, steps=30)
+    stopped = invert(badnet, x0, targets, 40, steps=30, confidence=0.6)
     with torch.no_grad():
         p_full = badnet(full).softmax(1)[torch.arange(40), targets]
         p_stopped = badnet(stopped).softmax(1)[torch.arange(40), targets]
@@ -37,8 +37,25 @@ def test_each_input_is_kept_at_the_first_confident_step(badnet):
     never = ~kept
     assert torch.allclose(stopped[never], full[never], atol=1e-5)
     # without a confidence nothing changes
-    again = _invert(badnet, x0, torch.Generator().manual_seed(1), None, steps=30, confidence=None)
+    again = invert(badnet, x0, targets, 40, steps=30, confidence=None)
     assert torch.equal(again, full)
+
+
+@pytest.mark.parametrize("confidence", [None, 0.6])
+def test_inputs_inverted_part_by_part_end_where_they_would_together(badnet, confidence):
+    # each input's loss term and Adam's update are its own: the parts a scan inverts one after
+    # another (and journals, and may send to other workers) give the very bits of one optimisation
+    x0, targets = smooth_noise((1, SIZE, SIZE), 40, torch.Generator().manual_seed(0)), _targets(badnet, 40, 1)
+    together = invert(badnet, x0, targets, 40, steps=10, confidence=confidence, max_images=16)
+    parts = inversion_parts(40, 16)
+    assert parts == [(0, 16), (16, 32), (32, 40)]
+    apart = torch.cat([invert(badnet, x0[lo:hi], targets[lo:hi], 40, steps=10, confidence=confidence,
+                              max_images=16) for lo, hi in parts])
+    assert torch.equal(apart, together)
+    steps = []
+    synthesize_inputs(badnet, 40, "inversion", torch.Generator().manual_seed(0), max_images=16,
+                      on_step=steps.append)
+    assert sum(steps) == 3 * 30  # every step of every part is told
 
 
 @pytest.mark.parametrize("confidence, kind", [(0.0, "inversion"), (1.0, "inversion"), (0.9, "smooth")])

@@ -78,7 +78,8 @@ from .passes import MEASURE_IMAGES, images_per_pass
 from .presets import PRESETS, Preset, Stage, plan_of  # PRESETS, Preset, Stage: still importable from here
 from .progress import progress_bar
 from .sanity import OUTPUT_CHECK_IMAGES, check_outputs, output_check_runs
-from .synthesis import INVERSION_STEPS, INVERT_IMAGES, smooth_noise, synthesize_inputs  # noqa: F401 (they lived here)
+from .synthesis import (INVERSION_STEPS, INVERT_IMAGES, check_kind, inversion_parts, inversion_start, invert,  # noqa: F401
+                        smooth_noise, synthesize_inputs)  # (smooth_noise, INVERSION_STEPS lived here)
 from .transferability import MAX_IMAGES as TRANSFER_IMAGES, expected_transferability
 from .trigger import Trigger
 from .utils import resolve_device
@@ -325,24 +326,25 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
     settings["images_per_pass"] = min(MAX_IMAGES, per_pass)
 
     gen = torch.Generator().manual_seed(int(seed))
-    if data is None:
-        x_all = synthesize_inputs(work, plan.n_opt + plan.n_val, plan.data_free_inputs, gen, dev,
-                                  confidence=plan.inversion_confidence, max_images=min(INVERT_IMAGES, per_pass))
-        n_opt = plan.n_opt
-    else:
-        order = torch.randperm(len(data), generator=gen)
-        n_val = min(plan.n_val, len(data) // 2)
-        n_opt = min(plan.n_opt, len(data) - n_val)
-        x_all = data.x[order[:n_opt + n_val]]
-    x_opt, x_val = x_all[:n_opt].to(dev), x_all[n_opt:].to(dev)
-
-    settings["n_opt"], settings["n_val"] = int(len(x_opt)), int(len(x_val))
     results: dict[int, dict] = {}  # label -> record (latest stage)
     masks: dict[int, np.ndarray] = {}
     patterns: dict[int, np.ndarray] = {}
 
     bar = progress_bar(disable=None if progress else True)
     with bar:
+        if data is None:
+            x_all = data_free_inputs(work, plan.n_opt + plan.n_val, plan.data_free_inputs, gen, dev,
+                                     plan.inversion_confidence, min(INVERT_IMAGES, per_pass), journal, bar,
+                                     executor, channels_last)
+            n_opt = plan.n_opt
+        else:
+            order = torch.randperm(len(data), generator=gen)
+            n_val = min(plan.n_val, len(data) // 2)
+            n_opt = min(plan.n_opt, len(data) - n_val)
+            x_all = data.x[order[:n_opt + n_val]]
+        x_opt, x_val = x_all[:n_opt].to(dev), x_all[n_opt:].to(dev)
+        settings["n_opt"], settings["n_val"] = int(len(x_opt)), int(len(x_val))
+
         coarse = _run_stage(work, plan.coarse, labels, x_opt, x_val, journal, seed, bar, channels_last, dev,
                             executor=executor, per_pass=per_pass)
         for t, (rec, m, p, _, _) in coarse.items():
@@ -572,6 +574,55 @@ def record_margins(model, scans: list[dict], seed: int, preset: str = "fast") ->
 
 # inputs per forward pass of the margin search (max_margins' max_images; why 96: neural_cleanse.MAX_IMAGES)
 MARGIN_IMAGES = 96
+
+
+def data_free_inputs(work, n: int, kind: str, gen: torch.Generator, device, confidence: float | None,
+                     max_images: int, journal: Journal | None = None, bar=None, executor: Executor | None = None,
+                     channels_last: bool = False) -> torch.Tensor:
+    """A data-free scan's ``n`` inputs (:func:`netcleanse.synthesis.synthesize_inputs`, the same
+    bits): an inversion goes in parts of ``max_images`` inputs (each input's path is its own), each
+    one task of ``executor`` and, when a journal is given, one journal entry (``inputs_<lo>-<hi>``),
+    so an interrupted scan does not invert its finished parts again; the bar counts their steps."""
+    if kind != "inversion":
+        return synthesize_inputs(work, n, kind, gen, device, confidence=confidence)
+    check_kind(kind, confidence)
+    x0, targets = inversion_start(work, n, gen)
+    parts = inversion_parts(n, max_images)
+    keys = [f"inputs_{lo}-{hi}" for lo, hi in parts]
+    memory = journal if journal is not None else Journal(None)
+    todo = [i for i, key in enumerate(keys) if not memory.has(key)]
+    total = len(parts) * INVERSION_STEPS
+    task = bar.add_task(f"inputs: inverting {n}", total=total) if bar is not None else None
+    finished = [total - len(todo) * INVERSION_STEPS]
+    running: dict[int, float] = {}
+
+    def show():
+        if task is not None:
+            bar.update(task, completed=finished[0] + sum(running.values()))
+
+    def on_progress(j, k):
+        running[j] = running.get(j, 0) + k
+        show()
+
+    show()
+    jobs = [(x0[parts[i][0]:parts[i][1]], targets[parts[i][0]:parts[i][1]], n, confidence, max_images,
+             str(device or "cpu"))
+            for i in todo]
+    shared = _ScanShared(work, None, None, channels_last, max_images)
+    for j, x in (executor or LocalExecutor()).map(_invert_part, shared, jobs, on_progress):
+        lo, hi = parts[todo[j]]
+        memory.put(keys[todo[j]], {"stage": "inputs", "lo": lo, "hi": hi}, {"x": x.numpy()})
+        running.pop(j, None)
+        finished[0] += INVERSION_STEPS
+        show()
+    return torch.cat([torch.from_numpy(memory.get(key)[1]["x"]) for key in keys])
+
+
+def _invert_part(shared: "_ScanShared", job, progress) -> torch.Tensor:
+    """One part of a data-free inversion (:func:`netcleanse.synthesis.invert`), wherever it runs."""
+    x0, targets, n, confidence, max_images, device = job
+    return invert(shared.model, x0, targets, n, torch.device(device), confidence=confidence,
+                  max_images=max_images, on_step=progress)
 
 
 def label_margins(work, labels, seed: int, plan: Preset, device, channels_last: bool, journal: Journal | None = None,

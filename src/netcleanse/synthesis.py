@@ -12,7 +12,10 @@ classes), TV(x) is the mean absolute difference of vertically plus horizontally 
 over all inputs, and ``tv_weight`` is 0.05: inputs the model classifies confidently as many
 different classes, kept smooth by the total-variation prior. The gradient is taken
 :data:`INVERT_IMAGES` inputs at a time, which bounds memory and gives the same gradient as one pass up to
-float rounding (a CPU's kernels may round a pass of fewer inputs differently).
+float rounding (a CPU's kernels may round a pass of fewer inputs differently). Each input's terms of
+the loss are its own and Adam works element by element, so the inputs are inverted in parts of that
+many (:func:`inversion_parts`), one after another: the same bits as all at once, and a scan can
+journal each part (:func:`netcleanse.scanning.data_free_inputs`).
 
 **Stopping at a confidence** (``confidence``, off unless a preset asks for it): an input is kept at
 the first iterate at which the model gives its target class a probability of at least
@@ -51,7 +54,8 @@ INVERT_IMAGES = 96  # inputs per forward pass of the inversion (bounds its autog
 
 
 def synthesize_inputs(model, n: int, kind: str, generator: torch.Generator, device=None,
-                      confidence: float | None = None, max_images: int = INVERT_IMAGES) -> torch.Tensor:
+                      confidence: float | None = None, max_images: int = INVERT_IMAGES,
+                      on_step=None) -> torch.Tensor:
     """Inputs for a data-free scan, (n, C, H, W) in [0, 1].
 
     ``uniform``: i.i.d. uniform pixels. ``smooth``: uniform noise on a 5x coarser grid,
@@ -59,40 +63,67 @@ def synthesize_inputs(model, n: int, kind: str, generator: torch.Generator, devi
     to be classified confidently as n different random classes, with a total-variation prior;
     with ``confidence``, each input kept at the first step its class reaches that probability.
     ``max_images``: inputs per gradient pass of the inversion (memory only, :mod:`netcleanse.passes`).
+    ``on_step(k)``: told k finished inversion steps of one part (:func:`inversion_parts` parts of
+    :data:`INVERSION_STEPS` steps each).
     """
+    check_kind(kind, confidence)
+    C, H, W = model.input_shape
+    if kind == "uniform":
+        return torch.rand(n, C, H, W, generator=generator).float()
+    x0, targets = inversion_start(model, n, generator) if kind == "inversion" else \
+        (smooth_noise(model.input_shape, n, generator), None)
+    if kind == "smooth":
+        return x0.float()
+    return torch.cat([invert(model, x0[lo:hi], targets[lo:hi], n, device, confidence=confidence,
+                             max_images=max_images, on_step=on_step)
+                      for lo, hi in inversion_parts(n, max_images)]).float()
+
+
+def check_kind(kind: str, confidence: float | None = None) -> None:
+    """Refuse an unknown input kind, or a confidence that is not a probability of an inversion."""
+    if kind not in ("uniform", "smooth", "inversion"):
+        raise NetcleanseError(f"unknown data-free input kind {kind!r}; use uniform, smooth or inversion")
     if confidence is not None and not (0 < confidence < 1 and kind == "inversion"):
         raise NetcleanseError(f"an inversion confidence must be between 0 and 1 (and needs kind inversion), "
                               f"got {confidence} for {kind!r}")
-    C, H, W = model.input_shape
-    if kind == "uniform":
-        x = torch.rand(n, C, H, W, generator=generator)
-    elif kind in ("smooth", "inversion"):
-        x = smooth_noise(model.input_shape, n, generator)
-        if kind == "inversion":
-            x = _invert(model, x, generator, device, confidence=confidence, max_images=max_images)
-    else:
-        raise NetcleanseError(f"unknown data-free input kind {kind!r}; use uniform, smooth or inversion")
-    return x.float()
 
 
-def _invert(model, x0: torch.Tensor, generator: torch.Generator, device, steps: int = INVERSION_STEPS,
-            tv_weight: float = 0.05, max_images: int = INVERT_IMAGES, confidence: float | None = None) -> torch.Tensor:
-    targets = torch.randperm(model.num_classes, generator=generator)[:len(x0)]
-    if len(targets) < len(x0):
-        targets = targets.repeat(math.ceil(len(x0) / len(targets)))[:len(x0)]
+def inversion_start(model, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inversion's starting points (smooth noise) and target classes (distinct random classes,
+    repeated when there are more inputs than classes), drawn from ``generator`` in that order."""
+    x0 = smooth_noise(model.input_shape, n, generator)
+    targets = torch.randperm(model.num_classes, generator=generator)[:n]
+    if len(targets) < n:
+        targets = targets.repeat(math.ceil(n / len(targets)))[:n]
+    return x0, targets
+
+
+def inversion_parts(n: int, max_images: int = INVERT_IMAGES) -> list[tuple[int, int]]:
+    """The parts (lo, hi) of ``n`` inputs that are inverted one after another, ``max_images`` each."""
+    return [(lo, min(n, lo + max_images)) for lo in range(0, n, max_images)]
+
+
+def invert(model, x0: torch.Tensor, targets: torch.Tensor, n: int, device=None, steps: int = INVERSION_STEPS,
+           tv_weight: float = 0.05, max_images: int = INVERT_IMAGES, confidence: float | None = None,
+           on_step=None) -> torch.Tensor:
+    """Invert the inputs ``x0`` (a part of the ``n`` of the whole loss, module doc) towards
+    ``targets``; returns them in [0, 1] on the CPU.
+
+    The loss is a sum over inputs of terms of each input alone (its cross-entropy and total
+    variation, over ``n``), and Adam works element by element, so every input follows its own
+    path: a part inverted on its own ends where it would in one optimisation of all ``n``. Its
+    gradient is still taken ``max_images`` inputs at a time (memory).
+    """
     device = device or torch.device("cpu")
     w = torch.atanh((x0 * 2 - 1).clamp(-0.999, 0.999)).to(device).requires_grad_(True)
     targets = targets.to(device)
     opt = torch.optim.Adam([w], lr=0.05)
-    n, (C, H, W) = len(w), w.shape[1:]
+    m, (C, H, W) = len(w), w.shape[1:]
     if confidence is not None:  # each input's first iterate confident enough, and whether it has one
-        kept, done = torch.empty_like(w), torch.zeros(n, dtype=torch.bool, device=device)
+        kept, done = torch.empty_like(w), torch.zeros(m, dtype=torch.bool, device=device)
     for _ in range(steps):
-        # the loss (mean cross-entropy + total variation over all inputs) is a sum over inputs, so its
-        # gradient is taken max_images inputs at a time, each part scaled as the means would: the
-        # same gradient as one pass over all inputs up to float rounding, with a fraction of the memory
         grads = []
-        for lo in range(0, n, max_images):
+        for lo in range(0, m, max_images):
             part = w[lo:lo + max_images].detach().requires_grad_(True)
             x = torch.tanh(part) / 2 + 0.5
             tv = ((x[..., 1:, :] - x[..., :-1, :]).abs().sum() / (n * C * (H - 1) * W)
@@ -110,6 +141,8 @@ def _invert(model, x0: torch.Tensor, generator: torch.Generator, device, steps: 
             grads.append(torch.autograd.grad(loss, part)[0])
         w.grad = torch.cat(grads)
         opt.step()
+        if on_step is not None:
+            on_step(1)
     out = (torch.tanh(w) / 2 + 0.5).detach()
     if confidence is not None:
         out = torch.where(done[:, None, None, None], kept, out)
