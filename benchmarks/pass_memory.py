@@ -10,6 +10,10 @@ input gradient, Adam step), each setting in a fresh child process so that its pe
 * bounded: up to ``images_per_pass`` images, as a scan sets it under ``NETCLEANSE_PASS_MIB``
   (default 2048 MiB of activations).
 
+``--step predict``: a forward pass without gradient over 512 images (``predict``/``eval``,
+:func:`netcleanse.evaluate.predict_dataset`); baseline: one pass of 512 (the fixed batch before
+:func:`netcleanse.passes.forward_batch`), bounded: the default batch under the budget.
+
 ``--step train``: one training step of a repair instead (fine-tuning and unlearning: a mini-batch of
 64 labelled images, weight gradients, one Adam step, :func:`netcleanse.training.train`); baseline:
 the whole mini-batch in one pass (``NETCLEANSE_PASS_MIB`` set out of reach), bounded: the parts of
@@ -94,6 +98,23 @@ def train_child(net: str, input_shape, bounded: bool, threads: int) -> dict:
             "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "activation_mib_per_image": per_image / 2**20}
 
 
+def predict_child(net: str, input_shape, bounded: bool, threads: int, n: int = 512) -> dict:
+    """Predictions for ``n`` images in this (fresh) process, as ``netcleanse eval`` makes them."""
+    from netcleanse.data import Dataset
+    from netcleanse.evaluate import predict_dataset
+    from netcleanse.passes import forward_batch, graph_bytes_per_image
+    torch.set_num_threads(threads)
+    model, shape = build(net, input_shape)
+    per_image = graph_bytes_per_image(model, shape)
+    data = Dataset(torch.rand(n, *shape, generator=torch.Generator().manual_seed(0)), None, "random")
+    per_pass = forward_batch(model, shape, n) if bounded else 512
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t = time.perf_counter()
+    predict_dataset(model, data, None if bounded else 512, progress=False)
+    return {"images_per_pass": per_pass, "step_s": time.perf_counter() - t, "before_mib": before,
+            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "activation_mib_per_image": per_image / 2**20}
+
+
 def child(net: str, input_shape, labels: int, bounded: bool, threads: int) -> dict:
     """One search step in this (fresh) process: images per pass, peak RSS, wall time."""
     from netcleanse.neural_cleanse import MAX_IMAGES, Schedule, reverse_engineer
@@ -119,19 +140,23 @@ def main(argv=None) -> int:
     ap.add_argument("--input", default="3x224x224", help="CxHxW of the resnet50")
     ap.add_argument("--labels", type=int, default=12, help="labels searched together (x 8 inputs: 96 images)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--step", choices=("search", "train"), default="search",
-                    help="a scan's trigger-search step (default) or a repair's training step")
+    ap.add_argument("--step", choices=("search", "train", "predict"), default="search",
+                    help="a scan's trigger-search step (default), a repair's training step, or predictions "
+                         "for 512 images (predict, eval)")
     ap.add_argument("--child", choices=("baseline", "bounded"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     shape = tuple(int(v) for v in args.input.lower().split("x"))
     if args.child:
         if args.step == "train":
             print(json.dumps(train_child(args.net, shape, args.child == "bounded", args.threads)))
+        elif args.step == "predict":
+            print(json.dumps(predict_child(args.net, shape, args.child == "bounded", args.threads)))
         else:
             print(json.dumps(child(args.net, shape, args.labels, args.child == "bounded", args.threads)))
         return 0
     out = {}
-    what = f"{args.labels} labels x 8 inputs" if args.step == "search" else "a 64-image mini-batch"
+    what = {"search": f"{args.labels} labels x 8 inputs", "train": "a 64-image mini-batch",
+            "predict": "predictions for 512 images"}[args.step]
     for setting in ("baseline", "bounded"):
         done = subprocess.run([sys.executable, __file__, "--net", args.net, "--input", args.input, "--labels",
                                str(args.labels), "--threads", str(args.threads), "--step", args.step, "--child", setting],

@@ -126,3 +126,37 @@ def test_a_training_step_in_parts_is_the_whole_mini_batch_step(monkeypatch):
     assert 2 < part_step < 16 and part_seen == part_step  # (the measuring pass holds 2 images)
     for a, b in zip(whole.state_dict().values(), parts.state_dict().values()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_forward_passes_without_gradient_obey_the_budget_too(monkeypatch):
+    # predict, eval and Classifier.predict: up to 512 images per pass, fewer where the budget says
+    # so, the user's batch size when given; the answers are the same whatever the passes
+    from netcleanse.data import Dataset
+    from netcleanse.evaluate import evaluate, predict_dataset
+    from netcleanse.model import Classifier
+
+    model = Classifier(_conv_net(), (3, 32, 32), 5, name="conv")
+    seen = []
+    model.net.register_forward_pre_hook(lambda module, inputs: seen.append(len(inputs[0])))
+    x = torch.rand(600, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    data = Dataset(x, torch.zeros(600, dtype=torch.long), source="t")
+    per_image = graph_bytes_per_image(model, (3, 32, 32))
+    default, _ = predict_dataset(model, data)
+    assert max(seen) == 512  # (the 2-image measuring pass aside)
+    monkeypatch.setenv("NETCLEANSE_PASS_MIB", "1")
+    fits = (1 << 20) // per_image
+    assert 1 < fits < 64
+    seen.clear()
+    small, _ = predict_dataset(model, data)
+    assert max(seen) == fits and sum(n for n in seen if n == fits) >= 600 - fits
+    assert torch.equal(small, default)
+    seen.clear()
+    assert torch.equal(model.predict(x), default) and max(seen) == fits
+    seen.clear()
+    evaluate(model, clean=data, batch_size=100)
+    assert set(seen) == {100}  # the user's own batch size: nothing measured
+    seen.clear()
+    model.predict(x[:2])
+    assert seen == [2]  # two images cost no more than themselves
+    with pytest.raises(NetcleanseError, match="batch_size must be a positive integer"):
+        model.predict(x, batch_size=0)

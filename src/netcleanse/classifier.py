@@ -185,20 +185,36 @@ class Classifier(nn.Module):
         return x
 
     @torch.no_grad()
-    def predict_proba(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        """Softmax probabilities, computed in batches in eval mode on the model's device; a CPU tensor."""
+    def predict_proba(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """Softmax probabilities, computed in batches in eval mode on the model's device; a CPU tensor.
+        ``batch_size``: images per pass (default: :func:`netcleanse.passes.forward_batch`)."""
         x = self._images(x)
         dev = module_device(self)
+        batch_size = self._batch(x, dev, batch_size)
         return torch.cat([torch.softmax(self.logits(x[i:i + batch_size].to(dev)), dim=1).cpu()
                           for i in range(0, len(x), batch_size)]) if len(x) else torch.empty(0, self.num_classes)
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        """Predicted labels (int64), computed in batches in eval mode on the model's device; a CPU tensor."""
+    def predict(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """Predicted labels (int64), computed in batches in eval mode on the model's device; a CPU tensor.
+        ``batch_size``: images per pass (default: :func:`netcleanse.passes.forward_batch`)."""
         x = self._images(x)
         dev = module_device(self)
+        batch_size = self._batch(x, dev, batch_size)
         return torch.cat([self.logits(x[i:i + batch_size].to(dev)).argmax(dim=1).cpu()
                           for i in range(0, len(x), batch_size)]) if len(x) else torch.empty(0, dtype=torch.long)
+
+    def _batch(self, x: torch.Tensor, device, batch_size: int | None) -> int:
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise NetcleanseError(f"batch_size must be a positive integer, got {batch_size!r}")
+        from .passes import forward_batch
+        was_training = self.training
+        self.eval()  # measured as the passes run
+        try:
+            return forward_batch(self, self.input_shape, len(x), device, batch_size)
+        finally:
+            self.train(was_training)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The logits in eval mode; a one-line error if any is NaN or infinite (every prediction,

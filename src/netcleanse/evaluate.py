@@ -42,9 +42,12 @@ class Evaluation:
 
 
 @torch.no_grad()
-def predict_dataset(model: Classifier, data: Dataset, batch_size: int = 512,
+def predict_dataset(model: Classifier, data: Dataset, batch_size: int | None = None,
                     progress: bool | None = None, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted labels (int64) and their softmax confidence for every image, in eval mode, in batches.
+
+    ``batch_size``: images per pass; by default at most 512 and no more than the memory budget
+    allows (:func:`netcleanse.passes.forward_batch`).
 
     ``progress``: None shows a bar (stderr) for large sets unless NETCLEANSE_NO_PROGRESS is set.
     ``device``: where the model computes, "cpu" or "cuda" (it is moved back afterwards); the
@@ -52,26 +55,29 @@ def predict_dataset(model: Classifier, data: Dataset, batch_size: int = 512,
     """
     check_dataset(data, model.input_shape)
     labels, confidence = [], []
-    n_batches = (len(data) + batch_size - 1) // batch_size
-    disable = (n_batches < _PROGRESS_MIN_BATCHES) if progress is None else not progress
-    with on_device(model, device) as dev, progress_bar(disable=True if disable else None) as bar:
-        task = bar.add_task(f"predicting {len(data)} images", total=n_batches)
-        for start in range(0, len(data), batch_size):
-            probs = torch.softmax(model.logits(data.x[start:start + batch_size].to(dev)), dim=1)
-            best, label = probs.max(dim=1)
-            labels.append(label.cpu())
-            confidence.append(best.cpu())
-            bar.advance(task)
+    with on_device(model, device) as dev:
+        batch_size = model._batch(data.x, dev, batch_size)
+        n_batches = -(-len(data) // batch_size)
+        disable = (n_batches < _PROGRESS_MIN_BATCHES) if progress is None else not progress
+        with progress_bar(disable=True if disable else None) as bar:
+            task = bar.add_task(f"predicting {len(data)} images", total=len(data))
+            for start in range(0, len(data), batch_size):
+                part = data.x[start:start + batch_size]
+                probs = torch.softmax(model.logits(part.to(dev)), dim=1)
+                best, label = probs.max(dim=1)
+                labels.append(label.cpu())
+                confidence.append(best.cpu())
+                bar.advance(task, len(part))
     return torch.cat(labels), torch.cat(confidence)
 
 
-def accuracy(model: Classifier, data: Dataset, batch_size: int = 512, device: str = "cpu") -> float:
+def accuracy(model: Classifier, data: Dataset, batch_size: int | None = None, device: str = "cpu") -> float:
     """Fraction of ``data`` answered with its own labels."""
     return evaluate(model, clean=data, batch_size=batch_size, device=device).clean_accuracy
 
 
 def evaluate(model: Classifier, clean: Dataset | None = None, poisoned: Dataset | None = None,
-             target: int | None = None, batch_size: int = 512, device: str = "cpu") -> Evaluation:
+             target: int | None = None, batch_size: int | None = None, device: str = "cpu") -> Evaluation:
     """Clean accuracy on ``clean``, attack success rate on ``poisoned`` (CSAW semantics), and for a
     guarded model the poison-detection and false-positive rates.
 

@@ -150,5 +150,5 @@ class GuardedClassifier(Classifier):
                             logits.min(dim=1).values - POISON_MARGIN)
         return torch.cat([logits, extra[:, None]], dim=1)
 
-    def is_poisoned(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    def is_poisoned(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         return self.predict(x, batch_size) == self.poison_label

@@ -21,6 +21,11 @@ working copy of the model (one forward pass of two images, parameters and buffer
 The budget is a setting, not the free memory of the moment, so a scan's groups depend on the model
 and the setting only; raise it on a large GPU (fewer, larger passes), lower it on a small machine.
 
+Forward passes without a gradient (``predict``, ``eval``, :meth:`Classifier.predict`) keep far
+less alive at once than a gradient pass saves, so the same measure bounds them from above: up to
+:data:`FORWARD_IMAGES` images per pass, fewer where that many would keep more than the budget
+(:func:`forward_batch`; a ResNet-50 at 224x224 then gets 24 images per pass instead of 512).
+
 Training steps (the repairs' fine-tuning and unlearning, the lab) obey the same budget: a
 mini-batch whose images would keep more than it takes its gradient in parts (gradient
 accumulation, :func:`netcleanse.training.train`), measured in train mode with the weights'
@@ -37,6 +42,7 @@ from .limits import Limit
 PASS_MIB = Limit("NETCLEANSE_PASS_MIB", 2048,
                  "MiB of activations one gradient pass of a scan may keep for its backward pass")
 MEASURE_IMAGES = 2  # images of the one measuring forward pass
+FORWARD_IMAGES = 512  # the most images of a forward pass without gradient (predict, eval)
 
 
 def graph_bytes_per_image(model, input_shape, device=None, channels_last: bool = False,
@@ -96,3 +102,15 @@ def images_per_pass(model, input_shape, device=None, channels_last: bool = False
     (module doc). ``training``: for a training step (:func:`graph_bytes_per_image`)."""
     per_image = graph_bytes_per_image(model, input_shape, device, channels_last, training=training)
     return max(1, (PASS_MIB() << 20) // per_image)
+
+
+def forward_batch(model, input_shape, n: int, device=None, batch_size: int | None = None) -> int:
+    """Images per forward pass without gradient for ``n`` images: ``batch_size`` when given, else
+    at most :data:`FORWARD_IMAGES` and no more than :func:`images_per_pass` allows (module doc;
+    measured only when ``n`` exceeds :data:`MEASURE_IMAGES`, so that one or two images cost no
+    more than themselves)."""
+    if batch_size is not None:
+        return batch_size
+    if n <= MEASURE_IMAGES:
+        return max(1, n)
+    return min(FORWARD_IMAGES, images_per_pass(model, input_shape, device))

@@ -64,7 +64,9 @@ StdOption = Annotated[Optional[str], typer.Option(
     "--std", help="Per-channel std R,G,B divided by after the mean (e.g. 0.229,0.224,0.225).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 ForceOption = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
-BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+BatchSizeOption = Annotated[Optional[int], typer.Option(
+    "--batch-size", min=1, help="Images per forward pass (default: up to 512, fewer where NETCLEANSE_PASS_MIB "
+                                "would be exceeded).")]
 DeviceOption = Annotated[str, typer.Option(
     "--device", callback=_device, help="Where the model computes: cpu or cuda (a CUDA GPU).")]
 
@@ -211,7 +213,7 @@ def predict(model_path: ModelArgument,
             arch: ArchOption = None, input_scale: InputScaleOption = 1.0, json_output: JsonOption = False,
             out: Annotated[Optional[Path], typer.Option(
                 "--out", help="Write per-sample predictions to this .csv or .npz file.")] = None,
-            force: ForceOption = False, batch_size: BatchSizeOption = 512, arch_kwargs: ArchKwargsOption = None,
+            force: ForceOption = False, batch_size: BatchSizeOption = None, arch_kwargs: ArchKwargsOption = None,
             num_classes: NumClassesOption = None, input_shape: InputShapeOption = None, mean: MeanOption = None,
             std: StdOption = None, device: DeviceOption = "cpu") -> None:
     """Predict labels: one `PATH<TAB>LABEL<TAB>CONFIDENCE` line per image, or for a dataset file a
@@ -261,7 +263,7 @@ def eval_command(model_path: ModelArgument,
                  target: Annotated[Optional[int], typer.Option(
                      "--target", help="The attack's target label (for every poisoned input).")] = None,
                  arch: ArchOption = None, input_scale: InputScaleOption = 1.0, json_output: JsonOption = False,
-                 batch_size: BatchSizeOption = 512, arch_kwargs: ArchKwargsOption = None,
+                 batch_size: BatchSizeOption = None, arch_kwargs: ArchKwargsOption = None,
                  num_classes: NumClassesOption = None, input_shape: InputShapeOption = None,
                  mean: MeanOption = None, std: StdOption = None, device: DeviceOption = "cpu") -> None:
     """Clean accuracy, attack success rate (CSAW semantics) and, for guarded models, the
