@@ -198,13 +198,17 @@ tutorial = keras.Sequential([keras.Input((32, 32, 3)), augmenting, layers.Rescal
                             name="tutorial_augmentation")
 grey_hw = keras.Sequential([keras.Input((28, 28)), layers.Reshape((28, 28, 1)), layers.Conv2D(4, 3, strides=2),
                             layers.Flatten(), layers.Dense(10, activation="softmax")], name="grey_hw")
+flat_mlp = keras.Sequential([keras.Input((32 * 32 * 3,)), layers.Dense(16, activation="relu"),
+                             layers.Dense(7, activation="softmax")], name="flat_mlp")
 for model, scale, shape in ((nested_softmax_head, 1.0, (32, 32, 3)), (softmax_then_noops, 1.0, (32, 32, 3)),
                             (head_on_vectors, 1.0, (32, 32, 3)), (tutorial, 255.0, (32, 32, 3)),
-                            (grey_hw, 1.0, (28, 28))):
+                            (grey_hw, 1.0, (28, 28)), (flat_mlp, 1.0, (32, 32, 3))):
     x = rng.random((6,) + shape).astype("float32")
     np.save(f"{out}/{model.name}_x.npy", x)
-    np.save(f"{out}/{model.name}_y.npy", model.predict(x * scale, verbose=0))
+    fed = x.reshape(len(x), -1) if model is flat_mlp else x  # as Keras users flatten their N x H x W x C images
+    np.save(f"{out}/{model.name}_y.npy", model.predict(fed * scale, verbose=0))
     model.save(f"{out}/{model.name}.keras")
+flat_mlp.save(f"{out}/flat_mlp.h5")
 
 lam = keras.Sequential([keras.Input((4, 4, 1)), layers.Lambda(lambda t: t * 2.0), layers.Flatten(), layers.Dense(3)],
                        name="with_lambda")
@@ -292,3 +296,24 @@ def test_a_first_rescaling_by_1_over_255_asks_for_input_scale_255(written, net):
         warnings.simplefilter("error", NetcleanseWarning)
         load_model(written / f"{net}.keras", input_scale=255)
         load_model(written / "cifar_normalization.keras")  # Normalization first: [0, 1] pixels, nothing to say
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_an_mlp_on_flattened_images_takes_the_image_size(written, suffix, tmp_path):
+    """A Keras MLP on vectors (``Input((3072,))``) is given the image size its vectors were
+    flattened from (H x W x C order, as NumPy flattens an N x H x W x C array); refused without it
+    or with a size of another number of values; a repaired copy saved by netcleanse loads back."""
+    from netcleanse import save_model
+    x, expected = np.load(written / "flat_mlp_x.npy"), np.load(written / "flat_mlp_y.npy")
+    path = written / f"flat_mlp{suffix}"
+    with pytest.raises(NetcleanseError, match="vectors of 3072 values .*--input-shape CxHxW"):
+        load_model(path)
+    with pytest.raises(NetcleanseError, match="3072 values, which --input-shape 1x32x32"):
+        load_model(path, input_shape="1x32x32")
+    model = load_model(path, input_shape="3x32x32")
+    assert model.input_shape == (3, 32, 32) and model.net.final_activation == "softmax"
+    images = torch.from_numpy(x).permute(0, 3, 1, 2)
+    got = model.predict_proba(images).numpy()
+    assert np.abs(got - expected).max() < 1e-5
+    back = load_model(save_model(model, tmp_path / "m.pt"))
+    assert back.input_shape == (3, 32, 32) and torch.equal(back.logits(images), model.logits(images))

@@ -68,6 +68,7 @@ class KerasGraph(nn.Module):
         else:
             self._plan_functional(model_config.get("config") or {})
         self._no_channel_axis = False  # an H x W input (MNIST's Flatten(input_shape=(28, 28))): fed 1 x H x W, squeezed
+        self._flat_input = False  # a vector input (an MLP on flattened images): fed the image's H x W x C values
         self.input_shape = self._image_shape()
         self._activations: dict[str, str] = {}
         self._strip = strip_final_softmax
@@ -159,6 +160,18 @@ class KerasGraph(nn.Module):
                 raise NetcleanseError(f"a nested model takes {_hwc(dims)} but is given vectors of "
                                       f"{self._given_shape[0]}")
             return self._given_shape
+        if len(dims) == 1 and not self._nested:  # an MLP on flattened images: the size they were flattened from
+            values = None if dims[0] is None else int(dims[0])
+            if self._given_shape is None or len(self._given_shape) != 3:
+                raise NetcleanseError(f"the model takes vectors of {values or 'any number of'} values (an MLP on "
+                                      "flattened images); give the image size they were flattened from with "
+                                      "--input-shape CxHxW (e.g. 1x28x28 for 784)")
+            c, h, w = self._given_shape
+            if values is not None and values != c * h * w:
+                raise NetcleanseError(f"the model takes vectors of {values} values, which --input-shape "
+                                      f"{c}x{h}x{w} (CxHxW, {c * h * w} values) does not fit")
+            self._flat_input = True
+            return self._given_shape
         if len(dims) == 2 and not self._nested:  # grey images without a channel axis
             self._no_channel_axis = True
             dims = dims + [1]
@@ -228,6 +241,8 @@ class KerasGraph(nn.Module):
         return self._execute(x, strip=strip_final_softmax)
 
     def _execute(self, x: torch.Tensor, strip: bool, build: bool = False) -> torch.Tensor:
+        if self._flat_input:  # flattened as Keras users flatten their N x H x W x C arrays
+            x = x.permute(0, 2, 3, 1).flatten(1)
         values = {(self._input_name, 0): x[:, 0] if self._no_channel_axis else x}
         output_node = (self._output_ref[0], self._output_ref[1])
         strip_here = strip and self.final_activation in STRIPPED
@@ -399,10 +414,10 @@ def _module_slots(module: nn.Module) -> list[tuple[str, Slot]]:
 
 def check_open_input(graph: KerasGraph, input_shape, path) -> None:
     """Refuse an ``input_shape`` for a Keras model that records its own input size."""
-    if input_shape is not None and not any(d is None for d in graph._batch_shape[1:]):
+    if input_shape is not None and not graph._flat_input and not any(d is None for d in graph._batch_shape[1:]):
         raise NetcleanseError(f"{path} is a Keras file, which records its input shape; --input-shape is for "
                               "files that do not (TorchScript, ONNX, a Keras model whose input size is left "
-                              "open) and for --arch")
+                              "open or takes flattened images) and for --arch")
 
 
 def _hwc(dims) -> str:
