@@ -152,6 +152,24 @@ def test_info_text_and_json(tiny, capsys):
     assert info["poison_label"] is None
 
 
+def test_info_lists_layers_not_empty_containers():
+    # a ResNet's identity shortcut written as an empty nn.Sequential() is not a layer
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+            self.shortcut = torch.nn.Sequential()
+            self.skip = torch.nn.Identity()
+
+        def forward(self, x):
+            return self.conv(x) + self.skip(self.shortcut(x))
+
+    net = torch.nn.Sequential(Block(), torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    rows = Classifier(net, (1, 4, 4), 2).layer_table()
+    assert [(name, kind) for name, kind, _ in rows] == [("0.conv", "Conv2d"), ("0.skip", "Identity"),
+                                                       ("1", "Flatten"), ("2", "Linear")]
+
+
 # --- predict ----------------------------------------------------------------------------------
 
 def test_predict_images_one_parseable_line_each(tiny, tmp_path, capsys):

@@ -239,10 +239,12 @@ class Classifier(nn.Module):
             raise NetcleanseError(f"images are {got} (CxHxW) but the model {self.name!r} expects {want}")
 
     def layer_table(self) -> list[tuple[str, str, int]]:
-        """(name, type, number of parameters) for every leaf module, in definition order."""
+        """(name, type, number of parameters) for every leaf module, in definition order; an empty
+        container (a ResNet's identity shortcut written as ``nn.Sequential()``) is not a layer."""
         rows = []
+        empty = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
         for name, module in self.net.named_modules():
-            if name and not list(module.children()):
+            if name and not list(module.children()) and not isinstance(module, empty):
                 rows.append((name, type(module).__name__, sum(p.numel() for p in module.parameters())))
         return rows
 
