@@ -244,6 +244,9 @@ def test_screen_on_ray_equals_local_with_a_killed_worker_and_a_bad_file(ray_inst
     model, data = load_model(zoo["badnet"]), Dataset(*make_data(200, torch.Generator().manual_seed(99)))
     assert _strip(scan(model, data, labels=[0, 4, 5], progress=False, executor=RayExecutor()).labels) == \
         _strip(scan(model, data, labels=[0, 4, 5], progress=False).labels)
+    # data-free: the input synthesis's parts are tasks too, and give the same inputs
+    assert _strip(scan(model, data_free=True, labels=[0, 4, 5], progress=False, executor=RayExecutor()).labels) == \
+        _strip(scan(model, data_free=True, labels=[0, 4, 5], progress=False).labels)
 
 
 @pytest.mark.slow  # trains 2 models and scans them twice (~2 min on 2 cores)
