@@ -589,33 +589,43 @@ def data_free_inputs(work, n: int, kind: str, gen: torch.Generator, device, conf
     x0, targets = inversion_start(work, n, gen)
     parts = inversion_parts(n, max_images)
     keys = [f"inputs_{lo}-{hi}" for lo, hi in parts]
+    device = str(device or "cpu")
+    memory = _journalled_tasks(
+        _invert_part, _ScanShared(work, None, None, channels_last, max_images), keys, [INVERSION_STEPS] * len(parts),
+        lambda i: (x0[parts[i][0]:parts[i][1]], targets[parts[i][0]:parts[i][1]], n, confidence, max_images, device),
+        lambda i, x: ({"stage": "inputs", "lo": parts[i][0], "hi": parts[i][1]}, {"x": x.numpy()}),
+        journal, bar, f"inputs: inverting {n}", executor)
+    return torch.cat([torch.from_numpy(memory.get(key)[1]["x"]) for key in keys])
+
+
+def _journalled_tasks(fn, shared, keys: list[str], sizes: list[float], job_of, entry_of, journal: Journal | None,
+                      bar, description: str, executor: Executor | None = None) -> Journal:
+    """Run ``fn(shared, job_of(i), progress)`` through ``executor`` for every item ``i`` whose key the
+    journal lacks, journalling each result as it comes back (``entry_of(i, value)``: its entry and
+    arrays), in whatever order; the bar counts ``sizes`` units per item (the tasks report theirs as
+    they go). Returns the journal (an in-memory one without ``journal``) holding every key."""
     memory = journal if journal is not None else Journal(None)
     todo = [i for i, key in enumerate(keys) if not memory.has(key)]
-    total = len(parts) * INVERSION_STEPS
-    task = bar.add_task(f"inputs: inverting {n}", total=total) if bar is not None else None
-    finished = [total - len(todo) * INVERSION_STEPS]
-    running: dict[int, float] = {}
+    total = sum(sizes)
+    task = bar.add_task(description, total=total) if bar is not None else None
+    finished = [total - sum(sizes[i] for i in todo)]
+    running: dict[int, float] = {}  # job -> units done so far (local executor only)
 
     def show():
         if task is not None:
             bar.update(task, completed=finished[0] + sum(running.values()))
 
-    def on_progress(j, k):
-        running[j] = running.get(j, 0) + k
+    def on_progress(j, amount):
+        running[j] = min(running.get(j, 0.0) + amount, sizes[todo[j]])
         show()
 
     show()
-    jobs = [(x0[parts[i][0]:parts[i][1]], targets[parts[i][0]:parts[i][1]], n, confidence, max_images,
-             str(device or "cpu"))
-            for i in todo]
-    shared = _ScanShared(work, None, None, channels_last, max_images)
-    for j, x in (executor or LocalExecutor()).map(_invert_part, shared, jobs, on_progress):
-        lo, hi = parts[todo[j]]
-        memory.put(keys[todo[j]], {"stage": "inputs", "lo": lo, "hi": hi}, {"x": x.numpy()})
+    for j, value in (executor or LocalExecutor()).map(fn, shared, [job_of(i) for i in todo], on_progress):
+        memory.put(keys[todo[j]], *entry_of(todo[j], value))
         running.pop(j, None)
-        finished[0] += INVERSION_STEPS
+        finished[0] += sizes[todo[j]]
         show()
-    return torch.cat([torch.from_numpy(memory.get(key)[1]["x"]) for key in keys])
+    return memory
 
 
 def _invert_part(shared: "_ScanShared", job, progress) -> torch.Tensor:
@@ -635,32 +645,14 @@ def label_margins(work, labels, seed: int, plan: Preset, device, channels_last: 
     labels = sorted(int(t) for t in labels)
     if not labels:
         return {}
-    executor = executor or LocalExecutor()
     per_chunk = max(1, MARGIN_IMAGES // plan.margin_restarts)
     chunks = [labels[i:i + per_chunk] for i in range(0, len(labels), per_chunk)]
     keys = [f"margin_{ci:05d}_{chunk[0]}-{chunk[-1]}" for ci, chunk in enumerate(chunks)]
-    memory = journal if journal is not None else Journal(None)
-    todo = [ci for ci, key in enumerate(keys) if not memory.has(key)]
-    task = bar.add_task(f"margin: {len(labels)} labels", total=len(labels)) if bar is not None else None
-    finished = [len(labels) - sum(len(chunks[ci]) for ci in todo)]
-    running: dict[int, float] = {}  # job -> labels done so far (local executor only)
-
-    def show():
-        if task is not None:
-            bar.update(task, completed=finished[0] + sum(running.values()))
-
-    def on_progress(j, n):
-        running[j] = running.get(j, 0) + n
-        show()
-
-    show()
-    jobs = [(chunks[ci], seed, plan.margin_restarts, plan.margin_steps, str(device)) for ci in todo]
-    shared = _ScanShared(work, None, None, channels_last, per_pass)
-    for j, values in executor.map(_margin_chunk, shared, jobs, on_progress):
-        memory.put(keys[todo[j]], {"stage": "margin", "labels": chunks[todo[j]]}, {"margins": values})
-        running.pop(j, None)
-        finished[0] += len(chunks[todo[j]])
-        show()
+    memory = _journalled_tasks(
+        _margin_chunk, _ScanShared(work, None, None, channels_last, per_pass), keys, [len(c) for c in chunks],
+        lambda ci: (chunks[ci], seed, plan.margin_restarts, plan.margin_steps, str(device)),
+        lambda ci, values: ({"stage": "margin", "labels": chunks[ci]}, {"margins": values}),
+        journal, bar, f"margin: {len(labels)} labels", executor)
     out: dict[int, float] = {}
     for key in keys:
         entry, arrays = memory.get(key)
@@ -684,35 +676,20 @@ def _run_stage(work, stage: Stage, labels: list[int], x_opt, x_val, journal: Jou
     last pattern), reading finished chunks from the journal. The chunks not yet in the journal go
     through ``executor`` (default: this process); each is journalled as soon as it comes back, in
     whatever order, and every chunk's random numbers come from (seed, stage, chunk index) alone."""
-    executor = executor or LocalExecutor()
     out: dict[int, tuple] = {}
     chunks = [labels[i:i + stage.label_chunk] for i in range(0, len(labels), stage.label_chunk)]
     keys = [f"{stage.name}_{ci:05d}_{chunk[0]}-{chunk[-1]}" for ci, chunk in enumerate(chunks)]
-    task = bar.add_task(f"{stage.name}: {len(labels)} labels", total=len(labels))
-    todo = [ci for ci, key in enumerate(keys) if not journal.has(key)]
-    finished = [len(labels) - sum(len(chunks[ci]) for ci in todo)]
-    running: dict[int, float] = {}  # job -> label-equivalents done so far (local executor only)
-    bar.update(task, completed=finished[0])
 
-    def on_progress(j, amount):
-        running[j] = min(running.get(j, 0.0) + amount, len(chunks[todo[j]]))
-        bar.update(task, completed=finished[0] + sum(running.values()))
-
-    jobs = []
-    for ci in todo:
-        chunk = chunks[ci]
-        start = None
+    def job_of(ci):
+        chunk, start = chunks[ci], None
         if init is not None:
             start = (np.stack([init[t][0] for t in chunk]), np.stack([init[t][1] for t in chunk]),
                      [init[t][2] for t in chunk], {t: (init[t][3], init[t][4]) for t in chunk})
-        jobs.append(_ChunkJob(stage.name, stage.schedule, chunk, _chunk_seed(seed, stage.name, ci), start,
-                              stage.held_back))
-    shared = _ScanShared(work, x_opt, x_val, channels_last, per_pass)
-    for j, (entry, arrays) in executor.map(_search_chunk, shared, jobs, on_progress):
-        journal.put(keys[todo[j]], entry, arrays)
-        running.pop(j, None)
-        finished[0] += len(chunks[todo[j]])
-        bar.update(task, completed=finished[0] + sum(running.values()))
+        return _ChunkJob(stage.name, stage.schedule, chunk, _chunk_seed(seed, stage.name, ci), start, stage.held_back)
+
+    _journalled_tasks(_search_chunk, _ScanShared(work, x_opt, x_val, channels_last, per_pass), keys,
+                      [len(c) for c in chunks], job_of, lambda ci, value: value, journal, bar,
+                      f"{stage.name}: {len(labels)} labels", executor)
     for key in keys:
         entry, arrays = journal.get(key)
         for i, rec in enumerate(entry["records"]):
