@@ -28,7 +28,7 @@ from zoo import load_member, read_zoo  # noqa: E402
 from netcleanse import synthesis  # noqa: E402
 from netcleanse.errors import NetcleanseError  # noqa: E402
 
-# the inversion's keyword arguments per variant (synthesis._invert); "presets" is what a scan uses
+# the inversion's keyword arguments per variant (synthesis.invert); "presets" is what a scan uses
 VARIANTS = {
     "presets": {},
     "tv 0.2": {"tv_weight": 0.2},
@@ -85,8 +85,8 @@ def main(argv=None) -> int:
             inputs = {"real images": clean.x[:args.n].float()}
             for name, kwargs in VARIANTS.items():
                 gen = torch.Generator().manual_seed(args.seed)
-                x0 = synthesis.smooth_noise(model.input_shape, args.n, gen)
-                inputs[name] = synthesis._invert(model, x0, gen, None, **kwargs)
+                x0, targets_ = synthesis.inversion_start(model, args.n, gen)
+                inputs[name] = synthesis.invert(model, x0, targets_, args.n, **kwargs)
             cells = []
             for name, x in inputs.items():
                 rates[name].append(flip_rate(model, x, masks, patterns, targets))
