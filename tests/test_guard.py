@@ -157,6 +157,55 @@ def test_guarded_checkpoint_round_trip_is_weights_only(tmp_path, kind):
     assert torch.equal(loaded.predict(x), guarded.predict(x))
 
 
+USER_NET = """
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 6)
+        self.out = nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc(torch.relu(self.conv(x)).flatten(1))))
+"""
+
+
+@pytest.mark.parametrize("kind", ["filter", "disagree"])
+def test_a_guard_of_the_users_own_architecture_loads_back_with_it(tmp_path, kind):
+    # the base (and a disagreement guard's repaired model) are rebuilt from the --arch the user names
+    # again, as an ordinary checkpoint of their code is; without it, one line asking for it
+    (tmp_path / "usernet.py").write_text(USER_NET)
+    spec = f"{tmp_path / 'usernet.py'}:Net"
+    weights = {}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        weights[seed] = tmp_path / f"w{seed}.pt"
+        torch.save(_user_state(tmp_path), weights[seed])
+    base = netcleanse.load_model(weights[0], arch=spec, input_shape="1x8x8")
+    if kind == "filter":
+        guarded = GuardedClassifier(base, TriggerFilter(5, [3], [[0, 1]], [0.5]))
+    else:
+        guarded = disagreement_guard(base, netcleanse.load_model(weights[1], arch=spec, input_shape="1x8x8"))
+    path = save_model(guarded, tmp_path / "guarded.pt")
+    with pytest.raises(NetcleanseError, match=r"guarded.pt \(base model\) holds the weights of .*name it with --arch"):
+        netcleanse.load_model(path)
+    loaded = netcleanse.load_model(path, arch=spec)
+    x = torch.rand(30, 1, 8, 8)
+    assert loaded.poison_label == 5 and torch.equal(loaded.logits(x), guarded.logits(x))
+    assert loaded.base.source == str(weights[0])
+
+
+def _user_state(tmp_path):
+    import importlib.util
+    module_spec = importlib.util.spec_from_file_location("usernet_for_test", tmp_path / "usernet.py")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.Net().state_dict()
+
+
 def test_corrupt_guarded_checkpoint_is_a_clear_error(tmp_path):
     original = Classifier(netcleanse.build_architecture("mnist-cnn"), (1, 28, 28), 10, arch="mnist-cnn")
     guarded = trigger_filter(original, {1: Trigger(torch.ones(28, 28) * 0.1, torch.ones(1, 28, 28))},

@@ -175,7 +175,7 @@ def from_checkpoint(ckpt: dict, path: Path, arch: str | None, input_scale: float
                               f"version {VERSION} and older")
     kind = ckpt.get("kind")
     if kind == "guarded":
-        model = guarded_from_checkpoint(ckpt)
+        model = guarded_from_checkpoint(ckpt, path, arch)
     elif kind == "classifier":
         model = _classifier_from_checkpoint(ckpt, path, arch)
     else:
@@ -465,18 +465,24 @@ def guard_checkpoint(model: GuardedClassifier) -> dict:
     return ckpt
 
 
-def _guarded_part(ckpt, what: str) -> Classifier:
+def _guarded_part(ckpt, what: str, path, arch) -> Classifier:
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "classifier":
         raise NetcleanseError(f"guarded checkpoint: its {what} model is missing or not a classifier")
-    return from_checkpoint(ckpt, Path(str(ckpt.get("source") or what)), None, 1.0, str(ckpt.get("name", what)))
+    # (messages name the guarded file, which is what the user gave; the part keeps its own source)
+    part = from_checkpoint(ckpt, Path(f"{path} ({what} model)") if path is not None else Path(what), arch, 1.0,
+                           str(ckpt.get("name", what)))
+    part.source = str(ckpt.get("source") or what)
+    return part
 
 
-def guarded_from_checkpoint(ckpt: dict) -> GuardedClassifier:
-    """Rebuild a guarded classifier from :func:`guard_checkpoint`'s dict."""
-    base = _guarded_part(ckpt.get("base"), "base")
+def guarded_from_checkpoint(ckpt: dict, path=None, arch=None) -> GuardedClassifier:
+    """Rebuild a guarded classifier from :func:`guard_checkpoint`'s dict; ``arch``: the base model's
+    architecture where the checkpoint cannot name it (the user's own code, or a wrapped module),
+    as for an ordinary checkpoint (a disagreement guard's repaired model is of the same architecture)."""
+    base = _guarded_part(ckpt.get("base"), "base", path, arch)
     kind = ckpt.get("guard")
     if kind == "disagree":
-        guarded = GuardedClassifier(base, Disagreement(_guarded_part(ckpt.get("repaired"), "repaired")))
+        guarded = GuardedClassifier(base, Disagreement(_guarded_part(ckpt.get("repaired"), "repaired", path, arch)))
     elif kind == "filter":
         try:
             labels, neurons = [int(t) for t in ckpt["labels"]], [[int(c) for c in n] for n in ckpt["neurons"]]
