@@ -6,6 +6,7 @@ import sys
 import types
 from pathlib import Path
 
+import h5py
 import pytest
 import torch
 from torch import nn
@@ -91,6 +92,14 @@ def test_mean_std_are_applied_after_the_scale_and_kept_in_checkpoints(tmp_path):
     back = load_model(save_model(wrapped, tmp_path / "w.pt"), arch=_seq_file(tmp_path) + ":make")
     assert back.mean == pytest.approx(MEAN) and back.std == pytest.approx(STD)
     assert torch.allclose(back(x), wrapped(x), atol=1e-6)
+    # the Keras weights export records it too (Keras weights cannot hold it): read back by netcleanse
+    scaled = Classifier.wrap(net, "3x4x4", input_scale=255, mean=[v * 255 for v in MEAN], std=[v * 255 for v in STD])
+    h5 = load_model(save_model(scaled, tmp_path / "w.h5"), arch=_seq_file(tmp_path) + ":make")
+    assert h5.preprocessing == scaled.preprocessing and torch.allclose(h5(x), scaled(x), atol=1e-5)
+    plain = load_model(save_model(Classifier.wrap(net, "3x4x4"), tmp_path / "plain.h5"), arch=_seq_file(tmp_path) + ":make")
+    assert plain.preprocessing == {"input_scale": 1.0, "mean": None, "std": None}
+    with h5py.File(tmp_path / "plain.h5", "r") as f:
+        assert "netcleanse_preprocessing" not in f.attrs  # nothing to record: the file is as before
     # a value given at load time wins over the recorded one
     other = load_model(tmp_path / "w.pt", arch=_seq_file(tmp_path) + ":make", mean=0.5, std=0.25)
     assert other.mean == (0.5,) * 3 and other.std == (0.25,) * 3

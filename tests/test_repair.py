@@ -69,6 +69,51 @@ def test_zeroing_a_channel_equals_masking_its_output(tmp_path):
     assert pruned_channels(reloaded, "conv_2") == channels
 
 
+class _ConvBnNet(torch.nn.Module):
+    """Conv -> BatchNorm -> ReLU -> pooled -> Linear, the usual PyTorch block (its layers named out of order)."""
+
+    def __init__(self, norm=None):
+        super().__init__()
+        self.norm = norm if norm is not None else torch.nn.BatchNorm2d(6)
+        self.conv = torch.nn.Conv2d(1, 6, 3, padding=1)
+        self.fc = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.norm(self.conv(x))).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("norm", ["torch", "torch-no-affine", "keras-no-scale"])
+def test_pruning_a_channel_before_a_batch_norm_silences_it_after_the_norm(norm):
+    # a zero convolution output would leave beta - gamma * mean / sd after the norm: the norm's own
+    # parameters of the channel are zeroed too, so the pruned channel is 0 where the next layer reads
+    # it, and the channels are ranked by that activation
+    from netcleanse.keras import KerasBatchNorm
+    from netcleanse.pruning import following_batchnorm
+    layer = {"torch": torch.nn.BatchNorm2d(6), "torch-no-affine": torch.nn.BatchNorm2d(6, affine=False),
+             "keras-no-scale": KerasBatchNorm(6, 1e-3, 0.99, center=True, scale=False)}[norm]
+    torch.manual_seed(0)
+    net = _ConvBnNet(layer)
+    with torch.no_grad():
+        net.norm.running_mean.uniform_(-1, 1)
+        net.norm.running_var.uniform_(0.5, 2)
+        if net.norm.affine:
+            net.norm.bias.uniform_(0.2, 1)
+    model = Classifier.wrap(net, "1x8x8")
+    assert following_batchnorm(model, "conv") is net.norm
+    x = torch.rand(20, 1, 8, 8)
+    seen = {}
+    net.norm.register_forward_hook(lambda module, inputs, out: seen.__setitem__("after", torch.relu(out)))
+    with torch.no_grad():
+        model(x)
+    data = Dataset(x, torch.zeros(20, dtype=torch.long), source="t")
+    assert torch.allclose(mean_channel_activation(model, "conv", data), seen["after"].mean(dim=(0, 2, 3)), atol=1e-6)
+    prune_channels(model, "conv", [1, 4])
+    with torch.no_grad():
+        model(x)
+    assert seen["after"][:, [1, 4]].abs().max() == 0 and seen["after"][:, [0, 2]].abs().max() > 0
+    assert pruned_channels(model, "conv") == [1, 4]
+
+
 def test_fine_prune_follows_the_activation_order_and_saves_at_first_drops():
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}

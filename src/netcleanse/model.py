@@ -98,6 +98,14 @@ def load_model(path, arch=None, input_scale: float = 1.0, name: str | None = Non
         raise NetcleanseError(f"{path}: its model description is nested too deeply to be a real model") from None
     except MemoryError:
         raise NetcleanseError(f"{path}: declares a model too large for this machine's memory") from None
+    if kind == "hdf5":  # the preprocessing netcleanse's own .h5 export recorded, unless given now
+        from .keras.export import recorded_preprocessing
+        recorded = recorded_preprocessing(path)
+        if recorded is not None:
+            if input_scale == 1.0:
+                input_scale = model.input_scale = checked_scale(recorded["input_scale"])
+            if mean is None and std is None:
+                mean, std = recorded["mean"], recorded["std"]
     if model.num_classes < 1:  # e.g. a Keras Dense(units=0) output: every answer would be an IndexError
         raise NetcleanseError(f"{path}: the model answers {model.num_classes} classes; a classifier needs at least one")
     rescaling = model.net.expects_raw_pixels() if kind in ("hdf5", "keras-archive") and input_scale == 1.0 \

@@ -10,16 +10,23 @@ pruned models on clean data afterwards to win back accuracy (and erase more of t
 A channel is pruned by zeroing its kernel and bias. Its output is then exactly 0 before the
 ReLU, so after the ReLU (and any max-pooling) it is 0 as it would be with a mask, and the pruned
 model is an ordinary model of the same architecture, exportable to Keras ``.h5`` unchanged.
+Where a batch-norm layer takes the convolution's output (Conv -> BatchNorm -> ReLU, as in most
+CNNs), a zero convolution output would leave the constant ``beta - gamma * mean / sqrt(var + eps)``
+after it, so that layer's scale and shift of the channel are zeroed as well (its output is then 0),
+and the channels are ranked by the activation after it, ``relu(BN(conv))``: what the next layer
+sees (:func:`following_batchnorm`).
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .data import Dataset
 from .errors import NetcleanseError
@@ -53,18 +60,56 @@ def _conv(model: Classifier, layer: str) -> nn.Conv2d:
     return dict(model.net.named_modules())[layer]
 
 
+_FOLLOWING: "weakref.WeakKeyDictionary[nn.Conv2d, tuple]" = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def following_batchnorm(model: Classifier, layer: str) -> "_BatchNorm | None":
+    """The batch-norm layer that takes ``layer``'s output as it is, or None: found by one forward
+    pass of a blank image, in which a ``BatchNorm2d`` whose input is the very tensor the
+    convolution returned is the one (whatever the modules' names or order in the code). A batch
+    norm behind an activation (Keras's ``Conv2D(activation="relu")`` then ``BatchNormalization``)
+    is not found: the convolution's output does not reach it as it is."""
+    conv = _conv(model, layer)
+    known = _FOLLOWING.get(conv)
+    if known is not None:
+        return known[0]
+    out, found = {}, []
+
+    def remember(module, inputs, output):
+        out["conv"] = output
+
+    def check(module, inputs):
+        if "conv" in out and inputs and inputs[0] is out["conv"] and module.num_features == conv.out_channels:
+            found.append(module)
+
+    handles = [conv.register_forward_hook(remember)] + \
+        [m.register_forward_pre_hook(check) for m in model.net.modules() if isinstance(m, _BatchNorm)]
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros((1,) + tuple(model.input_shape), device=conv.weight.device))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    _FOLLOWING[conv] = (found[0] if found else None,)
+    return found[0] if found else None
+
+
 @torch.no_grad()
 def mean_channel_activation(model: Classifier, layer: str, data: Dataset, batch_size: int = 256,
                             device: str = "cpu") -> torch.Tensor:
-    """Mean post-ReLU activation of each output channel of ``layer`` over ``data`` (computed on
-    ``device``, "cpu" or "cuda"; a CPU tensor)."""
+    """Mean post-ReLU activation of each output channel of ``layer`` over ``data`` (after the
+    batch-norm layer that takes its output, if one does: :func:`following_batchnorm`), computed on
+    ``device`` ("cpu" or "cuda"); a CPU tensor."""
     conv = _conv(model, layer)
     total = torch.zeros(conv.out_channels)
 
     def accumulate(module, inputs, output) -> None:  # returning None keeps the layer's output
         total.add_(F.relu(output).mean(dim=(2, 3)).sum(dim=0).cpu())
 
-    handle = conv.register_forward_hook(accumulate)
+    handle = (following_batchnorm(model, layer) or conv).register_forward_hook(accumulate)
     model.eval()
     try:
         with on_device(model, device) as dev:
@@ -77,20 +122,47 @@ def mean_channel_activation(model: Classifier, layer: str, data: Dataset, batch_
 
 @torch.no_grad()
 def prune_channels(model: Classifier, layer: str, channels) -> None:
-    """Zero the kernels and biases of ``channels`` of ``layer`` in place."""
+    """Zero the kernels and biases of ``channels`` of ``layer`` in place (and the scale and shift of
+    the batch-norm layer that takes its output, if one does: module doc)."""
     conv = _conv(model, layer)
     index = torch.as_tensor(list(channels), dtype=torch.long, device=conv.weight.device)
     conv.weight[index] = 0
     if conv.bias is not None:
         conv.bias[index] = 0
+    norm = following_batchnorm(model, layer)
+    if norm is not None:
+        scale, center = _norm_parameters(norm)
+        if scale:
+            norm.weight[index] = 0
+        elif norm.running_mean is not None:  # gamma fixed at 1: (0 - mean) / sd is 0 where the mean is
+            norm.running_mean[index] = 0
+        if center:
+            norm.bias[index] = 0
+
+
+def _norm_parameters(norm) -> tuple[bool, bool]:
+    """Whether a batch-norm layer has its own scale (gamma) and shift (beta): not with
+    ``affine=False``, nor for a Keras layer built with ``scale=False``/``center=False`` (whose
+    fixed gamma 1 / beta 0 are not weights a Keras file would keep)."""
+    return (norm.affine and getattr(norm, "keras_scale", True), norm.affine and getattr(norm, "keras_center", True))
 
 
 def pruned_channels(model: Classifier, layer: str) -> list[int]:
-    """Channels of ``layer`` whose kernel and bias are all zero."""
+    """Channels of ``layer`` whose kernel and bias are all zero (and, where a batch-norm layer
+    follows, its scale and shift)."""
     conv = _conv(model, layer)
     dead = conv.weight.detach().flatten(1).abs().sum(1) == 0
     if conv.bias is not None:
         dead &= conv.bias.detach() == 0
+    norm = following_batchnorm(model, layer)
+    if norm is not None:
+        scale, center = _norm_parameters(norm)
+        if scale:
+            dead &= norm.weight.detach() == 0
+        elif norm.running_mean is not None:
+            dead &= norm.running_mean.detach() == 0
+        if center:
+            dead &= norm.bias.detach() == 0
     return dead.nonzero().flatten().tolist()
 
 

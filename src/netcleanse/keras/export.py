@@ -22,6 +22,8 @@ _HDF5_ATTR_LIMIT = 64512
 # Version written into exported files: a Keras 2 weights layout that every Keras 2.x, tf-keras
 # and Keras 3 reader loads without format conversions.
 EXPORT_KERAS_VERSION = "2.2.4"
+PREPROCESSING_ATTR = "netcleanse_preprocessing"  # (save_keras_weights)
+PLAIN = {"input_scale": 1.0, "mean": None, "std": None}
 
 
 def _write_attr_list(group: h5py.Group, name: str, values: list[str]) -> None:
@@ -78,6 +80,11 @@ def save_keras_weights(model, path) -> Path:
     was rebuilt from a Keras config also gets that config (root ``model_config``, weights under
     ``model_weights``), which makes the file a complete Keras model that netcleanse and
     ``keras.models.load_model`` both read back without naming an architecture.
+
+    The model's preprocessing (input scale, mean/std), which Keras weights cannot hold, is
+    recorded in the root attribute ``netcleanse_preprocessing`` (JSON) where it does anything:
+    netcleanse applies it when it loads the file again (:func:`recorded_preprocessing`); Keras
+    ignores it, so a Keras user feeds the network as its ``.pt`` says (``netcleanse info``).
     """
     path = Path(path)
     if getattr(model, "poison_label", None) is not None:
@@ -97,6 +104,8 @@ def save_keras_weights(model, path) -> Path:
     with atomic_write(path) as tmp:
         with h5py.File(tmp, "w") as f:
             root = f
+            if isinstance(model, Classifier) and model.preprocessing != PLAIN:
+                f.attrs[PREPROCESSING_ATTR] = json.dumps(model.preprocessing)
             if isinstance(net, KerasGraph):
                 f.attrs["model_config"] = json.dumps(net.model_config).encode("utf-8")
                 f.attrs["backend"] = b"tensorflow"
@@ -111,3 +120,23 @@ def save_keras_weights(model, path) -> Path:
                 for weight_name, value in weights:
                     group.create_dataset(weight_name, data=value)
     return path
+
+
+def recorded_preprocessing(path) -> dict | None:
+    """The preprocessing :func:`save_keras_weights` recorded in an ``.h5`` ({"input_scale", "mean",
+    "std"}), or None where there is none; a malformed record is an error (it came from a file)."""
+    try:
+        with h5py.File(path, "r") as f:
+            raw = f.attrs.get(PREPROCESSING_ATTR)
+    except OSError:
+        return None
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw))
+        scale = float(record["input_scale"])
+        mean, std = record.get("mean"), record.get("std")
+        return {"input_scale": scale, "mean": None if mean is None else [float(v) for v in mean],
+                "std": None if std is None else [float(v) for v in std]}
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+        raise NetcleanseError(f"{path}: its recorded preprocessing ({PREPROCESSING_ATTR}) is malformed") from None
