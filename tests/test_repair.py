@@ -450,3 +450,22 @@ def test_repairs_remove_a_lab_patch_backdoor():
     # Data-free, genuine 7s cannot be told from triggered ones, but nothing else is refused:
     others = clean_test.subset(clean_test.y != 7)
     assert evaluate(guarded, others).false_positive < 0.01
+
+
+def test_a_model_frozen_for_inference_is_repaired_on_a_trainable_copy():
+    # requires_grad_(False) everywhere (a model loaded for inference): the repairs that train work on
+    # their own copy, made trainable; the user's model stays as it was; training it directly says why not
+    from netcleanse.training import train
+    model = _model()
+    model.requires_grad_(False)
+    data = _self_labelled(model, 64)
+    mask = torch.zeros(28, 28)
+    mask[-4:, -4:] = 1
+    fixed = repair(model, {3: Trigger(mask, torch.ones(1, 28, 28))}, "unlearn", data, epochs=1, progress=False)
+    assert any(p.requires_grad for p in fixed.model.parameters())
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not torch.equal(fixed.model.net.output.weight, model.net.output.weight)  # it was trained
+    pruned = fine_prune(model, data, drops=(0.5,), fine_tune_epochs=1, progress=False)
+    assert pruned.table[0].get("clean_val_accuracy_after_fine_tuning") is not None
+    with pytest.raises(NetcleanseError, match="every weight of 'm' is frozen"):
+        train(model, data, epochs=1, progress=False)

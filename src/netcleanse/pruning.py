@@ -33,7 +33,7 @@ from .errors import NetcleanseError
 from .evaluate import evaluate
 from .classifier import Classifier
 from .progress import progress_bar
-from .training import train
+from .training import train, unfrozen
 from .utils import on_device, resolve_device
 
 
@@ -243,7 +243,7 @@ def fine_prune(model: Classifier, val: Dataset, *, layer: str | None = None, dro
                               "smaller --drops (or more varied validation data)")
     if fine_tune_epochs > 0:
         for entry in result.table:
-            pruned = result.saved[entry["drop_threshold"]]
+            pruned = unfrozen(result.saved[entry["drop_threshold"]])  # (a copy: trained even if frozen for inference)
             frozen = {layer: result.order[:entry["channels_pruned"]]}
             fine_tune(pruned, val, epochs=fine_tune_epochs, lr=lr, seed=seed, frozen=frozen, progress=progress,
                       description=f"fine-tuning the {entry['drop_threshold']:g}-point model", device=device)

@@ -109,9 +109,27 @@ def train(model_or_arch: Classifier | str, train: Dataset, val: Dataset | None =
     return model.eval()
 
 
+def unfrozen(model: Classifier) -> Classifier:
+    """``model`` (in place) with every weight trainable where none was: a model frozen for inference
+    (``requires_grad_(False)``), whose repair trains its own copy. The weights a Keras layer keeps
+    fixed (BatchNormalization without ``scale`` or ``center``) stay fixed; a model with some weights
+    trainable is left as its owner set it."""
+    if any(p.requires_grad for p in model.parameters()):
+        return model
+    model.requires_grad_(True)
+    for module in model.modules():
+        if hasattr(module, "keras_scale") and hasattr(module, "keras_center"):
+            module.weight.requires_grad_(module.keras_scale)
+            module.bias.requires_grad_(module.keras_center)
+    return model
+
+
 def _fit(model: Classifier, train: Dataset, val: Dataset | None, epochs: int, batch_size: int, lr: float,
          generator: torch.Generator, progress: bool, history: list | None,
          after_step: Callable[[], None] | None, description: str, dev: torch.device) -> None:
+    if not any(p.requires_grad for p in model.parameters()):
+        raise NetcleanseError(f"every weight of {model.name!r} is frozen (requires_grad=False): nothing to train; "
+                              "call model.requires_grad_(True) first")
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     per_step = images_per_step(model, batch_size)
     batches_per_epoch = (len(train) + batch_size - 1) // batch_size

@@ -15,6 +15,7 @@ from .data import Dataset
 from .errors import NetcleanseError
 from .classifier import Classifier
 from .pruning import fine_tune
+from .training import unfrozen
 from .trigger import Trigger, need_triggers
 from .utils import resolve_device
 
@@ -44,6 +45,6 @@ def unlearn(model: Classifier, triggers: dict[int, Trigger], clean: Dataset, *, 
     on ``device`` ("cpu" or "cuda"); the copy is returned where the input model is."""
     resolve_device(device)
     data = unlearning_set(clean, triggers, fraction, seed)
-    repaired = copy.deepcopy(model)
+    repaired = unfrozen(copy.deepcopy(model))  # (a model frozen for inference: its copy is trained)
     return fine_tune(repaired, data, epochs=epochs, lr=lr, seed=seed, progress=progress, description="unlearning",
                      device=device)
