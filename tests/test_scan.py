@@ -495,3 +495,18 @@ def test_an_interrupted_data_free_scan_keeps_its_inverted_inputs(badnet, tmp_pat
     strip = lambda recs: [{k: v for k, v in r.items() if k != "time_s"} for r in recs]  # noqa: E731
     assert strip(resumed.labels) == strip(whole.labels)
     assert np.array_equal(resumed.masks, whole.masks)
+
+
+def test_a_label_flagged_with_an_empty_trigger_is_warned_about():
+    # a model that answers one class for everything: that label needs no trigger, which is no backdoor
+    from netcleanse.errors import NetcleanseWarning
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 6))
+    with torch.no_grad():
+        net[1].bias[2] += 50.0
+    model = Classifier.wrap(net, "1x8x8")
+    data = Dataset(torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0)), None, source="noise")
+    with pytest.warns(NetcleanseWarning, match="label 2 was flagged with an empty trigger"):
+        result = scan(model, data, seed=0, progress=False)
+    assert 2 in result.flagged and result.record(2)["mask_l1"] < 1
+    assert "empty trigger" in result.settings["warnings"][0]

@@ -442,6 +442,14 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         rec["flagged"] = t in flagged
         records.append(rec)
 
+    empty = [t for t in flagged if results[t]["mask_l1"] < EMPTY_TRIGGER_L1]
+    if empty:  # reached with no trigger at all: the model's default answer, which no search can pin on a backdoor
+        message = (f"label {empty[0]} was flagged with an empty trigger (mask L1 {results[empty[0]]['mask_l1']:.2g}): "
+                   f"the model answers it for the scan's inputs without any trigger (an untrained or collapsed "
+                   f"model, a wrong preprocessing, or inputs unlike its training data); that is no evidence of a "
+                   f"backdoor: check the model's accuracy on clean data (netcleanse eval)")
+        warnings.warn(message, NetcleanseWarning, stacklevel=2)
+        settings["warnings"] = [message]
     result = ScanResult(labels=records, flagged=flagged, threshold=float(threshold), preset=preset,
                         data=data_desc, elapsed_s=0.0, model=_model_info(model), settings=settings,
                         masks=np.stack([masks[t] for t in labels]).astype(np.float32),
@@ -455,6 +463,9 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         shutil.rmtree(out_dir / "partial", ignore_errors=True)
         lock.close()
     return result
+
+
+EMPTY_TRIGGER_L1 = 1.0  # a reversed mask smaller than one whole pixel: no trigger (scan's warning)
 
 
 def image_passes(plan: Preset, labels, coarse: dict, refined: dict, tested, *, n_opt: int, n_val: int,
