@@ -141,3 +141,20 @@ def test_non_finite_outputs_are_an_error_not_an_answer():
         model.predict(torch.rand(2, 1, 4, 4))
     with pytest.raises(NetcleanseError, match="NaN or infinite"):
         model.predict_proba(torch.rand(2, 1, 4, 4))
+
+
+def test_predict_reads_integer_images_as_0_to_255_and_refuses_floats_outside_0_1(model):
+    # Classifier.predict on arrays as users have them: uint8 images are 0..255 (as load_data reads
+    # them); float pixels beyond [0, 1] would be fed as they are, every answer wrong: refused
+    import numpy as np
+    x = images([0, 3, 9])
+    as_uint8 = np.round(x.numpy() * 255).astype(np.uint8)
+    assert model.predict(as_uint8).tolist() == [0, 3, 9]
+    assert model.predict(torch.from_numpy(as_uint8)).tolist() == [0, 3, 9]
+    with pytest.raises(NetcleanseError, match="pixels must be in \\[0, 1\\], got values from 0 to 255: divide"):
+        model.predict(x * 255)
+    with pytest.raises(NetcleanseError, match="pixels must be in \\[0, 1\\]"):
+        model.predict_proba(np.full((1, 1, 4, 4), np.nan, dtype=np.float32))
+    with pytest.raises(NetcleanseError, match="integer images must be 0..255"):
+        model.predict(np.full((1, 1, 4, 4), 300, dtype=np.int32))
+    assert model.predict(x + 1e-4).tolist() == [0, 3, 9]  # rounding is not another range

@@ -64,6 +64,9 @@ def checked_channels(values, channels: int | None, what: str) -> tuple[float, ..
     return out
 
 
+PIXEL_SLACK = 1e-3  # float pixels this far outside [0, 1] are rounding, not another range
+
+
 def checked_preprocessing(mean, std, channels: int | None) -> tuple[tuple | None, tuple | None]:
     """(mean, std) checked by :func:`checked_channels`; ``std`` must be positive, and giving one
     without the other means mean 0 or std 1."""
@@ -173,15 +176,28 @@ class Classifier(nn.Module):
         return self.net(x)
 
     def _images(self, x) -> torch.Tensor:
-        """``x`` as an N x C x H x W float tensor that fits this model (a NumPy array is taken as it
-        is: pixels in [0, 1]), else a one-line error."""
+        """``x`` as an N x C x H x W float tensor that fits this model, else a one-line error: pixels
+        in [0, 1]; integer images (uint8) are 0..255 and divided by 255, as :func:`netcleanse.load_data`
+        reads them; float pixels outside [0, 1] are refused (0..255 floats would be fed as they are,
+        and every answer would be wrong)."""
         if isinstance(x, np.ndarray):
-            if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
+                    or x.dtype == np.bool_):
                 raise NetcleanseError(f"images must be numbers, got a NumPy array of {x.dtype}")
-            x = torch.from_numpy(np.asarray(x, dtype=np.float32))
+            x = torch.from_numpy(np.ascontiguousarray(x))
         if not isinstance(x, torch.Tensor):
             raise NetcleanseError(f"images must be a tensor (N x C x H x W, pixels in [0, 1]), got {type(x).__name__}")
         self.check_input(x)
+        if not x.is_floating_point():
+            if x.dtype != torch.bool and len(x) and (int(x.min()) < 0 or int(x.max()) > 255):
+                raise NetcleanseError(f"integer images must be 0..255, got values from {int(x.min())} to {int(x.max())}")
+            return x.float() if x.dtype == torch.bool else x.float() / 255
+        if len(x):
+            low, high = float(x.min()), float(x.max())
+            if not (low >= -PIXEL_SLACK and high <= 1 + PIXEL_SLACK):
+                raise NetcleanseError(f"pixels must be in [0, 1], got values from {low:g} to {high:g}"
+                                      + (": divide 0..255 images by 255 (the model's input_scale does the rest)"
+                                         if high > 2 else ""))
         return x
 
     @torch.no_grad()
