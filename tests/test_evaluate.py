@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from netcleanse import Classifier, NetcleanseError
+from netcleanse import Classifier, NetcleanseError, NetcleanseWarning
 from netcleanse.data import Dataset
 from netcleanse.evaluate import Evaluation, accuracy, evaluate, predict_dataset
 
@@ -153,8 +153,10 @@ def test_predict_reads_integer_images_as_0_to_255_and_refuses_floats_outside_0_1
     assert model.predict(torch.from_numpy(as_uint8)).tolist() == [0, 3, 9]
     with pytest.raises(NetcleanseError, match="pixels must be in \\[0, 1\\], got values from 0 to 255: divide"):
         model.predict(x * 255)
-    with pytest.raises(NetcleanseError, match="pixels must be in \\[0, 1\\]"):
+    with pytest.raises(NetcleanseError, match="NaN or infinite pixels"):
         model.predict_proba(np.full((1, 1, 4, 4), np.nan, dtype=np.float32))
+    with pytest.warns(NetcleanseWarning, match="pixels outside \\[0, 1\\] .*normalised twice"):
+        model.predict((x - 0.5) / 0.25)  # normalised already
     with pytest.raises(NetcleanseError, match="integer images must be 0..255"):
         model.predict(np.full((1, 1, 4, 4), 300, dtype=np.int32))
     assert model.predict(x + 1e-4).tolist() == [0, 3, 9]  # rounding is not another range

@@ -67,7 +67,7 @@ def test_guard_returns_n_plus_1_logits_and_flags_only_detected_inputs():
     guarded = GuardedClassifier(base, detector)
     assert guarded.num_classes == 4 and guarded.poison_label == 3
     clean = torch.zeros(3, 2, 4, 4)
-    clean[:, 1] = torch.rand(3, 4, 4) + 0.5
+    clean[:, 1] = torch.rand(3, 4, 4) / 2 + 0.5
     poisoned = _corner_trigger().apply(clean)
     logits = guarded.logits(torch.cat([clean, poisoned]))
     assert logits.shape == (6, 4)

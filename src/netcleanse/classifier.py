@@ -21,12 +21,13 @@ for instance, take ``mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)`` at 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import NetcleanseError
+from .errors import NetcleanseError, NetcleanseWarning
 from .utils import first_line, module_device
 
 
@@ -178,8 +179,8 @@ class Classifier(nn.Module):
     def _images(self, x) -> torch.Tensor:
         """``x`` as an N x C x H x W float tensor that fits this model, else a one-line error: pixels
         in [0, 1]; integer images (uint8) are 0..255 and divided by 255, as :func:`netcleanse.load_data`
-        reads them; float pixels outside [0, 1] are refused (0..255 floats would be fed as they are,
-        and every answer would be wrong)."""
+        reads them; float pixels that look like 0..255 are refused (they would be fed as they are,
+        and every answer would be wrong), others outside [0, 1] warned about."""
         if isinstance(x, np.ndarray):
             if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
                     or x.dtype == np.bool_):
@@ -194,10 +195,15 @@ class Classifier(nn.Module):
             return x.float() if x.dtype == torch.bool else x.float() / 255
         if len(x):
             low, high = float(x.min()), float(x.max())
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise NetcleanseError("images hold NaN or infinite pixels")
+            if low >= -PIXEL_SLACK and high > 2:  # 0..255 pixels as floats: every answer would be wrong
+                raise NetcleanseError(f"pixels must be in [0, 1], got values from {low:g} to {high:g}: divide "
+                                      "0..255 images by 255 (the model's input_scale does the rest)")
             if not (low >= -PIXEL_SLACK and high <= 1 + PIXEL_SLACK):
-                raise NetcleanseError(f"pixels must be in [0, 1], got values from {low:g} to {high:g}"
-                                      + (": divide 0..255 images by 255 (the model's input_scale does the rest)"
-                                         if high > 2 else ""))
+                warnings.warn(f"pixels outside [0, 1] (from {low:g} to {high:g}): a netcleanse model takes [0, 1] "
+                              "pixels and applies its own preprocessing (input_scale, mean/std); already "
+                              "normalised images would be normalised twice", NetcleanseWarning, stacklevel=3)
         return x
 
     @torch.no_grad()
