@@ -449,6 +449,16 @@ def test_a_softmax_output_is_warned_about(tmp_path, capsys):
     sigmoid = Classifier.wrap(nn.Sequential(net, nn.Sigmoid()), (1, 4, 4))
     assert "remove its final sigmoid" in check_outputs(sigmoid)
     assert check_outputs(Classifier.wrap(nn.Sequential(net, nn.ReLU()), (1, 4, 4))) is None  # zeros: not a sigmoid
+    # predict says so too: its confidence would be a softmax of probabilities
+    source = tmp_path / "soft.py"
+    source.write_text("from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Flatten(), nn.Linear(16, 3), "
+                      "nn.Softmax(dim=1))\n")
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(16, 3), nn.Softmax(dim=1)).state_dict(), tmp_path / "soft.pt")
+    import numpy as np
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).random((4, 4, 4, 1)).astype("float32"))
+    code, out, err = cli(capsys, "predict", tmp_path / "soft.pt", "--arch", f"{source}:make", "--input-shape",
+                         "1x4x4", tmp_path / "x.npz")
+    assert code == 0 and "warning: the model's outputs look like probabilities" in err
 
 
 def test_torchscript_without_a_record_takes_input_shape(tmp_path):

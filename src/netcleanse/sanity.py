@@ -19,8 +19,9 @@ It is a warning, never an error: some models do answer one class for noise.
 :func:`check_outputs` warns when the model answers probabilities instead of logits (a softmax at
 the end of a network of the user's own: the Keras and ONNX readers drop a final softmax, sigmoid
 or tanh themselves), or per-class sigmoid scores (every output strictly between 0 and 1). Neural Cleanse's losses then see values in [0, 1] as logits, and a saturated softmax
-passes almost no gradient back to the trigger: the scan runs, but weaker (on a lab net: model p
-0.0025 with logits, 0.038 with the softmax kept).
+passes almost no gradient back to the trigger: the scan runs, but its results are unreliable (on a
+lab net: model p 0.0025 with logits, 0.038 with the softmax kept; on another, a clean label flagged
+beside the target). ``predict`` warns too: its confidence would be a softmax of probabilities.
 """
 
 from __future__ import annotations
@@ -165,8 +166,10 @@ def check_outputs(model, n: int = OUTPUT_CHECK_IMAGES, seed: int = 0) -> str | N
             return None
     if bool((out >= -1e-6).all()) and bool(((out.sum(dim=1) - 1).abs() < 1e-3).all()):
         return ("the model's outputs look like probabilities (non-negative, summing to 1), not logits: remove "
-                "its final softmax (the scan needs logits; with probabilities it runs but finds less)")
+                "its final softmax (netcleanse needs logits: a scan of probabilities can miss a backdoor and flag "
+                "clean labels, and a prediction's confidence is a softmax of the probabilities)")
     if bool((out > 0).all()) and bool((out < 1).all()):  # a ReLU gives zeros, a sigmoid never does
         return ("the model's outputs all lie strictly between 0 and 1, like a final sigmoid's, not logits: "
-                "remove its final sigmoid (the scan needs the scores before it; on squashed ones it finds less)")
+                "remove its final sigmoid (netcleanse needs the scores before it: a scan of squashed scores can "
+                "miss a backdoor and flag clean labels, and a prediction's confidence is a softmax of them)")
     return None

@@ -222,6 +222,10 @@ def predict(model_path: ModelArgument,
                                 input_shape=input_shape, mean=mean, std=std)
     if out is not None:
         _check_predictions_out(out, force)
+    from ..sanity import check_outputs, warn
+    squashed = check_outputs(model)
+    if squashed:  # the confidence shown would be a softmax of probabilities
+        warn(squashed)
     data = load_data(list(inputs), expect_shape=model.input_shape, num_classes=model.num_classes)
     labels, confidence = predict_dataset(model, data, batch_size, device=device)
     is_dataset_file = data.info.get("format") in ("hdf5", "npz")
