@@ -264,6 +264,24 @@ def test_a_wrapped_module_stays_in_eval_mode():
     assert torch.equal(model(x), model(x)) and torch.equal(net[1].running_mean, running)
 
 
+def test_wrap_checks_the_output_whatever_it_is_told():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    assert Classifier.wrap(net, (1, 4, 4), num_classes=3).num_classes == 3
+    with pytest.raises(NetcleanseError, match="num_classes is 5 but the module answers 3 scores"):
+        Classifier.wrap(net, (1, 4, 4), num_classes=5)
+
+    class Pair(nn.Module):
+        def forward(self, x):
+            return net(x), x.flatten(1)
+
+    with pytest.raises(NetcleanseError, match="one score per class .*only the logits"):
+        Classifier.wrap(Pair(), (1, 4, 4), num_classes=3)
+    with pytest.raises(NetcleanseError, match="one output \\(a binary sigmoid head\\?\\)"):
+        Classifier.wrap(nn.Sequential(nn.Flatten(), nn.Linear(16, 1)), (1, 4, 4))
+    with pytest.raises(NetcleanseError, match="weights are float16; .*module.float\\(\\)"):
+        Classifier.wrap(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).half(), (1, 4, 4))
+
+
 # ---------------------------------------------------------------------------------------------
 # safetensors
 

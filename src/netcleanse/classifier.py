@@ -125,18 +125,27 @@ class Classifier(nn.Module):
         """Any torch module returning logits (N, classes) for NCHW input, as a :class:`Classifier`
         that netcleanse scans, repairs and reports on like a loaded model.
 
-        ``input_shape``: (C, H, W), or text "CxHxW". ``num_classes``: found by running one zero
-        image through the module when not given. ``input_scale``, ``mean``, ``std``: how the
+        ``input_shape``: (C, H, W), or text "CxHxW". ``num_classes``: the width of the module's output
+        on one zero image (run to check the output: a ``num_classes`` given must agree); one score
+        per class, at least two; float32 weights. ``input_scale``, ``mean``, ``std``: how the
         module wants its input (see the module doc); netcleanse feeds it [0, 1] pixels through them.
         The module is put in eval mode. Such a model is saved with its weights only: loading it back
         needs the same architecture named again (``load_model(path, arch=...)``)."""
         if not isinstance(module, nn.Module):
             raise NetcleanseError(f"expected a torch nn.Module, got {type(module).__name__}")
         shape = parse_input_shape(input_shape)
+        kinds = {p.dtype for p in module.parameters() if p.is_floating_point()} - {torch.float32}
+        if kinds:
+            raise NetcleanseError(f"{name}: the module's weights are {sorted(map(str, kinds))[0].replace('torch.', '')}; "
+                                  "netcleanse computes in float32: give it module.float()")
         module.eval()
-        if num_classes is None:
-            num_classes = output_classes(module, shape, name)
-        return cls(module, shape, int(num_classes), input_scale=input_scale, name=name, arch=None,
+        width = output_classes(module, shape, name)  # run even when num_classes is given: the output is checked
+        if num_classes is not None and int(num_classes) != width:
+            raise NetcleanseError(f"{name}: num_classes is {num_classes} but the module answers {width} scores")
+        if width == 1:  # a binary sigmoid head, as load_model refuses it
+            raise NetcleanseError(f"{name}: the model has one output (a binary sigmoid head?); netcleanse needs one "
+                                  "output per class: give it a 2-way head (logits [0, z] for a sigmoid's z)")
+        return cls(module, shape, width, input_scale=input_scale, name=name, arch=None,
                    source=source, mean=mean, std=std)
 
     def set_preprocessing(self, input_scale: float | None = None, mean=None, std=None) -> "Classifier":
