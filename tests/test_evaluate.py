@@ -160,3 +160,18 @@ def test_predict_reads_integer_images_as_0_to_255_and_refuses_floats_outside_0_1
     with pytest.raises(NetcleanseError, match="integer images must be 0..255"):
         model.predict(np.full((1, 1, 4, 4), 300, dtype=np.int32))
     assert model.predict(x + 1e-4).tolist() == [0, 3, 9]  # rounding is not another range
+
+
+def test_the_api_names_what_it_needs_for_objects_of_other_kinds(model):
+    # a plain module, a tensor or a (x, y) tuple where netcleanse's nouns belong: one error saying how
+    import netcleanse
+    from netcleanse.repair import repair
+    x, y = images([1, 2]), torch.tensor([1, 2])
+    for call in (lambda: evaluate(FirstPixelNet(), Dataset(x, y)), lambda: netcleanse.scan(FirstPixelNet(), Dataset(x)),
+                 lambda: predict_dataset(FirstPixelNet(), Dataset(x))):
+        with pytest.raises(NetcleanseError, match="must be a netcleanse Classifier, got FirstPixelNet: wrap it"):
+            call()
+    for call in (lambda: evaluate(model, (x, y)), lambda: netcleanse.scan(model, x),
+                 lambda: repair(model, {}, "unlearn", (x, y))):
+        with pytest.raises(NetcleanseError, match="must be a netcleanse Dataset, got (tuple|Tensor): make one"):
+            call()

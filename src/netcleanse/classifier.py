@@ -298,6 +298,15 @@ def parse_input_shape(value) -> tuple[int, int, int]:
 
 
 @torch.no_grad()
+def as_classifier(model, what: str = "model") -> "Classifier":
+    """``model`` if it is a :class:`Classifier`, else a one-line error saying how to make one."""
+    if isinstance(model, Classifier):
+        return model
+    how = ("wrap it: Classifier.wrap(module, input_shape)" if isinstance(model, nn.Module)
+           else "load one with netcleanse.load_model(path) or wrap a module with Classifier.wrap(module, input_shape)")
+    raise NetcleanseError(f"the {what} must be a netcleanse Classifier, got {type(model).__name__}: {how}")
+
+
 def output_classes(net: nn.Module, input_shape, what: str) -> int:
     """The number of classes of ``net``: the width of its output on one zero image (run in eval mode);
     a one-line error if it fails or does not answer one score per class."""

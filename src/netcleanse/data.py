@@ -153,9 +153,19 @@ def load_data(source, *, expect_shape: Shape | None = None, num_classes: int | N
     return dataset
 
 
+def as_dataset(data, what: str = "data") -> Dataset:
+    """``data`` if it is a :class:`Dataset`, else a one-line error saying how to make one."""
+    if isinstance(data, Dataset):
+        return data
+    raise NetcleanseError(f"the {what} must be a netcleanse Dataset, got {type(data).__name__}: make one with "
+                          "Dataset(x, y) (x: N x C x H x W pixels in [0, 1]; y: labels or None) or "
+                          "netcleanse.load_data(path)")
+
+
 def check_dataset(dataset: Dataset, expect_shape: Shape | None = None, num_classes: int | None = None) -> None:
     """Refuse a dataset a model cannot use: no images, wrong image shape, non-finite pixels,
     labels outside [0, num_classes)."""
+    as_dataset(dataset)
     if len(dataset) == 0:
         raise NetcleanseError(f"{dataset.source}: holds no images")
     if expect_shape is not None and dataset.image_shape != tuple(expect_shape):

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .data import Dataset, check_dataset
+from .data import Dataset, as_dataset, check_dataset
 from .errors import NetcleanseError
-from .classifier import Classifier
+from .classifier import Classifier, as_classifier
 from .progress import progress_bar
 from .utils import on_device, resolve_device
 
@@ -53,6 +53,7 @@ def predict_dataset(model: Classifier, data: Dataset, batch_size: int | None = N
     ``device``: where the model computes, "cpu" or "cuda" (it is moved back afterwards); the
     results are CPU tensors either way.
     """
+    as_classifier(model)
     check_dataset(data, model.input_shape)
     labels, confidence = [], []
     with on_device(model, device) as dev:
@@ -85,6 +86,10 @@ def evaluate(model: Classifier, clean: Dataset | None = None, poisoned: Dataset 
     ``device``: where the model computes, "cpu" or "cuda" (see :func:`predict_dataset`).
     """
     resolve_device(device)  # a wrong device is refused before the data are checked
+    as_classifier(model)
+    for data, what in ((clean, "clean data"), (poisoned, "poisoned data")):
+        if data is not None:
+            as_dataset(data, what)
     if clean is None and poisoned is None:
         raise NetcleanseError("nothing to evaluate: give clean and/or poisoned data")
     # a guarded model answers one class more (poison_label, the N+1-th): no attack targets it, and

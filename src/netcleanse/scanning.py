@@ -66,7 +66,8 @@ import numpy as np
 import torch
 
 from . import scan_folder
-from .data import Dataset
+from .classifier import as_classifier
+from .data import Dataset, as_dataset
 from .calibrated import calibrated_test
 from .detection import anomaly_indices, flag_labels, index_ceiling, median_and_mad
 from .errors import NetcleanseError, NetcleanseWarning
@@ -278,6 +279,9 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
     them; a scan can be resumed with another executor.
     """
     start = time.perf_counter()
+    as_classifier(model)
+    if data is not None:
+        as_dataset(data, "clean data")
     plan = plan_of(preset)
     if isinstance(preset, Preset):  # a variant of a preset (benchmarks); recorded in full in the settings
         preset = "custom"

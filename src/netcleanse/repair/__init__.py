@@ -21,9 +21,9 @@ from __future__ import annotations
 import time
 from dataclasses import fields, replace
 
-from ..data import Dataset
+from ..data import Dataset, as_dataset
 from ..errors import NetcleanseError
-from ..classifier import Classifier
+from ..classifier import Classifier, as_classifier
 from .base import REGISTRY, MethodOutput, RepairJob, RepairOptions, method as register_method
 from .inputs import check_scan_model, concat, scan_triggers
 from .result import RepairResult
@@ -70,6 +70,10 @@ def repair(model: Classifier, scan_result, method: str, clean: Dataset | None = 
     if run is None:
         raise NetcleanseError(f"unknown repair method {method!r}; use one of {', '.join(REGISTRY)}")
     resolve_device(options.device)
+    as_classifier(model)
+    for data, what in ((clean, "clean data"), (test_clean, "clean test data")):
+        if data is not None:
+            as_dataset(data, what)
     started = time.perf_counter()
     test_poisoned = concat(test_poisoned)
     if scan_result is not None:
