@@ -150,13 +150,18 @@ def test_checkpoint_layouts_of_other_toolkits(tmp_path):
     for name, content in layouts.items():
         torch.save(content, tmp_path / name)
     torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
-    for name in [*layouts, "legacy.pt"]:
+    # the legacy format with NumPy arrays beside the weights too (its globals read from its pickle)
+    torch.save(layouts["attack_result.pt"], tmp_path / "legacy_numpy.pt", _use_new_zipfile_serialization=False)
+    for name in [*layouts, "legacy.pt", "legacy_numpy.pt"]:
         model = load_model(tmp_path / name, arch=f"{source}:Inner")
         assert torch.allclose(model.logits(x), expected, atol=1e-6), name
     wrapper = namespace["Wrapper"]().eval()
     wrapper.net.load_state_dict(state)
     torch.save(wrapper.state_dict(), tmp_path / "wrapper.pt")  # keys net.conv.weight ...: its own
     assert torch.allclose(load_model(tmp_path / "wrapper.pt", arch=f"{source}:Wrapper").logits(x), expected, atol=1e-6)
+    torch.save(net, tmp_path / "whole_legacy.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(NetcleanseError, match="holds pickled Python objects"):  # not "corrupt"
+        load_model(tmp_path / "whole_legacy.pt", arch=f"{source}:Inner")
     with pytest.raises(NetcleanseError, match=r"a dict of epoch, weights: none of them a dict of tensors"):
         torch.save({"epoch": 3, "weights": [1, 2]}, tmp_path / "odd.pt")
         load_model(tmp_path / "odd.pt", arch=f"{source}:Inner")

@@ -152,7 +152,7 @@ def load_weights_only(path: Path):
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        names = _unsafe_globals(path)
         allowed = [_numpy_global(n) for n in names]
         if not names or any(obj is None for obj in allowed):
             raise
@@ -160,6 +160,27 @@ def load_weights_only(path: Path):
         allowed += [_numpy_global(f"numpy.dtypes.{n}") for n in dir(numpy.dtypes) if n.endswith("DType")]
         with torch.serialization.safe_globals([obj for obj in allowed if obj is not None]):
             return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals a ``torch.save`` file names that ``weights_only`` does not allow, read from its
+    pickle without running it: torch's own reader for the zip format; for the legacy (pre-1.6)
+    format, whose object pickle follows three small ones (magic number, protocol, system info),
+    the same listing of that pickle (torch's reader takes zip files only)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (ValueError, RuntimeError):
+        pass
+    import pickletools
+
+    from torch import _weights_only_unpickler as unpickler
+    with open(path, "rb") as f:
+        for _ in range(3):
+            for _op in pickletools.genops(f):  # (genops stops at each pickle's STOP)
+                pass
+        names = unpickler.get_globals_in_pkl(f)
+    safe = set(unpickler._get_allowed_globals()) | set(unpickler._get_user_allowed_globals())
+    return sorted(n for n in names if n not in safe)
 
 
 def _scale(recorded, given: float):
