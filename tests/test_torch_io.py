@@ -159,7 +159,7 @@ def test_checkpoint_layouts_of_other_toolkits(tmp_path):
     wrapper.net.load_state_dict(state)
     torch.save(wrapper.state_dict(), tmp_path / "wrapper.pt")  # keys net.conv.weight ...: its own
     assert torch.allclose(load_model(tmp_path / "wrapper.pt", arch=f"{source}:Wrapper").logits(x), expected, atol=1e-6)
-    torch.save(net, tmp_path / "whole_legacy.pt", _use_new_zipfile_serialization=False)
+    torch.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), tmp_path / "whole_legacy.pt", _use_new_zipfile_serialization=False)
     with pytest.raises(NetcleanseError, match="holds pickled Python objects"):  # not "corrupt"
         load_model(tmp_path / "whole_legacy.pt", arch=f"{source}:Inner")
     with pytest.raises(NetcleanseError, match=r"a dict of epoch, weights: none of them a dict of tensors"):
