@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from netcleanse import Classifier
+import netcleanse
+from netcleanse import Classifier, save_model
 from netcleanse.architectures import SmallCNN
 from netcleanse.cli import main
 
@@ -150,6 +151,20 @@ def test_info_text_and_json(tiny, capsys):
     assert info["parameters"] == sum(p.numel() for p in SmallCNN(10).parameters())
     assert [layer["name"] for layer in info["layers"]] == ["conv_1", "conv_2", "fc_1", "output"]
     assert info["poison_label"] is None
+
+
+def test_an_input_shape_the_model_cannot_take_is_one_error(tiny, tmp_path, capsys):
+    # a registered architecture at a size it cannot run: one line, not a traceback at the first pass
+    code, _, err = cli(capsys, "info", tiny, "--arch", "mnist-cnn", "--input-shape", "3x55x47")
+    assert code == 2 and err.startswith("error: ") and "fails on a 3x55x47 input" in err and "Traceback" not in err
+    # a file that records its shape: another one is refused, an unreadable one too (both were ignored)
+    model = tmp_path / "m.pt"
+    save_model(netcleanse.load_model(tiny, arch="mnist-cnn"), model)
+    code, _, err = cli(capsys, "info", model, "--input-shape", "1x32x32")
+    assert code == 2 and "records its input shape, 1x28x28; --input-shape 1x32x32 does not fit" in err
+    code, _, err = cli(capsys, "info", model, "--input-shape", "abc")
+    assert code == 2 and "input shape must be CxHxW" in err
+    assert cli(capsys, "info", model, "--input-shape", "1x28x28")[0] == 0
 
 
 def test_info_lists_layers_not_empty_containers():

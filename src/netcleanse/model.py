@@ -60,6 +60,7 @@ def load_model(path, arch=None, input_scale: float = 1.0, name: str | None = Non
         raise NetcleanseError(f"model file is empty: {path}")
     checked_scale(input_scale)
     checked_preprocessing(mean, std, None)  # the count per channel is checked once the model is known
+    given_shape = None if input_shape is None else parse_input_shape(input_shape)
     if arch is not None:
         arch = resolve_arch(arch, arch_kwargs, num_classes, input_shape)
     elif arch_kwargs or num_classes is not None:
@@ -106,6 +107,12 @@ def load_model(path, arch=None, input_scale: float = 1.0, name: str | None = Non
                 input_scale = model.input_scale = checked_scale(recorded["input_scale"])
             if mean is None and std is None:
                 mean, std = recorded["mean"], recorded["std"]
+    if given_shape is not None:
+        if tuple(model.input_shape) != given_shape:  # a file that records its own
+            raise NetcleanseError(f"{path} records its input shape, {'x'.join(map(str, model.input_shape))}; "
+                                  f"--input-shape {'x'.join(map(str, given_shape))} does not fit it (drop it)")
+        # a size of the user's (a registered architecture's is fixed): the network must run on it
+        output_classes(model, given_shape, f"{path} at --input-shape {'x'.join(map(str, given_shape))}")
     if model.num_classes < 1:  # e.g. a Keras Dense(units=0) output: every answer would be an IndexError
         raise NetcleanseError(f"{path}: the model answers {model.num_classes} classes; a classifier needs at least one")
     rescaling = model.net.expects_raw_pixels() if kind in ("hdf5", "keras-archive") and input_scale == 1.0 \
