@@ -469,3 +469,15 @@ def test_a_model_frozen_for_inference_is_repaired_on_a_trainable_copy():
     assert pruned.table[0].get("clean_val_accuracy_after_fine_tuning") is not None
     with pytest.raises(NetcleanseError, match="every weight of 'm' is frozen"):
         train(model, data, epochs=1, progress=False)
+
+
+def test_the_api_refuses_a_scan_result_of_other_weights(tmp_path):
+    # a ScanResult (loaded or in memory) records its model's SHA-256 in scan.json, as the CLI's folder check reads it
+    from netcleanse.scanning import ScanResult, scan
+    model, other = _model(0), _model(1)
+    data = _self_labelled(model, 40)
+    result = scan(model, data, labels=[0, 1, 2], progress=False, out=tmp_path / "s")
+    assert result.model["weights_sha256"]
+    for given in (result, ScanResult.load(tmp_path / "s")):
+        with pytest.raises(NetcleanseError, match="scan of other weights or preprocessing"):
+            repair(other, given, "filter")

@@ -315,9 +315,10 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
 
     out_dir = Path(out) if out is not None else None
     lock = None
+    digest = weights_digest(model)  # (in scan.json too: a repair checks it is given a scan of its model)
     if out_dir is not None:
         # the resume key holds the content of the weights and data, not only their names
-        prepare_out(out_dir, resume, settings, dict(_model_info(model), weights_sha256=weights_digest(model),
+        prepare_out(out_dir, resume, settings, dict(_model_info(model), weights_sha256=digest,
                                                     data_sha256=None if data is None else data_digest(data)))
         if resume and (out_dir / scan_folder.SCAN_JSON).exists():
             return ScanResult.load(out_dir)  # already finished
@@ -455,7 +456,8 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         warnings.warn(message, NetcleanseWarning, stacklevel=2)
         settings["warnings"] = [message]
     result = ScanResult(labels=records, flagged=flagged, threshold=float(threshold), preset=preset,
-                        data=data_desc, elapsed_s=0.0, model=_model_info(model), settings=settings,
+                        data=data_desc, elapsed_s=0.0, model=dict(_model_info(model), weights_sha256=digest),
+                        settings=settings,
                         masks=np.stack([masks[t] for t in labels]).astype(np.float32),
                         patterns=np.stack([patterns[t] for t in labels]).astype(np.float32),
                         index_ceiling=float(ceiling), rule=rule, alpha=float(alpha), test=test.to_dict(),

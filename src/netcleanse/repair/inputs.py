@@ -32,8 +32,8 @@ def scan_triggers(scan) -> dict[int, Trigger]:
 def check_scan_model(scan, model) -> None:
     """Refuse a scan of another model: its reversed triggers would repair this one against a backdoor
     it may not have. Checked where the scan recorded them: the number of classes and the input
-    shape (scan.json's ``model``), and for a scan folder the weights' SHA-256 (``scan_settings.json``,
-    written when the scan started; it covers the parameters' names too, so the same weights loaded
+    shape (scan.json's ``model``), and the weights' SHA-256 (scan.json's ``model.weights_sha256``, or
+    a scan folder's ``scan_settings.json``, written when the scan started; it covers the parameters' names too, so the same weights loaded
     another way, e.g. a Keras whole-model file rebuilt from its config rather than into a registered
     architecture, count as other weights: scan the model as it will be repaired)."""
     from ..journal import weights_digest
@@ -52,6 +52,8 @@ def check_scan_model(scan, model) -> None:
                 digest = None  # an unreadable settings file decides nothing; scan.json was checked
     if not isinstance(recorded, dict):
         return
+    if digest is None and isinstance(recorded.get("weights_sha256"), str):  # scan.json's own (scans since 2026-12-05)
+        digest = recorded["weights_sha256"]
     ours = {"num_classes": model.num_classes, "input_shape": list(model.input_shape)}
     for key, value in ours.items():
         theirs = recorded.get(key)
@@ -59,8 +61,8 @@ def check_scan_model(scan, model) -> None:
             raise NetcleanseError(f"{where} is a scan of a model with {key.replace('_', ' ')} {theirs}, not this "
                                   f"model's {value}; scan this model first")
     if isinstance(digest, str) and digest != weights_digest(model):
-        raise NetcleanseError(f"{where} is a scan of other weights or preprocessing than this model's (its "
-                              "scan_settings.json records another SHA-256); scan this model first")
+        raise NetcleanseError(f"{where} is a scan of other weights or preprocessing than this model's (it "
+                              "records another SHA-256); scan this model first")
 
 
 def _triggers_from_folder(folder: Path) -> dict[int, Trigger]:
