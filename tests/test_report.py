@@ -875,6 +875,24 @@ def test_repair_directory_follows_its_scan(tmp_path):
     assert f"{len(scan['flagged'])} of 10 labels flagged" in text and "Methods" in text
 
 
+def test_a_repair_finds_its_scan_from_anywhere_and_a_mismatch_is_said(tmp_path, monkeypatch):
+    from netcleanse.errors import NetcleanseWarning
+    scan = write_scan(tmp_path / "scan", 10)
+    write_repair(tmp_path / "repair", scan_dir="../scan")  # as repair records it: from its own folder
+    monkeypatch.chdir(tmp_path / "repair")  # (not where the repair ran)
+    text = page_text(render_report(tmp_path / "repair").read_text())
+    assert f"{len(scan['flagged'])} of 10 labels flagged" in text
+    # a repair of another scan, put beside this one, or one whose scan is gone: said, not silent
+    write_scan(tmp_path / "audit", 10)
+    write_repair(tmp_path / "audit" / "repair", scan_dir=str(tmp_path / "scan"))
+    with pytest.warns(NetcleanseWarning, match="was made from the scan in .*scan, not from the one in"):
+        render_report(tmp_path / "audit")
+    write_repair(tmp_path / "lost" / "repair", scan_dir="../gone")
+    with pytest.warns(NetcleanseWarning, match="names the scan ../gone, which is not found from here: the report "
+                                               "shows the repair without a scan"):
+        render_report(tmp_path / "lost")
+
+
 def test_bad_inputs_are_one_line_errors(tmp_path):
     with pytest.raises(NetcleanseError, match="no scan.json or repair.json"):
         render_report(tmp_path)

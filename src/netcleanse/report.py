@@ -42,6 +42,7 @@ import base64
 import datetime as _dt
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -57,7 +58,7 @@ from . import plots
 from .calibrated import most_anomalous
 from .detection import median_and_mad
 from .data import IMAGE_FORMATS
-from .errors import NetcleanseError
+from .errors import NetcleanseError, NetcleanseWarning
 from .utils import atomic_write, read_json_object
 from .scan_folder import MASKS_NPZ, SCAN_JSON, TriggerArrays, read_masks, read_scan_json
 
@@ -100,12 +101,18 @@ def _find_one(root: Path, name: str) -> Path | None:
     return found[0] if found else None
 
 
-def _scan_dir_named_by(repair: dict, repair_dir: Path) -> Path | None:
+def _named_scan(repair: dict) -> str | None:
     settings = repair.get("settings") if isinstance(repair.get("settings"), dict) else {}
     named = repair.get("scan") or repair.get("scan_dir") or settings.get("scan")
-    if not isinstance(named, str):
+    return named if isinstance(named, str) else None
+
+
+def _scan_dir_named_by(repair: dict, repair_dir: Path) -> Path | None:
+    named = _named_scan(repair)
+    if named is None:
         return None
-    for candidate in (Path(named), repair_dir / named):
+    # relative to the repair's folder (repair records it so); older records: to where repair ran
+    for candidate in (repair_dir / named, Path(named)):
         if (candidate / SCAN_JSON).is_file():
             return candidate
     return None
@@ -122,9 +129,21 @@ def find_sources(directory: str | Path) -> ReportSources:
     sources.repairs = [(d, read_json_object(d / "repair.json")) for d in candidates if (d / "repair.json").is_file()]
 
     scan_json = _find_one(root, SCAN_JSON)
+    named_by = {d: _scan_dir_named_by(repair, d) for d, repair in sources.repairs}
+    for d, repair in sources.repairs:
+        said = _named_scan(repair)
+        if said is not None and named_by[d] is None:
+            shown = "without a scan" if scan_json is None else \
+                f"beside the scan in {scan_json.parent}, which may not be the one it was made from"
+            warnings.warn(f"{d / 'repair.json'} names the scan {said}, which is not found from here: the report "
+                          f"shows the repair {shown}", NetcleanseWarning, stacklevel=2)
+        elif named_by[d] is not None and scan_json is not None and \
+                named_by[d].resolve() != scan_json.parent.resolve():
+            warnings.warn(f"the repair in {d} was made from the scan in {named_by[d]}, not from the one in "
+                          f"{scan_json.parent}, whose verdict the report shows beside it", NetcleanseWarning,
+                          stacklevel=2)
     if scan_json is None:
-        named = [_scan_dir_named_by(repair, d) for d, repair in sources.repairs]
-        named = [d for d in named if d is not None]
+        named = [d for d in named_by.values() if d is not None]
         scan_json = named[0] / SCAN_JSON if named else None
     if scan_json is not None:
         sources.scan_dir = scan_json.parent

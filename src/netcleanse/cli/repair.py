@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -158,7 +159,8 @@ def repair(
                             lr=lr, epochs=epochs, fraction=fraction, quantile=quantile, seed=seed, device=device)
     result = run_repair(model, triggers, method, clean, options=options, test_clean=tests_clean,
                         test_poisoned=tests_poisoned, target=target)
-    result.settings.update(model=str(model_path), scan=str(scan) if scan else None,
+    # the scan as seen from the repair's folder, so a report finds it from any working directory
+    result.settings.update(model=str(model_path), scan=os.path.relpath(scan, out) if scan else None,
                            data=str(data) if data else None)
     result.save(out, force=force)
     for message in result.settings.get("warnings", []):
