@@ -315,6 +315,10 @@ def test_cli_fine_prune_writes_table_and_exports(tmp_path):
     assert len(pruned_channels(exported, "conv_1")) == record["table"][2]["channels_pruned"]
     again = runner.invoke(app, args)
     assert again.exit_code != 0 and "already holds a repair" in str(again.exception or again.output)
+    # --json writes the same folder, report included
+    as_json = runner.invoke(app, [*args[:-3], str(tmp_path / "rep_json"), "--test-clean", str(data), "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    assert json.loads(as_json.stdout)["method"] == "fine-prune" and (tmp_path / "rep_json" / "report.html").is_file()
 
 
 def test_cli_refuses_missing_inputs(tmp_path):

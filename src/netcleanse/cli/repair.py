@@ -165,6 +165,10 @@ def repair(
     result.save(out, force=force)
     for message in result.settings.get("warnings", []):
         warn(message)
+    report = None
+    if scan is not None:  # the report needs the scan; repair.json names it
+        from ..report import render_report
+        report = render_report(out)
     if json_output:
         typer.echo(json.dumps(json.loads((out / "repair.json").read_text()), indent=2))
         return
@@ -175,6 +179,5 @@ def repair(
     stem = "guarded" if result.model.poison_label is not None else "repaired"
     typer.echo(f"wrote {out / 'repair.json'} and {' and '.join(record['files'][stem])} in {out}"
                + (f" ({record['notes'][stem]})" if stem in record.get("notes", {}) else ""))
-    if scan is not None:  # the report needs the scan; repair.json names it
-        from ..report import render_report
-        typer.echo(f"report {render_report(out)}")
+    if report is not None:
+        typer.echo(f"report {report}")
