@@ -485,3 +485,18 @@ def test_the_api_refuses_a_scan_result_of_other_weights(tmp_path):
     for given in (result, ScanResult.load(tmp_path / "s")):
         with pytest.raises(NetcleanseError, match="scan of other weights or preprocessing"):
             repair(other, given, "filter")
+
+
+def test_several_poisoned_test_sets_get_one_attack_success_each():
+    # one set per target: the table's ASR over all of them, and per set (a target left working shows)
+    model = _model()
+    x = torch.rand(30, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    answers = model.predict(x)
+    hit = Dataset(x[:10], answers[:10], "hit")  # every image "poisoned" to what the model answers: ASR 1
+    miss = Dataset(x[10:30], (answers[10:30] + 1) % 10, "miss")  # never: ASR 0
+    result = repair(model, {3: _patch()}, "filter", test_poisoned=[hit, miss], progress=False)
+    original = result.table[0]
+    assert original["attack_success_by_set"] == [1.0, 0.0]
+    assert original["attack_success"] == pytest.approx(10 / 30)
+    single = repair(model, {3: _patch()}, "filter", test_poisoned=[hit], progress=False)
+    assert "attack_success_by_set" not in single.table[0]

@@ -39,7 +39,8 @@ def _print_table(rows: list[dict]) -> None:
 
     columns = [("model", "model"), ("drop_threshold", "drop"), ("fraction_pruned", "pruned %"),
                ("clean_val_accuracy", "val acc %"), ("clean_accuracy", "clean acc %"),
-               ("attack_success", "ASR %"), ("poison_detection", "detected %"), ("false_positive", "false pos %"),
+               ("attack_success", "ASR %"), ("attack_success_by_set", "ASR % by set"),
+               ("poison_detection", "detected %"), ("false_positive", "false pos %"),
                ("clean_accuracy_after_fine_tuning", "clean acc % (ft)"),
                ("attack_success_after_fine_tuning", "ASR % (ft)")]
     present = [(key, title) for key, title in columns if any(key in row for row in rows)]
@@ -54,6 +55,8 @@ def _print_table(rows: list[dict]) -> None:
                 cells.append(str(value))
             elif key == "drop_threshold":
                 cells.append("-" if value is None else f"{value:g}")
+            elif key == "attack_success_by_set":
+                cells.append("-" if value is None else " / ".join(_percent(v) for v in value))
             else:
                 cells.append(_percent(value))
         table.add_row(*cells)

@@ -75,11 +75,12 @@ def repair(model: Classifier, scan_result, method: str, clean: Dataset | None = 
         if data is not None:
             as_dataset(data, what)
     started = time.perf_counter()
+    sets = [] if test_poisoned is None or isinstance(test_poisoned, Dataset) else list(test_poisoned)
     test_poisoned = concat(test_poisoned)
     if scan_result is not None:
         check_scan_model(scan_result, model)
     triggers = scan_triggers(scan_result) if scan_result is not None else {}
-    job = RepairJob(model, triggers, clean, options, test_clean, test_poisoned, target)
+    job = RepairJob(model, triggers, clean, options, test_clean, test_poisoned, target, poisoned_sets=sets)
     job.original = job.row("original", model, clean)
     out = run(job)
     covered = out.settings.get("clean_classes")

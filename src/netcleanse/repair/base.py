@@ -68,6 +68,7 @@ class RepairJob:
     test_poisoned: Dataset | None = None
     target: int | None = None
     original: dict = field(default_factory=dict)  # the original model's row of the table
+    poisoned_sets: list = field(default_factory=list)  # the poisoned test sets one by one (several targets)
 
     def row(self, name: str, model: Classifier, clean: Dataset | None = None) -> dict:
         """A table row: ``model``'s accuracy on ``clean`` (if labelled) and on the test sets."""
@@ -79,6 +80,10 @@ class RepairJob:
                                 target=self.target, device=self.options.device).to_dict()
             row.update({key: measured[key] for key in ("clean_accuracy", "attack_success", "poison_detection",
                                                         "false_positive") if measured[key] is not None})
+        if len(self.poisoned_sets) > 1:  # one figure per set: a target the repair leaves working shows
+            row["attack_success_by_set"] = [
+                evaluate(model, poisoned=part, target=self.target, device=self.options.device).attack_success
+                for part in self.poisoned_sets]
         return row
 
     def clean_classes(self) -> int:
