@@ -100,7 +100,8 @@ class LineProgress:
         task["last"], task["ended"] = now, final
         elapsed = now - task["start"]
         done, total = task["completed"], task["total"]
-        count = f"{done:g}/{total:g} ({100 * done / total:.0f} %)" if total else f"{done:g}"
+        whole = int(done + 1e-9)  # (work counted in fractions, e.g. label-equivalents: whole ones shown, as rich does)
+        count = f"{whole}/{total:g} ({100 * done / total:.0f} %)" if total else f"{whole}"
         rate = (done - task["start_completed"]) / elapsed if elapsed > 0 else 0.0
         eta = (f", ETA {_clock((total - done) / rate)}" if total and rate > 0 and done < total else "")
         print(f"{task['description']}: {count}, elapsed {_clock(elapsed)}{eta}",

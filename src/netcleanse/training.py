@@ -157,11 +157,12 @@ def _fit(model: Classifier, train: Dataset, val: Dataset | None, epochs: int, ba
                 if after_step is not None:
                     after_step()
                 total_loss += float(loss.detach()) * len(rows)
-                bar.advance(task)
+                if start + batch_size < len(train):  # (the epoch's last batch is counted with its summary below)
+                    bar.advance(task)
             record = {"epoch": epoch, "loss": total_loss / len(train)}
             if val is not None:
                 record["val_accuracy"] = evaluate(model, clean=val, device=dev.type).clean_accuracy
-            bar.update(task, description=f"training: epoch {epoch}/{epochs} loss {record['loss']:.3f}"
+            bar.update(task, advance=1, description=f"training: epoch {epoch}/{epochs} loss {record['loss']:.3f}"
                        + (f" val {100 * record['val_accuracy']:.1f}%" if val is not None else ""))
             if history is not None:
                 history.append(record)
