@@ -500,3 +500,5 @@ def test_several_poisoned_test_sets_get_one_attack_success_each():
     assert original["attack_success"] == pytest.approx(10 / 30)
     single = repair(model, {3: _patch()}, "filter", test_poisoned=[hit], progress=False)
     assert "attack_success_by_set" not in single.table[0]
+    with pytest.raises(NetcleanseError, match="a target was given without poisoned test data"):
+        repair(model, {3: _patch()}, "filter", target=3, progress=False)
