@@ -49,6 +49,14 @@ def test_prune_layer_defaults_to_the_architectures_choice_and_checks_names():
         prune_layer_name(model, "fc_1")
 
 
+def test_a_1x1_class_head_as_last_convolution_is_warned_about():
+    from netcleanse.errors import NetcleanseWarning
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 5, 1),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with pytest.warns(NetcleanseWarning, match="one 1x1 channel per class.*--layer \\(e.g. 0\\)"):
+        assert prune_layer_name(Classifier.wrap(net, "1x8x8")) == "2"
+
+
 def test_zeroing_a_channel_equals_masking_its_output(tmp_path):
     model = _model()
     x = torch.rand(16, 1, 28, 28)

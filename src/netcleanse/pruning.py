@@ -20,6 +20,7 @@ sees (:func:`following_batchnorm`).
 from __future__ import annotations
 
 import copy
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .data import Dataset
-from .errors import NetcleanseError
+from .errors import NetcleanseError, NetcleanseWarning
 from .evaluate import evaluate
 from .classifier import Classifier
 from .progress import progress_bar
@@ -53,6 +54,12 @@ def prune_layer_name(model: Classifier, layer: str | None = None) -> str:
         return default
     if not convs:
         raise NetcleanseError(f"model {model.name!r} has no convolutional layer to prune")
+    head = dict(model.net.named_modules())[convs[-1]]
+    if head.out_channels == model.num_classes and head.kernel_size == (1, 1) and len(convs) > 1:
+        # (a 1x1 convolution with one channel per class: an all-convolutional net's classifier)
+        warnings.warn(f"the last convolutional layer, {convs[-1]}, has one 1x1 channel per class, like a "
+                      "classification head; pruning it prunes classes: name the layer to prune with --layer "
+                      f"(e.g. {convs[-2]})", NetcleanseWarning, stacklevel=2)
     return convs[-1]
 
 
