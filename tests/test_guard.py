@@ -206,6 +206,21 @@ def _user_state(tmp_path):
     return module.Net().state_dict()
 
 
+def test_a_guard_holds_its_own_copy_of_the_model():
+    # the caller's model stays theirs: training it (or its mode) later does not change the guard
+    model = _model().train()
+    guarded = trigger_filter(model, {0: _corner_trigger()}, n_synthetic=16)
+    other = _model()
+    agreeing = disagreement_guard(model, other)
+    assert model.training  # its mode untouched
+    x = torch.rand(8, 2, 4, 4)
+    before, before_agreeing = guarded.logits(x), agreeing.logits(x)
+    with torch.no_grad():
+        for p in list(model.parameters()) + list(other.parameters()):
+            p.add_(1.0)
+    assert torch.equal(guarded.logits(x), before) and torch.equal(agreeing.logits(x), before_agreeing)
+
+
 def test_corrupt_guarded_checkpoint_is_a_clear_error(tmp_path):
     original = Classifier(netcleanse.build_architecture("mnist-cnn"), (1, 28, 28), 10, arch="mnist-cnn")
     guarded = trigger_filter(original, {1: Trigger(torch.ones(28, 28) * 0.1, torch.ones(1, 28, 28))},

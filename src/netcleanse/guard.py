@@ -28,6 +28,8 @@ written and read by :mod:`netcleanse.torch_io`.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .classifier import Classifier
@@ -83,6 +85,7 @@ def trigger_filter(model: Classifier, triggers: dict[int, Trigger], data: Datase
                             ("genuine_quantile", genuine_quantile, 0 <= genuine_quantile <= 1)):
         if not ok:
             raise NetcleanseError(f"{name} must be in {'(0, 1]' if name == 'top_fraction' else '[0, 1]'} (got {value!r})")
+    model = copy.deepcopy(model)  # the guard's own copy: the caller's model (and its mode) stays theirs
     labels_known = None
     if data is not None and len(data):
         generator = torch.Generator().manual_seed(seed)
@@ -128,6 +131,6 @@ def disagreement_guard(model: Classifier, repaired: Classifier) -> GuardedClassi
     """Guard answering N where ``model`` and ``repaired`` disagree (labels otherwise from ``model``)."""
     if repaired.num_classes != model.num_classes or tuple(repaired.input_shape) != tuple(model.input_shape):
         raise NetcleanseError("the repaired model does not have the original model's inputs and classes")
-    guarded = GuardedClassifier(model, Disagreement(repaired))
+    guarded = GuardedClassifier(copy.deepcopy(model), Disagreement(copy.deepcopy(repaired)))  # (copies, as above)
     guarded.settings = {}
     return guarded.eval()
