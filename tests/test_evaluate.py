@@ -150,6 +150,8 @@ def test_predict_reads_integer_images_as_0_to_255_and_refuses_floats_outside_0_1
     x = images([0, 3, 9])
     as_uint8 = np.round(x.numpy() * 255).astype(np.uint8)
     assert model.predict(as_uint8).tolist() == [0, 3, 9]
+    linear = Classifier.wrap(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), (1, 4, 4))
+    assert torch.equal(linear.predict(x.numpy().astype(np.float64)), linear.predict(x))  # float64: as float32
     assert model.predict(torch.from_numpy(as_uint8)).tolist() == [0, 3, 9]
     with pytest.raises(NetcleanseError, match="pixels must be in \\[0, 1\\], got values from 0 to 255: divide"):
         model.predict(x * 255)

@@ -213,7 +213,7 @@ class Classifier(nn.Module):
                 warnings.warn(f"pixels outside [0, 1] (from {low:g} to {high:g}): a netcleanse model takes [0, 1] "
                               "pixels and applies its own preprocessing (input_scale, mean/std); already "
                               "normalised images would be normalised twice", NetcleanseWarning, stacklevel=3)
-        return x
+        return x if x.dtype == torch.float32 else x.float()  # (float64 arrays: the model's float32)
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
