@@ -221,6 +221,13 @@ def test_a_guard_holds_its_own_copy_of_the_model():
     assert torch.equal(guarded.logits(x), before) and torch.equal(agreeing.logits(x), before_agreeing)
 
 
+def test_a_guarded_model_is_not_scanned():
+    # its answer N is the guard's, not a label a backdoor could target: scan the model it guards
+    guarded = GuardedClassifier(_model(), TriggerFilter(3, labels=[0], neurons=[[3]], thresholds=[1.5]))
+    with pytest.raises(NetcleanseError, match="is a guarded model .*scan the model it guards"):
+        netcleanse.scan(guarded, data_free=True, progress=False)
+
+
 def test_corrupt_guarded_checkpoint_is_a_clear_error(tmp_path):
     original = Classifier(netcleanse.build_architecture("mnist-cnn"), (1, 28, 28), 10, arch="mnist-cnn")
     guarded = trigger_filter(original, {1: Trigger(torch.ones(28, 28) * 0.1, torch.ones(1, 28, 28))},

@@ -280,6 +280,9 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
     """
     start = time.perf_counter()
     as_classifier(model)
+    if model.poison_label is not None:  # its answer N is the guard's, not a label a backdoor could target
+        raise NetcleanseError(f"{model.name!r} is a guarded model (it answers {model.poison_label} for inputs it judges "
+                              "poisoned); scan the model it guards instead (the original model file)")
     if data is not None:
         as_dataset(data, "clean data")
     plan = plan_of(preset)
