@@ -85,12 +85,15 @@ class _ConvBnNet(torch.nn.Module):
         self.norm = norm if norm is not None else torch.nn.BatchNorm2d(6)
         self.conv = torch.nn.Conv2d(1, 6, 3, padding=1)
         self.fc = torch.nn.Linear(6, 4)
+        self.relu_first = False
 
     def forward(self, x):
+        if self.relu_first:  # Conv -> ReLU -> BatchNorm (Keras's Conv2D(activation="relu") then a norm)
+            return self.fc(self.norm(torch.relu(self.conv(x))).mean(dim=(2, 3)))
         return self.fc(torch.relu(self.norm(self.conv(x))).mean(dim=(2, 3)))
 
 
-@pytest.mark.parametrize("norm", ["torch", "torch-no-affine", "keras-no-scale"])
+@pytest.mark.parametrize("norm", ["torch", "torch-no-affine", "keras-no-scale", "torch-relu-first"])
 def test_pruning_a_channel_before_a_batch_norm_silences_it_after_the_norm(norm):
     # a zero convolution output would leave beta - gamma * mean / sd after the norm: the norm's own
     # parameters of the channel are zeroed too, so the pruned channel is 0 where the next layer reads
@@ -98,9 +101,11 @@ def test_pruning_a_channel_before_a_batch_norm_silences_it_after_the_norm(norm):
     from netcleanse.keras import KerasBatchNorm
     from netcleanse.pruning import following_batchnorm
     layer = {"torch": torch.nn.BatchNorm2d(6), "torch-no-affine": torch.nn.BatchNorm2d(6, affine=False),
-             "keras-no-scale": KerasBatchNorm(6, 1e-3, 0.99, center=True, scale=False)}[norm]
+             "keras-no-scale": KerasBatchNorm(6, 1e-3, 0.99, center=True, scale=False),
+             "torch-relu-first": torch.nn.BatchNorm2d(6)}[norm]
     torch.manual_seed(0)
     net = _ConvBnNet(layer)
+    net.relu_first = norm == "torch-relu-first"
     with torch.no_grad():
         net.norm.running_mean.uniform_(-1, 1)
         net.norm.running_var.uniform_(0.5, 2)

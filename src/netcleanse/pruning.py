@@ -10,8 +10,8 @@ pruned models on clean data afterwards to win back accuracy (and erase more of t
 A channel is pruned by zeroing its kernel and bias. Its output is then exactly 0 before the
 ReLU, so after the ReLU (and any max-pooling) it is 0 as it would be with a mask, and the pruned
 model is an ordinary model of the same architecture, exportable to Keras ``.h5`` unchanged.
-Where a batch-norm layer takes the convolution's output (Conv -> BatchNorm -> ReLU, as in most
-CNNs), a zero convolution output would leave the constant ``beta - gamma * mean / sqrt(var + eps)``
+Where a batch-norm layer takes the convolution's output, directly or through a ReLU (Conv ->
+BatchNorm -> ReLU, as in most CNNs, or Conv -> ReLU -> BatchNorm), a zero convolution output would leave the constant ``beta - gamma * mean / sqrt(var + eps)``
 after it, so that layer's scale and shift of the channel are zeroed as well (its output is then 0),
 and the channels are ranked by the activation after it, ``relu(BN(conv))``: what the next layer
 sees (:func:`following_batchnorm`).
@@ -72,11 +72,12 @@ _FOLLOWING: "weakref.WeakKeyDictionary[nn.Conv2d, tuple]" = weakref.WeakKeyDicti
 
 @torch.no_grad()
 def following_batchnorm(model: Classifier, layer: str) -> "_BatchNorm | None":
-    """The batch-norm layer that takes ``layer``'s output as it is, or None: found by one forward
-    pass of a blank image, in which a ``BatchNorm2d`` whose input is the very tensor the
-    convolution returned is the one (whatever the modules' names or order in the code). A batch
-    norm behind an activation (Keras's ``Conv2D(activation="relu")`` then ``BatchNormalization``)
-    is not found: the convolution's output does not reach it as it is."""
+    """The batch-norm layer that takes ``layer``'s output, as it is or through a ReLU, or None:
+    found by one forward pass of a random image, in which the first batch norm whose input is the
+    very tensor the convolution returned, or equals its ReLU (Conv -> ReLU -> BatchNorm, Keras's
+    ``Conv2D(activation="relu")`` then ``BatchNormalization``), is the one, whatever the modules'
+    names or order in the code. (A zero channel is zero after a ReLU too, so the norm then turns it
+    into its constant all the same.) Other activations between them are not looked through."""
     conv = _conv(model, layer)
     known = _FOLLOWING.get(conv)
     if known is not None:
@@ -87,7 +88,9 @@ def following_batchnorm(model: Classifier, layer: str) -> "_BatchNorm | None":
         out["conv"] = output
 
     def check(module, inputs):
-        if "conv" in out and inputs and inputs[0] is out["conv"] and module.num_features == conv.out_channels:
+        if "conv" in out and inputs and module.num_features == conv.out_channels and not found and \
+                (inputs[0] is out["conv"] or (inputs[0].shape == out["conv"].shape
+                                              and torch.equal(inputs[0], F.relu(out["conv"])))):
             found.append(module)
 
     handles = [conv.register_forward_hook(remember)] + \
@@ -95,7 +98,8 @@ def following_batchnorm(model: Classifier, layer: str) -> "_BatchNorm | None":
     was_training = model.training
     model.eval()
     try:
-        model(torch.zeros((1,) + tuple(model.input_shape), device=conv.weight.device))
+        model(torch.rand((1,) + tuple(model.input_shape), generator=torch.Generator().manual_seed(0))
+              .to(conv.weight.device))
     finally:
         model.train(was_training)
         for handle in handles:
