@@ -160,3 +160,14 @@ def test_forward_passes_without_gradient_obey_the_budget_too(monkeypatch):
     assert seen == [2]  # two images cost no more than themselves
     with pytest.raises(NetcleanseError, match="batch_size must be a positive integer"):
         model.predict(x, batch_size=0)
+    # measured once per model (fine-pruning evaluates after every channel), not before every pass
+    import netcleanse.passes as passes_module
+    measured = []
+    real = passes_module.graph_bytes_per_image
+    monkeypatch.setattr(passes_module, "graph_bytes_per_image", lambda *a, **k: measured.append(1) or real(*a, **k))
+    for _ in range(3):
+        model.predict(x)
+    fresh = Classifier(_conv_net(), (3, 32, 32), 5, name="other")
+    fresh.predict(x)
+    fresh.predict(x)
+    assert measured == [1]  # the first model's size was known already; the new one measured once

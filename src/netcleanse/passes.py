@@ -35,6 +35,8 @@ rounding, except through batch-norm layers, which normalise each part by its own
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .limits import Limit
@@ -113,4 +115,13 @@ def forward_batch(model, input_shape, n: int, device=None, batch_size: int | Non
         return batch_size
     if n <= MEASURE_IMAGES:
         return max(1, n)
-    return min(FORWARD_IMAGES, images_per_pass(model, input_shape, device))
+    # measured once per model, input and device (fine-pruning evaluates its model after every
+    # pruned channel: zeroed weights keep the activations' sizes); the budget is read each time
+    measured = _FORWARD_BYTES.setdefault(model, {})
+    key = (tuple(input_shape), str(device))
+    if key not in measured:
+        measured[key] = graph_bytes_per_image(model, input_shape, device)
+    return min(FORWARD_IMAGES, max(1, (PASS_MIB() << 20) // measured[key]))
+
+
+_FORWARD_BYTES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {(shape, device): bytes}
