@@ -74,9 +74,9 @@ def repair(model: Classifier, scan_result, method: str, clean: Dataset | None = 
     for data, what in ((clean, "clean data"), (test_clean, "clean test data")):
         if data is not None:
             as_dataset(data, what)
-    started = time.perf_counter()
     if target is not None and not test_poisoned:  # (eval refuses it too: the target would be ignored)
         raise NetcleanseError("a target was given without poisoned test data (--test-poisoned) to measure it on")
+    started = time.perf_counter()
     sets = [] if test_poisoned is None or isinstance(test_poisoned, Dataset) else list(test_poisoned)
     test_poisoned = concat(test_poisoned)
     if scan_result is not None:

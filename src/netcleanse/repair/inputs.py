@@ -33,9 +33,10 @@ def check_scan_model(scan, model) -> None:
     """Refuse a scan of another model: its reversed triggers would repair this one against a backdoor
     it may not have. Checked where the scan recorded them: the number of classes and the input
     shape (scan.json's ``model``), and the weights' SHA-256 (scan.json's ``model.weights_sha256``, or
-    a scan folder's ``scan_settings.json``, written when the scan started; it covers the parameters' names too, so the same weights loaded
-    another way, e.g. a Keras whole-model file rebuilt from its config rather than into a registered
-    architecture, count as other weights: scan the model as it will be repaired)."""
+    a scan folder's ``scan_settings.json``, written when the scan started; it covers the parameters'
+    names too, so the same weights loaded another way, e.g. a Keras whole-model file rebuilt from its
+    config rather than into a registered architecture, count as other weights: scan the model as it
+    will be repaired)."""
     from ..journal import weights_digest
     if isinstance(scan, dict):
         return  # ready triggers: nothing recorded to compare
