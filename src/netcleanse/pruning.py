@@ -11,8 +11,9 @@ A channel is pruned by zeroing its kernel and bias. Its output is then exactly 0
 ReLU, so after the ReLU (and any max-pooling) it is 0 as it would be with a mask, and the pruned
 model is an ordinary model of the same architecture, exportable to Keras ``.h5`` unchanged.
 Where a batch-norm layer takes the convolution's output, directly or through a ReLU (Conv ->
-BatchNorm -> ReLU, as in most CNNs, or Conv -> ReLU -> BatchNorm), a zero convolution output would leave the constant ``beta - gamma * mean / sqrt(var + eps)``
-after it, so that layer's scale and shift of the channel are zeroed as well (its output is then 0),
+BatchNorm -> ReLU, as in most CNNs, or Conv -> ReLU -> BatchNorm), a zero convolution output
+would leave the constant ``beta - gamma * mean / sqrt(var + eps)`` after it, so that layer's
+scale and shift of the channel are zeroed as well (its output is then 0),
 and the channels are ranked by the activation after it, ``relu(BN(conv))``: what the next layer
 sees (:func:`following_batchnorm`).
 """
