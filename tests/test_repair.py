@@ -511,6 +511,18 @@ def test_several_poisoned_test_sets_get_one_attack_success_each():
     original = result.table[0]
     assert original["attack_success_by_set"] == [1.0, 0.0]
     assert original["attack_success"] == pytest.approx(10 / 30)
+    # fine-pruning: every saved model's row (and its figures after fine-tuning) per set too, and
+    # the merged figure is the sets' counts added up
+    val = _self_labelled(model, 40)
+    pruned = repair(model, {}, "fine-prune", val, drops=[30], select_drop=30, layer="conv_1", fine_tune_epochs=1,
+                    test_poisoned=[hit, miss], progress=False)
+    row = next(r for r in pruned.table if r.get("model") == "pruned_drop30")
+    from netcleanse.evaluate import evaluate
+    for suffix in ("", "_after_fine_tuning"):
+        by_set = row["attack_success_by_set" + suffix]
+        assert len(by_set) == 2 and row["attack_success" + suffix] == pytest.approx((10 * by_set[0] + 20 * by_set[1]) / 30)
+    assert row["attack_success_by_set_after_fine_tuning"] == [evaluate(pruned.model, poisoned=part).attack_success
+                                                              for part in (hit, miss)]
     single = repair(model, {3: _patch()}, "filter", test_poisoned=[hit], progress=False)
     assert "attack_success_by_set" not in single.table[0]
     with pytest.raises(NetcleanseError, match="a target was given without poisoned test data"):

@@ -1042,3 +1042,11 @@ def test_calibrated_report_names_the_tests_most_anomalous_label(tmp_path):
     text = html.unescape(page_text(render_report(tmp_path).read_text()))
     assert f"most anomalous label is {first['label']} (anomaly index {fmt_index(first['anomaly_index'])}" in text
     assert f"most anomalous label is {other['label']} " not in text
+
+
+def test_a_repair_tables_attack_success_per_poisoned_set_is_shown_as_percentages():
+    from netcleanse.report import fmt_cell
+    assert fmt_cell("attack_success_by_set", [1.0, 0.125]) == f"{fmt_cell('attack_success', 1.0)} / " \
+        f"{fmt_cell('attack_success', 0.125)}"
+    assert fmt_cell("attack_success_by_set_after_fine_tuning", [0.5]) == fmt_cell("attack_success", 0.5)
+    assert fmt_cell("pruning_order", [3, 1]) != "300% / 100%"  # other lists stay as they are

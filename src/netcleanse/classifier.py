@@ -221,7 +221,7 @@ class Classifier(nn.Module):
         ``batch_size``: images per pass (default: :func:`netcleanse.passes.forward_batch`)."""
         x = self._images(x)
         dev = module_device(self)
-        batch_size = self._batch(x, dev, batch_size)
+        batch_size = self.pass_size(len(x), dev, batch_size)
         return torch.cat([torch.softmax(self.logits(x[i:i + batch_size].to(dev)), dim=1).cpu()
                           for i in range(0, len(x), batch_size)]) if len(x) else torch.empty(0, self.num_classes)
 
@@ -231,11 +231,14 @@ class Classifier(nn.Module):
         ``batch_size``: images per pass (default: :func:`netcleanse.passes.forward_batch`)."""
         x = self._images(x)
         dev = module_device(self)
-        batch_size = self._batch(x, dev, batch_size)
+        batch_size = self.pass_size(len(x), dev, batch_size)
         return torch.cat([self.logits(x[i:i + batch_size].to(dev)).argmax(dim=1).cpu()
                           for i in range(0, len(x), batch_size)]) if len(x) else torch.empty(0, dtype=torch.long)
 
-    def _batch(self, x: torch.Tensor, device, batch_size: int | None) -> int:
+    def pass_size(self, n: int, device, batch_size: int | None = None) -> int:
+        """How many of ``n`` images one forward pass on ``device`` takes: ``batch_size`` when given
+        (checked), else at most 512 and no more than the memory budget allows
+        (:func:`netcleanse.passes.forward_batch`, measured once per model, input and device)."""
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                        or batch_size < 1):
             raise NetcleanseError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -243,7 +246,7 @@ class Classifier(nn.Module):
         was_training = self.training
         self.eval()  # measured as the passes run
         try:
-            return forward_batch(self, self.input_shape, len(x), device, batch_size)
+            return forward_batch(self, self.input_shape, n, device, batch_size)
         finally:
             self.train(was_training)
 

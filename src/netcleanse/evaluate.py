@@ -57,7 +57,7 @@ def predict_dataset(model: Classifier, data: Dataset, batch_size: int | None = N
     check_dataset(data, model.input_shape)
     labels, confidence = [], []
     with on_device(model, device) as dev:
-        batch_size = model._batch(data.x, dev, batch_size)
+        batch_size = model.pass_size(len(data), dev, batch_size)
         n_batches = -(-len(data) // batch_size)
         disable = (n_batches < _PROGRESS_MIN_BATCHES) if progress is None else not progress
         with progress_bar(disable=True if disable else None) as bar:
@@ -122,6 +122,25 @@ def evaluate(model: Classifier, clean: Dataset | None = None, poisoned: Dataset 
         if model.poison_label is not None:
             result.poison_detection = _rate(predicted == model.poison_label)
     return result
+
+
+def poisoned_metrics(model: Classifier, poisoned, target: int | None, device: str = "cpu") -> dict:
+    """A table row's poisoned-data columns, each set evaluated once: ``attack_success`` (and
+    ``poison_detection`` for a guarded model) over ``poisoned`` (a set, a list of sets or None; the
+    figures :func:`evaluate` gives for the sets put together, their counts added up), and with
+    several sets each one's own (``attack_success_by_set``: a target a repair leaves working shows)."""
+    if poisoned is None:
+        return {}
+    parts = [evaluate(model, poisoned=part, target=target, device=device)
+             for part in ([poisoned] if isinstance(poisoned, Dataset) else poisoned)]
+    n = sum(e.n_poisoned for e in parts)
+    row = {}
+    for key in ("attack_success", "poison_detection"):
+        if parts and getattr(parts[0], key) is not None:  # each set's hits counted back from its exact rate
+            row[key] = sum(round(getattr(e, key) * e.n_poisoned) for e in parts) / n
+    if len(parts) > 1:
+        row["attack_success_by_set"] = [e.attack_success for e in parts]
+    return row
 
 
 def _rate(hits: torch.Tensor) -> float:

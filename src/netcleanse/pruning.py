@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import warnings
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .data import Dataset
 from .errors import NetcleanseError, NetcleanseWarning
-from .evaluate import evaluate
+from .evaluate import evaluate, poisoned_metrics
 from .classifier import Classifier
 from .progress import progress_bar
 from .training import train, unfrozen
@@ -213,19 +214,19 @@ class FinePruning:
     table: list[dict] = field(default_factory=list)  # one row per saved model
 
 
-def _metrics(model: Classifier, val: Dataset, test_clean: Dataset | None, test_poisoned: Dataset | None,
+def _metrics(model: Classifier, val: Dataset, test_clean: Dataset | None, test_poisoned: list[Dataset],
              target: int | None, device: str) -> dict:
     row = {"clean_val_accuracy": evaluate(model, clean=val, device=device).clean_accuracy}
     if test_clean is not None:
         row["clean_accuracy"] = evaluate(model, clean=test_clean, device=device).clean_accuracy
-    if test_poisoned is not None:
-        row["attack_success"] = evaluate(model, poisoned=test_poisoned, target=target, device=device).attack_success
+    if test_poisoned:
+        row.update(poisoned_metrics(model, test_poisoned, target, device))
     return row
 
 
 def fine_prune(model: Classifier, val: Dataset, *, layer: str | None = None, drops=(2, 4, 10, 30),
-               test_clean: Dataset | None = None, test_poisoned: Dataset | None = None, target: int | None = None,
-               fine_tune_epochs: int = 0, lr: float = 1e-3, seed: int = 0, progress: bool = True,
+               test_clean: Dataset | None = None, test_poisoned: Dataset | Sequence[Dataset] | None = None,
+               target: int | None = None, fine_tune_epochs: int = 0, lr: float = 1e-3, seed: int = 0, progress: bool = True,
                device: str = "cpu") -> FinePruning:
     """Prune ``layer``'s channels by increasing mean clean activation; keep a model per accuracy drop.
 
@@ -233,7 +234,8 @@ def fine_prune(model: Classifier, val: Dataset, *, layer: str | None = None, dro
     fine-tuning). ``drops``: thresholds in percentage points of clean validation accuracy below
     the original; the model is saved the first time the drop reaches each. ``test_clean`` /
     ``test_poisoned`` (and ``target``): optional test sets measured along the curve and in the
-    table (ASR semantics as :func:`netcleanse.evaluate.evaluate`). With ``fine_tune_epochs`` > 0
+    table (ASR semantics as :func:`netcleanse.evaluate.evaluate`; several poisoned sets, one per
+    target, also get each one's attack success, ``attack_success_by_set``). With ``fine_tune_epochs`` > 0
     each saved model is then fine-tuned on ``val`` (pruned channels stay pruned) and the table
     gets its metrics after fine-tuning too. The input model is left untouched. ``device``: where
     every forward pass and the fine-tuning run, "cpu" or "cuda"; the saved models are on the CPU.
@@ -245,6 +247,8 @@ def fine_prune(model: Classifier, val: Dataset, *, layer: str | None = None, dro
     if not drops or drops[0] <= 0:
         raise NetcleanseError("accuracy-drop thresholds must be positive percentage points, e.g. 2,4,10,30")
     layer = prune_layer_name(model, layer)
+    test_poisoned = [] if test_poisoned is None else \
+        [test_poisoned] if isinstance(test_poisoned, Dataset) else list(test_poisoned)
     work = copy.deepcopy(model).eval()
     with on_device(work, device):  # the work copy stays there for the whole curve
         result = _prune_curve(work, layer, val, drops, test_clean, test_poisoned, target, progress, device)
@@ -265,7 +269,7 @@ def fine_prune(model: Classifier, val: Dataset, *, layer: str | None = None, dro
 
 
 def _prune_curve(work: Classifier, layer: str, val: Dataset, drops: list[float], test_clean: Dataset | None,
-                 test_poisoned: Dataset | None, target: int | None, progress: bool, device: str) -> FinePruning:
+                 test_poisoned: list[Dataset], target: int | None, progress: bool, device: str) -> FinePruning:
     """Prune ``work`` in place channel by channel, recording the curve and a CPU copy of the model at
     each drop threshold (no fine-tuning)."""
     order = mean_channel_activation(work, layer, val, device=device).argsort().tolist()

@@ -979,8 +979,12 @@ def fmt_cell(key: str, value) -> str:
         return "—"
     if isinstance(value, bool):
         return _setting_value(value)
-    if key.removesuffix("_after_fine_tuning") in FRACTION_KEYS and _as_float(value) is not None:
+    base = key.removesuffix("_after_fine_tuning")
+    if base in FRACTION_KEYS and _as_float(value) is not None:
         return fmt_percent(value)
+    if base.removesuffix("_by_set") in FRACTION_KEYS and isinstance(value, list) \
+            and all(_as_float(v) is not None for v in value):  # one figure per poisoned set
+        return " / ".join(fmt_percent(v) for v in value)
     if isinstance(value, (int, float)):
         return fmt_number(value)
     return _setting_value(value)

@@ -42,7 +42,8 @@ def _print_table(rows: list[dict]) -> None:
                ("attack_success", "ASR %"), ("attack_success_by_set", "ASR % by set"),
                ("poison_detection", "detected %"), ("false_positive", "false pos %"),
                ("clean_accuracy_after_fine_tuning", "clean acc % (ft)"),
-               ("attack_success_after_fine_tuning", "ASR % (ft)")]
+               ("attack_success_after_fine_tuning", "ASR % (ft)"),
+               ("attack_success_by_set_after_fine_tuning", "ASR % by set (ft)")]
     present = [(key, title) for key, title in columns if any(key in row for row in rows)]
     table = Table()
     for _, title in present:
@@ -55,7 +56,7 @@ def _print_table(rows: list[dict]) -> None:
                 cells.append(str(value))
             elif key == "drop_threshold":
                 cells.append("-" if value is None else f"{value:g}")
-            elif key == "attack_success_by_set":
+            elif key.startswith("attack_success_by_set"):
                 cells.append("-" if value is None else " / ".join(_percent(v) for v in value))
             else:
                 cells.append(_percent(value))

@@ -14,7 +14,7 @@ from typing import Callable
 
 from ..data import Dataset
 from ..errors import NetcleanseError
-from ..evaluate import evaluate
+from ..evaluate import evaluate, poisoned_metrics
 from ..classifier import Classifier
 from ..trigger import Trigger
 
@@ -71,19 +71,20 @@ class RepairJob:
     poisoned_sets: list = field(default_factory=list)  # the poisoned test sets one by one (several targets)
 
     def row(self, name: str, model: Classifier, clean: Dataset | None = None) -> dict:
-        """A table row: ``model``'s accuracy on ``clean`` (if labelled) and on the test sets."""
+        """A table row: ``model``'s accuracy on ``clean`` (if labelled) and on the test sets (with
+        several poisoned sets, also each set's own attack success, :func:`poisoned_metrics`)."""
         row = {"model": name}
+        device = self.options.device
         if clean is not None and clean.y is not None:
-            row["clean_val_accuracy"] = evaluate(model, clean=clean, device=self.options.device).clean_accuracy
-        if self.test_clean is not None or self.test_poisoned is not None:
-            measured = evaluate(model, clean=self.test_clean, poisoned=self.test_poisoned,
-                                target=self.target, device=self.options.device).to_dict()
-            row.update({key: measured[key] for key in ("clean_accuracy", "attack_success", "poison_detection",
-                                                        "false_positive") if measured[key] is not None})
-        if len(self.poisoned_sets) > 1:  # one figure per set: a target the repair leaves working shows
-            row["attack_success_by_set"] = [
-                evaluate(model, poisoned=part, target=self.target, device=self.options.device).attack_success
-                for part in self.poisoned_sets]
+            row["clean_val_accuracy"] = evaluate(model, clean=clean, device=device).clean_accuracy
+        measured = evaluate(model, clean=self.test_clean, device=device) if self.test_clean is not None else None
+        if measured is not None:
+            row["clean_accuracy"] = measured.clean_accuracy
+        poisoned = poisoned_metrics(model, self.poisoned_sets or self.test_poisoned, self.target, device)
+        row.update({key: poisoned.pop(key) for key in ("attack_success", "poison_detection") if key in poisoned})
+        if measured is not None and measured.false_positive is not None:
+            row["false_positive"] = measured.false_positive
+        row.update(poisoned)  # (attack_success_by_set)
         return row
 
     def clean_classes(self) -> int:

@@ -28,7 +28,7 @@ def prune(job: RepairJob, name: str) -> Pruned:
     clean, options = job.need_clean(name), job.options
     lr = options.lr_or(1e-3)
     pruning = fine_prune(job.model, clean, layer=options.layer, drops=options.drops, test_clean=job.test_clean,
-                         test_poisoned=job.test_poisoned, target=job.target,
+                         test_poisoned=job.poisoned_sets or job.test_poisoned, target=job.target,
                          fine_tune_epochs=options.fine_tune_epochs, lr=lr, seed=options.seed,
                          progress=options.progress, device=options.device)
     reached = sorted(pruning.saved)
