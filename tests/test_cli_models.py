@@ -103,9 +103,14 @@ def test_command_line_mistakes_are_one_line_errors(tiny, capsys):
         assert out == ""
     code, out, err = cli(capsys, "scan", tiny, "--frobnicate")
     assert "(see 'netcleanse scan --help')" in err
-    # help still works and succeeds
+    # scan and screen never replace a folder: --force is explained, not "no such option"
+    for command in ("scan", "screen"):
+        code, out, err = cli(capsys, command, tiny, "--data-free", "--out", "x", "--force")
+        assert_one_line_error(code, err, f"{command} has no --force", "--resume")
+    # help still works and succeeds, and shows flags without a value type ("--resume <bool>")
     code, out, err = cli(capsys, "scan", "--help")
     assert code == 0 and "--data-free" in out and err == ""
+    assert "<bool>" not in out and "<int>" in out and "--force" not in out
 
 
 def test_a_read_only_or_full_disk_is_one_line(tiny, capsys, monkeypatch, tmp_path):

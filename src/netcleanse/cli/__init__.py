@@ -17,7 +17,20 @@ import typer
 
 from ..errors import NetcleanseError, NetcleanseWarning
 
-app = typer.Typer(name="netcleanse", no_args_is_help=True, add_completion=False,
+def _flags_without_type(params: list) -> list:
+    """Typer's help shows a flag as ``--resume <bool>``, as if it took a value: give flags no type."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Group(typer.core.TyperGroup):
+    def get_params(self, ctx):
+        return _flags_without_type(super().get_params(ctx))
+
+
+app = typer.Typer(name="netcleanse", no_args_is_help=True, add_completion=False, cls=_Group,
                   pretty_exceptions_enable=False,
                   help="Audit a neural-network classifier for backdoors (Neural Cleanse) and repair it.")
 
@@ -52,6 +65,9 @@ class _OnceCommand(typer.core.TyperCommand):
                 ctx.fail(f"{param.opts[0]} is given more than once; give it once")
             seen.add(param.name)
         return super().parse_args(ctx, args)
+
+    def get_params(self, ctx):
+        return _flags_without_type(super().get_params(ctx))
 
 
 for _info in app.registered_commands:

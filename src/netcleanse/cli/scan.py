@@ -56,10 +56,15 @@ def scan(
     save_all_images: bool = typer.Option(False, "--save-all-images", help="Write trigger PNGs for every label."),
     executor: str = ExecutorOption,
     ray_address: Optional[str] = RayAddressOption,
+    force: bool = typer.Option(False, "--force", hidden=True),  # only to explain why there is none
 ) -> None:
     """Reverse-engineer a trigger for every label (Neural Cleanse) and flag backdoor targets."""
     from ..scanning import parse_labels, scan as run_scan
     from .models import load_model_from_cli
+
+    if force:
+        raise NetcleanseError("scan has no --force: a scan folder is never replaced; choose another --out, remove "
+                              "the old one, or --resume an interrupted scan in it")
 
     if (data is None) == (not data_free):
         raise NetcleanseError("give exactly one of --data PATH or --data-free")

@@ -42,9 +42,14 @@ def screen(
     device: DeviceOption = "cpu",
     executor: str = ExecutorOption,
     ray_address: Optional[str] = RayAddressOption,
+    force: bool = typer.Option(False, "--force", hidden=True),  # only to explain why there is none
 ) -> None:
     """Scan many models (one folder and report each) and summarise them in screen.csv, screen.json and index.html."""
     from ..screening import make_entries, read_manifest, screen as run_screen
+
+    if force:
+        raise NetcleanseError("screen has no --force: a screen folder is never replaced; choose another --out, "
+                              "remove the old one, or --resume to continue it")
 
     if bool(models) == (manifest is not None):
         raise NetcleanseError("give model files or --manifest FILE (one of them)")
