@@ -103,3 +103,35 @@ def test_public_imports(module, names):
     imported = importlib.import_module(module)
     missing = [name for name in names.split() if not hasattr(imported, name)]
     assert not missing, f"{module} lost {missing}"
+
+
+def test_the_package_imports_its_api_on_first_use():
+    """``import netcleanse`` does not import torch (the command answers Ctrl-C while it starts);
+    every public name, and a submodule reached as an attribute, still works."""
+    import subprocess
+    import sys
+
+    code = ("import sys, netcleanse; assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert callable(netcleanse.scan) and netcleanse.lab.__name__ == 'netcleanse.lab'; "
+            "assert set(netcleanse.__all__) <= set(dir(netcleanse)); "
+            "import pytest; pytest.raises(AttributeError, getattr, netcleanse, 'nothing')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, "-m", "netcleanse", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "Usage: netcleanse" in done.stdout
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line(monkeypatch, capsys):
+    import sys
+    import types
+
+    import netcleanse.__main__ as entry
+
+    class Starting(types.ModuleType):  # the command's modules still importing when Ctrl-C comes
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "netcleanse.cli", Starting("netcleanse.cli"))
+    with pytest.raises(SystemExit) as stopped:
+        entry.main()
+    assert stopped.value.code == 130 and capsys.readouterr().err == "interrupted\n"
