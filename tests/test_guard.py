@@ -157,6 +157,21 @@ def test_guarded_checkpoint_round_trip_is_weights_only(tmp_path, kind):
     assert torch.equal(loaded.predict(x), guarded.predict(x))
 
 
+def test_a_guard_shows_and_takes_the_preprocessing_its_models_apply(tmp_path):
+    # the guard adds none of its own: info shows its base's, and --mean/--std (or an --input-scale)
+    # given when it is loaded reach every model inside it (a disagreement guard's repaired one too)
+    torch.manual_seed(0)
+    build = lambda: Classifier(netcleanse.build_architecture("mnist-cnn"), (1, 28, 28), 10,  # noqa: E731
+                               input_scale=255, arch="mnist-cnn")
+    guarded = disagreement_guard(build(), build())
+    assert guarded.preprocessing["input_scale"] == 255 and guarded.describe_preprocessing() == "x * 255"
+    path = save_model(guarded, tmp_path / "guarded.pt")
+    assert netcleanse.load_model(path).preprocessing == guarded.preprocessing
+    loaded = netcleanse.load_model(path, input_scale=2, mean=[0.5], std=[0.25])
+    assert [part.preprocessing for part in loaded.parts()] == [{"input_scale": 2, "mean": [0.5], "std": [0.25]}] * 2
+    assert loaded.describe_preprocessing().startswith("(x * 2 - mean) / std")
+
+
 USER_NET = """
 import torch
 from torch import nn

@@ -140,6 +140,19 @@ class GuardedClassifier(Classifier):
     def base(self) -> Classifier:
         return self.net
 
+    def parts(self) -> list[Classifier]:
+        """The classifiers that see the input, each through its own preprocessing: the base, and a
+        disagreement guard's repaired model."""
+        return [self.base] + ([self.detector.repaired] if isinstance(self.detector, Disagreement) else [])
+
+    @property
+    def preprocessing(self) -> dict:
+        """The base model's (the guard adds none of its own)."""
+        return self.base.preprocessing
+
+    def describe_preprocessing(self) -> str:
+        return self.base.describe_preprocessing()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.detector, TriggerFilter):
             logits, features = logits_and_features(self.base, x)

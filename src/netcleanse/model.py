@@ -125,8 +125,8 @@ def load_model(path, arch=None, input_scale: float = 1.0, name: str | None = Non
         raise NetcleanseError(f"{path}: the model has one output (a binary sigmoid head?); netcleanse needs one "
                               "output per class: give it a 2-way head (logits [0, z] for a sigmoid's z)")
     if mean is not None or std is not None:
-        target = model.net if model.poison_label is not None else model  # a guard's base does the preprocessing
-        target.set_preprocessing(mean=mean, std=std)
+        for target in model.parts() if model.poison_label is not None else [model]:  # a guard's parts do it
+            target.set_preprocessing(mean=mean, std=std)
     return check_finite(model, path)
 
 

@@ -201,7 +201,11 @@ def from_checkpoint(ckpt: dict, path: Path, arch: str | None, input_scale: float
         model = _classifier_from_checkpoint(ckpt, path, arch)
     else:
         raise NetcleanseError(f"{path}: unknown netcleanse checkpoint kind {kind!r}")
-    model.input_scale = checked_scale(_scale(ckpt.get("input_scale"), input_scale))
+    if kind == "guarded":  # its parts apply their own recorded scale; one given here replaces it
+        for part in model.parts() if input_scale != 1.0 else ():
+            part.input_scale = checked_scale(input_scale)
+    else:
+        model.input_scale = checked_scale(_scale(ckpt.get("input_scale"), input_scale))
     if kind == "classifier" and (ckpt.get("mean") is not None or ckpt.get("std") is not None):
         model.set_preprocessing(mean=ckpt.get("mean"), std=ckpt.get("std"))
     model.name = name

@@ -133,7 +133,7 @@ def info(model_path: ModelArgument, arch: ArchOption = None, input_scale: InputS
     summary = {
         "name": model.name, "source": model.source or str(model_path),
         "format": model_format(model_path, model), "arch": model.arch,
-        "input_shape": list(model.input_shape), "input_scale": model.input_scale,
+        "input_shape": list(model.input_shape), "input_scale": model.preprocessing["input_scale"],
         "mean": model.preprocessing["mean"], "std": model.preprocessing["std"],
         "num_classes": model.num_classes, "poison_label": model.poison_label,
         "parameters": model.num_parameters(),
