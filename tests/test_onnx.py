@@ -314,3 +314,29 @@ def test_onnx2torch_warnings_do_not_reach_the_user(tmp_path, recwarn):
     recwarn.clear()
     load_model(tmp_path / "s.onnx").logits(torch.rand(2, 3, 8, 8))
     assert not [w for w in recwarn if "onnx2torch" in w.filename]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_graph_that_takes_uint8_pixels_is_fed_0_to_255(tmp_path):
+    # a deployment export, `net(x.float() / 255)` on uint8 images: without --input-scale it is fed
+    # x * 255 (it saw x / 255 before, and answered one class for everything); a given scale stays
+    net = small_net()
+
+    class Bytes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x.float() / 255)
+
+    path = tmp_path / "u8.onnx"
+    torch.onnx.export(Bytes().eval(), torch.zeros(1, 3, 8, 8, dtype=torch.uint8), str(path), dynamo=False,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    model = load_model(path)
+    assert model.input_scale == 255
+    x = torch.randint(0, 256, (16, 3, 8, 8)).float() / 255
+    with torch.no_grad():
+        assert torch.allclose(model.logits(x), net(x), atol=1e-4)
+    assert load_model(path, input_scale=2).input_scale == 2
+    assert load_model(export(small_net(), tmp_path / "f.onnx")).input_scale == 1  # a float input: as given

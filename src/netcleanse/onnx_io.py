@@ -356,6 +356,8 @@ def load_onnx(path, input_scale: float = 1.0, name: str | None = None, input_sha
             raise NetcleanseError(f"{path}: cannot read its external data ({first_line(exc)})") from None
     net, shape = net_from_onnx(model, path, input_shape)
     classes = _check_outputs(net, shape, path)
+    if input_scale == 1.0 and model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8:
+        input_scale = 255.0  # the graph says it takes 0..255 pixels (a deployment export); none was given
     return Classifier(net, shape, classes, input_scale=input_scale, name=name or path.stem, arch=None,
                       source=str(path))
 
