@@ -340,3 +340,32 @@ def test_a_graph_that_takes_uint8_pixels_is_fed_0_to_255(tmp_path):
         assert torch.allclose(model.logits(x), net(x), atol=1e-4)
     assert load_model(path, input_scale=2).input_scale == 2
     assert load_model(export(small_net(), tmp_path / "f.onnx")).input_scale == 1  # a float input: as given
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_graph_of_grey_images_without_a_channel_axis_loads(tmp_path):
+    # N x H x W input (tf2onnx's export of Keras's Input((28, 28)), or a net that unsqueezes itself)
+    torch.manual_seed(0)
+
+    class Grey(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4 * 6 * 6, 5)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x.unsqueeze(1))).flatten(1))
+
+    net = Grey().eval()
+    path = tmp_path / "grey.onnx"
+    torch.onnx.export(net, torch.zeros(1, 8, 8), str(path), dynamo=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    model = load_model(path)
+    assert model.input_shape == (1, 8, 8)
+    x = torch.rand(6, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(model.logits(x), net(x[:, 0]), atol=1e-5)
+        again = load_model(save_model(model, tmp_path / "grey.pt"))  # the checkpoint rebuilds it from the graph
+        assert torch.allclose(again.logits(x), net(x[:, 0]), atol=1e-5)
+    assert load_model(path, input_shape="1x8x8").input_shape == (1, 8, 8)
+    with pytest.raises(NetcleanseError, match="grey images without a channel axis"):
+        load_model(path, input_shape="3x8x8")

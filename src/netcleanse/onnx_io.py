@@ -171,22 +171,25 @@ def _strip_final_softmax(model) -> str:
 
 class OnnxNet(nn.Module):
     """A converted ONNX graph, fed NCHW input: transposed to NHWC when the graph wants that,
-    flattened (C x H x W order, as ``x.flatten(1)``) when it takes vectors, run one image at a time
-    when the graph was exported with a fixed batch of one. Keeps the (softmax-stripped) ONNX bytes,
-    so a netcleanse checkpoint can rebuild it."""
+    flattened (C x H x W order, as ``x.flatten(1)``) when it takes vectors, without its channel axis
+    when it takes grey N x H x W images, run one image at a time when the graph was exported with a
+    fixed batch of one. Keeps the (softmax-stripped) ONNX bytes, so a netcleanse checkpoint can
+    rebuild it."""
 
     def __init__(self, graph: nn.Module, onnx_bytes: bytes, nhwc: bool, per_sample: bool = False,
-                 flat: bool = False):
+                 flat: bool = False, grey: bool = False):
         super().__init__()
         self.graph = graph
         self.onnx_bytes = onnx_bytes
-        self.nhwc, self.per_sample, self.flat = nhwc, per_sample, flat
+        self.nhwc, self.per_sample, self.flat, self.grey = nhwc, per_sample, flat, grey
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.nhwc:
             x = x.permute(0, 2, 3, 1)
         if self.flat:
             x = x.flatten(1)
+        if self.grey:
+            x = x[:, 0]
         with warnings.catch_warnings():  # onnx2torch's own (e.g. its Slice's indexing): not the user's concern
             warnings.filterwarnings("ignore", category=UserWarning, module=r"onnx2torch\.")
             if self.per_sample and len(x) != 1:
@@ -206,6 +209,17 @@ def _input_layout(model, input_shape) -> tuple[tuple[int, int, int], bool]:
     """(C, H, W) and whether the graph takes NHWC, from the graph's input or ``input_shape``."""
     dims = _input_dims(model)
     nhwc = len(dims) == 4 and dims[3] in (1, 3, 4) and dims[1] not in (1, 3, 4)
+    if len(dims) == 3:  # grey N x H x W images, without a channel axis
+        shown = "x".join("?" if d is None or d <= 0 else str(d) for d in dims)
+        shape = parse_input_shape(input_shape) if input_shape is not None else \
+            (1, dims[1], dims[2]) if all(d is not None and d > 0 for d in dims[1:]) else None
+        if shape is None:
+            raise NetcleanseError(f"the ONNX model's input is {shown}, grey images of no fixed size; give "
+                                  "--input-shape 1xHxW")
+        if shape[0] != 1 or any(d is not None and d > 0 and d != k for d, k in zip(dims[1:], shape[1:])):
+            raise NetcleanseError(f"the ONNX model's input is {shown} (grey images without a channel axis), which "
+                                  f"--input-shape {'x'.join(map(str, shape))} does not fit (1xHxW)")
+        return shape, False
     if input_shape is not None:
         shape = parse_input_shape(input_shape)
         if len(dims) == 2 and dims[1] not in (None, 0) and dims[1] != shape[0] * shape[1] * shape[2]:
@@ -317,7 +331,7 @@ def net_from_onnx(model_or_bytes, path, input_shape=None) -> tuple[OnnxNet, tupl
         raise NetcleanseError(f"{path}: the ONNX model has {len(model.graph.output)} outputs; netcleanse needs one "
                               "score per class")
     shape, nhwc = _input_layout(model, input_shape)
-    flat = len(_input_dims(model)) == 2  # an MLP on flattened images, given its image size by input_shape
+    rank = len(_input_dims(model))  # 2: an MLP on flattened images, given its image size by input_shape; 3: grey
     _strip_final_softmax(model)
     _for_onnx2torch(model)
     convert = _import_onnx2torch()
@@ -332,7 +346,7 @@ def net_from_onnx(model_or_bytes, path, input_shape=None) -> tuple[OnnxNet, tupl
             if graph is None:
                 raise NetcleanseError(f"{path}: onnx2torch cannot convert this model ({type(exc).__name__}: "
                                       f"{first_line(exc)}; opset {_opset(model)})") from None
-    net = OnnxNet(graph.eval(), model.SerializeToString(), nhwc, flat=flat)
+    net = OnnxNet(graph.eval(), model.SerializeToString(), nhwc, flat=rank == 2, grey=rank == 3)
     return net, shape
 
 
