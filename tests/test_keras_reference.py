@@ -210,6 +210,19 @@ for model, scale, shape in ((nested_softmax_head, 1.0, (32, 32, 3)), (softmax_th
     model.save(f"{out}/{model.name}.keras")
 flat_mlp.save(f"{out}/flat_mlp.h5")
 
+# bfloat16 weights (which Keras writes to HDF5 as 2-byte opaque values); expected: the float32 net
+# with the same (exactly widened) weights
+half = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(4, 3, dtype="bfloat16"),
+                         layers.Flatten(dtype="bfloat16"), layers.Dense(4, activation="softmax")], name="bfloat16")
+full = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(4, 3), layers.Flatten(),
+                         layers.Dense(4, activation="softmax")])
+full.set_weights([np.asarray(w, dtype="float32") for w in half.get_weights()])
+x = rng.random((6, 8, 8, 3)).astype("float32")
+np.save(f"{out}/bfloat16_x.npy", x)
+np.save(f"{out}/bfloat16_y.npy", full.predict(x, verbose=0))
+half.save(f"{out}/bfloat16.keras")
+half.save(f"{out}/bfloat16.h5")
+
 lam = keras.Sequential([keras.Input((4, 4, 1)), layers.Lambda(lambda t: t * 2.0), layers.Flatten(), layers.Dense(3)],
                        name="with_lambda")
 lam.save(f"{out}/with_lambda.keras")
@@ -317,3 +330,12 @@ def test_an_mlp_on_flattened_images_takes_the_image_size(written, suffix, tmp_pa
     assert np.abs(got - expected).max() < 1e-5
     back = load_model(save_model(model, tmp_path / "m.pt"))
     assert back.input_shape == (3, 32, 32) and torch.equal(back.logits(images), model.logits(images))
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_bfloat16_weights_load_as_float32(written, suffix):
+    # Keras writes them as 2-byte opaque HDF5 values (they were "truncated or corrupt")
+    model = load_model(written / f"bfloat16{suffix}")
+    x = np.load(written / "bfloat16_x.npy")
+    got = model.predict_proba(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    assert np.abs(got - np.load(written / "bfloat16_y.npy")).max() < 1e-5

@@ -23,6 +23,19 @@ def _decode(value) -> str:
 _attr_list = h5_attr_list  # a Keras list attribute (layer_names, weight_names), chunked or not
 
 
+def read_weight(dataset: h5py.Dataset, where: str) -> np.ndarray:
+    """A weight array as NumPy reads it; bfloat16 weights (which Keras writes as 2-byte opaque
+    values: HDF5 has no such type) as float32, exactly (a bfloat16 is a float32's upper half)."""
+    array = np.asarray(dataset)
+    if array.dtype.kind != "V":
+        return array
+    if array.dtype.itemsize != 2 or array.dtype.names:
+        raise NetcleanseError(f"{where} holds {array.dtype.itemsize}-byte values of a type netcleanse cannot read "
+                              "(not a float); save the model in float32 or bfloat16")
+    high = np.frombuffer(array.tobytes(), dtype="<u2").astype(np.uint32) << 16
+    return high.view(np.float32).reshape(array.shape)
+
+
 def _file_layers(root: h5py.Group) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
     """(layer name, [(weight name, array), ...]) for every layer group, in file order."""
     if "layer_names" not in root.attrs and "layer_names0" not in root.attrs:
@@ -39,7 +52,7 @@ def _file_layers(root: h5py.Group) -> list[tuple[str, list[tuple[str, np.ndarray
             dataset = group[weight_name]
             check_declared_size(dataset.shape, dataset.dtype, dataset.id.get_storage_size(), "the file",
                                 f"layer {layer!r} weight {weight_name!r}")
-            weights.append((weight_name, np.asarray(dataset)))
+            weights.append((weight_name, read_weight(dataset, f"layer {layer!r} weight {weight_name!r}")))
         layers.append((layer, weights))
     return layers
 

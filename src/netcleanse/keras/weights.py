@@ -13,7 +13,7 @@ from torch import nn
 from ..errors import NetcleanseError
 from ..utils import check_declared_size
 from .graph import KerasGraph, _module_slots
-from .hdf5 import _file_layers
+from .hdf5 import _file_layers, read_weight
 from .slots import _assign, _leaf_slots, _var_name
 
 
@@ -135,7 +135,7 @@ def _keras3_weights_to_graph(graph: "KerasGraph", h5: h5py.Group, where: str, pa
             dataset = group[str(index)]
             check_declared_size(dataset.shape, dataset.dtype, dataset.id.get_storage_size(), path,
                                 f"layer {layer!r} weight {index}")
-            arrays.append(np.asarray(dataset))
+            arrays.append(read_weight(dataset, f"{path}: layer {layer!r} weight {index}"))
         if len(arrays) != len(slots) and not (not slots and not arrays):
             want = ", ".join(slot[0] for slot in slots) or "none"
             raise NetcleanseError(f"{path}: layer {layer!r} ({class_name}): model.weights.h5 has {len(arrays)} "
