@@ -266,6 +266,19 @@ def test_the_size_signal_is_not_diluted_by_an_ordinary_margin():
     assert res.reference["threshold_l1"] > 3.0
 
 
+def test_margins_that_most_labels_never_reach_are_left_out():
+    # a model that answers one class whatever its input: the margin search makes no other label win,
+    # so its margins sit at or below the floor, and a margin of 0.015 against -0.03 would be an index
+    # of 20 on the log scale; the test decides on sizes alone (as a sweep's untrained net showed)
+    l1 = dict(enumerate([944.0, 1020.0, 1022.0, 990.0, 1001.0, 1010.0]))
+    margin = {0: 0.015, 1: -0.026, 2: -0.057, 3: -0.01, 4: 0.0005, 5: -0.2}
+    res = calibrated_test(l1, margins=margin)
+    assert res.flagged == [] and res.margin_indices == {} and "margins_dropped" in res.reference
+    assert res.reference["statistic"] == "log mask L1" and res.indices == res.size_indices
+    reached = calibrated_test(l1, margins={t: 5.0 + t for t in l1})  # margins most labels reach: kept
+    assert reached.margin_indices and "margins_dropped" not in reached.reference
+
+
 def test_two_signal_arguments():
     with pytest.raises(NetcleanseError, match="margin"):
         calibrated_test({0: 1.0, 1: 2.0, 2: 3.0}, margins={0: 1.0, 1: 2.0})

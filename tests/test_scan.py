@@ -510,3 +510,6 @@ def test_a_label_flagged_with_an_empty_trigger_is_warned_about():
         result = scan(model, data, seed=0, progress=False)
     assert 2 in result.flagged and result.record(2)["mask_l1"] < 1
     assert "empty trigger" in result.settings["warnings"][0]
+    # no input makes the other labels its answer: the margins are left out of the test, and said so
+    assert "left out the maximum margins" in result.settings["warnings"][1]
+    assert result.test["reference"]["statistic"] == "log mask L1"

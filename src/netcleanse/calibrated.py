@@ -458,11 +458,17 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
         if missing:
             raise NetcleanseError(f"label {missing[0]} has no finite maximum margin")
         y = {t: float(np.log(max(float(margins[t]), MARGIN_FLOOR))) for t in labels}
-    signals = 1 if margins is None else 2
     sample = reference is not None
     ref = sorted(int(t) for t in reference) if sample else list(labels)
     if any(t not in x for t in ref):
         raise NetcleanseError("every reference label needs a mask L1")
+    # a margin says something only where the search could make the typical label win: when half the
+    # reference labels reach no margin above the floor (a model that answers one class whatever its
+    # input, an untrained one), the log scale would blow a margin of 0.01 up to an index of 20 or more
+    margins_dropped = margins is not None and float(np.median([margins[t] for t in ref])) <= MARGIN_FLOOR
+    if margins_dropped:
+        margins = None
+    signals = 1 if margins is None else 2
     k = n_labels or len(labels)
 
     def pvalue(z: float, k_now: int, ref_now: list[int]) -> float:
@@ -507,7 +513,9 @@ def calibrated_test(l1: dict, reference: list[int] | None = None, n_labels: int 
                                    "statistic": "log mask L1" if signals == 1 else
                                    "max(z_size, (z_size + z_margin) / sqrt(2)) of log mask L1 and log maximum margin",
                                    "scale_estimator": scale,
-                                   "family": family if family == "normal" else f"t({df:g})"})
+                                   "family": family if family == "normal" else f"t({df:g})",
+                                   **({"margins_dropped": "the reference labels' median maximum margin is not above "
+                                       f"{MARGIN_FLOOR:g}"} if margins_dropped else {})})
     result.size_indices, result.margin_indices = size_idx, margin_idx
     if spread == 0:
         result.adjusted_p_values = dict(result.p_values)

@@ -451,13 +451,19 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         records.append(rec)
 
     empty = [t for t in flagged if results[t]["mask_l1"] < EMPTY_TRIGGER_L1]
+    notes = []
     if empty:  # reached with no trigger at all: the model's default answer, which no search can pin on a backdoor
-        message = (f"label {empty[0]} was flagged with an empty trigger (mask L1 {results[empty[0]]['mask_l1']:.2g}): "
-                   f"the model answers it for the scan's inputs without any trigger (an untrained or collapsed "
-                   f"model, a wrong preprocessing, or inputs unlike its training data); that is no evidence of a "
-                   f"backdoor: check the model's accuracy on clean data (netcleanse eval)")
+        notes.append(f"label {empty[0]} was flagged with an empty trigger (mask L1 {results[empty[0]]['mask_l1']:.2g}): "
+                     f"the model answers it for the scan's inputs without any trigger (an untrained or collapsed "
+                     f"model, a wrong preprocessing, or inputs unlike its training data); that is no evidence of a "
+                     f"backdoor: check the model's accuracy on clean data (netcleanse eval)")
+    if test.reference.get("margins_dropped"):
+        notes.append("the test left out the maximum margins: no input could make most labels the model's answer "
+                     "(an untrained or collapsed model, or a wrong preprocessing?); it decided on trigger sizes alone")
+    for message in notes:
         warnings.warn(message, NetcleanseWarning, stacklevel=2)
-        settings["warnings"] = [message]
+    if notes:
+        settings["warnings"] = notes
     result = ScanResult(labels=records, flagged=flagged, threshold=float(threshold), preset=preset,
                         data=data_desc, elapsed_s=0.0, model=dict(_model_info(model), weights_sha256=digest),
                         settings=settings,
