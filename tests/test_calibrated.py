@@ -301,6 +301,11 @@ def test_most_anomalous_is_the_label_the_rule_ranks_first():
     assert most_anomalous(records)["label"] == 0
     assert most_anomalous(records, calibrated=False)["label"] == 691
     assert most_anomalous([]) is None
+    # two stages (transferable labels against the others): their indices come from different
+    # references, so the label the model's p-value belongs to is the one of smallest p
+    staged = [{"label": 0, "mask_l1": 0.0, "anomaly_index": 1.67, "test_index": 2.1, "p_value": 0.0698},
+              {"label": 7, "mask_l1": 8.2, "anomaly_index": 1.36, "test_index": 3.4, "p_value": 0.1426}]
+    assert most_anomalous(staged)["label"] == 0
     result = SimpleNamespace(labels=records, rule="calibrated", p_value=0.7, alpha=0.05, verdict="none-detected",
                              flagged=[])
     assert verdict(result).endswith("most anomalous label 0 (p 0.7, index 1.96, mask L1 89.3)")

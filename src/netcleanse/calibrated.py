@@ -627,11 +627,14 @@ def _adjusted(result: TestResult) -> dict[int, float]:
 
 
 def most_anomalous(records: list[dict], calibrated: bool = True) -> dict | None:
-    """The scan record its rule ranks first: for the calibrated test the largest ``test_index`` (the
-    index its p-values come from; records the test did not score, e.g. labels a 1283-label scan left
-    at the coarse pass, come after every scored one), for the paper's rule the largest
-    ``anomaly_index``. None for no records."""
+    """The scan record its rule ranks first: for the calibrated test the smallest ``p_value`` (the
+    model's p-value is its), ties broken by the largest ``test_index`` (indices of the transferable
+    labels' stage and of the others come from different references, so the index alone can rank a
+    label above the one the model's p-value belongs to; records the test did not score, e.g. labels
+    a 1283-label scan left at the coarse pass, come after every scored one), for the paper's rule
+    the largest ``anomaly_index``. None for no records."""
     def key(r: dict) -> tuple:
         scored = calibrated and r.get("test_index") is not None
-        return (scored, r["test_index"] if scored else -math.inf, r.get("anomaly_index") or -math.inf)
+        p = r.get("p_value") if scored and r.get("p_value") is not None else math.inf
+        return (scored, -p, r["test_index"] if scored else -math.inf, r.get("anomaly_index") or -math.inf)
     return max(records, key=key) if records else None
