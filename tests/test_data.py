@@ -49,6 +49,9 @@ def test_h5_layouts_and_scales_load_identically(tmp_path, layout, dtype):
     path = write_h5(tmp_path / "d.h5", data, LABELS.astype(np.float64))
     ds = load_data(path, expect_shape=(3, 5, 4), num_classes=7)
     assert ds.x.dtype == torch.float32 and ds.x.shape == (7, 3, 5, 4)
+    assert torch.equal(load_data(path, expect_shape="3x5x4").x, ds.x)  # as load_model's input_shape takes it
+    with pytest.raises(NetcleanseError, match="input shape must be CxHxW"):
+        load_data(path, expect_shape="3x5")
     assert torch.allclose(ds.x, EXPECTED, atol=1e-6)
     assert ds.y.dtype == torch.int64 and ds.y.tolist() == LABELS.tolist()
     assert ds.info["layout"] == layout and ds.info["scale"] == (1 if dtype == "float01" else 255)

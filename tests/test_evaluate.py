@@ -164,6 +164,18 @@ def test_predict_reads_integer_images_as_0_to_255_and_refuses_floats_outside_0_1
     assert model.predict(x + 1e-4).tolist() == [0, 3, 9]  # rounding is not another range
 
 
+def test_images_of_another_layout_say_how_to_fix_them():
+    model = Classifier.wrap(nn.Sequential(nn.Flatten(), nn.Linear(60, 3)), (3, 4, 5))
+    x = torch.rand(2, 3, 4, 5)
+    with pytest.raises(NetcleanseError, match=r"one image without the batch axis \(give x\[None\]\)"):
+        model.predict(x[0])
+    with pytest.raises(NetcleanseError, match=r"channels last .*x.transpose\(0, 3, 1, 2\)"):
+        model.predict(x.permute(0, 2, 3, 1).numpy())
+    with pytest.raises(NetcleanseError, match=r"images are 2x3x5x4 but the model 'model' expects Nx3x4x5 \(N x C x H x W\)$"):
+        model.predict(x.transpose(2, 3))
+    assert model.predict(x[0][None]).shape == (1,)
+
+
 def test_the_api_names_what_it_needs_for_objects_of_other_kinds(model):
     # a plain module, a tensor or a (x, y) tuple where netcleanse's nouns belong: one error saying how
     import netcleanse

@@ -267,10 +267,18 @@ class Classifier(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a clear error when images do not fit this model."""
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
-            got = "x".join(str(s) for s in x.shape[1:]) if x.dim() == 4 else str(tuple(x.shape))
-            want = "x".join(str(s) for s in self.input_shape)
-            raise NetcleanseError(f"images are {got} (CxHxW) but the model {self.name!r} expects {want}")
+        if x.dim() == 4 and tuple(x.shape[1:]) == self.input_shape:
+            return
+        want = "x".join(str(s) for s in self.input_shape)
+        shape = "x".join(str(s) for s in x.shape)
+        c, h, w = self.input_shape
+        if tuple(x.shape) == self.input_shape:
+            hint = ": one image without the batch axis (give x[None])"
+        elif x.dim() == 4 and tuple(x.shape[1:]) == (h, w, c):
+            hint = ": channels last (N x H x W x C); give x.permute(0, 3, 1, 2) (NumPy: x.transpose(0, 3, 1, 2))"
+        else:
+            hint = ""
+        raise NetcleanseError(f"images are {shape} but the model {self.name!r} expects Nx{want} (N x C x H x W){hint}")
 
     def layer_table(self) -> list[tuple[str, str, int]]:
         """(name, type, number of parameters) for every leaf module, in definition order; an empty

@@ -111,11 +111,14 @@ def load_data(source, *, expect_shape: Shape | None = None, num_classes: int | N
 
     ``source`` is a CSAW ``.h5`` file, an ``.npz`` file, a PNG/JPEG file, a folder of images, or a
     list of image files and folders (see the module docstring for the rules of each).
-    ``expect_shape`` (C, H, W) and ``num_classes`` are the model's; when given, images of another
+    ``expect_shape`` (C, H, W, or text "CxHxW") and ``num_classes`` are the model's; when given, images of another
     shape and labels outside [0, num_classes) are refused with a clear error. Image files are
     converted to ``channels`` (1: grayscale, 3: RGB), by default the channels of ``expect_shape``.
     ``label_key`` names the labels' key in an ``.h5``/``.npz`` file when it is not a standard one.
     """
+    if expect_shape is not None:
+        from .classifier import parse_input_shape
+        expect_shape = parse_input_shape(expect_shape)  # (C, H, W) or "CxHxW", checked
     if channels is None and expect_shape is not None:
         channels = int(expect_shape[0])
     if channels not in (None, 1, 3):
