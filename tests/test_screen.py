@@ -156,6 +156,8 @@ def test_screen_scans_each_model_and_a_bad_file_is_an_error_row(zoo, tmp_path):
     again = screen(entries, tmp_path / "s", seed=1, resume=True, progress=False)
     assert (tmp_path / "s" / "models" / "badnet" / "scan.json").stat().st_mtime_ns == before
     assert [r["verdict"] for r in again.rows] == [r["verdict"] for r in result.rows]
+    # a model's time is its scan's (elapsed_s, resumed runs added up), whichever run wrote the row
+    assert again.rows[0]["time_s"] == result.rows[0]["time_s"] == saved.elapsed_s
     with pytest.raises(NetcleanseError, match=r"different settings \(seed\)"):
         screen(entries, tmp_path / "s", seed=2, resume=True, progress=False)
     with pytest.raises(NetcleanseError, match=r"different settings \(models\)"):

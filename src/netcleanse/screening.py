@@ -425,8 +425,9 @@ def _row(entry: ScreenEntry, folder: str, out: Path, result, error, seconds, sav
     except (NetcleanseError, OSError) as exc:
         row["error"] = first_line(exc)
         return row
+    # the scan's own time (resumed runs' parts added up), as a finished folder's row reads it back
     row.update(verdict=result.verdict, flagged=list(result.flagged), p_value=result.p_value,
-               labels=len(result.labels))
+               labels=len(result.labels), time_s=result.elapsed_s)
     return row
 
 
