@@ -264,6 +264,21 @@ def test_save_model_suffixes(tmp_path):
         load_model(save_model(wrapped, tmp_path / "wrapped.pt"))
 
 
+def test_a_pytorch_file_loads_whatever_its_name(tmp_path):
+    # formats are read from the content: a checkpoint named .keras too (was "not a readable Keras
+    # .keras archive"), while a zip of something else under that name is still that error
+    import shutil
+    import zipfile
+    model = digits_model()
+    saved = save_model(model, tmp_path / "model.pt")
+    for name in ("model.keras", "model.bin"):
+        assert same_outputs(model, load_model(shutil.copy(saved, tmp_path / name)))
+    with zipfile.ZipFile(tmp_path / "other.keras", "w") as archive:
+        archive.writestr("config.json", "{}")
+    with pytest.raises(NetcleanseError, match="not a readable Keras .keras archive"):
+        load_model(tmp_path / "other.keras")
+
+
 def test_guarded_checkpoints_need_only_the_guarded_noun(tmp_path, monkeypatch):
     """torch_io writes and reads a guarded model itself (netcleanse.guarded), without the module that
     builds guards (netcleanse.guard, which sits above it): the two no longer import each other."""

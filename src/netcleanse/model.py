@@ -21,7 +21,7 @@ from .classifier import (Classifier, checked_channels, checked_preprocessing, ch
 from .errors import NetcleanseError, NetcleanseWarning
 from .keras import load_keras, load_keras_archive
 from .onnx_io import load_onnx
-from .sniff import HDF5_MAGIC, ZIP_MAGIC, is_npz, sniff  # noqa: F401 (the magic bytes: re-exported, as before)
+from .sniff import HDF5_MAGIC, ZIP_MAGIC, is_npz, is_torch_zip, sniff  # noqa: F401 (the magic bytes: re-exported, as before)
 from .torch_io import load_safetensors, load_torch
 
 __all__ = ["Classifier", "check_finite", "checked_channels", "checked_preprocessing", "checked_scale", "load_model",
@@ -78,7 +78,8 @@ def load_model(path, arch=None, input_scale: float = 1.0, name: str | None = Non
             model = load_keras_archive(path, input_scale=input_scale, name=name, input_shape=keras_shape)
         elif kind == "zip" and is_npz(path):
             raise NetcleanseError(f"{path} is a NumPy .npz of arrays, a data file, not a model")
-        elif kind == "zip" and path.suffix.lower() == ".keras":  # a zip, but no Keras archive (or a truncated one)
+        elif kind == "zip" and path.suffix.lower() == ".keras" and not is_torch_zip(path):
+            # a zip, but no Keras archive (or a truncated one); a PyTorch file loads whatever its name
             raise NetcleanseError(f"{path} is not a readable Keras .keras archive (a zip holding config.json and "
                                   "model.weights.h5); it may be truncated or corrupt")
         elif kind in ("zip", "torch-legacy"):

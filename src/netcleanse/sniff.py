@@ -60,6 +60,16 @@ def is_keras_archive(path: Path) -> bool:
     return "config.json" in names and "model.weights.h5" in names
 
 
+def is_torch_zip(path: Path) -> bool:
+    """A zip holding ``<name>/data.pkl``: what ``torch.save`` (and TorchScript) write."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError):
+        return False
+    return any(name.count("/") == 1 and name.endswith("/data.pkl") for name in names)
+
+
 def is_npz(path: Path) -> bool:
     """A zip whose every member is a ``.npy`` array: NumPy's ``.npz`` (data, not a model)."""
     try:
