@@ -1,6 +1,7 @@
 """ONNX models: exported here by torch.onnx (the legacy TorchScript exporter, which runs offline) or
 built with onnx.helper, converted by onnx2torch, compared with the torch module they came from."""
 
+import copy
 import json
 
 import numpy as np
@@ -369,3 +370,31 @@ def test_a_graph_of_grey_images_without_a_channel_axis_loads(tmp_path):
     assert load_model(path, input_shape="1x8x8").input_shape == (1, 8, 8)
     with pytest.raises(NetcleanseError, match="grey images without a channel axis"):
         load_model(path, input_shape="3x8x8")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_float16_and_float64_graphs_compute_in_float32(tmp_path):
+    # deployment exports: a .half() or .double() net, and a float32 graph casting to float16 inside
+    # (as onnxconverter-common writes); each is run in float32 on its exactly widened weights
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
+
+    class Casting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = copy.deepcopy(net).half()
+
+        def forward(self, x):
+            return self.net(x.half()).float()
+
+    x = torch.rand(4, 3, 8, 8)
+    for name, module, dtype, reference in (
+            ("half", copy.deepcopy(net).half(), torch.float16, copy.deepcopy(net).half().float()),
+            ("double", copy.deepcopy(net).double(), torch.float64, net),
+            ("casting", Casting().eval(), torch.float32, copy.deepcopy(net).half().float())):
+        path = tmp_path / f"{name}.onnx"
+        torch.onnx.export(module, torch.zeros(1, 3, 8, 8, dtype=dtype), str(path), dynamo=False,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+        model = load_model(path)
+        with torch.no_grad():
+            assert torch.allclose(model.logits(x), reference(x), atol=1e-5), name

@@ -265,6 +265,46 @@ def _convert_at_other_opset(model, convert):
     return None
 
 
+def _to_float32(model) -> None:
+    """Rewrite, in place, a float16, bfloat16 or float64 graph (a deployment export: ``.half()``, or
+    onnxconverter-common's float16 conversion with its Casts) to float32, netcleanse's arithmetic:
+    its stored tensors are widened (exactly, for 16-bit floats), its Casts to such a type cast to
+    float32, and its declared inputs, outputs and intermediate values become float32."""
+    from onnx import TensorProto, numpy_helper
+    other = {TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+
+    def widened(tensor):
+        if tensor.data_type not in other:
+            return None
+        wide = numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name)
+        return wide
+
+    for tensor in model.graph.initializer:
+        wide = widened(tensor)
+        if wide is not None:
+            tensor.CopyFrom(wide)
+    for node in _nodes(model.graph):
+        for attribute in node.attribute:
+            if attribute.name == "to" and node.op_type == "Cast" and attribute.i in other:
+                attribute.i = TensorProto.FLOAT
+            elif attribute.HasField("t"):  # Constant's value, ConstantOfShape's fill
+                wide = widened(attribute.t)
+                if wide is not None:
+                    attribute.t.CopyFrom(wide)
+    for info in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        if info.type.tensor_type.elem_type in other:
+            info.type.tensor_type.elem_type = TensorProto.FLOAT
+
+
+def _nodes(graph):
+    """Every node of ``graph`` and of the graphs inside its nodes (If, Loop, Scan branches)."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for inner in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _nodes(inner)
+
+
 def _for_onnx2torch(model) -> None:
     """Rewrite, in place and with the same results, what ``torch.onnx.export``'s default (dynamo)
     exporter writes and onnx2torch 1.5 cannot convert: ``Reshape(allowzero=1)`` (a 0 in the target
@@ -333,6 +373,7 @@ def net_from_onnx(model_or_bytes, path, input_shape=None) -> tuple[OnnxNet, tupl
     shape, nhwc = _input_layout(model, input_shape)
     rank = len(_input_dims(model))  # 2: an MLP on flattened images, given its image size by input_shape; 3: grey
     _strip_final_softmax(model)
+    _to_float32(model)
     _for_onnx2torch(model)
     convert = _import_onnx2torch()
     with warnings.catch_warnings():  # onnx2torch's own warnings: not the user's concern
