@@ -198,11 +198,14 @@ tutorial = keras.Sequential([keras.Input((32, 32, 3)), augmenting, layers.Rescal
                             name="tutorial_augmentation")
 grey_hw = keras.Sequential([keras.Input((28, 28)), layers.Reshape((28, 28, 1)), layers.Conv2D(4, 3, strides=2),
                             layers.Flatten(), layers.Dense(10, activation="softmax")], name="grey_hw")
+softmax_axis1 = keras.Sequential([keras.Input((32, 32, 3)), layers.Conv2D(4, 3, strides=4), layers.Flatten(),
+                                  layers.Dense(5), layers.Softmax(axis=1)], name="softmax_axis1")
 flat_mlp = keras.Sequential([keras.Input((32 * 32 * 3,)), layers.Dense(16, activation="relu"),
                              layers.Dense(7, activation="softmax")], name="flat_mlp")
 for model, scale, shape in ((nested_softmax_head, 1.0, (32, 32, 3)), (softmax_then_noops, 1.0, (32, 32, 3)),
                             (head_on_vectors, 1.0, (32, 32, 3)), (tutorial, 255.0, (32, 32, 3)),
-                            (grey_hw, 1.0, (28, 28)), (flat_mlp, 1.0, (32, 32, 3))):
+                            (grey_hw, 1.0, (28, 28)), (flat_mlp, 1.0, (32, 32, 3)),
+                            (softmax_axis1, 1.0, (32, 32, 3))):
     x = rng.random((6,) + shape).astype("float32")
     np.save(f"{out}/{model.name}_x.npy", x)
     fed = x.reshape(len(x), -1) if model is flat_mlp else x  # as Keras users flatten their N x H x W x C images
@@ -259,7 +262,7 @@ def test_keras_written_models_give_keras_outputs(written, net, suffix):
 
 MORE_NETS = {"nested_softmax_head": (1.0, "softmax"), "softmax_then_noops": (1.0, "softmax"),
              "head_on_vectors": (1.0, "softmax"), "tutorial_augmentation": (255.0, "linear"),
-             "grey_hw": (1.0, "softmax")}
+             "grey_hw": (1.0, "softmax"), "softmax_axis1": (1.0, "softmax")}  # Softmax(axis=1) on N x K scores
 
 
 @pytest.mark.parametrize("net", sorted(MORE_NETS))

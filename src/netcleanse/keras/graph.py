@@ -224,8 +224,11 @@ class KerasGraph(nn.Module):
             return _activation_name(cfg.get("activation"), name)
         if class_name == "Activation":
             return _activation_name(cfg.get("activation"), name)
-        if class_name == "Softmax" and cfg.get("axis", -1) in (-1, [-1]):
-            return "softmax"
+        if class_name == "Softmax":  # over the scores' axis: -1, or its number (1 for N x K scores)
+            axis = cfg.get("axis", -1)
+            axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
+            rank = len(self._shapes.get(self._last_node, ())) + 1
+            return "softmax" if isinstance(axis, int) and axis in (-1, rank - 1) else "linear"
         if class_name in MODEL_CLASSES:  # a nested model: what its own output is (looked at the same way)
             module = self.module_of(name)
             return module.final_activation if isinstance(module, KerasGraph) else "linear"
