@@ -226,6 +226,11 @@ np.save(f"{out}/bfloat16_y.npy", full.predict(x, verbose=0))
 half.save(f"{out}/bfloat16.keras")
 half.save(f"{out}/bfloat16.h5")
 
+quantized = keras.Sequential([keras.Input((8, 8, 3)), layers.Flatten(), layers.Dense(4)], name="quantized")
+quantized.quantize("int8")
+quantized.save(f"{out}/quantized.keras")
+quantized.save(f"{out}/quantized.h5")
+
 lam = keras.Sequential([keras.Input((4, 4, 1)), layers.Lambda(lambda t: t * 2.0), layers.Flatten(), layers.Dense(3)],
                        name="with_lambda")
 lam.save(f"{out}/with_lambda.keras")
@@ -342,3 +347,10 @@ def test_bfloat16_weights_load_as_float32(written, suffix):
     x = np.load(written / "bfloat16_x.npy")
     got = model.predict_proba(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
     assert np.abs(got - np.load(written / "bfloat16_y.npy")).max() < 1e-5
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_a_quantized_model_is_refused_as_quantized(written, suffix):
+    # model.quantize("int8"): integer kernels and scales (was "has 3 weights ... the layer takes 2")
+    with pytest.raises(NetcleanseError, match=r"layer 'dense\w*' \(Dense\) is quantized \(int8"):
+        load_model(written / f"quantized{suffix}")

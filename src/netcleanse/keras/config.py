@@ -63,6 +63,10 @@ def check_config(model_config: dict) -> None:
                                     f"(module {module!r}); netcleanse only rebuilds built-in Keras layers"))
             elif class_name not in SUPPORTED_LAYERS:
                 problems.append((1, f"layer {name!r} has class {class_name!r}, which netcleanse cannot rebuild"))
+            elif isinstance(cfg, dict) and _quantized(cfg.get("dtype")):
+                problems.append((2, f"layer {name!r} ({class_name}) is quantized ({_quantized(cfg.get('dtype'))}: "
+                                    "integer weights and scales), which netcleanse does not rebuild; give the "
+                                    "model before model.quantize()"))
             elif isinstance(cfg, dict) and cfg.get("data_format") == "channels_first":
                 problems.append((2, f"layer {name!r} ({class_name}) uses data_format='channels_first', "
                                     "which netcleanse does not support"))
@@ -74,6 +78,19 @@ def check_config(model_config: dict) -> None:
         problems.sort(key=lambda p: p[0])
         more = f" (and {len(problems) - 1} more unsupported layer(s))" if len(problems) > 1 else ""
         raise NetcleanseError(problems[0][1] + more)
+
+
+def _quantized(dtype) -> str | None:
+    """The quantization a Keras 3 layer's dtype policy names (``model.quantize("int8")`` writes a
+    ``QuantizedDTypePolicy`` of mode "int8", or a policy named "int8_from_float32"), else None."""
+    if isinstance(dtype, dict):
+        mode = (dtype.get("config") or {}).get("mode") if isinstance(dtype.get("config"), dict) else None
+        if "Quantized" in str(dtype.get("class_name")) or mode:
+            return str(mode or dtype.get("class_name"))
+        dtype = (dtype.get("config") or {}).get("name") if isinstance(dtype.get("config"), dict) else None
+    if isinstance(dtype, str) and "_from_" in dtype:  # "int8_from_float32", "float8_from_bfloat16"
+        return dtype.split("_from_")[0]
+    return None
 
 
 def _input_spec(entry: dict) -> tuple | None:
