@@ -192,7 +192,9 @@ vector_base = keras.Sequential([keras.Input((32, 32, 3)), layers.Conv2D(8, 3, st
 vector_head = keras.Sequential([keras.Input((8,)), layers.Dense(6, activation="softmax")], name="vector_head")
 head_on_vectors = keras.Model(v_in, vector_head(layers.GlobalAveragePooling2D()(vector_base(v_in))),
                               name="head_on_vectors")
-augmenting = keras.Sequential([layers.RandomFlip("horizontal"), layers.RandomRotation(0.1)], name="data_augmentation")
+augmenting = keras.Sequential([layers.RandomFlip("horizontal"), layers.RandomRotation(0.1), layers.RandomGrayscale(),
+                               layers.RandomHue(0.2, value_range=(0, 255)), layers.Identity()],
+                              name="data_augmentation")
 tutorial = keras.Sequential([keras.Input((32, 32, 3)), augmenting, layers.Rescaling(1 / 255.0),
                              layers.Conv2D(4, 3, strides=2, activation="relu"), layers.Flatten(), layers.Dense(5)],
                             name="tutorial_augmentation")

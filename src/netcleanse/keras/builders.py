@@ -26,11 +26,15 @@ from .layers import (_ACTIVATIONS, KerasActivation, KerasBatchNorm, KerasConv2d,
                      _to_keras_layout)
 
 MODEL_CLASSES = {"Model", "Functional", "Sequential"}
-_IDENTITY_LAYERS = {"Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
+_IDENTITY_LAYERS = {"Identity", "Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
                     "ActivityRegularization",
-                    # image augmentation, which Keras applies only while training
+                    # image augmentation, which Keras applies only while training (each checked against
+                    # Keras 3.15: its output at inference is its input)
                     "RandomFlip", "RandomRotation", "RandomZoom", "RandomTranslation", "RandomContrast",
-                    "RandomBrightness", "RandomHeight", "RandomWidth"}
+                    "RandomBrightness", "RandomHeight", "RandomWidth", "RandomGrayscale", "RandomColorJitter",
+                    "RandomHue", "RandomSaturation", "RandomSharpness", "RandomColorDegeneration",
+                    "RandomPosterization", "RandomShear", "RandomErasing", "RandomGaussianBlur", "RandomPerspective",
+                    "RandomInvert", "RandomElasticTransform", "RandAugment", "AugMix", "CutMix", "MixUp"}
 _MERGES = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply", "Average": "average",
            "Maximum": "maximum", "Minimum": "minimum", "Concatenate": "concatenate",
            # Keras 3 operations on tensors (``x / 6``), which its configs list among the layers
