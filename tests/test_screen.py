@@ -318,3 +318,23 @@ def test_an_unreadable_finished_scan_is_scanned_again_and_long_names_are_cut(zoo
     assert (folder.parent / f"{folder.name}.unreadable-1" / "scan.json").read_text().endswith("trunc")  # nothing lost
     assert again.rows[0]["error"] is None and again.rows[0]["verdict"] == first.rows[0]["verdict"]
     assert ScanResult.load(folder).verdict == first.rows[0]["verdict"]
+
+
+def test_a_screened_model_with_a_wrong_input_scale_is_warned_about_in_its_scan(tmp_path):
+    # the preprocessing check runs inside the scan (it ran only in the `scan` command): a zoo screened
+    # at the wrong --input-scale says so for each model, on stderr and in its scan.json
+    class Thirds(torch.nn.Module):  # class = which third of [0, 1] the mean pixel falls in
+        def forward(self, x):
+            m = x.mean(dim=(1, 2, 3))
+            return torch.stack([-(m - c).abs() * 100 for c in (1 / 6, 1 / 2, 5 / 6)], dim=1)
+
+    path = save_model(Classifier(torch.jit.trace(Thirds(), torch.rand(1, 1, 4, 4)), (1, 4, 4), 3, name="thirds"),
+                      tmp_path / "thirds.pt")
+    x = torch.rand(90, 1, 4, 4, generator=torch.Generator().manual_seed(0)) / 3 + \
+        torch.arange(3).repeat(30).view(-1, 1, 1, 1) / 3
+    data = save_data(Dataset(x, torch.arange(3).repeat(30), source="thirds"), tmp_path / "thirds.npz")
+    entries = make_entries([path], data=data, input_scale=255.0)
+    with pytest.warns(NetcleanseWarning, match="with --input-scale 1: check --input-scale"):
+        screen(entries, tmp_path / "s", progress=False)
+    saved = ScanResult.load(tmp_path / "s" / "models" / "thirds")
+    assert any("with --input-scale 1" in note for note in saved.settings["warnings"])

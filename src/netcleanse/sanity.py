@@ -66,23 +66,31 @@ def _alternatives(model, labelled: bool = False) -> list[tuple[str, float, tuple
     return out
 
 
-def _answers(model, x: torch.Tensor) -> torch.Tensor | None:
-    try:
-        return model.predict(x, batch_size=64)
-    except NetcleanseError:  # NaN outputs at an alternative: that alternative is no better
-        return None
-
-
-def check_preprocessing(model, data=None, n: int = MAX_IMAGES, seed: int = 0, device: str = "cpu") -> str | None:
+def check_preprocessing(model, data=None, n: int = MAX_IMAGES, seed: int = 0, device: str = "cpu",
+                        seen: dict | None = None) -> str | None:
     """One warning line when the model's configured preprocessing looks wrong (see the module doc),
     else ``None``. ``data``: a :class:`netcleanse.data.Dataset` of clean images (labels optional);
     without it, smooth synthetic images are used. Guarded models are not checked. ``device``:
-    where the model computes, "cpu" or "cuda" (it is moved back afterwards)."""
+    where the model computes, "cpu" or "cuda" (it is moved back afterwards). ``seen``: where given,
+    ``seen["images"]`` grows by the images the check ran through the model (a scan's cost record)."""
+    seen = {} if seen is None else seen
+    seen.setdefault("images", 0)
+
+    def answers(x: torch.Tensor) -> torch.Tensor | None:
+        parts = []
+        for start in range(0, len(x), 64):
+            seen["images"] += len(x[start:start + 64])
+            try:
+                parts.append(model.predict(x[start:start + 64], batch_size=64))
+            except NetcleanseError:  # NaN outputs at an alternative: that alternative is no better
+                return None
+        return torch.cat(parts)
+
     with on_device(model, device):
-        return _check(model, data, n, seed)
+        return _check(model, data, n, seed, answers)
 
 
-def _check(model, data, n: int, seed: int) -> str | None:
+def _check(model, data, n: int, seed: int, answers) -> str | None:
     if getattr(model, "poison_label", None) is not None or model.num_classes < 3:
         return None
     if data is not None and len(data):
@@ -93,7 +101,7 @@ def _check(model, data, n: int, seed: int) -> str | None:
     else:
         from .guard import synthetic_inputs
         x, y, what = synthetic_inputs(model.input_shape, n, seed), None, f"{n} synthetic images"
-    now = _answers(model, x)
+    now = answers(x)
     if now is None:
         return None
     configured = model.describe_preprocessing()
@@ -102,7 +110,7 @@ def _check(model, data, n: int, seed: int) -> str | None:
         scored = []
         for label, scale, mean, std in _alternatives(model, labelled=True):
             with _preprocessing(model, scale, mean, std):
-                alt = _answers(model, x)
+                alt = answers(x)
             if alt is not None:
                 scored.append((float((alt == y).float().mean()), label))
         if scored:  # the best alternative is the one to suggest, not the first that helps
@@ -117,7 +125,7 @@ def _check(model, data, n: int, seed: int) -> str | None:
     scored = []
     for label, scale, mean, std in _alternatives(model):
         with _preprocessing(model, scale, mean, std):
-            alt = _answers(model, x)
+            alt = answers(x)
         if alt is not None:
             scored.append((_top_share(alt, model.num_classes)[0], label))
     if scored:  # the alternative spreading the answers most

@@ -306,8 +306,14 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
     data_desc = "data-free" if data is None else (data_name or data.source)
     softmax = check_outputs(model, OUTPUT_CHECK_IMAGES)
     checked = OUTPUT_CHECK_IMAGES if output_check_runs(model) else 0
-    if softmax:
-        warnings.warn(softmax, NetcleanseWarning, stacklevel=2)
+    # the model's inputs: a wrong scale or normalisation makes every verdict meaningless (said before
+    # the work, and kept in scan.json's warnings, so a screen's or notebook's scan says it too)
+    from .sanity import check_preprocessing
+    seen = {}
+    first_notes = [note for note in (softmax, check_preprocessing(model, data, device=device, seen=seen)) if note]
+    checked += seen["images"]
+    for note in first_notes:
+        warnings.warn(note, NetcleanseWarning, stacklevel=2)
 
     settings = {"preset": preset, "plan": plan.to_dict(), "seed": int(seed), "threshold": float(threshold),
                 "rule": rule, "alpha": float(alpha),
@@ -451,7 +457,7 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
         records.append(rec)
 
     empty = [t for t in flagged if results[t]["mask_l1"] < EMPTY_TRIGGER_L1]
-    notes = []
+    notes = []  # (warned now; the first notes were warned before the work)
     if empty:  # reached with no trigger at all: the model's default answer, which no search can pin on a backdoor
         notes.append(f"label {empty[0]} was flagged with an empty trigger (mask L1 {results[empty[0]]['mask_l1']:.2g}): "
                      f"the model answers it for the scan's inputs without any trigger (an untrained or collapsed "
@@ -462,8 +468,8 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
                      "(an untrained or collapsed model, or a wrong preprocessing?); it decided on trigger sizes alone")
     for message in notes:
         warnings.warn(message, NetcleanseWarning, stacklevel=2)
-    if notes:
-        settings["warnings"] = notes
+    if first_notes or notes:
+        settings["warnings"] = first_notes + notes
     result = ScanResult(labels=records, flagged=flagged, threshold=float(threshold), preset=preset,
                         data=data_desc, elapsed_s=0.0, model=dict(_model_info(model), weights_sha256=digest),
                         settings=settings,
@@ -493,8 +499,8 @@ def image_passes(plan: Preset, labels, coarse: dict, refined: dict, tested, *, n
     (its ``steps`` include the first stage's); tested: the labels whose margins were computed;
     transfer: the transferability's own count (``backward``, ``forward``), if it was measured; probe: the
     images of the forward pass that measured the memory of a gradient pass (:mod:`netcleanse.passes`;
-    built with autograd on, no backward); checks: the forward-only images of the check that the model
-    answers logits (:func:`netcleanse.sanity.check_outputs`)."""
+    built with autograd on, no backward); checks: the forward-only images of the checks that the model
+    answers logits and is fed what it was trained on (:mod:`netcleanse.sanity`)."""
     def batch(stage: Stage) -> int:
         return min(stage.schedule.batch_size, n_opt)
 

@@ -80,9 +80,6 @@ def scan(
                           preset=preset, rule=rule, alpha=alpha, threshold=threshold, seed=seed, out=out,
                           resume=resume, device=device, save_all_images=save_all_images,
                           data_name=None if data is None else str(data), executor=runner)
-    from ..sanity import check_preprocessing, warn
-    # beside the verdict it qualifies (after the settings were checked)
-    warn(check_preprocessing(model, dataset, device=device))
     typer.echo(verdict(result))
     from ..report import render_report
     typer.echo(f"scan took {result.elapsed_s:.1f} s; results in {out}; report {render_report(out)}")
