@@ -414,3 +414,16 @@ def test_lambda_model_is_refused_by_info(capsys):
     if not lambda_model.exists():
         pytest.skip(f"Lambda-layer model not available at {lambda_model}")
     assert_one_line_error(*cli(capsys, "info", lambda_model)[::2], "Lambda")
+
+
+def test_predictions_csv_keeps_image_names_from_becoming_formulas(tiny, tmp_path, capsys, monkeypatch):
+    # image names come from files the user may not trust: '=HYPERLINK(...)' would be a formula in a
+    # spreadsheet; such names get a leading apostrophe, as screen.csv's do
+    from PIL import Image
+    monkeypatch.chdir(tmp_path)
+    names = ["=HYPERLINK(1+1).png", "@SUM(1).png", "plain.png"]
+    for name in names:
+        Image.fromarray(digit_image(3)).save(tmp_path / name)
+    code, _, _ = cli(capsys, "predict", tiny, "--arch", "mnist-cnn", *names, "--out", tmp_path / "p.csv")
+    cells = [r["name"] for r in csv.DictReader((tmp_path / "p.csv").open())]
+    assert code == 0 and cells == ["'=HYPERLINK(1+1).png", "'@SUM(1).png", "plain.png"], cells

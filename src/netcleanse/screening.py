@@ -38,19 +38,11 @@ from .errors import NetcleanseError
 from .executor import Executor, LocalExecutor
 from .classifier import checked_scale
 from .progress import progress_bar
-from .utils import atomic_write, file_stem, first_line, resolve_device, write_json_atomic
+from .utils import atomic_write, file_stem, first_line, resolve_device, spreadsheet_safe, write_json_atomic
 
 ROW_FIELDS = ("name", "model", "verdict", "flagged", "p_value", "labels", "time_s", "report", "error")
 _TRUE, _FALSE = {"1", "true", "yes", "y"}, {"0", "false", "no", "n", ""}
 _TEXT_FIELDS = ("name", "model", "verdict", "report", "error")  # free text, from file names and messages
-
-
-def spreadsheet_safe(value) -> str:
-    """A CSV cell that a spreadsheet shows as text: a cell starting with ``= + - @`` (or a tab or
-    carriage return) is a formula to Excel and LibreOffice, so a model named ``=HYPERLINK(...)``
-    could run one when screen.csv is opened; such cells get a leading apostrophe (OWASP's advice)."""
-    text = "" if value is None else str(value)
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 @dataclass(frozen=True)

@@ -181,3 +181,12 @@ def check_out_dir(out, force: bool) -> Path:
     if out.is_dir() and any(out.iterdir()) and not force:
         raise NetcleanseError(f"{out} is not empty; choose another folder or pass --force to overwrite")
     return out
+
+
+def spreadsheet_safe(value) -> str:
+    """A CSV cell that a spreadsheet shows as text: a cell starting with ``= + - @`` (or a tab or
+    carriage return) is a formula to Excel and LibreOffice, so a model or image named
+    ``=HYPERLINK(...)`` could run one when screen.csv or a predictions file is opened; such cells
+    get a leading apostrophe (OWASP's advice)."""
+    text = "" if value is None else str(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text

@@ -25,7 +25,7 @@ from ..errors import NetcleanseError
 from ..evaluate import evaluate, predict_dataset
 from ..model import Classifier, checked_scale, load_model
 from ..sniff import sniff
-from ..utils import atomic_write, resolve_device
+from ..utils import atomic_write, resolve_device, spreadsheet_safe
 
 
 def _device(value: str) -> str:
@@ -201,7 +201,7 @@ def _write_predictions(path: Path, data: Dataset, labels, confidence) -> None:
                 writer = csv.writer(f)
                 writer.writerow(["index", "name", "label", "confidence"] + (["true_label"] if data.y is not None else []))
                 for i, (label, conf) in enumerate(zip(labels.tolist(), confidence.tolist())):
-                    name = data.names[i] if data.names is not None else ""
+                    name = spreadsheet_safe(data.names[i]) if data.names is not None else ""  # names from files
                     writer.writerow([i, name, label, f"{conf:.6f}"] + ([int(data.y[i])] if data.y is not None else []))
 
 
