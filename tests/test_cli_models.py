@@ -159,9 +159,13 @@ def test_info_text_and_json(tiny, capsys):
 
 
 def test_an_input_shape_the_model_cannot_take_is_one_error(tiny, tmp_path, capsys):
-    # a registered architecture at a size it cannot run: one line, not a traceback at the first pass
-    code, _, err = cli(capsys, "info", tiny, "--arch", "mnist-cnn", "--input-shape", "3x55x47")
-    assert code == 2 and err.startswith("error: ") and "fails on a 3x55x47 input" in err and "Traceback" not in err
+    # a registered architecture records its size: another one is refused, whether it cannot run (a
+    # traceback at the first pass, once) or would run at a size the net was never trained at
+    for shape in ("3x55x47", "1x29x29"):
+        code, _, err = cli(capsys, "info", tiny, "--arch", "mnist-cnn", "--input-shape", shape)
+        assert code == 2 and err.startswith("error: ") and "Traceback" not in err
+        assert f"'mnist-cnn' takes 1x28x28; --input-shape {shape} does not fit it" in err
+    assert cli(capsys, "info", tiny, "--arch", "mnist-cnn", "--input-shape", "1x28x28")[0] == 0
     # a file that records its shape: another one is refused, an unreadable one too (both were ignored)
     model = tmp_path / "m.pt"
     save_model(netcleanse.load_model(tiny, arch="mnist-cnn"), model)

@@ -98,11 +98,16 @@ class ArchSpec:
         return net
 
     def input_shape(self, net: nn.Module | None = None) -> tuple[int, int, int]:
-        """(C, H, W): given, else the architecture's own (see the module doc), else a one-line error."""
+        """(C, H, W): given, else the architecture's own (see the module doc), else a one-line error; a
+        registered architecture's own, and no other."""
+        if self.kind == "registered":  # its size is the one it was trained at
+            own = get_architecture(self.target).input_shape
+            if self.given_shape is not None and tuple(self.given_shape) != tuple(own):
+                raise NetcleanseError(f"the registered architecture {self.target!r} takes {'x'.join(map(str, own))}; "
+                                      f"--input-shape {'x'.join(map(str, self.given_shape))} does not fit it (drop it)")
+            return own
         if self.given_shape is not None:
             return self.given_shape
-        if self.kind == "registered":
-            return get_architecture(self.target).input_shape
         if self.kind == "torchvision":
             return ZOO_INPUT_SHAPE
         if self.kind == "timm":
