@@ -398,3 +398,20 @@ def test_float16_and_float64_graphs_compute_in_float32(tmp_path):
         model = load_model(path)
         with torch.no_grad():
             assert torch.allclose(model.logits(x), reference(x), atol=1e-5), name
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_graph_input_without_a_shape_takes_the_given_one(tmp_path):
+    # some tools drop the input's shape: the error asks for --input-shape, and with it the model loads
+    net = small_net()
+    path = export(net, tmp_path / "full.onnx")
+    graph = onnx.load(str(path))
+    graph.graph.input[0].type.tensor_type.ClearField("shape")
+    bare = tmp_path / "bare.onnx"
+    onnx.save(graph, str(bare))
+    with pytest.raises(NetcleanseError, match="of unknown shape, not a fixed-size image; give --input-shape"):
+        load_model(bare)
+    model = load_model(bare, input_shape="3x8x8")
+    x = torch.rand(5, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(model.logits(x), net(x), atol=1e-5)

@@ -242,6 +242,19 @@ def _input_layout(model, input_shape) -> tuple[tuple[int, int, int], bool]:
     return ((dims[3], dims[1], dims[2]) if nhwc else (dims[1], dims[2], dims[3])), nhwc
 
 
+def _declare_input(model, shape) -> None:
+    """Write N x C x H x W (``shape`` from --input-shape) into a graph input that declares no shape at
+    all (some tools drop it), as PyTorch's exporter would have: the converter needs the rank."""
+    initializers = {t.name for t in model.graph.initializer}
+    graph_input = next(i for i in model.graph.input if i.name not in initializers)
+    if graph_input.type.tensor_type.HasField("shape"):
+        return
+    dims = graph_input.type.tensor_type.shape.dim
+    dims.add().dim_param = "N"
+    for size in shape:
+        dims.add().dim_value = int(size)
+
+
 # onnx2torch 1.5 lacks converters for some operators at the newest opsets (torch.onnx writes
 # opset 18-20, e.g. Constant-19) and at the oldest (Upsample-9); ONNX's own version converter
 # takes such a graph to one of these, the newest first
@@ -371,6 +384,7 @@ def net_from_onnx(model_or_bytes, path, input_shape=None) -> tuple[OnnxNet, tupl
         raise NetcleanseError(f"{path}: the ONNX model has {len(model.graph.output)} outputs; netcleanse needs one "
                               "score per class")
     shape, nhwc = _input_layout(model, input_shape)
+    _declare_input(model, shape)
     rank = len(_input_dims(model))  # 2: an MLP on flattened images, given its image size by input_shape; 3: grey
     _strip_final_softmax(model)
     _to_float32(model)
