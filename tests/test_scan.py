@@ -509,7 +509,23 @@ def test_a_label_flagged_with_an_empty_trigger_is_warned_about():
     with pytest.warns(NetcleanseWarning, match="label 2 was flagged with an empty trigger"):
         result = scan(model, data, seed=0, progress=False)
     assert 2 in result.flagged and result.record(2)["mask_l1"] < 1
-    assert "empty trigger" in result.settings["warnings"][0]
+    notes = result.settings["warnings"]
+    assert "answers 2 for 100%" in notes[0] and "empty trigger" in notes[1]  # (its data: one class to it)
     # no input makes the other labels its answer: the margins are left out of the test, and said so
-    assert "left out the maximum margins" in result.settings["warnings"][1]
+    assert "left out the maximum margins" in notes[2]
     assert result.test["reference"]["statistic"] == "log mask L1"
+
+
+def test_clean_images_of_mostly_one_class_are_warned_about(badnet, clean_data):
+    # inputs that are a label already need no trigger: a scan on one class's images says so
+    from netcleanse.errors import NetcleanseWarning
+    answers = badnet.predict(clean_data.x)
+    top = int(answers.mode().values)
+    one = Dataset(clean_data.x[answers == top][:40], answers[answers == top][:40], source="one class")
+    with pytest.warns(NetcleanseWarning, match=f"the model answers {top} for 100% of the"):
+        result = scan(badnet, one, labels=[0, 1, top], progress=False)
+    assert any("images of many classes" in note for note in result.settings["warnings"])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NetcleanseWarning)  # mixed classes: no such warning
+        scan(badnet, clean_data, labels=[0, 1], progress=False)

@@ -131,11 +131,40 @@ def _check(model, data, n: int, seed: int, answers) -> str | None:
     if scored:  # the alternative spreading the answers most
         alt_share, label = min(scored, key=lambda pair: pair[0])
         if alt_share <= share - 0.25:
+            mine = " (or, if your images are all of one class, give images of many)" if data is not None else ""
             return (f"{100 * share:.0f}% of {what} land on class {top} with the configured preprocessing "
                     f"({configured}), only {100 * alt_share:.0f}% on one class with {label}: a model fed "
-                    "the wrong scale or normalisation answers one class for everything; check "
-                    "--input-scale/--mean/--std")
+                    f"the wrong scale or normalisation answers one class for everything; check "
+                    f"--input-scale/--mean/--std{mine}")
     return None
+
+
+ONE_CLASS_SHARE = 0.5  # a scan's clean images answered this much as one class: too few classes
+
+
+def check_scan_images(model, data, n: int = MAX_IMAGES, seed: int = 0, device: str = "cpu",
+                      seen: dict | None = None) -> str | None:
+    """One warning line when a scan's clean images are mostly of one class, by the model's own
+    answers (at least ``ONE_CLASS_SHARE`` of up to ``n`` of them), else ``None``: inputs that are
+    that class already need no trigger, so that label's reversed trigger comes out small for want
+    of other inputs, not for a backdoor, and the other labels' triggers are fitted to one class's
+    images. ``seen`` as for :func:`check_preprocessing`."""
+    if data is None or len(data) == 0 or model.num_classes < 3 or getattr(model, "poison_label", None) is not None:
+        return None
+    seen = {} if seen is None else seen
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+    with on_device(model, device):
+        try:
+            answers = model.predict(data.x[idx].float(), batch_size=64)
+        except NetcleanseError:
+            return None
+    seen["images"] = seen.get("images", 0) + len(idx)
+    share, top = _top_share(answers, model.num_classes)
+    if share < ONE_CLASS_SHARE:
+        return None
+    return (f"the model answers {top} for {100 * share:.0f}% of the {len(idx)} clean images checked: a scan needs "
+            f"images of many classes (label {top}'s trigger comes out small when its inputs are {top} already, "
+            "backdoor or not)")
 
 
 def _top_share(labels: torch.Tensor, num_classes: int) -> tuple[float, int]:

@@ -308,9 +308,12 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
     checked = OUTPUT_CHECK_IMAGES if output_check_runs(model) else 0
     # the model's inputs: a wrong scale or normalisation makes every verdict meaningless (said before
     # the work, and kept in scan.json's warnings, so a screen's or notebook's scan says it too)
-    from .sanity import check_preprocessing
+    from .sanity import check_preprocessing, check_scan_images
     seen = {}
-    first_notes = [note for note in (softmax, check_preprocessing(model, data, device=device, seen=seen)) if note]
+    preprocessing = check_preprocessing(model, data, device=device, seen=seen)
+    # (a wrong preprocessing also lands the images on one class: that warning then says it all)
+    one_class = None if preprocessing else check_scan_images(model, data, device=device, seen=seen)
+    first_notes = [note for note in (softmax, preprocessing, one_class) if note]
     checked += seen["images"]
     for note in first_notes:
         warnings.warn(note, NetcleanseWarning, stacklevel=2)
