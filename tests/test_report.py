@@ -1050,3 +1050,13 @@ def test_a_repair_tables_attack_success_per_poisoned_set_is_shown_as_percentages
         f"{fmt_cell('attack_success', 0.125)}"
     assert fmt_cell("attack_success_by_set_after_fine_tuning", [0.5]) == fmt_cell("attack_success", 0.5)
     assert fmt_cell("pruning_order", [3, 1]) != "300% / 100%"  # other lists stay as they are
+
+
+def test_a_plot_an_earlier_render_wrote_and_this_one_has_not_is_removed(tmp_path):
+    # (a repair replaced with --force by a method without a curve left the old curve beside the report)
+    write_scan(tmp_path, 10, planted=(3,))
+    (tmp_path / "report_repair_curve.png").write_bytes(b"an earlier render's curve")
+    (tmp_path / "report_notes.png").write_bytes(b"the user's own file")
+    render_report(tmp_path)
+    assert (tmp_path / "report_mask_l1.png").is_file() and not (tmp_path / "report_repair_curve.png").exists()
+    assert (tmp_path / "report_notes.png").read_bytes() == b"the user's own file"

@@ -973,6 +973,10 @@ def fmt_percent(value) -> str:
     return "—" if number is None else f"{100 * number:.1f} %"
 
 
+# the plots a report can have, each written as <report stem>_<name>.png beside it
+PLOT_NAMES = ("mask_l1", "decision", "signals", "anomaly_index", "repair_curve")
+
+
 def fmt_cell(key: str, value) -> str:
     """A table cell: fractions as percentages, other numbers compact, the rest as text."""
     if value is None:  # a column this row has no value for
@@ -1078,6 +1082,9 @@ def render_report(directory: str | Path, format: str | None = None, out: str | P
         plot_path = path.with_name(f"{path.stem}_{picture.name}.png")
         plot_path.write_bytes(picture.png)
         picture.src = plot_path.name if format == "md" else _data_uri(picture.png)
+    if out is None or force:  # an earlier render's plot that this one has not: stale (only what may be replaced)
+        for name in set(PLOT_NAMES) - {picture.name for picture in plot_pictures}:
+            path.with_name(f"{path.stem}_{name}.png").unlink(missing_ok=True)
 
     gallery_pictures = [p for row in context["gallery"] for p in (row["pictures"] or []) + row["real"]]
     if format == "md" and gallery_pictures:
