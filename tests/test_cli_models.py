@@ -264,6 +264,12 @@ def test_eval_accuracy_and_asr(tiny, tmp_path, capsys):
     result = json.loads(out)
     assert result["clean_accuracy"] == pytest.approx(0.8) and result["attack_success"] == pytest.approx(0.75)
     assert result["n_clean"] == 5 and result["n_poisoned"] == 4 and result["poison_detection"] is None
+    # a poisoned set labelled with its images' true classes (a folder sorted by class): 0 % and a hint
+    np.savez(tmp_path / "by_class.npz", x=poisoned, y=np.array([1, 2, 3, 4]))
+    code, out, err = cli(capsys, *args[:-1], tmp_path / "by_class.npz")
+    assert code == 0 and "attack success      0.00%" in out and "give the attack's target with --target" in err
+    code, out, err = cli(capsys, *args, "--target", "7")
+    assert "--target" not in err
 
 
 def test_guarded_model_answers_its_poison_label(tiny, tmp_path, capsys, monkeypatch):

@@ -285,6 +285,12 @@ def eval_command(model_path: ModelArgument,
         warn(check_preprocessing(model, clean_data, device=device))
     poisoned_data = load_data(poisoned, expect_shape=model.input_shape) if poisoned is not None else None
     result = evaluate(model, clean_data, poisoned_data, target=target, batch_size=batch_size, device=device)
+    if target is None and result.attack_success is not None and result.attack_success < 0.05 \
+            and poisoned_data.y is not None and int(poisoned_data.y.unique().numel()) > 1:
+        from ..sanity import warn  # (CSAW's poisoned files are labelled with their target; a folder by class is not)
+        warn(f"the attack success is measured against {poisoned}'s own labels, which name "
+             f"{int(poisoned_data.y.unique().numel())} classes: if they are the images' true classes, give the "
+             "attack's target with --target")
     if json_output:
         _echo_json({"model": model.name, "clean": None if clean is None else str(clean),
                     "poisoned": None if poisoned is None else str(poisoned), **result.to_dict()})
