@@ -50,33 +50,30 @@ def sniff(path) -> str:
     return "unknown"
 
 
-def is_keras_archive(path: Path) -> bool:
-    """A zip holding ``config.json`` and ``model.weights.h5``: a Keras 3 ``.keras`` file."""
+def zip_names(path: Path) -> list[str]:
+    """The member names of a zip file; [] when it is not a readable zip (its own reader words the
+    error)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            names = set(archive.namelist())
+            return archive.namelist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError):
-        return False  # not a readable zip: not an archive (its own reader words the error)
+        return []
+
+
+def is_keras_archive(path: Path) -> bool:
+    """A zip holding ``config.json`` and ``model.weights.h5``: a Keras 3 ``.keras`` file."""
+    names = set(zip_names(path))
     return "config.json" in names and "model.weights.h5" in names
 
 
 def is_torch_zip(path: Path) -> bool:
     """A zip holding ``<name>/data.pkl``: what ``torch.save`` (and TorchScript) write."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError):
-        return False
-    return any(name.count("/") == 1 and name.endswith("/data.pkl") for name in names)
+    return any(name.count("/") == 1 and name.endswith("/data.pkl") for name in zip_names(path))
 
 
 def is_npz(path: Path) -> bool:
     """A zip whose every member is a ``.npy`` array: NumPy's ``.npz`` (data, not a model)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError, NotImplementedError):
-        return False
+    names = zip_names(path)
     return bool(names) and all(name.endswith(".npy") for name in names)
 
 
