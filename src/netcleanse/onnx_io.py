@@ -197,12 +197,17 @@ class OnnxNet(nn.Module):
             return self.graph(x)
 
 
-def _input_dims(model) -> list[int | None]:
+def _graph_input(model):
+    """The graph's one image input (initializers listed among the inputs are weights, not inputs)."""
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
         raise NetcleanseError(f"the ONNX model has {len(inputs)} inputs; netcleanse scans models with one image input")
-    return [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    return inputs[0]
+
+
+def _input_dims(model) -> list[int | None]:
+    return [d.dim_value if d.HasField("dim_value") else None for d in _graph_input(model).type.tensor_type.shape.dim]
 
 
 def _input_layout(model, input_shape) -> tuple[tuple[int, int, int], bool]:
@@ -245,8 +250,7 @@ def _input_layout(model, input_shape) -> tuple[tuple[int, int, int], bool]:
 def _declare_input(model, shape) -> None:
     """Write N x C x H x W (``shape`` from --input-shape) into a graph input that declares no shape at
     all (some tools drop it), as PyTorch's exporter would have: the converter needs the rank."""
-    initializers = {t.name for t in model.graph.initializer}
-    graph_input = next(i for i in model.graph.input if i.name not in initializers)
+    graph_input = _graph_input(model)
     if graph_input.type.tensor_type.HasField("shape"):
         return
     dims = graph_input.type.tensor_type.shape.dim
@@ -425,7 +429,7 @@ def load_onnx(path, input_scale: float = 1.0, name: str | None = None, input_sha
             raise NetcleanseError(f"{path}: cannot read its external data ({first_line(exc)})") from None
     net, shape = net_from_onnx(model, path, input_shape)
     classes = _check_outputs(net, shape, path)
-    if input_scale == 1.0 and model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8:
+    if input_scale == 1.0 and _graph_input(model).type.tensor_type.elem_type == onnx.TensorProto.UINT8:
         input_scale = 255.0  # the graph says it takes 0..255 pixels (a deployment export); none was given
     return Classifier(net, shape, classes, input_scale=input_scale, name=name or path.stem, arch=None,
                       source=str(path))

@@ -84,10 +84,10 @@ def _quantized(dtype) -> str | None:
     """The quantization a Keras 3 layer's dtype policy names (``model.quantize("int8")`` writes a
     ``QuantizedDTypePolicy`` of mode "int8", or a policy named "int8_from_float32"), else None."""
     if isinstance(dtype, dict):
-        mode = (dtype.get("config") or {}).get("mode") if isinstance(dtype.get("config"), dict) else None
-        if "Quantized" in str(dtype.get("class_name")) or mode:
-            return str(mode or dtype.get("class_name"))
-        dtype = (dtype.get("config") or {}).get("name") if isinstance(dtype.get("config"), dict) else None
+        config = dtype.get("config") if isinstance(dtype.get("config"), dict) else {}
+        if "Quantized" in str(dtype.get("class_name")) or config.get("mode"):
+            return str(config.get("mode") or dtype.get("class_name"))
+        dtype = config.get("name")
     if isinstance(dtype, str) and "_from_" in dtype:  # "int8_from_float32", "float8_from_bfloat16"
         return dtype.split("_from_")[0]
     return None
