@@ -113,7 +113,9 @@ def test_whole_model_file_with_arch_uses_weights_only(csaw_reference):
 # ---------------------------------------------------------------- bad files
 
 def test_weights_only_file_needs_arch():
-    with pytest.raises(NetcleanseError, match="--arch"):
+    # the hint names the registered architectures (it named csaw-deepid for any file, an mnist-cnn
+    # repair's export too)
+    with pytest.raises(NetcleanseError, match="--arch \\(registered: csaw-deepid, gtsrb-cnn, mnist-cnn; or your own"):
         load_model(need(CSAW / "models" / "sunglasses_bd_weights.h5"))
 
 

@@ -93,8 +93,9 @@ def load_keras(path, arch: str | None = None, input_scale: float = 1.0, name: st
                 return model
             config = _model_config(h5)
             if config is None:
-                raise NetcleanseError(f"{path} holds weights only; name its architecture with --arch "
-                                      "(e.g. --arch csaw-deepid)")
+                from ..architectures import ARCHITECTURES
+                raise NetcleanseError(f"{path} holds weights only; name its architecture with --arch (registered: "
+                                      f"{', '.join(sorted(ARCHITECTURES))}; or your own module, --arch FILE.py:CLASS)")
             if str(config.get("class_name")) not in MODEL_CLASSES:
                 raise NetcleanseError(f"{path}: model class {config.get('class_name')!r} is not a Keras "
                                       "Sequential or Functional model")
