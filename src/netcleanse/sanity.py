@@ -72,7 +72,9 @@ def check_preprocessing(model, data=None, n: int = MAX_IMAGES, seed: int = 0, de
     else ``None``. ``data``: a :class:`netcleanse.data.Dataset` of clean images (labels optional);
     without it, smooth synthetic images are used. Guarded models are not checked. ``device``:
     where the model computes, "cpu" or "cuda" (it is moved back afterwards). ``seen``: where given,
-    ``seen["images"]`` grows by the images the check ran through the model (a scan's cost record)."""
+    ``seen["images"]`` grows by the images the check ran through the model (a scan's cost record),
+    and ``seen["answers"]`` holds the model's answers to the clean images it checked, at the
+    configured preprocessing (for :func:`one_class_note`)."""
     seen = {} if seen is None else seen
     seen.setdefault("images", 0)
 
@@ -87,10 +89,10 @@ def check_preprocessing(model, data=None, n: int = MAX_IMAGES, seed: int = 0, de
         return torch.cat(parts)
 
     with on_device(model, device):
-        return _check(model, data, n, seed, answers)
+        return _check(model, data, n, seed, answers, seen)
 
 
-def _check(model, data, n: int, seed: int, answers) -> str | None:
+def _check(model, data, n: int, seed: int, answers, seen: dict) -> str | None:
     if getattr(model, "poison_label", None) is not None or model.num_classes < 3:
         return None
     if data is not None and len(data):
@@ -102,6 +104,8 @@ def _check(model, data, n: int, seed: int, answers) -> str | None:
         from .guard import synthetic_inputs
         x, y, what = synthetic_inputs(model.input_shape, n, seed), None, f"{n} synthetic images"
     now = answers(x)
+    if now is not None and data is not None and len(data):
+        seen["answers"] = now
     if now is None:
         return None
     configured = model.describe_preprocessing()
@@ -142,29 +146,20 @@ def _check(model, data, n: int, seed: int, answers) -> str | None:
 ONE_CLASS_SHARE = 0.5  # a scan's clean images answered this much as one class: too few classes
 
 
-def check_scan_images(model, data, n: int = MAX_IMAGES, seed: int = 0, device: str = "cpu",
-                      seen: dict | None = None) -> str | None:
-    """One warning line when a scan's clean images are mostly of one class, by the model's own
-    answers (at least ``ONE_CLASS_SHARE`` of up to ``n`` of them), else ``None``: inputs that are
-    that class already need no trigger, so that label's reversed trigger comes out small for want
-    of other inputs, not for a backdoor, and the other labels' triggers are fitted to one class's
-    images. ``seen`` as for :func:`check_preprocessing`."""
-    if data is None or len(data) == 0 or model.num_classes < 3 or getattr(model, "poison_label", None) is not None:
+def one_class_note(model, answers: torch.Tensor | None) -> str | None:
+    """One warning line when a scan's clean images are mostly of one class by the model's own
+    ``answers`` to them (at least ``ONE_CLASS_SHARE``; :func:`check_preprocessing` records them),
+    else ``None``: inputs that are that class already need no trigger, so that label's reversed
+    trigger comes out small for want of other inputs, not for a backdoor, and the other labels'
+    triggers are fitted to one class's images."""
+    if answers is None or not len(answers):
         return None
-    seen = {} if seen is None else seen
-    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
-    with on_device(model, device):
-        try:
-            answers = model.predict(data.x[idx].float(), batch_size=64)
-        except NetcleanseError:
-            return None
-    seen["images"] = seen.get("images", 0) + len(idx)
     share, top = _top_share(answers, model.num_classes)
     if share < ONE_CLASS_SHARE:
         return None
-    return (f"the model answers {top} for {100 * share:.0f}% of the {len(idx)} clean images checked: a scan needs "
-            f"images of many classes (label {top}'s trigger comes out small when its inputs are {top} already, "
-            "backdoor or not)")
+    return (f"the model answers {top} for {100 * share:.0f}% of the {len(answers)} clean images checked: a scan "
+            f"needs images of many classes (label {top}'s trigger comes out small when its inputs are {top} "
+            "already, backdoor or not)")
 
 
 def _top_share(labels: torch.Tensor, num_classes: int) -> tuple[float, int]:

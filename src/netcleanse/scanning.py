@@ -308,11 +308,11 @@ def scan(model, data: Dataset | None = None, *, data_free: bool = False, labels=
     checked = OUTPUT_CHECK_IMAGES if output_check_runs(model) else 0
     # the model's inputs: a wrong scale or normalisation makes every verdict meaningless (said before
     # the work, and kept in scan.json's warnings, so a screen's or notebook's scan says it too)
-    from .sanity import check_preprocessing, check_scan_images
+    from .sanity import check_preprocessing, one_class_note
     seen = {}
     preprocessing = check_preprocessing(model, data, device=device, seen=seen)
     # (a wrong preprocessing also lands the images on one class: that warning then says it all)
-    one_class = None if preprocessing else check_scan_images(model, data, device=device, seen=seen)
+    one_class = None if preprocessing else one_class_note(model, seen.get("answers"))
     first_notes = [note for note in (softmax, preprocessing, one_class) if note]
     checked += seen["images"]
     for note in first_notes:
